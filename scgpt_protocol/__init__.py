@@ -1,0 +1,37 @@
+"""scgpt-protocol: fine-tune and use the scGPT single-cell foundation model from notebooks.
+
+The public API is re-exported here lazily, so ``import scgpt_protocol`` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "ScGPT": "model",
+    "ScGPTConfig": "model",
+    "load_model": "checkpoint",
+    "save_checkpoint": "checkpoint",
+    "make_tiny_checkpoint": "checkpoint",
+    "LoadReport": "checkpoint",
+    "download_checkpoint": "download",
+    "bin_values": "binning",
+    "resolve_device": "device",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        msg = f"module 'scgpt_protocol' has no attribute {name!r}"
+        raise AttributeError(msg)
+    return getattr(importlib.import_module(f".{module}", __name__), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

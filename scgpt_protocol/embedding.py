@@ -1,0 +1,163 @@
+"""Cell embeddings from a (pretrained or fine-tuned) scGPT model."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import TYPE_CHECKING, Iterator
+
+import numpy as np
+import torch
+
+from .device import autocast
+from .log import progress
+from .model import ScGPT
+from .tokenize import (
+    Batch,
+    check_expression,
+    collate,
+    get_matrix,
+    iter_row_chunks,
+    length_sorted_batches,
+    match_genes,
+    tokenize_rows,
+)
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+__all__ = ["embed", "iter_batches"]
+
+logger = logging.getLogger(__name__)
+
+
+def iter_batches(
+    adata: AnnData,
+    model: ScGPT,
+    *,
+    max_seq_len: int = 1200,
+    batch_size: int = 64,
+    seed: int = 0,
+    epoch: int = 0,
+    layer: str | None = None,
+    gene_symbol_key: str | None = None,
+    chunk_size: int = 4096,
+    max_tokens: int | None = None,
+    stats: dict | None = None,
+) -> Iterator[Batch]:
+    """Yield padded model inputs for every cell of ``adata``, grouped by length within chunks.
+
+    Each batch's ``index`` gives the row numbers of its cells. ``stats`` (if given) receives
+    ``n_empty`` (cells with no expressed matched gene) and ``n_tokens`` / ``n_padded``.
+    """
+    match = match_genes(adata, model.vocab, gene_symbol_key=gene_symbol_key)
+    columns = match.columns
+    col_token_ids = match.token_ids[columns]
+    config = model.config
+    cls_id, pad_id = model.vocab["<cls>"], config.pad_token_id
+    stats = stats if stats is not None else {}
+    stats.update(n_empty=0, n_tokens=0, n_padded=0, genes=match)
+    for start, chunk in iter_row_chunks(get_matrix(adata, layer), chunk_size):
+        cells = tokenize_rows(
+            chunk[:, columns], col_token_ids, first_index=start, cls_id=cls_id,
+            pad_value=config.pad_value, max_seq_len=max_seq_len, n_bins=config.n_bins,
+            seed=seed, epoch=epoch,
+        )
+        lengths = np.array([len(c.gene_ids) for c in cells])
+        stats["n_empty"] += int((lengths == 1).sum())
+        for positions in length_sorted_batches(lengths, batch_size, max_tokens):
+            batch = collate([cells[p] for p in positions], positions + start, pad_id=pad_id, pad_value=config.pad_value)
+            stats["n_tokens"] += int(lengths[positions].sum())
+            stats["n_padded"] += batch.gene_ids.numel()
+            yield batch
+
+
+def embed(
+    adata: AnnData,
+    model: ScGPT,
+    *,
+    max_seq_len: int = 1200,
+    batch_size: int = 64,
+    seed: int = 0,
+    key_added: str = "X_scgpt",
+    layer: str | None = None,
+    gene_symbol_key: str | None = None,
+    max_tokens: int | None = 65536,
+    chunk_size: int = 4096,
+) -> None:
+    """Write L2-normalised scGPT cell embeddings to ``adata.obsm[key_added]``.
+
+    Each cell is tokenised as in pretraining (``<cls>`` first, its expressed genes known to the
+    vocabulary with per-cell bins, a random sample of ``max_seq_len - 1`` genes when it has more),
+    and its embedding is the encoder output at ``<cls>``, divided by its norm. Works on in-memory
+    and backed (``backed="r"``) AnnData one chunk of cells at a time; uses mixed precision on GPU.
+    The same seed gives the same embeddings, whatever ``batch_size``.
+
+    Parameters
+    ----------
+    adata
+        Cells x genes, non-negative expression (raw counts or log1p-normalised) in ``X`` or ``layer``.
+    model
+        A model from :func:`~scgpt_protocol.load_model`.
+    max_seq_len
+        Tokens per cell including ``<cls>`` (1200: the pretraining length).
+    batch_size
+        Cells per forward pass; ``max_tokens`` also caps the padded tokens per pass.
+    seed
+        Seed of gene sampling and of the random tie-breaking of binning.
+    key_added
+        ``obsm`` key of the result; parameters are recorded in ``uns[key_added + "_params"]``.
+    layer, gene_symbol_key
+        Where the expression values and the gene symbols are (default ``X`` and ``var_names``).
+
+    Raises
+    ------
+    InputDataError
+        Negative or NaN values.
+    GeneMatchError
+        Too few genes in the vocabulary.
+
+    Examples
+    --------
+    >>> import scanpy as sc, scgpt_protocol as sp  # doctest: +SKIP
+    >>> model = sp.load_model("whole-human")  # doctest: +SKIP
+    >>> sp.embed(adata, model)  # doctest: +SKIP
+    >>> sc.pp.neighbors(adata, use_rep="X_scgpt")  # doctest: +SKIP
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer; got {batch_size}.")
+    check_expression(adata, layer=layer)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = np.zeros((adata.n_obs, model.config.d_model), dtype=np.float32)
+    stats: dict = {}
+    batches = iter_batches(
+        adata, model, max_seq_len=max_seq_len, batch_size=batch_size, seed=seed, layer=layer,
+        gene_symbol_key=gene_symbol_key, chunk_size=chunk_size, max_tokens=max_tokens, stats=stats,
+    )
+    try:
+        with torch.inference_mode(), autocast(device):
+            for batch in progress(batches, total=adata.n_obs, desc="embedding cells", unit="cells",
+                                  size=lambda b: len(b.index)):
+                batch = batch.to(device)
+                emb = model.cell_embedding(batch.gene_ids, batch.values, batch.padding_mask).float()
+                out[batch.index] = torch.nn.functional.normalize(emb, dim=1).cpu().numpy()
+    finally:
+        model.train(was_training)
+    if stats["n_empty"]:
+        warnings.warn(
+            f"{stats['n_empty']:,} cells express none of the matched genes; their embedding is that of "
+            "<cls> alone. Consider filtering them (sc.pp.filter_cells(adata, min_genes=...)).",
+            UserWarning,
+            stacklevel=2,
+        )
+    adata.obsm[key_added] = out
+    adata.uns[f"{key_added}_params"] = {
+        "max_seq_len": max_seq_len, "seed": seed, "layer": layer or "X",
+        "genes_matched": stats["genes"].n_matched, "genes_total": stats["genes"].n_total,
+        "checkpoint": getattr(model.load_report, "checkpoint_dir", ""),
+    }
+    pad_share = 1 - stats["n_tokens"] / max(stats["n_padded"], 1)
+    logger.info("added obsm[%r] (%d x %d); %.1f%% of computed tokens were padding",
+                key_added, *out.shape, 100 * pad_share)

@@ -1,0 +1,120 @@
+"""Logging and progress bars.
+
+The package logs through ``logging.getLogger("scgpt_protocol....")`` and never prints. Unless the
+application configured logging itself, INFO messages go to the current ``sys.stdout`` so that they
+appear in notebooks, executed reports and terminals alike.
+
+Progress: a widget bar (``tqdm.auto``) when a person runs a notebook; plain text lines at an
+interval when a terminal, papermill or CI runs the code (widget bars render as ``HBox(...)`` in
+executed reports). ``SCGPT_PROTOCOL_PROGRESS`` = ``widget`` / ``text`` / ``off`` forces a mode; the
+protocol runner sets ``text`` for the notebooks it executes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from typing import Callable, Iterable, Iterator, TypeVar
+
+__all__ = ["progress", "progress_mode", "ensure_logging"]
+
+T = TypeVar("T")
+logger = logging.getLogger("scgpt_protocol")
+
+
+class _CurrentStdout(logging.StreamHandler):
+    """A handler that writes to whatever ``sys.stdout`` is now (Jupyter swaps it per cell)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stdout)
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: D401
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value) -> None:  # the base class assigns it once
+        pass
+
+
+def ensure_logging(level: int = logging.INFO) -> None:
+    """Show the package's INFO messages unless the application set up logging itself."""
+    if logger.handlers or logging.getLogger().handlers:
+        return
+    handler = _CurrentStdout()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
+
+
+def progress_mode() -> str:
+    """``widget``, ``text`` or ``off`` (see the module docstring)."""
+    forced = os.environ.get("SCGPT_PROTOCOL_PROGRESS", "").strip().lower()
+    if forced in {"widget", "text", "off"}:
+        return forced
+    try:
+        from IPython import get_ipython
+
+        shell = get_ipython()
+    except ImportError:
+        shell = None
+    if shell is not None and type(shell).__name__ == "ZMQInteractiveShell":
+        try:
+            import ipywidgets  # noqa: F401
+        except ImportError:
+            return "text"
+        return "widget"
+    return "text"
+
+
+def progress(
+    iterable: Iterable[T],
+    *,
+    total: int | None = None,
+    desc: str = "",
+    unit: str = "it",
+    interval: float = 10.0,
+    size: Callable[[T], int] | None = None,
+) -> Iterator[T]:
+    """Iterate with a progress display.
+
+    ``size(item)`` gives an item's size in ``unit`` (e.g. the cells of a batch); ``total`` is in
+    the same unit. Text mode logs a line every ``interval`` seconds and a last line with the
+    elapsed time.
+    """
+    mode = progress_mode()
+    if total is None and hasattr(iterable, "__len__") and size is None:
+        total = len(iterable)  # type: ignore[arg-type]
+    if mode == "widget":
+        from tqdm.auto import tqdm
+
+        with tqdm(total=total, desc=desc, unit=unit) as bar:
+            for item in iterable:
+                yield item
+                bar.update(size(item) if size is not None else 1)
+        return
+
+    ensure_logging()
+    start = last = time.perf_counter()
+    done = 0
+    for item in iterable:
+        yield item
+        done += size(item) if size is not None else 1
+        now = time.perf_counter()
+        if mode == "text" and now - last >= interval and (total is None or done < total):
+            last = now
+            rate = done / (now - start)
+            eta = f", eta {_fmt((total - done) / rate)}" if total and rate > 0 else ""
+            of = f"/{total:,}" if total else ""
+            logger.info("%s: %s%s %s (%.1f %s/s%s)", desc, f"{done:,}", of, unit, rate, unit, eta)
+    if mode != "off":
+        elapsed = time.perf_counter() - start
+        logger.info("%s: %s %s in %s (%.1f %s/s)", desc, f"{done:,}", unit, _fmt(elapsed), done / max(elapsed, 1e-9), unit)
+
+
+def _fmt(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"

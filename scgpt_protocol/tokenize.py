@@ -1,0 +1,328 @@
+"""From an expression matrix to model inputs: gene matching, binning, sampling, padding.
+
+A cell becomes ``<cls>`` (value ``pad_value``) followed by its expressed genes that the vocabulary
+knows, each with its per-cell bin (1..n_bins-1). Cells with more genes than ``max_seq_len - 1`` keep a
+random sample of them. Everything works on CSR rows one chunk of cells at a time, never on a dense
+copy of the whole matrix, and the randomness of each cell comes from ``(seed, epoch, cell index)``, so
+a result does not depend on the batch size or the order in which cells are processed.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from .binning import bin_nonzero
+from .checkpoint import SPECIAL_TOKENS
+from .errors import GeneMatchError, InputDataError
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+__all__ = [
+    "GeneMatch",
+    "match_genes",
+    "TokenizedCell",
+    "Batch",
+    "cell_rng",
+    "tokenize_rows",
+    "collate",
+    "length_sorted_batches",
+    "iter_row_chunks",
+    "get_matrix",
+    "check_expression",
+]
+
+logger = logging.getLogger(__name__)
+
+_ENSEMBL = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$")
+_VERSION = re.compile(r"^(ENS[A-Z]*G\d{6,})\.\d+$")
+
+
+# -- genes ----------------------------------------------------------------------------------
+@dataclass
+class GeneMatch:
+    """Which of the data's genes (columns) the vocabulary knows.
+
+    ``token_ids[j]`` is the vocabulary id of column ``j``, or -1 when the gene is unknown or a
+    duplicate of an earlier column.
+    """
+
+    token_ids: np.ndarray
+    n_total: int
+    n_duplicated: int
+    source: str
+
+    @property
+    def n_matched(self) -> int:
+        return int((self.token_ids >= 0).sum())
+
+    @property
+    def fraction(self) -> float:
+        return self.n_matched / max(self.n_total, 1)
+
+    @property
+    def columns(self) -> np.ndarray:
+        """Indices of the matched columns, in column order."""
+        return np.flatnonzero(self.token_ids >= 0)
+
+    def __str__(self) -> str:
+        return (
+            f"matched {self.n_matched:,}/{self.n_total:,} genes ({self.fraction:.1%}) of {self.source} "
+            "to the checkpoint vocabulary"
+        )
+
+
+def match_genes(
+    adata: AnnData,
+    vocab: dict[str, int],
+    *,
+    gene_symbol_key: str | None = None,
+    min_overlap: float = 0.1,
+    min_genes: int = 1,
+) -> GeneMatch:
+    """Match the genes of ``adata`` to a scGPT vocabulary by symbol.
+
+    Parameters
+    ----------
+    adata
+        Cells x genes; gene symbols in ``var_names`` or in ``var[gene_symbol_key]``.
+    vocab
+        Gene symbol -> token id (``model.vocab``).
+    gene_symbol_key
+        A ``var`` column holding gene symbols, for data indexed by Ensembl ids.
+    min_overlap, min_genes
+        Fewer matched genes than either (a fraction of all genes, a count) is an error.
+
+    Raises
+    ------
+    GeneMatchError
+        No gene, or too few, matched; the message gives matched/total and, for Ensembl ids,
+        suggests the symbol column.
+    KeyError
+        ``gene_symbol_key`` is not a column of ``adata.var``.
+    """
+    if gene_symbol_key is None:
+        names = np.asarray(adata.var_names, dtype=object)
+        source = "adata.var_names"
+    else:
+        if gene_symbol_key not in adata.var.columns:
+            msg = (
+                f"gene_symbol_key {gene_symbol_key!r} is not a column of adata.var; available: "
+                f"{list(adata.var.columns)}. Set gene_symbol_key to the column with gene symbols, or None "
+                "to use var_names."
+            )
+            raise KeyError(msg)
+        names = adata.var[gene_symbol_key].astype(str).to_numpy(dtype=object)
+        source = f"adata.var[{gene_symbol_key!r}]"
+
+    special = set(SPECIAL_TOKENS)
+    token_ids = np.full(len(names), -1, dtype=np.int64)
+    seen: set[str] = set()
+    n_dup = 0
+    for j, name in enumerate(names):
+        name = str(name)
+        if name in seen:
+            n_dup += 1
+            continue
+        seen.add(name)
+        key = name if name in vocab else _VERSION.sub(r"\1", name)
+        if key in vocab and key not in special:
+            token_ids[j] = vocab[key]
+    match = GeneMatch(token_ids=token_ids, n_total=len(names), n_duplicated=n_dup, source=source)
+
+    if n_dup:
+        warnings.warn(
+            f"{n_dup} gene names in {source} are duplicated; the first occurrence of each is used. "
+            "Make them unique (adata.var_names_make_unique()) or aggregate them beforehand.",
+            UserWarning,
+            stacklevel=2,
+        )
+    logger.info("%s", match)
+    if match.n_matched < min_genes or match.fraction < min_overlap:
+        n_ensembl = sum(bool(_ENSEMBL.match(str(n))) for n in names[:1000])
+        hint = (
+            " The genes look like Ensembl ids: pass gene_symbol_key= with the adata.var column that holds "
+            f"gene symbols (columns: {list(adata.var.columns)})."
+            if n_ensembl > min(len(names), 1000) // 2
+            else " Are var_names gene symbols (e.g. 'CD3E', 'MS4A1') of the checkpoint's species?"
+        )
+        msg = (
+            f"only {match.n_matched:,}/{match.n_total:,} genes of {source} are in the checkpoint vocabulary "
+            f"(need at least {min_genes:,} and {min_overlap:.0%}).{hint}"
+        )
+        raise GeneMatchError(msg)
+    return match
+
+
+# -- matrices -------------------------------------------------------------------------------
+def get_matrix(adata: AnnData, layer: str | None = None) -> Any:
+    """``adata.X`` or ``adata.layers[layer]`` with a clear error for an unknown layer."""
+    if layer is None:
+        if adata.X is None:
+            raise InputDataError("adata.X is empty; pass layer= with the layer that holds expression values.")
+        return adata.X
+    if layer not in adata.layers:
+        msg = f"layer {layer!r} not in adata.layers; available: {list(adata.layers.keys())}."
+        raise KeyError(msg)
+    return adata.layers[layer]
+
+
+def iter_row_chunks(matrix: Any, chunk_size: int = 2048) -> Iterator[tuple[int, sp.csr_matrix]]:
+    """Yield ``(start, csr_chunk)`` for consecutive row blocks of a dense, sparse or backed matrix.
+
+    Only one chunk is in memory at a time (dense input is converted chunk by chunk).
+    """
+    n_rows = matrix.shape[0]
+    for start in range(0, n_rows, chunk_size):
+        block = matrix[start : min(start + chunk_size, n_rows)]
+        if not sp.issparse(block):
+            block = sp.csr_matrix(np.asarray(block))
+        yield start, sp.csr_matrix(block)
+
+
+def check_expression(adata: AnnData, *, layer: str | None = None, chunk_size: int = 4096) -> None:
+    """Fail clearly when the expression values are negative or NaN (scaled data, a wrong layer).
+
+    Raises
+    ------
+    InputDataError
+        With the number of bad values and cells, the first cell and gene, and how to fix it.
+    """
+    matrix = get_matrix(adata, layer)
+    where = f"adata.layers[{layer!r}]" if layer else "adata.X"
+    n_nan = n_neg = 0
+    bad_cells: set[int] = set()
+    first: tuple[int, int, float] | None = None
+    for start, chunk in iter_row_chunks(matrix, chunk_size):
+        data = chunk.data
+        bad = np.isnan(data) | (data < 0)
+        if not bad.any():
+            continue
+        n_nan += int(np.isnan(data).sum())
+        n_neg += int((data < 0).sum())
+        rows = np.repeat(np.arange(chunk.shape[0]), np.diff(chunk.indptr))[bad]
+        bad_cells.update((rows + start).tolist())
+        if first is None:
+            k = int(np.flatnonzero(bad)[0])
+            first = (int(rows[0]) + start, int(chunk.indices[k]), float(data[k]))
+    if first is None:
+        return
+    cell, gene, value = first
+    kinds = ", ".join(s for s in (f"{n_neg:,} negative" if n_neg else "", f"{n_nan:,} NaN" if n_nan else "") if s)
+    msg = (
+        f"{where} holds {kinds} values in {len(bad_cells):,} cells (first: cell {adata.obs_names[cell]!r}, "
+        f"gene {adata.var_names[gene]!r} = {value}). scGPT expects non-negative expression: raw counts or "
+        "log1p-normalised values. If X was scaled (sc.pp.scale), use adata.raw.to_adata() or a counts "
+        "layer (layer=...); replace NaN values before embedding."
+    )
+    raise InputDataError(msg)
+
+
+# -- cells ----------------------------------------------------------------------------------
+@dataclass
+class TokenizedCell:
+    gene_ids: np.ndarray  # int64 [n]
+    values: np.ndarray  # float32 [n]
+
+
+@dataclass
+class Batch:
+    """Padded model inputs for a batch of cells; ``index`` are the cells' row numbers."""
+
+    gene_ids: torch.Tensor
+    values: torch.Tensor
+    padding_mask: torch.Tensor
+    index: np.ndarray
+
+    def to(self, device: torch.device) -> Batch:
+        nb = device.type == "cuda"
+        return Batch(
+            self.gene_ids.to(device, non_blocking=nb),
+            self.values.to(device, non_blocking=nb),
+            self.padding_mask.to(device, non_blocking=nb),
+            self.index,
+        )
+
+
+def cell_rng(seed: int, index: int, epoch: int = 0) -> np.random.Generator:
+    """The random stream of one cell: the same for a seed, whatever the batching."""
+    return np.random.default_rng((seed, epoch, index))
+
+
+def tokenize_rows(
+    chunk: sp.csr_matrix,
+    col_token_ids: np.ndarray,
+    *,
+    first_index: int,
+    cls_id: int,
+    pad_value: float,
+    max_seq_len: int,
+    n_bins: int = 51,
+    seed: int = 0,
+    epoch: int = 0,
+) -> list[TokenizedCell]:
+    """Tokenise each row of ``chunk`` (cells x matched genes, CSR).
+
+    ``col_token_ids[j]`` is the vocabulary id of column ``j``. Row ``i`` is cell
+    ``first_index + i`` for the purpose of its random stream.
+    """
+    if max_seq_len < 2:
+        raise ValueError(f"max_seq_len must be at least 2 (<cls> and one gene); got {max_seq_len}.")
+    chunk = chunk if chunk.has_canonical_format else chunk.copy()
+    chunk.sum_duplicates()
+    cells = []
+    n_keep = max_seq_len - 1
+    for i in range(chunk.shape[0]):
+        lo, hi = chunk.indptr[i], chunk.indptr[i + 1]
+        data = chunk.data[lo:hi]
+        nonzero = data != 0
+        cols, data = chunk.indices[lo:hi][nonzero], data[nonzero]
+        rng = cell_rng(seed, first_index + i, epoch)
+        bins = bin_nonzero(data, n_bins, rng) if len(data) else np.zeros(0, np.float32)
+        if len(cols) > n_keep:
+            pick = rng.choice(len(cols), n_keep, replace=False)
+            cols, bins = cols[pick], bins[pick]
+        gene_ids = np.empty(len(cols) + 1, dtype=np.int64)
+        gene_ids[0], gene_ids[1:] = cls_id, col_token_ids[cols]
+        values = np.empty(len(cols) + 1, dtype=np.float32)
+        values[0], values[1:] = pad_value, bins
+        cells.append(TokenizedCell(gene_ids, values))
+    return cells
+
+
+def collate(cells: Sequence[TokenizedCell], index: np.ndarray, *, pad_id: int, pad_value: float) -> Batch:
+    """Pad a list of cells to the longest one."""
+    length = max(len(c.gene_ids) for c in cells)
+    gene_ids = np.full((len(cells), length), pad_id, dtype=np.int64)
+    values = np.full((len(cells), length), pad_value, dtype=np.float32)
+    for row, cell in enumerate(cells):
+        gene_ids[row, : len(cell.gene_ids)] = cell.gene_ids
+        values[row, : len(cell.values)] = cell.values
+    ids = torch.from_numpy(gene_ids)
+    return Batch(ids, torch.from_numpy(values), ids == pad_id, np.asarray(index))
+
+
+def length_sorted_batches(lengths: np.ndarray, batch_size: int, max_tokens: int | None = None) -> list[np.ndarray]:
+    """Group positions into batches of similar length (longest first), so little goes to padding.
+
+    With ``max_tokens`` a batch also holds at most that many padded tokens (at least one cell),
+    which bounds memory when some cells are long.
+    """
+    order = np.argsort(-np.asarray(lengths), kind="stable")
+    batches: list[np.ndarray] = []
+    start = 0
+    while start < len(order):
+        size = batch_size
+        if max_tokens is not None:
+            size = max(1, min(batch_size, max_tokens // max(int(lengths[order[start]]), 1)))
+        batches.append(order[start : start + size])
+        start += size
+    return batches

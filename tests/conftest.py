@@ -1,0 +1,58 @@
+"""Shared fixtures: the official fixture checkpoint, tiny checkpoints, toy and real small data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+FIXTURE = Path(__file__).parent / "fixtures" / "scgpt_official_tiny"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    for flag in ("slow", "gpu", "internet"):
+        parser.addoption(f"--{flag}", action="store_true", default=False, help=f"run tests marked {flag}")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for flag in ("slow", "gpu", "internet"):
+        if config.getoption(f"--{flag}"):
+            continue
+        skip = pytest.mark.skip(reason=f"needs --{flag}")
+        for item in items:
+            if flag in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def official_dir() -> Path:
+    return FIXTURE
+
+
+@pytest.fixture(scope="session")
+def reference() -> dict[str, np.ndarray]:
+    with np.load(FIXTURE / "reference.npz") as ref:
+        return {k: ref[k] for k in ref.files}
+
+
+@pytest.fixture(scope="session")
+def pbmc():
+    """scanpy's bundled pbmc68k_reduced (700 cells, FACS labels), log-normalised values of 765 genes."""
+    import scanpy as sc
+
+    return sc.datasets.pbmc68k_reduced().raw.to_adata()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, pbmc) -> Path:
+    from scgpt_protocol import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), list(pbmc.var_names), d_model=32, nheads=4, d_hid=64)
+
+
+@pytest.fixture()
+def tiny_model(tiny_checkpoint: Path):
+    from scgpt_protocol import load_model
+
+    return load_model(tiny_checkpoint, device="cpu")
