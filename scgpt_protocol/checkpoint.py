@@ -218,6 +218,7 @@ def load_model(
     *,
     n_classes: int | None = None,
     device: str | torch.device = "auto",
+    head_seed: int = 0,
 ) -> ScGPT:
     """Load an scGPT checkpoint folder into an :class:`~scgpt_protocol.model.ScGPT` in eval mode.
 
@@ -232,6 +233,8 @@ def load_model(
         gives a freshly initialised output layer, listed in the load report.
     device
         ``"auto"`` (CUDA, then MPS, then CPU) or any torch device.
+    head_seed
+        Seed of a newly initialised classification head (the global torch RNG is left alone).
 
     Returns
     -------
@@ -275,7 +278,9 @@ def load_model(
     if config.n_classes is None:
         state = {k: v for k, v in state.items() if not k.startswith("cls_decoder.")}
 
-    model = ScGPT(config)
+    with torch.random.fork_rng(devices=[]):  # a new head starts the same every time
+        torch.manual_seed(head_seed)
+        model = ScGPT(config)
     expected = model.state_dict()
     _check_keys_and_shapes(state, expected, report, weights_path, vocab_path)
 

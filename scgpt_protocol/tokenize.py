@@ -261,7 +261,8 @@ def tokenize_rows(
     chunk: sp.csr_matrix,
     col_token_ids: np.ndarray,
     *,
-    first_index: int,
+    first_index: int = 0,
+    cell_index: np.ndarray | None = None,
     cls_id: int,
     pad_value: float,
     max_seq_len: int,
@@ -272,7 +273,7 @@ def tokenize_rows(
     """Tokenise each row of ``chunk`` (cells x matched genes, CSR).
 
     ``col_token_ids[j]`` is the vocabulary id of column ``j``. Row ``i`` is cell
-    ``first_index + i`` for the purpose of its random stream.
+    ``cell_index[i]`` (default ``first_index + i``) for the purpose of its random stream.
     """
     if max_seq_len < 2:
         raise ValueError(f"max_seq_len must be at least 2 (<cls> and one gene); got {max_seq_len}.")
@@ -285,7 +286,7 @@ def tokenize_rows(
         data = chunk.data[lo:hi]
         nonzero = data != 0
         cols, data = chunk.indices[lo:hi][nonzero], data[nonzero]
-        rng = cell_rng(seed, first_index + i, epoch)
+        rng = cell_rng(seed, int(cell_index[i]) if cell_index is not None else first_index + i, epoch)
         bins = bin_nonzero(data, n_bins, rng) if len(data) else np.zeros(0, np.float32)
         if len(cols) > n_keep:
             pick = rng.choice(len(cols), n_keep, replace=False)

@@ -1,0 +1,175 @@
+"""The one place that names the files of a run.
+
+Steps talk to each other only through files under ``run_dir``; every path comes from here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+__all__ = ["RunLayout"]
+
+
+class RunLayout:
+    """Paths of one protocol run.
+
+    ::
+
+        run_dir/
+          params/<step>.yaml          the parameters each step ran with
+          logs/<step>.log             each step's log
+          reports/NN_step.ipynb/.html executed notebooks (the runner writes these)
+          figures/<name>.png
+          data/prepared.h5ad          01: filtered, normalised, genes matched, obs["split"]
+          data/labels.json            01: label <-> id mapping, split summary
+          data/inspection.json        01: what was found in the input data
+          checkpoint.json             01: which pretrained checkpoint the run uses
+          pretrained/                 01: the tiny demo checkpoint, when no real one is given
+          model/                      02: fine-tuned checkpoint (best epoch) + labels.json
+          train/                      02: last-epoch state for resume, history.csv, summary.json
+          predictions.csv, metrics.json, data/evaluated.h5ad      03
+          zeroshot/predictions.csv, zeroshot/metrics.json         04
+          run_manifest.json           the runner: parameters, versions, checksums, timings
+    """
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.run_dir = Path(run_dir)
+
+    def __repr__(self) -> str:
+        return f"RunLayout({str(self.run_dir)!r})"
+
+    # -- folders --
+    @property
+    def params_dir(self) -> Path:
+        return self.run_dir / "params"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.run_dir / "logs"
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.run_dir / "reports"
+
+    @property
+    def figures_dir(self) -> Path:
+        return self.run_dir / "figures"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.run_dir / "data"
+
+    # -- 01 preprocess --
+    @property
+    def prepared_adata(self) -> Path:
+        return self.data_dir / "prepared.h5ad"
+
+    @property
+    def labels(self) -> Path:
+        return self.data_dir / "labels.json"
+
+    @property
+    def inspection(self) -> Path:
+        return self.data_dir / "inspection.json"
+
+    @property
+    def checkpoint_record(self) -> Path:
+        return self.run_dir / "checkpoint.json"
+
+    @property
+    def demo_checkpoint_dir(self) -> Path:
+        return self.run_dir / "pretrained"
+
+    # -- 02 fine-tune --
+    @property
+    def model_dir(self) -> Path:
+        return self.run_dir / "model"
+
+    @property
+    def train_dir(self) -> Path:
+        return self.run_dir / "train"
+
+    @property
+    def train_state(self) -> Path:
+        return self.train_dir / "last_state.pt"
+
+    @property
+    def history(self) -> Path:
+        return self.train_dir / "history.csv"
+
+    @property
+    def train_summary(self) -> Path:
+        return self.train_dir / "summary.json"
+
+    # -- 03 evaluate --
+    @property
+    def predictions(self) -> Path:
+        return self.run_dir / "predictions.csv"
+
+    @property
+    def metrics(self) -> Path:
+        return self.run_dir / "metrics.json"
+
+    @property
+    def evaluated_adata(self) -> Path:
+        return self.data_dir / "evaluated.h5ad"
+
+    # -- 04 zero-shot --
+    @property
+    def zeroshot_dir(self) -> Path:
+        return self.run_dir / "zeroshot"
+
+    @property
+    def zeroshot_predictions(self) -> Path:
+        return self.zeroshot_dir / "predictions.csv"
+
+    @property
+    def zeroshot_metrics(self) -> Path:
+        return self.zeroshot_dir / "metrics.json"
+
+    # -- runner --
+    @property
+    def manifest(self) -> Path:
+        return self.run_dir / "run_manifest.json"
+
+    def figure(self, name: str) -> Path:
+        return self.figures_dir / f"{name}.png"
+
+    def step_log(self, step: str) -> Path:
+        return self.logs_dir / f"{step}.log"
+
+    def step_params(self, step: str) -> Path:
+        return self.params_dir / f"{step}.yaml"
+
+    def make_dirs(self) -> RunLayout:
+        for folder in (self.params_dir, self.logs_dir, self.figures_dir, self.data_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        return self
+
+    # -- small JSON records --
+    def write_json(self, path: Path, obj: Any) -> Path:
+        """Write JSON through a temporary file, so a reader never sees half a file."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.partial")
+        tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+        tmp.replace(path)
+        return path
+
+    def read_json(self, path: Path, *, step: str) -> Any:
+        """Read a JSON record another step wrote; a clear error if that step has not run."""
+        if not path.is_file():
+            msg = (
+                f"{path} does not exist: run step {step!r} first with the same run_dir "
+                f"({self.run_dir})."
+            )
+            raise FileNotFoundError(msg)
+        return json.loads(path.read_text())
+
+    def require(self, path: Path, *, step: str) -> Path:
+        """``path``, or a clear error naming the step that writes it."""
+        if not path.exists():
+            msg = f"{path} does not exist: run step {step!r} first with the same run_dir ({self.run_dir})."
+            raise FileNotFoundError(msg)
+        return path

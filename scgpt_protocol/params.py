@@ -1,0 +1,255 @@
+"""Parameters of the four protocol steps: one dataclass per step, the single source of truth.
+
+A notebook's ``parameters`` cell and every ``params/<scenario>/<notebook-stem>.yaml`` hold exactly
+(a subset of) these fields; ``tests/test_notebook_structure.py`` keeps the three in line.
+:meth:`StepParams.from_namespace` reads the cell's variables, type-, range- and choice-checks them,
+and writes ``run_dir/params/<step>.yaml``. An unknown key in a YAML file is an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Mapping, Optional
+
+import yaml
+
+__all__ = [
+    "StepParams",
+    "PreprocessParams",
+    "FinetuneParams",
+    "EvaluateParams",
+    "ZeroshotParams",
+    "STEPS",
+    "load_params_file",
+    "parameters_cell",
+]
+
+
+class ParamsError(ValueError):
+    """A parameter value or a parameter file is wrong."""
+
+
+def _f(default: Any, help: str, *, choices: tuple | None = None, min: float | None = None,
+       max: float | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices, "min": min, "max": max})
+
+
+@dataclass
+class StepParams:
+    """Fields shared by every step."""
+
+    STEP: ClassVar[str] = ""
+    NOTEBOOK: ClassVar[str] = ""
+
+    run_dir: str = _f("runs/demo", "every output of every step goes under here")
+    seed: int = _f(0, "random seed (splits, gene sampling, training)", min=0)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # -- validation --
+    def validate(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            kind = hints[f.name]
+            optional = typing.get_origin(kind) is typing.Union and type(None) in typing.get_args(kind)
+            base = next(a for a in typing.get_args(kind) if a is not type(None)) if optional else kind
+            if value is None:
+                if optional:
+                    continue
+                self._fail(f.name, value, f"a {base.__name__}")
+            if base is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+                setattr(self, f.name, value)
+            if not isinstance(value, base) or (base is not bool and isinstance(value, bool)):
+                self._fail(f.name, value, f"a {base.__name__}" + (" or None" if optional else ""))
+            meta = f.metadata
+            if meta.get("choices") and value not in meta["choices"]:
+                self._fail(f.name, value, f"one of {list(meta['choices'])}")
+            if meta.get("min") is not None and value < meta["min"]:
+                self._fail(f.name, value, f">= {meta['min']}")
+            if meta.get("max") is not None and value > meta["max"]:
+                self._fail(f.name, value, f"<= {meta['max']}")
+        self._check()
+
+    def _check(self) -> None:
+        """Checks across fields (subclasses)."""
+
+    def _fail(self, name: str, value: Any, expected: str) -> None:
+        msg = (
+            f"parameter {name}={value!r} of step {self.STEP!r} is invalid: expected {expected}. "
+            f"Fix it in the parameters cell of {self.NOTEBOOK} or in the YAML file."
+        )
+        raise ParamsError(msg)
+
+    # -- construction --
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], *, source: str = "parameters") -> StepParams:
+        """Build from a mapping; an unknown key is an error naming the valid ones."""
+        names = cls.field_names()
+        unknown = sorted(set(values) - set(names))
+        if unknown:
+            import difflib
+
+            hints = [f"{u!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(u, names, 1)) else repr(u)
+                     for u in unknown]
+            msg = (
+                f"unknown parameter(s) {', '.join(hints)} in {source} for step {cls.STEP!r}; "
+                f"valid: {names}."
+            )
+            raise ParamsError(msg)
+        return cls(**dict(values))
+
+    @classmethod
+    def from_namespace(cls, namespace: Mapping[str, Any], *, write: bool = True) -> StepParams:
+        """Build from a notebook's globals (the parameters cell, maybe overridden by papermill).
+
+        Writes ``run_dir/params/<step>.yaml`` so that the run records what it ran with.
+        """
+        missing = [n for n in cls.field_names() if n not in namespace]
+        if missing:
+            msg = f"the parameters cell of {cls.NOTEBOOK} lacks {missing}; restore them from the package's notebook."
+            raise ParamsError(msg)
+        params = cls(**{n: namespace[n] for n in cls.field_names()})
+        if write:
+            from .layout import RunLayout
+
+            params.to_yaml(RunLayout(params.run_dir).step_params(params.STEP))
+        return params
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        return path
+
+
+@dataclass
+class PreprocessParams(StepParams):
+    """01_preprocess: load, inspect, filter, normalise, select genes, split."""
+
+    STEP: ClassVar[str] = "preprocess"
+    NOTEBOOK: ClassVar[str] = "01_preprocess.ipynb"
+
+    adata_path: str = _f("demo", "an .h5ad file, or 'demo' for scanpy's bundled pbmc68k_reduced")
+    label_key: str = _f("bulk_labels", "adata.obs column with the cell-type labels")
+    batch_key: Optional[str] = _f(None, "adata.obs column with batches (batch-aware HVG selection)")
+    layer: Optional[str] = _f(None, "adata.layers key with counts or log-normalised values (None: X)")
+    gene_symbol_key: Optional[str] = _f(None, "adata.var column with gene symbols (None: var_names)")
+    checkpoint: str = _f("demo", "'demo' (tiny random checkpoint), 'whole-human' (download) or a folder")
+    min_genes: int = _f(0, "drop cells with fewer expressed genes", min=0)
+    min_cells: int = _f(0, "drop genes expressed in fewer cells", min=0)
+    max_pct_mito: Optional[float] = _f(None, "drop cells with more % mitochondrial counts (None: keep)", min=0, max=100)
+    normalize: str = _f("auto", "normalise_total + log1p: 'auto' (only raw counts), 'yes' or 'no'",
+                        choices=("auto", "yes", "no"))
+    n_hvg: Optional[int] = _f(None, "keep this many highly variable genes (None: all genes the checkpoint knows)", min=1)
+    test_size: float = _f(0.2, "share of cells in the test split", min=0.05, max=0.5)
+    val_size: float = _f(0.1, "share of cells in the validation split", min=0.05, max=0.5)
+    min_cells_per_class: int = _f(5, "classes with fewer cells stay in train only (reported)", min=3)
+
+    def _check(self) -> None:
+        if self.test_size + self.val_size >= 0.9:
+            self._fail("val_size", self.val_size, f"test_size + val_size < 0.9 (test_size={self.test_size})")
+
+
+@dataclass
+class FinetuneParams(StepParams):
+    """02_finetune: fine-tune the pretrained model on the train split."""
+
+    STEP: ClassVar[str] = "finetune"
+    NOTEBOOK: ClassVar[str] = "02_finetune.ipynb"
+
+    strategy: str = _f("full", "what to train: 'full' (everything) or 'head' (classifier only)",
+                       choices=("full", "head"))
+    epochs: int = _f(10, "maximum number of epochs", min=1)
+    lr: float = _f(1e-4, "Adam learning rate", min=0.0)
+    lr_gamma: float = _f(0.9, "StepLR decay per epoch", min=0.0, max=1.0)
+    batch_size: int = _f(32, "cells per training step", min=1)
+    max_seq_len: int = _f(1200, "tokens per cell including <cls>", min=2)
+    grad_clip: float = _f(1.0, "gradient norm clipping", min=0.0)
+    class_weighted: bool = _f(False, "weight the loss by inverse class frequency")
+    patience: int = _f(3, "stop after this many epochs without a better validation macro-F1 (0: never)", min=0)
+    amp: bool = _f(True, "mixed precision on GPU (ignored on CPU)")
+    resume: bool = _f(True, "continue from the last finished epoch if a previous run was interrupted")
+    device: str = _f("auto", "'auto' (cuda, mps, cpu), 'cpu', 'cuda' or 'mps'")
+
+
+@dataclass
+class EvaluateParams(StepParams):
+    """03_evaluate: test-split (and optional external query) predictions and metrics."""
+
+    STEP: ClassVar[str] = "evaluate"
+    NOTEBOOK: ClassVar[str] = "03_evaluate.ipynb"
+
+    query_path: Optional[str] = _f(None, "an extra labelled .h5ad to evaluate on (None: test split only)")
+    query_label_key: Optional[str] = _f(None, "label column of the query (None: the run's label_key)")
+    batch_size: int = _f(64, "cells per forward pass", min=1)
+    max_seq_len: int = _f(1200, "tokens per cell including <cls>", min=2)
+    baseline: bool = _f(True, "also fit a logistic-regression baseline on the same split")
+    device: str = _f("auto", "'auto' (cuda, mps, cpu), 'cpu', 'cuda' or 'mps'")
+
+
+@dataclass
+class ZeroshotParams(StepParams):
+    """04_zeroshot: kNN label transfer with the pretrained model, no fine-tuning."""
+
+    STEP: ClassVar[str] = "zeroshot"
+    NOTEBOOK: ClassVar[str] = "04_zeroshot.ipynb"
+
+    reference_path: Optional[str] = _f(None, "labelled reference .h5ad (None: train+val cells of the prepared data)")
+    query_path: Optional[str] = _f(None, "query .h5ad (None: test cells of the prepared data)")
+    label_key: Optional[str] = _f(None, "label column in reference/query (None: the run's label_key)")
+    k: int = _f(10, "neighbours for the vote", min=1)
+    batch_size: int = _f(64, "cells per forward pass", min=1)
+    max_seq_len: int = _f(1200, "tokens per cell including <cls>", min=2)
+    device: str = _f("auto", "'auto' (cuda, mps, cpu), 'cpu', 'cuda' or 'mps'")
+
+
+STEPS: dict[str, type[StepParams]] = {
+    "01_preprocess": PreprocessParams,
+    "02_finetune": FinetuneParams,
+    "03_evaluate": EvaluateParams,
+    "04_zeroshot": ZeroshotParams,
+}
+
+
+def load_params_file(path: str | Path, cls: type[StepParams]) -> dict[str, Any]:
+    """Read a YAML override file and check its keys against ``cls`` (values are checked too)."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ParamsError(f"{path} must hold a mapping of parameter names to values; found {type(data).__name__}.")
+    cls.from_mapping(data, source=str(path))  # unknown keys and bad values fail here, before any work
+    return data
+
+
+def parameters_cell(cls: type[StepParams]) -> str:
+    """The source of a notebook's parameters cell for ``cls`` (papermill's annotated form)."""
+    hints = typing.get_type_hints(cls)
+    lines = [
+        "# Parameters. Defaults run the interactive demo. Headless: "
+        f"scgpt-protocol run params/<scenario> (or papermill -f params/<scenario>/{Path(cls.NOTEBOOK).stem}.yaml)",
+    ]
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        optional = typing.get_origin(kind) is typing.Union
+        if optional:
+            base = next(a for a in typing.get_args(kind) if a is not type(None)).__name__
+            lines.append(f"{f.name} = {f.default!r}  # type: Optional[{base}] {f.metadata['help']}")
+        else:
+            lines.append(f"{f.name}: {kind.__name__} = {f.default!r}  # {f.metadata['help']}")
+    return "\n".join(lines)

@@ -1,0 +1,85 @@
+"""Class predictions of a fine-tuned model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+import torch
+
+from .device import autocast
+from .embedding import iter_batches
+from .log import progress
+from .model import ScGPT
+from .tokenize import check_expression
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+__all__ = ["Prediction", "predict"]
+
+
+@dataclass
+class Prediction:
+    """Per-cell results of :func:`predict`, in the order of ``adata.obs_names``."""
+
+    labels: np.ndarray  # str [n]
+    codes: np.ndarray  # int64 [n]
+    confidence: np.ndarray  # float32 [n], the softmax probability of the predicted class
+    probabilities: np.ndarray  # float32 [n, n_classes]
+    embeddings: np.ndarray  # float32 [n, d], L2-normalised <cls> embeddings of the fine-tuned model
+    categories: list[str]
+
+
+def predict(
+    model: ScGPT,
+    adata: AnnData,
+    *,
+    categories: Sequence[str],
+    batch_size: int = 64,
+    max_seq_len: int = 1200,
+    seed: int = 0,
+    layer: str | None = None,
+    gene_symbol_key: str | None = None,
+    desc: str = "predicting",
+) -> Prediction:
+    """Predict cell types with a model that has a classification head.
+
+    ``categories[i]`` is the label of class ``i`` (saved with the fine-tuned model).
+    """
+    if model.cls_decoder is None:
+        msg = "the model has no classification head; fine-tune it first (02_finetune) or load a fine-tuned checkpoint."
+        raise ValueError(msg)
+    n_classes = model.cls_decoder.out_layer.out_features
+    if len(categories) != n_classes:
+        msg = f"{len(categories)} categories given but the model's head has {n_classes} classes."
+        raise ValueError(msg)
+    check_expression(adata, layer=layer)
+    device = next(model.parameters()).device
+    probs = np.zeros((adata.n_obs, n_classes), dtype=np.float32)
+    embs = np.zeros((adata.n_obs, model.config.d_model), dtype=np.float32)
+    was_training = model.training
+    model.eval()
+    batches = iter_batches(adata, model, max_seq_len=max_seq_len, batch_size=batch_size, seed=seed,
+                           layer=layer, gene_symbol_key=gene_symbol_key)
+    try:
+        with torch.inference_mode(), autocast(device):
+            for batch in progress(batches, total=adata.n_obs, desc=desc, unit="cells", size=lambda b: len(b.index)):
+                batch = batch.to(device)
+                cell = model.cell_embedding(batch.gene_ids, batch.values, batch.padding_mask)
+                logits = model.cls_decoder(cell).float()
+                probs[batch.index] = torch.softmax(logits, dim=1).cpu().numpy()
+                embs[batch.index] = torch.nn.functional.normalize(cell.float(), dim=1).cpu().numpy()
+    finally:
+        model.train(was_training)
+    codes = probs.argmax(axis=1)
+    cats = list(categories)
+    return Prediction(
+        labels=np.asarray(cats, dtype=object)[codes],
+        codes=codes.astype(np.int64),
+        confidence=probs[np.arange(len(codes)), codes],
+        probabilities=probs,
+        embeddings=embs,
+        categories=cats,
+    )

@@ -1,0 +1,988 @@
+"""Step 01: load, inspect, filter, normalise, select genes and split the cells.
+
+The functions here back the ``01_preprocess`` notebook::
+
+    adata = read_adata(params.adata_path)
+    ckpt = resolve_checkpoint(params.checkpoint, layout, gene_symbols(adata, params.gene_symbol_key))
+    vocab = read_vocab(ckpt / "vocab.json")
+    inspection = inspect_adata(adata, label_key=params.label_key, vocab=vocab, ...)
+    write_inspection(inspection, layout)
+    prepared = prepare(adata, params, vocab)
+    write_prepared(prepared, layout, params.label_key)
+
+Every step function takes an AnnData and returns a new one; the input is never modified.
+
+What :func:`prepare` leaves in the prepared AnnData
+----------------------------------------------------
+``X``
+    float32 CSR, log-normalised values of the genes the checkpoint knows (the model input).
+``layers["counts"]``
+    the raw counts, only when the input held counts.
+``var["scgpt_token_id"]``
+    the vocabulary id of each gene.
+``obs[label_key]``
+    the labels as a categorical of strings (categories sorted).
+``obs["scgpt_label_code"]``
+    the integer class of each cell (index into ``categories``).
+``obs["split"]``
+    ``"train"``, ``"val"`` or ``"test"`` (categorical, in that order).
+``uns["scgpt_protocol"]["preprocess"]``
+    the parameters and a record of what was done.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from .checkpoint import CHECKPOINT_FILES
+from .errors import CheckpointNotFoundError, InputDataError
+from .tokenize import check_expression, get_matrix, match_genes
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+    from matplotlib.figure import Figure
+
+    from .layout import RunLayout
+    from .params import PreprocessParams
+
+__all__ = [
+    "SPLITS",
+    "Inspection",
+    "PreparedData",
+    "read_adata",
+    "gene_symbols",
+    "resolve_checkpoint",
+    "read_checkpoint_record",
+    "inspect_adata",
+    "write_inspection",
+    "prepare",
+    "write_prepared",
+    "read_prepared",
+    "read_labels",
+    "plot_qc",
+    "plot_class_counts",
+    "save_figure",
+]
+
+logger = logging.getLogger(__name__)
+
+STEP = "01_preprocess"
+#: the values of ``obs["split"]``, in this order
+SPLITS = ("train", "val", "test")
+#: above this, non-integer values are not taken for log-normalised ones
+LOG_MAX = 50.0
+#: rows sampled to decide whether values are counts
+_SAMPLE_ROWS = 2000
+
+
+def _warn(message: str, collect: list[str] | None = None, stacklevel: int = 3) -> None:
+    """A soft problem: a ``UserWarning`` and a log line (and kept in ``collect``)."""
+    logger.warning("%s", message)
+    if collect is not None:
+        collect.append(message)
+    warnings.warn(message, UserWarning, stacklevel=stacklevel)
+
+
+# -- reading --------------------------------------------------------------------------------
+def read_adata(path: str) -> AnnData:
+    """Read the input data.
+
+    Parameters
+    ----------
+    path : str
+        An ``.h5ad`` file, or ``"demo"`` for scanpy's bundled ``pbmc68k_reduced``
+        (:func:`scgpt_protocol.data.load_demo`).
+
+    Returns
+    -------
+    AnnData
+        The data, read fully into memory.
+
+    Raises
+    ------
+    FileNotFoundError
+        The file does not exist (the message gives the current working directory, against
+        which a relative path is resolved).
+    ValueError
+        The file is not an ``.h5ad`` file.
+    """
+    if str(path) == "demo":
+        from .data import load_demo
+
+        adata = load_demo()
+        logger.info("read the demo data (scanpy's pbmc68k_reduced): %s cells x %s genes",
+                    f"{adata.n_obs:,}", f"{adata.n_vars:,}")
+        return adata
+    file = Path(path).expanduser()
+    if file.suffix.lower() != ".h5ad":
+        msg = (
+            f"adata_path {str(path)!r} is not an .h5ad file (suffix {file.suffix or 'none'!r}). "
+            "Convert the data to AnnData first (e.g. sc.read_10x_mtx, sc.read_10x_h5, sc.read_csv, "
+            "sc.read_loom), then adata.write_h5ad('data.h5ad') and set adata_path to that file; "
+            "or use 'demo'."
+        )
+        raise ValueError(msg)
+    if not file.is_file():
+        what = "is a folder, not a file" if file.is_dir() else "does not exist"
+        msg = (
+            f"adata_path {str(path)!r} {what} (resolved to {file.absolute()}; the current working "
+            f"directory is {Path.cwd()}). Give the path of an .h5ad file, absolute or relative to that "
+            "directory, or 'demo'."
+        )
+        raise FileNotFoundError(msg)
+    import anndata
+
+    adata = anndata.read_h5ad(file)
+    logger.info("read %s: %s cells x %s genes", file, f"{adata.n_obs:,}", f"{adata.n_vars:,}")
+    return adata
+
+
+def gene_symbols(adata: AnnData, gene_symbol_key: str | None = None) -> list[str]:
+    """The gene symbols of ``adata``: ``var_names``, or ``var[gene_symbol_key]``.
+
+    Parameters
+    ----------
+    adata : AnnData
+        The data.
+    gene_symbol_key : str, optional
+        A ``var`` column holding gene symbols (for data indexed by Ensembl ids).
+
+    Returns
+    -------
+    list of str
+        One symbol per gene, in column order (duplicates kept).
+    """
+    if gene_symbol_key is None:
+        return [str(g) for g in adata.var_names]
+    if gene_symbol_key not in adata.var.columns:
+        msg = (
+            f"gene_symbol_key {gene_symbol_key!r} is not a column of adata.var; available: "
+            f"{list(adata.var.columns)}. Set gene_symbol_key to the column with gene symbols, or None "
+            "to use var_names."
+        )
+        raise KeyError(msg)
+    return [str(g) for g in adata.var[gene_symbol_key]]
+
+
+# -- checkpoint -----------------------------------------------------------------------------
+def resolve_checkpoint(spec: str, layout: RunLayout, genes: Sequence[str]) -> Path:
+    """Find (or make) the pretrained checkpoint the run uses and record it.
+
+    Parameters
+    ----------
+    spec : str
+        ``"demo"``: a tiny randomly initialised checkpoint whose vocabulary is ``genes``, written to
+        ``layout.demo_checkpoint_dir`` (for trying the protocol out; its results mean nothing);
+        ``"whole-human"`` (or another name of
+        :data:`~scgpt_protocol.download.KNOWN_CHECKPOINTS`): the released model, downloaded once
+        into the cache; anything else: a checkpoint folder.
+    layout : RunLayout
+        The run; the record goes to ``layout.checkpoint_record``.
+    genes : sequence of str
+        The data's gene symbols (:func:`gene_symbols`); used only for ``"demo"``.
+
+    Returns
+    -------
+    Path
+        The checkpoint folder (``args.json``, ``vocab.json``, ``best_model.pt``).
+
+    Raises
+    ------
+    CheckpointNotFoundError
+        The folder, or one of its files, does not exist.
+    """
+    from .download import KNOWN_CHECKPOINTS, download_checkpoint, sha256_file
+
+    if spec == "demo":
+        from .checkpoint import make_tiny_checkpoint
+
+        unique = list(dict.fromkeys(str(g) for g in genes if str(g) and str(g) != "nan"))
+        path = make_tiny_checkpoint(layout.demo_checkpoint_dir, unique, seed=0)
+        kind = "demo"
+        logger.warning(
+            "checkpoint='demo': using a tiny RANDOMLY INITIALISED model (%s genes) written to %s. It "
+            "has never seen a cell: everything it produces (embeddings, predictions, metrics) is for "
+            "trying the protocol out and means nothing biologically. Set checkpoint='whole-human' "
+            "(or a checkpoint folder) for real results.",
+            f"{len(unique):,}", path,
+        )
+    elif spec in KNOWN_CHECKPOINTS:
+        path = download_checkpoint(spec)
+        kind = "released"
+        logger.info("checkpoint %r: %s", spec, path)
+    else:
+        path = Path(spec).expanduser()
+        if not path.is_dir():
+            msg = (
+                f"checkpoint {spec!r} is not 'demo', not a known checkpoint name "
+                f"{sorted(KNOWN_CHECKPOINTS)} and not an existing folder (resolved to "
+                f"{path.absolute()}; the current working directory is {Path.cwd()}). Set checkpoint to "
+                f"'demo', 'whole-human' or a folder holding {', '.join(CHECKPOINT_FILES)}."
+            )
+            raise CheckpointNotFoundError(msg)
+        missing = [f for f in CHECKPOINT_FILES if not (path / f).is_file()]
+        if missing:
+            present = sorted(p.name for p in path.iterdir())
+            msg = (
+                f"checkpoint folder {path} lacks {', '.join(missing)} (found: {present or 'nothing'}); a "
+                f"scGPT checkpoint folder holds {', '.join(CHECKPOINT_FILES)}. Point checkpoint to the "
+                "folder of the released model or one written by save_checkpoint."
+            )
+            raise CheckpointNotFoundError(msg)
+        kind = "folder"
+        logger.info("checkpoint folder: %s", path)
+    record = {"checkpoint": str(path), "kind": kind, "sha256": sha256_file(path / "best_model.pt")}
+    layout.write_json(layout.checkpoint_record, record)
+    return path
+
+
+def read_checkpoint_record(layout: RunLayout) -> dict[str, Any]:
+    """The record :func:`resolve_checkpoint` wrote: ``checkpoint``, ``kind``, ``sha256``.
+
+    Raises
+    ------
+    FileNotFoundError
+        Step ``01_preprocess`` has not run with this ``run_dir``.
+    """
+    return layout.read_json(layout.checkpoint_record, step=STEP)
+
+
+# -- inspection -----------------------------------------------------------------------------
+def _value_kind(matrix: Any, n_rows: int = _SAMPLE_ROWS) -> tuple[str, float]:
+    """``("counts" | "log-normalised" | "other", max of the sampled values)`` from a row sample."""
+    n = matrix.shape[0]
+    if n > n_rows:
+        rows = np.sort(np.random.default_rng(0).choice(n, n_rows, replace=False))
+        block = matrix[rows]
+    else:
+        block = matrix[:]
+    data = block.data if sp.issparse(block) else np.asarray(block).ravel()
+    data = data[data != 0]
+    if data.size == 0:
+        return "other", 0.0
+    vmax = float(np.max(data))
+    if np.all(np.mod(data, 1) == 0):
+        return "counts", vmax
+    if vmax < LOG_MAX:
+        return "log-normalised", vmax
+    return "other", vmax
+
+
+def _require_obs_key(adata: AnnData, key: str, name: str) -> None:
+    if key not in adata.obs.columns:
+        msg = (
+            f"{name} {key!r} not in adata.obs; available: {list(adata.obs.columns)}. "
+            f"Set {name} in the parameters cell or YAML."
+        )
+        raise KeyError(msg)
+
+
+def _mito_mask(symbols: Sequence[str]) -> np.ndarray:
+    return np.array([s.upper().startswith("MT-") for s in symbols], dtype=bool)
+
+
+def _pct_mito(matrix: Any, mito: np.ndarray, kind: str) -> np.ndarray:
+    """Per-cell percentage of the (count-scale) signal in the mitochondrial genes."""
+    x = sp.csr_matrix(matrix, dtype=np.float32, copy=True)
+    if kind == "log-normalised":
+        x.data = np.expm1(x.data)  # back to the normalised scale
+    total = np.asarray(x.sum(axis=1)).ravel()
+    mt = np.asarray(x[:, np.flatnonzero(mito)].sum(axis=1)).ravel()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(total > 0, 100.0 * mt / np.where(total > 0, total, 1.0), 0.0)
+
+
+@dataclass
+class Inspection:
+    """What :func:`inspect_adata` found in the input data (displays as a table in notebooks)."""
+
+    n_cells: int
+    n_genes: int
+    value_kind: str
+    value_max: float
+    matrix: str
+    label_key: str
+    genes_matched: int
+    genes_total: int
+    fraction_matched: float
+    gene_source: str
+    class_counts: pd.Series
+    min_class_count: int
+    n_missing_labels: int = 0
+    batch_key: str | None = None
+    batches: pd.Series | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def n_classes(self) -> int:
+        return int(len(self.class_counts))
+
+    def _rows(self) -> list[tuple[str, str]]:
+        kind_note = {
+            "counts": "raw counts (integers): normalize='auto' log-normalises them",
+            "log-normalised": "log-normalised (non-integer): normalize='auto' keeps them",
+            "other": "neither counts nor log1p values: check the layer / normalize",
+        }[self.value_kind]
+        classes = ", ".join(f"{k} ({v:,})" for k, v in self.class_counts.items())
+        rows = [
+            ("cells", f"{self.n_cells:,}"),
+            ("genes", f"{self.n_genes:,}"),
+            ("values", f"{self.matrix}: {kind_note}; max {self.value_max:.4g}"),
+            ("genes in vocabulary",
+             f"{self.genes_matched:,}/{self.genes_total:,} ({self.fraction_matched:.1%}) "
+             f"of {self.gene_source}"),
+            (f"classes ({self.label_key})", f"{self.n_classes}: {classes}"),
+            ("smallest class", f"{self.min_class_count:,} cells"),
+        ]
+        if self.n_missing_labels:
+            rows.append(("cells without label", f"{self.n_missing_labels:,} (dropped in prepare)"))
+        if self.batches is not None:
+            listed = ", ".join(f"{k} ({v:,})" for k, v in self.batches.items())
+            rows.append((f"batches ({self.batch_key})", f"{len(self.batches)}: {listed}"))
+        for w in self.warnings:
+            rows.append(("warning", w))
+        return rows
+
+    def __str__(self) -> str:
+        rows = self._rows()
+        width = max(len(k) for k, _ in rows)
+        return "\n".join(["Input data"] + [f"  {k:<{width}}  {v}" for k, v in rows])
+
+    def _repr_html_(self) -> str:
+        cells = "".join(
+            f"<tr><th style='text-align:left'>{html.escape(k)}</th>"
+            f"<td style='text-align:left{';color:#b00' if k == 'warning' else ''}'>{html.escape(v)}</td></tr>"
+            for k, v in self._rows()
+        )
+        return f"<table><caption style='text-align:left'><b>Input data</b></caption>{cells}</table>"
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable record (written to ``layout.inspection``)."""
+        return {
+            "n_cells": int(self.n_cells),
+            "n_genes": int(self.n_genes),
+            "value_kind": self.value_kind,
+            "value_max": float(self.value_max),
+            "matrix": self.matrix,
+            "label_key": self.label_key,
+            "genes_matched": int(self.genes_matched),
+            "genes_total": int(self.genes_total),
+            "fraction_matched": float(self.fraction_matched),
+            "gene_source": self.gene_source,
+            "n_classes": self.n_classes,
+            "class_counts": {str(k): int(v) for k, v in self.class_counts.items()},
+            "min_class_count": int(self.min_class_count),
+            "n_missing_labels": int(self.n_missing_labels),
+            "batch_key": self.batch_key,
+            "batches": None if self.batches is None else {str(k): int(v) for k, v in self.batches.items()},
+            "warnings": list(self.warnings),
+        }
+
+
+def inspect_adata(
+    adata: AnnData,
+    *,
+    label_key: str,
+    vocab: dict[str, int],
+    batch_key: str | None = None,
+    layer: str | None = None,
+    gene_symbol_key: str | None = None,
+    min_cells_per_class: int = 5,
+) -> Inspection:
+    """Look at the input data before anything is changed, and fail early on what cannot work.
+
+    Parameters
+    ----------
+    adata : AnnData
+        The input data (not modified).
+    label_key : str
+        ``obs`` column with the cell-type labels.
+    vocab : dict of str to int
+        The checkpoint's vocabulary (``read_vocab(checkpoint / "vocab.json")``).
+    batch_key : str, optional
+        ``obs`` column with batches.
+    layer : str, optional
+        The layer with the expression values (None: ``X``).
+    gene_symbol_key : str, optional
+        ``var`` column with gene symbols (None: ``var_names``).
+    min_cells_per_class : int
+        Classes with fewer cells are reported (:func:`prepare` keeps them in train only).
+
+    Returns
+    -------
+    Inspection
+        Sizes, value kind, gene overlap, class and batch counts, warnings (each also issued as a
+        ``UserWarning``). Write it with :func:`write_inspection`.
+
+    Raises
+    ------
+    KeyError
+        ``label_key`` or ``batch_key`` is not an ``obs`` column, or ``layer`` / ``gene_symbol_key``
+        does not exist.
+    InputDataError
+        Fewer than two classes, or negative / NaN expression values.
+    """
+    found: list[str] = []
+    _require_obs_key(adata, label_key, "label_key")
+    if batch_key is not None:
+        _require_obs_key(adata, batch_key, "batch_key")
+    matrix = get_matrix(adata, layer)
+    where = f"adata.layers[{layer!r}]" if layer else "adata.X"
+    check_expression(adata, layer=layer)
+
+    labels = adata.obs[label_key]
+    missing = labels.isna().to_numpy()
+    class_counts = labels[~missing].astype(str).value_counts().sort_values(ascending=False)
+    class_counts.name = "cells"
+    if len(class_counts) < 2:
+        msg = (
+            f"obs[{label_key!r}] has {len(class_counts)} class(es) "
+            f"({list(class_counts.index)}) among the labelled cells; a classifier needs at least two. "
+            "Is label_key the column with the cell types?"
+        )
+        raise InputDataError(msg)
+    if missing.any():
+        _warn(f"{int(missing.sum()):,} of {adata.n_obs:,} cells have no label in obs[{label_key!r}] (NaN); "
+              "prepare drops them.", found)
+
+    kind, vmax = _value_kind(matrix)
+    if kind == "other":
+        _warn(f"{where} holds non-integer values up to {vmax:.4g}: neither raw counts nor log1p-normalised "
+              "values. If these are normalised values (CPM, TPM), set normalize='yes'; better, give the raw "
+              "counts (layer=...).", found)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        match = match_genes(adata, vocab, gene_symbol_key=gene_symbol_key, min_overlap=0.0, min_genes=0)
+    for w in caught:
+        _warn(str(w.message), found)
+    if match.fraction < 0.1 or match.n_matched == 0:
+        _warn(f"only {match.n_matched:,}/{match.n_total:,} genes of {match.source} are in the checkpoint "
+              "vocabulary (prepare needs at least 10%). Are these gene symbols of the checkpoint's species? "
+              "For Ensembl ids set gene_symbol_key.", found)
+
+    rare = class_counts[class_counts < min_cells_per_class]
+    if len(rare):
+        _warn(f"{len(rare)} class(es) have fewer than {min_cells_per_class} cells and will stay in the "
+              f"training split only: {', '.join(f'{k} ({v})' for k, v in rare.items())}.", found)
+
+    batches = None
+    if batch_key is not None:
+        batches = adata.obs[batch_key].astype(str).value_counts().sort_index()
+        batches.name = "cells"
+
+    inspection = Inspection(
+        n_cells=int(adata.n_obs),
+        n_genes=int(adata.n_vars),
+        value_kind=kind,
+        value_max=vmax,
+        matrix=where,
+        label_key=label_key,
+        genes_matched=match.n_matched,
+        genes_total=match.n_total,
+        fraction_matched=match.fraction,
+        gene_source=match.source,
+        class_counts=class_counts,
+        min_class_count=int(class_counts.min()),
+        n_missing_labels=int(missing.sum()),
+        batch_key=batch_key,
+        batches=batches,
+        warnings=found,
+    )
+    for line in str(inspection).splitlines():
+        logger.info("%s", line)
+    return inspection
+
+
+def write_inspection(inspection: Inspection, layout: RunLayout) -> Path:
+    """Write ``inspection.to_dict()`` to ``layout.inspection``; returns the path."""
+    return layout.write_json(layout.inspection, inspection.to_dict())
+
+
+# -- prepare --------------------------------------------------------------------------------
+@dataclass
+class PreparedData:
+    """The result of :func:`prepare`.
+
+    Attributes
+    ----------
+    adata : AnnData
+        The prepared data (see the module docstring for its keys).
+    categories : list of str
+        The classes; ``obs["scgpt_label_code"]`` indexes this list.
+    split_counts : pandas.DataFrame
+        Cells per class (rows, in ``categories`` order) and split (columns train, val, test).
+    rare_classes : list of str
+        Classes with fewer than ``min_cells_per_class`` cells, kept in train only.
+    log : list of str
+        What was done, with counts before -> after.
+    """
+
+    adata: AnnData
+    categories: list[str]
+    split_counts: pd.DataFrame
+    rare_classes: list[str]
+    log: list[str]
+
+    def __repr__(self) -> str:
+        return (
+            f"PreparedData({self.adata.n_obs:,} cells x {self.adata.n_vars:,} genes, "
+            f"{len(self.categories)} classes, split {self._split_totals()})"
+        )
+
+    def _split_totals(self) -> dict[str, int]:
+        return {s: int(self.split_counts[s].sum()) for s in SPLITS}
+
+    def __str__(self) -> str:
+        lines = [repr(self), *(f"  {line}" for line in self.log)]
+        if self.rare_classes:
+            lines.append(f"  train only (rare): {', '.join(self.rare_classes)}")
+        return "\n".join(lines)
+
+
+def _h5ad_safe(obj: Any) -> Any:
+    """JSON-like values that every anndata version writes (None becomes the string 'None')."""
+    if isinstance(obj, dict):
+        return {str(k): _h5ad_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_h5ad_safe(v) for v in obj]
+    if obj is None:
+        return "None"
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return float(obj)
+    return str(obj)
+
+
+def _split_cells(
+    labels: np.ndarray, rare: np.ndarray, test_size: float, val_size: float, seed: int
+) -> tuple[np.ndarray, list[str]]:
+    """``split[i]`` in SPLITS for each cell; rare cells go to train. Returns the split and notes."""
+    from sklearn.model_selection import train_test_split
+
+    n_total = len(labels)
+    split = np.full(n_total, "train", dtype=object)
+    idx = np.flatnonzero(~rare)
+    y = labels[idx]
+    classes = np.unique(y)
+    n_test = max(int(round(test_size * n_total)), len(classes))
+    n_val = max(int(round(val_size * n_total)), len(classes))
+    if len(idx) - n_test - n_val < len(classes):
+        msg = (
+            f"{len(idx):,} cells in {len(classes)} classes are too few for a test split of {n_test:,} and a "
+            f"validation split of {n_val:,} cells with every class in train, val and test. Lower test_size / "
+            "val_size, or raise min_cells_per_class so that small classes stay in train only."
+        )
+        raise InputDataError(msg)
+    rest, test = train_test_split(idx, test_size=n_test, stratify=y, random_state=seed)
+    y_rest = labels[rest]
+    # a class with one cell left cannot be stratified; it stays in train and is repaired below
+    left = pd.Series(y_rest).value_counts()
+    single = np.isin(y_rest, left.index[left < 2].to_numpy())
+    train, val = train_test_split(
+        rest[~single], test_size=n_val, stratify=y_rest[~single], random_state=seed + 1
+    )
+    split[test], split[val] = "test", "val"
+
+    # every non-rare class in every split: move single cells from the split that has the most
+    notes = []
+    rng = np.random.default_rng(seed)
+    for label in classes:
+        members = np.flatnonzero((labels == label) & ~rare)
+        for target in SPLITS:
+            if (split[members] == target).any():
+                continue
+            counts = {s: int((split[members] == s).sum()) for s in SPLITS}
+            donor = max(counts, key=counts.get)
+            pick = rng.choice(members[split[members] == donor])
+            split[pick] = target
+            notes.append(f"moved 1 cell of {label!r} from {donor} to {target} so that the class is in "
+                         "every split")
+    return split, notes
+
+
+def prepare(adata: AnnData, params: PreprocessParams, vocab: dict[str, int]) -> PreparedData:
+    """Filter, normalise, select the checkpoint's genes and split the cells into train/val/test.
+
+    Parameters
+    ----------
+    adata : AnnData
+        The input data (not modified).
+    params : PreprocessParams
+        ``label_key``, ``batch_key``, ``layer``, ``gene_symbol_key``, ``min_genes``, ``min_cells``,
+        ``max_pct_mito``, ``normalize``, ``n_hvg``, ``test_size``, ``val_size``,
+        ``min_cells_per_class`` and ``seed`` are used.
+    vocab : dict of str to int
+        The checkpoint's vocabulary.
+
+    Returns
+    -------
+    PreparedData
+        The new AnnData (keys in the module docstring), the classes, the cells per class and
+        split, the rare classes and a log of every step with counts before -> after.
+
+    Notes
+    -----
+    In order: drop cells without label; put the chosen matrix (``layer`` or ``X``) into ``X`` as
+    float32 CSR (other layers and ``.raw`` are dropped); ``sc.pp.filter_cells(min_genes)``,
+    ``sc.pp.filter_genes(min_cells)`` and the mitochondrial filter (genes starting with ``MT-``);
+    ``normalize_total(1e4) + log1p`` (``"auto"``: only when the values are integer counts, which are
+    kept in ``layers["counts"]``); keep the genes of the vocabulary; ``n_hvg`` highly variable genes
+    (``flavor="seurat"``, per batch with ``batch_key``); drop cells with no expressed gene left;
+    a stratified split in which test and val hold ``test_size`` and ``val_size`` of all cells,
+    classes with fewer than ``min_cells_per_class`` cells stay in train, and every other class has
+    cells in train, val and test.
+
+    Raises
+    ------
+    KeyError
+        ``label_key`` / ``batch_key`` / ``layer`` / ``gene_symbol_key`` not found.
+    InputDataError
+        Negative or NaN values, fewer than two classes, no cells left after filtering, too few cells
+        to split.
+    GeneMatchError
+        Fewer than 10% of the genes are in the vocabulary.
+    """
+    import scanpy as sc
+
+    log: list[str] = []
+
+    def record(message: str) -> None:
+        log.append(message)
+        logger.info("%s", message)
+
+    label_key, batch_key = params.label_key, params.batch_key
+    _require_obs_key(adata, label_key, "label_key")
+    if batch_key is not None:
+        _require_obs_key(adata, batch_key, "batch_key")
+    get_matrix(adata, params.layer)
+    check_expression(adata, layer=params.layer)
+    n_cells_in, n_genes_in = int(adata.n_obs), int(adata.n_vars)
+
+    # labels
+    missing = adata.obs[label_key].isna().to_numpy()
+    if missing.any():
+        out = adata[~missing].copy()
+        _warn(f"dropped {int(missing.sum()):,} cells without a label in obs[{label_key!r}]: "
+              f"{n_cells_in:,} -> {out.n_obs:,} cells")
+        log.append(f"dropped cells without a label: {n_cells_in:,} -> {out.n_obs:,} cells")
+    else:
+        out = adata.copy()
+
+    # matrix
+    where = f"adata.layers[{params.layer!r}]" if params.layer else "adata.X"
+    x = sp.csr_matrix(get_matrix(out, params.layer), dtype=np.float32)
+    x.sum_duplicates()
+    x.eliminate_zeros()
+    dropped = [f"layers[{k!r}]" for k in out.layers.keys()] + (["raw"] if out.raw is not None else [])
+    for key in list(out.layers.keys()):
+        del out.layers[key]
+    out.raw = None
+    out.X = x
+    record(f"expression from {where} as float32 CSR"
+           + (f" (dropped {', '.join(dropped)})" if dropped else ""))
+    kind, vmax = _value_kind(out.X)
+    record(f"values look like {kind} (max {vmax:.4g} in a sample of cells)")
+
+    # filters
+    if params.min_genes > 0:
+        before = out.n_obs
+        sc.pp.filter_cells(out, min_genes=params.min_genes)
+        record(f"filter_cells(min_genes={params.min_genes}): {before:,} -> {out.n_obs:,} cells")
+    if params.min_cells > 0:
+        before = out.n_vars
+        sc.pp.filter_genes(out, min_cells=params.min_cells)
+        record(f"filter_genes(min_cells={params.min_cells}): {before:,} -> {out.n_vars:,} genes")
+    if params.max_pct_mito is not None:
+        mito = _mito_mask(gene_symbols(out, params.gene_symbol_key))
+        if not mito.any():
+            _warn(f"max_pct_mito={params.max_pct_mito} is set but no gene name starts with 'MT-'; the "
+                  "mitochondrial filter was skipped.")
+            log.append("mitochondrial filter skipped: no MT- genes")
+        else:
+            pct = _pct_mito(out.X, mito, kind)
+            before = out.n_obs
+            out.obs["pct_mito"] = pct.astype(np.float32)
+            out = out[pct <= params.max_pct_mito].copy()
+            record(f"max_pct_mito={params.max_pct_mito} ({int(mito.sum())} MT- genes): "
+                   f"{before:,} -> {out.n_obs:,} cells")
+    if out.n_obs == 0 or out.n_vars == 0:
+        msg = (
+            f"no {'cells' if out.n_obs == 0 else 'genes'} left after filtering "
+            f"(min_genes={params.min_genes}, min_cells={params.min_cells}, "
+            f"max_pct_mito={params.max_pct_mito}). Relax these filters."
+        )
+        raise InputDataError(msg)
+
+    # normalisation
+    is_counts = kind == "counts"
+    normalise = {"yes": True, "no": False, "auto": is_counts}[params.normalize]
+    if is_counts:
+        out.layers["counts"] = out.X.copy()
+    if normalise:
+        if kind == "log-normalised":
+            _warn("normalize='yes' but the values already look log-normalised (non-integer, "
+                  f"max {vmax:.3g}); they are normalised and log-transformed again. Use "
+                  "normalize='auto' unless this is intended.")
+        sc.pp.normalize_total(out, target_sum=1e4)
+        sc.pp.log1p(out)
+        record("normalised: normalize_total(target_sum=1e4) + log1p"
+               + ("; raw counts kept in layers['counts']" if is_counts else ""))
+    else:
+        if params.normalize == "auto" and kind == "other":
+            _warn(f"values are neither raw counts nor log-normalised (non-integer, max {vmax:.4g}) and were "
+                  "left as they are (normalize='auto'). Set normalize='yes' for CPM/TPM values, or give "
+                  "the raw counts (layer=...).")
+        record(f"not normalised (normalize={params.normalize!r}, values: {kind})"
+               + ("; counts also in layers['counts']" if is_counts else ""))
+
+    # genes of the vocabulary
+    before = out.n_vars
+    match = match_genes(out, vocab, gene_symbol_key=params.gene_symbol_key)
+    cols = match.columns
+    symbols = gene_symbols(out, params.gene_symbol_key)
+    out = out[:, cols].copy()
+    out.var["scgpt_token_id"] = match.token_ids[cols].astype(np.int64)
+    if params.gene_symbol_key is not None:
+        out.var["original_var_name"] = np.asarray(out.var_names, dtype=str)
+        out.var_names = pd.Index([symbols[j] for j in cols], dtype=str)
+    record(f"kept the genes in the checkpoint vocabulary ({match.source}): "
+           f"{before:,} -> {out.n_vars:,} genes ({match.fraction:.1%})")
+
+    # highly variable genes
+    if params.n_hvg is not None:
+        if params.n_hvg >= out.n_vars:
+            record(f"n_hvg={params.n_hvg} >= {out.n_vars:,} genes: no highly-variable-gene selection")
+        else:
+            before = out.n_vars
+            sc.pp.highly_variable_genes(out, n_top_genes=params.n_hvg, batch_key=batch_key, flavor="seurat")
+            out = out[:, out.var["highly_variable"].to_numpy()].copy()
+            per = f", per batch of obs[{batch_key!r}]" if batch_key else ""
+            record(f"highly variable genes (seurat{per}): {before:,} -> {out.n_vars:,} genes")
+
+    # cells with nothing left for the model
+    empty = np.asarray(out.X.getnnz(axis=1) == 0)
+    if empty.any():
+        before = out.n_obs
+        out = out[~empty].copy()
+        _warn(f"dropped {int(empty.sum()):,} cells with no expressed gene among the {out.n_vars:,} selected "
+              f"genes: {before:,} -> {out.n_obs:,} cells")
+        log.append(f"dropped cells with no expressed selected gene: {before:,} -> {out.n_obs:,} cells")
+
+    # classes and split
+    labels = out.obs[label_key].astype(str).to_numpy()
+    class_counts = pd.Series(labels).value_counts()
+    if len(class_counts) < 2:
+        msg = (
+            f"obs[{label_key!r}] has {len(class_counts)} class(es) ({list(class_counts.index)}) after "
+            f"filtering ({out.n_obs:,} cells left); a classifier needs at least two. Relax the filters or "
+            "check label_key."
+        )
+        raise InputDataError(msg)
+    rare_counts = class_counts[class_counts < params.min_cells_per_class].sort_values()
+    rare_classes = sorted(rare_counts.index.astype(str))
+    if len(rare_counts) == len(class_counts):
+        msg = (
+            f"every class of obs[{label_key!r}] has fewer than "
+            f"min_cells_per_class={params.min_cells_per_class} cells ({dict(class_counts)}); nothing "
+            "could be evaluated. Lower min_cells_per_class."
+        )
+        raise InputDataError(msg)
+    if rare_classes:
+        listed = ", ".join(f"{k!r} ({v})" for k, v in rare_counts.items())
+        _warn(f"{len(rare_classes)} class(es) have fewer than "
+              f"min_cells_per_class={params.min_cells_per_class} cells and stay in the training split only "
+              f"(they cannot be evaluated): {listed}")
+    split, notes = _split_cells(labels, np.isin(labels, rare_classes), params.test_size, params.val_size,
+                                params.seed)
+    for note in notes:
+        record(note)
+    out.obs["split"] = pd.Categorical(split, categories=list(SPLITS))
+
+    categories = sorted(class_counts.index.astype(str))
+    out.obs[label_key] = pd.Categorical(labels, categories=categories)
+    out.obs["scgpt_label_code"] = out.obs[label_key].cat.codes.to_numpy().astype(np.int64)
+    split_counts = (
+        pd.crosstab(out.obs[label_key], out.obs["split"], dropna=False)
+        .reindex(index=categories, columns=list(SPLITS), fill_value=0)
+        .astype(int)
+    )
+    split_counts.index.name, split_counts.columns.name = "label", "split"
+    totals = {s: int(split_counts[s].sum()) for s in SPLITS}
+    record(f"split (seed {params.seed}, stratified by {label_key!r}): "
+           + ", ".join(f"{s} {n:,}" for s, n in totals.items())
+           + (f"; {len(rare_classes)} rare class(es) in train only" if rare_classes else ""))
+
+    record_uns = {
+        "params": params.to_dict(),
+        "input": {"n_cells": n_cells_in, "n_genes": n_genes_in, "matrix": where,
+                  "value_kind": kind, "value_max": vmax},
+        "normalised": bool(normalise),
+        "counts_layer": bool(is_counts),
+        "n_cells": int(out.n_obs),
+        "n_genes": int(out.n_vars),
+        "genes_matched_fraction": float(match.fraction),
+        "categories": categories,
+        "rare_classes": rare_classes,
+        "split_totals": totals,
+        "log": list(log),
+    }
+    previous = out.uns.get("scgpt_protocol")
+    out.uns["scgpt_protocol"] = {**(dict(previous) if isinstance(previous, dict) else {}),
+                                 "preprocess": _h5ad_safe(record_uns)}
+    return PreparedData(adata=out, categories=categories, split_counts=split_counts,
+                        rare_classes=rare_classes, log=log)
+
+
+# -- writing --------------------------------------------------------------------------------
+def write_prepared(prepared: PreparedData, layout: RunLayout, label_key: str) -> dict[str, Path]:
+    """Write the prepared AnnData and the label record of the run.
+
+    Parameters
+    ----------
+    prepared : PreparedData
+        The result of :func:`prepare`.
+    layout : RunLayout
+        The run.
+    label_key : str
+        The label column (recorded for the later steps).
+
+    Returns
+    -------
+    dict of str to Path
+        ``{"prepared_adata": layout.prepared_adata, "labels": layout.labels}``.
+
+    Notes
+    -----
+    The h5ad is written under a temporary name next to its target and renamed once complete, so
+    an interrupted write never leaves a half-written ``prepared.h5ad``. ``labels.json`` holds
+    ``label_key``, ``categories``, ``class_counts``, ``split_counts`` (``{split: {label: n}}``) and
+    ``rare_classes``.
+    """
+    path = layout.prepared_adata
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
+    try:
+        prepared.adata.write_h5ad(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    counts = prepared.split_counts
+    labels = {
+        "label_key": label_key,
+        "categories": list(prepared.categories),
+        "class_counts": {str(k): int(v) for k, v in counts.sum(axis=1).items()},
+        "split_counts": {s: {str(k): int(v) for k, v in counts[s].items()} for s in SPLITS},
+        "rare_classes": list(prepared.rare_classes),
+    }
+    layout.write_json(layout.labels, labels)
+    logger.info("wrote %s (%s cells x %s genes) and %s", path, f"{prepared.adata.n_obs:,}",
+                f"{prepared.adata.n_vars:,}", layout.labels)
+    return {"prepared_adata": path, "labels": layout.labels}
+
+
+def read_prepared(layout: RunLayout) -> AnnData:
+    """Read ``layout.prepared_adata`` (a clear error if step 01 has not run)."""
+    import anndata
+
+    return anndata.read_h5ad(layout.require(layout.prepared_adata, step=STEP))
+
+
+def read_labels(layout: RunLayout) -> dict[str, Any]:
+    """Read ``layout.labels`` (a clear error if step 01 has not run)."""
+    return layout.read_json(layout.labels, step=STEP)
+
+
+# -- plots ----------------------------------------------------------------------------------
+def plot_qc(adata: AnnData, *, layer: str | None = None, gene_symbol_key: str | None = None) -> Figure:
+    """Histograms of genes per cell, total counts per cell and (when MT- genes exist) % mitochondrial.
+
+    Parameters
+    ----------
+    adata : AnnData
+        Input or prepared data.
+    layer : str, optional
+        The layer to summarise (None: ``X``).
+    gene_symbol_key : str, optional
+        ``var`` column with gene symbols, to find the ``MT-`` genes.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        Not attached to pyplot: display it as the last expression of a cell (or ``display(fig)``),
+        save it with :func:`save_figure`.
+    """
+    from matplotlib.figure import Figure
+
+    x = sp.csr_matrix(get_matrix(adata, layer), dtype=np.float32)
+    kind, _ = _value_kind(x)
+    where = f"layers[{layer!r}]" if layer else "X"
+    n_genes = np.asarray(x.getnnz(axis=1)).ravel()
+    totals = np.asarray(x.sum(axis=1)).ravel()
+    panels = [
+        (n_genes, "expressed genes per cell", "genes"),
+        (totals, f"total {'counts' if kind == 'counts' else 'of values'} per cell ({where})",
+         "counts" if kind == "counts" else "sum of values"),
+    ]
+    mito = _mito_mask(gene_symbols(adata, gene_symbol_key))
+    if mito.any():
+        panels.append((_pct_mito(x, mito, kind), f"% mitochondrial ({int(mito.sum())} MT- genes)", "%"))
+    fig = Figure(figsize=(4.0 * len(panels), 3.2), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (values, title, xlabel) in zip(axes, panels):
+        ax.hist(values, bins=50, color="#4c72b0")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("cells")
+    fig.suptitle(f"{adata.n_obs:,} cells x {adata.n_vars:,} genes", fontsize=11)
+    return fig
+
+
+def plot_class_counts(prepared: PreparedData) -> Figure:
+    """Horizontal bars: cells per class, stacked by split (rare classes marked "train only").
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        Not attached to pyplot (see :func:`plot_qc`).
+    """
+    from matplotlib.figure import Figure
+
+    counts = prepared.split_counts.reindex(columns=list(SPLITS), fill_value=0)
+    counts = counts.loc[counts.sum(axis=1).sort_values(ascending=True).index]
+    names = [f"{c} (train only)" if c in prepared.rare_classes else str(c) for c in counts.index]
+    fig = Figure(figsize=(7.0, max(2.5, 0.35 * len(counts) + 1.2)), layout="constrained")
+    ax = fig.subplots()
+    left = np.zeros(len(counts))
+    colours = {"train": "#4c72b0", "val": "#dd8452", "test": "#55a868"}
+    for split in SPLITS:
+        values = counts[split].to_numpy(dtype=float)
+        ax.barh(names, values, left=left, label=f"{split} ({int(values.sum()):,})", color=colours[split])
+        left += values
+    ax.set_xlabel("cells")
+    ax.set_title(f"cells per class and split ({len(counts)} classes)", fontsize=10)
+    ax.legend(loc="lower right", fontsize=8)
+    return fig
+
+
+def save_figure(fig: Figure, layout: RunLayout, name: str) -> Path:
+    """Save ``fig`` as PNG to ``layout.figure(name)`` (dpi 120, tight bounding box); returns the path."""
+    path = layout.figure(name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight", format="png")
+    logger.info("saved figure %s", path)
+    return path

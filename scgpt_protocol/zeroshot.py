@@ -1,0 +1,661 @@
+"""Zero-shot reference mapping: label query cells by their nearest reference cells.
+
+This is the scGPT reference-mapping recipe without fine-tuning: embed the reference and the query
+with the pretrained model, L2-normalise, find the ``k`` nearest reference cells of every query cell
+(``k = 10`` in the official tutorials) and take the majority label. The tutorials use faiss
+``IndexFlatL2``; this module uses exact brute-force neighbours from scikit-learn, which give the
+same neighbours. On L2-normalised vectors Euclidean and cosine neighbours are the same, since
+``|a - b|^2 = 2 - 2 cos(a, b)``.
+
+Two votes are reported for every query cell:
+
+``majority``
+    The label most frequent among the ``k`` neighbours (the tutorials' answer). Ties are broken by
+    the smaller summed distance of the tied labels' neighbours, then alphabetically.
+``weighted``
+    Every neighbour votes with weight ``1 / (d + eps)`` (``d``: its Euclidean distance to the
+    query cell, ``eps = 1e-6``), so a few very close neighbours can outvote more distant ones.
+    Ties (weight sums equal to 1e-9 relative) are broken the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+    from .layout import RunLayout
+    from .model import ScGPT
+
+__all__ = [
+    "LabelTransfer",
+    "ZeroShotResult",
+    "transfer_labels",
+    "zeroshot_annotate",
+    "zeroshot_metrics",
+    "joint_embedding",
+    "write_zeroshot",
+    "PREDICTION_COLUMNS",
+]
+
+logger = logging.getLogger(__name__)
+
+#: columns of :attr:`ZeroShotResult.predictions` (the true label, when known, is added as ``label_key``)
+PREDICTION_COLUMNS = (
+    "scgpt_zeroshot_label",
+    "scgpt_zeroshot_confidence",
+    "scgpt_zeroshot_label_weighted",
+    "scgpt_zeroshot_confidence_weighted",
+)
+_REL_TOL = 1e-9  # sums closer than this (relative) count as tied
+_ZERO_NORM = 1e-12
+
+
+# --------------------------------------------------------------------------- label transfer
+@dataclass
+class LabelTransfer:
+    """Result of :func:`transfer_labels`, one row per query cell.
+
+    Attributes
+    ----------
+    majority
+        Majority label of the ``k`` nearest reference cells (``object`` array of ``str``).
+    weighted
+        Label with the largest sum of weights ``1 / (d + eps)`` among the neighbours.
+    confidence_majority
+        Share of the ``k`` neighbours that carry the majority label, in ``(0, 1]``.
+    confidence_weighted
+        Share of the total neighbour weight that the weighted winner received, in ``(0, 1]``.
+    neighbors
+        Row indices into the reference, ``[n_query, k]``, nearest first.
+    distances
+        Euclidean distances of those neighbours (on the normalised embeddings when
+        ``normalize=True``), ``[n_query, k]``, ascending.
+    categories
+        The distinct reference labels, sorted (the order used for alphabetical tie-breaking).
+    """
+
+    majority: np.ndarray
+    weighted: np.ndarray
+    confidence_majority: np.ndarray
+    confidence_weighted: np.ndarray
+    neighbors: np.ndarray
+    distances: np.ndarray
+    categories: list[str] = field(default_factory=list)
+
+
+def _check_embedding(x: Any, name: str, *, normalize: bool) -> np.ndarray:
+    arr = np.asarray(x)
+    if arr.ndim != 2:
+        msg = f"{name} has shape {arr.shape}; expected a 2-D array [cells, embedding dimensions]."
+        raise ValueError(msg)
+    if not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
+        msg = f"{name} has dtype {arr.dtype}; expected real numbers (e.g. adata.obsm['X_scgpt'])."
+        raise ValueError(msg)
+    if arr.dtype != np.float32:
+        arr = arr.astype(np.float64)
+    bad = np.flatnonzero(~np.isfinite(arr).all(axis=1))
+    if bad.size:
+        msg = (
+            f"{name} has {bad.size:,} rows with NaN or infinite values (first: row {bad[0]}); expected "
+            "finite embeddings. Re-embed those cells, or drop them before transferring labels."
+        )
+        raise ValueError(msg)
+    if normalize:
+        norms = np.linalg.norm(arr, axis=1, keepdims=True)
+        zero = np.flatnonzero(norms[:, 0] <= _ZERO_NORM)
+        if zero.size:
+            msg = (
+                f"{name} has {zero.size:,} all-zero rows (first: row {zero[0]}), which cannot be "
+                "L2-normalised; expected embeddings from scgpt_protocol.embed. Drop those cells or "
+                "re-embed them."
+            )
+            raise ValueError(msg)
+        arr = arr / norms
+    return arr
+
+
+def _pick(primary: np.ndarray, dist_sum: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """Column of the largest ``primary`` per row; ties: smaller ``dist_sum``, then lower column."""
+    best = np.where(present, primary, -np.inf).max(axis=1, keepdims=True)
+    cand = present & (primary >= best - _REL_TOL * np.abs(best))
+    ds = np.where(cand, dist_sum, np.inf)
+    dmin = ds.min(axis=1, keepdims=True)
+    cand &= ds <= dmin + _REL_TOL * (1.0 + dmin)
+    return cand.argmax(axis=1)  # first True column = alphabetically first label
+
+
+def transfer_labels(
+    ref_emb: np.ndarray,
+    ref_labels: Sequence,
+    query_emb: np.ndarray,
+    *,
+    k: int = 10,
+    normalize: bool = True,
+    eps: float = 1e-6,
+    chunk_size: int = 1024,
+) -> LabelTransfer:
+    """Label query cells by a vote of their ``k`` nearest reference cells.
+
+    Neighbours are exact (``sklearn.neighbors.NearestNeighbors``, brute force, Euclidean). Their
+    distances are then recomputed in float64 from the vectors and sorted, so that the weights of
+    near-duplicate cells are accurate.
+
+    Parameters
+    ----------
+    ref_emb
+        Reference embeddings ``[n_ref, d]``, e.g. ``reference.obsm["X_scgpt"]``.
+    ref_labels
+        One label per reference row (strings, categories or numbers; compared as ``str``). Missing
+        values are an error: drop those cells first.
+    query_emb
+        Query embeddings ``[n_query, d]``.
+    k
+        Number of neighbours (10 in the scGPT tutorials); at most ``n_ref``.
+    normalize
+        L2-normalise both embeddings first (again: :func:`~scgpt_protocol.embedding.embed` already
+        does). With ``False`` the vectors are used as given.
+    eps
+        Added to the distances of the weighted vote, ``weight = 1 / (d + eps)``: an exact duplicate
+        of a reference cell gets a large but finite weight and decides the weighted vote.
+    chunk_size
+        Query cells per neighbour search; memory beyond the inputs grows with ``chunk_size * k * d``
+        (and sklearn's own ``working_memory``), not with the number of query cells.
+
+    Returns
+    -------
+    LabelTransfer
+        ``majority`` / ``weighted`` labels, their confidences, ``neighbors`` and ``distances``.
+
+    Raises
+    ------
+    ValueError
+        ``k`` out of range, shapes that do not fit, NaN / infinite values, all-zero rows (with
+        ``normalize=True``) or missing labels.
+
+    Notes
+    -----
+    Majority ties (two labels with the same number of neighbours) go to the label whose neighbours
+    are closer in total (smaller summed distance), then to the alphabetically first label. The
+    weighted vote breaks its ties (weight sums equal to a relative 1e-9) the same way. Both rules
+    are deterministic: the same inputs always give the same labels.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> ref = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    >>> out = transfer_labels(ref, ["a", "a", "b", "b"], np.array([[1.0, 0.05]]), k=3)
+    >>> out.majority.tolist(), out.confidence_majority.round(3).tolist()
+    (['a'], [0.667])
+    """
+    from sklearn.neighbors import NearestNeighbors
+
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        msg = f"k must be a positive integer; got {k!r}. The scGPT tutorials use k=10."
+        raise ValueError(msg)
+    if not eps > 0:
+        msg = f"eps must be positive (weights are 1 / (distance + eps)); got {eps!r}."
+        raise ValueError(msg)
+    if chunk_size < 1:
+        msg = f"chunk_size must be a positive integer; got {chunk_size!r}."
+        raise ValueError(msg)
+    ref = _check_embedding(ref_emb, "ref_emb", normalize=normalize)
+    query = _check_embedding(query_emb, "query_emb", normalize=normalize)
+    if ref.shape[1] != query.shape[1]:
+        msg = (
+            f"ref_emb has {ref.shape[1]} dimensions but query_emb has {query.shape[1]}; both must come "
+            "from the same model (embed reference and query with the same checkpoint)."
+        )
+        raise ValueError(msg)
+    n_ref = ref.shape[0]
+    if k > n_ref:
+        msg = (
+            f"k={k} neighbours requested but the reference has only {n_ref} cells; use k <= {n_ref} "
+            "or a larger reference."
+        )
+        raise ValueError(msg)
+    labels_in = np.asarray(list(ref_labels) if not isinstance(ref_labels, np.ndarray) else ref_labels,
+                           dtype=object)
+    if labels_in.ndim != 1 or labels_in.shape[0] != n_ref:
+        msg = (
+            f"ref_labels has {labels_in.size} entries but ref_emb has {n_ref} rows; give one label per "
+            "reference cell."
+        )
+        raise ValueError(msg)
+    missing = np.flatnonzero(pd.isna(labels_in))
+    if missing.size:
+        msg = (
+            f"ref_labels has {missing.size:,} missing values (first: row {missing[0]}); expected a label "
+            "for every reference cell. Drop the unlabelled cells from the reference first."
+        )
+        raise ValueError(msg)
+    categories, codes = np.unique(labels_in.astype(str), return_inverse=True)
+    n_labels = len(categories)
+
+    n_query = query.shape[0]
+    neighbors = np.zeros((n_query, k), dtype=np.int64)
+    distances = np.zeros((n_query, k), dtype=np.float64)
+    win_major = np.zeros(n_query, dtype=np.int64)
+    win_weight = np.zeros(n_query, dtype=np.int64)
+    conf_major = np.zeros(n_query, dtype=np.float64)
+    conf_weight = np.zeros(n_query, dtype=np.float64)
+    nn = NearestNeighbors(n_neighbors=k, algorithm="brute", metric="euclidean").fit(ref)
+    for start in range(0, n_query, chunk_size):
+        q = query[start : start + chunk_size]
+        n = q.shape[0]
+        idx = nn.kneighbors(q, return_distance=False)
+        diff = ref[idx].astype(np.float64, copy=False) - q[:, None, :].astype(np.float64, copy=False)
+        dist = np.sqrt(np.einsum("nkd,nkd->nk", diff, diff))
+        order = np.argsort(dist, axis=1, kind="stable")
+        idx = np.take_along_axis(idx, order, axis=1)
+        dist = np.take_along_axis(dist, order, axis=1)
+        flat = (np.arange(n)[:, None] * n_labels + codes[idx]).ravel()
+        size = n * n_labels
+        counts = np.bincount(flat, minlength=size).reshape(n, n_labels).astype(np.float64)
+        dist_sum = np.bincount(flat, weights=dist.ravel(), minlength=size).reshape(n, n_labels)
+        weights = np.bincount(flat, weights=(1.0 / (dist + eps)).ravel(), minlength=size).reshape(n, n_labels)
+        present = counts > 0
+        rows = np.arange(n)
+        wm = _pick(counts, dist_sum, present)
+        ww = _pick(weights, dist_sum, present)
+        sl = slice(start, start + n)
+        neighbors[sl], distances[sl] = idx, dist
+        win_major[sl], win_weight[sl] = wm, ww
+        conf_major[sl] = counts[rows, wm] / k
+        conf_weight[sl] = weights[rows, ww] / weights.sum(axis=1)
+    cats = np.asarray([str(c) for c in categories], dtype=object)
+    return LabelTransfer(
+        majority=cats[win_major] if n_query else np.empty(0, dtype=object),
+        weighted=cats[win_weight] if n_query else np.empty(0, dtype=object),
+        confidence_majority=conf_major,
+        confidence_weighted=conf_weight,
+        neighbors=neighbors,
+        distances=distances,
+        categories=cats.tolist(),
+    )
+
+
+# --------------------------------------------------------------------------- metrics
+def zeroshot_metrics(y_true: Sequence, y_pred: Sequence) -> dict[str, float | int]:
+    """Accuracy, macro / support-weighted F1 and balanced accuracy of predicted labels (sklearn).
+
+    ``macro_f1`` averages over every label that is true or predicted (sklearn's default), with 0
+    for undefined scores; ``weighted_f1`` weights each true label by its number of cells;
+    ``balanced_accuracy`` is the mean recall over the true labels. A true label that the
+    predictions never use (e.g. absent from the reference) counts as an error.
+    """
+    from sklearn.metrics import accuracy_score, f1_score, recall_score
+
+    yt = np.asarray(y_true, dtype=object).astype(str)
+    yp = np.asarray(y_pred, dtype=object).astype(str)
+    if yt.shape != yp.shape:
+        msg = f"y_true has {yt.size} labels but y_pred has {yp.size}; expected one prediction per cell."
+        raise ValueError(msg)
+    if yt.size == 0:
+        msg = "no cells with a true label; metrics need at least one labelled query cell."
+        raise ValueError(msg)
+    true_labels = np.unique(yt)
+    return {
+        "accuracy": float(accuracy_score(yt, yp)),
+        "macro_f1": float(f1_score(yt, yp, average="macro", zero_division=0)),
+        "weighted_f1": float(f1_score(yt, yp, average="weighted", zero_division=0)),
+        # = sklearn.metrics.balanced_accuracy_score, without its warning about predicted-only labels
+        "balanced_accuracy": float(
+            recall_score(yt, yp, labels=true_labels, average="macro", zero_division=0)
+        ),
+        "n_cells": int(yt.size),
+    }
+
+
+# --------------------------------------------------------------------------- AnnData level
+@dataclass
+class ZeroShotResult:
+    """Result of :func:`zeroshot_annotate`.
+
+    Attributes
+    ----------
+    predictions
+        Indexed by the query's ``obs_names``; columns :data:`PREDICTION_COLUMNS` and, when the
+        query has it, the true label column ``label_key``.
+    metrics
+        ``{"majority": {...}, "weighted": {...}, "notes": [...]}`` with ``accuracy``, ``macro_f1``,
+        ``weighted_f1``, ``balanced_accuracy`` and ``n_cells`` each; ``None`` when the query has no
+        ``label_key`` column (or no labelled cell).
+    reference_embedding, query_embedding
+        The embeddings used: every reference cell (also unlabelled ones) and every query cell, in
+        ``obs_names`` order.
+    transfer
+        The underlying :class:`LabelTransfer` (neighbour indices refer to the *labelled*
+        reference cells, ``reference_used``).
+    reference_used
+        Boolean mask of the reference cells that took part (those with a label).
+    notes
+        Remarks on the data (dropped reference cells, query labels unknown to the reference...).
+    params
+        The parameters of the run (``k``, ``label_key``, cell counts...).
+    """
+
+    predictions: pd.DataFrame
+    metrics: dict[str, Any] | None
+    reference_embedding: np.ndarray
+    query_embedding: np.ndarray
+    transfer: LabelTransfer
+    reference_used: np.ndarray
+    notes: list[str] = field(default_factory=list)
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+def _obs_labels(adata: AnnData, label_key: str, what: str) -> pd.Series:
+    if label_key not in adata.obs.columns:
+        msg = (
+            f"label_key={label_key!r} is not a column of the {what}'s obs; found columns "
+            f"{list(map(str, adata.obs.columns))}. Pass the column that holds the cell-type labels."
+        )
+        raise KeyError(msg)
+    return adata.obs[label_key]
+
+
+def _get_embedding(
+    adata: AnnData, model: ScGPT, what: str, *, reuse: bool, embedding_key: str, embed_kwargs: dict
+) -> tuple[np.ndarray, bool]:
+    from .embedding import embed
+
+    d_model = model.config.d_model
+    if reuse and embedding_key in adata.obsm:
+        emb = np.asarray(adata.obsm[embedding_key])
+        if emb.ndim != 2 or emb.shape[1] != d_model:
+            msg = (
+                f"{what}.obsm[{embedding_key!r}] has shape {emb.shape} but the model embeds into "
+                f"{d_model} dimensions; it was computed with another model. Use reuse_embeddings=False "
+                "to embed again."
+            )
+            raise ValueError(msg)
+        logger.info("reusing %s.obsm[%r] (%d x %d)", what, embedding_key, *emb.shape)
+        return emb, True
+    embed(adata, model, key_added=embedding_key, **embed_kwargs)
+    return np.asarray(adata.obsm[embedding_key]), False
+
+
+def zeroshot_annotate(
+    reference: AnnData,
+    query: AnnData,
+    model: ScGPT,
+    *,
+    label_key: str,
+    k: int = 10,
+    max_seq_len: int = 1200,
+    batch_size: int = 64,
+    seed: int = 0,
+    layer: str | None = None,
+    gene_symbol_key: str | None = None,
+    embedding_key: str = "X_scgpt",
+    reuse_embeddings: bool = False,
+) -> ZeroShotResult:
+    """Annotate ``query`` from ``reference`` with the pretrained model, without fine-tuning.
+
+    Both datasets are embedded with :func:`~scgpt_protocol.embedding.embed`, then every query cell
+    receives the labels of :func:`transfer_labels` (majority and distance-weighted vote of its
+    ``k`` nearest reference cells).
+
+    The inputs are modified in one way only: ``obsm[embedding_key]`` (and ``embed``'s record
+    ``uns[embedding_key + "_params"]``) is written to ``reference`` and ``query``, so the
+    embeddings can be reused, e.g. for :func:`joint_embedding`. Nothing else is added to them.
+
+    Parameters
+    ----------
+    reference
+        Labelled cells. Cells without a label (NaN) are embedded but left out of the vote, with a
+        warning.
+    query
+        Cells to annotate. If it has the column ``label_key`` too, the predictions are scored.
+    model
+        A pretrained model from :func:`~scgpt_protocol.load_model`.
+    label_key
+        ``obs`` column with the reference labels (and the query's true labels, if any).
+    k
+        Number of nearest reference cells that vote (10 in the scGPT tutorials).
+    max_seq_len, batch_size, seed, layer, gene_symbol_key
+        Passed to :func:`~scgpt_protocol.embedding.embed`, identically for both datasets.
+    embedding_key
+        ``obsm`` key the embeddings are written to (and read from with ``reuse_embeddings``).
+    reuse_embeddings
+        Use ``obsm[embedding_key]`` where it is already present instead of embedding again. Only
+        use it for embeddings computed by the same model with the same settings: this is not checked
+        beyond the dimension.
+
+    Returns
+    -------
+    ZeroShotResult
+        ``predictions`` (one row per query cell), ``metrics`` (``None`` without true labels),
+        the embeddings, and ``notes``.
+
+    Raises
+    ------
+    KeyError
+        ``label_key`` is not a column of ``reference.obs`` (the message lists the columns).
+    ValueError
+        Fewer than two distinct labels in the reference, or ``k`` larger than the number of
+        labelled reference cells.
+
+    Examples
+    --------
+    >>> import scgpt_protocol as sp  # doctest: +SKIP
+    >>> from scgpt_protocol.zeroshot import zeroshot_annotate  # doctest: +SKIP
+    >>> model = sp.load_model("whole-human")  # doctest: +SKIP
+    >>> res = zeroshot_annotate(ref, query, model, label_key="cell_type")  # doctest: +SKIP
+    >>> res.metrics["majority"]["accuracy"]  # doctest: +SKIP
+    """
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        msg = f"k must be a positive integer; got {k!r}. The scGPT tutorials use k=10."
+        raise ValueError(msg)
+    ref_labels = _obs_labels(reference, label_key, "reference")
+    used = ~pd.isna(ref_labels.to_numpy(dtype=object))
+    notes: list[str] = []
+    n_dropped = int((~used).sum())
+    if n_dropped:
+        msg = (
+            f"{n_dropped:,} of {reference.n_obs:,} reference cells have no {label_key!r} label (NaN); "
+            "they are embedded but do not vote. Fill or drop them to silence this warning."
+        )
+        warnings.warn(msg, UserWarning, stacklevel=2)
+        notes.append(f"{n_dropped} reference cells without a label were left out of the vote")
+    ref_str = ref_labels.to_numpy(dtype=object)[used].astype(str)
+    distinct = np.unique(ref_str)
+    if distinct.size < 2:
+        msg = (
+            f"the reference has {distinct.size} distinct label(s) in obs[{label_key!r}] "
+            f"({distinct.tolist()}); label transfer needs at least 2. Check label_key or use a more "
+            "diverse reference."
+        )
+        raise ValueError(msg)
+    n_used = int(used.sum())
+    if k > n_used:
+        msg = (
+            f"k={k} neighbours requested but the reference has only {n_used} labelled cells; use "
+            f"k <= {n_used} or a larger reference."
+        )
+        raise ValueError(msg)
+
+    embed_kwargs = dict(max_seq_len=max_seq_len, batch_size=batch_size, seed=seed, layer=layer,
+                        gene_symbol_key=gene_symbol_key)
+    ref_emb, ref_reused = _get_embedding(reference, model, "reference", reuse=reuse_embeddings,
+                                         embedding_key=embedding_key, embed_kwargs=embed_kwargs)
+    query_emb, query_reused = _get_embedding(query, model, "query", reuse=reuse_embeddings,
+                                             embedding_key=embedding_key, embed_kwargs=embed_kwargs)
+    transfer = transfer_labels(ref_emb[used], ref_str, query_emb, k=k)
+
+    predictions = pd.DataFrame(
+        {
+            PREDICTION_COLUMNS[0]: transfer.majority,
+            PREDICTION_COLUMNS[1]: transfer.confidence_majority,
+            PREDICTION_COLUMNS[2]: transfer.weighted,
+            PREDICTION_COLUMNS[3]: transfer.confidence_weighted,
+        },
+        index=pd.Index(query.obs_names.astype(str), name="cell"),
+    )
+    metrics: dict[str, Any] | None = None
+    if label_key in query.obs.columns:
+        truth = query.obs[label_key].to_numpy(dtype=object)
+        labelled = ~pd.isna(truth)
+        predictions[label_key] = truth
+        if not labelled.all():
+            notes.append(f"{int((~labelled).sum())} query cells without a true label were not scored")
+        y_true = truth[labelled].astype(str)
+        unknown = pd.Series(y_true[~np.isin(y_true, distinct)]).value_counts()
+        if len(unknown):
+            listed = ", ".join(f"{lab!r} ({n} cells)" for lab, n in unknown.items())
+            notes.append(f"query labels absent from the reference, counted as errors: {listed}")
+            logger.warning("query labels absent from the reference (counted as errors): %s", listed)
+        if labelled.any():
+            metrics = {
+                "majority": zeroshot_metrics(y_true, transfer.majority[labelled]),
+                "weighted": zeroshot_metrics(y_true, transfer.weighted[labelled]),
+                "notes": notes,
+            }
+        else:
+            notes.append(f"no query cell has a {label_key!r} label: no metrics")
+    else:
+        notes.append(f"the query has no {label_key!r} column: no metrics")
+
+    params = {
+        "label_key": label_key, "k": int(k), "embedding_key": embedding_key,
+        "max_seq_len": max_seq_len, "seed": seed,
+        "n_reference": n_used, "n_reference_total": int(reference.n_obs), "n_query": int(query.n_obs),
+        "n_labels_reference": int(distinct.size), "vote_weights": "1 / (distance + 1e-6)",
+        "reused_embeddings": {"reference": ref_reused, "query": query_reused},
+        "checkpoint": str(getattr(getattr(model, "load_report", None), "checkpoint_dir", "")),
+    }
+    if metrics is not None:
+        logger.info("zero-shot (k=%d): %d query cells, majority accuracy %.3f, macro F1 %.3f", k,
+                    query.n_obs, metrics["majority"]["accuracy"], metrics["majority"]["macro_f1"])
+    else:
+        logger.info("zero-shot (k=%d): annotated %d query cells (no true labels to score)", k, query.n_obs)
+    return ZeroShotResult(
+        predictions=predictions, metrics=metrics, reference_embedding=ref_emb, query_embedding=query_emb,
+        transfer=transfer, reference_used=used, notes=notes, params=params,
+    )
+
+
+def joint_embedding(
+    reference: AnnData,
+    query: AnnData,
+    *,
+    label_key: str,
+    embedding_key: str = "X_scgpt",
+    result: ZeroShotResult | None = None,
+) -> AnnData:
+    """Reference and query cells in one small AnnData, for a joint UMAP.
+
+    Parameters
+    ----------
+    reference, query
+        Both with ``obsm[embedding_key]`` (e.g. after :func:`zeroshot_annotate`).
+    label_key
+        ``obs`` column of the labels; cells without it get NaN in ``label``.
+    embedding_key
+        ``obsm`` key of the embeddings, kept under the same key.
+    result
+        The :class:`ZeroShotResult` of these two datasets; its majority labels fill ``predicted``
+        for the query cells (NaN for reference cells). Without it ``predicted`` is all NaN.
+
+    Returns
+    -------
+    AnnData
+        ``n_vars = 0``; ``obs_names`` are the original names plus ``-reference`` / ``-query``;
+        ``obs`` has ``dataset`` (``"reference"`` / ``"query"``), ``label``, ``predicted`` and
+        ``cell`` (the original name); ``obsm[embedding_key]`` stacks the embeddings.
+
+    Examples
+    --------
+    >>> joint = joint_embedding(ref, query, label_key="cell_type", result=res)  # doctest: +SKIP
+    >>> sc.pp.neighbors(joint, use_rep="X_scgpt"); sc.tl.umap(joint)  # doctest: +SKIP
+    >>> sc.pl.umap(joint, color=["dataset", "label", "predicted"])  # doctest: +SKIP
+    """
+    import anndata as ad
+
+    parts = []
+    for name, adata in (("reference", reference), ("query", query)):
+        if embedding_key not in adata.obsm:
+            msg = (
+                f"the {name} has no obsm[{embedding_key!r}] (found {list(adata.obsm.keys())}); run "
+                "zeroshot_annotate or scgpt_protocol.embedding.embed on it first."
+            )
+            raise KeyError(msg)
+        parts.append(np.asarray(adata.obsm[embedding_key]))
+    if parts[0].shape[1] != parts[1].shape[1]:
+        msg = (
+            f"reference embeddings have {parts[0].shape[1]} dimensions but query embeddings "
+            f"{parts[1].shape[1]}; embed both with the same model."
+        )
+        raise ValueError(msg)
+
+    def labels(adata: AnnData) -> np.ndarray:
+        if label_key in adata.obs.columns:
+            return adata.obs[label_key].to_numpy(dtype=object)
+        return np.full(adata.n_obs, np.nan, dtype=object)
+
+    predicted = np.full(query.n_obs, np.nan, dtype=object)
+    if result is not None:
+        if len(result.predictions) != query.n_obs:
+            msg = (
+                f"result has {len(result.predictions)} predictions but the query has {query.n_obs} cells; "
+                "pass the result of zeroshot_annotate on this query."
+            )
+            raise ValueError(msg)
+        predicted = result.predictions[PREDICTION_COLUMNS[0]].to_numpy(dtype=object)
+    names = [*(f"{n}-reference" for n in reference.obs_names), *(f"{n}-query" for n in query.obs_names)]
+    no_prediction = np.full(reference.n_obs, np.nan, dtype=object)
+    cells = np.concatenate([reference.obs_names.astype(str), query.obs_names.astype(str)])
+    obs = pd.DataFrame(
+        {
+            "dataset": pd.Categorical(["reference"] * reference.n_obs + ["query"] * query.n_obs,
+                                      categories=["reference", "query"]),
+            "label": pd.Categorical(np.concatenate([labels(reference), labels(query)])),
+            "predicted": pd.Categorical(np.concatenate([no_prediction, predicted])),
+            "cell": cells.astype(object),
+        },
+        index=pd.Index(names),
+    )
+    joint = ad.AnnData(obs=obs, var=pd.DataFrame(index=pd.Index([], dtype=str)))
+    joint.obsm[embedding_key] = np.concatenate(parts).astype(np.float32, copy=False)
+    return joint
+
+
+def write_zeroshot(layout: RunLayout, result: ZeroShotResult) -> dict[str, Path]:
+    """Write ``zeroshot/predictions.csv`` and ``zeroshot/metrics.json`` of a run, atomically.
+
+    The CSV is ``result.predictions`` with the index column ``cell``. The JSON holds ``params``,
+    ``notes`` and ``majority`` / ``weighted`` (``null`` without true labels).
+
+    Returns
+    -------
+    dict
+        ``{"predictions": path, "metrics": path}``.
+    """
+    pred_path = layout.zeroshot_predictions
+    pred_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pred_path.with_name(f".{pred_path.name}.partial")
+    try:
+        result.predictions.to_csv(tmp, index=True, index_label="cell")
+        os.replace(tmp, pred_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    metrics = result.metrics or {}
+    record = {
+        "params": result.params,
+        "notes": result.notes,
+        "majority": metrics.get("majority"),
+        "weighted": metrics.get("weighted"),
+    }
+    metrics_path = layout.write_json(layout.zeroshot_metrics, record)
+    logger.info("wrote %s and %s", pred_path, metrics_path)
+    return {"predictions": pred_path, "metrics": metrics_path}

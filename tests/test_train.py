@@ -1,0 +1,108 @@
+"""Fine-tuning: strategies, early stopping, resume after an interruption, saved artifacts."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from scgpt_protocol import load_model
+from scgpt_protocol.layout import RunLayout
+from scgpt_protocol.params import FinetuneParams
+from scgpt_protocol.train import finetune, load_finetuned
+
+FAST = dict(batch_size=16, max_seq_len=48, lr=1e-3, patience=0)
+
+
+@pytest.fixture(scope="module")
+def split_pbmc(pbmc):
+    """200 demo cells with a seeded split (the 01 step's job; done by hand here)."""
+    import scanpy as sc
+
+    adata = pbmc[:200].copy()
+    adata.obs["label"] = sc.datasets.pbmc68k_reduced().obs["bulk_labels"].astype(str).to_numpy()[:200]
+    adata.obs["split"] = np.random.default_rng(0).choice(["train", "val", "test"], adata.n_obs, p=[0.6, 0.2, 0.2])
+    return adata
+
+
+@pytest.fixture(scope="module")
+def categories(split_pbmc):
+    return sorted(split_pbmc.obs["label"].unique())
+
+
+def _run(split_pbmc, categories, checkpoint, run_dir, callback=None, **overrides):
+    params = FinetuneParams(run_dir=str(run_dir), **{**FAST, **overrides})
+    model = load_model(checkpoint, n_classes=len(categories), device="cpu")
+    result = finetune(model, split_pbmc, params, label_key="label", categories=categories,
+                      layout=RunLayout(run_dir), on_epoch_end=callback)
+    return result, model
+
+
+def test_full_training_writes_best_model_history_and_summary(split_pbmc, categories, tiny_checkpoint, tmp_path):
+    result, model = _run(split_pbmc, categories, tiny_checkpoint, tmp_path, epochs=3)
+    layout = RunLayout(tmp_path)
+    assert list(result.history["epoch"]) == [1, 2, 3]
+    assert result.history["train_loss"].notna().all() and (result.history["lr"].diff().dropna() < 0).all()
+    assert result.best_epoch == int(result.history.loc[result.history["val_macro_f1"].idxmax(), "epoch"])
+    assert result.trainable_parameters == result.total_parameters
+    saved, labels = load_finetuned(layout, device="cpu")
+    assert labels["categories"] == categories and labels["epoch"] == result.best_epoch
+    for key, value in saved.state_dict().items():  # the returned model holds the best epoch's weights
+        assert torch.equal(value, model.state_dict()[key]), key
+    assert layout.history.is_file() and json.loads(layout.train_summary.read_text())["best_epoch"] == result.best_epoch
+
+
+def test_head_strategy_trains_only_the_head(split_pbmc, categories, tiny_checkpoint, tmp_path):
+    before = load_model(tiny_checkpoint, n_classes=len(categories), device="cpu").state_dict()
+    result, model = _run(split_pbmc, categories, tiny_checkpoint, tmp_path, epochs=2, strategy="head")
+    n_head = sum(p.numel() for p in model.cls_decoder.parameters())
+    assert result.trainable_parameters == n_head < result.total_parameters
+    after = model.state_dict()
+    for key, value in before.items():
+        if key.startswith("cls_decoder."):
+            continue
+        assert torch.equal(value, after[key]), f"{key} changed under strategy 'head'"
+    assert not torch.equal(before["cls_decoder.out_layer.weight"], after["cls_decoder.out_layer.weight"])
+
+
+def test_resume_after_interruption_ends_like_an_uninterrupted_run(split_pbmc, categories, tiny_checkpoint, tmp_path):
+    straight, model_a = _run(split_pbmc, categories, tiny_checkpoint, tmp_path / "a", epochs=4, class_weighted=True)
+
+    def disconnect(row):
+        if row["epoch"] == 2:
+            raise KeyboardInterrupt  # a Colab disconnect after epoch 2 was saved
+
+    with pytest.raises(KeyboardInterrupt):
+        _run(split_pbmc, categories, tiny_checkpoint, tmp_path / "b", disconnect, epochs=4, class_weighted=True)
+    resumed, model_b = _run(split_pbmc, categories, tiny_checkpoint, tmp_path / "b", epochs=4, class_weighted=True)
+    assert resumed.resumed_from_epoch == 3
+    cols = ["epoch", "train_loss", "val_loss", "val_macro_f1", "val_accuracy", "lr"]
+    assert straight.history[cols].equals(resumed.history[cols])
+    assert resumed.best_epoch == straight.best_epoch
+    for key, value in model_a.state_dict().items():
+        assert torch.equal(value, model_b.state_dict()[key]), key
+
+
+def test_resume_with_other_parameters_is_refused(split_pbmc, categories, tiny_checkpoint, tmp_path):
+    _run(split_pbmc, categories, tiny_checkpoint, tmp_path, epochs=1)
+    with pytest.raises(ValueError, match=r"other parameters \{'lr': \(0\.001, 0\.01\)\}.*new run_dir.*resume=False"):
+        _run(split_pbmc, categories, tiny_checkpoint, tmp_path, epochs=2, lr=1e-2)
+    result, _ = _run(split_pbmc, categories, tiny_checkpoint, tmp_path, epochs=1, lr=1e-2, resume=False)
+    assert result.resumed_from_epoch is None
+
+
+def test_early_stopping_keeps_the_best_epoch(split_pbmc, categories, tiny_checkpoint, tmp_path):
+    result, _ = _run(split_pbmc, categories, tiny_checkpoint, tmp_path, epochs=30, patience=1, lr=0.0)
+    # with lr 0 nothing improves after epoch 1: stop at epoch 2, keep epoch 1
+    assert result.stopped_early and result.epochs_run == 2 and result.best_epoch == 1
+
+
+def test_bad_input(split_pbmc, categories, tiny_checkpoint, tmp_path):
+    with pytest.raises(KeyError, match=r"'celltype' not in adata.obs"):
+        finetune(load_model(tiny_checkpoint), split_pbmc, FinetuneParams(run_dir=str(tmp_path)),
+                 label_key="celltype", categories=categories, layout=RunLayout(tmp_path))
+    with pytest.raises(ValueError, match=r"not among the run's categories"):
+        finetune(load_model(tiny_checkpoint), split_pbmc, FinetuneParams(run_dir=str(tmp_path)),
+                 label_key="label", categories=categories[:2], layout=RunLayout(tmp_path))
