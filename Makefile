@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh machine:
-#   make demo   create .venv, install, run the protocol on the embedded demo data
+#   make demo   create .venv, install, run the four protocol notebooks on the embedded demo data
 #   make test   create .venv, install, run the test suite
 PYTHON ?= python3
 # torch first, pinned: an unpinned torch pulls the newest build (several GB of CUDA packages)
@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	MPLBACKEND=agg $(BIN)/scgpt-protocol demo --run-dir $(RUN_DIR)
+	MPLBACKEND=agg $(BIN)/scgpt-protocol run params/demo --run-dir $(RUN_DIR)
 
 test: $(STAMP)
 	MPLBACKEND=agg $(BIN)/python -m pytest $(PYTEST_ARGS)

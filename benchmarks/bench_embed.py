@@ -1,24 +1,19 @@
 #!/usr/bin/env python
 """Throughput and memory of ``scgpt_protocol.embedding.embed`` at the released model size.
 
-The model is written by ``make_tiny_checkpoint`` with the released architecture (d_model 512,
-12 layers, 8 heads, d_hid 512) and the real 60,697-token vocabulary, so it has the released
-51,330,049 parameters (random weights: speed does not depend on their values). The data are the
-first ``--n-cells`` cells of PBMC 3k (raw counts). Printed figures:
+The model comes from ``make_tiny_checkpoint`` with the released architecture (d_model 512, 12 layers,
+8 heads, d_hid 512) and the real 60,697-token vocabulary: the released 51,330,049 parameters, random
+values (speed does not depend on them). The data are the first --n-cells cells of PBMC 3k (raw counts).
 
-1. tokens per cell: non-padding mean, and the padded mean of the batches ``embed`` runs;
-2. analytic forward FLOPs per cell (see ``encoder_flops``), computed (padded) and useful;
-3. steady-state cells/s of ``embed`` (a one-batch warm-up call is timed separately) and the
-   FLOP/s it implies;
-4. this machine's fp32 matmul FLOP/s (best of a few repeats, same thread count), for a square
-   2048 matmul and the model's own [B*L, 512] x [512, 1536] shape, measured before and after;
-5. the ratio achieved / matmul rate (a figure, not a check; the target on CPU is >= 50%);
-6. peak memory during ``embed`` for N and N/4 cells, each in a fresh subprocess (peak RSS reset
-   just before ``embed`` through /proc/self/clear_refs, else the lifetime ru_maxrss), the
-   output size, and ``torch.cuda.max_memory_allocated`` on a GPU.
-
-``--profile`` adds where the time goes: tokenisation alone (``iter_batches``, no model), the model
-forward alone on the same batches, and a torch.profiler table of one batch.
+Figures: (1) tokens per cell, non-padding and padded as embed batches them; (2) analytic forward
+FLOPs per cell (``encoder_flops``), computed over the padded batches and useful (no padding);
+(3) steady-state cells/s of embed (a one-batch warm-up call is timed apart) and the FLOP/s it implies;
+(4) this machine's matmul FLOP/s with torch, same threads, best of 5 (square 2048, and the model's
+[B*L, 512] x [512, 1536]); (5) achieved / matmul rate, per wall second and per CPU second (the latter
+holds when other processes take cores); (6) peak RSS during embed for N/4 and N cells, each in a
+fresh subprocess, and torch.cuda.max_memory_allocated on a GPU.
+--profile adds tokenisation alone (iter_batches, no model) vs the model forward alone on the same
+batches, and a torch.profiler table of one batch.
 """
 
 from __future__ import annotations
@@ -47,22 +42,38 @@ from scgpt_protocol.checkpoint import SPECIAL_TOKENS, load_model, make_tiny_chec
 from scgpt_protocol.device import autocast, resolve_device  # noqa: E402
 from scgpt_protocol.embedding import embed, iter_batches  # noqa: E402
 
-# embed()'s own batching defaults, so that iter_batches here yields exactly the batches embed runs
-_EMBED_KW = {k: inspect.signature(embed).parameters[k].default for k in ("max_tokens", "chunk_size", "seed")}
+# embed()'s own batching defaults, so that iter_batches here makes the very batches embed runs
+_EMBED_PARAMS = inspect.signature(embed).parameters
+EMBED_DEFAULTS = {k: _EMBED_PARAMS[k].default for k in ("max_tokens", "chunk_size", "seed")}
 ARCH = {"d_model": 512, "nlayers": 12, "nheads": 8, "d_hid": 512}
+GB, MIB = 1e9, 2**20
 
 
 def encoder_flops(n_tokens: int, length: int, d: int, d_hid: int, nlayers: int) -> int:
-    """Forward FLOPs (multiply + add = 2) of ``n_tokens`` tokens that each attend over ``length`` keys.
+    """Forward FLOPs (a multiply-add counts 2) of ``n_tokens`` tokens that each attend over ``length`` keys.
 
-    Per layer and token: packed qkv projection 2*3*d^2, out_proj 2*d^2, feed-forward 2*2*d*d_hid,
-    attention scores q.k (2*L*d over all heads) and the weighted sum of values (2*L*d). Once per
-    token, the value encoder's Linear(d, d): 2*d^2. Embedding lookups, LayerNorms, softmax and
-    biases are O(d) or O(L) per token and left out. For a padded batch [B, L] call it with
-    ``n_tokens = B*L, length = L`` (computed FLOPs); for a cell of n real tokens with ``n, n`` (useful).
+    Per layer and token: packed qkv projection 2*3*d^2, out_proj 2*d^2, feed-forward 2*2*d*d_hid, and
+    attention: scores q.k^T 2*L*d plus the weighted sum of values 2*L*d (all heads together). Once per
+    token the value encoder's Linear(d, d): 2*d^2. Embedding lookup, LayerNorm, softmax, biases are
+    O(d + L) per token and left out. A padded batch [B, L] is ``(B*L, L)`` (what is computed); a cell
+    of n real tokens is ``(n, n)`` (useful). Every position is counted although embed reads only <cls>.
     """
     per_layer = 2 * 3 * d * d + 2 * d * d + 2 * 2 * d * d_hid + 2 * 2 * length * d
     return n_tokens * (nlayers * per_layer + 2 * d * d)
+
+
+class Timer:
+    """Wall time, CPU time of this process (all threads, user + sys) and minor page faults of a block."""
+
+    def __enter__(self) -> Timer:
+        self._wall, self._ru = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        self.wall = time.perf_counter() - self._wall
+        self.sys = ru.ru_stime - self._ru.ru_stime
+        self.cpu, self.faults = ru.ru_utime - self._ru.ru_utime + self.sys, ru.ru_minflt - self._ru.ru_minflt
 
 
 def sync(device: torch.device) -> None:
@@ -73,209 +84,204 @@ def sync(device: torch.device) -> None:
 
 
 def matmul_rate(device: torch.device, dtype: torch.dtype, tokens: int, repeats: int = 5) -> dict:
-    """Best-of-``repeats`` FLOP/s of a square 2048 matmul and of the model's [tokens, 512] x [512, 1536]."""
+    """``{shape: [FLOP per wall s, FLOP per CPU s]}``, best of ``repeats``, into a preallocated output."""
     out = {}
     for name, (m, k, n) in {"square_2048": (2048, 2048, 2048), "model_qkv": (tokens, 512, 1536)}.items():
-        a, b = torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype)
-        best = float("inf")
-        for _ in range(repeats + 1):  # the first is a warm-up
+        a, b = (torch.randn(*s, device=device).to(dtype) for s in ((m, k), (k, n)))
+        c, wall, cpu = torch.mm(a, b), float("inf"), float("inf")  # the first call is a warm-up
+        for _ in range(repeats):
             sync(device)
-            t = time.perf_counter()
-            torch.mm(a, b)
-            sync(device)
-            best = min(best, time.perf_counter() - t)
-        out[name] = 2 * m * k * n / best
+            with Timer() as t:
+                torch.mm(a, b, out=c)
+                sync(device)
+            wall, cpu = min(wall, t.wall), min(cpu, t.cpu)
+        out[name] = [2 * m * k * n / wall, 2 * m * k * n / max(cpu, 1e-6)]
     return out
 
 
-def rss_peak_reset() -> bool:
-    """Reset the kernel's peak-RSS mark (Linux >= 4.0) so that VmHWM covers only what follows."""
+def rss(field: str) -> int | None:
+    """``VmRSS`` (now) or ``VmHWM`` (peak) of this process in bytes (Linux), else None."""
     try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
+        lines = Path("/proc/self/status").read_text().splitlines()
     except OSError:
-        return False
+        return None
+    return next((int(s.split()[1]) * 1024 for s in lines if s.startswith(field + ":")), None)
 
 
-def rss_peak_bytes(was_reset: bool) -> int:
-    if was_reset:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
-
-
-def measure(args: argparse.Namespace) -> dict:
-    """One size, in its own process: load, tokenise, warm up, time embed, memory, matmul rate."""
+def measure(a: argparse.Namespace) -> dict:
+    """One size in its own process: load, tokenise, warm up, time embed, memory; matmul rate if main."""
     import anndata
 
     logging.basicConfig(level=logging.WARNING)  # keeps embed's progress lines out of the table
     warnings.simplefilter("ignore")
-    torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-    model = load_model(args.worker_ckpt, device=device)
-    adata = anndata.read_h5ad(args.data)[: args.n_cells].copy()
-    cfg = model.config
-    kw = {"max_seq_len": args.max_seq_len, "batch_size": args.batch_size}
-    flop_kw = {"d": cfg.d_model, "d_hid": cfg.d_hid, "nlayers": cfg.nlayers}
+    torch.set_num_threads(a.threads)
+    device = resolve_device(a.device)
+    model = load_model(a.worker_ckpt, device=device)
+    adata = anndata.read_h5ad(a.data)[: a.n_cells].copy()
+    kw = {"max_seq_len": a.max_seq_len, "batch_size": a.batch_size, "max_tokens": a.max_tokens}
+    dims = {"d": model.config.d_model, "d_hid": model.config.d_hid, "nlayers": model.config.nlayers}
 
     stats: dict = {}
-    t = time.perf_counter()
-    batches = list(iter_batches(adata, model, **kw, **_EMBED_KW, stats=stats))
-    t_tokenise = time.perf_counter() - t
-    flops_padded = flops_useful = 0
-    for b in batches:
-        n_batch, length = b.gene_ids.shape
-        flops_padded += encoder_flops(n_batch * length, length, **flop_kw)
-        flops_useful += sum(encoder_flops(int(n), int(n), **flop_kw) for n in (~b.padding_mask).sum(1))
-    res = {"n_cells": adata.n_obs, "n_batches": len(batches), "tokens_per_cell": stats["n_tokens"] / adata.n_obs,
-           "padded_tokens_per_cell": stats["n_padded"] / adata.n_obs, "flops_padded_per_cell":
-           flops_padded / adata.n_obs, "flops_useful_per_cell": flops_useful / adata.n_obs}
+    with Timer() as t_tok:
+        batches = list(iter_batches(adata, model, **{**EMBED_DEFAULTS, **kw}, stats=stats))
+    padded = sum(encoder_flops(b.gene_ids.numel(), b.gene_ids.shape[1], **dims) for b in batches)
+    useful = sum(encoder_flops(n, n, **dims) for b in batches for n in (~b.padding_mask).sum(1).tolist())
+    n = adata.n_obs
+    res = {"n_cells": n, "n_batches": len(batches), "tokens_per_cell": stats["n_tokens"] / n,
+           "padded_tokens_per_cell": stats["n_padded"] / n, "flops_per_cell": padded / n,
+           "useful_flops_per_cell": useful / n}
 
-    compute_dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else (
-        torch.float16 if device.type == "cuda" else torch.float32)  # what autocast() runs in
-    tokens = int(np.median([b.gene_ids.numel() for b in batches]))
-    mm_before = {} if args.worker_mode == "memory" else matmul_rate(device, torch.float32, tokens)
-
-    warm = adata[: min(args.batch_size, adata.n_obs)].copy()
-    t = time.perf_counter()
-    embed(warm, model, **kw)
-    res["warmup_s"], res["warmup_cells"] = time.perf_counter() - t, warm.n_obs
-
-    reset = rss_peak_reset()
+    warm = adata[: min(a.batch_size, n)].copy()
+    with Timer() as t:
+        embed(warm, model, **kw)
+    res.update(warmup_s=t.wall, warmup_cells=warm.n_obs, rss_before_embed=rss("VmRSS"))
+    try:  # reset the kernel's peak-RSS mark (Linux >= 4.0) so that VmHWM covers embed alone
+        Path("/proc/self/clear_refs").write_text("5")
+        res["peak_kind"] = "during embed"
+    except OSError:
+        res["peak_kind"] = "process lifetime"
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    t = time.perf_counter()
-    embed(adata, model, **kw)
-    res["embed_s"] = time.perf_counter() - t
-    res["peak_rss_bytes"], res["peak_rss_kind"] = rss_peak_bytes(reset), "during embed" if reset else "lifetime"
-    res["output_bytes"] = adata.obsm["X_scgpt"].nbytes
+    with Timer() as t:
+        embed(adata, model, **kw)
+    res.update(embed_s=t.wall, embed_cpu_s=t.cpu, embed_sys_s=t.sys, embed_faults=t.faults,
+               output_bytes=adata.obsm["X_scgpt"].nbytes)
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is in bytes on macOS, KiB on Linux
+    lifetime = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+    res["peak_rss"] = rss("VmHWM") if res["peak_kind"] == "during embed" else lifetime
     if device.type == "cuda":
-        res["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated()
-    if args.worker_mode == "memory":
+        res["cuda_max_allocated"] = torch.cuda.max_memory_allocated()
+    if a.worker_mode == "quarter":
         return res
 
-    mm_after = matmul_rate(device, torch.float32, tokens)
-    res["matmul_fp32"] = {k: max(mm_before[k], mm_after[k]) for k in mm_before}
-    res["matmul_fp32_before_after"] = {k: [mm_before[k], mm_after[k]] for k in mm_before}
-    res["compute_dtype"] = str(compute_dtype).replace("torch.", "")
-    if compute_dtype != torch.float32:
-        res["matmul_compute_dtype"] = matmul_rate(device, compute_dtype, tokens)
-    if args.profile:
-        res["profile"] = profile(model, batches, device, t_tokenise, res["embed_s"])
+    tokens = int(np.median([b.gene_ids.numel() for b in batches]))
+    dtype = torch.float32  # what embed computes in: autocast is bf16 (else fp16) on CUDA, off elsewhere
+    if device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    res["compute_dtype"] = str(dtype).removeprefix("torch.")
+    res["matmul"] = {"float32": matmul_rate(device, torch.float32, tokens)}
+    if dtype != torch.float32:
+        res["matmul"][res["compute_dtype"]] = matmul_rate(device, dtype, tokens)
+    if a.profile:
+        res["profile"] = profile(model, batches, device, t_tok.wall)
     return res
 
 
-def profile(model, batches: list, device: torch.device, t_tokenise: float, t_embed: float) -> dict:
-    """Tokenisation alone vs forward alone on the same batches, plus a torch.profiler table of one batch."""
-    def forward(b):
+def profile(model: torch.nn.Module, batches: list, device: torch.device, tokenise_s: float) -> dict:
+    """The model forward alone on the batches iter_batches made, and a torch.profiler table of one."""
+    def forward(b):  # what embed does per batch, minus tokenisation
         b = b.to(device)
         return model.cell_embedding(b.gene_ids, b.values, b.padding_mask).float().cpu()
 
     with torch.inference_mode(), autocast(device):
-        t = time.perf_counter()
-        for b in batches:
-            forward(b)
-        t_forward = time.perf_counter() - t
+        with Timer() as t:
+            for b in batches:
+                forward(b)
         mid = batches[len(batches) // 2]
-        acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
-        with torch.profiler.profile(activities=acts) as prof:
+        with torch.profiler.profile() as prof:
             forward(mid)
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    table = prof.key_averages().table(sort_by=sort, row_limit=12)
-    return {"tokenise_s": t_tokenise, "forward_s": t_forward, "embed_s": t_embed,
-            "profiled_batch_shape": list(mid.gene_ids.shape), "op_table": table}
+    return {"tokenise_s": tokenise_s, "forward_s": t.wall, "batch": list(mid.gene_ids.shape),
+            "ops": prof.key_averages().table(sort_by=sort, row_limit=12)}
 
 
-def report(a: argparse.Namespace, n_params: int, main: dict, small: dict) -> dict:
-    g, mib = 1e9, 2**20
-    rate = main["n_cells"] / main["embed_s"]
-    achieved, useful = rate * main["flops_padded_per_cell"], rate * main["flops_useful_per_cell"]
-    ref_name = "matmul_compute_dtype" if "matmul_compute_dtype" in main else "matmul_fp32"
-    ref = max(main[ref_name].values())
-    fig = {"date": dt.datetime.now().isoformat(timespec="seconds"), "machine": f"{platform.processor() or platform.machine()}, "
-           f"{a.threads} threads, torch {torch.__version__}, device {resolve_device(a.device)}",
-           "n_parameters": n_params, "cells_per_s": rate, "flops_per_s": achieved, "useful_flops_per_s": useful,
-           "reference_matmul_flops_per_s": ref, "ratio": achieved / ref, "main": main, "quarter": small}
-    mm = main["matmul_fp32"]
-    ba = " / ".join(f"{x / g:.0f}" for x in main["matmul_fp32_before_after"]["model_qkv"])
+def report(a: argparse.Namespace, n_params: int, m: dict, q: dict) -> dict:
+    """Print the table of the main run ``m`` and the quarter run ``q``; return every figure (for --json)."""
+    n, flops = m["n_cells"], m["n_cells"] * m["flops_per_cell"]
+    rate, cells_s = flops / m["embed_s"], m["n_cells"] / m["embed_s"]
+    ref, ref_cpu = (max(r[i] for r in m["matmul"][m["compute_dtype"]].values()) for i in (0, 1))
+    machine = f"{platform.machine()}, {a.threads} threads, torch {torch.__version__}, "
+    machine += str(resolve_device(a.device))
+    fig = {"date": dt.datetime.now().isoformat(timespec="seconds"), "machine": machine,
+           "n_parameters": n_params, "cells_per_s": cells_s, "flops_per_s": rate,
+           "matmul_flops_per_s": ref, "ratio": rate / ref, "main": m, "quarter": q}
+    pad = 1 - m["tokens_per_cell"] / m["padded_tokens_per_cell"]
     rows = [
-        ("machine", fig["machine"]),
-        ("model", f"{n_params:,} parameters in best_model.pt (d 512, 12 layers, 8 heads, d_hid 512)"),
-        ("data", f"{main['n_cells']} cells, max_seq_len {a.max_seq_len}, batch_size {a.batch_size}, "
-                 f"{main['n_batches']} batches"),
-        ("tokens / cell", f"{main['tokens_per_cell']:.1f} non-padding, {main['padded_tokens_per_cell']:.1f} padded "
-                          f"({1 - main['tokens_per_cell'] / main['padded_tokens_per_cell']:.1%} padding)"),
-        ("GFLOP / cell", f"{main['flops_padded_per_cell'] / g:.1f} computed (padded), "
-                         f"{main['flops_useful_per_cell'] / g:.1f} useful"),
-        ("warm-up", f"{main['warmup_cells']} cells in {main['warmup_s']:.1f} s"),
-        ("embed", f"{main['n_cells']} cells in {main['embed_s']:.1f} s = {rate:.2f} cells/s"),
-        ("achieved", f"{achieved / g:.1f} GFLOP/s computed ({useful / g:.1f} useful)"),
-        ("fp32 matmul", f"{mm['square_2048'] / g:.1f} GFLOP/s square 2048; {mm['model_qkv'] / g:.1f} GFLOP/s "
-                        f"[{main['padded_tokens_per_cell'] * a.batch_size:.0f}~,512]x[512,1536] (before/after {ba})"),
+        ("machine", machine),
+        ("model", f"{n_params:,} parameters in best_model.pt (d_model 512, 12 layers, 8 heads, d_hid 512)"),
+        ("data", f"{n} cells, max_seq_len {a.max_seq_len}, batch_size {a.batch_size}, "
+                 f"max_tokens {a.max_tokens}: {m['n_batches']} batches"),
+        ("tokens / cell", f"{m['tokens_per_cell']:.1f} non-padding, {m['padded_tokens_per_cell']:.1f} padded "
+                          f"({pad:.1%} padding)"),
+        ("GFLOP / cell", f"{m['flops_per_cell'] / GB:.1f} computed, "
+                         f"{m['useful_flops_per_cell'] / GB:.1f} useful"),
+        ("warm-up", f"{m['warmup_cells']} cells in {m['warmup_s']:.1f} s (not counted)"),
+        ("embed", f"{n} cells in {m['embed_s']:.1f} s = {cells_s:.2f} cells/s"),
+        ("achieved", f"{rate / GB:.1f} GFLOP/s computed "
+                     f"({cells_s * m['useful_flops_per_cell'] / GB:.1f} useful)"),
     ]
-    if ref_name == "matmul_compute_dtype":
-        rows.append((f"{main['compute_dtype']} matmul", " / ".join(f"{v / g:.1f}" for v in main[ref_name].values())
-                     + " GFLOP/s (square / model shape; embed runs in this dtype)"))
-    rows += [
-        ("ratio", f"{achieved / ref:.1%} of the best matmul rate (target >= 50% on CPU)"),
-        ("peak RSS", f"{small['peak_rss_bytes'] / mib:.0f} MiB for {small['n_cells']} cells, "
-                     f"{main['peak_rss_bytes'] / mib:.0f} MiB for {main['n_cells']} cells ({main['peak_rss_kind']})"),
-        ("output", f"{main['output_bytes'] / mib:.2f} MiB ({main['n_cells']} x 512 float32)"),
-    ]
-    if "cuda_max_allocated_bytes" in main:
-        rows.append(("cuda max alloc", f"{small['cuda_max_allocated_bytes'] / mib:.0f} MiB / "
-                                       f"{main['cuda_max_allocated_bytes'] / mib:.0f} MiB"))
+    tokens = f"[{m['padded_tokens_per_cell'] * m['n_cells'] / m['n_batches']:.0f}~,512]x[512,1536]"
+    for dtype, r in m["matmul"].items():
+        rows.append((f"{dtype} matmul", f"{r['square_2048'][0] / GB:.1f} GFLOP/s square 2048, "
+                                        f"{r['model_qkv'][0] / GB:.1f} {tokens} (best of 5)"))
+    rows.append(("ratio", f"{rate / ref:.1%} of the best {m['compute_dtype']} matmul rate "
+                          "(target >= 50% on CPU)"))
+    if resolve_device(a.device).type == "cpu":
+        cpu_rate = flops / m["embed_cpu_s"]
+        fig.update(flops_per_cpu_s=cpu_rate, matmul_flops_per_cpu_s=ref_cpu, ratio_cpu=cpu_rate / ref_cpu)
+        rows += [
+            ("per CPU-second", f"embed {cpu_rate / GB:.1f} vs matmul {ref_cpu / GB:.1f} GFLOP per CPU-s: "
+                               f"ratio {cpu_rate / ref_cpu:.1%}"),
+            ("CPU use", f"{m['embed_cpu_s'] / m['embed_s'] / a.threads:.0%} of {a.threads} threads busy; "
+                        f"sys {m['embed_sys_s'] / m['embed_cpu_s']:.1%} of CPU time; "
+                        f"{m['embed_faults'] / n:,.0f} minor page faults / cell"),
+        ]
+    peaks = [f"{r['peak_rss'] / MIB:.0f} MiB for {r['n_cells']} cells "
+             f"(+{(r['peak_rss'] - (r['rss_before_embed'] or 0)) / MIB:.0f})" for r in (q, m)]
+    rows += [("peak RSS", f"{' / '.join(peaks)}, {m['peak_kind']}; (+ over the RSS before embed)"),
+             ("output", f"{m['output_bytes'] / MIB:.2f} MiB ({n} x 512 float32)")]
+    if "cuda_max_allocated" in m:
+        cuda = [f"{r['cuda_max_allocated'] / MIB:.0f} MiB for {r['n_cells']} cells" for r in (q, m)]
+        rows.append(("cuda max alloc", " / ".join(cuda)))
     print("\n".join(f"{k:<16} {v}" for k, v in rows))
-    if "profile" in main:
-        p = main["profile"]
-        print(f"\nprofile: embed {p['embed_s']:.1f} s = tokenisation (iter_batches alone) {p['tokenise_s']:.1f} s"
-              f" + model forward alone {p['forward_s']:.1f} s + rest "
-              f"{p['embed_s'] - p['tokenise_s'] - p['forward_s']:.1f} s\none batch {p['profiled_batch_shape']}:")
-        print(p["op_table"])
+    if "profile" in m:
+        p = m["profile"]
+        print(f"\nprofile: embed {m['embed_s']:.1f} s; tokenisation alone (iter_batches) "
+              f"{p['tokenise_s']:.1f} s; model forward alone, same batches {p['forward_s']:.1f} s\n"
+              f"one batch {p['batch']}:\n{p['ops']}")
     return fig
 
 
-def run_worker(a: argparse.Namespace, ckpt: Path, n_cells: int, mode: str, tmp: Path) -> dict:
-    out = tmp / f"{mode}.json"
-    cmd = [sys.executable, __file__, *sys.argv[1:], "--n-cells", str(n_cells), "--threads", str(a.threads),
-           "--worker-ckpt", str(ckpt), "--worker-mode", mode, "--worker-out", str(out)]
-    subprocess.run(cmd, check=True)
-    return json.loads(out.read_text())
-
-
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n\n".join(__doc__.split("\n\n")[1:]))
-    p.add_argument("--vocab", type=Path, default=REPO / "../shared/data/scgpt_human_vocab.json")
-    p.add_argument("--data", type=Path, default=REPO / "../shared/data/pbmc3k_raw_seurat_labels.h5ad")
-    p.add_argument("--n-cells", type=int, default=256, help="first N cells (default 256; N/4 also runs for memory)")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = REPO.parent / "shared" / "data"
+    p.add_argument("--vocab", type=Path, default=data / "scgpt_human_vocab.json", help="released vocab.json")
+    p.add_argument("--data", type=Path, default=data / "pbmc3k_raw_seurat_labels.h5ad", help="cells x genes")
+    p.add_argument("--n-cells", type=int, default=256, help="the first N cells (N/4 run too, for memory)")
     p.add_argument("--max-seq-len", type=int, default=1200)
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-tokens", type=int, default=EMBED_DEFAULTS["max_tokens"],
+                   help="embed's cap on padded tokens per batch")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--device", default="auto", help="auto (CUDA, MPS, CPU), cpu, cuda, ...")
-    p.add_argument("--profile", action="store_true", help="time tokenisation vs forward; torch.profiler table")
-    p.add_argument("--json", type=Path, help="also write all figures to this file")
+    p.add_argument("--device", default="auto", help="auto (CUDA, MPS, then CPU), cpu, cuda, ...")
+    p.add_argument("--profile", action="store_true", help="tokenisation vs forward; op table")
+    p.add_argument("--json", type=Path, help="also write every figure to this file")
     for hidden in ("--worker-ckpt", "--worker-mode", "--worker-out"):
         p.add_argument(hidden, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker_ckpt:
         Path(a.worker_out).write_text(json.dumps(measure(a)))
         return
-    for what, path in (("vocabulary", a.vocab), ("data", a.data)):
-        if not path.resolve().is_file():
-            sys.exit(f"{what} file {path.resolve()} not found; pass --{'vocab' if what == 'vocabulary' else 'data'} PATH.")
+    for flag, path in (("--vocab", a.vocab), ("--data", a.data)):
+        if not path.is_file():
+            sys.exit(f"{path.resolve()} not found; give the file with {flag} PATH.")
     vocab = json.loads(a.vocab.read_text())
     genes = [g for g, _ in sorted(vocab.items(), key=lambda kv: kv[1]) if g not in SPECIAL_TOKENS]
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = make_tiny_checkpoint(Path(tmp) / "ckpt", genes, **ARCH)
         n_params = sum(v.numel() for v in torch.load(ckpt / "best_model.pt", weights_only=True).values())
-        print(f"wrote a {n_params:,}-parameter checkpoint; running {max(1, a.n_cells // 4)} then {a.n_cells} cells",
-              flush=True)
-        small = run_worker(a, ckpt, max(1, a.n_cells // 4), "memory", Path(tmp))
-        main_res = run_worker(a, ckpt, a.n_cells, "main", Path(tmp))
-    fig = report(a, n_params, main_res, small)
+        sizes = {"quarter": max(1, a.n_cells // 4), "main": a.n_cells}
+        print(f"wrote a {n_params:,}-parameter checkpoint; embedding {sizes['quarter']}, then "
+              f"{a.n_cells} cells", flush=True)
+        res = {}
+        for mode, n in sizes.items():  # a fresh process each: its peak RSS is its own
+            out = Path(tmp) / f"{mode}.json"
+            worker = ["--n-cells", str(n), "--threads", str(a.threads), "--worker-ckpt", str(ckpt),
+                      "--worker-mode", mode, "--worker-out", str(out)]  # later flags win in argparse
+            subprocess.run([sys.executable, __file__, *sys.argv[1:], *worker], check=True)
+            res[mode] = json.loads(out.read_text())
+    fig = report(a, n_params, res["main"], res["quarter"])
     if a.json:
         a.json.write_text(json.dumps(fig, indent=2) + "\n")
 

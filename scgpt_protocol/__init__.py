@@ -9,6 +9,8 @@ import importlib
 from typing import Any
 
 __version__ = "0.1.0"
+#: where the notebooks' Colab cell installs the package from, and the badges point to
+REPOSITORY = "scgpt-protocol/scgpt-protocol"
 
 _EXPORTS = {
     "ScGPT": "model",
@@ -22,7 +24,7 @@ _EXPORTS = {
     "resolve_device": "device",
 }
 
-__all__ = ["__version__", *_EXPORTS]
+__all__ = ["__version__", "REPOSITORY", *_EXPORTS]
 
 
 def __getattr__(name: str) -> Any:

@@ -126,8 +126,10 @@ def _read_json(path: Path) -> Any:
 
 
 def read_vocab(path: str | Path) -> dict[str, int]:
-    """Read a ``vocab.json`` (gene symbol -> token id) and check that the ids are usable."""
+    """Read a ``vocab.json`` (gene symbol -> token id), or that of a checkpoint folder, and check the ids."""
     path = Path(path)
+    if path.is_dir():
+        path = _require_file(path, "vocab.json")
     vocab = _read_json(path)
     if not isinstance(vocab, dict) or not vocab:
         msg = f"{path} must be a JSON object mapping gene symbols to token ids; found {type(vocab).__name__}."

@@ -157,6 +157,28 @@ class RunLayout:
         tmp.replace(path)
         return path
 
+    def write_csv(self, frame: Any, path: Path, *, index: bool = True) -> Path:
+        """Write a DataFrame as CSV through a temporary file, then rename."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.partial")
+        try:
+            frame.to_csv(tmp, index=index, index_label=(frame.index.name or "cell") if index else None)
+            tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return path
+
+    def write_h5ad(self, adata: Any, path: Path) -> Path:
+        """Write an AnnData through a temporary file, then rename: never a half-written file."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
+        try:
+            adata.write_h5ad(tmp)
+            tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return path
+
     def read_json(self, path: Path, *, step: str) -> Any:
         """Read a JSON record another step wrote; a clear error if that step has not run."""
         if not path.is_file():

@@ -16,9 +16,10 @@ import logging
 import os
 import sys
 import time
-from typing import Callable, Iterable, Iterator, TypeVar
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
-__all__ = ["progress", "progress_mode", "ensure_logging"]
+__all__ = ["progress", "progress_mode", "ensure_logging", "setup_logging"]
 
 T = TypeVar("T")
 logger = logging.getLogger("scgpt_protocol")
@@ -41,13 +42,32 @@ class _CurrentStdout(logging.StreamHandler):
 
 def ensure_logging(level: int = logging.INFO) -> None:
     """Show the package's INFO messages unless the application set up logging itself."""
-    if logger.handlers or logging.getLogger().handlers:
+    if any(isinstance(h, _CurrentStdout) for h in logger.handlers) or logging.getLogger().handlers:
         return
     handler = _CurrentStdout()
     handler.setFormatter(logging.Formatter("%(message)s"))
     logger.addHandler(handler)
     logger.setLevel(level)
     logger.propagate = False
+
+
+def setup_logging(layout: Any, step: str, level: int = logging.INFO) -> None:
+    """Send the package's log to the notebook's output and to ``run_dir/logs/<step>.log``.
+
+    Idempotent: re-running the cell does not add a second handler.
+    """
+    ensure_logging(level)
+    path = Path(layout.step_log(step))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for handler in list(logger.handlers):
+        if isinstance(handler, logging.FileHandler):
+            logger.removeHandler(handler)
+            handler.close()
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.info("logging to %s", path)
 
 
 def progress_mode() -> str:

@@ -46,6 +46,7 @@ class StepParams:
 
     run_dir: str = _f("runs/demo", "every output of every step goes under here")
     seed: int = _f(0, "random seed (splits, gene sampling, training)", min=0)
+    mount_drive: bool = _f(False, "Colab only: mount Google Drive (keep run_dir there to survive disconnects)")
 
     def __post_init__(self) -> None:
         self.validate()

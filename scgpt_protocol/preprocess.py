@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import html
 import logging
-import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +45,7 @@ import scipy.sparse as sp
 
 from .checkpoint import CHECKPOINT_FILES
 from .errors import CheckpointNotFoundError, InputDataError
-from .tokenize import check_expression, get_matrix, match_genes
+from .tokenize import check_expression, gene_symbols, get_matrix, match_genes
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -60,7 +59,6 @@ __all__ = [
     "Inspection",
     "PreparedData",
     "read_adata",
-    "gene_symbols",
     "resolve_checkpoint",
     "read_checkpoint_record",
     "inspect_adata",
@@ -71,7 +69,6 @@ __all__ = [
     "read_labels",
     "plot_qc",
     "plot_class_counts",
-    "save_figure",
 ]
 
 logger = logging.getLogger(__name__)
@@ -145,33 +142,6 @@ def read_adata(path: str) -> AnnData:
     adata = anndata.read_h5ad(file)
     logger.info("read %s: %s cells x %s genes", file, f"{adata.n_obs:,}", f"{adata.n_vars:,}")
     return adata
-
-
-def gene_symbols(adata: AnnData, gene_symbol_key: str | None = None) -> list[str]:
-    """The gene symbols of ``adata``: ``var_names``, or ``var[gene_symbol_key]``.
-
-    Parameters
-    ----------
-    adata : AnnData
-        The data.
-    gene_symbol_key : str, optional
-        A ``var`` column holding gene symbols (for data indexed by Ensembl ids).
-
-    Returns
-    -------
-    list of str
-        One symbol per gene, in column order (duplicates kept).
-    """
-    if gene_symbol_key is None:
-        return [str(g) for g in adata.var_names]
-    if gene_symbol_key not in adata.var.columns:
-        msg = (
-            f"gene_symbol_key {gene_symbol_key!r} is not a column of adata.var; available: "
-            f"{list(adata.var.columns)}. Set gene_symbol_key to the column with gene symbols, or None "
-            "to use var_names."
-        )
-        raise KeyError(msg)
-    return [str(g) for g in adata.var[gene_symbol_key]]
 
 
 # -- checkpoint -----------------------------------------------------------------------------
@@ -255,6 +225,29 @@ def read_checkpoint_record(layout: RunLayout) -> dict[str, Any]:
         Step ``01_preprocess`` has not run with this ``run_dir``.
     """
     return layout.read_json(layout.checkpoint_record, step=STEP)
+
+
+def describe_checkpoint(record: dict[str, Any]) -> str:
+    """One plain sentence on which pretrained model a run uses, for reports."""
+    if record.get("kind") == "demo":
+        return (
+            "This run uses the tiny RANDOMLY INITIALISED demo checkpoint: its numbers show that the "
+            "protocol runs end to end, not what scGPT can do. Set checkpoint='whole-human' in 01_preprocess "
+            "for real results."
+        )
+    return f"This run uses the pretrained checkpoint {record.get('checkpoint')} (sha256 {str(record.get('sha256'))[:12]}...)."
+
+
+def subset_split(adata: AnnData, split: str | Sequence[str], *, split_key: str = "split") -> AnnData:
+    """A copy of the cells of one or more splits (``"train"``, ``"val"``, ``"test"``)."""
+    if split_key not in adata.obs:
+        msg = f"{split_key!r} not in adata.obs (columns: {list(adata.obs.columns)}); run 01_preprocess first."
+        raise KeyError(msg)
+    wanted = [split] if isinstance(split, str) else list(split)
+    bad = sorted(set(wanted) - set(SPLITS))
+    if bad:
+        raise ValueError(f"unknown split(s) {bad}; splits are {list(SPLITS)}.")
+    return adata[adata.obs[split_key].isin(wanted).to_numpy()].copy()
 
 
 # -- inspection -----------------------------------------------------------------------------
@@ -872,15 +865,7 @@ def write_prepared(prepared: PreparedData, layout: RunLayout, label_key: str) ->
     ``label_key``, ``categories``, ``class_counts``, ``split_counts`` (``{split: {label: n}}``) and
     ``rare_classes``.
     """
-    path = layout.prepared_adata
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
-    try:
-        prepared.adata.write_h5ad(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    path = layout.write_h5ad(prepared.adata, layout.prepared_adata)
     counts = prepared.split_counts
     labels = {
         "label_key": label_key,
@@ -924,7 +909,7 @@ def plot_qc(adata: AnnData, *, layer: str | None = None, gene_symbol_key: str | 
     -------
     matplotlib.figure.Figure
         Not attached to pyplot: display it as the last expression of a cell (or ``display(fig)``),
-        save it with :func:`save_figure`.
+        save it with :func:`scgpt_protocol.plotting.save_figure`.
     """
     from matplotlib.figure import Figure
 
@@ -977,12 +962,3 @@ def plot_class_counts(prepared: PreparedData) -> Figure:
     ax.set_title(f"cells per class and split ({len(counts)} classes)", fontsize=10)
     ax.legend(loc="lower right", fontsize=8)
     return fig
-
-
-def save_figure(fig: Figure, layout: RunLayout, name: str) -> Path:
-    """Save ``fig`` as PNG to ``layout.figure(name)`` (dpi 120, tight bounding box); returns the path."""
-    path = layout.figure(name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight", format="png")
-    logger.info("saved figure %s", path)
-    return path

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "GeneMatch",
+    "gene_symbols",
     "match_genes",
     "TokenizedCell",
     "Batch",
@@ -80,6 +81,26 @@ class GeneMatch:
         )
 
 
+def gene_symbols(adata: AnnData, gene_symbol_key: str | None = None) -> list[str]:
+    """The gene symbol of each column: ``var_names``, or ``var[gene_symbol_key]`` for Ensembl-indexed data.
+
+    Raises
+    ------
+    KeyError
+        ``gene_symbol_key`` is not a column of ``adata.var``.
+    """
+    if gene_symbol_key is None:
+        return [str(g) for g in adata.var_names]
+    if gene_symbol_key not in adata.var.columns:
+        msg = (
+            f"gene_symbol_key {gene_symbol_key!r} is not a column of adata.var; available: "
+            f"{list(adata.var.columns)}. Set gene_symbol_key to the column with gene symbols, or None "
+            "to use var_names."
+        )
+        raise KeyError(msg)
+    return [str(g) for g in adata.var[gene_symbol_key]]
+
+
 def match_genes(
     adata: AnnData,
     vocab: dict[str, int],
@@ -109,19 +130,8 @@ def match_genes(
     KeyError
         ``gene_symbol_key`` is not a column of ``adata.var``.
     """
-    if gene_symbol_key is None:
-        names = np.asarray(adata.var_names, dtype=object)
-        source = "adata.var_names"
-    else:
-        if gene_symbol_key not in adata.var.columns:
-            msg = (
-                f"gene_symbol_key {gene_symbol_key!r} is not a column of adata.var; available: "
-                f"{list(adata.var.columns)}. Set gene_symbol_key to the column with gene symbols, or None "
-                "to use var_names."
-            )
-            raise KeyError(msg)
-        names = adata.var[gene_symbol_key].astype(str).to_numpy(dtype=object)
-        source = f"adata.var[{gene_symbol_key!r}]"
+    names = np.asarray(gene_symbols(adata, gene_symbol_key), dtype=object)
+    source = "adata.var_names" if gene_symbol_key is None else f"adata.var[{gene_symbol_key!r}]"
 
     special = set(SPECIAL_TOKENS)
     token_ids = np.full(len(names), -1, dtype=np.int64)

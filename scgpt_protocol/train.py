@@ -306,7 +306,7 @@ def finetune(
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "history": history,
             "best_epoch": best_epoch, "best_score": best_score, "stale": stale, "params": _comparable(params),
         })
-        _write_history(layout, history)
+        layout.write_csv(pd.DataFrame(history), layout.history, index=False)
         if on_epoch_end is not None:
             on_epoch_end(row)
         if row["stopped"]:
@@ -335,13 +335,6 @@ def _save_best(model: ScGPT, layout: RunLayout, label_key: str, categories: list
         "label_key": label_key, "categories": categories, "epoch": epoch,
         "val_macro_f1": row["val_macro_f1"], "strategy": params.strategy,
     })
-
-
-def _write_history(layout: RunLayout, history: list[dict[str, Any]]) -> None:
-    layout.history.parent.mkdir(parents=True, exist_ok=True)
-    tmp = layout.history.with_name(f".{layout.history.name}.partial")
-    pd.DataFrame(history).to_csv(tmp, index=False)
-    tmp.replace(layout.history)
 
 
 def load_finetuned(layout: RunLayout, *, device: str = "auto") -> tuple[ScGPT, dict[str, Any]]:

@@ -21,7 +21,6 @@ Two votes are reported for every query cell:
 from __future__ import annotations
 
 import logging
-import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import pandas as pd
+
+from .evaluate import classification_metrics
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -41,9 +42,9 @@ __all__ = [
     "ZeroShotResult",
     "transfer_labels",
     "zeroshot_annotate",
-    "zeroshot_metrics",
     "joint_embedding",
     "write_zeroshot",
+    "zeroshot_inputs",
     "PREDICTION_COLUMNS",
 ]
 
@@ -284,38 +285,6 @@ def transfer_labels(
     )
 
 
-# --------------------------------------------------------------------------- metrics
-def zeroshot_metrics(y_true: Sequence, y_pred: Sequence) -> dict[str, float | int]:
-    """Accuracy, macro / support-weighted F1 and balanced accuracy of predicted labels (sklearn).
-
-    ``macro_f1`` averages over every label that is true or predicted (sklearn's default), with 0
-    for undefined scores; ``weighted_f1`` weights each true label by its number of cells;
-    ``balanced_accuracy`` is the mean recall over the true labels. A true label that the
-    predictions never use (e.g. absent from the reference) counts as an error.
-    """
-    from sklearn.metrics import accuracy_score, f1_score, recall_score
-
-    yt = np.asarray(y_true, dtype=object).astype(str)
-    yp = np.asarray(y_pred, dtype=object).astype(str)
-    if yt.shape != yp.shape:
-        msg = f"y_true has {yt.size} labels but y_pred has {yp.size}; expected one prediction per cell."
-        raise ValueError(msg)
-    if yt.size == 0:
-        msg = "no cells with a true label; metrics need at least one labelled query cell."
-        raise ValueError(msg)
-    true_labels = np.unique(yt)
-    return {
-        "accuracy": float(accuracy_score(yt, yp)),
-        "macro_f1": float(f1_score(yt, yp, average="macro", zero_division=0)),
-        "weighted_f1": float(f1_score(yt, yp, average="weighted", zero_division=0)),
-        # = sklearn.metrics.balanced_accuracy_score, without its warning about predicted-only labels
-        "balanced_accuracy": float(
-            recall_score(yt, yp, labels=true_labels, average="macro", zero_division=0)
-        ),
-        "n_cells": int(yt.size),
-    }
-
-
 # --------------------------------------------------------------------------- AnnData level
 @dataclass
 class ZeroShotResult:
@@ -517,8 +486,8 @@ def zeroshot_annotate(
             logger.warning("query labels absent from the reference (counted as errors): %s", listed)
         if labelled.any():
             metrics = {
-                "majority": zeroshot_metrics(y_true, transfer.majority[labelled]),
-                "weighted": zeroshot_metrics(y_true, transfer.weighted[labelled]),
+                "majority": classification_metrics(y_true, transfer.majority[labelled]),
+                "weighted": classification_metrics(y_true, transfer.weighted[labelled]),
                 "notes": notes,
             }
         else:
@@ -641,14 +610,7 @@ def write_zeroshot(layout: RunLayout, result: ZeroShotResult) -> dict[str, Path]
     dict
         ``{"predictions": path, "metrics": path}``.
     """
-    pred_path = layout.zeroshot_predictions
-    pred_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pred_path.with_name(f".{pred_path.name}.partial")
-    try:
-        result.predictions.to_csv(tmp, index=True, index_label="cell")
-        os.replace(tmp, pred_path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    pred_path = layout.write_csv(result.predictions, layout.zeroshot_predictions)
     metrics = result.metrics or {}
     record = {
         "params": result.params,
@@ -659,3 +621,23 @@ def write_zeroshot(layout: RunLayout, result: ZeroShotResult) -> dict[str, Path]
     metrics_path = layout.write_json(layout.zeroshot_metrics, record)
     logger.info("wrote %s and %s", pred_path, metrics_path)
     return {"predictions": pred_path, "metrics": metrics_path}
+
+
+def zeroshot_inputs(layout: RunLayout, params: Any) -> tuple[AnnData, AnnData, str]:
+    """Reference, query and label key of step 04 (:class:`~scgpt_protocol.params.ZeroshotParams`).
+
+    Without paths, the reference is the train + validation cells of the run's prepared data and the
+    query its test cells, so zero-shot and fine-tuned results are measured on the same cells.
+    """
+    from .preprocess import read_adata, read_labels, read_prepared, subset_split
+
+    label_key = params.label_key
+    if params.reference_path is None or params.query_path is None:
+        prepared = read_prepared(layout)
+        label_key = label_key or read_labels(layout)["label_key"]
+    if label_key is None:
+        msg = "label_key is not set and the run has no prepared data to take it from; set label_key."
+        raise ValueError(msg)
+    reference = read_adata(params.reference_path) if params.reference_path else subset_split(prepared, ["train", "val"])
+    query = read_adata(params.query_path) if params.query_path else subset_split(prepared, "test")
+    return reference, query, label_key

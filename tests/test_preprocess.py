@@ -18,6 +18,7 @@ from scgpt_protocol.download import sha256_file
 from scgpt_protocol.errors import CheckpointNotFoundError, GeneMatchError, InputDataError
 from scgpt_protocol.layout import RunLayout
 from scgpt_protocol.params import PreprocessParams
+from scgpt_protocol.tokenize import gene_symbols
 
 RARE = "CD4+/CD45RA+/CD25- Naive T"  # the 8-cell class of the demo data
 
@@ -391,7 +392,7 @@ def test_read_before_step_01_says_which_step(tmp_path):
 # -- checkpoint -----------------------------------------------------------------------------
 def test_resolve_checkpoint_demo(demo, tmp_path, caplog):
     layout = RunLayout(tmp_path / "run")
-    genes = pp.gene_symbols(demo)
+    genes = gene_symbols(demo)
     with caplog.at_level("WARNING", logger="scgpt_protocol.preprocess"):
         path = pp.resolve_checkpoint("demo", layout, genes)
     assert "RANDOMLY INITIALISED" in caplog.text and "means nothing biologically" in caplog.text
@@ -429,6 +430,9 @@ def test_plots_return_figures(demo, toy, prepared_demo, tmp_path):
     labels = [t.get_text() for t in bars.axes[0].get_yticklabels()]
     assert f"{RARE} (train only)" in labels and len(labels) == 10
     layout = RunLayout(tmp_path / "run")
-    path = pp.save_figure(bars, layout, "class_counts")
+    from scgpt_protocol.plotting import save_figure
+
+    path = save_figure(bars, layout, "class_counts")
+    assert path._repr_png_() == path.read_bytes()  # shows as the image in a notebook
     assert path == layout.figure("class_counts")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

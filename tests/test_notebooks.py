@@ -1,0 +1,130 @@
+"""The four notebooks, executed headless (runner + papermill, params/ci) and interactively (nbclient)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import anndata as ad
+import nbformat
+import pandas as pd
+import pytest
+import yaml
+
+from scgpt_protocol.layout import RunLayout
+from scgpt_protocol.params import STEPS, ParamsError
+from scgpt_protocol.runner import RunDirInUse, RunFailed, run_protocol
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def ci_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("ci") / "run"
+    result = run_protocol(ROOT / "params" / "ci", run_dir)
+    return RunLayout(run_dir), result
+
+
+def test_runner_leaves_reports_html_and_manifest(ci_run):
+    layout, result = ci_run
+    assert [s.step for s in result.steps] == list(STEPS)
+    for step in STEPS:
+        assert (layout.reports_dir / f"{step}.ipynb").is_file()
+        assert (layout.reports_dir / f"{step}.html").is_file()
+        report = nbformat.read(layout.reports_dir / f"{step}.ipynb", as_version=4)
+        assert any(c.metadata.get("tags") == ["injected-parameters"] for c in report.cells)
+    manifest = json.loads(layout.manifest.read_text())
+    assert manifest["status"] == "finished"
+    assert set(manifest["steps"]) == set(STEPS) and all(s["seconds"] > 0 for s in manifest["steps"].values())
+    assert manifest["versions"]["torch"] and manifest["checksums"]["checkpoint"]["sha256"]
+    assert manifest["steps"]["02_finetune"]["params"]["epochs"] == 2
+
+
+def test_artifacts_of_every_step(ci_run):
+    layout, _ = ci_run
+    prepared = ad.read_h5ad(layout.prepared_adata)
+    assert set(prepared.obs["split"].cat.categories) == {"train", "val", "test"}
+    n_test = int((prepared.obs["split"] == "test").sum())
+
+    history = pd.read_csv(layout.history)
+    assert list(history["epoch"]) == [1, 2]
+    assert json.loads((layout.model_dir / "labels.json").read_text())["categories"]
+
+    predictions = pd.read_csv(layout.predictions, index_col=0)
+    assert len(predictions) == n_test and predictions.index.is_unique  # one prediction per test cell
+    metrics = json.loads(layout.metrics.read_text())
+    for method in ("scGPT (fine-tuned)", "logistic regression (log1p-CP10k HVG)"):
+        values = metrics["methods"][method]
+        for key in ("accuracy", "macro_f1", "weighted_f1", "balanced_accuracy"):
+            assert 0.0 <= values[key] <= 1.0, (method, key)
+    assert metrics["methods"]["logistic regression (log1p-CP10k HVG)"]["accuracy"] > 0.7  # real signal in the data
+    evaluated = ad.read_h5ad(layout.evaluated_adata)
+    assert {"scgpt_label", "scgpt_label_confidence"} <= set(evaluated.obs) and "X_scgpt" in evaluated.obsm
+
+    zs = pd.read_csv(layout.zeroshot_predictions, index_col=0)
+    assert len(zs) == n_test and zs["scgpt_zeroshot_confidence"].between(0, 1).all()
+    assert 0.0 <= json.loads(layout.zeroshot_metrics.read_text())["majority"]["accuracy"] <= 1.0
+    for name in ("qc", "class_counts", "training_curves", "confusion", "per_class_f1", "umap", "zeroshot_umap"):
+        assert layout.figure(name).is_file(), name
+
+
+def test_reports_show_figures_as_images(ci_run):
+    layout, _ = ci_run
+    report = nbformat.read(layout.reports_dir / "03_evaluate.ipynb", as_version=4)
+    images = [o for c in report.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
+    assert len(images) >= 3
+
+
+def test_a_finished_run_is_not_overwritten(ci_run):
+    layout, _ = ci_run
+    with pytest.raises(RunDirInUse, match="holds a finished run.*--force"):
+        run_protocol(ROOT / "params" / "ci", layout.run_dir, steps=["01"])
+
+
+def test_run_dir_with_other_files_is_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(RunDirInUse, match="not empty and holds no run manifest"):
+        run_protocol(ROOT / "params" / "ci", tmp_path)
+
+
+def test_unknown_parameter_fails_before_anything_runs(tmp_path):
+    params = tmp_path / "params"
+    shutil.copytree(ROOT / "params" / "ci", params)
+    (params / "02_finetune.yaml").write_text(yaml.safe_dump({"epoch": 3}))
+    with pytest.raises(ParamsError, match=r"unknown parameter\(s\) 'epoch' \(did you mean 'epochs'\?\)"):
+        run_protocol(params, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_failure_names_the_report_and_the_cell(tmp_path):
+    params = tmp_path / "params"
+    shutil.copytree(ROOT / "params" / "ci", params)
+    (params / "01_preprocess.yaml").write_text(yaml.safe_dump({"adata_path": "missing.h5ad", "checkpoint": "demo"}))
+    with pytest.raises(RunFailed, match=r"step 01_preprocess failed: FileNotFoundError: .*missing\.h5ad.*\(in cell \d+ of .*01_preprocess\.ipynb\)"):
+        run_protocol(params, tmp_path / "run", steps=["01"], html=False)
+    manifest = json.loads((tmp_path / "run" / "run_manifest.json").read_text())
+    assert manifest["status"] == "failed" and manifest["steps"]["01_preprocess"]["status"] == "failed"
+
+
+def test_notebooks_run_interactively_cell_by_cell(tmp_path):
+    """As a person in JupyterLab would: open each notebook, edit the parameters cell, run all cells."""
+    from nbclient import NotebookClient
+
+    for step, cls in STEPS.items():
+        nb = nbformat.read(ROOT / "notebooks" / f"{step}.ipynb", as_version=4)
+        overrides = yaml.safe_load((ROOT / "params" / "ci" / f"{step}.yaml").read_text()) or {}
+        overrides["run_dir"] = str(tmp_path / "run")
+        nb.cells[1].source += "\n" + "\n".join(f"{k} = {v!r}" for k, v in overrides.items())
+        NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+        errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+        assert not errors
+    layout = RunLayout(tmp_path / "run")
+    assert layout.metrics.is_file() and layout.zeroshot_metrics.is_file()
+
+
+def test_cli_reports_bad_input_with_exit_code_2(tmp_path, capsys):
+    from scgpt_protocol.cli import main
+
+    assert main(["run", str(tmp_path / "no-such-params"), "--run-dir", str(tmp_path / "run")]) == 2
+    assert "parameter folder" in capsys.readouterr().out
