@@ -180,9 +180,13 @@ def profile(model: torch.nn.Module, batches: list, device: torch.device, tokenis
         mid = batches[len(batches) // 2]
         with torch.profiler.profile() as prof:
             forward(mid)
-    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    ops = prof.key_averages()
+    sort = "self_cpu_time_total"
+    if device.type == "cuda":  # "self_cuda_time_total" before torch 2.4
+        sort = "self_device_time_total"
+        sort = sort if hasattr(ops[0], sort) else "self_cuda_time_total"
     return {"tokenise_s": tokenise_s, "forward_s": t.wall, "batch": list(mid.gene_ids.shape),
-            "ops": prof.key_averages().table(sort_by=sort, row_limit=12)}
+            "ops": ops.table(sort_by=sort, row_limit=12)}
 
 
 def report(a: argparse.Namespace, n_params: int, m: dict, q: dict) -> dict:
@@ -237,7 +241,7 @@ def report(a: argparse.Namespace, n_params: int, m: dict, q: dict) -> dict:
     if "profile" in m:
         p = m["profile"]
         print(f"\nprofile: embed {m['embed_s']:.1f} s; tokenisation alone (iter_batches) "
-              f"{p['tokenise_s']:.1f} s; model forward alone, same batches {p['forward_s']:.1f} s\n"
+              f"{p['tokenise_s']:.2f} s; model forward alone, same batches {p['forward_s']:.1f} s\n"
               f"one batch {p['batch']}:\n{p['ops']}")
     return fig
 
@@ -263,6 +267,10 @@ def main() -> None:
     if a.worker_ckpt:
         Path(a.worker_out).write_text(json.dumps(measure(a)))
         return
+    try:
+        resolve_device(a.device)
+    except ValueError as err:
+        sys.exit(str(err))
     for flag, path in (("--vocab", a.vocab), ("--data", a.data)):
         if not path.is_file():
             sys.exit(f"{path.resolve()} not found; give the file with {flag} PATH.")

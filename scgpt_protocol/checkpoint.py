@@ -33,6 +33,7 @@ __all__ = [
     "save_checkpoint",
     "make_tiny_checkpoint",
     "read_vocab",
+    "write_manifest",
     "CHECKPOINT_FILES",
     "SPECIAL_TOKENS",
 ]
@@ -392,42 +393,46 @@ def _write_checkpoint(
     cpu_state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     _atomic_write(directory / "best_model.pt", lambda p: torch.save(cpu_state, p))
     if manifest_extra is not None:
-        from . import __version__
-        from .download import sha256_file
-
-        manifest = {
-            "format": "scgpt checkpoint folder (args.json, vocab.json, best_model.pt)",
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "versions": {
-                "scgpt_protocol": __version__,
-                "torch": torch.__version__,
-                "python": platform.python_version(),
-            },
-            "files": {
-                name: {"sha256": sha256_file(directory / name), "bytes": (directory / name).stat().st_size}
-                for name in CHECKPOINT_FILES
-            },
-            **manifest_extra,
-        }
-        _atomic_write(directory / "manifest.json", lambda p: p.write_text(json.dumps(manifest, indent=2) + "\n"))
+        write_manifest(directory, CHECKPOINT_FILES, {
+            "format": "scgpt checkpoint folder (args.json, vocab.json, best_model.pt)", **manifest_extra,
+        })
     return directory
 
 
-def save_checkpoint(model: ScGPT, directory: str | Path) -> Path:
+def write_manifest(directory: Path, files: Iterable[str], extra: Mapping[str, Any]) -> Path:
+    """Write ``directory/manifest.json``: creation time, package versions, sha256 and size of ``files``."""
+    from . import __version__
+    from .download import sha256_file
+
+    manifest = {
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "versions": {"scgpt_protocol": __version__, "torch": torch.__version__, "python": platform.python_version()},
+        "files": {
+            name: {"sha256": sha256_file(directory / name), "bytes": (directory / name).stat().st_size}
+            for name in files
+        },
+        **extra,
+    }
+    path = directory / "manifest.json"
+    _atomic_write(path, lambda p: p.write_text(json.dumps(manifest, indent=2, default=str) + "\n"))
+    return path
+
+
+def save_checkpoint(model: ScGPT, directory: str | Path, *, extra: Mapping[str, Any] | None = None) -> Path:
     """Write ``model`` as a checkpoint folder in the released layout, plus ``manifest.json``.
 
     ``best_model.pt`` uses the released key names (``Wqkv``), so the folder loads here and in the
     official scGPT code; a classification head is saved under ``cls_decoder.*``. Each file is written
     to a temporary name and renamed, so an interrupted save never leaves a half-written file.
-    ``manifest.json`` records package versions and the sha256 of every file.
+    ``manifest.json`` records package versions and the sha256 of every file, plus ``extra``.
     """
     if not model.vocab:
         msg = "model.vocab is empty; a checkpoint needs its gene vocabulary (load the model with load_model)."
         raise ValueError(msg)
     n_params = sum(p.numel() for p in model.parameters())
-    extra = {"n_classes": model.config.n_classes, "n_parameters": n_params}
+    info = {"n_classes": model.config.n_classes, "n_parameters": n_params, **(extra or {})}
     path = _write_checkpoint(
-        Path(directory), _args_from_config(model.config), model.vocab, model.state_dict(), extra
+        Path(directory), _args_from_config(model.config), model.vocab, model.state_dict(), info
     )
     logger.info("saved checkpoint to %s (%s parameters)", path, f"{n_params:,}")
     return path

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+import os
+import sys
+from typing import Any, Iterator
 
 import torch
 
-__all__ = ["resolve_device", "autocast"]
+__all__ = ["resolve_device", "autocast", "PeakMemory"]
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -45,3 +47,54 @@ def autocast(device: torch.device, enabled: bool = True) -> Iterator[None]:
     dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     with torch.autocast(device_type="cuda", dtype=dtype):
         yield
+
+
+class PeakMemory:
+    """Peak memory of the work inside a ``with`` block, in bytes (``.peak``).
+
+    On CUDA: the allocator's peak (``torch.cuda.max_memory_allocated``). Elsewhere: the process's
+    resident memory, sampled every ``interval`` seconds, above its level at the start.
+    """
+
+    def __init__(self, device: torch.device, interval: float = 0.05) -> None:
+        self.device = device
+        self.interval = interval
+        self.peak = 0
+        self._stop: Any = None
+        self._thread: Any = None
+
+    @staticmethod
+    def _rss() -> int:
+        try:
+            with open("/proc/self/statm") as fh:
+                return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError):  # not Linux: the process's lifetime peak instead
+            import resource
+
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+            return self
+        import threading
+
+        self._base = self._rss()
+        self._stop = threading.Event()
+
+        def sample() -> None:
+            while not self._stop.wait(self.interval):
+                self.peak = max(self.peak, self._rss() - self._base)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self._base
+            return
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss() - self._base)

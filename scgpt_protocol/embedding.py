@@ -82,7 +82,7 @@ def embed(
     key_added: str = "X_scgpt",
     layer: str | None = None,
     gene_symbol_key: str | None = None,
-    max_tokens: int | None = 65536,
+    max_tokens: int | None = None,
     chunk_size: int = 4096,
 ) -> None:
     """Write L2-normalised scGPT cell embeddings to ``adata.obsm[key_added]``.
@@ -102,7 +102,8 @@ def embed(
     max_seq_len
         Tokens per cell including ``<cls>`` (1200: the pretraining length).
     batch_size
-        Cells per forward pass; ``max_tokens`` also caps the padded tokens per pass.
+        Cells per forward pass; ``max_tokens`` also caps the padded tokens per pass (default: 4,096
+        on CPU, where larger activations cost page faults (benchmarks/README.md); 65,536 on GPU).
     seed
         Seed of gene sampling and of the random tie-breaking of binning.
     key_added
@@ -128,6 +129,8 @@ def embed(
         raise ValueError(f"batch_size must be a positive integer; got {batch_size}.")
     check_expression(adata, layer=layer)
     device = next(model.parameters()).device
+    if max_tokens is None:
+        max_tokens = 65536 if device.type == "cuda" else 4096
     was_training = model.training
     model.eval()
     out = np.zeros((adata.n_obs, model.config.d_model), dtype=np.float32)

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ScGPTConfig", "ScGPT"]
+__all__ = ["ScGPTConfig", "ScGPT", "ClsDecoder", "ProbeHead"]
 
 
 @dataclass
@@ -92,7 +92,11 @@ class ContinuousValueEncoder(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention with a packed ``Wqkv`` projection (the released key layout)."""
+    """Multi-head self-attention with a packed ``Wqkv`` projection (the released key layout).
+
+    ``prefix`` (None unless prefix tuning is applied) is a module called as
+    ``k, v, attn_mask = prefix(k, v, attn_mask)`` that prepends learned keys and values.
+    """
 
     def __init__(self, d_model: int, nheads: int, dropout: float) -> None:
         super().__init__()
@@ -100,11 +104,14 @@ class SelfAttention(nn.Module):
         self.dropout = dropout
         self.Wqkv = nn.Linear(d_model, 3 * d_model)
         self.out_proj = nn.Linear(d_model, d_model)
+        self.prefix: nn.Module | None = None
 
     def forward(self, x: Tensor, attn_mask: Tensor | None) -> Tensor:
         batch, length, d_model = x.shape
         qkv = self.Wqkv(x).view(batch, length, 3, self.nheads, d_model // self.nheads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, L, d_head]
+        if self.prefix is not None:
+            k, v, attn_mask = self.prefix(k, v, attn_mask)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
         )
@@ -112,7 +119,11 @@ class SelfAttention(nn.Module):
 
 
 class EncoderLayer(nn.Module):
-    """Post-norm transformer layer (``nn.TransformerEncoderLayer`` semantics, ReLU, eps 1e-5)."""
+    """Post-norm transformer layer (``nn.TransformerEncoderLayer`` semantics, ReLU, eps 1e-5).
+
+    ``adapter_attn`` / ``adapter_ff`` (None unless bottleneck adapters are applied) transform the
+    attention and feed-forward outputs before their residual connections.
+    """
 
     def __init__(self, d_model: int, nheads: int, d_hid: int, dropout: float) -> None:
         super().__init__()
@@ -124,10 +135,17 @@ class EncoderLayer(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.dropout1 = nn.Dropout(dropout)
         self.dropout2 = nn.Dropout(dropout)
+        self.adapter_attn: nn.Module | None = None
+        self.adapter_ff: nn.Module | None = None
 
     def forward(self, x: Tensor, attn_mask: Tensor | None) -> Tensor:
-        x = self.norm1(x + self.dropout1(self.self_attn(x, attn_mask)))
+        attn = self.self_attn(x, attn_mask)
+        if self.adapter_attn is not None:
+            attn = self.adapter_attn(attn)
+        x = self.norm1(x + self.dropout1(attn))
         ff = self.linear2(self.dropout(F.relu(self.linear1(x))))
+        if self.adapter_ff is not None:
+            ff = self.adapter_ff(ff)
         return self.norm2(x + self.dropout2(ff))
 
 
@@ -197,6 +215,21 @@ class ClsDecoder(nn.Module):
         return self.out_layer(x)
 
 
+class ProbeHead(nn.Module):
+    """A linear probe: logistic regression on the L2-normalised cell embedding, as a head.
+
+    Its weights come from a fitted ``sklearn`` ``LogisticRegression`` (``coef_``, ``intercept_``),
+    so a probed model predicts through the same ``model.classify`` as every other strategy.
+    """
+
+    def __init__(self, d_model: int, n_classes: int) -> None:
+        super().__init__()
+        self.out_layer = nn.Linear(d_model, n_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out_layer(F.normalize(x, dim=-1))
+
+
 class ScGPT(nn.Module):
     """scGPT: gene + value encoders, post-norm transformer, MLM / MVC decoders, optional classifier.
 
@@ -221,7 +254,7 @@ class ScGPT(nn.Module):
         )
         self.decoder = ExprDecoder(d)
         self.mvc_decoder = MVCDecoder(d)
-        self.cls_decoder: ClsDecoder | None = None
+        self.cls_decoder: ClsDecoder | ProbeHead | None = None
         if config.n_classes is not None:
             self.cls_decoder = ClsDecoder(d, config.n_classes, config.n_layers_cls)
         # Set by the checkpoint loader: gene symbol -> token id, and what the load did.

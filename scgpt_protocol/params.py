@@ -28,6 +28,10 @@ __all__ = [
 ]
 
 
+#: the adaptation strategies (scgpt_protocol.strategies implements them)
+STRATEGY_NAMES = ("probe", "head", "full", "lora", "adapter", "prefix_tuning", "ia3")
+
+
 class ParamsError(ValueError):
     """A parameter value or a parameter file is wrong."""
 
@@ -115,6 +119,7 @@ class StepParams:
 
         Writes ``run_dir/params/<step>.yaml`` so that the run records what it ran with.
         """
+        cls._check_injected(namespace)
         missing = [n for n in cls.field_names() if n not in namespace]
         if missing:
             msg = f"the parameters cell of {cls.NOTEBOOK} lacks {missing}; restore them from the package's notebook."
@@ -125,6 +130,30 @@ class StepParams:
 
             params.to_yaml(RunLayout(params.run_dir).step_params(params.STEP))
         return params
+
+    @classmethod
+    def _check_injected(cls, namespace: Mapping[str, Any]) -> None:
+        """Fail on names papermill injected that are not parameters (papermill itself only warns).
+
+        papermill's injected cell starts with the line ``# Parameters``; IPython keeps every executed
+        cell's source in ``In``.
+        """
+        import ast
+
+        history = namespace.get("In")
+        if not isinstance(history, list):
+            return
+        for source in history:
+            if not (isinstance(source, str) and source.startswith("# Parameters\n")):
+                continue
+            try:
+                tree = ast.parse(source)
+            except SyntaxError:
+                continue
+            names = {t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets
+                     if isinstance(t, ast.Name)}
+            cls.from_mapping({n: namespace.get(n) for n in names - set(cls.field_names())},
+                             source="the parameters papermill injected")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -171,11 +200,14 @@ class FinetuneParams(StepParams):
     STEP: ClassVar[str] = "finetune"
     NOTEBOOK: ClassVar[str] = "02_finetune.ipynb"
 
-    strategy: str = _f("full", "what to train: 'full' (everything) or 'head' (classifier only)",
-                       choices=("full", "head"))
+    strategy: str = _f("full", "what to train: probe, head, full, lora, adapter, prefix_tuning or ia3",
+                       choices=STRATEGY_NAMES)
+    strategies: Optional[list] = _f(None, "compare these strategies on the same split and keep the best (None: only strategy)")
     epochs: int = _f(10, "maximum number of epochs", min=1)
     lr: float = _f(1e-4, "Adam learning rate", min=0.0)
     lr_gamma: float = _f(0.9, "StepLR decay per epoch", min=0.0, max=1.0)
+    weight_decay: float = _f(0.0, "AdamW weight decay (0: plain Adam, as published)", min=0.0)
+    warmup_ratio: float = _f(0.0, "share of all training steps with a linear learning-rate warm-up", min=0.0, max=0.5)
     batch_size: int = _f(32, "cells per training step", min=1)
     max_seq_len: int = _f(1200, "tokens per cell including <cls>", min=2)
     grad_clip: float = _f(1.0, "gradient norm clipping", min=0.0)
@@ -184,6 +216,16 @@ class FinetuneParams(StepParams):
     amp: bool = _f(True, "mixed precision on GPU (ignored on CPU)")
     resume: bool = _f(True, "continue from the last finished epoch if a previous run was interrupted")
     device: str = _f("auto", "'auto' (cuda, mps, cpu), 'cpu', 'cuda' or 'mps'")
+    lora_r: int = _f(8, "lora: rank of the low-rank updates", min=1)
+    lora_alpha: float = _f(16.0, "lora: scaling numerator (updates are scaled by alpha / r)", min=0.0)
+    adapter_bottleneck: int = _f(64, "adapter: hidden size of the bottleneck adapters", min=1)
+    prefix_length: int = _f(8, "prefix_tuning: learned key/value prefixes per layer", min=1)
+
+    def _check(self) -> None:
+        if self.strategies is not None:
+            bad = [s for s in self.strategies if s not in STRATEGY_NAMES]
+            if not self.strategies or bad:
+                self._fail("strategies", self.strategies, f"a non-empty list of {list(STRATEGY_NAMES)}")
 
 
 @dataclass

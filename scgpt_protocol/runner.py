@@ -126,7 +126,8 @@ def _check_run_dir(layout: RunLayout, force: bool, params_dir: Path) -> dict[str
     return manifest
 
 
-def _versions() -> dict[str, str]:
+def package_versions() -> dict[str, str]:
+    """Versions of Python and of the packages a run depends on."""
     out = {"python": platform.python_version()}
     for name in _VERSIONS:
         try:
@@ -226,7 +227,7 @@ def run_protocol(
         "run_dir": str(layout.run_dir),
         "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "status": "running",
-        "versions": _versions(),
+        "versions": package_versions(),
         "steps": (previous or {}).get("steps", {}),
     }
     layout.write_json(layout.manifest, manifest)

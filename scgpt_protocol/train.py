@@ -2,21 +2,24 @@
 
 Published defaults (scGPT annotation tutorial): Adam lr 1e-4, StepLR gamma 0.9 per epoch, cross-entropy
 on the classifier output, gradient clipping 1.0, mixed precision on GPU, genes resampled each epoch.
-Added here: optional class-weighted loss, early stopping on validation macro-F1 with the best epoch
-kept, a resumable state after every epoch (a Colab disconnect costs at most one epoch), training curves.
+Added here: every adaptation strategy of :mod:`scgpt_protocol.strategies`, optional weight decay,
+learning-rate warm-up and class-weighted loss, early stopping on validation macro-F1 with the best
+epoch kept, a resumable state after every epoch (a Colab disconnect costs at most one epoch), curves.
 
-Determinism: the data order and gene sampling of epoch ``e`` depend only on ``(seed, e)`` and the
-torch RNG is re-seeded at each epoch start, so an interrupted and resumed run ends where an
-uninterrupted one does.
+Determinism: the data order and gene sampling of epoch ``e`` depend only on ``(seed, e)``, new
+modules are initialised from ``seed``, and the torch RNG is re-seeded at each epoch start, so an
+interrupted and resumed run ends where an uninterrupted one does.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -24,62 +27,71 @@ import scipy.sparse as sp
 import torch
 from torch import nn
 
-from .checkpoint import load_model, save_checkpoint
-from .device import resolve_device
-from .embedding import iter_batches
+from .checkpoint import load_model, save_checkpoint, write_manifest
+from .device import PeakMemory, resolve_device
+from .embedding import embed, iter_batches
+from .errors import CheckpointError
 from .layout import RunLayout
 from .log import progress
-from .model import ScGPT
+from .model import ProbeHead, ScGPT
 from .params import FinetuneParams
 from .tokenize import Batch, check_expression, collate, match_genes, tokenize_rows
 
 if TYPE_CHECKING:
     from anndata import AnnData
 
-__all__ = ["TrainResult", "finetune", "trainable_parameters", "load_finetuned"]
+__all__ = ["TrainResult", "finetune", "strategy_config", "save_finetuned", "load_finetuned"]
 
 logger = logging.getLogger(__name__)
 
 #: parameters that may change between an interrupted run and its resumption
-_RESUMABLE_CHANGES = {"epochs", "resume", "device", "run_dir"}
+_RESUMABLE_CHANGES = {"epochs", "resume", "device", "run_dir", "strategies", "mount_drive"}
+#: strategies whose saved model is a full checkpoint in the released layout
+_FULL_CHECKPOINT = ("full", "head")
+TRAINABLE_FILE = "trainable.pt"
 
 
 @dataclass
 class TrainResult:
+    strategy: str
     history: pd.DataFrame
     best_epoch: int
     best_val_macro_f1: float
     epochs_run: int
     stopped_early: bool
     resumed_from_epoch: int | None
-    model_dir: Path
     seconds: float
+    peak_memory_bytes: int
     trainable_parameters: int
     total_parameters: int
+    model_dir: Path | None = None
 
     def summary(self) -> dict[str, Any]:
         out = {k: v for k, v in asdict(self).items() if k != "history"}
-        out["model_dir"] = str(self.model_dir)
+        out["model_dir"] = str(self.model_dir) if self.model_dir else None
         return out
 
 
-def trainable_parameters(model: nn.Module) -> tuple[int, int]:
-    """``(trainable, total)`` parameter counts."""
-    return (
-        sum(p.numel() for p in model.parameters() if p.requires_grad),
-        sum(p.numel() for p in model.parameters()),
-    )
+def strategy_config(params: FinetuneParams, strategy: str | None = None) -> Any:
+    """The strategy's config dataclass from the flat fine-tuning parameters (None where it has none)."""
+    from . import strategies as st
+
+    strategy = strategy or params.strategy
+    if strategy == "lora":
+        return st.LoRAConfig(r=params.lora_r, alpha=params.lora_alpha)
+    if strategy == "adapter":
+        return st.AdapterConfig(bottleneck=params.adapter_bottleneck)
+    if strategy == "prefix_tuning":
+        return st.PrefixTuningConfig(n_prefix=params.prefix_length)
+    if strategy == "ia3":
+        return st.IA3Config()
+    return None
 
 
-def _set_strategy(model: ScGPT, strategy: str) -> None:
-    if strategy == "full":
-        model.requires_grad_(True)
-    elif strategy == "head":
-        model.requires_grad_(False)
-        model.cls_decoder.requires_grad_(True)
-    else:
-        msg = f"strategy {strategy!r} is not one of ['full', 'head']."
-        raise ValueError(msg)
+def _class_weights(codes: np.ndarray, n_classes: int) -> torch.Tensor:
+    counts = np.bincount(codes, minlength=n_classes).astype(np.float64)
+    weights = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / n_classes, 0.0)
+    return torch.tensor(weights, dtype=torch.float32)
 
 
 def _train_mode(model: ScGPT, strategy: str) -> None:
@@ -91,12 +103,6 @@ def _train_mode(model: ScGPT, strategy: str) -> None:
         model.train()
 
 
-def _class_weights(codes: np.ndarray, n_classes: int) -> torch.Tensor:
-    counts = np.bincount(codes, minlength=n_classes).astype(np.float64)
-    weights = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / n_classes, 0.0)
-    return torch.tensor(weights, dtype=torch.float32)
-
-
 def _training_batches(
     adata: AnnData, model: ScGPT, rows: np.ndarray, *, params: FinetuneParams, epoch: int,
     columns: np.ndarray, col_token_ids: np.ndarray,
@@ -106,7 +112,6 @@ def _training_batches(
     order = rows[rng.permutation(len(rows))]
     group = params.batch_size * 8
     cfg = model.config
-    batches: list[Batch] = []
     for start in range(0, len(order), group):
         cells_idx = np.sort(order[start : start + group])
         chunk = adata.X[cells_idx]
@@ -117,19 +122,16 @@ def _training_batches(
         )
         lengths = np.array([len(c.gene_ids) for c in cells])
         by_length = np.argsort(-lengths, kind="stable")
-        for b in range(0, len(by_length), params.batch_size):
-            pos = by_length[b : b + params.batch_size]
-            batches.append(collate([cells[p] for p in pos], cells_idx[pos], pad_id=cfg.pad_token_id, pad_value=cfg.pad_value))
-        if len(batches) >= 8 or start + group >= len(order):
-            for k in rng.permutation(len(batches)):
-                yield batches[k]
-            batches = []
+        batches = [
+            collate([cells[p] for p in by_length[b : b + params.batch_size]],
+                    cells_idx[by_length[b : b + params.batch_size]], pad_id=cfg.pad_token_id, pad_value=cfg.pad_value)
+            for b in range(0, len(by_length), params.batch_size)
+        ]
+        for k in rng.permutation(len(batches)):
+            yield batches[k]
 
 
-def _evaluate(model: ScGPT, adata: AnnData, codes: np.ndarray, params: FinetuneParams, loss_fn: nn.Module,
-              device: torch.device) -> dict[str, float]:
-    from sklearn.metrics import accuracy_score, f1_score
-
+def _logits(model: ScGPT, adata: AnnData, params: FinetuneParams, device: torch.device) -> np.ndarray:
     model.eval()
     logits = np.zeros((adata.n_obs, model.cls_decoder.out_layer.out_features), dtype=np.float32)
     with torch.inference_mode():
@@ -137,17 +139,24 @@ def _evaluate(model: ScGPT, adata: AnnData, codes: np.ndarray, params: FinetuneP
                                   seed=params.seed):
             batch = batch.to(device)
             logits[batch.index] = model.classify(batch.gene_ids, batch.values, batch.padding_mask).float().cpu().numpy()
-    loss = float(loss_fn(torch.from_numpy(logits), torch.from_numpy(codes)))
+    return logits
+
+
+def _val_metrics(logits: np.ndarray, codes: np.ndarray, loss_fn: nn.Module) -> dict[str, float]:
+    from sklearn.metrics import accuracy_score, f1_score
+
     pred = logits.argmax(1)
     return {
-        "val_loss": loss,
+        "val_loss": float(loss_fn(torch.from_numpy(logits), torch.from_numpy(codes))),
         "val_macro_f1": float(f1_score(codes, pred, average="macro", zero_division=0)),
         "val_accuracy": float(accuracy_score(codes, pred)),
     }
 
 
-def _comparable(params: FinetuneParams) -> dict[str, Any]:
-    return {k: v for k, v in params.to_dict().items() if k not in _RESUMABLE_CHANGES}
+def _comparable(params: FinetuneParams, strategy: str) -> dict[str, Any]:
+    out = {k: v for k, v in params.to_dict().items() if k not in _RESUMABLE_CHANGES}
+    out["strategy"] = strategy
+    return out
 
 
 def _save_state(path: Path, state: dict[str, Any]) -> None:
@@ -157,46 +166,15 @@ def _save_state(path: Path, state: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
-def finetune(
-    model: ScGPT,
-    adata: AnnData,
-    params: FinetuneParams,
-    *,
-    label_key: str,
-    categories: Sequence[str],
-    layout: RunLayout,
-    split_key: str = "split",
-    on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
-) -> TrainResult:
-    """Fine-tune ``model`` on the ``train`` cells of ``adata``, selecting the epoch on ``val`` cells.
+def _cpu_copy(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
 
-    Parameters
-    ----------
-    model
-        From :func:`~scgpt_protocol.load_model` (a head with ``len(categories)`` outputs is added if
-        missing). It is trained in place and ends with the weights of the best epoch.
-    adata
-        Prepared data (01_preprocess): non-negative values in ``X``, labels in ``obs[label_key]``,
-        ``obs[split_key]`` with ``train`` and ``val`` cells.
-    params
-        :class:`~scgpt_protocol.params.FinetuneParams`.
-    categories
-        Class names; class ``i`` is ``categories[i]``.
-    layout
-        Where the best model (``layout.model_dir``), the resumable state and the history go.
-    on_epoch_end
-        Called with the epoch's history row after its state is saved.
 
-    Returns
-    -------
-    TrainResult
-    """
-    start_time = time.perf_counter()
+def _codes_and_splits(adata: AnnData, label_key: str, split_key: str, categories: list[str]) -> tuple:
     for key in (label_key, split_key):
         if key not in adata.obs:
             msg = f"{key!r} not in adata.obs (columns: {list(adata.obs.columns)}); run 01_preprocess first."
             raise KeyError(msg)
-    categories = list(categories)
     labels = adata.obs[label_key].astype(str).to_numpy()
     unknown = sorted(set(labels) - set(categories))
     if unknown:
@@ -208,33 +186,160 @@ def finetune(
     if len(train_rows) == 0 or len(val_rows) == 0:
         msg = f"obs[{split_key!r}] needs 'train' and 'val' cells; found {dict(zip(*np.unique(split, return_counts=True)))}."
         raise ValueError(msg)
-    check_expression(adata)
+    return codes, train_rows, val_rows
 
+
+def _fit_probe(model: ScGPT, adata: AnnData, codes: np.ndarray, train_rows: np.ndarray, params: FinetuneParams,
+               n_classes: int) -> dict[str, float]:
+    """Logistic regression on frozen, L2-normalised ``<cls>`` embeddings, installed as a ProbeHead."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import log_loss
+
+    train = adata[train_rows].copy()
+    embed(train, model, max_seq_len=params.max_seq_len, batch_size=params.batch_size * 2, seed=params.seed,
+          key_added="X_probe")
+    clf = LogisticRegression(max_iter=2000, C=1.0, random_state=params.seed,
+                             class_weight="balanced" if params.class_weighted else None)
+    clf.fit(train.obsm["X_probe"], codes[train_rows])
+    weight = np.zeros((n_classes, model.config.d_model), dtype=np.float32)
+    bias = np.full(n_classes, -1e4, dtype=np.float32)  # a class absent from train is never predicted
+    coef, intercept = clf.coef_, clf.intercept_
+    if len(clf.classes_) == 2:  # sklearn's binary form: one row for the second class
+        coef, intercept = np.vstack([np.zeros_like(coef), coef]), np.concatenate([[0.0], intercept])
+    weight[clf.classes_], bias[clf.classes_] = coef, intercept
+    head = ProbeHead(model.config.d_model, n_classes)
+    with torch.no_grad():
+        head.out_layer.weight.copy_(torch.from_numpy(weight))
+        head.out_layer.bias.copy_(torch.from_numpy(bias))
+    model.cls_decoder = head.to(next(model.parameters()).device)
+    model.requires_grad_(False)
+    proba = clf.predict_proba(train.obsm["X_probe"])
+    return {"train_loss": float(log_loss(codes[train_rows], proba, labels=clf.classes_))}
+
+
+def finetune(
+    model: ScGPT,
+    adata: AnnData,
+    params: FinetuneParams,
+    *,
+    label_key: str,
+    categories: Sequence[str],
+    layout: RunLayout | None = None,
+    strategy: str | None = None,
+    base_checkpoint: Mapping[str, Any] | None = None,
+    split_key: str = "split",
+    on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
+) -> TrainResult:
+    """Adapt ``model`` to the ``train`` cells of ``adata`` with one strategy, selecting the epoch on ``val``.
+
+    Parameters
+    ----------
+    model
+        From :func:`~scgpt_protocol.load_model` (a head with ``len(categories)`` outputs is added if
+        missing). It is adapted in place and ends with the weights of the best epoch.
+    adata
+        Prepared data (01_preprocess): non-negative values in ``X``, labels in ``obs[label_key]``,
+        ``obs[split_key]`` with ``train`` and ``val`` cells.
+    params
+        :class:`~scgpt_protocol.params.FinetuneParams` (training settings and strategy options).
+    categories
+        Class names; class ``i`` is ``categories[i]``.
+    layout
+        With a layout: the resumable state goes to ``layout.train_dir``, the history to
+        ``layout.history`` and the best model to ``layout.model_dir`` (:func:`save_finetuned`).
+        Without: nothing is written (comparisons keep models in memory).
+    strategy
+        Overrides ``params.strategy``.
+    base_checkpoint
+        ``{"checkpoint": path, "sha256": ...}`` of the pretrained model, recorded with the saved model.
+    on_epoch_end
+        Called with the epoch's history row after its state is saved.
+    """
+    from . import strategies as st
+
+    start_time = time.perf_counter()
+    strategy = strategy or params.strategy
+    categories = list(categories)
+    codes, train_rows, val_rows = _codes_and_splits(adata, label_key, split_key, categories)
+    check_expression(adata)
     device = resolve_device(params.device)
     if model.cls_decoder is None or model.cls_decoder.out_layer.out_features != len(categories):
         model.add_classifier(len(categories))
     model.to(device)
-    _set_strategy(model, params.strategy)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    n_trainable, n_total = trainable_parameters(model)
-    logger.info("strategy %r: %s of %s parameters trainable", params.strategy, f"{n_trainable:,}", f"{n_total:,}")
+    weights = _class_weights(codes[train_rows], len(categories)) if params.class_weighted else None
+    val_loss_fn = nn.CrossEntropyLoss(weight=weights)
+    val_adata = adata[val_rows]
 
+    if strategy == "probe":
+        with PeakMemory(device) as memory:
+            row = {"epoch": 1, **_fit_probe(model, adata, codes, train_rows, params, len(categories)), "lr": 0.0}
+            row.update(_val_metrics(_logits(model, val_adata, params, device), codes[val_rows], val_loss_fn))
+        row.update(best=True, seconds=round(time.perf_counter() - start_time, 2), stopped=False)
+        history, best_epoch, best_score, stopped_early, resumed = [row], 1, row["val_macro_f1"], False, None
+        logger.info("probe: val_macro_f1 %.4f  val_accuracy %.4f", row["val_macro_f1"], row["val_accuracy"])
+    else:
+        with torch.random.fork_rng(devices=[]):  # new modules start the same for a seed
+            torch.manual_seed(params.seed)
+            st.apply_strategy(model, strategy, strategy_config(params, strategy))
+        model.to(device)
+        with PeakMemory(device) as memory:
+            history, best_epoch, best_score, stopped_early, resumed = _train_epochs(
+                model, adata, params, strategy, codes, train_rows, val_rows, val_adata, weights, val_loss_fn,
+                device, layout, on_epoch_end,
+            )
+    n_trainable, n_total = st.count_parameters(model)
+    if strategy == "probe":
+        n_trainable = sum(p.numel() for p in model.cls_decoder.parameters())
+    result = TrainResult(
+        strategy=strategy, history=pd.DataFrame(history), best_epoch=best_epoch, best_val_macro_f1=best_score,
+        epochs_run=len(history), stopped_early=stopped_early, resumed_from_epoch=resumed,
+        seconds=round(time.perf_counter() - start_time, 1), peak_memory_bytes=int(memory.peak),
+        trainable_parameters=n_trainable, total_parameters=n_total,
+    )
+    model.eval()
+    if layout is not None:
+        layout.write_csv(result.history, layout.history, index=False)
+        result.model_dir = save_finetuned(
+            model, layout.model_dir, strategy=strategy, config=strategy_config(params, strategy),
+            label_key=label_key, categories=categories, genes=list(adata.var_names),
+            base_checkpoint=base_checkpoint, extra={"training": params.to_dict(), "best_epoch": best_epoch,
+                                                    "val_macro_f1": best_score},
+        )
+        layout.write_json(layout.train_summary, result.summary())
+    logger.info("%s: best epoch %d (val macro-F1 %.4f), %s trainable parameters, %.0f s",
+                strategy, best_epoch, best_score, f"{n_trainable:,}", result.seconds)
+    return result
+
+
+def _train_epochs(model: ScGPT, adata: AnnData, params: FinetuneParams, strategy: str, codes: np.ndarray,
+                  train_rows: np.ndarray, val_rows: np.ndarray, val_adata: AnnData, weights: torch.Tensor | None,
+                  val_loss_fn: nn.Module, device: torch.device, layout: RunLayout | None,
+                  on_epoch_end: Callable[[dict[str, Any]], None] | None) -> tuple:
+    from . import strategies as st
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
     use_amp = params.amp and device.type == "cuda"
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
-    optimizer = torch.optim.Adam(trainable, lr=params.lr, eps=1e-4 if use_amp and amp_dtype == torch.float16 else 1e-8)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=params.lr_gamma)
+    optimizer = torch.optim.AdamW(trainable, lr=params.lr, weight_decay=params.weight_decay,
+                                  eps=1e-4 if use_amp and amp_dtype == torch.float16 else 1e-8)
+    steps_per_epoch = math.ceil(len(train_rows) / params.batch_size)
+    warmup = round(params.warmup_ratio * steps_per_epoch * params.epochs)
+
+    def lr_factor(step: int) -> float:  # linear warm-up, then StepLR(gamma) per epoch
+        return min(1.0, (step + 1) / warmup if warmup else 1.0) * params.lr_gamma ** (step // steps_per_epoch)
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
-    weights = _class_weights(codes[train_rows], len(categories)) if params.class_weighted else None
     loss_fn = nn.CrossEntropyLoss(weight=weights.to(device) if weights is not None else None)
-    val_loss_fn = nn.CrossEntropyLoss(weight=weights)
 
     history: list[dict[str, Any]] = []
-    best_epoch, best_score, stale, first_epoch, resumed = 0, -1.0, 0, 1, None
-    state_path = layout.train_state
-    if state_path.exists() and params.resume:
+    best_epoch, best_score, best_state, stale, first_epoch, resumed = 0, -1.0, None, 0, 1, None
+    state_path = layout.train_state if layout is not None else None
+    if state_path is not None and state_path.exists() and params.resume:
         state = torch.load(state_path, map_location="cpu", weights_only=False)
-        if state["params"] != _comparable(params):
-            diff = {k: (state["params"].get(k), v) for k, v in _comparable(params).items() if state["params"].get(k) != v}
+        saved, now = state["params"], _comparable(params, strategy)
+        if saved != now:
+            diff = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
             msg = (
                 f"{state_path} holds a training with other parameters {diff} (saved, now); resume would mix "
                 "them. Use a new run_dir, or set resume=False to start this training over."
@@ -244,7 +349,8 @@ def finetune(
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
-        history, best_epoch, best_score, stale = state["history"], state["best_epoch"], state["best_score"], state["stale"]
+        history, best_epoch, best_score = state["history"], state["best_epoch"], state["best_score"]
+        best_state, stale = state["best_state"], state["stale"]
         first_epoch = resumed = state["epoch"] + 1
         logger.info("resuming from %s: epoch %d done, best epoch %d (val macro-F1 %.4f)",
                     state_path, state["epoch"], best_epoch, best_score)
@@ -252,20 +358,18 @@ def finetune(
 
     match = match_genes(adata, model.vocab)
     columns, col_token_ids = match.columns, match.token_ids[match.columns]
-    val_adata = adata[val_rows]
-    n_batches = -(-len(train_rows) // params.batch_size)
-    epoch = first_epoch - 1
     for epoch in range(first_epoch, params.epochs + 1):
         if stopped_early:
             break
         t0 = time.perf_counter()
         torch.manual_seed(params.seed * 100_003 + epoch)
-        _train_mode(model, params.strategy)
+        _train_mode(model, strategy)
+        lr = optimizer.param_groups[0]["lr"]
         total_loss, seen = 0.0, 0
         batches = _training_batches(adata, model, train_rows, params=params, epoch=epoch, columns=columns,
                                     col_token_ids=col_token_ids)
-        for batch in progress(batches, total=len(train_rows), desc=f"epoch {epoch}/{params.epochs}", unit="cells",
-                              size=lambda b: len(b.index)):
+        for batch in progress(batches, total=len(train_rows), desc=f"{strategy} epoch {epoch}/{params.epochs}",
+                              unit="cells", size=lambda b: len(b.index)):
             batch = batch.to(device)
             target = torch.from_numpy(codes[batch.index]).to(device)
             optimizer.zero_grad(set_to_none=True)
@@ -280,16 +384,15 @@ def finetune(
                 nn.utils.clip_grad_norm_(trainable, params.grad_clip)
             scaler.step(optimizer)
             scaler.update()
+            scheduler.step()
             total_loss += loss.item() * len(batch.index)
             seen += len(batch.index)
-        lr = optimizer.param_groups[0]["lr"]
-        scheduler.step()
         row = {"epoch": epoch, "train_loss": total_loss / max(seen, 1), "lr": lr}
-        row.update(_evaluate(model, val_adata, codes[val_rows], params, val_loss_fn, device))
+        row.update(_val_metrics(_logits(model, val_adata, params, device), codes[val_rows], val_loss_fn))
         improved = row["val_macro_f1"] > best_score
         if improved:
             best_epoch, best_score, stale = epoch, row["val_macro_f1"], 0
-            _save_best(model, layout, label_key, categories, params, epoch, row)
+            best_state = _cpu_copy(st.trainable_state_dict(model))
         else:
             stale += 1
         row["best"] = improved
@@ -297,47 +400,129 @@ def finetune(
         row["stopped"] = params.patience > 0 and stale >= params.patience and epoch < params.epochs
         history.append(row)
         logger.info(
-            "epoch %d/%d  train_loss %.4f  val_loss %.4f  val_macro_f1 %.4f  val_accuracy %.4f  lr %.2e  (%.1f s)%s",
-            epoch, params.epochs, row["train_loss"], row["val_loss"], row["val_macro_f1"], row["val_accuracy"],
-            lr, row["seconds"], "  *best*" if improved else "",
+            "%s epoch %d/%d  train_loss %.4f  val_loss %.4f  val_macro_f1 %.4f  val_accuracy %.4f  lr %.2e  (%.1f s)%s",
+            strategy, epoch, params.epochs, row["train_loss"], row["val_loss"], row["val_macro_f1"],
+            row["val_accuracy"], lr, row["seconds"], "  *best*" if improved else "",
         )
-        _save_state(state_path, {
-            "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "history": history,
-            "best_epoch": best_epoch, "best_score": best_score, "stale": stale, "params": _comparable(params),
-        })
-        layout.write_csv(pd.DataFrame(history), layout.history, index=False)
+        if state_path is not None:
+            _save_state(state_path, {
+                "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "history": history,
+                "best_epoch": best_epoch, "best_score": best_score, "best_state": best_state, "stale": stale,
+                "params": _comparable(params, strategy),
+            })
+            layout.write_csv(pd.DataFrame(history), layout.history, index=False)
         if on_epoch_end is not None:
             on_epoch_end(row)
         if row["stopped"]:
             logger.info("early stopping: no better validation macro-F1 for %d epochs", params.patience)
             stopped_early = True
-
-    # end with the best epoch's weights, as saved
-    best = load_model(layout.model_dir, device=device)
-    model.load_state_dict(best.state_dict())
-    model.eval()
-    result = TrainResult(
-        history=pd.DataFrame(history), best_epoch=best_epoch, best_val_macro_f1=best_score,
-        epochs_run=len(history), stopped_early=stopped_early, resumed_from_epoch=resumed,
-        model_dir=layout.model_dir, seconds=round(time.perf_counter() - start_time, 1),
-        trainable_parameters=n_trainable, total_parameters=n_total,
-    )
-    layout.write_json(layout.train_summary, result.summary())
-    logger.info("best epoch %d (val macro-F1 %.4f); model in %s", best_epoch, best_score, layout.model_dir)
-    return result
+    st.load_trainable_state(model, best_state)  # end with the best epoch's weights
+    return history, best_epoch, best_score, stopped_early, resumed
 
 
-def _save_best(model: ScGPT, layout: RunLayout, label_key: str, categories: list[str], params: FinetuneParams,
-               epoch: int, row: dict[str, Any]) -> None:
-    save_checkpoint(model, layout.model_dir)
-    layout.write_json(layout.model_dir / "labels.json", {
-        "label_key": label_key, "categories": categories, "epoch": epoch,
-        "val_macro_f1": row["val_macro_f1"], "strategy": params.strategy,
-    })
+# -- saving and loading fine-tuned models -----------------------------------------------------
+def save_finetuned(
+    model: ScGPT,
+    directory: str | Path,
+    *,
+    strategy: str,
+    config: Any,
+    label_key: str,
+    categories: Sequence[str],
+    genes: Sequence[str],
+    base_checkpoint: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Save what a strategy trained, with a ``manifest.json`` that says how to rebuild the model.
+
+    ``full`` and ``head``: a whole checkpoint in the released layout (loads here and in the official
+    code). Every other strategy: only the trained weights (``trainable.pt``: adapters, prefixes,
+    LoRA / IA3 weights, the head), with the base checkpoint recorded by path and sha256.
+    """
+    from . import strategies as st
+    from .download import sha256_file
+
+    directory = Path(directory)
+    if base_checkpoint is None:
+        base_dir = Path(getattr(model.load_report, "checkpoint_dir", ""))
+        base_checkpoint = {"checkpoint": str(base_dir),
+                           "sha256": sha256_file(base_dir / "best_model.pt") if (base_dir / "best_model.pt").is_file() else None}
+    info = {
+        "strategy": strategy,
+        "strategy_config": config.to_dict() if config is not None else None,
+        "label_key": label_key,
+        "categories": list(categories),
+        "genes": list(genes),
+        "base_checkpoint": {k: base_checkpoint.get(k) for k in ("checkpoint", "sha256", "kind")},
+        **(extra or {}),
+    }
+    if strategy in _FULL_CHECKPOINT:
+        save_checkpoint(model, directory, extra=info)
+    else:
+        directory.mkdir(parents=True, exist_ok=True)
+        state = _cpu_copy(model.cls_decoder.state_dict()) if strategy == "probe" else st.trainable_state_dict(model)
+        if strategy == "probe":
+            state = {f"cls_decoder.{k}": v for k, v in state.items()}
+        tmp = directory / f".{TRAINABLE_FILE}.partial"
+        torch.save(_cpu_copy(state), tmp)
+        tmp.replace(directory / TRAINABLE_FILE)
+        write_manifest(directory, [TRAINABLE_FILE], info)
+    logger.info("saved the %s model to %s", strategy, directory)
+    return directory
 
 
-def load_finetuned(layout: RunLayout, *, device: str = "auto") -> tuple[ScGPT, dict[str, Any]]:
-    """The fine-tuned model of a run and its label record (``label_key``, ``categories``)."""
-    labels = layout.read_json(layout.model_dir / "labels.json", step="02_finetune")
-    return load_model(layout.model_dir, device=device), labels
+def _resolve_base(record: Mapping[str, Any], directory: Path) -> Path:
+    from .download import KNOWN_CHECKPOINTS, download_checkpoint, sha256_file
+
+    path, expected = record.get("checkpoint"), record.get("sha256")
+    base = Path(path or "")
+    if not base.is_dir() and record.get("kind") == "released" and base.name in KNOWN_CHECKPOINTS:
+        base = download_checkpoint(base.name)  # a released model's cache folder is named after it
+    if not (base / "best_model.pt").is_file():
+        msg = (
+            f"the base checkpoint of {directory} ({path}) is not there; the saved model holds only what was "
+            "trained on top of it. Put the base checkpoint back at that path."
+        )
+        raise CheckpointError(msg)
+    found = sha256_file(base / "best_model.pt")
+    if expected and found != expected:
+        msg = (
+            f"the base checkpoint {base} has sha256 {found[:16]}..., but {directory} was trained on one with "
+            f"{expected[:16]}...: the adapter weights would be applied to another model. Use the checkpoint "
+            "it was trained on."
+        )
+        raise CheckpointError(msg)
+    return base
+
+
+def load_finetuned(directory: str | Path, *, device: str | torch.device = "auto") -> tuple[ScGPT, dict[str, Any]]:
+    """A model saved by :func:`save_finetuned` and its manifest (``strategy``, ``categories``, ``label_key``...)."""
+    from . import strategies as st
+
+    directory = Path(directory)
+    manifest_path = directory / "manifest.json"
+    if not manifest_path.is_file():
+        msg = f"{manifest_path} does not exist: {directory} holds no fine-tuned model; run 02_finetune first."
+        raise FileNotFoundError(msg)
+    manifest = json.loads(manifest_path.read_text())
+    strategy = manifest.get("strategy")
+    if strategy is None:
+        msg = f"{manifest_path} has no 'strategy': {directory} is a plain checkpoint; use load_model."
+        raise CheckpointError(msg)
+    n_classes = len(manifest["categories"])
+    if strategy in _FULL_CHECKPOINT:
+        return load_model(directory, device=device), manifest
+    base = _resolve_base(manifest["base_checkpoint"], directory)
+    model = load_model(base, n_classes=n_classes, device="cpu")
+    state = torch.load(directory / TRAINABLE_FILE, map_location="cpu", weights_only=True)
+    if strategy == "probe":
+        model.cls_decoder = ProbeHead(model.config.d_model, n_classes)
+        model.cls_decoder.load_state_dict({k.removeprefix("cls_decoder."): v for k, v in state.items()})
+        model.requires_grad_(False)
+    else:
+        config_cls = st.STRATEGY_CONFIGS.get(strategy)
+        config = config_cls.from_dict(manifest["strategy_config"]) if config_cls else None
+        st.apply_strategy(model, strategy, config)
+        st.load_trainable_state(model, state)
+    return model.to(resolve_device(device)).eval(), manifest

@@ -49,7 +49,8 @@ def test_artifacts_of_every_step(ci_run):
 
     history = pd.read_csv(layout.history)
     assert list(history["epoch"]) == [1, 2]
-    assert json.loads((layout.model_dir / "labels.json").read_text())["categories"]
+    manifest = json.loads((layout.model_dir / "manifest.json").read_text())
+    assert manifest["strategy"] == "full" and len(manifest["categories"]) == 10
 
     predictions = pd.read_csv(layout.predictions, index_col=0)
     assert len(predictions) == n_test and predictions.index.is_unique  # one prediction per test cell
@@ -123,8 +124,23 @@ def test_notebooks_run_interactively_cell_by_cell(tmp_path):
     assert layout.metrics.is_file() and layout.zeroshot_metrics.is_file()
 
 
-def test_cli_reports_bad_input_with_exit_code_2(tmp_path, capsys):
+def test_cli_reports_bad_input_with_exit_code_2(tmp_path, caplog):
     from scgpt_protocol.cli import main
 
     assert main(["run", str(tmp_path / "no-such-params"), "--run-dir", str(tmp_path / "run")]) == 2
-    assert "parameter folder" in capsys.readouterr().out
+    assert "error: parameter folder" in caplog.text and "does not exist" in caplog.text
+
+
+def test_plain_papermill_with_a_misspelt_parameter_fails(tmp_path):
+    """papermill only warns on unknown parameters; the notebook itself refuses them."""
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    with pytest.raises(PapermillExecutionError) as err:  # papermill itself only logs a warning
+        papermill.execute_notebook(
+            str(ROOT / "notebooks" / "01_preprocess.ipynb"), str(tmp_path / "out.ipynb"),
+            parameters={"run_dir": str(tmp_path / "run"), "labelkey": "bulk_labels"}, progress_bar=False,
+        )
+    assert err.value.ename == "ParamsError"
+    assert "unknown parameter(s) 'labelkey' (did you mean 'label_key'?)" in err.value.evalue
+    assert not (tmp_path / "run" / "data").exists()  # nothing was written

@@ -47,8 +47,10 @@ def test_full_training_writes_best_model_history_and_summary(split_pbmc, categor
     assert result.history["train_loss"].notna().all() and (result.history["lr"].diff().dropna() < 0).all()
     assert result.best_epoch == int(result.history.loc[result.history["val_macro_f1"].idxmax(), "epoch"])
     assert result.trainable_parameters == result.total_parameters
-    saved, labels = load_finetuned(layout, device="cpu")
-    assert labels["categories"] == categories and labels["epoch"] == result.best_epoch
+    saved, manifest = load_finetuned(layout.model_dir, device="cpu")
+    assert manifest["categories"] == categories and manifest["best_epoch"] == result.best_epoch
+    assert manifest["strategy"] == "full" and manifest["base_checkpoint"]["sha256"]
+    assert (layout.model_dir / "best_model.pt").is_file()  # full: the released layout, loadable elsewhere
     for key, value in saved.state_dict().items():  # the returned model holds the best epoch's weights
         assert torch.equal(value, model.state_dict()[key]), key
     assert layout.history.is_file() and json.loads(layout.train_summary.read_text())["best_epoch"] == result.best_epoch
