@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 from scgpt_protocol.checkpoint import SPECIAL_TOKENS, load_model, make_tiny_checkpoint  # noqa: E402
 from scgpt_protocol.device import autocast, resolve_device  # noqa: E402
-from scgpt_protocol.embedding import embed, iter_batches  # noqa: E402
+from scgpt_protocol.embedding import default_max_tokens, embed, iter_batches  # noqa: E402
 
 # embed()'s own batching defaults, so that iter_batches here makes the very batches embed runs
 _EMBED_PARAMS = inspect.signature(embed).parameters
@@ -118,7 +118,8 @@ def measure(a: argparse.Namespace) -> dict:
     device = resolve_device(a.device)
     model = load_model(a.worker_ckpt, device=device)
     adata = anndata.read_h5ad(a.data)[: a.n_cells].copy()
-    kw = {"max_seq_len": a.max_seq_len, "batch_size": a.batch_size, "max_tokens": a.max_tokens}
+    max_tokens = a.max_tokens if a.max_tokens is not None else default_max_tokens(device)
+    kw = {"max_seq_len": a.max_seq_len, "batch_size": a.batch_size, "max_tokens": max_tokens}
     dims = {"d": model.config.d_model, "d_hid": model.config.d_hid, "nlayers": model.config.nlayers}
 
     stats: dict = {}
@@ -127,7 +128,7 @@ def measure(a: argparse.Namespace) -> dict:
     padded = sum(encoder_flops(b.gene_ids.numel(), b.gene_ids.shape[1], **dims) for b in batches)
     useful = sum(encoder_flops(n, n, **dims) for b in batches for n in (~b.padding_mask).sum(1).tolist())
     n = adata.n_obs
-    res = {"n_cells": n, "n_batches": len(batches), "tokens_per_cell": stats["n_tokens"] / n,
+    res = {"n_cells": n, "n_batches": len(batches), "max_tokens": max_tokens, "tokens_per_cell": stats["n_tokens"] / n,
            "padded_tokens_per_cell": stats["n_padded"] / n, "flops_per_cell": padded / n,
            "useful_flops_per_cell": useful / n}
 
@@ -204,7 +205,7 @@ def report(a: argparse.Namespace, n_params: int, m: dict, q: dict) -> dict:
         ("machine", machine),
         ("model", f"{n_params:,} parameters in best_model.pt (d_model 512, 12 layers, 8 heads, d_hid 512)"),
         ("data", f"{n} cells, max_seq_len {a.max_seq_len}, batch_size {a.batch_size}, "
-                 f"max_tokens {a.max_tokens}: {m['n_batches']} batches"),
+                 f"max_tokens {m['max_tokens']:,}: {m['n_batches']} batches"),
         ("tokens / cell", f"{m['tokens_per_cell']:.1f} non-padding, {m['padded_tokens_per_cell']:.1f} padded "
                           f"({pad:.1%} padding)"),
         ("GFLOP / cell", f"{m['flops_per_cell'] / GB:.1f} computed, "

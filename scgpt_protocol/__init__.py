@@ -22,6 +22,18 @@ _EXPORTS = {
     "download_checkpoint": "download",
     "bin_values": "binning",
     "resolve_device": "device",
+    "embed": "embedding",
+    "predict": "predict",
+    "inspect_annotation_data": "annotation",
+    "adapt_annotation": "annotation",
+    "AnnotationRunner": "annotation",
+    "LoRAConfig": "strategies",
+    "IA3Config": "strategies",
+    "AdapterConfig": "strategies",
+    "PrefixTuningConfig": "strategies",
+    "STRATEGIES": "strategies",
+    "FinetuneParams": "params",
+    "run_protocol": "runner",
 }
 
 __all__ = ["__version__", "REPOSITORY", *_EXPORTS]

@@ -81,7 +81,11 @@ def progress_mode() -> str:
         shell = get_ipython()
     except ImportError:
         shell = None
-    if shell is not None and type(shell).__name__ == "ZMQInteractiveShell":
+    try:  # JupyterLab, Notebook and Colab (whose shell subclasses ipykernel's)
+        from ipykernel.zmqshell import ZMQInteractiveShell
+    except ImportError:
+        ZMQInteractiveShell = None  # noqa: N806
+    if shell is not None and ZMQInteractiveShell is not None and isinstance(shell, ZMQInteractiveShell):
         try:
             import ipywidgets  # noqa: F401
         except ImportError:

@@ -41,6 +41,14 @@ def _f(default: Any, help: str, *, choices: tuple | None = None, min: float | No
     return field(default=default, metadata={"help": help, "choices": choices, "min": min, "max": max})
 
 
+def _device() -> Any:
+    return _f("auto", "'auto' (cuda, mps, cpu), 'cpu', 'cuda' or 'mps'")
+
+
+def _max_seq_len() -> Any:
+    return _f(1200, "tokens per cell including <cls>", min=2)
+
+
 @dataclass
 class StepParams:
     """Fields shared by every step."""
@@ -209,13 +217,13 @@ class FinetuneParams(StepParams):
     weight_decay: float = _f(0.0, "AdamW weight decay (0: plain Adam, as published)", min=0.0)
     warmup_ratio: float = _f(0.0, "share of all training steps with a linear learning-rate warm-up", min=0.0, max=0.5)
     batch_size: int = _f(32, "cells per training step", min=1)
-    max_seq_len: int = _f(1200, "tokens per cell including <cls>", min=2)
+    max_seq_len: int = _max_seq_len()
     grad_clip: float = _f(1.0, "gradient norm clipping", min=0.0)
     class_weighted: bool = _f(False, "weight the loss by inverse class frequency")
     patience: int = _f(3, "stop after this many epochs without a better validation macro-F1 (0: never)", min=0)
     amp: bool = _f(True, "mixed precision on GPU (ignored on CPU)")
     resume: bool = _f(True, "continue from the last finished epoch if a previous run was interrupted")
-    device: str = _f("auto", "'auto' (cuda, mps, cpu), 'cpu', 'cuda' or 'mps'")
+    device: str = _device()
     lora_r: int = _f(8, "lora: rank of the low-rank updates", min=1)
     lora_alpha: float = _f(16.0, "lora: scaling numerator (updates are scaled by alpha / r)", min=0.0)
     adapter_bottleneck: int = _f(64, "adapter: hidden size of the bottleneck adapters", min=1)
@@ -238,9 +246,9 @@ class EvaluateParams(StepParams):
     query_path: Optional[str] = _f(None, "an extra labelled .h5ad to evaluate on (None: test split only)")
     query_label_key: Optional[str] = _f(None, "label column of the query (None: the run's label_key)")
     batch_size: int = _f(64, "cells per forward pass", min=1)
-    max_seq_len: int = _f(1200, "tokens per cell including <cls>", min=2)
+    max_seq_len: int = _max_seq_len()
     baseline: bool = _f(True, "also fit a logistic-regression baseline on the same split")
-    device: str = _f("auto", "'auto' (cuda, mps, cpu), 'cpu', 'cuda' or 'mps'")
+    device: str = _device()
 
 
 @dataclass
@@ -255,8 +263,8 @@ class ZeroshotParams(StepParams):
     label_key: Optional[str] = _f(None, "label column in reference/query (None: the run's label_key)")
     k: int = _f(10, "neighbours for the vote", min=1)
     batch_size: int = _f(64, "cells per forward pass", min=1)
-    max_seq_len: int = _f(1200, "tokens per cell including <cls>", min=2)
-    device: str = _f("auto", "'auto' (cuda, mps, cpu), 'cpu', 'cuda' or 'mps'")
+    max_seq_len: int = _max_seq_len()
+    device: str = _device()
 
 
 STEPS: dict[str, type[StepParams]] = {

@@ -94,11 +94,12 @@ def _class_weights(codes: np.ndarray, n_classes: int) -> torch.Tensor:
     return torch.tensor(weights, dtype=torch.float32)
 
 
-def _train_mode(model: ScGPT, strategy: str) -> None:
+def set_train_mode(model: ScGPT, strategy: str) -> None:
     """Dropout where weights are trained; a frozen encoder runs in eval mode (fixed features)."""
-    if strategy == "head":
+    if strategy in ("head", "probe"):
         model.eval()
-        model.cls_decoder.train()
+        if strategy == "head":
+            model.cls_decoder.train()
     else:
         model.train()
 
@@ -363,7 +364,7 @@ def _train_epochs(model: ScGPT, adata: AnnData, params: FinetuneParams, strategy
             break
         t0 = time.perf_counter()
         torch.manual_seed(params.seed * 100_003 + epoch)
-        _train_mode(model, strategy)
+        set_train_mode(model, strategy)
         lr = optimizer.param_groups[0]["lr"]
         total_loss, seen = 0.0, 0
         batches = _training_batches(adata, model, train_rows, params=params, epoch=epoch, columns=columns,

@@ -185,3 +185,12 @@ def test_full_size_tiny_checkpoint_has_released_parameter_count(tmp_path):
 def test_make_tiny_checkpoint_rejects_duplicate_genes(tmp_path):
     with pytest.raises(ValueError, match="duplicates"):
         make_tiny_checkpoint(tmp_path, ["A", "B", "A"])
+
+
+def test_public_api_is_importable_from_the_package():
+    import scgpt_protocol as sp
+
+    for name in sp.__all__:
+        assert getattr(sp, name) is not None, name
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        sp.nope  # noqa: B018

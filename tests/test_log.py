@@ -1,0 +1,42 @@
+"""Progress display modes and logging set-up."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from scgpt_protocol.layout import RunLayout
+from scgpt_protocol.log import progress, progress_mode, setup_logging
+
+
+@pytest.mark.parametrize("forced", ["text", "widget", "off"])
+def test_environment_variable_forces_the_mode(monkeypatch, forced):
+    monkeypatch.setenv("SCGPT_PROTOCOL_PROGRESS", forced)
+    assert progress_mode() == forced
+
+
+def test_outside_a_notebook_progress_is_text(monkeypatch):
+    monkeypatch.delenv("SCGPT_PROTOCOL_PROGRESS", raising=False)
+    assert progress_mode() == "text"
+
+
+def test_text_progress_logs_a_final_line_with_counts(monkeypatch, caplog):
+    monkeypatch.setenv("SCGPT_PROTOCOL_PROGRESS", "text")
+    caplog.set_level(logging.INFO, logger="scgpt_protocol")
+    items = list(progress(iter([[1, 2], [3]]), total=3, desc="work", unit="cells", size=len))
+    assert items == [[1, 2], [3]]
+    assert "work: 3 cells in 0:00:00" in caplog.text
+
+
+def test_setup_logging_writes_the_step_log_once(tmp_path):
+    layout = RunLayout(tmp_path)
+    setup_logging(layout, "demo")
+    setup_logging(layout, "demo")  # re-running the cell adds no second file handler
+    logging.getLogger("scgpt_protocol.test").info("hello from a step")
+    handlers = [h for h in logging.getLogger("scgpt_protocol").handlers if isinstance(h, logging.FileHandler)]
+    assert len(handlers) == 1
+    handlers[0].flush()
+    assert "hello from a step" in layout.step_log("demo").read_text()
+    logging.getLogger("scgpt_protocol").removeHandler(handlers[0])
+    handlers[0].close()
