@@ -202,9 +202,12 @@ class AnnotationRunner:
 
     # -- using the best model --
     def _require_model(self) -> ScGPT:
+        """The best model, on the runner's device (kept on the CPU between uses)."""
+        from .device import resolve_device
+
         if self.model is None:
             raise RuntimeError("no model yet: call fit() first, or AnnotationRunner.load(directory).")
-        return self.model
+        return self.model.to(resolve_device(self.params.device))
 
     def predict(self, adata: AnnData) -> Prediction:
         """Labels, confidences and fine-tuned embeddings of the best model for ``adata``."""
@@ -324,10 +327,11 @@ def adapt_annotation(
     """
     from .preprocess import prepare
 
-    pre_fields, ft_fields = set(PreprocessParams.field_names()), set(FinetuneParams.field_names())
+    fixed = {"run_dir", "mount_drive", "label_key", "checkpoint"}  # set by the arguments above
+    pre_fields, ft_fields = set(PreprocessParams.field_names()) - fixed, set(FinetuneParams.field_names()) - fixed
     unknown = sorted(set(overrides) - pre_fields - ft_fields)
     if unknown:
-        msg = f"unknown setting(s) {unknown}; valid: {sorted((pre_fields | ft_fields) - {'run_dir', 'mount_drive'})}."
+        msg = f"unknown setting(s) {unknown}; valid: {sorted(pre_fields | ft_fields)}."
         raise ParamsError(msg)
     out = Path(output_dir)
     record = _checkpoint_record(checkpoint)

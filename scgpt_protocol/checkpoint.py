@@ -34,6 +34,7 @@ __all__ = [
     "make_tiny_checkpoint",
     "read_vocab",
     "write_manifest",
+    "torch_save_atomic",
     "CHECKPOINT_FILES",
     "SPECIAL_TOKENS",
 ]
@@ -380,6 +381,21 @@ def _atomic_write(path: Path, write: Any) -> None:
         raise
 
 
+def torch_save_atomic(obj: Any, path: Path) -> Path:
+    """``torch.save`` through a temporary file, then rename; byte-identical for identical content.
+
+    Saving to a file object (not a path) makes the zip's inner folder ``archive/`` rather than the
+    (temporary) file name, so the same weights always give the same sha256.
+    """
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+
+    _atomic_write(path, write)
+    return path
+
+
 def _write_checkpoint(
     directory: Path,
     args: Mapping[str, Any],
@@ -391,7 +407,7 @@ def _write_checkpoint(
     _atomic_write(directory / "args.json", lambda p: p.write_text(json.dumps(args, indent=2) + "\n"))
     _atomic_write(directory / "vocab.json", lambda p: p.write_text(json.dumps(vocab, indent=1) + "\n"))
     cpu_state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    _atomic_write(directory / "best_model.pt", lambda p: torch.save(cpu_state, p))
+    torch_save_atomic(cpu_state, directory / "best_model.pt")
     if manifest_extra is not None:
         write_manifest(directory, CHECKPOINT_FILES, {
             "format": "scgpt checkpoint folder (args.json, vocab.json, best_model.pt)", **manifest_extra,

@@ -27,7 +27,7 @@ import scipy.sparse as sp
 import torch
 from torch import nn
 
-from .checkpoint import load_model, save_checkpoint, write_manifest
+from .checkpoint import load_model, save_checkpoint, torch_save_atomic, write_manifest
 from .device import PeakMemory, resolve_device
 from .embedding import embed, iter_batches
 from .errors import CheckpointError
@@ -46,8 +46,8 @@ logger = logging.getLogger(__name__)
 
 #: parameters that may change between an interrupted run and its resumption
 _RESUMABLE_CHANGES = {"epochs", "resume", "device", "run_dir", "strategies", "mount_drive"}
-#: strategies whose saved model is a full checkpoint in the released layout
-_FULL_CHECKPOINT = ("full", "head")
+#: strategies whose saved model is a whole checkpoint in the released layout (the others save what they trained)
+_FULL_CHECKPOINT = ("full",)
 TRAINABLE_FILE = "trainable.pt"
 
 
@@ -158,13 +158,6 @@ def _comparable(params: FinetuneParams, strategy: str) -> dict[str, Any]:
     out = {k: v for k, v in params.to_dict().items() if k not in _RESUMABLE_CHANGES}
     out["strategy"] = strategy
     return out
-
-
-def _save_state(path: Path, state: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    torch.save(state, tmp)
-    tmp.replace(path)
 
 
 def _cpu_copy(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -406,12 +399,13 @@ def _train_epochs(model: ScGPT, adata: AnnData, params: FinetuneParams, strategy
             row["val_accuracy"], lr, row["seconds"], "  *best*" if improved else "",
         )
         if state_path is not None:
-            _save_state(state_path, {
+            state_path.parent.mkdir(parents=True, exist_ok=True)
+            torch_save_atomic({
                 "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "history": history,
                 "best_epoch": best_epoch, "best_score": best_score, "best_state": best_state, "stale": stale,
                 "params": _comparable(params, strategy),
-            })
+            }, state_path)
             layout.write_csv(pd.DataFrame(history), layout.history, index=False)
         if on_epoch_end is not None:
             on_epoch_end(row)
@@ -437,9 +431,10 @@ def save_finetuned(
 ) -> Path:
     """Save what a strategy trained, with a ``manifest.json`` that says how to rebuild the model.
 
-    ``full`` and ``head``: a whole checkpoint in the released layout (loads here and in the official
-    code). Every other strategy: only the trained weights (``trainable.pt``: adapters, prefixes,
-    LoRA / IA3 weights, the head), with the base checkpoint recorded by path and sha256.
+    ``full``: a whole checkpoint in the released layout (loads here and in the official code). Every
+    other strategy: only the trained weights (``trainable.pt``: the head, adapters, prefixes, LoRA / IA3
+    weights), with the base checkpoint recorded by path and sha256. (A ``head`` model also exports to
+    the released layout with :func:`~scgpt_protocol.checkpoint.save_checkpoint`.)
     """
     from . import strategies as st
     from .download import sha256_file
@@ -465,9 +460,7 @@ def save_finetuned(
         state = _cpu_copy(model.cls_decoder.state_dict()) if strategy == "probe" else st.trainable_state_dict(model)
         if strategy == "probe":
             state = {f"cls_decoder.{k}": v for k, v in state.items()}
-        tmp = directory / f".{TRAINABLE_FILE}.partial"
-        torch.save(_cpu_copy(state), tmp)
-        tmp.replace(directory / TRAINABLE_FILE)
+        torch_save_atomic(_cpu_copy(state), directory / TRAINABLE_FILE)
         write_manifest(directory, [TRAINABLE_FILE], info)
     logger.info("saved the %s model to %s", strategy, directory)
     return directory

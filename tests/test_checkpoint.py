@@ -194,3 +194,9 @@ def test_public_api_is_importable_from_the_package():
         assert getattr(sp, name) is not None, name
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         sp.nope  # noqa: B018
+
+
+def test_same_weights_give_the_same_sha256(tmp_path):
+    a = make_tiny_checkpoint(tmp_path / "a", ["CD3E", "LYZ"], d_model=16, nheads=2, d_hid=32, nlayers=1)
+    b = make_tiny_checkpoint(tmp_path / "b", ["CD3E", "LYZ"], d_model=16, nheads=2, d_hid=32, nlayers=1)
+    assert sha256_file(a / "best_model.pt") == sha256_file(b / "best_model.pt")
