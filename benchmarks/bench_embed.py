@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 from scgpt_protocol.checkpoint import SPECIAL_TOKENS, load_model, make_tiny_checkpoint  # noqa: E402
-from scgpt_protocol.device import autocast, resolve_device  # noqa: E402
+from scgpt_protocol.device import amp_dtype, autocast, resolve_device  # noqa: E402
 from scgpt_protocol.embedding import default_max_tokens, embed, iter_batches  # noqa: E402
 
 # embed()'s own batching defaults, so that iter_batches here makes the very batches embed runs
@@ -158,7 +158,7 @@ def measure(a: argparse.Namespace) -> dict:
     tokens = int(np.median([b.gene_ids.numel() for b in batches]))
     dtype = torch.float32  # what embed computes in: autocast is bf16 (else fp16) on CUDA, off elsewhere
     if device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        dtype = amp_dtype(device)
     res["compute_dtype"] = str(dtype).removeprefix("torch.")
     res["matmul"] = {"float32": matmul_rate(device, torch.float32, tokens)}
     if dtype != torch.float32:

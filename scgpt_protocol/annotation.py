@@ -27,7 +27,8 @@ from .errors import GeneMatchError
 from .evaluate import BASELINE_METHOD, classification_metrics, confusion, logistic_regression_baseline
 from .params import STRATEGY_NAMES, FinetuneParams, ParamsError, PreprocessParams
 from .predict import Prediction, predict
-from .train import TrainResult, finetune, load_finetuned, save_finetuned, strategy_config
+from .layout import RunLayout
+from .train import TrainResult, data_fingerprint, finetune, load_finetuned, save_finetuned, strategy_config
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -43,15 +44,22 @@ logger = logging.getLogger(__name__)
 MIN_GENE_OVERLAP = 0.5
 
 
-def _checkpoint_record(checkpoint: str | Path) -> dict[str, Any]:
-    """Resolve ``"whole-human"`` (download) or a folder; return ``{"checkpoint", "sha256", "kind"}``."""
-    from .download import KNOWN_CHECKPOINTS, download_checkpoint, sha256_file
+def _checkpoint_dir(checkpoint: str | Path) -> Path:
+    """``"whole-human"`` (downloaded once into the cache) or a checkpoint folder."""
+    from .download import KNOWN_CHECKPOINTS, download_checkpoint
 
     released = str(checkpoint) in KNOWN_CHECKPOINTS and not Path(checkpoint).exists()
-    path = download_checkpoint(str(checkpoint)) if released else Path(checkpoint)
-    read_vocab(path)  # a clear error when it is not a checkpoint folder
+    return download_checkpoint(str(checkpoint)) if released else Path(checkpoint)
+
+
+def _checkpoint_record(checkpoint: str | Path) -> dict[str, Any]:
+    """``{"checkpoint", "sha256", "kind"}`` of a checkpoint (a clear error when it is not one)."""
+    from .download import KNOWN_CHECKPOINTS, sha256_file
+
+    path = _checkpoint_dir(checkpoint)
+    read_vocab(path)
     return {"checkpoint": str(path), "sha256": sha256_file(path / "best_model.pt"),
-            "kind": "released" if released else "folder"}
+            "kind": "released" if str(checkpoint) in KNOWN_CHECKPOINTS and path != Path(checkpoint) else "folder"}
 
 
 def inspect_annotation_data(
@@ -62,7 +70,7 @@ def inspect_annotation_data(
     and the smallest class, counts or log-normalised values, and warnings. Prints readably in a notebook."""
     from .preprocess import inspect_adata
 
-    vocab = read_vocab(_checkpoint_record(checkpoint)["checkpoint"])
+    vocab = read_vocab(_checkpoint_dir(checkpoint))
     return inspect_adata(adata, label_key=label_key, vocab=vocab, batch_key=batch_key, layer=layer,
                          gene_symbol_key=gene_symbol_key)
 
@@ -125,9 +133,14 @@ class AnnotationRunner:
 
     def _fit_one(self, strategy: str, test: AnnData, output_dir: Path | None) -> tuple[StrategyOutcome, ScGPT]:
         directory = output_dir / "strategies" / strategy if output_dir else None
+        fingerprint = data_fingerprint(self.adata, self.label_key, self.categories,
+                                       base_sha256=self.base_checkpoint.get("sha256"))
         if directory is not None and (directory / "outcome.json").is_file():
-            saved = json.loads((directory / "outcome.json").read_text())
-            if saved.get("training") == self.params.to_dict():
+            try:
+                saved = json.loads((directory / "outcome.json").read_text())
+            except json.JSONDecodeError:
+                saved = {}
+            if saved.get("training") == self.params.to_dict() and saved.get("data") == fingerprint:
                 logger.info("%s: reusing the model saved in %s", strategy, directory)
                 model, _ = load_finetuned(directory, device=self.params.device)
                 train = TrainResult(**{**saved["train"], "history": pd.DataFrame(saved["history"]),
@@ -147,15 +160,17 @@ class AnnotationRunner:
                            extra={"training": self.params.to_dict(), "val_macro_f1": result.best_val_macro_f1})
             saved_bytes = sum(f.stat().st_size for f in directory.iterdir() if f.is_file())
             result.model_dir = directory
-            record = {"training": self.params.to_dict(), "train": result.summary() | {"model_dir": None},
+            record = {"training": self.params.to_dict(), "data": fingerprint,
+                      "train": result.summary() | {"model_dir": None},
                       "history": result.history.to_dict(orient="list"), "test_metrics": metrics,
                       "saved_bytes": saved_bytes}
-            (directory / "outcome.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+            RunLayout(directory).write_json(directory / "outcome.json", record)
         return StrategyOutcome(strategy, result, metrics, saved_bytes, directory), model.cpu()
 
-    def _predict_with(self, model: ScGPT, adata: AnnData, desc: str = "predicting") -> Prediction:
+    def _predict_with(self, model: ScGPT, adata: AnnData, desc: str = "predicting",
+                      genes: Sequence[str] | None = None) -> Prediction:
         return predict(model, adata, categories=self.categories, batch_size=self.params.batch_size * 2,
-                       max_seq_len=self.params.max_seq_len, seed=self.params.seed, desc=desc)
+                       max_seq_len=self.params.max_seq_len, seed=self.params.seed, desc=desc, genes=genes)
 
     def fit_baseline(self) -> dict[str, Any]:
         """Logistic regression on log1p-CP10k HVGs of the same split (the row every comparison shows)."""
@@ -196,7 +211,7 @@ class AnnotationRunner:
             "strategy_config": (cfg.to_dict() if (cfg := strategy_config(self.params, strategy)) else None) if strategy else None,
             "label_key": self.label_key, "categories": self.categories, "genes": list(self.adata.var_names),
             "base_checkpoint": self.base_checkpoint, "training": self.params.to_dict(),
-            "split_seed": split.get("seed", self.params.seed) if isinstance(split, Mapping) else self.params.seed,
+            "split_seed": (split.get("params") or {}).get("seed") if isinstance(split, Mapping) else None,
             "versions": package_versions(),
         }
 
@@ -221,7 +236,7 @@ class AnnotationRunner:
                 "symbols in var_names (for Ensembl ids, set var_names to a symbol column first)."
             )
             raise GeneMatchError(msg)
-        return self._predict_with(model, adata)
+        return self._predict_with(model, adata, genes=genes)
 
     def annotate_adata(self, adata: AnnData, obs_key: str = "scgpt_label", embedding_key: str = "X_scgpt") -> None:
         """Write labels (``obs[obs_key]``), codes, confidences and embeddings into ``adata`` (in place)."""
@@ -253,7 +268,6 @@ class AnnotationRunner:
     def write_bundle(self, output_dir: str | Path) -> dict[str, Path]:
         """comparison.csv / comparison.md, and the best model's confusion matrix and per-class F1 plots."""
         from .plotting import plot_confusion, plot_per_class_f1
-        from .layout import RunLayout
 
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,7 @@ from typing import Any, Iterator
 
 import torch
 
-__all__ = ["resolve_device", "autocast", "PeakMemory"]
+__all__ = ["resolve_device", "autocast", "amp_dtype", "PeakMemory"]
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -38,14 +38,20 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return resolved
 
 
+def amp_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16 on GPUs that run it natively (Ampere and newer), float16 before (Colab's T4, V100)."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8:
+        return torch.bfloat16
+    return torch.float16
+
+
 @contextlib.contextmanager
 def autocast(device: torch.device, enabled: bool = True) -> Iterator[None]:
-    """Mixed precision on GPU (bfloat16 where supported, else float16); a no-op on CPU."""
+    """Mixed precision on GPU (:func:`amp_dtype`); a no-op on CPU."""
     if not enabled or device.type != "cuda":
         yield
         return
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    with torch.autocast(device_type="cuda", dtype=dtype):
+    with torch.autocast(device_type="cuda", dtype=amp_dtype(device)):
         yield
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -19,6 +19,7 @@ from .tokenize import (
     get_matrix,
     iter_row_chunks,
     length_sorted_batches,
+    gene_symbols,
     match_genes,
     tokenize_rows,
 )
@@ -50,13 +51,18 @@ def iter_batches(
     chunk_size: int = 4096,
     max_tokens: int | None = None,
     stats: dict | None = None,
+    genes: Sequence[str] | None = None,
 ) -> Iterator[Batch]:
     """Yield padded model inputs for every cell of ``adata``, grouped by length within chunks.
 
     Each batch's ``index`` gives the row numbers of its cells. ``stats`` (if given) receives
-    ``n_empty`` (cells with no expressed matched gene) and ``n_tokens`` / ``n_padded``.
+    ``n_empty`` (cells with no expressed matched gene) and ``n_tokens`` / ``n_padded``. ``genes``
+    restricts the input to these gene symbols (a fine-tuned model's training genes).
     """
     match = match_genes(adata, model.vocab, gene_symbol_key=gene_symbol_key)
+    if genes is not None:
+        outside = ~np.isin(np.asarray(gene_symbols(adata, gene_symbol_key)), np.asarray(list(genes), dtype=object))
+        match.token_ids[outside] = -1
     columns = match.columns
     col_token_ids = match.token_ids[columns]
     config = model.config

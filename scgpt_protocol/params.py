@@ -234,6 +234,8 @@ class FinetuneParams(StepParams):
             bad = [s for s in self.strategies if s not in STRATEGY_NAMES]
             if not self.strategies or bad:
                 self._fail("strategies", self.strategies, f"a non-empty list of {list(STRATEGY_NAMES)}")
+        if self.lora_alpha <= 0:
+            self._fail("lora_alpha", self.lora_alpha, "> 0")
 
 
 @dataclass

@@ -43,10 +43,12 @@ def predict(
     layer: str | None = None,
     gene_symbol_key: str | None = None,
     desc: str = "predicting",
+    genes: Sequence[str] | None = None,
 ) -> Prediction:
     """Predict cell types with a model that has a classification head.
 
-    ``categories[i]`` is the label of class ``i`` (saved with the fine-tuned model).
+    ``categories[i]`` is the label of class ``i`` (saved with the fine-tuned model). ``genes`` (the
+    model's training genes, ``manifest["genes"]``) keeps the input to the genes it was trained on.
     """
     if model.cls_decoder is None:
         msg = "the model has no classification head; fine-tune it first (02_finetune) or load a fine-tuned checkpoint."
@@ -62,7 +64,7 @@ def predict(
     was_training = model.training
     model.eval()
     batches = iter_batches(adata, model, max_seq_len=max_seq_len, batch_size=batch_size, seed=seed,
-                           layer=layer, gene_symbol_key=gene_symbol_key)
+                           layer=layer, gene_symbol_key=gene_symbol_key, genes=genes)
     try:
         with torch.inference_mode(), autocast(device):
             for batch in progress(batches, total=adata.n_obs, desc=desc, unit="cells", size=lambda b: len(b.index)):

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from .download import KNOWN_CHECKPOINTS
 from .layout import RunLayout
 from .params import STEPS, ParamsError, load_params_file
 
@@ -89,8 +90,8 @@ def _load_overrides(params_dir: Path, steps: list[str], run_dir: Path, cwd: Path
         values = load_params_file(path, STEPS[step]) if path.is_file() else {}
         for key in _PATH_PARAMS:
             value = values.get(key)
-            if isinstance(value, str) and value not in {"demo", "whole-human"} and not Path(value).is_absolute():
-                values[key] = str((cwd / value).resolve())
+            if isinstance(value, str) and value not in {"demo", *KNOWN_CHECKPOINTS}:
+                values[key] = str((cwd / Path(value).expanduser()).resolve())
         values["run_dir"] = str(run_dir)
         STEPS[step].from_mapping(values, source=str(path))  # values checked before any notebook runs
         out[step] = values

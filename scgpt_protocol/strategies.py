@@ -42,6 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from .model import ScGPT
+from .params import STRATEGY_NAMES
 
 __all__ = [
     "STRATEGIES",
@@ -66,7 +67,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-STRATEGIES = ("probe", "head", "full", "lora", "adapter", "prefix_tuning", "ia3")
+STRATEGIES = STRATEGY_NAMES  # one list, kept in params (no torch import there)
 
 STRATEGY_INFO: dict[str, str] = {
     "probe": "nothing in the network is trained (a logistic regression on frozen <cls> embeddings, "

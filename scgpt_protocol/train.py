@@ -28,8 +28,8 @@ import torch
 from torch import nn
 
 from .checkpoint import load_model, save_checkpoint, torch_save_atomic, write_manifest
-from .device import PeakMemory, resolve_device
-from .embedding import embed, iter_batches
+from .device import PeakMemory, amp_dtype, autocast, resolve_device
+from .embedding import iter_batches
 from .errors import CheckpointError
 from .layout import RunLayout
 from .log import progress
@@ -40,7 +40,7 @@ from .tokenize import Batch, check_expression, collate, match_genes, tokenize_ro
 if TYPE_CHECKING:
     from anndata import AnnData
 
-__all__ = ["TrainResult", "finetune", "strategy_config", "save_finetuned", "load_finetuned"]
+__all__ = ["TrainResult", "finetune", "strategy_config", "save_finetuned", "load_finetuned", "data_fingerprint"]
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ def _training_batches(
 def _logits(model: ScGPT, adata: AnnData, params: FinetuneParams, device: torch.device) -> np.ndarray:
     model.eval()
     logits = np.zeros((adata.n_obs, model.cls_decoder.out_layer.out_features), dtype=np.float32)
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast(device, enabled=params.amp):  # as predict() does
         for batch in iter_batches(adata, model, max_seq_len=params.max_seq_len, batch_size=params.batch_size * 2,
                                   seed=params.seed):
             batch = batch.to(device)
@@ -154,9 +154,29 @@ def _val_metrics(logits: np.ndarray, codes: np.ndarray, loss_fn: nn.Module) -> d
     }
 
 
-def _comparable(params: FinetuneParams, strategy: str) -> dict[str, Any]:
+def data_fingerprint(adata: AnnData, label_key: str, categories: Sequence[str], split_key: str = "split",
+                     base_sha256: str | None = None) -> str:
+    """sha256 of what a model is trained on: genes, classes, train/val cells and their labels, base model.
+
+    A resumed or reused training must match it: after re-running 01 with another split, an old model
+    would otherwise be scored on cells it was trained on.
+    """
+    import hashlib
+
+    split = adata.obs[split_key].astype(str).to_numpy()
+    fit = np.isin(split, ["train", "val"])
+    digest = hashlib.sha256()
+    for part in (list(map(str, adata.var_names)), list(categories), list(map(str, adata.obs_names[fit])),
+                 list(split[fit]), list(adata.obs[label_key].astype(str).to_numpy()[fit]), [str(base_sha256)]):
+        digest.update("\x1f".join(part).encode())
+        digest.update(b"\x1e")
+    return digest.hexdigest()
+
+
+def _comparable(params: FinetuneParams, strategy: str, fingerprint: str) -> dict[str, Any]:
     out = {k: v for k, v in params.to_dict().items() if k not in _RESUMABLE_CHANGES}
     out["strategy"] = strategy
+    out["data"] = fingerprint
     return out
 
 
@@ -189,12 +209,18 @@ def _fit_probe(model: ScGPT, adata: AnnData, codes: np.ndarray, train_rows: np.n
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import log_loss
 
-    train = adata[train_rows].copy()
-    embed(train, model, max_seq_len=params.max_seq_len, batch_size=params.batch_size * 2, seed=params.seed,
-          key_added="X_probe")
+    device = next(model.parameters()).device
+    features = np.zeros((len(train_rows), model.config.d_model), dtype=np.float32)
+    model.eval()
+    with torch.inference_mode(), autocast(device, enabled=params.amp):
+        for batch in iter_batches(adata[train_rows], model, max_seq_len=params.max_seq_len,
+                                  batch_size=params.batch_size * 2, seed=params.seed):
+            batch = batch.to(device)
+            cell = model.cell_embedding(batch.gene_ids, batch.values, batch.padding_mask).float()
+            features[batch.index] = torch.nn.functional.normalize(cell, dim=1).cpu().numpy()
     clf = LogisticRegression(max_iter=2000, C=1.0, random_state=params.seed,
                              class_weight="balanced" if params.class_weighted else None)
-    clf.fit(train.obsm["X_probe"], codes[train_rows])
+    clf.fit(features, codes[train_rows])
     weight = np.zeros((n_classes, model.config.d_model), dtype=np.float32)
     bias = np.full(n_classes, -1e4, dtype=np.float32)  # a class absent from train is never predicted
     coef, intercept = clf.coef_, clf.intercept_
@@ -207,7 +233,7 @@ def _fit_probe(model: ScGPT, adata: AnnData, codes: np.ndarray, train_rows: np.n
         head.out_layer.bias.copy_(torch.from_numpy(bias))
     model.cls_decoder = head.to(next(model.parameters()).device)
     model.requires_grad_(False)
-    proba = clf.predict_proba(train.obsm["X_probe"])
+    proba = clf.predict_proba(features)
     return {"train_loss": float(log_loss(codes[train_rows], proba, labels=clf.classes_))}
 
 
@@ -277,9 +303,11 @@ def finetune(
             st.apply_strategy(model, strategy, strategy_config(params, strategy))
         model.to(device)
         with PeakMemory(device) as memory:
+            fingerprint = data_fingerprint(adata, label_key, categories, split_key,
+                                           (base_checkpoint or {}).get("sha256"))
             history, best_epoch, best_score, stopped_early, resumed = _train_epochs(
                 model, adata, params, strategy, codes, train_rows, val_rows, val_adata, weights, val_loss_fn,
-                device, layout, on_epoch_end,
+                device, layout, on_epoch_end, fingerprint,
             )
     n_trainable, n_total = st.count_parameters(model)
     if strategy == "probe":
@@ -308,14 +336,14 @@ def finetune(
 def _train_epochs(model: ScGPT, adata: AnnData, params: FinetuneParams, strategy: str, codes: np.ndarray,
                   train_rows: np.ndarray, val_rows: np.ndarray, val_adata: AnnData, weights: torch.Tensor | None,
                   val_loss_fn: nn.Module, device: torch.device, layout: RunLayout | None,
-                  on_epoch_end: Callable[[dict[str, Any]], None] | None) -> tuple:
+                  on_epoch_end: Callable[[dict[str, Any]], None] | None, fingerprint: str) -> tuple:
     from . import strategies as st
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     use_amp = params.amp and device.type == "cuda"
-    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    half = amp_dtype(device)
     optimizer = torch.optim.AdamW(trainable, lr=params.lr, weight_decay=params.weight_decay,
-                                  eps=1e-4 if use_amp and amp_dtype == torch.float16 else 1e-8)
+                                  eps=1e-4 if use_amp and half == torch.float16 else 1e-8)
     steps_per_epoch = math.ceil(len(train_rows) / params.batch_size)
     warmup = round(params.warmup_ratio * steps_per_epoch * params.epochs)
 
@@ -323,7 +351,7 @@ def _train_epochs(model: ScGPT, adata: AnnData, params: FinetuneParams, strategy
         return min(1.0, (step + 1) / warmup if warmup else 1.0) * params.lr_gamma ** (step // steps_per_epoch)
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and half == torch.float16)
     loss_fn = nn.CrossEntropyLoss(weight=weights.to(device) if weights is not None else None)
 
     history: list[dict[str, Any]] = []
@@ -331,18 +359,21 @@ def _train_epochs(model: ScGPT, adata: AnnData, params: FinetuneParams, strategy
     state_path = layout.train_state if layout is not None else None
     if state_path is not None and state_path.exists() and params.resume:
         state = torch.load(state_path, map_location="cpu", weights_only=False)
-        saved, now = state["params"], _comparable(params, strategy)
+        saved, now = state["params"], _comparable(params, strategy, fingerprint)
         if saved != now:
-            diff = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
+            diff = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v and k != "data"}
+            what = f"other parameters {diff} (saved, now)" if diff else (
+                "other data: the prepared cells, split, labels or base checkpoint changed (01 ran again?)")
             msg = (
-                f"{state_path} holds a training with other parameters {diff} (saved, now); resume would mix "
-                "them. Use a new run_dir, or set resume=False to start this training over."
+                f"{state_path} holds a training with {what}; resume would mix them. Use a new run_dir, "
+                "or set resume=False to start this training over."
             )
             raise ValueError(msg)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        if state["scaler"]:  # empty when saved without fp16 scaling (CPU, bf16)
+            scaler.load_state_dict(state["scaler"])
         history, best_epoch, best_score = state["history"], state["best_epoch"], state["best_score"]
         best_state, stale = state["best_state"], state["stale"]
         first_epoch = resumed = state["epoch"] + 1
@@ -367,7 +398,7 @@ def _train_epochs(model: ScGPT, adata: AnnData, params: FinetuneParams, strategy
             batch = batch.to(device)
             target = torch.from_numpy(codes[batch.index]).to(device)
             optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
+            with autocast(device, enabled=use_amp):
                 loss = loss_fn(model.classify(batch.gene_ids, batch.values, batch.padding_mask).float(), target)
             if not torch.isfinite(loss):
                 msg = f"the training loss became {loss.item()} at epoch {epoch}; lower lr (now {params.lr})."
@@ -404,7 +435,7 @@ def _train_epochs(model: ScGPT, adata: AnnData, params: FinetuneParams, strategy
                 "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "history": history,
                 "best_epoch": best_epoch, "best_score": best_score, "best_state": best_state, "stale": stale,
-                "params": _comparable(params, strategy),
+                "params": _comparable(params, strategy, fingerprint),
             }, state_path)
             layout.write_csv(pd.DataFrame(history), layout.history, index=False)
         if on_epoch_end is not None:

@@ -133,3 +133,16 @@ def test_inspect_annotation_data(demo, tiny_checkpoint):
     report = inspect_annotation_data(demo, "bulk_labels", checkpoint=tiny_checkpoint)
     assert report.genes_matched == 765 and report.min_class_count == 8 and report.value_kind == "log-normalised"
     assert "bulk_labels" in str(report)
+
+
+def test_predict_uses_only_the_training_genes(bundle, demo):
+    """Extra genes in new data (e.g. all genes, while training used HVGs) must not enter the input."""
+    import copy
+
+    runner, _ = bundle
+    subset = copy.copy(runner)
+    subset.manifest = {**runner.manifest, "genes": list(demo.var_names[:500])}  # as if trained on 500 genes
+    cells = demo[:30].copy()
+    np.testing.assert_allclose(subset.predict(cells).probabilities,
+                               subset.predict(cells[:, :500].copy()).probabilities, atol=1e-6)
+    assert not np.allclose(runner.predict(cells).probabilities, subset.predict(cells).probabilities)

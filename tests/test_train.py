@@ -108,3 +108,12 @@ def test_bad_input(split_pbmc, categories, tiny_checkpoint, tmp_path):
     with pytest.raises(ValueError, match=r"not among the run's categories"):
         finetune(load_model(tiny_checkpoint), split_pbmc, FinetuneParams(run_dir=str(tmp_path)),
                  label_key="label", categories=categories[:2], layout=RunLayout(tmp_path))
+
+
+def test_resume_after_the_split_changed_is_refused(split_pbmc, categories, tiny_checkpoint, tmp_path):
+    """Re-running 01 with another split must not resume a model trained on today's test cells."""
+    _run(split_pbmc, categories, tiny_checkpoint, tmp_path, epochs=1)
+    resplit = split_pbmc.copy()
+    resplit.obs["split"] = np.random.default_rng(1).choice(["train", "val", "test"], resplit.n_obs, p=[0.6, 0.2, 0.2])
+    with pytest.raises(ValueError, match=r"holds a training with other data: the prepared cells, split"):
+        _run(resplit, categories, tiny_checkpoint, tmp_path, epochs=2)
