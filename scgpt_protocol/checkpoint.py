@@ -11,10 +11,8 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
-import os
 import pickle
 import platform
-import tempfile
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -25,6 +23,7 @@ import torch
 
 from .device import resolve_device
 from .errors import CheckpointError, CheckpointNotFoundError
+from .layout import atomic_write
 from .model import ScGPT, ScGPTConfig
 
 __all__ = [
@@ -369,18 +368,6 @@ def _args_from_config(config: ScGPTConfig) -> dict[str, Any]:
     return args
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write through a temporary file in the same folder, then rename: never a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def torch_save_atomic(obj: Any, path: Path) -> Path:
     """``torch.save`` through a temporary file, then rename; byte-identical for identical content.
 
@@ -392,7 +379,7 @@ def torch_save_atomic(obj: Any, path: Path) -> Path:
         with open(tmp, "wb") as fh:
             torch.save(obj, fh)
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
     return path
 
 
@@ -404,8 +391,8 @@ def _write_checkpoint(
     manifest_extra: Mapping[str, Any] | None,
 ) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
-    _atomic_write(directory / "args.json", lambda p: p.write_text(json.dumps(args, indent=2) + "\n"))
-    _atomic_write(directory / "vocab.json", lambda p: p.write_text(json.dumps(vocab, indent=1) + "\n"))
+    atomic_write(directory / "args.json", lambda p: p.write_text(json.dumps(args, indent=2) + "\n"))
+    atomic_write(directory / "vocab.json", lambda p: p.write_text(json.dumps(vocab, indent=1) + "\n"))
     cpu_state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     torch_save_atomic(cpu_state, directory / "best_model.pt")
     if manifest_extra is not None:
@@ -430,7 +417,7 @@ def write_manifest(directory: Path, files: Iterable[str], extra: Mapping[str, An
         **extra,
     }
     path = directory / "manifest.json"
-    _atomic_write(path, lambda p: p.write_text(json.dumps(manifest, indent=2, default=str) + "\n"))
+    atomic_write(path, lambda p: p.write_text(json.dumps(manifest, indent=2, default=str) + "\n"))
     return path
 
 

@@ -6,10 +6,29 @@ Steps talk to each other only through files under ``run_dir``; every path comes 
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-__all__ = ["RunLayout"]
+__all__ = ["RunLayout", "atomic_write"]
+
+
+def atomic_write(path: Path, write: Callable[[Path], Any]) -> Path:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it to ``path``.
+
+    A reader never sees half a file, and a failed write leaves nothing behind.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".partial{path.suffix}")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
 
 
 class RunLayout:
@@ -150,34 +169,17 @@ class RunLayout:
 
     # -- small JSON records --
     def write_json(self, path: Path, obj: Any) -> Path:
-        """Write JSON through a temporary file, so a reader never sees half a file."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.partial")
-        tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-        tmp.replace(path)
-        return path
+        """Write JSON atomically (:func:`atomic_write`)."""
+        return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n"))
 
     def write_csv(self, frame: Any, path: Path, *, index: bool = True) -> Path:
-        """Write a DataFrame as CSV through a temporary file, then rename."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.partial")
-        try:
-            frame.to_csv(tmp, index=index, index_label=(frame.index.name or "cell") if index else None)
-            tmp.replace(path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return path
+        """Write a DataFrame as CSV atomically (:func:`atomic_write`)."""
+        label = (frame.index.name or "cell") if index else None
+        return atomic_write(path, lambda tmp: frame.to_csv(tmp, index=index, index_label=label))
 
     def write_h5ad(self, adata: Any, path: Path) -> Path:
-        """Write an AnnData through a temporary file, then rename: never a half-written file."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
-        try:
-            adata.write_h5ad(tmp)
-            tmp.replace(path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return path
+        """Write an AnnData atomically (:func:`atomic_write`)."""
+        return atomic_write(path, adata.write_h5ad)
 
     def read_json(self, path: Path, *, step: str) -> Any:
         """Read a JSON record another step wrote; a clear error if that step has not run."""
