@@ -138,21 +138,27 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def _checksums(layout: RunLayout, overrides: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def _input_checksums(overrides: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """sha256 of the run's input files (hashed once: inputs do not change during a run)."""
     from .download import sha256_file
 
     sums: dict[str, Any] = {}
-    for step, values in overrides.items():
+    for values in overrides.values():
         for key in ("adata_path", "query_path", "reference_path"):
             value = values.get(key)
             if value and Path(value).is_file():
                 sums[value] = sha256_file(value)
             elif value == "demo":
                 sums["demo"] = f"scanpy.datasets.pbmc68k_reduced (scanpy {importlib.metadata.version('scanpy')})"
-    if layout.checkpoint_record.is_file():
-        record = json.loads(layout.checkpoint_record.read_text())
-        sums["checkpoint"] = {"path": record.get("checkpoint"), "kind": record.get("kind"), "sha256": record.get("sha256")}
     return sums
+
+
+def _checkpoint_checksum(layout: RunLayout) -> dict[str, Any] | None:
+    """The pretrained checkpoint 01 recorded (its sha256 was taken there)."""
+    if not layout.checkpoint_record.is_file():
+        return None
+    record = json.loads(layout.checkpoint_record.read_text())
+    return {"path": record.get("checkpoint"), "kind": record.get("kind"), "sha256": record.get("sha256")}
 
 
 def _export_html(report: Path) -> Path | None:
@@ -233,6 +239,7 @@ def run_protocol(
     }
     layout.write_json(layout.manifest, manifest)
     result = RunResult(run_dir=layout.run_dir)
+    inputs = _input_checksums(overrides)
     env_before = os.environ.get("SCGPT_PROTOCOL_PROGRESS")
     os.environ["SCGPT_PROTOCOL_PROGRESS"] = "text"  # widget bars render badly in executed reports
     try:
@@ -262,7 +269,7 @@ def run_protocol(
             result.steps.append(StepOutcome(step, report, seconds))
             manifest["steps"][step] = {"report": str(report), "seconds": seconds, "status": "finished",
                                        "params": overrides[step]}
-            manifest["checksums"] = _checksums(layout, overrides)
+            manifest["checksums"] = {**inputs, "checkpoint": _checkpoint_checksum(layout)}
             layout.write_json(layout.manifest, manifest)
             logger.info("%s finished in %.1f s", step, seconds)
     finally:
