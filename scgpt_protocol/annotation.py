@@ -27,7 +27,7 @@ from .errors import GeneMatchError
 from .evaluate import BASELINE_METHOD, classification_metrics, confusion, logistic_regression_baseline
 from .params import STRATEGY_NAMES, FinetuneParams, ParamsError, PreprocessParams
 from .predict import Prediction, predict
-from .layout import RunLayout
+from .layout import RunLayout, atomic_write
 from .train import TrainResult, data_fingerprint, finetune, load_finetuned, save_finetuned, strategy_config
 
 if TYPE_CHECKING:
@@ -84,6 +84,7 @@ class StrategyOutcome:
     test_metrics: dict[str, Any]
     saved_bytes: int
     model_dir: Path | None
+    test_confusion: pd.DataFrame  # row-normalised, rows = true labels (from the one test-split prediction)
 
 
 @dataclass
@@ -145,13 +146,18 @@ class AnnotationRunner:
                 model, _ = load_finetuned(directory, device=self.params.device)
                 train = TrainResult(**{**saved["train"], "history": pd.DataFrame(saved["history"]),
                                        "model_dir": directory})
-                return StrategyOutcome(strategy, train, saved["test_metrics"], saved["saved_bytes"], directory), model
+                conf = pd.DataFrame(saved["test_confusion"]["values"]).reindex(index=self.categories,
+                                                                               columns=self.categories)
+                conf.attrs.update(saved["test_confusion"]["attrs"])
+                outcome = StrategyOutcome(strategy, train, saved["test_metrics"], saved["saved_bytes"], directory, conf)
+                return outcome, model
         model = load_model(self.base_checkpoint["checkpoint"], n_classes=len(self.categories), device=self.params.device)
         result = finetune(model, self.adata, self.params, label_key=self.label_key, categories=self.categories,
                           strategy=strategy, base_checkpoint=self.base_checkpoint)
         pred = self._predict_with(model, test, desc=f"{strategy}: test split")
-        metrics = classification_metrics(test.obs[self.label_key].astype(str).to_numpy(), pred.labels,
-                                          categories=self.categories, proba=pred.probabilities)
+        truth = test.obs[self.label_key].astype(str).to_numpy()
+        metrics = classification_metrics(truth, pred.labels, categories=self.categories, proba=pred.probabilities)
+        conf = confusion(truth, pred.labels, self.categories)
         saved_bytes = 0
         if directory is not None:
             save_finetuned(model, directory, strategy=strategy, config=strategy_config(self.params, strategy),
@@ -163,9 +169,9 @@ class AnnotationRunner:
             record = {"training": self.params.to_dict(), "data": fingerprint,
                       "train": result.summary() | {"model_dir": None},
                       "history": result.history.to_dict(orient="list"), "test_metrics": metrics,
-                      "saved_bytes": saved_bytes}
+                      "test_confusion": {"values": conf.to_dict(), "attrs": conf.attrs}, "saved_bytes": saved_bytes}
             RunLayout(directory).write_json(directory / "outcome.json", record)
-        return StrategyOutcome(strategy, result, metrics, saved_bytes, directory), model.cpu()
+        return StrategyOutcome(strategy, result, metrics, saved_bytes, directory, conf), model.cpu()
 
     def _predict_with(self, model: ScGPT, adata: AnnData, desc: str = "predicting",
                       genes: Sequence[str] | None = None) -> Prediction:
@@ -274,17 +280,15 @@ class AnnotationRunner:
         layout = RunLayout(out)
         table = self.comparison
         written = {"comparison_csv": layout.write_csv(table, out / "comparison.csv", index=False)}
-        (out / "comparison.md").write_text(_markdown(table) + "\n")
-        written["comparison_md"] = out / "comparison.md"
+        written["comparison_md"] = atomic_write(out / "comparison.md",
+                                                lambda tmp: tmp.write_text(_markdown(table) + "\n"))
         best = self.outcomes.get(self.best_strategy or "")
         if best is not None:
-            test = self.adata[(self.adata.obs["split"] == "test").to_numpy()]
-            pred = self._predict_with(self._require_model(), test, desc=f"{self.best_strategy}: test split")
-            conf = confusion(test.obs[self.label_key].astype(str).to_numpy(), pred.labels, self.categories)
             from .plotting import save_figure
 
-            written["confusion"] = save_figure(plot_confusion(conf, title=f"{self.best_strategy}, test split"),
-                                               layout, "confusion_best")
+            title = f"{self.best_strategy}, test split"
+            written["confusion"] = save_figure(plot_confusion(best.test_confusion, title=title), layout,
+                                               "confusion_best")
             methods = {name: o.test_metrics for name, o in self.outcomes.items()}
             if self.baseline is not None:
                 methods[BASELINE_METHOD] = self.baseline["metrics"]

@@ -279,6 +279,7 @@ def finetune(
 
     start_time = time.perf_counter()
     strategy = strategy or params.strategy
+    base_checkpoint = base_checkpoint or base_record(model)
     categories = list(categories)
     codes, train_rows, val_rows = _codes_and_splits(adata, label_key, split_key, categories)
     check_expression(adata)
@@ -303,8 +304,7 @@ def finetune(
             st.apply_strategy(model, strategy, strategy_config(params, strategy))
         model.to(device)
         with PeakMemory(device) as memory:
-            fingerprint = data_fingerprint(adata, label_key, categories, split_key,
-                                           (base_checkpoint or {}).get("sha256"))
+            fingerprint = data_fingerprint(adata, label_key, categories, split_key, base_checkpoint.get("sha256"))
             history, best_epoch, best_score, stopped_early, resumed = _train_epochs(
                 model, adata, params, strategy, codes, train_rows, val_rows, val_adata, weights, val_loss_fn,
                 device, layout, on_epoch_end, fingerprint,
@@ -448,6 +448,15 @@ def _train_epochs(model: ScGPT, adata: AnnData, params: FinetuneParams, strategy
 
 
 # -- saving and loading fine-tuned models -----------------------------------------------------
+def base_record(model: ScGPT) -> dict[str, Any]:
+    """``{"checkpoint", "sha256"}`` of the checkpoint ``model`` was loaded from (its load report)."""
+    from .download import sha256_file
+
+    base_dir = Path(getattr(model.load_report, "checkpoint_dir", ""))
+    weights = base_dir / "best_model.pt"
+    return {"checkpoint": str(base_dir), "sha256": sha256_file(weights) if weights.is_file() else None}
+
+
 def save_finetuned(
     model: ScGPT,
     directory: str | Path,
@@ -468,13 +477,9 @@ def save_finetuned(
     the released layout with :func:`~scgpt_protocol.checkpoint.save_checkpoint`.)
     """
     from . import strategies as st
-    from .download import sha256_file
 
     directory = Path(directory)
-    if base_checkpoint is None:
-        base_dir = Path(getattr(model.load_report, "checkpoint_dir", ""))
-        base_checkpoint = {"checkpoint": str(base_dir),
-                           "sha256": sha256_file(base_dir / "best_model.pt") if (base_dir / "best_model.pt").is_file() else None}
+    base_checkpoint = base_checkpoint or base_record(model)
     info = {
         "strategy": strategy,
         "strategy_config": config.to_dict() if config is not None else None,

@@ -68,6 +68,10 @@ def test_resumed_comparison_reuses_saved_strategies(bundle, demo, tiny_checkpoin
                              output_dir=out, **FAST)
     assert "reusing the model saved" in caplog.text
     assert again.comparison["test_macro_f1"].tolist() == runner.comparison["test_macro_f1"].tolist()
+    for name, outcome in runner.outcomes.items():  # the saved confusion matrix comes back as it was
+        reused = again.outcomes[name].test_confusion
+        assert reused.attrs == outcome.test_confusion.attrs
+        np.testing.assert_allclose(reused.to_numpy(), outcome.test_confusion.to_numpy())
 
 
 @pytest.fixture(scope="module")
