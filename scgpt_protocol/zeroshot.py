@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 import pandas as pd
 
+from .errors import format_keys
 from .evaluate import classification_metrics
 
 if TYPE_CHECKING:
@@ -327,7 +328,7 @@ def _obs_labels(adata: AnnData, label_key: str, what: str) -> pd.Series:
     if label_key not in adata.obs.columns:
         msg = (
             f"label_key={label_key!r} is not a column of the {what}'s obs; found columns "
-            f"{list(map(str, adata.obs.columns))}. Pass the column that holds the cell-type labels."
+            f"{format_keys(adata.obs.columns)}. Pass the column that holds the cell-type labels."
         )
         raise KeyError(msg)
     return adata.obs[label_key]
@@ -555,7 +556,7 @@ def joint_embedding(
     for name, adata in (("reference", reference), ("query", query)):
         if embedding_key not in adata.obsm:
             msg = (
-                f"the {name} has no obsm[{embedding_key!r}] (found {list(adata.obsm.keys())}); run "
+                f"the {name} has no obsm[{embedding_key!r}] (found {format_keys(adata.obsm.keys())}); run "
                 "zeroshot_annotate or scgpt_protocol.embedding.embed on it first."
             )
             raise KeyError(msg)
