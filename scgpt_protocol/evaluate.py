@@ -45,6 +45,7 @@ __all__ = [
     "evaluate_predictions",
     "annotate",
     "write_results",
+    "evaluate_query",
 ]
 
 logger = logging.getLogger(__name__)
@@ -806,6 +807,50 @@ def annotate(
         adata.obsm[embedding_key] = np.asarray(prediction.embeddings, dtype=np.float32)
 
 
+def evaluate_query(
+    model: Any,
+    query: AnnData,
+    *,
+    manifest: Mapping[str, Any],
+    label_key: str | None = None,
+    max_seq_len: int,
+    batch_size: int = 64,
+    seed: int = 0,
+    baseline: BaselineResult | None = None,
+) -> dict[str, Any]:
+    """scGPT (and the baseline, when given) on an external labelled query, as the ``query`` record.
+
+    Parameters
+    ----------
+    model, manifest
+        The fine-tuned model and its manifest (:func:`~scgpt_protocol.train.load_finetuned`).
+    query
+        A labelled AnnData; its genes must cover half the model's training genes.
+    label_key
+        The query's label column (None: the run's ``manifest["label_key"]``).
+    baseline
+        A :func:`logistic_regression_baseline` fitted with ``query=`` (its ``.query`` row is added).
+
+    Returns
+    -------
+    dict
+        ``{"label_key", "n_cells", "methods": {method: metrics}, "predictions": DataFrame}``.
+    """
+    from .predict import predict
+
+    key = label_key or manifest["label_key"]
+    if key not in query.obs:
+        msg = f"query_label_key={key!r} is not a column of the query's obs; columns: {format_keys(query.obs.columns)}."
+        raise KeyError(msg)
+    prediction = predict(model, query, categories=manifest["categories"], genes=manifest["genes"],
+                         batch_size=batch_size, max_seq_len=max_seq_len, seed=seed, desc="query")
+    result = evaluate_predictions(query, prediction, label_key=key)
+    methods = {SCGPT_METHOD: result.metrics}
+    if baseline is not None and baseline.query is not None:
+        methods[BASELINE_METHOD] = baseline.query.metrics
+    return {"label_key": key, "n_cells": int(query.n_obs), "methods": methods, "predictions": result.predictions}
+
+
 # -- files ----------------------------------------------------------------------------------
 def _metric_names(obj: Any) -> set[str]:
     """Keys of :data:`METRIC_DESCRIPTIONS` found at any depth of ``obj``."""
@@ -819,7 +864,8 @@ def _metric_names(obj: Any) -> set[str]:
 
 
 def write_results(
-    layout: RunLayout, *, predictions: pd.DataFrame, metrics: Mapping[str, Any]
+    layout: RunLayout, *, predictions: pd.DataFrame, metrics: Mapping[str, Any],
+    query: Mapping[str, Any] | None = None,
 ) -> dict[str, Path]:
     """Write ``predictions.csv`` and ``metrics.json`` of a run, each atomically.
 
@@ -832,15 +878,22 @@ def write_results(
     metrics
         A metrics dict, or several keyed by method / data set. Numbers are written as plain JSON
         (NaN as ``null``); a ``descriptions`` entry explains each metric found.
+    query
+        The record of :func:`evaluate_query`: its metrics go to ``metrics.json`` under ``"query"``
+        (never mixed with the test split's), its per-cell table to ``query_predictions.csv``.
 
     Returns
     -------
     dict
-        ``{"predictions": path, "metrics": path}``.
+        ``{"predictions": path, "metrics": path}`` (and ``"query_predictions"``).
     """
-    path = layout.write_csv(predictions, layout.predictions)
-    record = _plain(dict(metrics))
-    record["descriptions"] = {k: v for k, v in METRIC_DESCRIPTIONS.items() if k in _metric_names(metrics)}
-    metrics_path = layout.write_json(layout.metrics, record)
-    logger.info("wrote %s and %s", path, metrics_path)
-    return {"predictions": path, "metrics": metrics_path}
+    written = {"predictions": layout.write_csv(predictions, layout.predictions)}
+    record = dict(metrics)
+    if query is not None:
+        record["query"] = {k: v for k, v in query.items() if k != "predictions"}
+        written["query_predictions"] = layout.write_csv(query["predictions"], layout.query_predictions)
+    plain = _plain(record)
+    plain["descriptions"] = {k: v for k, v in METRIC_DESCRIPTIONS.items() if k in _metric_names(record)}
+    written["metrics"] = layout.write_json(layout.metrics, plain)
+    logger.info("wrote %s", ", ".join(str(p) for p in written.values()))
+    return written

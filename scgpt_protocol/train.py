@@ -49,7 +49,8 @@ from .tokenize import FINETUNE_CLS_VALUE, Batch, cell_keys, check_expression, co
 if TYPE_CHECKING:
     from anndata import AnnData
 
-__all__ = ["TrainResult", "finetune", "strategy_config", "save_finetuned", "load_finetuned", "data_fingerprint"]
+__all__ = ["TrainResult", "finetune", "strategy_config", "save_finetuned", "load_finetuned", "data_fingerprint",
+           "adam_eps", "trained_max_seq_len", "trained_class_weight"]
 
 logger = logging.getLogger(__name__)
 
@@ -464,6 +465,30 @@ def _train_epochs(model: ScGPT, adata: AnnData, params: FinetuneParams, strategy
             stopped_early = True
     st.load_trainable_state(model, best_state)  # end with the best epoch's weights
     return history, best_epoch, best_score, stopped_early, resumed
+
+
+def trained_max_seq_len(manifest: Mapping[str, Any], requested: int | None = None, default: int = 1200) -> int:
+    """The sequence length to predict with: ``requested``, else the length the model was trained at.
+
+    A model trained at 3001 and evaluated at 1200 sees a different sample of genes per cell than it
+    learned from; the manifest records the training length (``training.max_seq_len``). A model
+    without that record (fine-tuned elsewhere) gets ``default``, logged.
+    """
+    trained = (manifest.get("training") or {}).get("max_seq_len")
+    if requested is None:
+        if trained is None:
+            logger.info("the model records no training length; predicting at max_seq_len=%d", default)
+            return default
+        logger.info("predicting at the training length max_seq_len=%d", trained)
+        return int(trained)
+    if trained is not None and int(trained) != requested:
+        logger.warning("predicting at max_seq_len=%d, but the model was trained at %d", requested, trained)
+    return requested
+
+
+def trained_class_weight(manifest: Mapping[str, Any]) -> str | None:
+    """``"balanced"`` when the model was trained with a class-weighted loss (for a fair baseline), else None."""
+    return "balanced" if (manifest.get("training") or {}).get("class_weighted") else None
 
 
 # -- saving and loading fine-tuned models -----------------------------------------------------
