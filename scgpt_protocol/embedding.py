@@ -110,9 +110,11 @@ def embed(
 ) -> None:
     """Write L2-normalised scGPT cell embeddings to ``adata.obsm[key_added]``.
 
-    Each cell is tokenised as in pretraining (``<cls>`` first, its expressed genes known to the
-    vocabulary with per-cell bins, a random sample of ``max_seq_len - 1`` genes when it has more),
-    and its embedding is the encoder output at ``<cls>``, divided by its norm. Works on in-memory
+    Each cell is tokenised as in pretraining (``<cls>`` first with pad_value -2, as the official
+    ``embed_data`` does; its expressed genes known to the vocabulary with per-cell bins, a random sample
+    of ``max_seq_len - 1`` genes when it has more), and its embedding is the encoder output at
+    ``<cls>``, divided by its norm. A fine-tuned model is fed the ``<cls>`` value it was trained with
+    (``model.cls_value``: 0, as published). Works on in-memory
     and backed (``backed="r"``) AnnData one chunk of cells at a time; uses mixed precision on GPU.
     The same seed gives the same embeddings, whatever ``batch_size``.
 

@@ -518,7 +518,9 @@ def logistic_regression_baseline(
         raise ValueError(f"n_hvg must be a positive integer; got {n_hvg}.")
     split = adata.obs[split_key].astype(object)
     labels = adata.obs[label_key]
-    is_train = (split == train).to_numpy() & labels.notna().to_numpy()
+    from .preprocess import missing_labels
+
+    is_train = (split == train).to_numpy() & ~missing_labels(labels)
     is_test = (split == test).to_numpy()
     for name, mask, value in (("train", is_train, train), ("test", is_test, test)):
         if not mask.any():
@@ -587,7 +589,7 @@ def logistic_regression_baseline(
             pd.Categorical(np.asarray(order, dtype=object)[proba.argmax(axis=1)], categories=order),
             index=names, name="baseline_label",
         )
-        labelled = part_labels.notna().to_numpy()
+        labelled = ~missing_labels(part_labels)
         if not labelled.any():
             msg = f"none of the {len(names)} {what} cells has a label."
             raise ValueError(msg)
@@ -736,8 +738,10 @@ def evaluate_predictions(
     if not mask.any():
         raise ValueError("cells selects no cell; there is nothing to evaluate.")
     obs = adata.obs.loc[mask]
+    from .preprocess import missing_labels
+
     true = obs[label_key].astype(object)
-    labelled = true.notna().to_numpy()
+    labelled = ~missing_labels(true)  # NaN, and text such as 'nan' or '' (a column converted to str)
     if not labelled.any():
         msg = f"none of the {int(mask.sum())} selected cells has a label in adata.obs[{label_key!r}]."
         raise ValueError(msg)
