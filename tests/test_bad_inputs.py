@@ -30,16 +30,6 @@ FAST = dict(batch_size=16, max_seq_len=32, lr=1e-3, patience=0, epochs=1)
 
 
 @pytest.fixture(scope="module")
-def split_pbmc(pbmc):
-    import scanpy as sc
-
-    adata = pbmc[:150].copy()
-    adata.obs["label"] = sc.datasets.pbmc68k_reduced().obs["bulk_labels"].astype(str).to_numpy()[:150]
-    adata.obs["split"] = np.random.default_rng(0).choice(["train", "val", "test"], adata.n_obs, p=[0.6, 0.2, 0.2])
-    return adata
-
-
-@pytest.fixture(scope="module")
 def trained(split_pbmc, tiny_checkpoint, tmp_path_factory):
     """A 1-epoch full fine-tuning with amp on (the default) on the CPU, saved in a run layout."""
     run_dir = tmp_path_factory.mktemp("run")
