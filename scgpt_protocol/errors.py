@@ -14,6 +14,7 @@ __all__ = [
     "ChecksumMismatchError",
     "InputDataError",
     "GeneMatchError",
+    "ArtifactError",
     "format_keys",
 ]
 
@@ -56,3 +57,7 @@ class InputDataError(ScGPTProtocolError, ValueError):
 
 class GeneMatchError(InputDataError):
     """Too few of the data's genes are in the checkpoint's vocabulary."""
+
+
+class ArtifactError(ScGPTProtocolError, OSError):
+    """A result artifact (``export/vars.h5``, ``export/obs.duckdb``) could not be written."""

@@ -50,6 +50,8 @@ class RunLayout:
           train/                      02: last-epoch state for resume, history.csv, summary.json
           predictions.csv, metrics.json, data/evaluated.h5ad      03
           query_predictions.csv       03, with an external query
+          export/vars.h5              03: normalised expression of the evaluated cells (CSR) + var
+          export/obs.duckdb           03: tables obs (one row per evaluated cell), metrics, per_class, coverage
           zeroshot/predictions.csv, zeroshot/metrics.json         04
           run_manifest.json           the runner: parameters, versions, checksums, timings
     """
@@ -139,6 +141,18 @@ class RunLayout:
     @property
     def evaluated_adata(self) -> Path:
         return self.data_dir / "evaluated.h5ad"
+
+    @property
+    def export_dir(self) -> Path:
+        return self.run_dir / "export"
+
+    @property
+    def vars_h5(self) -> Path:
+        return self.export_dir / "vars.h5"
+
+    @property
+    def obs_duckdb(self) -> Path:
+        return self.export_dir / "obs.duckdb"
 
     # -- 04 zero-shot --
     @property
