@@ -21,7 +21,7 @@ The released ``whole-human`` checkpoint cannot be downloaded here: a tiny random
 checkpoint (d_model 64, 2 layers, the data's genes as vocabulary) stands in, as in the demo. Its
 figures say what the pipeline does with an untrained encoder, not what the released scGPT achieves.
 
-    python benchmarks/bench_novel_types.py [--held-out B] [--epochs 5] [--out runs/bench_novel_types]
+    python benchmarks/bench_novel_types.py [--held-out B] [--epochs 3] [--strategy full] [--out runs/bench_novel_types]
 """
 
 from __future__ import annotations
@@ -76,8 +76,9 @@ def main() -> None:
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "pbmc3k_raw_seurat_labels.h5ad"))
     p.add_argument("--held-out", default="B", help="the cell type left out of training")
     p.add_argument("--out", default="runs/bench_novel_types")
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--max-seq-len", type=int, default=256)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--max-seq-len", type=int, default=128)
+    p.add_argument("--strategy", default="full", help="how scGPT is fine-tuned (full, head, probe, lora, ...)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -106,7 +107,7 @@ def main() -> None:
                             class_weighted=True, patience=0, device="cpu", seed=a.seed)
     runner = AnnotationRunner(known, label_key="cell_type", categories=categories, base_checkpoint=record,
                               params=params)
-    runner.fit(["full"])
+    runner.fit([a.strategy])
     fine = runner.predict(evaluate)
 
     reference = known[known.obs["split"].isin(["train", "val"]).to_numpy()].copy()
@@ -116,7 +117,7 @@ def main() -> None:
     base = logistic_regression_baseline(known, label_key="cell_type", seed=a.seed, query=evaluate).query
 
     rows = []
-    rows += rates("scGPT fine-tuned (softmax)", truth, np.asarray(fine.labels), fine.confidence, fine.embeddings,
+    rows += rates(f"scGPT fine-tuned, {a.strategy} (softmax)", truth, np.asarray(fine.labels), fine.confidence, fine.embeddings,
                   a.held_out, THRESHOLDS["softmax"], 0.5, a.seed)
     rows += rates("scGPT zero-shot kNN (share of k=10)", truth,
                   zs.predictions["scgpt_zeroshot_label"].to_numpy(dtype=object),

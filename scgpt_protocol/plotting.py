@@ -524,10 +524,13 @@ def plot_coverage_curve(
         prefix = f"{name}: " if name else ""
         left.plot(frame["coverage"], frame["accuracy_assigned"], marker="o", markersize=3, color=color,
                   label=name or None)
-        for _, row in frame.iloc[::2].iterrows():
-            if np.isfinite(row["accuracy_assigned"]):
+        last = None
+        for _, row in frame.iloc[::2].iterrows():  # label every other threshold, once per distinct point
+            point = (round(float(row["coverage"]), 3), round(float(row["accuracy_assigned"]), 3))
+            if np.isfinite(row["accuracy_assigned"]) and point != last:
                 left.annotate(f"{row['threshold']:g}", (row["coverage"], row["accuracy_assigned"]), fontsize=7,
                               xytext=(3, 3), textcoords="offset points", color=color)
+                last = point
         right.plot(frame["threshold"], frame["coverage"], color=color, linestyle=":", label=f"{prefix}coverage")
         right.plot(frame["threshold"], frame["accuracy_assigned"], color=color, label=f"{prefix}accuracy, assigned")
         right.plot(frame["threshold"], frame["accuracy_all"], color=color, linestyle="--",
@@ -543,14 +546,15 @@ def plot_coverage_curve(
                        fontsize="small", color="0.3")
     left.set_xlabel("coverage (share of cells assigned)")
     left.set_ylabel("accuracy of the assigned cells")
-    left.set_xlim(-0.02, 1.02)
+    left.set_xlim(-0.02, 1.05)
+    left.set_ylim(0, 1.05)
     left.set_title("coverage vs accuracy (labels: threshold)")
     if len(frames) > 1:
         left.legend(frameon=False, fontsize="small")
     right.set_xlabel("min_confidence")
     right.set_ylim(0, 1.02)
     right.set_title("by threshold")
-    right.legend(frameon=False, fontsize="x-small", loc="lower left")
+    right.legend(frameon=False, fontsize="x-small", loc="best")
     if title:
         fig.suptitle(title)
     return fig

@@ -489,7 +489,8 @@ def refinement_metrics(
         ``min_confidence``, ``coverage`` (share of the labelled cells assigned), ``n_cells``,
         ``n_assigned``, ``n_unknown``; ``assigned``: :func:`classification_metrics` of the
         assigned cells (None when none is); ``majority_voting``: of the majority-voted labels on all
-        cells (``Unknown`` counted as an error; None without majority voting); ``curve``:
+        cells (``Unknown`` counted as an error; with ``coverage`` and ``n_clusters``, the
+        over-clusters these cells fall in; None without majority voting); ``curve``:
         :func:`coverage_curve` as a list of rows; ``params``: the refinement's parameters.
     """
     from .evaluate import _plain, classification_metrics
@@ -516,6 +517,7 @@ def refinement_metrics(
         out["majority_voting"] = classification_metrics(true, refinement.majority_voting, categories=categories,
                                                         unassigned=UNKNOWN if out["min_confidence"] else None)
         out["majority_voting"]["coverage"] = float(np.mean(refinement.majority_voting != UNKNOWN))
+        out["majority_voting"]["n_clusters"] = int(len(set(refinement.over_clustering.tolist())))
     out["curve"] = _plain(coverage_curve(true, refinement.predicted, refinement.confidence, thresholds)
                           .to_dict(orient="records"))
     out["params"] = _plain(refinement.params)
@@ -549,13 +551,13 @@ def refinement_table(metrics: Mapping[str, Any], refined: Mapping[str, Any] | No
     t = refined["min_confidence"]
     rows: dict[str, Any] = {}
     coverage: dict[str, Any] = {}
-    name = f"{method}, per cell" + (f": all cells (Unknown below {t:g} counted wrong)" if t else "")
+    name = f"{method} per cell" + (f", all (Unknown<{t:g} wrong)" if t else "")
     rows[name], coverage[name] = metrics, refined["coverage"]
     if t and refined["assigned"] is not None:
-        name = f"{method}, per cell: assigned cells only"
+        name = f"{method} per cell, assigned only"
         rows[name], coverage[name] = refined["assigned"], refined["coverage"]
     if refined["majority_voting"] is not None:
-        name = f"{method}, majority voting ({refined['params'].get('n_clusters')} over-clusters)"
+        name = f"{method} majority vote ({refined['majority_voting'].get('n_clusters')} clusters)"
         rows[name], coverage[name] = refined["majority_voting"], refined["majority_voting"].get("coverage")
     table = metrics_table(rows)
     table["coverage"] = [coverage[m] for m in table.index]

@@ -51,16 +51,16 @@ def test_obs_duckdb_answers_sql_with_one_row_per_evaluated_cell(run):
     n_test = int((adata.obs["split"] == "test").sum())
     con = duckdb.connect(str(layout.obs_duckdb), read_only=True)
     try:
-        assert con.sql("select count(*) from obs").fetchone()[0] == n_test == len(result.predictions)
+        assert con.sql("select count(*) from obs").fetchall()[0][0] == n_test == len(result.predictions)
         assert [c[0] for c in con.sql("describe obs").fetchall()] == list(OBS_COLUMNS)
-        n_unknown = con.sql("select count(*) from obs where scgpt_label = 'Unknown'").fetchone()[0]
-        assert n_unknown == con.sql("select count(*) from obs where scgpt_unknown").fetchone()[0]
+        n_unknown = con.sql("select count(*) from obs where scgpt_label = 'Unknown'").fetchall()[0][0]
+        assert n_unknown == con.sql("select count(*) from obs where scgpt_unknown").fetchall()[0][0]
         assert n_unknown == int(result.predictions["scgpt_unknown"].sum()) > 0
-        assert con.sql("select count(distinct split) from obs").fetchone()[0] == 1
+        assert con.sql("select count(distinct split) from obs").fetchall()[0][0] == 1
         # one majority label per over-cluster
         assert con.sql("select max(n) from (select count(distinct scgpt_majority_voting) as n from obs "
-                       "group by scgpt_over_clustering)").fetchone()[0] == 1
-        accuracy = con.sql("select avg(correct::int) from obs").fetchone()[0]
+                       "group by scgpt_over_clustering)").fetchall()[0][0] == 1
+        accuracy = con.sql("select avg(correct::int) from obs").fetchall()[0][0]
         assert accuracy == pytest.approx(result.metrics["accuracy"])
         cells = [r[0] for r in con.sql("select cell from obs order by row").fetchall()]
         assert cells == list(result.predictions.index)
@@ -72,10 +72,10 @@ def test_obs_duckdb_answers_sql_with_one_row_per_evaluated_cell(run):
         assigned = metrics[(metrics["method"] == SCGPT_METHOD) & (metrics["cells"] == "assigned")]
         assert assigned["accuracy"].item() == pytest.approx(refined["assigned"]["accuracy"])
         assert assigned["coverage"].item() == pytest.approx(refined["coverage"])
-        per_class = con.sql("select count(*) from per_class where method = ? and cells = 'all'",
-                            params=[SCGPT_METHOD]).fetchone()[0]
+        per_class = con.execute("select count(*) from per_class where method = ? and cells = 'all'",
+                                [SCGPT_METHOD]).fetchall()[0][0]
         assert per_class == len(result.metrics["per_class"])
-        assert con.sql("select count(*) from coverage").fetchone()[0] == len(refined["curve"])
+        assert con.sql("select count(*) from coverage").fetchall()[0][0] == len(refined["curve"])
     finally:
         con.close()
     by_label = query_duckdb(layout.obs_duckdb, "select scgpt_label, count(*) as n from obs group by 1")

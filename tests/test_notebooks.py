@@ -161,8 +161,8 @@ def test_ci_run_refines_labels_and_exports_queryable_artifacts(ci_run):
     assert 0 < refined["coverage"] <= 1 and refined["majority_voting"]["n_cells"] == len(predictions)
     con = duckdb.connect(str(layout.obs_duckdb), read_only=True)
     try:
-        assert con.sql("select count(*) from obs").fetchone()[0] == len(predictions)
-        assert con.sql("select count(*) from obs where umap_1 is null").fetchone()[0] == 0
+        assert con.sql("select count(*) from obs").fetchall()[0][0] == len(predictions)
+        assert con.sql("select count(*) from obs where umap_1 is null").fetchall()[0][0] == 0
     finally:
         con.close()
     assert ad.read_h5ad(layout.vars_h5).n_obs == len(predictions)
