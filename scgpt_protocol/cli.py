@@ -59,11 +59,10 @@ def _init(args: argparse.Namespace) -> int:
     logger.info("next:")
     logger.info("  cd %s", dest)
     logger.info("  jupyter lab notebooks/                 # open a notebook, edit its parameters cell, run all")
-    logger.info("  scgpt-protocol run params/demo --notebooks notebooks --run-dir runs/demo")
-    logger.info("                                         # headless: your copies with your scenario files")
+    logger.info("  scgpt-protocol run params/demo --notebooks notebooks   # headless: your copies -> runs/demo/")
     logger.info("  scgpt-protocol run demo                # headless: the packaged notebooks and demo scenario")
-    logger.info("For your data: copy params/demo to params/mine, set adata_path, label_key and checkpoint, and run")
-    logger.info("  scgpt-protocol run params/mine --notebooks notebooks --run-dir runs/mine")
+    logger.info("For your data: copy params/demo to params/mine, set adata_path, label_key and checkpoint, then")
+    logger.info("  scgpt-protocol run params/mine --notebooks notebooks   # -> runs/mine/")
     return 0
 
 
