@@ -96,7 +96,6 @@ class LoadReport:
         p.text(str(self))
 
 
-
 # -- reading --------------------------------------------------------------------------------
 def _require_file(directory: Path, name: str) -> Path:
     path = directory / name

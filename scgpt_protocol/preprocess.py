@@ -43,9 +43,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .checkpoint import CHECKPOINT_FILES
-from .errors import CheckpointNotFoundError, InputDataError, format_keys
-from .tokenize import LOG_MAX, check_expression, gene_symbols, get_matrix, match_genes, value_kind
+from .errors import InputDataError, format_keys
+from .tokenize import check_expression, gene_symbols, get_matrix, match_genes, value_kind
 
 if TYPE_CHECKING:
     from anndata import AnnData

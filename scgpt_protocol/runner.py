@@ -22,6 +22,7 @@ from typing import Any, Sequence
 from .download import KNOWN_CHECKPOINTS
 from .layout import RunLayout
 from .params import STEPS, ParamsError, load_params_file
+from .protocol import notebooks_dir, resolve_notebooks, resolve_scenario
 
 __all__ = ["run_protocol", "RunFailed", "RunDirInUse", "notebooks_dir"]
 
@@ -56,15 +57,6 @@ class RunResult:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
-def notebooks_dir() -> Path:
-    """The protocol notebooks: ``notebooks/`` of the source tree (an editable install or a clone)."""
-    here = Path(__file__).resolve().parent.parent / "notebooks"
-    if not here.is_dir():
-        msg = f"the protocol notebooks are not at {here}; run from a clone of the repository (pip install -e .)."
-        raise FileNotFoundError(msg)
-    return here
-
-
 def _select_steps(steps: Sequence[str] | None) -> list[str]:
     names = list(STEPS)
     if not steps:
@@ -82,7 +74,7 @@ def _select_steps(steps: Sequence[str] | None) -> list[str]:
 def _load_overrides(params_dir: Path, steps: list[str], run_dir: Path, cwd: Path) -> dict[str, dict[str, Any]]:
     """Read and check every step's YAML before anything runs (an unknown key fails here)."""
     if not params_dir.is_dir():
-        msg = f"parameter folder {params_dir} does not exist; scenarios: params/demo, params/ci, params/retina-example."
+        msg = f"parameter folder {params_dir} does not exist; built-in scenarios: demo, ci, retina-example."
         raise FileNotFoundError(msg)
     out = {}
     for step in steps:
@@ -201,19 +193,24 @@ def run_protocol(
     force: bool = False,
     kernel_name: str | None = None,
     html: bool = True,
+    notebooks: str | Path | None = None,
 ) -> RunResult:
     """Execute the protocol notebooks with papermill.
 
     Parameters
     ----------
     params_dir
-        A scenario folder, e.g. ``params/demo``: ``<notebook-stem>.yaml`` override files.
+        A scenario folder, e.g. ``params/demo``: ``<notebook-stem>.yaml`` override files; or the name
+        of a built-in scenario (``demo``, ``ci``, ``retina-example``) when no such folder exists.
     run_dir
         Where everything goes; reports in ``run_dir/reports``.
     steps
         A subset such as ``["01", "02"]`` (default: all four in order).
     force
         Run into a ``run_dir`` that holds a finished run or other files.
+    notebooks
+        A folder of the step notebooks to run (a user's edited copies from ``scgpt-protocol init``);
+        default: the notebooks shipped with the package.
 
     Raises
     ------
@@ -222,15 +219,17 @@ def run_protocol(
     import papermill
 
     cwd = Path.cwd()
-    params_dir = Path(params_dir).resolve()
+    params_dir = resolve_scenario(params_dir)
     layout = RunLayout(Path(run_dir).resolve())
     chosen = _select_steps(steps)
+    notebook_dir = resolve_notebooks(notebooks, chosen)
     overrides = _load_overrides(params_dir, chosen, layout.run_dir, cwd)
     previous = _check_run_dir(layout, force, params_dir)
     layout.make_dirs()
     layout.reports_dir.mkdir(parents=True, exist_ok=True)
     manifest: dict[str, Any] = {
         "params_dir": str(params_dir),
+        "notebooks_dir": str(notebook_dir),
         "run_dir": str(layout.run_dir),
         "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "status": "running",
@@ -244,7 +243,7 @@ def run_protocol(
     os.environ["SCGPT_PROTOCOL_PROGRESS"] = "text"  # widget bars render badly in executed reports
     try:
         for step in chosen:
-            notebook = notebooks_dir() / f"{step}.ipynb"
+            notebook = notebook_dir / f"{step}.ipynb"
             report = layout.reports_dir / notebook.name
             logger.info("running %s -> %s", notebook.name, report)
             t0 = time.perf_counter()

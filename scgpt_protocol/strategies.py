@@ -515,7 +515,6 @@ def trainable_state_dict(model: ScGPT) -> dict[str, Tensor]:
     return {**{k: v for k, v in state.items() if pattern.match(k)}, **head}
 
 
-
 def load_trainable_state(model: ScGPT, state: Mapping[str, Tensor]) -> None:
     """Load a :func:`trainable_state_dict` onto ``model`` (the inverse of that function).
 

@@ -8,11 +8,8 @@ from __future__ import annotations
 
 import json
 
-import anndata as ad
 import numpy as np
-import pandas as pd
 import pytest
-import scipy.sparse as sp
 import torch
 import yaml
 
