@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from .log import DETAIL
+
 if TYPE_CHECKING:
     from anndata import AnnData
 
@@ -796,5 +798,5 @@ def write_results(
     record = _plain(dict(metrics))
     record["descriptions"] = {k: v for k, v in METRIC_DESCRIPTIONS.items() if k in _metric_names(metrics)}
     metrics_path = layout.write_json(layout.metrics, record)
-    logger.info("wrote %s and %s", path, metrics_path)
+    logger.info("wrote %s and %s", path, metrics_path, extra=DETAIL)  # the notebook shows report.files_table
     return {"predictions": path, "metrics": metrics_path}
