@@ -96,7 +96,8 @@ class LoadReport:
     def summary(self) -> str:
         """One line for a reader, without internal tensor names (``str()`` has the details)."""
         n = self.n_loaded
-        parts = [f"{'all ' if not self.missing else ''}{n:,} pretrained weight{'s' if n != 1 else ''} loaded"]
+        kind = "" if self.head == "loaded" else "pretrained "  # a fine-tuned model brings its own head
+        parts = [f"{'all ' if not self.missing else ''}{n:,} {kind}weight{'s' if n != 1 else ''} loaded"]
         if self.dropped:
             k = len(self.dropped)
             parts.append(f"{k} pretraining-only weight{'s' if k != 1 else ''} dropped")

@@ -43,6 +43,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+#: colour of cells without a value (e.g. reference cells in a panel of query predictions)
+NA_COLOR = "#e3e3e3"
 #: classes up to which :func:`plot_confusion` writes the value into each cell
 ANNOTATE_MAX_CLASSES = 15
 
@@ -307,9 +309,9 @@ def _draw_embedding(adata: AnnData, coords: np.ndarray, key: str, ax: Axes, size
     else:
         colors = _category_colors(adata, key, categories, store=is_categorical)
     codes = cat.cat.codes.to_numpy()
-    palette = np.asarray(colors + ["lightgrey"], dtype=object)  # code -1 (NaN) -> grey
-    point_colors = palette[codes]
-    ax.scatter(coords[:, 0], coords[:, 1], c=list(point_colors), s=size, linewidths=0,
+    lut = np.asarray(colors + [NA_COLOR], dtype=object)  # code -1 (NaN) -> light grey
+    order = np.argsort(codes != -1, kind="stable")  # cells without a value underneath the others
+    ax.scatter(coords[order, 0], coords[order, 1], c=list(lut[codes[order]]), s=size, linewidths=0,
                rasterized=len(coords) > 2000)
     present = set(codes.tolist())
     handles = [
@@ -318,7 +320,7 @@ def _draw_embedding(adata: AnnData, coords: np.ndarray, key: str, ax: Axes, size
         for i, c in enumerate(categories) if i in present
     ]
     if -1 in present:
-        handles.append(Line2D([], [], marker="o", linestyle="", markersize=6, markerfacecolor="lightgrey",
+        handles.append(Line2D([], [], marker="o", linestyle="", markersize=6, markerfacecolor=NA_COLOR,
                               markeredgewidth=0, label="NA"))
     ax.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, fontsize="small",
               ncol=1 if len(handles) <= 14 else 2, handletextpad=0.2, borderaxespad=0.5)
@@ -385,7 +387,7 @@ def plot_embedding(
             raise ValueError(msg)
         fig = axes[0].figure
     size = float(np.clip(120_000 / max(adata.n_obs, 1), 1.0, 40.0))
-    axis_name = basis.removeprefix("X_").upper()
+    axis_name = basis.removeprefix("X_").split("_")[0].upper()  # X_umap_scgpt -> UMAP
     for key, panel, panel_title in zip(keys, axes, titles):
         _draw_embedding(adata, coords, key, panel, size, palette)
         panel.set_title(panel_title)

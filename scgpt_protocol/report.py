@@ -60,8 +60,8 @@ HEADERS: dict[str, str] = {
 FEW_CELLS = 5
 #: the three methods of :func:`run_summary`, as a reader sees them
 SCGPT_NAME = "scGPT fine-tuned"
-BASELINE_NAME = "baseline: logistic regression"
-ZEROSHOT_NAME = "zero-shot kNN (scGPT pretrained)"
+BASELINE_NAME = "logistic-regression baseline"
+ZEROSHOT_NAME = "zero-shot kNN on pretrained scGPT"
 DECIMALS = 3
 
 
@@ -138,7 +138,8 @@ def _missing_reason(metrics: Mapping[str, Any], key: str) -> str | None:
     return None
 
 
-def _styled(frame: pd.DataFrame, *, caption: str | None = None, integer: Sequence[str] = ()) -> Styler:
+def _styled(frame: pd.DataFrame, *, caption: str | None = None, integer: Sequence[str] = (),
+            text: Sequence[str] = ()) -> Styler:
     numeric = [c for c in frame.columns if c not in integer and pd.api.types.is_float_dtype(frame[c])]
     styler = frame.style.format(precision=DECIMALS, na_rep="n/a", subset=numeric)
     if integer:
@@ -148,6 +149,10 @@ def _styled(frame: pd.DataFrame, *, caption: str | None = None, integer: Sequenc
          {"selector": "td", "props": "padding:2px 8px"},
          {"selector": "caption", "props": "caption-side:top; text-align:left; font-weight:bold"}]
     )
+    text = [c for c in text if c in frame.columns]
+    if text:
+        styler = styler.set_properties(subset=text, **{"text-align": "left", "white-space": "nowrap"})
+    styler = styler.set_table_styles([{"selector": "th.row_heading", "props": "text-align:left"}], overwrite=False)
     if caption:
         styler = styler.set_caption(caption)
     return styler
@@ -193,7 +198,14 @@ def metrics_display(results: Mapping[str, Any], *, caption: str | None = None) -
         column giving the reason (e.g. why the macro AUROC could not be computed). ``.data`` is the
         rounded DataFrame.
     """
-    return _styled(metrics_table_frame(results), caption=caption, integer=["n cells"])
+    return _styled(metrics_table_frame(results), caption=caption, integer=["n cells"], text=["Note"])
+
+
+def _short(method: str) -> str:
+    """``scGPT`` / ``baseline`` / ``zero-shot`` for the package's method names, else the name itself."""
+    from .evaluate import BASELINE_METHOD, SCGPT_METHOD
+
+    return {SCGPT_METHOD: "scGPT", BASELINE_METHOD: "baseline"}.get(str(method), str(method))
 
 
 def per_class_frame(results: Mapping[str, Any], *, few: int = FEW_CELLS) -> pd.DataFrame:
@@ -207,14 +219,14 @@ def per_class_frame(results: Mapping[str, Any], *, few: int = FEW_CELLS) -> pd.D
         if rows is None:
             msg = f"metrics of {method!r} have no 'per_class' entry; pass the dicts of classification_metrics()."
             raise ValueError(msg)
-        columns[f"{method} F1"] = {str(r["label"]): float(r["f1"]) for r in rows}
+        columns[f"{_short(method)} F1"] = {str(r["label"]): float(r["f1"]) for r in rows}
         for r in rows:
             support[str(r["label"])] = max(support.get(str(r["label"]), 0), int(r["support"]))
     frame = pd.DataFrame(columns).round(DECIMALS)
     frame["Support (test cells)"] = pd.Series(support)
     frame = frame[frame["Support (test cells)"] > 0]
     frame = frame.sort_values("Support (test cells)", ascending=False, kind="stable")
-    frame["Flag"] = np.where(frame["Support (test cells)"] < few, f"fewer than {few} test cells: F1 unreliable", "")
+    frame["Flag"] = np.where(frame["Support (test cells)"] < few, f"fewer than {few} cells", "")
     frame.index.name = "Cell type"
     return frame
 
@@ -237,7 +249,7 @@ def per_class_table(results: Mapping[str, Any], *, few: int = FEW_CELLS) -> Styl
         ``.data`` is the DataFrame.
     """
     frame = per_class_frame(results, few=few)
-    styler = _styled(frame, integer=["Support (test cells)"])
+    styler = _styled(frame, integer=["Support (test cells)"], text=["Flag"])
 
     def grey(row: pd.Series) -> list[str]:
         return ["color:#777;font-style:italic" if row["Flag"] else "" for _ in row]
@@ -271,7 +283,7 @@ class Summary:
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:
-        table = self._text_table().to_html(escape=True, border=0, classes="scgpt-summary")
+        table = _styled(self._text_table(), text=[c for c in ("Note",) if c in self.table.columns]).to_html()
         caption = f"<p style='margin:2px 0'><i>{html.escape(self.cells)}</i></p>" if self.cells else ""
         caveat = (f"<p style='margin:4px 0;color:#7a5200'><b>Caveat:</b> {html.escape(self.caveat)}</p>"
                   if self.caveat else "")
@@ -441,8 +453,8 @@ def training_report(summary: Mapping[str, Any], history: pd.DataFrame | None = N
 
 
 # -- files ----------------------------------------------------------------------------------
-def files_table(written: Mapping[str, Any], layout: RunLayout | None = None) -> pd.DataFrame:
-    """What a step wrote, one row per file, paths relative to ``run_dir`` when inside it."""
+def files_table(written: Mapping[str, Any], layout: RunLayout | None = None) -> Styler:
+    """What a step wrote, one row per file, paths relative to ``run_dir`` when inside it (``.data``: the DataFrame)."""
     from pathlib import Path
 
     rows = {}
@@ -457,4 +469,4 @@ def files_table(written: Mapping[str, Any], layout: RunLayout | None = None) -> 
     where = f"File (in {layout.run_dir})" if layout is not None else "File"
     frame = pd.DataFrame({where: pd.Series(rows)})
     frame.index.name = "Written"
-    return frame
+    return _styled(frame, text=[where])
