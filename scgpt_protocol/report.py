@@ -401,7 +401,7 @@ def run_summary(layout: RunLayout) -> Summary:
 
 
 # -- 02 fine-tuning -------------------------------------------------------------------------
-def settings_table(params: StepParams, *, keys: Sequence[str] | None = None) -> pd.DataFrame:
+def settings_table(params: StepParams, *, keys: Sequence[str] | None = None) -> Styler:
     """The values this run uses beside the defaults, changed ones first.
 
     Parameters
@@ -413,8 +413,9 @@ def settings_table(params: StepParams, *, keys: Sequence[str] | None = None) -> 
 
     Returns
     -------
-    pandas.DataFrame
-        Index ``Parameter``; columns ``This run``, ``Default`` and ``Changed`` (yes / empty).
+    pandas.io.formats.style.Styler
+        ``.data``: index ``Parameter``; columns ``This run``, ``Default``, ``Changed`` (yes / empty) and
+        ``What it is`` (the help text).
     """
     import dataclasses
 
@@ -425,8 +426,8 @@ def settings_table(params: StepParams, *, keys: Sequence[str] | None = None) -> 
         value, default = getattr(params, name), fields[name].default
         rows.append({"Parameter": name, "This run": repr(value), "Default": repr(default),
                      "Changed": "yes" if value != default else "", "What it is": fields[name].metadata.get("help", "")})
-    frame = pd.DataFrame(rows).set_index("Parameter")
-    return frame.sort_values("Changed", ascending=False, kind="stable")
+    frame = pd.DataFrame(rows).set_index("Parameter").sort_values("Changed", ascending=False, kind="stable")
+    return _styled(frame, text=list(frame.columns))
 
 
 def training_report(summary: Mapping[str, Any], history: pd.DataFrame | None = None) -> Banner:

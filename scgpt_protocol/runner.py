@@ -164,6 +164,7 @@ def _checkpoint_checksum(layout: RunLayout) -> dict[str, Any] | None:
 #: added to every HTML report: long output lines wrap between words, not mid-word, and stay on the page
 _REPORT_CSS = """<style>
 .jp-OutputArea-output pre, .jp-RenderedText pre { white-space: pre-wrap; word-break: normal; overflow-wrap: anywhere; }
+.jp-InputArea .highlight pre { white-space: pre-wrap; overflow-wrap: anywhere; }
 .jp-RenderedHTMLCommon table { margin-left: 0; }
 </style>
 """

@@ -115,7 +115,7 @@ def test_03_and_04_end_with_a_rounded_summary_of_all_three_methods(ci_run):
         for name in ("scGPT fine-tuned", "baseline", "zero-shot kNN", "Accuracy", "Macro-F1", "Weighted-F1",
                      "n cells", "Verdict", "demo"):
             assert name in html, (step, name)
-        numbers = re.findall(r"<td>([0-9][0-9.,]*)</td>", html)
+        numbers = re.findall(r"<td[^>]*>\s*([0-9][0-9.,]*)\s*</td>", html)
         assert numbers and all(re.fullmatch(r"\d\.\d{3}|[\d,]+", n) for n in numbers), numbers
         rows = 3 if step == "04_zeroshot" else 2  # zero-shot has numbers once 04 has run
         assert len(numbers) == 4 * rows, (step, numbers)

@@ -103,7 +103,7 @@ def test_training_report_says_when_the_best_epoch_is_the_last():
 def test_settings_table_lists_changed_values_first():
     from scgpt_protocol.params import FinetuneParams
 
-    table = settings_table(FinetuneParams(lr=1e-3, class_weighted=True))
+    table = settings_table(FinetuneParams(lr=1e-3, class_weighted=True)).data
     assert list(table.index[:2]) == ["lr", "class_weighted"] and (table["Changed"][:2] == "yes").all()
     assert table.loc["lr", "Default"] == "0.0001" and table.loc["epochs", "Changed"] == ""
 
