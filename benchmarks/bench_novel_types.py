@@ -46,7 +46,7 @@ from scgpt_protocol.refine import UNKNOWN, refine_labels
 from scgpt_protocol.zeroshot import zeroshot_annotate
 
 ROOT = Path(__file__).resolve().parent.parent
-THRESHOLDS = {"softmax": (0.3, 0.5, 0.7, 0.9), "kNN share": (0.3, 0.5, 0.7, 0.9)}
+THRESHOLDS = {"softmax": (0.0, 0.2, 0.3, 0.5, 0.7, 0.9), "kNN share": (0.0, 0.3, 0.5, 0.7, 0.9)}
 
 
 def rates(name: str, truth: np.ndarray, predicted: np.ndarray, confidence: np.ndarray, embedding: np.ndarray | None,

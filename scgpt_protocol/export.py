@@ -33,6 +33,7 @@ import pandas as pd
 
 from .errors import ArtifactError
 from .evaluate import HEADLINE_METRICS
+from .log import DETAIL
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -179,7 +180,8 @@ def write_vars_h5(
     finally:
         if opened:
             adata.file.close()
-    logger.info("wrote %s: %d cells x %d genes, %d stored values", out, int(mask.sum()), n_vars, nnz)
+    logger.info("wrote %s: %d cells x %d genes, %d stored values", out, int(mask.sum()), n_vars, nnz,
+                extra=DETAIL)
     return out
 
 
@@ -216,7 +218,8 @@ def write_duckdb(path: str | Path, tables: Mapping[str, pd.DataFrame]) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
         Path(f"{tmp}.wal").unlink(missing_ok=True)
-    logger.info("wrote %s: tables %s", out, ", ".join(f"{k} ({len(v)} rows)" for k, v in tables.items()))
+    logger.info("wrote %s: tables %s", out, ", ".join(f"{k} ({len(v)} rows)" for k, v in tables.items()),
+                extra=DETAIL)
     return out
 
 

@@ -36,6 +36,8 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from .log import DETAIL
+
 if TYPE_CHECKING:
     from anndata import AnnData
 
@@ -56,6 +58,7 @@ __all__ = [
     "coverage_curve",
     "refinement_metrics",
     "refinement_table",
+    "refinement_display",
     "describe_refinement",
     "write_annotation",
 ]
@@ -359,10 +362,10 @@ def refine_labels(
             "n_clusters": int(len(set(clusters.tolist()))), "n_neighbors": int(n_neighbors), "seed": int(seed),
             "graph": "kNN on the model's embedding (sc.pp.neighbors), Leiden (igraph, 2 iterations)",
         })
-        logger.info("majority voting: %d cells in %d over-clusters", n, params["n_clusters"])
+        logger.info("majority voting: %d cells in %d over-clusters", n, params["n_clusters"], extra=DETAIL)
     if threshold > 0:
         logger.info("abstention: %d of %d cells below min_confidence=%.2f are %r (coverage %.3f)",
-                    params["n_unknown"], n, threshold, UNKNOWN, params["coverage"] or 0.0)
+                    params["n_unknown"], n, threshold, UNKNOWN, params["coverage"] or 0.0, extra=DETAIL)
     return Refinement(final, predicted, conf, unknown, clusters, voted, params)
 
 
@@ -562,6 +565,20 @@ def refinement_table(metrics: Mapping[str, Any], refined: Mapping[str, Any] | No
     table = metrics_table(rows)
     table["coverage"] = [coverage[m] for m in table.index]
     return table
+
+
+def refinement_display(metrics: Mapping[str, Any], refined: Mapping[str, Any] | None = None, *,
+                       method: str = "scGPT", caption: str | None = None) -> Any:
+    """:func:`refinement_table` for a report: rounded, readable headers, a coverage column (a Styler)."""
+    from .report import _styled
+
+    table = refinement_table(metrics, refined, method=method)
+    frame = table.drop(columns=["n_cells", "coverage"]).round(3)
+    frame.columns = [c.replace("_", " ").replace("macro auroc", "macro AUROC") for c in frame.columns]
+    frame["n cells"] = table["n_cells"].astype("Int64")
+    frame["coverage"] = table["coverage"].astype(float).round(3)
+    frame.index.name = "Method"
+    return _styled(frame, caption=caption, integer=["n cells"])
 
 
 def describe_refinement(params: Mapping[str, Any] | None) -> str:

@@ -153,13 +153,30 @@ def _checkpoint_checksum(layout: RunLayout) -> dict[str, Any] | None:
     return {"path": record.get("checkpoint"), "kind": record.get("kind"), "sha256": record.get("sha256")}
 
 
-def _export_html(report: Path) -> Path | None:
+#: added to every HTML report: long output lines wrap between words, not mid-word, and stay on the page
+_REPORT_CSS = """<style>
+.jp-OutputArea-output pre, .jp-RenderedText pre { white-space: pre-wrap; word-break: normal; overflow-wrap: anywhere; }
+.jp-InputArea .highlight pre { white-space: pre-wrap; overflow-wrap: anywhere; }
+.jp-RenderedHTMLCommon table { margin-left: 0; }
+</style>
+"""
+
+
+def report_title(step: str, run_dir: Path) -> str:
+    """The ``<title>`` of a report: its step and the run's name (one browser tab each)."""
+    return f"{step} · {Path(run_dir).name} · scgpt-protocol"
+
+
+def _export_html(report: Path, title: str | None = None) -> Path | None:
     try:
         import nbformat
         from nbconvert import HTMLExporter
     except ImportError:  # nbconvert comes with jupyter; without it the .ipynb report stays
         return None
-    body, _ = HTMLExporter().from_notebook_node(nbformat.read(report, as_version=4))
+    nb = nbformat.read(report, as_version=4)
+    nb.metadata["title"] = title or report.stem  # nbconvert's <title>; default: "Notebook"
+    body, _ = HTMLExporter().from_notebook_node(nb)
+    body = body.replace("</head>", _REPORT_CSS + "</head>", 1)
     html = report.with_suffix(".html")
     html.write_text(body, encoding="utf-8")
     return html
@@ -259,12 +276,12 @@ def run_protocol(
                 manifest["status"] = "failed"
                 layout.write_json(layout.manifest, manifest)
                 if html and report.is_file():
-                    _export_html(report)
+                    _export_html(report, report_title(step, layout.run_dir))
                 msg = f"step {step} failed: {outcome.error}"
                 raise RunFailed(msg) from None
             seconds = round(time.perf_counter() - t0, 1)
             if html:
-                _export_html(report)
+                _export_html(report, report_title(step, layout.run_dir))
             result.steps.append(StepOutcome(step, report, seconds))
             manifest["steps"][step] = {"report": str(report), "seconds": seconds, "status": "finished",
                                        "params": overrides[step]}
