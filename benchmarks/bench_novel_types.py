@@ -21,7 +21,8 @@ The released ``whole-human`` checkpoint cannot be downloaded here: a tiny random
 checkpoint (d_model 64, 2 layers, the data's genes as vocabulary) stands in, as in the demo. Its
 figures say what the pipeline does with an untrained encoder, not what the released scGPT achieves.
 
-    python benchmarks/bench_novel_types.py [--held-out B] [--epochs 3] [--strategy full] [--out runs/bench_novel_types]
+    python benchmarks/bench_novel_types.py [--held-out B] [--epochs 3] [--strategy full] [--checkpoint DIR]
+        [--out runs/bench_novel_types]
 """
 
 from __future__ import annotations
@@ -80,6 +81,8 @@ def main() -> None:
     p.add_argument("--max-seq-len", type=int, default=128)
     p.add_argument("--strategy", default="full", help="how scGPT is fine-tuned (full, head, probe, lora, ...)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint", default=None,
+                   help="a pretrained checkpoint folder or 'whole-human' (default: a tiny random one, as in the demo)")
     a = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     start = time.perf_counter()
@@ -87,7 +90,12 @@ def main() -> None:
     raw = anndata.read_h5ad(a.data)
     if a.held_out not in set(raw.obs["cell_type"].astype(str)):
         raise SystemExit(f"--held-out {a.held_out!r} is not a cell type of {a.data}: {sorted(set(raw.obs['cell_type']))}")
-    ckpt = make_tiny_checkpoint(out / "tiny_checkpoint", list(raw.var_names), seed=a.seed)
+    if a.checkpoint is None:
+        ckpt = make_tiny_checkpoint(out / "tiny_checkpoint", list(raw.var_names), seed=a.seed)
+    else:
+        from scgpt_protocol.checkpoint import locate_checkpoint
+
+        ckpt = locate_checkpoint(a.checkpoint)[0]
     record = _checkpoint_record(ckpt)
     pre = PreprocessParams(run_dir=str(out), label_key="cell_type", checkpoint=str(ckpt), n_hvg=2000,
                            min_cells_per_class=10, seed=a.seed)
