@@ -107,11 +107,11 @@ def categories(split_pbmc):
 
 @pytest.mark.parametrize("strategy", STRATEGY_NAMES)
 def test_bf16_training_on_cpu_works_for_every_strategy(split_pbmc, categories, tiny_checkpoint, tmp_path, strategy):
-    params = FinetuneParams(run_dir=str(tmp_path), strategy=strategy, epochs=2, batch_size=16, max_seq_len=48,
+    params = FinetuneParams(run_dir=str(tmp_path), strategy=strategy, epochs=1, batch_size=16, max_seq_len=32,
                             lr=1e-3, patience=0, precision="bf16", device="cpu")
     model = load_model(tiny_checkpoint, n_classes=len(categories), device="cpu")
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    result = finetune(model, split_pbmc, params, label_key="label", categories=categories,
+    result = finetune(model, split_pbmc[:120], params, label_key="label", categories=categories,
                       layout=RunLayout(tmp_path))
     assert result.precision == "bf16"
     assert np.isfinite(result.history["train_loss"]).all() and np.isfinite(result.history["val_loss"]).all()
