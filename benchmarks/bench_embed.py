@@ -16,7 +16,7 @@ fresh subprocess, and torch.cuda.max_memory_allocated on a GPU.
 batches, and a torch.profiler table of one batch.
 (7) embed per --precisions (default fp32 and bf16) with the ratio of each to both the fp32 and the
 bf16 matmul rate. Where a CPU has no native bf16 units (bf16 emulated, tens of times slower) the
-low-precision runs use --emulated-cells cells (default 8), and the output says so.
+low-precision runs use --emulated-cells cells (default 2), and the output says so.
 The comparison with the official scGPT embedding path is benchmarks/bench_vs_official.py.
 """
 
@@ -298,7 +298,7 @@ def main() -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA, MPS, then CPU), cpu, cuda, ...")
     p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["auto", "fp32", "bf16", "fp16"],
                    help="embed is also timed in each of these (the default run is auto)")
-    p.add_argument("--emulated-cells", type=int, default=8,
+    p.add_argument("--emulated-cells", type=int, default=2,
                    help="cells for low-precision runs on a CPU without native bf16 units")
     p.add_argument("--profile", action="store_true", help="tokenisation vs forward; op table")
     p.add_argument("--json", type=Path, help="also write every figure to this file")
