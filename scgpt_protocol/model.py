@@ -117,7 +117,9 @@ class SelfAttention(nn.Module):
         else:
             if type(self.Wqkv) is nn.Linear:  # plain weights: project the one query, and keys / values
                 weight, bias = self.Wqkv.weight, self.Wqkv.bias
-                q = F.linear(x[:, :1], weight[:d_model], bias[:d_model])
+                # a 2-D input: one addmm whatever requires_grad says (a strided 3-D input would go through
+                # matmul, whose folding, hence rounding, depends on requires_grad: frozen != trainable)
+                q = F.linear(x[:, 0], weight[:d_model], bias[:d_model])
                 kv = F.linear(x, weight[d_model:], bias[d_model:])
             else:  # wrapped (LoRA, IA3): the wrapper's own forward over every position
                 qkv = self.Wqkv(x)
