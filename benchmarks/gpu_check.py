@@ -123,7 +123,8 @@ def low_precision_outputs(device: torch.device, precisions: list[str]) -> None:
             cos = cosine(ref.obsm["X_scgpt"].astype(np.float64), low.obsm["X_scgpt"].astype(np.float64))
             used = low.uns["X_scgpt_params"]["precision"]
             check(f"embed {precision}", cos.min() >= 0.999 and used == precision,
-                  f"cosine to fp32 min {cos.min():.6f} mean {cos.mean():.6f} over {low.n_obs} cells; recorded {used}")
+                  f"cosine to fp32 min {cos.min():.6f} (1 - min = {1 - cos.min():.1e}), mean {cos.mean():.6f} over "
+                  f"{low.n_obs} cells; recorded {used}")
         cats = sorted(set(labels))
         model = load_model(ckpt, n_classes=len(cats), device=device)
         fp32 = predict(model, adata, categories=cats, precision="fp32", max_seq_len=512)
