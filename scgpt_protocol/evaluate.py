@@ -822,6 +822,7 @@ def evaluate_query(
     batch_size: int = 64,
     seed: int = 0,
     baseline: BaselineResult | None = None,
+    precision: str = "auto",
 ) -> dict[str, Any]:
     """scGPT (and the baseline, when given) on an external labelled query, as the ``query`` record.
 
@@ -848,7 +849,7 @@ def evaluate_query(
         msg = f"query_label_key={key!r} is not a column of the query's obs; columns: {format_keys(query.obs.columns)}."
         raise KeyError(msg)
     prediction = predict(model, query, categories=manifest["categories"], genes=manifest["genes"],
-                         batch_size=batch_size, max_seq_len=max_seq_len, seed=seed, desc="query")
+                         batch_size=batch_size, max_seq_len=max_seq_len, seed=seed, desc="query", precision=precision)
     result = evaluate_predictions(query, prediction, label_key=key)
     methods = {SCGPT_METHOD: result.metrics}
     if baseline is not None and baseline.query is not None:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 import torch
 
-from .device import autocast
+from .device import autocast, resolve_precision
 from .embedding import iter_batches
 from .log import progress
 from .model import ScGPT
@@ -30,6 +30,7 @@ class Prediction:
     probabilities: np.ndarray  # float32 [n, n_classes]
     embeddings: np.ndarray  # float32 [n, d], L2-normalised <cls> embeddings of the fine-tuned model
     categories: list[str]
+    precision: str = "fp32"  # what the forward passes ran in: fp32, bf16 or fp16
 
 
 def predict(
@@ -44,6 +45,7 @@ def predict(
     gene_symbol_key: str | None = None,
     desc: str = "predicting",
     genes: Sequence[str] | None = None,
+    precision: str = "auto",
 ) -> Prediction:
     """Predict cell types with a model that has a classification head.
 
@@ -52,6 +54,8 @@ def predict(
     holding less than half of them is refused (:class:`~scgpt_protocol.errors.GeneMatchError`). ``<cls>``
     carries ``model.cls_value``, the value the classifier was fine-tuned with (0, as published; set by
     :func:`~scgpt_protocol.train.load_finetuned` and :func:`~scgpt_protocol.load_model`).
+    ``precision`` is ``"auto"``, ``"fp32"``, ``"bf16"`` or ``"fp16"``
+    (:func:`~scgpt_protocol.device.resolve_precision`); the one used is ``Prediction.precision``.
     """
     if model.cls_decoder is None:
         msg = "the model has no classification head; fine-tune it first (02_finetune) or load a fine-tuned checkpoint."
@@ -62,6 +66,7 @@ def predict(
         raise ValueError(msg)
     check_expression(adata, layer=layer)
     device = next(model.parameters()).device
+    used = resolve_precision(precision, device)
     probs = np.zeros((adata.n_obs, n_classes), dtype=np.float32)
     embs = np.zeros((adata.n_obs, model.config.d_model), dtype=np.float32)
     was_training = model.training
@@ -69,7 +74,7 @@ def predict(
     batches = iter_batches(adata, model, max_seq_len=max_seq_len, batch_size=batch_size, seed=seed,
                            layer=layer, gene_symbol_key=gene_symbol_key, genes=genes)
     try:
-        with torch.inference_mode(), autocast(device):
+        with torch.inference_mode(), autocast(device, used):
             for batch in progress(batches, total=adata.n_obs, desc=desc, unit="cells", size=lambda b: len(b.index)):
                 batch = batch.to(device)
                 cell = model.cell_embedding(batch.gene_ids, batch.values, batch.padding_mask)
@@ -87,4 +92,5 @@ def predict(
         probabilities=probs,
         embeddings=embs,
         categories=cats,
+        precision=used,
     )
