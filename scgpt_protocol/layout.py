@@ -257,7 +257,8 @@ class RunLayout:
     }
 
     def step_artifacts(self, step: str) -> list[Path]:
-        """Every file or folder ``step`` writes: its outputs, figures, report (.ipynb/.html), log and parameters."""
+        """Every file or folder ``step`` (``"02_finetune"``...) writes: its outputs, figures, report
+        (.ipynb/.html), log and parameters."""
         outputs = {
             "01_preprocess": [self.prepared_adata, self.labels, self.inspection, self.checkpoint_record,
                               self.demo_checkpoint_dir],
@@ -268,10 +269,10 @@ class RunLayout:
         if step not in outputs:
             msg = f"unknown step {step!r}; steps: {sorted(outputs)}."
             raise KeyError(msg)
-        report = self.step_report(step)
-        return [*outputs[step], *(self.figure(name) for name in self.STEP_FIGURES[step]), report,
-                report.with_suffix(".html"), report.with_name(report.name + ".incomplete"), self.step_log(step),
-                self.step_params(step)]
+        report, name = self.step_report(step), step.split("_", 1)[1]  # logs and params use "preprocess" etc.
+        return [*outputs[step], *(self.figure(figure) for figure in self.STEP_FIGURES[step]), report,
+                report.with_suffix(".html"), report.with_name(report.name + ".incomplete"), self.step_log(name),
+                self.step_params(name)]
 
     @property
     def stale_dir(self) -> Path:
