@@ -70,7 +70,8 @@ class DiskFullError(ScGPTProtocolError, OSError):
         import errno
 
         self.path, self.needed, self.free = str(path), needed, free
-        detail = f" ({type(cause).__name__}: {str(cause).splitlines()[0][:300] if str(cause) else ''})" if cause else ""
+        first_line = str(cause).splitlines()[0][:300] if cause is not None and str(cause) else ""
+        detail = f" ({type(cause).__name__}: {first_line})" if cause is not None else ""
         self.message = (
             f"no space left to write {self.path}{detail}: it needs at least {_size(needed)} and "
             f"{_size(free)} {'is' if free is not None else 'may be'} free on that file system. Free some space "

@@ -46,7 +46,8 @@ def is_disk_full(err: BaseException | None) -> bool:
         text = str(err).lower()
         if isinstance(err, (OSError, RuntimeError)) and any(t in text for t in _DISK_FULL_TEXT):
             return True
-        if isinstance(err, RuntimeError) and "inline_container" in text and any(t in text for t in _TORCH_WRITE_FAILED):
+        torch_writer = isinstance(err, RuntimeError) and "inline_container" in text
+        if torch_writer and any(t in text for t in _TORCH_WRITE_FAILED):
             return True
         err = err.__cause__ or err.__context__
     return False

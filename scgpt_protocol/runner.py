@@ -39,6 +39,9 @@ _VERSIONS = ("scgpt-protocol", "torch", "numpy", "scipy", "anndata", "scanpy", "
 class RunFailed(RuntimeError):
     """A notebook raised; the message names the report and the cell."""
 
+    #: the name of the error the notebook raised (e.g. ``"DiskFullError"``, ``"InputDataError"``)
+    ename: str | None = None
+
 
 class RunDirInUse(FileExistsError):
     """``run_dir`` holds a finished run or files of something else."""
@@ -181,7 +184,8 @@ def _step_inputs(values: dict[str, Any], cache: dict[str, Any]) -> dict[str, Any
         if value and Path(value).is_file():
             sums[key] = {"path": value, "sha256": digest(Path(value))}
         elif value == "demo":
-            sums[key] = {"path": "demo", "sha256": f"scanpy.datasets.pbmc68k_reduced (scanpy {importlib.metadata.version('scanpy')})"}
+            version = importlib.metadata.version("scanpy")
+            sums[key] = {"path": "demo", "sha256": f"scanpy.datasets.pbmc68k_reduced (scanpy {version})"}
     checkpoint = values.get("checkpoint")
     if checkpoint:
         weights = Path(checkpoint) / "best_model.pt"
@@ -431,6 +435,8 @@ def run_protocol(
     chosen = _select_steps(steps)
     overrides = _load_overrides(params_dir, chosen, layout.run_dir, cwd)
     previous = _check_run_dir(layout, force, params_dir)
+    hashes: dict[str, Any] = {}
+    inputs = {step: _step_inputs(overrides[step], hashes) for step in chosen}  # before the manifest says "running"
     layout.make_dirs()
     layout.reports_dir.mkdir(parents=True, exist_ok=True)
     manifest: dict[str, Any] = {
@@ -443,8 +449,6 @@ def run_protocol(
     }
     layout.write_json(layout.manifest, manifest)
     result = RunResult(run_dir=layout.run_dir)
-    hashes: dict[str, Any] = {}
-    inputs = {step: _step_inputs(overrides[step], hashes) for step in chosen}
     env_before = os.environ.get("SCGPT_PROTOCOL_PROGRESS")
     os.environ["SCGPT_PROTOCOL_PROGRESS"] = "text"  # widget bars render badly in executed reports
     sigterm_before = _install_sigterm_handler()
@@ -455,7 +459,8 @@ def run_protocol(
             report = layout.step_report(step)
             changes = _what_changed(step, manifest["steps"].get(step), overrides[step], inputs[step])
             if changes:
-                result.stale.extend(s for s in _set_stale(layout, manifest, step, changes) if s not in result.stale)
+                marked = _set_stale(layout, manifest, step, changes)
+                result.stale.extend(s for s in marked if s not in result.stale)
             record = {"report": str(report), "status": "running", "started": _now(), "params": overrides[step],
                       "inputs": inputs[step]}
             manifest["steps"][step] = record
@@ -472,8 +477,8 @@ def run_protocol(
             except Exception as err:  # papermill wraps every notebook error; report where it failed
                 if getattr(err, "ename", None) == "KeyboardInterrupt":  # the kernel itself was interrupted
                     raise KeyboardInterrupt from err
-                _step_failed(err, layout, manifest, result, step, report, record, round(time.perf_counter() - t0, 1),
-                             html=html)
+                seconds = round(time.perf_counter() - t0, 1)
+                _step_failed(err, layout, manifest, result, step, report, record, seconds, html=html)
             seconds = round(time.perf_counter() - t0, 1)
             if html:
                 _export_html_safely(report)
@@ -569,8 +574,8 @@ def _step_failed(err: Exception, layout: RunLayout, manifest: dict[str, Any], re
         error += f" ({aside})"
     outcome = StepOutcome(step, report, seconds, "failed", error)
     result.steps.append(outcome)
-    manifest["steps"][step] = {**record, "seconds": seconds, "status": "failed", "error": error,
-                               "error_type": "DiskFullError" if disk_full_here else getattr(err, "ename", type(err).__name__)}
+    ename = "DiskFullError" if disk_full_here else getattr(err, "ename", type(err).__name__)
+    manifest["steps"][step] = {**record, "seconds": seconds, "status": "failed", "error": error, "error_type": ename}
     manifest["status"] = "failed"
     manifest_note = _write_manifest_best_effort(layout, manifest)
     if html and report.is_file() and not aside:
@@ -579,13 +584,26 @@ def _step_failed(err: Exception, layout: RunLayout, manifest: dict[str, Any], re
         except OSError as html_err:
             logger.error("no HTML copy of %s: %s", report, html_err)
     if full is not None:
-        note = "; ".join(n for n in (aside, manifest_note) if n)
+        first = _notebook_error(err)  # a cell had failed before papermill could not save the report
+        note = "; ".join(n for n in (f"a cell had failed first: {first}" if first else None, aside, manifest_note)
+                         if n)
         raise DiskFullError(report, needed=full.needed, free=full.free, cause=err,
                             note=f"Step {step} failed{': ' + note if note else ''}.") from err
     msg = f"step {step} failed: {error}" + (f"; {manifest_note}" if manifest_note else "")
     failed = RunFailed(msg)
     failed.ename = getattr(err, "ename", type(err).__name__)
     raise failed from None
+
+
+def _notebook_error(err: BaseException | None) -> str | None:
+    """``ename: evalue`` of the notebook error in ``err``'s chain (papermill's), if any."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if getattr(err, "ename", None):
+            return f"{err.ename}: {getattr(err, 'evalue', '')}"
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def _interrupted(err: BaseException, layout: RunLayout, manifest: dict[str, Any], result: RunResult, step: str,
@@ -629,6 +647,7 @@ def _interrupted(err: BaseException, layout: RunLayout, manifest: dict[str, Any]
     manifest_note = _write_manifest_best_effort(layout, manifest)
     msg = (f"step {step} was interrupted ({what}) at {when}"
            f"{f', in cell In [{cell}] of {report}' if cell is not None else ''}.{epoch_note} "
-           f"Resume with: {resume}" + (f" ({aside})" if aside else "") + (f"; {manifest_note}" if manifest_note else ""))
+           f"Resume with: {resume}" + (f" ({aside})" if aside else "")
+           + (f"; {manifest_note}" if manifest_note else ""))
     logger.error("%s", msg)
     raise RunInterrupted(msg, step=step, signal_name=what, resume=resume) from err
