@@ -619,8 +619,14 @@ def _interrupted(err: BaseException, layout: RunLayout, manifest: dict[str, Any]
         epoch = _last_finished_epoch(layout)
         params = STEPS[step].from_mapping(overrides[step])
         total, keeps = params.epochs, params.resume
-        info["last_finished_epoch"] = epoch
-        if epoch is None:
+        info["last_finished_epoch"] = None if params.strategies else epoch
+        if params.strategies:  # a comparison keeps each finished strategy; the one in progress starts over
+            folder = layout.train_dir / "comparison" / "strategies"
+            done = sorted(d.name for d in folder.glob("*") if (d / "outcome.json").is_file())
+            info["strategies_finished"] = done
+            epoch_note = (f" Strategies already trained ({', '.join(done) or 'none'}) are reused when it resumes; "
+                          "the others train from epoch 1.")
+        elif epoch is None:
             epoch_note = " No fine-tuning epoch had finished; fine-tuning starts from epoch 1 again."
         elif keeps:
             epoch_note = (f" Fine-tuning had finished epoch {epoch} of {total}; it resumes after epoch {epoch} "

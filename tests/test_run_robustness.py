@@ -183,6 +183,27 @@ def test_sigterm_is_recorded_as_interrupted_and_the_handler_restored(tmp_path, f
     assert "interrupted (SIGTERM)" in report.cells[0].source and "before cell" in report.cells[0].source
 
 
+def test_interrupted_strategy_comparison_names_the_strategies_kept(tmp_path, fake_papermill):
+    params = tmp_path / "params"
+    shutil.copytree(CI, params)
+    values = yaml.safe_load((CI / "02_finetune.yaml").read_text()) | {"strategies": ["head", "probe"]}
+    (params / "02_finetune.yaml").write_text(yaml.safe_dump(values))
+
+    def interrupted(notebook, report, parameters, layout):
+        done = layout.train_dir / "comparison" / "strategies" / "head"
+        done.mkdir(parents=True)
+        (done / "outcome.json").write_text("{}")
+        raise KeyboardInterrupt
+
+    fake_papermill.plan = {"02_finetune": interrupted}
+    with pytest.raises(RunInterrupted, match=r"Strategies already trained \(head\) are reused when it resumes"):
+        run_protocol(params, tmp_path / "run", steps=["01", "02"], html=False)
+    info = _manifest(tmp_path / "run")["interrupted"]
+    assert info["strategies_finished"] == ["head"] and info["last_finished_epoch"] is None
+    assert info["cell"] is None  # no report was written before the interruption
+    assert not (tmp_path / "run" / "reports" / "02_finetune.ipynb").exists()
+
+
 def test_cli_exit_codes_for_an_interrupted_run(tmp_path, fake_papermill, caplog):
     from scgpt_protocol.cli import main
 
