@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 RUN_DIR ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-all bench clean
+.PHONY: install demo test test-all bench wheel-smoke clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	MPLBACKEND=agg $(BIN)/python -m pytest --slow $(PYTEST_ARGS)
+
+# the protocol from a plain pip install: wheel into a fresh venv, init + run ci outside the clone (CI runs it)
+wheel-smoke: $(STAMP)
+	.ci/wheel_smoke
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_embed.py

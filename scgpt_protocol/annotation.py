@@ -23,11 +23,11 @@ import numpy as np
 import pandas as pd
 
 from .checkpoint import load_model, read_vocab
-from .errors import GeneMatchError
 from .evaluate import BASELINE_METHOD, classification_metrics, confusion, logistic_regression_baseline
 from .params import STRATEGY_NAMES, FinetuneParams, ParamsError, PreprocessParams
 from .predict import Prediction, predict
 from .layout import RunLayout, atomic_write
+from .tokenize import MIN_GENE_OVERLAP  # noqa: F401  (re-exported: the one gene-overlap rule)
 from .train import TrainResult, data_fingerprint, finetune, load_finetuned, save_finetuned, strategy_config
 
 if TYPE_CHECKING:
@@ -40,26 +40,23 @@ __all__ = ["AnnotationRunner", "adapt_annotation", "compare_strategies", "inspec
 
 logger = logging.getLogger(__name__)
 
-#: share of the runner's genes that data to annotate must have
-MIN_GENE_OVERLAP = 0.5
 
 
 def _checkpoint_dir(checkpoint: str | Path) -> Path:
     """``"whole-human"`` (downloaded once into the cache) or a checkpoint folder."""
-    from .download import KNOWN_CHECKPOINTS, download_checkpoint
+    from .checkpoint import locate_checkpoint
 
-    released = str(checkpoint) in KNOWN_CHECKPOINTS and not Path(checkpoint).exists()
-    return download_checkpoint(str(checkpoint)) if released else Path(checkpoint)
+    return locate_checkpoint(checkpoint)[0]
 
 
 def _checkpoint_record(checkpoint: str | Path) -> dict[str, Any]:
     """``{"checkpoint", "sha256", "kind"}`` of a checkpoint (a clear error when it is not one)."""
-    from .download import KNOWN_CHECKPOINTS, sha256_file
+    from .checkpoint import locate_checkpoint
+    from .download import sha256_file
 
-    path = _checkpoint_dir(checkpoint)
+    path, kind = locate_checkpoint(checkpoint)
     read_vocab(path)
-    return {"checkpoint": str(path), "sha256": sha256_file(path / "best_model.pt"),
-            "kind": "released" if str(checkpoint) in KNOWN_CHECKPOINTS and path != Path(checkpoint) else "folder"}
+    return {"checkpoint": str(path), "sha256": sha256_file(path / "best_model.pt"), "kind": kind}
 
 
 def inspect_annotation_data(
@@ -151,7 +148,8 @@ class AnnotationRunner:
                 conf.attrs.update(saved["test_confusion"]["attrs"])
                 outcome = StrategyOutcome(strategy, train, saved["test_metrics"], saved["saved_bytes"], directory, conf)
                 return outcome, model
-        model = load_model(self.base_checkpoint["checkpoint"], n_classes=len(self.categories), device=self.params.device)
+        model = load_model(self.base_checkpoint["checkpoint"], n_classes=len(self.categories),
+                           head_seed=self.params.seed, device=self.params.device)
         result = finetune(model, self.adata, self.params, label_key=self.label_key, categories=self.categories,
                           strategy=strategy, base_checkpoint=self.base_checkpoint)
         pred = self._predict_with(model, test, desc=f"{strategy}: test split")
@@ -231,17 +229,13 @@ class AnnotationRunner:
         return self.model.to(resolve_device(self.params.device))
 
     def predict(self, adata: AnnData) -> Prediction:
-        """Labels, confidences and fine-tuned embeddings of the best model for ``adata``."""
+        """Labels, confidences and fine-tuned embeddings of the best model for ``adata``.
+
+        Data holding less than :data:`~scgpt_protocol.tokenize.MIN_GENE_OVERLAP` of the model's training
+        genes is refused with a :class:`~scgpt_protocol.errors.GeneMatchError` (the rule of every step).
+        """
         model = self._require_model()
         genes = self.manifest.get("genes") or list(self.adata.var_names)
-        shared = len(set(genes) & set(map(str, adata.var_names)))
-        if shared < MIN_GENE_OVERLAP * len(genes):
-            msg = (
-                f"adata has {shared:,} of the {len(genes):,} genes this model was trained on "
-                f"({shared / max(len(genes), 1):.0%}; need {MIN_GENE_OVERLAP:.0%}). Use data with the same gene "
-                "symbols in var_names (for Ensembl ids, set var_names to a symbol column first)."
-            )
-            raise GeneMatchError(msg)
         return self._predict_with(model, adata, genes=genes)
 
     def annotate_adata(self, adata: AnnData, obs_key: str = "scgpt_label", embedding_key: str = "X_scgpt") -> None:

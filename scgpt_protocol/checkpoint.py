@@ -22,7 +22,7 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from .device import resolve_device
-from .errors import CheckpointError, CheckpointNotFoundError
+from .errors import CheckpointError, CheckpointNotFoundError, format_keys
 from .layout import atomic_write
 from .model import ScGPT, ScGPTConfig
 
@@ -84,23 +84,16 @@ class LoadReport:
             f"scGPT checkpoint {self.checkpoint_dir}",
             f"  loaded      {self.n_loaded} tensors"
             + (f" ({self.renamed} renamed Wqkv/in_proj)" if self.renamed else ""),
-            f"  dropped     {_short(self.dropped)} (pretraining only)",
-            f"  unexpected  {_short(self.unexpected)} (ignored)",
-            f"  missing     {_short(self.missing)}",
-            f"  initialised {_short(self.initialised)}",
+            f"  dropped     {format_keys(self.dropped)} (pretraining only)",
+            f"  unexpected  {format_keys(self.unexpected)} (ignored)",
+            f"  missing     {format_keys(self.missing)}",
+            f"  initialised {format_keys(self.initialised)}",
             f"  classifier  {self.head}",
         ]
         return "\n".join(lines)
 
     def _repr_pretty_(self, p: Any, cycle: bool) -> None:  # IPython display
         p.text(str(self))
-
-
-def _short(keys: list[str], n: int = 6) -> str:
-    if not keys:
-        return "none"
-    more = f" ... (+{len(keys) - n} more)" if len(keys) > n else ""
-    return ", ".join(keys[:n]) + more
 
 
 # -- reading --------------------------------------------------------------------------------
@@ -216,6 +209,55 @@ def _head_classes(state: Mapping[str, torch.Tensor]) -> int | None:
     return None if weight is None else int(weight.shape[0])
 
 
+def locate_checkpoint(
+    spec: str | Path, *, demo_dir: str | Path | None = None, demo_genes: Iterable[str] | None = None
+) -> tuple[Path, str]:
+    """The one checkpoint resolver: ``(folder, kind)`` for ``"demo"``, a released name or a folder.
+
+    Parameters
+    ----------
+    spec
+        ``"demo"``: a tiny randomly initialised checkpoint over ``demo_genes`` written to ``demo_dir``
+        (kind ``"demo"``); an existing folder (kind ``"folder"``); a name of
+        :data:`~scgpt_protocol.download.KNOWN_CHECKPOINTS` such as ``"whole-human"``, downloaded once
+        into the cache (kind ``"released"``). A folder of that name in the working directory wins.
+
+    Raises
+    ------
+    CheckpointNotFoundError
+        Neither a folder, a known name nor ``"demo"``; or the folder lacks one of the three files.
+    """
+    from .download import KNOWN_CHECKPOINTS, download_checkpoint
+
+    text = str(spec)
+    if text == "demo" and not Path(spec).is_dir():
+        if demo_dir is None or demo_genes is None:
+            msg = "checkpoint 'demo' is made from the data's genes; this call has no data to make it from."
+            raise CheckpointNotFoundError(msg)
+        unique = list(dict.fromkeys(str(g) for g in demo_genes if str(g) and str(g) != "nan"))
+        return make_tiny_checkpoint(demo_dir, unique, seed=0), "demo"
+    path = Path(spec).expanduser()
+    if not path.is_dir() and text in KNOWN_CHECKPOINTS:
+        return download_checkpoint(text), "released"
+    if not path.is_dir():
+        msg = (
+            f"checkpoint {text!r} does not exist: it is not 'demo', not a known checkpoint name "
+            f"{format_keys(sorted(KNOWN_CHECKPOINTS))} and not an existing folder (resolved to {path.absolute()}; the current working directory is "
+            f"{Path.cwd()}). Set checkpoint to 'demo', 'whole-human' or a folder holding {', '.join(CHECKPOINT_FILES)}."
+        )
+        raise CheckpointNotFoundError(msg)
+    missing = [f for f in CHECKPOINT_FILES if not (path / f).is_file()]
+    if missing:
+        present = sorted(p.name for p in path.iterdir())
+        msg = (
+            f"checkpoint folder {path} lacks {', '.join(missing)} (found: {format_keys(present)}); a scGPT "
+            f"checkpoint folder holds {', '.join(CHECKPOINT_FILES)}. Point checkpoint to the folder of the "
+            "released model or one written by save_checkpoint."
+        )
+        raise CheckpointNotFoundError(msg)
+    return path, "folder"
+
+
 def load_model(
     checkpoint_dir: str | Path,
     *,
@@ -251,18 +293,7 @@ def load_model(
         Unreadable files, missing encoder/attention weights, or shapes that disagree with
         ``args.json`` / ``vocab.json``.
     """
-    directory = Path(checkpoint_dir).expanduser()
-    if not directory.exists():
-        from .download import KNOWN_CHECKPOINTS, download_checkpoint
-
-        if str(checkpoint_dir) in KNOWN_CHECKPOINTS:
-            directory = download_checkpoint(str(checkpoint_dir))
-        else:
-            msg = (
-                f"checkpoint folder {directory} does not exist. Give the folder that holds "
-                f"{', '.join(CHECKPOINT_FILES)}, or one of the known names {sorted(KNOWN_CHECKPOINTS)}."
-            )
-            raise CheckpointNotFoundError(msg)
+    directory, _ = locate_checkpoint(checkpoint_dir)
     args_path, vocab_path, weights_path = (_require_file(directory, f) for f in CHECKPOINT_FILES)
     vocab = read_vocab(vocab_path)
     config = _config_from_args(_read_json(args_path), vocab, args_path)
@@ -293,17 +324,43 @@ def load_model(
         report.head = "loaded" if not any(k.startswith("cls_decoder.") for k in report.initialised) else "new"
     model.vocab = vocab
     model.load_report = report
+    if config.n_classes is not None and report.head == "loaded":
+        model.cls_value = _trained_cls_value(directory)
     for line in str(report).splitlines():
         logger.info(line)
     if report.missing:
         warnings.warn(
             f"{weights_path}: {len(report.missing)} decoder weights are missing and were left "
-            f"randomly initialised ({_short(report.missing, 3)}); cell embeddings and classification "
+            f"randomly initialised ({format_keys(report.missing, 3)}); cell embeddings and classification "
             "do not use them.",
             UserWarning,
             stacklevel=2,
         )
     return model.to(resolve_device(device)).eval()
+
+
+def _trained_cls_value(directory: Path) -> float | None:
+    """The ``<cls>`` value a checkpoint's classifier was fine-tuned with.
+
+    Recorded in ``manifest.json`` by this package (``cls_value``); a manifest of ours without it
+    predates the record and was trained with pad_value (None); a classifier fine-tuned elsewhere (no
+    manifest of ours) was fine-tuned by the official tokeniser, which feeds 0.
+    """
+    from .tokenize import FINETUNE_CLS_VALUE
+
+    path = directory / "manifest.json"
+    manifest: Any = {}
+    if path.is_file():
+        try:
+            manifest = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            manifest = {}
+    if isinstance(manifest, dict) and "cls_value" in manifest:
+        value = manifest["cls_value"]
+        return None if value is None else float(value)
+    if isinstance(manifest, dict) and manifest.get("strategy"):
+        return None
+    return FINETUNE_CLS_VALUE
 
 
 def _check_keys_and_shapes(
@@ -334,7 +391,7 @@ def _check_keys_and_shapes(
         attention = [k for k in fatal if ".self_attn." in k]
         what = "attention" if attention else "encoder"
         msg = (
-            f"{weights_path} lacks {len(fatal)} {what} weights that the model needs: {_short(fatal, 8)}. "
+            f"{weights_path} lacks {len(fatal)} {what} weights that the model needs: {format_keys(fatal, 8)}. "
             "A model run without them would be randomly initialised. Is this a scGPT checkpoint, and "
             "does args.json (nlayers, embsize) match it?"
         )
@@ -347,13 +404,13 @@ def _check_keys_and_shapes(
     if structural:
         msg = (
             f"{weights_path} holds {len(structural)} weights that this architecture has no place for: "
-            f"{_short(structural, 8)}. args.json (nlayers, n_layers_cls) does not describe this checkpoint."
+            f"{format_keys(structural, 8)}. args.json (nlayers, n_layers_cls) does not describe this checkpoint."
         )
         raise CheckpointError(msg)
     report.unexpected = unexpected
     if unexpected:
         warnings.warn(
-            f"{weights_path}: ignoring {len(unexpected)} weights this model does not use: {_short(unexpected, 5)}",
+            f"{weights_path}: ignoring {len(unexpected)} weights this model does not use: {format_keys(unexpected, 5)}",
             UserWarning,
             stacklevel=3,
         )

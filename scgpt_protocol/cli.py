@@ -1,4 +1,9 @@
-"""Command line: ``scgpt-protocol run params/demo`` runs the protocol notebooks headless."""
+"""Command line of the protocol.
+
+``scgpt-protocol run demo`` runs the four notebooks headless with a built-in scenario (or a scenario
+folder such as ``params/demo``); ``scgpt-protocol init DIR`` copies the notebooks and scenarios into DIR
+to open and edit; ``scgpt-protocol list`` shows the scenarios and steps.
+"""
 
 from __future__ import annotations
 
@@ -8,18 +13,24 @@ import sys
 import time
 from pathlib import Path
 
+from . import __version__
+
 __all__ = ["main"]
 
 logger = logging.getLogger("scgpt_protocol.cli")
 
 
 def _run(args: argparse.Namespace) -> int:
+    from .protocol import resolve_scenario
     from .runner import run_protocol
 
     start = time.perf_counter()
     steps = args.steps.split(",") if args.steps else None
-    result = run_protocol(args.params_dir, args.run_dir, steps=steps, force=args.force, html=not args.no_html,
-                          kernel_name=args.kernel)
+    params_dir = resolve_scenario(args.scenario)
+    run_dir = args.run_dir or str(Path("runs") / params_dir.name)
+    logger.info("scenario %s; notebooks %s; run folder %s", params_dir, args.notebooks or "(packaged)", run_dir)
+    result = run_protocol(params_dir, run_dir, steps=steps, force=args.force, html=not args.no_html,
+                          kernel_name=args.kernel, notebooks=args.notebooks)
     logger.info("")
     logger.info("finished %d step(s) in %.0f s; run folder %s", len(result.steps), time.perf_counter() - start,
                 result.run_dir)
@@ -36,18 +47,62 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _init(args: argparse.Namespace) -> int:
+    from .protocol import BUILTIN_SCENARIOS, init_workspace
+
+    written = init_workspace(args.dir, force=args.force)
+    dest = Path(args.dir)
+    logger.info("copied the scgpt-protocol %s protocol into %s (%d files):", __version__, dest.resolve(), len(written))
+    logger.info("  %s/notebooks/   01_preprocess, 02_finetune, 03_evaluate, 04_zeroshot (.ipynb)", dest)
+    logger.info("  %s/params/      %s (one YAML of overrides per notebook)", dest, ", ".join(BUILTIN_SCENARIOS))
+    logger.info("")
+    logger.info("next:")
+    logger.info("  cd %s", dest)
+    logger.info("  jupyter lab notebooks/                 # open a notebook, edit its parameters cell, run all")
+    logger.info("  scgpt-protocol run params/demo --notebooks notebooks   # headless: your copies -> runs/demo/")
+    logger.info("  scgpt-protocol run demo                # headless: the packaged notebooks and demo scenario")
+    logger.info("For your data: copy params/demo to params/mine, set adata_path, label_key and checkpoint, then")
+    logger.info("  scgpt-protocol run params/mine --notebooks notebooks   # -> runs/mine/")
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    from .protocol import params_root, protocol_root, scenario_summary, step_summary
+
+    root = protocol_root()
+    logger.info("scgpt-protocol %s; protocol in %s (%s)", __version__, root.path, root.kind)
+    logger.info("steps (notebooks in %s):", root.path / "notebooks")
+    for step, title in step_summary().items():
+        logger.info("  %-14s %s", step, title)
+    logger.info("scenarios (scgpt-protocol run NAME; files in %s):", params_root())
+    for name, about in scenario_summary().items():
+        logger.info("  %-14s %s", name, about)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from .log import ensure_logging
 
-    parser = argparse.ArgumentParser(prog="scgpt-protocol", description=__doc__)
+    parser = argparse.ArgumentParser(prog="scgpt-protocol", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"scgpt-protocol {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run the protocol notebooks headless with a parameter folder")
-    run.add_argument("params_dir", help="a scenario folder, e.g. params/demo (one YAML per notebook)")
-    run.add_argument("--run-dir", default="runs/demo", help="where outputs and reports go (default: runs/demo)")
+    run = sub.add_parser("run", help="run the protocol notebooks headless with a scenario")
+    run.add_argument("scenario", help="a built-in scenario (demo, ci, retina-example) or a scenario folder, "
+                                      "e.g. params/demo (one YAML per notebook); a folder wins over a name")
+    run.add_argument("--run-dir", default=None,
+                     help="where outputs and reports go (default: runs/<scenario folder name>)")
+    run.add_argument("--notebooks", default=None,
+                     help="a folder with your edited copies of the notebooks (from `scgpt-protocol init`); "
+                          "default: the packaged ones")
     run.add_argument("--steps", default=None, help="comma-separated subset, e.g. 01,02 or preprocess,finetune")
     run.add_argument("--force", action="store_true", help="run into a run_dir that holds a finished run")
     run.add_argument("--no-html", action="store_true", help="skip the HTML copies of the reports")
     run.add_argument("--kernel", default=None, help="Jupyter kernel name (default: the notebooks' python3)")
+    init = sub.add_parser("init", help="copy the notebooks and scenarios into a folder to open and edit")
+    init.add_argument("dir", help="the folder to copy into (made if missing)")
+    init.add_argument("--force", action="store_true", help="overwrite notebooks and scenario files already there")
+    sub.add_parser("list", help="show the steps and the built-in scenarios")
     args = parser.parse_args(argv)
     ensure_logging()
     from .errors import ScGPTProtocolError
@@ -55,14 +110,15 @@ def main(argv: list[str] | None = None) -> int:
     from .params import ParamsError
     from .runner import RunDirInUse, RunFailed, RunInterrupted
 
+    command = {"run": _run, "init": _init, "list": _list}[args.command]
     try:
-        return _run(args)
+        return command(args)
     except RunInterrupted as err:  # the runner has logged where it stopped and the command that resumes
         return 143 if err.signal_name == "SIGTERM" else 130
     except RunFailed as err:
         logger.error("%s", err)
         return 1
-    except (ScGPTProtocolError, ParamsError, RunDirInUse, KeyError, FileNotFoundError) as err:
+    except (ScGPTProtocolError, ParamsError, RunDirInUse, KeyError, FileNotFoundError, FileExistsError) as err:
         logger.error("error: %s", err)
         return 2
 

@@ -14,7 +14,9 @@ from .log import progress
 from .model import ScGPT
 from .tokenize import (
     Batch,
+    cell_keys,
     check_expression,
+    check_gene_overlap,
     collate,
     get_matrix,
     iter_row_chunks,
@@ -52,28 +54,37 @@ def iter_batches(
     max_tokens: int | None = None,
     stats: dict | None = None,
     genes: Sequence[str] | None = None,
+    cls_value: float | None = None,
 ) -> Iterator[Batch]:
     """Yield padded model inputs for every cell of ``adata``, grouped by length within chunks.
 
     Each batch's ``index`` gives the row numbers of its cells. ``stats`` (if given) receives
     ``n_empty`` (cells with no expressed matched gene) and ``n_tokens`` / ``n_padded``. ``genes``
-    restricts the input to these gene symbols (a fine-tuned model's training genes).
+    restricts the input to these gene symbols (a fine-tuned model's training genes); data holding
+    too few of them is refused (:func:`~scgpt_protocol.tokenize.check_gene_overlap`). ``<cls>``
+    carries ``cls_value`` (None: the model's own, :attr:`ScGPT.cls_value`).
     """
     match = match_genes(adata, model.vocab, gene_symbol_key=gene_symbol_key)
     if genes is not None:
-        outside = ~np.isin(np.asarray(gene_symbols(adata, gene_symbol_key)), np.asarray(list(genes), dtype=object))
+        symbols = np.asarray(gene_symbols(adata, gene_symbol_key), dtype=object)
+        outside = ~np.isin(symbols, np.asarray(list(genes), dtype=object))
         match.token_ids[outside] = -1
+        check_gene_overlap(symbols[match.token_ids >= 0], genes, what="the data",
+                           against="the model's training genes")
+    if cls_value is None:
+        cls_value = model.cls_value
     columns = match.columns
     col_token_ids = match.token_ids[columns]
     config = model.config
     cls_id, pad_id = model.vocab["<cls>"], config.pad_token_id
     stats = stats if stats is not None else {}
     stats.update(n_empty=0, n_tokens=0, n_padded=0, genes=match)
+    names = adata.obs_names
     for start, chunk in iter_row_chunks(get_matrix(adata, layer), chunk_size):
         cells = tokenize_rows(
-            chunk[:, columns], col_token_ids, first_index=start, cls_id=cls_id,
-            pad_value=config.pad_value, max_seq_len=max_seq_len, n_bins=config.n_bins,
-            seed=seed, epoch=epoch,
+            chunk[:, columns], col_token_ids, cell_index=cell_keys(names[start : start + chunk.shape[0]]),
+            cls_id=cls_id, pad_value=config.pad_value, cls_value=cls_value, max_seq_len=max_seq_len,
+            n_bins=config.n_bins, seed=seed, epoch=epoch,
         )
         lengths = np.array([len(c.gene_ids) for c in cells])
         stats["n_empty"] += int((lengths == 1).sum())
@@ -99,9 +110,11 @@ def embed(
 ) -> None:
     """Write L2-normalised scGPT cell embeddings to ``adata.obsm[key_added]``.
 
-    Each cell is tokenised as in pretraining (``<cls>`` first, its expressed genes known to the
-    vocabulary with per-cell bins, a random sample of ``max_seq_len - 1`` genes when it has more),
-    and its embedding is the encoder output at ``<cls>``, divided by its norm. Works on in-memory
+    Each cell is tokenised as in pretraining (``<cls>`` first with pad_value -2, as the official
+    ``embed_data`` does; its expressed genes known to the vocabulary with per-cell bins, a random sample
+    of ``max_seq_len - 1`` genes when it has more), and its embedding is the encoder output at
+    ``<cls>``, divided by its norm. A fine-tuned model is fed the ``<cls>`` value it was trained with
+    (``model.cls_value``: 0, as published). Works on in-memory
     and backed (``backed="r"``) AnnData one chunk of cells at a time; uses mixed precision on GPU.
     The same seed gives the same embeddings, whatever ``batch_size``.
 

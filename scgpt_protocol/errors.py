@@ -14,7 +14,20 @@ __all__ = [
     "ChecksumMismatchError",
     "InputDataError",
     "GeneMatchError",
+    "format_keys",
 ]
+
+
+def format_keys(keys: object, limit: int = 10) -> str:
+    """Names (columns, layers, weights, options) for a message: ``['a', 'b', ... (+3 more)]``, or ``none``.
+
+    The one way every message of the package lists keys, so that long lists stay readable.
+    """
+    names = [str(k) for k in keys]  # type: ignore[attr-defined]
+    if not names:
+        return "none"
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return f"[{shown}, ... (+{len(names) - limit} more)]" if len(names) > limit else f"[{shown}]"
 
 
 class ScGPTProtocolError(Exception):

@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from .errors import format_keys
+
 if TYPE_CHECKING:
     from anndata import AnnData
 
@@ -43,6 +45,7 @@ __all__ = [
     "evaluate_predictions",
     "annotate",
     "write_results",
+    "evaluate_query",
 ]
 
 logger = logging.getLogger(__name__)
@@ -410,14 +413,8 @@ class BaselineResult:
     normalised: bool = False  # True: the input looked like raw counts and was log1p-CP10k normalised
     n_train: int = 0
     method: str = BASELINE_METHOD
-
-
-def _looks_like_counts(matrix: Any) -> bool:
-    """All stored values are whole numbers (raw counts) -- not log-normalised."""
-    import scipy.sparse as sp
-
-    data = matrix.data if sp.issparse(matrix) else np.asarray(matrix).ravel()
-    return bool(data.size) and bool(np.all(np.equal(np.mod(data, 1), 0)))
+    class_weight: str | None = None  # "balanced" when scGPT was trained with a class-weighted loss
+    query: BaselineResult | None = None  # the same classifier on an external query, when one is given
 
 
 def _log1p_cp10k(matrix: Any) -> Any:
@@ -441,6 +438,9 @@ def logistic_regression_baseline(
     n_hvg: int = 2000,
     seed: int = 0,
     layer: str | None = None,
+    class_weight: str | None = None,
+    query: AnnData | None = None,
+    query_label_key: str | None = None,
 ) -> BaselineResult:
     """Fit a CellTypist-style logistic regression on the train cells and predict the test cells.
 
@@ -455,7 +455,11 @@ def logistic_regression_baseline(
        than ``n_hvg``.
     3. Genes are standardised with a ``StandardScaler`` fitted on the train cells (centred for
        data up to 50 million values, else sparse without centring), clipped at +/-10.
-    4. ``LogisticRegression(C=1.0, max_iter=1000, random_state=seed)`` is fitted on the train cells.
+    4. ``LogisticRegression(C=1.0, max_iter=1000, random_state=seed, class_weight=class_weight)`` is
+       fitted on the train cells. Pass ``class_weight="balanced"`` when scGPT was fine-tuned with a
+       class-weighted loss, so that both see the classes weighted alike.
+    5. With a ``query``, the same fitted normalisation, genes (by name; a gene the query lacks is 0),
+       scaler and classifier predict its cells, scored against ``query.obs[query_label_key]``.
 
     Test cells are not used before prediction, so their labels and expression cannot change the
     model. Cells without a label are left out of fitting and of the metrics.
@@ -475,11 +479,17 @@ def logistic_regression_baseline(
         Seed of the classifier.
     layer
         ``adata.layers`` key with the expression (None: ``X``).
+    class_weight
+        ``None`` or ``"balanced"`` (inverse class frequency, as ``class_weighted=True`` in 02).
+    query, query_label_key
+        An external labelled AnnData to predict as well (``BaselineResult.query``); its label column
+        (default ``label_key``). It must hold at least half of the classifier's genes
+        (:func:`~scgpt_protocol.tokenize.check_gene_overlap`).
 
     Returns
     -------
     BaselineResult
-        Predictions, probabilities and metrics on the test cells.
+        Predictions, probabilities and metrics on the test cells (and ``.query`` on the query).
 
     Raises
     ------
@@ -496,17 +506,21 @@ def logistic_regression_baseline(
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
-    from .tokenize import check_expression, get_matrix
+    from .tokenize import check_expression, check_gene_overlap, get_matrix, value_kind
 
+    if class_weight not in (None, "balanced"):
+        raise ValueError(f"class_weight must be None or 'balanced'; got {class_weight!r}.")
     for key, what in ((label_key, "label_key"), (split_key, "split_key")):
         if key not in adata.obs:
-            msg = f"{what}={key!r} is not a column of adata.obs; columns: {list(adata.obs.columns)}."
+            msg = f"{what}={key!r} is not a column of adata.obs; columns: {format_keys(adata.obs.columns)}."
             raise KeyError(msg)
     if n_hvg < 1:
         raise ValueError(f"n_hvg must be a positive integer; got {n_hvg}.")
     split = adata.obs[split_key].astype(object)
     labels = adata.obs[label_key]
-    is_train = (split == train).to_numpy() & labels.notna().to_numpy()
+    from .preprocess import missing_labels
+
+    is_train = (split == train).to_numpy() & ~missing_labels(labels)
     is_test = (split == test).to_numpy()
     for name, mask, value in (("train", is_train, train), ("test", is_test, test)):
         if not mask.any():
@@ -526,7 +540,7 @@ def logistic_regression_baseline(
     rows = np.flatnonzero(is_train | is_test)
     X = matrix[rows]
     X = sp.csr_matrix(X if sp.issparse(X) else np.asarray(X), dtype=np.float64)
-    normalised = _looks_like_counts(X)
+    normalised = value_kind(X)[0] == "counts"
     if normalised:
         X = _log1p_cp10k(X)
         logger.info("baseline: values look like raw counts -> normalised to 10,000 per cell + log1p")
@@ -547,18 +561,19 @@ def logistic_regression_baseline(
     X_train, X_test = X_train[:, keep], X_test[:, keep]
 
     dense = X_train.shape[0] * X_train.shape[1] <= 50_000_000
-    if dense:
-        scaler = StandardScaler()
-        X_train = np.clip(scaler.fit_transform(X_train.toarray()), -10, 10)
-        X_test = np.clip(scaler.transform(X_test.toarray()), -10, 10)
-    else:
-        scaler = StandardScaler(with_mean=False)
-        X_train = scaler.fit_transform(X_train)
-        X_test = scaler.transform(X_test)
-        for part in (X_train, X_test):
-            np.minimum(part.data, 10, out=part.data)
+    scaler = StandardScaler(with_mean=dense)
 
-    clf = LogisticRegression(C=1.0, max_iter=1000, random_state=seed)
+    def scaled(part: Any, fit: bool = False) -> Any:
+        if dense:
+            values = scaler.fit_transform(part.toarray()) if fit else scaler.transform(part.toarray())
+            return np.clip(values, -10, 10)
+        values = scaler.fit_transform(part) if fit else scaler.transform(part)
+        np.minimum(values.data, 10, out=values.data)
+        return values
+
+    X_train, X_test = scaled(X_train, fit=True), scaled(X_test)
+
+    clf = LogisticRegression(C=1.0, max_iter=1000, random_state=seed, class_weight=class_weight)
     clf.fit(X_train, train_labels)
     classes = [str(c) for c in clf.classes_]
     # the label column's own order when it has one (so that confusion matrices line up with scGPT's)
@@ -567,35 +582,69 @@ def logistic_regression_baseline(
     else:
         order = classes
     column = [classes.index(c) for c in order]
-    proba = clf.predict_proba(X_test)[:, column].astype(np.float32)
-    test_names = adata.obs_names[is_test]
-    predicted = pd.Series(
-        pd.Categorical(np.asarray(order, dtype=object)[proba.argmax(axis=1)], categories=order),
-        index=test_names, name="baseline_label",
-    )
-    test_labels = labels[is_test]
-    labelled = test_labels.notna().to_numpy()
-    if not labelled.any():
-        msg = f"none of the {int(is_test.sum())} test cells has a label in adata.obs[{label_key!r}]."
-        raise ValueError(msg)
-    metrics = classification_metrics(
-        test_labels[labelled], predicted[labelled], categories=order, proba=proba[labelled]
-    )
-    if not labelled.all():
-        metrics["notes"].append(f"{int((~labelled).sum())} test cells without a label were left out.")
+
+    def scored(X_part: Any, names: pd.Index, part_labels: pd.Series, what: str) -> tuple:
+        proba = clf.predict_proba(X_part)[:, column].astype(np.float32)
+        predicted = pd.Series(
+            pd.Categorical(np.asarray(order, dtype=object)[proba.argmax(axis=1)], categories=order),
+            index=names, name="baseline_label",
+        )
+        labelled = ~missing_labels(part_labels)
+        if not labelled.any():
+            msg = f"none of the {len(names)} {what} cells has a label."
+            raise ValueError(msg)
+        metrics = classification_metrics(
+            part_labels[labelled], predicted[labelled], categories=order, proba=proba[labelled]
+        )
+        if not labelled.all():
+            metrics["notes"].append(f"{int((~labelled).sum())} {what} cells without a label were left out.")
+        return predicted, proba, metrics
+
+    predicted, proba, metrics = scored(X_test, adata.obs_names[is_test], labels[is_test],
+                                       f"test (obs[{label_key!r}])")
     logger.info(
-        "baseline: %d train cells, %d genes, %d classes -> test accuracy %.3f, macro F1 %.3f",
-        int(is_train.sum()), int(keep.sum()), len(order), metrics["accuracy"], metrics["macro_f1"],
+        "baseline: %d train cells, %d genes, %d classes%s -> test accuracy %.3f, macro F1 %.3f",
+        int(is_train.sum()), int(keep.sum()), len(order), ", balanced class weights" if class_weight else "",
+        metrics["accuracy"], metrics["macro_f1"],
     )
+    genes_used = genes[keep].tolist()
+    query_result = None
+    if query is not None:
+        query_key = query_label_key or label_key
+        if query_key not in query.obs:
+            msg = f"query_label_key={query_key!r} is not a column of the query's obs; columns: {format_keys(query.obs.columns)}."
+            raise KeyError(msg)
+        check_expression(query, layer=layer)
+        query_genes = pd.Index(np.asarray(query.var_names.astype(str)))
+        check_gene_overlap(query_genes, genes_used, what="the query", against="the baseline's genes")
+        Xq = get_matrix(query, layer)
+        Xq = sp.csr_matrix(Xq[:] if not sp.issparse(Xq) else Xq, dtype=np.float64)
+        if value_kind(Xq)[0] == "counts":
+            Xq = _log1p_cp10k(Xq)
+        position = query_genes.get_indexer(genes_used)  # -1: the query lacks the gene -> zeros
+        present = position >= 0
+        aligned = sp.csr_matrix(Xq[:, np.where(present, position, 0)] @ sp.diags(present.astype(np.float64)))
+        q_pred, q_proba, q_metrics = scored(scaled(aligned), query.obs_names, query.obs[query_key], "query")
+        if not present.all():
+            q_metrics["notes"].append(f"{int((~present).sum())} of the baseline's {len(genes_used)} genes are "
+                                      "missing from the query and were set to 0.")
+        query_result = BaselineResult(
+            predictions=q_pred, probabilities=q_proba, categories=order, metrics=q_metrics, n_genes=int(keep.sum()),
+            genes=genes_used, normalised=normalised, n_train=int(is_train.sum()), class_weight=class_weight,
+        )
+        logger.info("baseline on the query: %d cells -> accuracy %.3f, macro F1 %.3f",
+                    query.n_obs, q_metrics["accuracy"], q_metrics["macro_f1"])
     return BaselineResult(
         predictions=predicted,
         probabilities=proba,
         categories=order,
         metrics=metrics,
         n_genes=int(keep.sum()),
-        genes=genes[keep].tolist(),
+        genes=genes_used,
         normalised=normalised,
         n_train=int(is_train.sum()),
+        class_weight=class_weight,
+        query=query_result,
     )
 
 
@@ -683,14 +732,16 @@ def evaluate_predictions(
     """
     _check_prediction(adata, prediction)
     if label_key not in adata.obs:
-        msg = f"label_key={label_key!r} is not a column of adata.obs; columns: {list(adata.obs.columns)}."
+        msg = f"label_key={label_key!r} is not a column of adata.obs; columns: {format_keys(adata.obs.columns)}."
         raise KeyError(msg)
     mask = _cell_mask(adata, cells)
     if not mask.any():
         raise ValueError("cells selects no cell; there is nothing to evaluate.")
     obs = adata.obs.loc[mask]
+    from .preprocess import missing_labels
+
     true = obs[label_key].astype(object)
-    labelled = true.notna().to_numpy()
+    labelled = ~missing_labels(true)  # NaN, and text such as 'nan' or '' (a column converted to str)
     if not labelled.any():
         msg = f"none of the {int(mask.sum())} selected cells has a label in adata.obs[{label_key!r}]."
         raise ValueError(msg)
@@ -760,6 +811,50 @@ def annotate(
         adata.obsm[embedding_key] = np.asarray(prediction.embeddings, dtype=np.float32)
 
 
+def evaluate_query(
+    model: Any,
+    query: AnnData,
+    *,
+    manifest: Mapping[str, Any],
+    label_key: str | None = None,
+    max_seq_len: int,
+    batch_size: int = 64,
+    seed: int = 0,
+    baseline: BaselineResult | None = None,
+) -> dict[str, Any]:
+    """scGPT (and the baseline, when given) on an external labelled query, as the ``query`` record.
+
+    Parameters
+    ----------
+    model, manifest
+        The fine-tuned model and its manifest (:func:`~scgpt_protocol.train.load_finetuned`).
+    query
+        A labelled AnnData; its genes must cover half the model's training genes.
+    label_key
+        The query's label column (None: the run's ``manifest["label_key"]``).
+    baseline
+        A :func:`logistic_regression_baseline` fitted with ``query=`` (its ``.query`` row is added).
+
+    Returns
+    -------
+    dict
+        ``{"label_key", "n_cells", "methods": {method: metrics}, "predictions": DataFrame}``.
+    """
+    from .predict import predict
+
+    key = label_key or manifest["label_key"]
+    if key not in query.obs:
+        msg = f"query_label_key={key!r} is not a column of the query's obs; columns: {format_keys(query.obs.columns)}."
+        raise KeyError(msg)
+    prediction = predict(model, query, categories=manifest["categories"], genes=manifest["genes"],
+                         batch_size=batch_size, max_seq_len=max_seq_len, seed=seed, desc="query")
+    result = evaluate_predictions(query, prediction, label_key=key)
+    methods = {SCGPT_METHOD: result.metrics}
+    if baseline is not None and baseline.query is not None:
+        methods[BASELINE_METHOD] = baseline.query.metrics
+    return {"label_key": key, "n_cells": int(query.n_obs), "methods": methods, "predictions": result.predictions}
+
+
 # -- files ----------------------------------------------------------------------------------
 def _metric_names(obj: Any) -> set[str]:
     """Keys of :data:`METRIC_DESCRIPTIONS` found at any depth of ``obj``."""
@@ -773,7 +868,8 @@ def _metric_names(obj: Any) -> set[str]:
 
 
 def write_results(
-    layout: RunLayout, *, predictions: pd.DataFrame, metrics: Mapping[str, Any]
+    layout: RunLayout, *, predictions: pd.DataFrame, metrics: Mapping[str, Any],
+    query: Mapping[str, Any] | None = None,
 ) -> dict[str, Path]:
     """Write ``predictions.csv`` and ``metrics.json`` of a run, each atomically.
 
@@ -786,15 +882,22 @@ def write_results(
     metrics
         A metrics dict, or several keyed by method / data set. Numbers are written as plain JSON
         (NaN as ``null``); a ``descriptions`` entry explains each metric found.
+    query
+        The record of :func:`evaluate_query`: its metrics go to ``metrics.json`` under ``"query"``
+        (never mixed with the test split's), its per-cell table to ``query_predictions.csv``.
 
     Returns
     -------
     dict
-        ``{"predictions": path, "metrics": path}``.
+        ``{"predictions": path, "metrics": path}`` (and ``"query_predictions"``).
     """
-    path = layout.write_csv(predictions, layout.predictions)
-    record = _plain(dict(metrics))
-    record["descriptions"] = {k: v for k, v in METRIC_DESCRIPTIONS.items() if k in _metric_names(metrics)}
-    metrics_path = layout.write_json(layout.metrics, record)
-    logger.info("wrote %s and %s", path, metrics_path)
-    return {"predictions": path, "metrics": metrics_path}
+    written = {"predictions": layout.write_csv(predictions, layout.predictions)}
+    record = dict(metrics)
+    if query is not None:
+        record["query"] = {k: v for k, v in query.items() if k != "predictions"}
+        written["query_predictions"] = layout.write_csv(query["predictions"], layout.query_predictions)
+    plain = _plain(record)
+    plain["descriptions"] = {k: v for k, v in METRIC_DESCRIPTIONS.items() if k in _metric_names(record)}
+    written["metrics"] = layout.write_json(layout.metrics, plain)
+    logger.info("wrote %s", ", ".join(str(p) for p in written.values()))
+    return written

@@ -131,6 +131,7 @@ class RunLayout:
           model/                      02: fine-tuned checkpoint (best epoch) + labels.json
           train/                      02: last-epoch state for resume, history.csv, summary.json
           predictions.csv, metrics.json, data/evaluated.h5ad      03
+          query_predictions.csv       03, with an external query
           zeroshot/predictions.csv, zeroshot/metrics.json         04
           run_manifest.json           the runner: parameters, versions, checksums, timings
           stale/<step>-<UTC time>/    the runner: a step's files set aside when a step it depends on
@@ -214,6 +215,10 @@ class RunLayout:
     @property
     def metrics(self) -> Path:
         return self.run_dir / "metrics.json"
+
+    @property
+    def query_predictions(self) -> Path:
+        return self.run_dir / "query_predictions.csv"
 
     @property
     def evaluated_adata(self) -> Path:

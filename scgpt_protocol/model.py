@@ -260,6 +260,9 @@ class ScGPT(nn.Module):
         # Set by the checkpoint loader: gene symbol -> token id, and what the load did.
         self.vocab: dict[str, int] = {}
         self.load_report: Any = None
+        # The value <cls> carries in this model's input: None = pad_value (pretraining, zero-shot
+        # embeddings); 0.0 for a classifier fine-tuned as published (set by fine-tuning and loading).
+        self.cls_value: float | None = None
         self.init_weights()
 
     def init_weights(self) -> None:

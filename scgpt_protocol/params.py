@@ -9,6 +9,7 @@ and writes ``run_dir/params/<step>.yaml``. An unknown key in a YAML file is an e
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +43,28 @@ def _f(default: Any, help: str, *, choices: tuple | None = None, min: float | No
 
 
 def _device() -> Any:
-    return _f("auto", "'auto' (cuda, mps, cpu), 'cpu', 'cuda' or 'mps'")
+    return _f("auto", "'auto' (cuda, mps, cpu), 'cpu', 'cuda', 'cuda:N' or 'mps'")
+
+
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+#: the numeric types a YAML string such as "1e-4" may stand for (PyYAML reads 1e-4 as a string)
+_NUMERIC = (int, float)
+
+
+def _coerce_number(value: Any, base: type) -> Any:
+    """``"1e-4"`` -> 1e-4 for a float field, ``"3"`` / ``"1e3"`` -> 3 / 1000 for an int field; else unchanged.
+
+    PyYAML follows YAML 1.1, where ``1e-4`` (no dot) is a string; users write it that way.
+    """
+    if not isinstance(value, str) or base not in _NUMERIC:
+        return value
+    try:
+        number = float(value.strip())
+    except ValueError:
+        return value
+    if base is int:
+        return int(number) if number.is_integer() else value
+    return number
 
 
 def _max_seq_len() -> Any:
@@ -75,6 +97,10 @@ class StepParams:
                 if optional:
                     continue
                 self._fail(f.name, value, f"a {base.__name__}")
+            coerced = _coerce_number(value, base)
+            if coerced is not value:
+                value = coerced
+                setattr(self, f.name, value)
             if base is float and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
                 setattr(self, f.name, value)
@@ -87,6 +113,8 @@ class StepParams:
                 self._fail(f.name, value, f">= {meta['min']}")
             if meta.get("max") is not None and value > meta["max"]:
                 self._fail(f.name, value, f"<= {meta['max']}")
+            if f.name == "device" and not _DEVICE.match(value):
+                self._fail(f.name, value, "'auto', 'cpu', 'cuda', 'cuda:N' (a GPU index) or 'mps'")
         self._check()
 
     def _check(self) -> None:
@@ -221,7 +249,7 @@ class FinetuneParams(StepParams):
     grad_clip: float = _f(1.0, "gradient norm clipping", min=0.0)
     class_weighted: bool = _f(False, "weight the loss by inverse class frequency")
     patience: int = _f(3, "stop after this many epochs without a better validation macro-F1 (0: never)", min=0)
-    amp: bool = _f(True, "mixed precision on GPU (ignored on CPU)")
+    amp: bool = _f(True, "mixed precision on GPU; as published, also Adam eps 1e-4 (on every device)")
     resume: bool = _f(True, "continue from the last finished epoch if a previous run was interrupted")
     device: str = _device()
     lora_r: int = _f(8, "lora: rank of the low-rank updates", min=1)
@@ -248,8 +276,9 @@ class EvaluateParams(StepParams):
     query_path: Optional[str] = _f(None, "an extra labelled .h5ad to evaluate on (None: test split only)")
     query_label_key: Optional[str] = _f(None, "label column of the query (None: the run's label_key)")
     batch_size: int = _f(64, "cells per forward pass", min=1)
-    max_seq_len: int = _max_seq_len()
-    baseline: bool = _f(True, "also fit a logistic-regression baseline on the same split")
+    max_seq_len: Optional[int] = _f(None, "tokens per cell including <cls> (None: the length the model was trained with)",
+                                    min=2)
+    baseline: bool = _f(True, "also fit a logistic-regression baseline on the same split (and the query)")
     device: str = _device()
 
 

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from .errors import format_keys
+
 if TYPE_CHECKING:
     from anndata import AnnData
     from matplotlib.axes import Axes
@@ -179,7 +181,7 @@ def _basis(adata: AnnData, basis: str) -> np.ndarray:
     key = basis if basis in adata.obsm else f"X_{basis}" if f"X_{basis}" in adata.obsm else None
     if key is None:
         msg = (
-            f"basis {basis!r} is not in adata.obsm (keys: {list(adata.obsm.keys())}); compute it first, e.g. "
+            f"basis {basis!r} is not in adata.obsm (keys: {format_keys(adata.obsm.keys())}); compute it first, e.g. "
             "compute_umap(adata, use_rep='X_scgpt', key_added='X_umap_scgpt')."
         )
         raise KeyError(msg)
@@ -261,7 +263,7 @@ def plot_embedding(
         raise ValueError("color is empty; give an obs column name or a list of them.")
     missing = [k for k in keys if k not in adata.obs]
     if missing:
-        msg = f"color column(s) {missing} not in adata.obs; columns: {list(adata.obs.columns)}."
+        msg = f"color column(s) {missing} not in adata.obs; columns: {format_keys(adata.obs.columns)}."
         raise KeyError(msg)
     coords = _basis(adata, basis)
     titles = keys if title is None else [title] if isinstance(title, str) else list(title)
@@ -328,7 +330,7 @@ def compute_umap(
 
     if use_rep not in adata.obsm:
         msg = (
-            f"use_rep={use_rep!r} is not in adata.obsm (keys: {list(adata.obsm.keys())}); compute it first, "
+            f"use_rep={use_rep!r} is not in adata.obsm (keys: {format_keys(adata.obsm.keys())}); compute it first, "
             "e.g. annotate(adata, prediction) or embed(adata, model)."
         )
         raise KeyError(msg)
@@ -476,6 +478,18 @@ def plot_training_curves(history: pd.DataFrame, *, ax: Sequence[Axes] | None = N
 
 
 # -- saving ---------------------------------------------------------------------------------
+def show_text_literally(fig: Figure) -> Figure:
+    """Turn off matplotlib's mathtext for every text of ``fig``: labels are data, shown as written.
+
+    A cell type such as ``Mono $\\q$`` would otherwise be parsed as TeX and fail to draw.
+    """
+    from matplotlib.text import Text
+
+    for text in fig.findobj(Text):
+        text.set_parse_math(False)
+    return fig
+
+
 class SavedFigure(type(Path())):  # type: ignore[misc]
     """The path of a saved PNG that displays as the image in a notebook (``_repr_png_``).
 
@@ -512,6 +526,7 @@ def save_figure(fig: Figure, layout: RunLayout, name: str, *, pdf: bool = False)
             "e.g. 'confusion_test'."
         )
         raise ValueError(msg)
+    show_text_literally(fig)
     png = layout.figure(name)
     png.parent.mkdir(parents=True, exist_ok=True)
     targets = [(png, "png")] + ([(png.with_suffix(".pdf"), "pdf")] if pdf else [])

@@ -48,7 +48,10 @@ def predict(
     """Predict cell types with a model that has a classification head.
 
     ``categories[i]`` is the label of class ``i`` (saved with the fine-tuned model). ``genes`` (the
-    model's training genes, ``manifest["genes"]``) keeps the input to the genes it was trained on.
+    model's training genes, ``manifest["genes"]``) keeps the input to the genes it was trained on; data
+    holding less than half of them is refused (:class:`~scgpt_protocol.errors.GeneMatchError`). ``<cls>``
+    carries ``model.cls_value``, the value the classifier was fine-tuned with (0, as published; set by
+    :func:`~scgpt_protocol.train.load_finetuned` and :func:`~scgpt_protocol.load_model`).
     """
     if model.cls_decoder is None:
         msg = "the model has no classification head; fine-tune it first (02_finetune) or load a fine-tuned checkpoint."

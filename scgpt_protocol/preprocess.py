@@ -43,9 +43,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .checkpoint import CHECKPOINT_FILES
-from .errors import CheckpointNotFoundError, InputDataError
-from .tokenize import check_expression, gene_symbols, get_matrix, match_genes
+from .errors import InputDataError, format_keys
+from .tokenize import check_expression, gene_symbols, get_matrix, match_genes, value_kind
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -76,10 +75,6 @@ logger = logging.getLogger(__name__)
 STEP = "01_preprocess"
 #: the values of ``obs["split"]``, in this order
 SPLITS = ("train", "val", "test")
-#: above this, non-integer values are not taken for log-normalised ones
-LOG_MAX = 50.0
-#: rows sampled to decide whether values are counts
-_SAMPLE_ROWS = 2000
 
 
 def _warn(message: str, collect: list[str] | None = None, stacklevel: int = 3) -> None:
@@ -111,7 +106,9 @@ def read_adata(path: str) -> AnnData:
         The file does not exist (the message gives the current working directory, against
         which a relative path is resolved).
     ValueError
-        The file is not an ``.h5ad`` file.
+        The file name does not end in ``.h5ad``.
+    InputDataError
+        The file cannot be read as an ``.h5ad`` file (truncated, another format).
     """
     if str(path) == "demo":
         from .data import load_demo
@@ -139,7 +136,15 @@ def read_adata(path: str) -> AnnData:
         raise FileNotFoundError(msg)
     import anndata
 
-    adata = anndata.read_h5ad(file)
+    try:
+        adata = anndata.read_h5ad(file)
+    except (OSError, KeyError, ValueError, TypeError) as err:  # h5py / anndata errors name no path
+        msg = (
+            f"adata_path {str(file)!r} could not be read as an .h5ad file ({type(err).__name__}: {err}). It is "
+            f"{file.stat().st_size:,} bytes: a truncated copy or download, or another format with an .h5ad "
+            "name. Copy or write it again (adata.write_h5ad) and check that it opens with anndata.read_h5ad."
+        )
+        raise InputDataError(msg) from err
     logger.info("read %s: %s cells x %s genes", file, f"{adata.n_obs:,}", f"{adata.n_vars:,}")
     return adata
 
@@ -170,47 +175,24 @@ def resolve_checkpoint(spec: str, layout: RunLayout, genes: Sequence[str]) -> Pa
     ------
     CheckpointNotFoundError
         The folder, or one of its files, does not exist.
+    CheckpointError
+        The checkpoint does not load (a truncated file, weights that do not match args.json).
     """
-    from .download import KNOWN_CHECKPOINTS, download_checkpoint, sha256_file
+    from .checkpoint import load_model, locate_checkpoint
+    from .download import sha256_file
 
-    if spec == "demo":
-        from .checkpoint import make_tiny_checkpoint
-
-        unique = list(dict.fromkeys(str(g) for g in genes if str(g) and str(g) != "nan"))
-        path = make_tiny_checkpoint(layout.demo_checkpoint_dir, unique, seed=0)
-        kind = "demo"
+    path, kind = locate_checkpoint(spec, demo_dir=layout.demo_checkpoint_dir, demo_genes=genes)
+    if kind == "demo":
         logger.warning(
-            "checkpoint='demo': using a tiny RANDOMLY INITIALISED model (%s genes) written to %s. It "
-            "has never seen a cell: everything it produces (embeddings, predictions, metrics) is for "
-            "trying the protocol out and means nothing biologically. Set checkpoint='whole-human' "
-            "(or a checkpoint folder) for real results.",
-            f"{len(unique):,}", path,
+            "checkpoint='demo': using a tiny RANDOMLY INITIALISED model written to %s. It has never seen a "
+            "cell: everything it produces (embeddings, predictions, metrics) is for trying the protocol out "
+            "and means nothing biologically. Set checkpoint='whole-human' (or a checkpoint folder) for real "
+            "results.", path,
         )
-    elif spec in KNOWN_CHECKPOINTS:
-        path = download_checkpoint(spec)
-        kind = "released"
-        logger.info("checkpoint %r: %s", spec, path)
     else:
-        path = Path(spec).expanduser()
-        if not path.is_dir():
-            msg = (
-                f"checkpoint {spec!r} is not 'demo', not a known checkpoint name "
-                f"{sorted(KNOWN_CHECKPOINTS)} and not an existing folder (resolved to "
-                f"{path.absolute()}; the current working directory is {Path.cwd()}). Set checkpoint to "
-                f"'demo', 'whole-human' or a folder holding {', '.join(CHECKPOINT_FILES)}."
-            )
-            raise CheckpointNotFoundError(msg)
-        missing = [f for f in CHECKPOINT_FILES if not (path / f).is_file()]
-        if missing:
-            present = sorted(p.name for p in path.iterdir())
-            msg = (
-                f"checkpoint folder {path} lacks {', '.join(missing)} (found: {present or 'nothing'}); a "
-                f"scGPT checkpoint folder holds {', '.join(CHECKPOINT_FILES)}. Point checkpoint to the "
-                "folder of the released model or one written by save_checkpoint."
-            )
-            raise CheckpointNotFoundError(msg)
-        kind = "folder"
-        logger.info("checkpoint folder: %s", path)
+        logger.info("checkpoint %r (%s): %s", spec, kind, path)
+        # load it once now: a truncated or mismatched checkpoint fails here, not after 01 has finished
+        load_model(path, device="cpu")
     record = {"checkpoint": str(path), "kind": kind, "sha256": sha256_file(path / "best_model.pt")}
     layout.write_json(layout.checkpoint_record, record)
     return path
@@ -241,7 +223,7 @@ def describe_checkpoint(record: dict[str, Any]) -> str:
 def subset_split(adata: AnnData, split: str | Sequence[str], *, split_key: str = "split") -> AnnData:
     """A copy of the cells of one or more splits (``"train"``, ``"val"``, ``"test"``)."""
     if split_key not in adata.obs:
-        msg = f"{split_key!r} not in adata.obs (columns: {list(adata.obs.columns)}); run 01_preprocess first."
+        msg = f"{split_key!r} not in adata.obs (columns: {format_keys(adata.obs.columns)}); run 01_preprocess first."
         raise KeyError(msg)
     wanted = [split] if isinstance(split, str) else list(split)
     bad = sorted(set(wanted) - set(SPLITS))
@@ -251,30 +233,26 @@ def subset_split(adata: AnnData, split: str | Sequence[str], *, split_key: str =
 
 
 # -- inspection -----------------------------------------------------------------------------
-def _value_kind(matrix: Any, n_rows: int = _SAMPLE_ROWS) -> tuple[str, float]:
-    """``("counts" | "log-normalised" | "other", max of the sampled values)`` from a row sample."""
-    n = matrix.shape[0]
-    if n > n_rows:
-        rows = np.sort(np.random.default_rng(0).choice(n, n_rows, replace=False))
-        block = matrix[rows]
-    else:
-        block = matrix[:]
-    data = block.data if sp.issparse(block) else np.asarray(block).ravel()
-    data = data[data != 0]
-    if data.size == 0:
-        return "other", 0.0
-    vmax = float(np.max(data))
-    if np.all(np.mod(data, 1) == 0):
-        return "counts", vmax
-    if vmax < LOG_MAX:
-        return "log-normalised", vmax
-    return "other", vmax
+#: label strings that mean "no label" (a column written from pandas with NaN turned to text, empty cells)
+MISSING_LABEL_STRINGS = frozenset({"", "nan", "none", "null", "na", "n/a", "<na>"})
+
+
+def missing_labels(labels: pd.Series) -> np.ndarray:
+    """Cells without a label: NaN / None, and the strings ``'nan'``, ``''``, ``'None'``, ``'NA'`` ...
+
+    Such strings come from a column converted to text with its missing values; kept as they are they
+    would become a class named ``'nan'``.
+    """
+    missing = labels.isna().to_numpy()
+    text = labels[~missing].astype(str).str.strip().str.lower()
+    missing[np.flatnonzero(~missing)[text.isin(MISSING_LABEL_STRINGS).to_numpy()]] = True
+    return missing
 
 
 def _require_obs_key(adata: AnnData, key: str, name: str) -> None:
     if key not in adata.obs.columns:
         msg = (
-            f"{name} {key!r} not in adata.obs; available: {list(adata.obs.columns)}. "
+            f"{name} {key!r} not in adata.obs; available: {format_keys(adata.obs.columns)}. "
             f"Set {name} in the parameters cell or YAML."
         )
         raise KeyError(msg)
@@ -434,7 +412,7 @@ def inspect_adata(
     check_expression(adata, layer=layer)
 
     labels = adata.obs[label_key]
-    missing = labels.isna().to_numpy()
+    missing = missing_labels(labels)
     class_counts = labels[~missing].astype(str).value_counts().sort_values(ascending=False)
     class_counts.name = "cells"
     if len(class_counts) < 2:
@@ -445,10 +423,10 @@ def inspect_adata(
         )
         raise InputDataError(msg)
     if missing.any():
-        _warn(f"{int(missing.sum()):,} of {adata.n_obs:,} cells have no label in obs[{label_key!r}] (NaN); "
-              "prepare drops them.", found)
+        _warn(f"{int(missing.sum()):,} of {adata.n_obs:,} cells have no label in obs[{label_key!r}] (NaN, or "
+              "text such as 'nan', '' or 'None'); prepare drops them.", found)
 
-    kind, vmax = _value_kind(matrix)
+    kind, vmax = value_kind(matrix)
     if kind == "other":
         _warn(f"{where} holds non-integer values up to {vmax:.4g}: neither raw counts nor log1p-normalised "
               "values. If these are normalised values (CPM, TPM), set normalize='yes'; better, give the raw "
@@ -666,7 +644,7 @@ def prepare(adata: AnnData, params: PreprocessParams, vocab: dict[str, int]) -> 
     n_cells_in, n_genes_in = int(adata.n_obs), int(adata.n_vars)
 
     # labels
-    missing = adata.obs[label_key].isna().to_numpy()
+    missing = missing_labels(adata.obs[label_key])
     if missing.any():
         out = adata[~missing].copy()
         _warn(f"dropped {int(missing.sum()):,} cells without a label in obs[{label_key!r}]: "
@@ -687,7 +665,7 @@ def prepare(adata: AnnData, params: PreprocessParams, vocab: dict[str, int]) -> 
     out.X = x
     record(f"expression from {where} as float32 CSR"
            + (f" (dropped {', '.join(dropped)})" if dropped else ""))
-    kind, vmax = _value_kind(out.X)
+    kind, vmax = value_kind(out.X)
     record(f"values look like {kind} (max {vmax:.4g} in a sample of cells)")
 
     # filters
@@ -914,7 +892,7 @@ def plot_qc(adata: AnnData, *, layer: str | None = None, gene_symbol_key: str | 
     from matplotlib.figure import Figure
 
     x = sp.csr_matrix(get_matrix(adata, layer), dtype=np.float32)
-    kind, _ = _value_kind(x)
+    kind, _ = value_kind(x)
     where = f"layers[{layer!r}]" if layer else "X"
     n_genes = np.asarray(x.getnnz(axis=1)).ravel()
     totals = np.asarray(x.sum(axis=1)).ravel()

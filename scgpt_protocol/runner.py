@@ -26,6 +26,7 @@ from .download import KNOWN_CHECKPOINTS
 from .errors import DiskFullError
 from .layout import STEP_DEPENDS_ON, RunLayout, atomic_write, disk_full_error, is_disk_full
 from .params import STEPS, ParamsError, load_params_file
+from .protocol import notebooks_dir, resolve_notebooks, resolve_scenario
 
 __all__ = ["run_protocol", "RunFailed", "RunDirInUse", "RunInterrupted", "notebooks_dir"]
 
@@ -85,15 +86,6 @@ class RunResult:
     stale: list[str] = field(default_factory=list)
 
 
-def notebooks_dir() -> Path:
-    """The protocol notebooks: ``notebooks/`` of the source tree (an editable install or a clone)."""
-    here = Path(__file__).resolve().parent.parent / "notebooks"
-    if not here.is_dir():
-        msg = f"the protocol notebooks are not at {here}; run from a clone of the repository (pip install -e .)."
-        raise FileNotFoundError(msg)
-    return here
-
-
 def _select_steps(steps: Sequence[str] | None) -> list[str]:
     names = list(STEPS)
     if not steps:
@@ -111,7 +103,7 @@ def _select_steps(steps: Sequence[str] | None) -> list[str]:
 def _load_overrides(params_dir: Path, steps: list[str], run_dir: Path, cwd: Path) -> dict[str, dict[str, Any]]:
     """Read and check every step's YAML before anything runs (an unknown key fails here)."""
     if not params_dir.is_dir():
-        msg = f"parameter folder {params_dir} does not exist; scenarios: params/demo, params/ci, params/retina-example."
+        msg = f"parameter folder {params_dir} does not exist; built-in scenarios: demo, ci, retina-example."
         raise FileNotFoundError(msg)
     out = {}
     for step in steps:
@@ -271,10 +263,12 @@ def _last_finished_epoch(layout: RunLayout) -> int | None:
     return max(epochs) if epochs else None
 
 
-def _resume_command(params_dir: Path, run_dir: Path, chosen: list[str], step: str) -> str:
+def _resume_command(params_dir: Path, run_dir: Path, chosen: list[str], step: str,
+                    notebooks: Path | None = None) -> str:
     rest = [s.split("_", 1)[0] for s in chosen[chosen.index(step):]]
     steps = "" if len(rest) == len(STEPS) else f" --steps {','.join(rest)}"
-    return f"scgpt-protocol run {shlex.quote(str(params_dir))} --run-dir {shlex.quote(str(run_dir))}{steps}"
+    own = f" --notebooks {shlex.quote(str(notebooks))}" if notebooks is not None else ""
+    return f"scgpt-protocol run {shlex.quote(str(params_dir))} --run-dir {shlex.quote(str(run_dir))}{steps}{own}"
 
 
 def _set_report_aside(report: Path) -> str | None:
@@ -393,19 +387,24 @@ def run_protocol(
     force: bool = False,
     kernel_name: str | None = None,
     html: bool = True,
+    notebooks: str | Path | None = None,
 ) -> RunResult:
     """Execute the protocol notebooks with papermill.
 
     Parameters
     ----------
     params_dir
-        A scenario folder, e.g. ``params/demo``: ``<notebook-stem>.yaml`` override files.
+        A scenario folder, e.g. ``params/demo``: ``<notebook-stem>.yaml`` override files; or the name
+        of a built-in scenario (``demo``, ``ci``, ``retina-example``) when no such folder exists.
     run_dir
         Where everything goes; reports in ``run_dir/reports``.
     steps
         A subset such as ``["01", "02"]`` (default: all four in order).
     force
         Run into a ``run_dir`` that holds a finished run or other files.
+    notebooks
+        A folder of the step notebooks to run (a user's edited copies from ``scgpt-protocol init``);
+        default: the notebooks shipped with the package.
 
     A step that re-runs with other parameters or input files than the manifest recorded for it makes
     the steps that depend on it stale (02 and 04 depend on 01; 03 on 01 and 02): their files move to
@@ -430,9 +429,10 @@ def run_protocol(
     import papermill
 
     cwd = Path.cwd()
-    params_dir = Path(params_dir).resolve()
+    params_dir = resolve_scenario(params_dir)
     layout = RunLayout(Path(run_dir).resolve())
     chosen = _select_steps(steps)
+    notebook_dir = resolve_notebooks(notebooks, chosen)
     overrides = _load_overrides(params_dir, chosen, layout.run_dir, cwd)
     previous = _check_run_dir(layout, force, params_dir)
     hashes: dict[str, Any] = {}
@@ -441,6 +441,7 @@ def run_protocol(
     layout.reports_dir.mkdir(parents=True, exist_ok=True)
     manifest: dict[str, Any] = {
         "params_dir": str(params_dir),
+        "notebooks_dir": str(notebook_dir),
         "run_dir": str(layout.run_dir),
         "started": _now(),
         "status": "running",
@@ -455,7 +456,7 @@ def run_protocol(
     step, t0 = chosen[0], time.perf_counter()
     try:
         for step in chosen:
-            notebook = notebooks_dir() / f"{step}.ipynb"
+            notebook = notebook_dir / f"{step}.ipynb"
             report = layout.step_report(step)
             changes = _what_changed(step, manifest["steps"].get(step), overrides[step], inputs[step])
             if changes:
@@ -490,7 +491,8 @@ def run_protocol(
             logger.info("%s finished in %.1f s", step, seconds)
     except KeyboardInterrupt as err:
         _interrupted(err, layout, manifest, result, step, chosen, overrides, params_dir,
-                     round(time.perf_counter() - t0, 1), html=html)
+                     round(time.perf_counter() - t0, 1), html=html,
+                     notebooks=notebook_dir if notebooks is not None else None)
     except DiskFullError as err:  # the runner's own writes (HTML copy, manifest) after the notebook ran
         if manifest["steps"].get(step, {}).get("status") != "failed":
             manifest["steps"][step] = {**manifest["steps"].get(step, {}), "status": "failed", "error": str(err),
@@ -608,12 +610,12 @@ def _notebook_error(err: BaseException | None) -> str | None:
 
 def _interrupted(err: BaseException, layout: RunLayout, manifest: dict[str, Any], result: RunResult, step: str,
                  chosen: list[str], overrides: dict[str, dict[str, Any]], params_dir: Path, seconds: float, *,
-                 html: bool) -> None:
+                 html: bool, notebooks: Path | None = None) -> None:
     """Record an interrupted step (manifest "interrupted"), mark its report, say how to resume, raise."""
     what = "SIGTERM" if isinstance(err, _Terminated) else (
         "KeyboardInterrupt in the notebook" if isinstance(err.__cause__, Exception) else "SIGINT / Ctrl-C")
     when = _now()
-    resume = _resume_command(params_dir, layout.run_dir, chosen, step)
+    resume = _resume_command(params_dir, layout.run_dir, chosen, step, notebooks)
     epoch_note, info = "", {"step": step, "time": when, "signal": what, "resume": resume}
     if step == "02_finetune":
         epoch = _last_finished_epoch(layout)

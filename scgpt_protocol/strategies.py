@@ -41,6 +41,7 @@ from typing import Any, Callable, Mapping, Union
 import torch
 from torch import Tensor, nn
 
+from .errors import format_keys
 from .model import ScGPT
 from .params import STRATEGY_NAMES
 
@@ -514,11 +515,6 @@ def trainable_state_dict(model: ScGPT) -> dict[str, Tensor]:
     return {**{k: v for k, v in state.items() if pattern.match(k)}, **head}
 
 
-def _short(names: list[str], n: int = 6) -> str:
-    shown = ", ".join(names[:n])
-    return f"{shown}, ... ({len(names)} in all)" if len(names) > n else shown
-
-
 def load_trainable_state(model: ScGPT, state: Mapping[str, Tensor]) -> None:
     """Load a :func:`trainable_state_dict` onto ``model`` (the inverse of that function).
 
@@ -538,15 +534,15 @@ def load_trainable_state(model: ScGPT, state: Mapping[str, Tensor]) -> None:
         msg = (
             f"the state does not fit this model prepared for strategy {strategy!r} "
             f"(config {getattr(model, 'strategy_config', None)}): "
-            f"missing {len(missing)} keys [{_short(missing)}], unexpected {len(unexpected)} keys "
-            f"[{_short(unexpected)}]. Apply the strategy and config the state was saved with."
+            f"missing {len(missing)} keys {format_keys(missing)}, unexpected {len(unexpected)} keys "
+            f"{format_keys(unexpected)}. Apply the strategy and config the state was saved with."
         )
         raise ValueError(msg)
     wrong = [f"{k}: state {tuple(state[k].shape)} vs model {tuple(v.shape)}"
              for k, v in reference.items() if tuple(state[k].shape) != tuple(v.shape)]
     if wrong:
         msg = (
-            f"{len(wrong)} tensors have the wrong shape for strategy {strategy!r}: {_short(wrong, 4)}. "
+            f"{len(wrong)} tensors have the wrong shape for strategy {strategy!r}: {format_keys(wrong, 4)}. "
             "Was the state saved with another config (LoRA r, adapter bottleneck, n_prefix)?"
         )
         raise ValueError(msg)
@@ -558,7 +554,7 @@ def load_trainable_state(model: ScGPT, state: Mapping[str, Tensor]) -> None:
         peft_part = {k: v for k, v in state.items() if not k.startswith(_HEAD)}
         result = peft.set_peft_model_state_dict(model, peft_part)
         if result.unexpected_keys:
-            msg = f"peft did not place {len(result.unexpected_keys)} keys: {_short(result.unexpected_keys)}."
+            msg = f"peft did not place {len(result.unexpected_keys)} keys: {format_keys(result.unexpected_keys)}."
             raise ValueError(msg)
         state = {k: v for k, v in state.items() if k.startswith(_HEAD)}
     with torch.no_grad():

@@ -1,10 +1,13 @@
 """From an expression matrix to model inputs: gene matching, binning, sampling, padding.
 
-A cell becomes ``<cls>`` (value ``pad_value``) followed by its expressed genes that the vocabulary
-knows, each with its per-cell bin (1..n_bins-1). Cells with more genes than ``max_seq_len - 1`` keep a
-random sample of them. Everything works on CSR rows one chunk of cells at a time, never on a dense
-copy of the whole matrix, and the randomness of each cell comes from ``(seed, epoch, cell index)``, so
-a result does not depend on the batch size or the order in which cells are processed.
+A cell becomes ``<cls>`` followed by its expressed genes that the vocabulary knows, each with its
+per-cell bin (1..n_bins-1). ``<cls>`` carries ``pad_value`` (-2) for pretrained embeddings, as in
+pretraining and the official ``embed_data``, and :data:`FINETUNE_CLS_VALUE` (0) for fine-tuning and
+classification, as the official fine-tuning tokeniser feeds it. Cells with more genes than
+``max_seq_len - 1`` keep a random sample of them. Everything works on CSR rows one chunk of cells at a
+time, never on a dense copy of the whole matrix, and the randomness of each cell comes from
+``(seed, epoch, cell name)`` (:func:`cell_keys`), so a cell gets the same tokens whatever the batch
+size, the order of the cells, or the AnnData (a subset, the full file) it sits in.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import torch
 
 from .binning import bin_nonzero
 from .checkpoint import SPECIAL_TOKENS
-from .errors import GeneMatchError, InputDataError
+from .errors import GeneMatchError, InputDataError, format_keys
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -33,15 +36,24 @@ __all__ = [
     "TokenizedCell",
     "Batch",
     "cell_rng",
+    "cell_keys",
+    "FINETUNE_CLS_VALUE",
     "tokenize_rows",
     "collate",
     "length_sorted_batches",
     "iter_row_chunks",
     "get_matrix",
     "check_expression",
+    "check_gene_overlap",
+    "value_kind",
+    "MIN_GENE_OVERLAP",
 ]
 
 logger = logging.getLogger(__name__)
+
+#: the value ``<cls>`` carries in fine-tuning and classification: the official fine-tuning tokeniser
+#: (``tokenize_and_pad_batch``, used by the annotation tutorial and the published protocol) inserts 0
+FINETUNE_CLS_VALUE = 0.0
 
 _ENSEMBL = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$")
 _VERSION = re.compile(r"^(ENS[A-Z]*G\d{6,})\.\d+$")
@@ -94,7 +106,7 @@ def gene_symbols(adata: AnnData, gene_symbol_key: str | None = None) -> list[str
     if gene_symbol_key not in adata.var.columns:
         msg = (
             f"gene_symbol_key {gene_symbol_key!r} is not a column of adata.var; available: "
-            f"{list(adata.var.columns)}. Set gene_symbol_key to the column with gene symbols, or None "
+            f"{format_keys(adata.var.columns)}. Set gene_symbol_key to the column with gene symbols, or None "
             "to use var_names."
         )
         raise KeyError(msg)
@@ -160,7 +172,7 @@ def match_genes(
         n_ensembl = sum(bool(_ENSEMBL.match(str(n))) for n in names[:1000])
         hint = (
             " The genes look like Ensembl ids: pass gene_symbol_key= with the adata.var column that holds "
-            f"gene symbols (columns: {list(adata.var.columns)})."
+            f"gene symbols (columns: {format_keys(adata.var.columns)})."
             if n_ensembl > min(len(names), 1000) // 2
             else " Are var_names gene symbols (e.g. 'CD3E', 'MS4A1') of the checkpoint's species?"
         )
@@ -172,6 +184,44 @@ def match_genes(
     return match
 
 
+#: above this, non-integer values are not taken for log-normalised ones
+LOG_MAX = 50.0
+
+#: the share of a model's genes (a fine-tuned model's training genes, a zero-shot reference's genes)
+#: that data must hold to be predicted or mapped with it
+MIN_GENE_OVERLAP = 0.5
+
+
+def check_gene_overlap(
+    found: Sequence[str], expected: Sequence[str], *, what: str, against: str,
+    min_overlap: float = MIN_GENE_OVERLAP,
+) -> int:
+    """The one gene-overlap rule: ``found`` must hold at least ``min_overlap`` of the ``expected`` genes.
+
+    Used for a fine-tuned model's query (against its training genes) and for a zero-shot query
+    (against the reference's genes). Logs the real overlap and returns the number of shared genes.
+
+    Raises
+    ------
+    GeneMatchError
+        Fewer shared genes than ``min_overlap`` of ``expected`` (none at all included).
+    """
+    expected_set = set(map(str, expected))
+    shared = len(expected_set & set(map(str, found)))
+    share = shared / max(len(expected_set), 1)
+    logger.info("%s holds %s of the %s genes of %s (%.0f%%)", what, f"{shared:,}", f"{len(expected_set):,}",
+                against, 100 * share)
+    if share < min_overlap or shared == 0:
+        msg = (
+            f"{what} holds {shared:,} of the {len(expected_set):,} genes of {against} ({share:.0%}); need at "
+            f"least {min_overlap:.0%}. Predictions on so few shared genes are not trustworthy. Use data with the "
+            "same gene symbols (for Ensembl ids, pass gene_symbol_key= or set var_names to a symbol column), or "
+            "restrict the reference to the genes both share."
+        )
+        raise GeneMatchError(msg)
+    return shared
+
+
 # -- matrices -------------------------------------------------------------------------------
 def get_matrix(adata: AnnData, layer: str | None = None) -> Any:
     """``adata.X`` or ``adata.layers[layer]`` with a clear error for an unknown layer."""
@@ -180,7 +230,7 @@ def get_matrix(adata: AnnData, layer: str | None = None) -> Any:
             raise InputDataError("adata.X is empty; pass layer= with the layer that holds expression values.")
         return adata.X
     if layer not in adata.layers:
-        msg = f"layer {layer!r} not in adata.layers; available: {list(adata.layers.keys())}."
+        msg = f"layer {layer!r} not in adata.layers; available: {format_keys(adata.layers.keys())}."
         raise KeyError(msg)
     return adata.layers[layer]
 
@@ -199,7 +249,7 @@ def iter_row_chunks(matrix: Any, chunk_size: int = 2048) -> Iterator[tuple[int, 
 
 
 def check_expression(adata: AnnData, *, layer: str | None = None, chunk_size: int = 4096) -> None:
-    """Fail clearly when the expression values are negative or NaN (scaled data, a wrong layer).
+    """Fail clearly when the expression values are negative, NaN or infinite (scaled data, a wrong layer).
 
     Raises
     ------
@@ -208,16 +258,17 @@ def check_expression(adata: AnnData, *, layer: str | None = None, chunk_size: in
     """
     matrix = get_matrix(adata, layer)
     where = f"adata.layers[{layer!r}]" if layer else "adata.X"
-    n_nan = n_neg = 0
+    n_nan = n_neg = n_inf = 0
     bad_cells: set[int] = set()
     first: tuple[int, int, float] | None = None
     for start, chunk in iter_row_chunks(matrix, chunk_size):
         data = chunk.data
-        bad = np.isnan(data) | (data < 0)
+        bad = ~np.isfinite(data) | (data < 0)
         if not bad.any():
             continue
         n_nan += int(np.isnan(data).sum())
-        n_neg += int((data < 0).sum())
+        n_inf += int(np.isinf(data).sum())
+        n_neg += int((data < 0).sum() - np.isneginf(data).sum())
         rows = np.repeat(np.arange(chunk.shape[0]), np.diff(chunk.indptr))[bad]
         bad_cells.update((rows + start).tolist())
         if first is None:
@@ -226,14 +277,41 @@ def check_expression(adata: AnnData, *, layer: str | None = None, chunk_size: in
     if first is None:
         return
     cell, gene, value = first
-    kinds = ", ".join(s for s in (f"{n_neg:,} negative" if n_neg else "", f"{n_nan:,} NaN" if n_nan else "") if s)
+    kinds = ", ".join(s for s in (f"{n_neg:,} negative" if n_neg else "", f"{n_nan:,} NaN" if n_nan else "",
+                                  f"{n_inf:,} infinite" if n_inf else "") if s)
     msg = (
         f"{where} holds {kinds} values in {len(bad_cells):,} cells (first: cell {adata.obs_names[cell]!r}, "
         f"gene {adata.var_names[gene]!r} = {value}). scGPT expects non-negative expression: raw counts or "
         "log1p-normalised values. If X was scaled (sc.pp.scale), use adata.raw.to_adata() or a counts "
-        "layer (layer=...); replace NaN values before embedding."
+        "layer (layer=...); replace NaN and infinite values (a failed normalisation, a division by zero) first."
     )
     raise InputDataError(msg)
+
+
+def value_kind(matrix: Any, n_rows: int = 2000) -> tuple[str, float]:
+    """``("counts" | "log-normalised" | "other", max of the sampled values)`` from a sample of ``n_rows`` rows.
+
+    The one counts-vs-log-normalised check of the package (01's inspection and normalisation, the
+    baseline's normalisation): whole numbers are counts; other values below :data:`LOG_MAX` are taken
+    for log1p-normalised ones.
+    """
+    n = matrix.shape[0]
+    if n > n_rows:
+        rows = np.sort(np.random.default_rng(0).choice(n, n_rows, replace=False))
+        block = matrix[rows]
+    else:
+        block = matrix[:]
+    data = block.data if sp.issparse(block) else np.asarray(block).ravel()
+    data = data[data != 0]
+    if data.size == 0:
+        return "other", 0.0
+    vmax = float(np.max(data))
+    if np.all(np.mod(data, 1) == 0):
+        return "counts", vmax
+    if vmax < LOG_MAX:
+        return "log-normalised", vmax
+    return "other", vmax
+
 
 
 # -- cells ----------------------------------------------------------------------------------
@@ -262,9 +340,23 @@ class Batch:
         )
 
 
-def cell_rng(seed: int, index: int, epoch: int = 0) -> np.random.Generator:
-    """The random stream of one cell: the same for a seed, whatever the batching."""
-    return np.random.default_rng((seed, epoch, index))
+def cell_keys(names: Sequence[str]) -> np.ndarray:
+    """A 64-bit key per cell name (``obs_names``), the identity its random stream is drawn from.
+
+    Keyed to the name rather than the row, a cell gets the same gene sample and tie-breaks alone, in a
+    subset or inside a larger file, and row ``i`` of two different AnnData objects do not share a stream.
+    """
+    import hashlib
+
+    return np.fromiter(
+        (int.from_bytes(hashlib.blake2b(str(n).encode(), digest_size=8).digest(), "little") for n in names),
+        dtype=np.uint64, count=len(names),
+    )
+
+
+def cell_rng(seed: int, key: int, epoch: int = 0) -> np.random.Generator:
+    """The random stream of one cell (``key`` from :func:`cell_keys`): the same for a seed, whatever the batching."""
+    return np.random.default_rng((seed, epoch, int(key)))
 
 
 def tokenize_rows(
@@ -275,6 +367,7 @@ def tokenize_rows(
     cell_index: np.ndarray | None = None,
     cls_id: int,
     pad_value: float,
+    cls_value: float | None = None,
     max_seq_len: int,
     n_bins: int = 51,
     seed: int = 0,
@@ -282,8 +375,10 @@ def tokenize_rows(
 ) -> list[TokenizedCell]:
     """Tokenise each row of ``chunk`` (cells x matched genes, CSR).
 
-    ``col_token_ids[j]`` is the vocabulary id of column ``j``. Row ``i`` is cell
-    ``cell_index[i]`` (default ``first_index + i``) for the purpose of its random stream.
+    ``col_token_ids[j]`` is the vocabulary id of column ``j``. Row ``i`` draws its random stream from
+    ``cell_index[i]`` -- pass :func:`cell_keys` of the cells' names so that a cell's tokens do not depend
+    on where it sits; without it, from its row number ``first_index + i``. ``<cls>`` carries
+    ``cls_value`` (None: ``pad_value``, the pretraining convention).
     """
     if max_seq_len < 2:
         raise ValueError(f"max_seq_len must be at least 2 (<cls> and one gene); got {max_seq_len}.")
@@ -291,6 +386,7 @@ def tokenize_rows(
     chunk.sum_duplicates()
     cells = []
     n_keep = max_seq_len - 1
+    head_value = pad_value if cls_value is None else cls_value
     for i in range(chunk.shape[0]):
         lo, hi = chunk.indptr[i], chunk.indptr[i + 1]
         data = chunk.data[lo:hi]
@@ -304,7 +400,7 @@ def tokenize_rows(
         gene_ids = np.empty(len(cols) + 1, dtype=np.int64)
         gene_ids[0], gene_ids[1:] = cls_id, col_token_ids[cols]
         values = np.empty(len(cols) + 1, dtype=np.float32)
-        values[0], values[1:] = pad_value, bins
+        values[0], values[1:] = head_value, bins
         cells.append(TokenizedCell(gene_ids, values))
     return cells
 

@@ -1,14 +1,23 @@
-"""Fine-tuning for cell-type annotation, with the published defaults and what they lacked.
+"""Fine-tuning for cell-type annotation: the published recipe by default, and what it lacked.
 
-Published defaults (scGPT annotation tutorial): Adam lr 1e-4, StepLR gamma 0.9 per epoch, cross-entropy
-on the classifier output, gradient clipping 1.0, mixed precision on GPU, genes resampled each epoch.
-Added here: every adaptation strategy of :mod:`scgpt_protocol.strategies`, optional weight decay,
-learning-rate warm-up and class-weighted loss, early stopping on validation macro-F1 with the best
-epoch kept, a resumable state after every epoch (a Colab disconnect costs at most one epoch), curves.
+Follows the official annotation tutorial (and the published fine-tuning protocol): cross-entropy on the
+``<cls>`` classifier only, ``<cls>`` fed with the value 0 as the official fine-tuning tokeniser does
+(:data:`~scgpt_protocol.tokenize.FINETUNE_CLS_VALUE`), Adam at lr 1e-4 with ``eps=1e-4`` whenever ``amp``
+is set (the default; on every device, as the official loop does), StepLR gamma 0.9 per epoch, gradient
+clipping 1.0, batch 32, mixed precision on GPU, no layer frozen (strategy ``full``).
 
-Determinism: the data order and gene sampling of epoch ``e`` depend only on ``(seed, e)``, new
-modules are initialised from ``seed``, and the torch RNG is re-seeded at each epoch start, so an
-interrupted and resumed run ends where an uninterrupted one does.
+The protocol's choice: genes are resampled every epoch for cells with more than ``max_seq_len - 1``
+expressed genes (the published protocol's collator resamples every batch; the tutorial samples once).
+
+Ours (off or neutral by default unless said): every adaptation strategy of
+:mod:`scgpt_protocol.strategies`; optional weight decay, learning-rate warm-up and class-weighted loss;
+the best epoch chosen by validation macro-F1 (the published code keeps the lowest validation loss) with
+early stopping after ``patience`` epochs without improvement (on by default, 3); a resumable state after
+every epoch (a Colab disconnect costs at most one epoch); curves.
+
+Determinism: the data order of epoch ``e`` depends only on ``(seed, e)``, each cell's gene sampling on
+``(seed, e, cell name)``, new modules (the head included) are initialised from ``seed``, and the torch
+RNG is re-seeded at each epoch start, so an interrupted and resumed run ends where an uninterrupted one does.
 """
 
 from __future__ import annotations
@@ -30,17 +39,18 @@ from torch import nn
 from .checkpoint import load_model, save_checkpoint, torch_save_atomic, write_manifest
 from .device import PeakMemory, amp_dtype, autocast, resolve_device
 from .embedding import iter_batches
-from .errors import CheckpointError
+from .errors import CheckpointError, format_keys
 from .layout import RunLayout
 from .log import progress
 from .model import ProbeHead, ScGPT
 from .params import FinetuneParams
-from .tokenize import Batch, check_expression, collate, match_genes, tokenize_rows
+from .tokenize import FINETUNE_CLS_VALUE, Batch, cell_keys, check_expression, collate, match_genes, tokenize_rows
 
 if TYPE_CHECKING:
     from anndata import AnnData
 
-__all__ = ["TrainResult", "finetune", "strategy_config", "save_finetuned", "load_finetuned", "data_fingerprint"]
+__all__ = ["TrainResult", "finetune", "strategy_config", "save_finetuned", "load_finetuned", "data_fingerprint",
+           "adam_eps", "trained_max_seq_len", "trained_class_weight"]
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +98,12 @@ def strategy_config(params: FinetuneParams, strategy: str | None = None) -> Any:
     return None
 
 
+def adam_eps(amp: bool) -> float:
+    """Adam's eps as the official fine-tuning loop sets it: 1e-4 whenever ``amp`` is on, on every device
+    (so a result does not depend on the GPU generation or on running on the CPU), else PyTorch's 1e-8."""
+    return 1e-4 if amp else 1e-8
+
+
 def _class_weights(codes: np.ndarray, n_classes: int) -> torch.Tensor:
     counts = np.bincount(codes, minlength=n_classes).astype(np.float64)
     weights = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / n_classes, 0.0)
@@ -118,8 +134,9 @@ def _training_batches(
         chunk = adata.X[cells_idx]
         chunk = (chunk if sp.issparse(chunk) else sp.csr_matrix(np.asarray(chunk)))[:, columns]
         cells = tokenize_rows(
-            chunk, col_token_ids, cell_index=cells_idx, cls_id=model.vocab["<cls>"], pad_value=cfg.pad_value,
-            max_seq_len=params.max_seq_len, n_bins=cfg.n_bins, seed=params.seed, epoch=epoch,
+            chunk, col_token_ids, cell_index=cell_keys(adata.obs_names[cells_idx]), cls_id=model.vocab["<cls>"],
+            pad_value=cfg.pad_value, cls_value=model.cls_value, max_seq_len=params.max_seq_len, n_bins=cfg.n_bins,
+            seed=params.seed, epoch=epoch,
         )
         lengths = np.array([len(c.gene_ids) for c in cells])
         by_length = np.argsort(-lengths, kind="stable")
@@ -187,7 +204,7 @@ def _cpu_copy(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def _codes_and_splits(adata: AnnData, label_key: str, split_key: str, categories: list[str]) -> tuple:
     for key in (label_key, split_key):
         if key not in adata.obs:
-            msg = f"{key!r} not in adata.obs (columns: {list(adata.obs.columns)}); run 01_preprocess first."
+            msg = f"{key!r} not in adata.obs (columns: {format_keys(adata.obs.columns)}); run 01_preprocess first."
             raise KeyError(msg)
     labels = adata.obs[label_key].astype(str).to_numpy()
     unknown = sorted(set(labels) - set(categories))
@@ -285,7 +302,10 @@ def finetune(
     check_expression(adata)
     device = resolve_device(params.device)
     if model.cls_decoder is None or model.cls_decoder.out_layer.out_features != len(categories):
-        model.add_classifier(len(categories))
+        with torch.random.fork_rng(devices=[]):  # a new head starts the same for a seed
+            torch.manual_seed(params.seed)
+            model.add_classifier(len(categories))
+    model.cls_value = FINETUNE_CLS_VALUE  # trained, validated, saved and predicted with <cls> = 0, as published
     model.to(device)
     weights = _class_weights(codes[train_rows], len(categories)) if params.class_weighted else None
     val_loss_fn = nn.CrossEntropyLoss(weight=weights)
@@ -343,7 +363,7 @@ def _train_epochs(model: ScGPT, adata: AnnData, params: FinetuneParams, strategy
     use_amp = params.amp and device.type == "cuda"
     half = amp_dtype(device)
     optimizer = torch.optim.AdamW(trainable, lr=params.lr, weight_decay=params.weight_decay,
-                                  eps=1e-4 if use_amp and half == torch.float16 else 1e-8)
+                                  eps=adam_eps(params.amp))
     steps_per_epoch = math.ceil(len(train_rows) / params.batch_size)
     warmup = round(params.warmup_ratio * steps_per_epoch * params.epochs)
 
@@ -447,6 +467,30 @@ def _train_epochs(model: ScGPT, adata: AnnData, params: FinetuneParams, strategy
     return history, best_epoch, best_score, stopped_early, resumed
 
 
+def trained_max_seq_len(manifest: Mapping[str, Any], requested: int | None = None, default: int = 1200) -> int:
+    """The sequence length to predict with: ``requested``, else the length the model was trained at.
+
+    A model trained at 3001 and evaluated at 1200 sees a different sample of genes per cell than it
+    learned from; the manifest records the training length (``training.max_seq_len``). A model
+    without that record (fine-tuned elsewhere) gets ``default``, logged.
+    """
+    trained = (manifest.get("training") or {}).get("max_seq_len")
+    if requested is None:
+        if trained is None:
+            logger.info("the model records no training length; predicting at max_seq_len=%d", default)
+            return default
+        logger.info("predicting at the training length max_seq_len=%d", trained)
+        return int(trained)
+    if trained is not None and int(trained) != requested:
+        logger.warning("predicting at max_seq_len=%d, but the model was trained at %d", requested, trained)
+    return requested
+
+
+def trained_class_weight(manifest: Mapping[str, Any]) -> str | None:
+    """``"balanced"`` when the model was trained with a class-weighted loss (for a fair baseline), else None."""
+    return "balanced" if (manifest.get("training") or {}).get("class_weighted") else None
+
+
 # -- saving and loading fine-tuned models -----------------------------------------------------
 def base_record(model: ScGPT) -> dict[str, Any]:
     """``{"checkpoint", "sha256"}`` of the checkpoint ``model`` was loaded from (its load report)."""
@@ -487,6 +531,7 @@ def save_finetuned(
         "categories": list(categories),
         "genes": list(genes),
         "base_checkpoint": {k: base_checkpoint.get(k) for k in ("checkpoint", "sha256", "kind")},
+        "cls_value": model.cls_value,  # what <cls> carried in training: prediction feeds the same
         **(extra or {}),
     }
     if strategy in _FULL_CHECKPOINT:
@@ -503,12 +548,13 @@ def save_finetuned(
 
 
 def _resolve_base(record: Mapping[str, Any], directory: Path) -> Path:
-    from .download import KNOWN_CHECKPOINTS, download_checkpoint, sha256_file
+    from .checkpoint import locate_checkpoint
+    from .download import KNOWN_CHECKPOINTS, sha256_file
 
     path, expected = record.get("checkpoint"), record.get("sha256")
     base = Path(path or "")
     if not base.is_dir() and record.get("kind") == "released" and base.name in KNOWN_CHECKPOINTS:
-        base = download_checkpoint(base.name)  # a released model's cache folder is named after it
+        base, _ = locate_checkpoint(base.name)  # a released model's cache folder is named after it
     if not (base / "best_model.pt").is_file():
         msg = (
             f"the base checkpoint of {directory} ({path}) is not there; the saved model holds only what was "
@@ -555,4 +601,6 @@ def load_finetuned(directory: str | Path, *, device: str | torch.device = "auto"
         config = config_cls.from_dict(manifest["strategy_config"]) if config_cls else None
         st.apply_strategy(model, strategy, config)
         st.load_trainable_state(model, state)
+    # a model of ours saved before the value was recorded was trained with pad_value (None)
+    model.cls_value = manifest.get("cls_value")
     return model.to(resolve_device(device)).eval(), manifest

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 import pandas as pd
 
+from .errors import format_keys
 from .evaluate import classification_metrics
 
 if TYPE_CHECKING:
@@ -327,7 +328,7 @@ def _obs_labels(adata: AnnData, label_key: str, what: str) -> pd.Series:
     if label_key not in adata.obs.columns:
         msg = (
             f"label_key={label_key!r} is not a column of the {what}'s obs; found columns "
-            f"{list(map(str, adata.obs.columns))}. Pass the column that holds the cell-type labels."
+            f"{format_keys(adata.obs.columns)}. Pass the column that holds the cell-type labels."
         )
         raise KeyError(msg)
     return adata.obs[label_key]
@@ -352,6 +353,21 @@ def _get_embedding(
         return emb, True
     embed(adata, model, key_added=embedding_key, **embed_kwargs)
     return np.asarray(adata.obsm[embedding_key]), False
+
+
+def _check_shared_genes(reference: AnnData, query: AnnData, model: ScGPT, gene_symbol_key: str | None) -> None:
+    """The package's one gene-overlap rule between query and reference (genes the checkpoint knows).
+
+    Embeddings of cells measured on disjoint genes are not comparable: their neighbours would be noise.
+    """
+    from .tokenize import check_gene_overlap, gene_symbols, match_genes
+
+    def known(adata: AnnData) -> np.ndarray:
+        symbols = np.asarray(gene_symbols(adata, gene_symbol_key), dtype=object)
+        return symbols[match_genes(adata, model.vocab, gene_symbol_key=gene_symbol_key).token_ids >= 0]
+
+    check_gene_overlap(known(query), known(reference), what="the query",
+                       against="the reference (genes the checkpoint knows)")
 
 
 def zeroshot_annotate(
@@ -414,6 +430,8 @@ def zeroshot_annotate(
     ValueError
         Fewer than two distinct labels in the reference, or ``k`` larger than the number of
         labelled reference cells.
+    GeneMatchError
+        The query holds less than half of the reference's genes (that the checkpoint knows).
 
     Examples
     --------
@@ -454,6 +472,7 @@ def zeroshot_annotate(
         )
         raise ValueError(msg)
 
+    _check_shared_genes(reference, query, model, gene_symbol_key)
     embed_kwargs = dict(max_seq_len=max_seq_len, batch_size=batch_size, seed=seed, layer=layer,
                         gene_symbol_key=gene_symbol_key)
     ref_emb, ref_reused = _get_embedding(reference, model, "reference", reuse=reuse_embeddings,
@@ -555,7 +574,7 @@ def joint_embedding(
     for name, adata in (("reference", reference), ("query", query)):
         if embedding_key not in adata.obsm:
             msg = (
-                f"the {name} has no obsm[{embedding_key!r}] (found {list(adata.obsm.keys())}); run "
+                f"the {name} has no obsm[{embedding_key!r}] (found {format_keys(adata.obsm.keys())}); run "
                 "zeroshot_annotate or scgpt_protocol.embedding.embed on it first."
             )
             raise KeyError(msg)
@@ -634,9 +653,11 @@ def zeroshot_inputs(layout: RunLayout, params: Any) -> tuple[AnnData, AnnData, s
     label_key = params.label_key
     if params.reference_path is None or params.query_path is None:
         prepared = read_prepared(layout)
-        label_key = label_key or read_labels(layout)["label_key"]
+    if label_key is None and layout.labels.is_file():  # the run's label column, also for external files
+        label_key = read_labels(layout)["label_key"]
     if label_key is None:
-        msg = "label_key is not set and the run has no prepared data to take it from; set label_key."
+        msg = ("label_key is not set and the run has no labels record (data/labels.json, written by 01) to "
+               "take it from; set label_key to the label column of the reference and query.")
         raise ValueError(msg)
     reference = read_adata(params.reference_path) if params.reference_path else subset_split(prepared, ["train", "val"])
     query = read_adata(params.query_path) if params.query_path else subset_split(prepared, "test")

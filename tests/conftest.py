@@ -59,6 +59,17 @@ def tiny_model(tiny_checkpoint: Path):
 
 
 @pytest.fixture(scope="session")
+def split_pbmc(pbmc):
+    """200 demo cells with labels in obs["label"] and a seeded split (the 01 step's job; done by hand here)."""
+    import scanpy as sc
+
+    adata = pbmc[:200].copy()
+    adata.obs["label"] = sc.datasets.pbmc68k_reduced().obs["bulk_labels"].astype(str).to_numpy()[:200]
+    adata.obs["split"] = np.random.default_rng(0).choice(["train", "val", "test"], adata.n_obs, p=[0.6, 0.2, 0.2])
+    return adata
+
+
+@pytest.fixture(scope="session")
 def ci_run(tmp_path_factory):
     """One headless run of the four notebooks with params/ci, shared by the tests that read it (never modify it:
     copy its run_dir first)."""

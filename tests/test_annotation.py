@@ -129,7 +129,7 @@ def test_bad_input(bundle, demo, tiny_checkpoint, tmp_path):
     with pytest.raises(ParamsError, match=r"lora_r=0 .* expected >= 1"):
         adapt_annotation(demo, "bulk_labels", checkpoint=tiny_checkpoint, output_dir=tmp_path, lora_r=0)
     few = demo[:, :100].copy()  # 100 of the 765 genes the model was trained on
-    with pytest.raises(GeneMatchError, match=r"100 of the 765 genes this model was trained on"):
+    with pytest.raises(GeneMatchError, match=r"holds 100 of the 765 genes of the model.s training genes \(13%\)"):
         runner.predict(few)
 
 

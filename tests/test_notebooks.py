@@ -44,6 +44,9 @@ def test_artifacts_of_every_step(ci_run):
     assert list(history["epoch"]) == [1, 2]
     manifest = json.loads((layout.model_dir / "manifest.json").read_text())
     assert manifest["strategy"] == "full" and len(manifest["categories"]) == 10
+    assert manifest["cls_value"] == 0.0 and manifest["training"]["max_seq_len"] == 64
+    # params/ci/03 sets no max_seq_len: 03 predicts at the length the model was trained with
+    assert "predicting at the training length max_seq_len=64" in (layout.logs_dir / "evaluate.log").read_text()
 
     predictions = pd.read_csv(layout.predictions, index_col=0)
     assert len(predictions) == n_test and predictions.index.is_unique  # one prediction per test cell

@@ -235,7 +235,6 @@ def test_real_sigterm_during_a_notebook_stops_the_kernel_and_marks_the_report(tm
         f"import time\nfor i in range(400):\n    time.sleep(0.1)\n    open({str(ticks)!r}, 'a').write(f'{{i}}\\n')",
         "print('never')",
     ])
-    monkeypatch.setattr(runner, "notebooks_dir", lambda: folder)
     before = signal.getsignal(signal.SIGTERM)
 
     def stop_when_running():
@@ -248,9 +247,10 @@ def test_real_sigterm_during_a_notebook_stops_the_kernel_and_marks_the_report(tm
     timer = threading.Thread(target=stop_when_running, daemon=True)
     timer.start()
     with pytest.raises(RunInterrupted) as info:
-        run_protocol(CI, tmp_path / "run", steps=["01"], html=False)
+        run_protocol(CI, tmp_path / "run", steps=["01"], html=False, notebooks=folder)
     timer.join(5)
     assert info.value.signal_name == "SIGTERM" and signal.getsignal(signal.SIGTERM) is before
+    assert info.value.resume.endswith(f"--steps 01 --notebooks {folder}")  # the same notebooks again
     n = _ticks(ticks)
     time.sleep(1.0)
     assert _ticks(ticks) == n < 400  # the kernel no longer runs the cell
@@ -266,9 +266,8 @@ def test_real_sigterm_during_a_notebook_stops_the_kernel_and_marks_the_report(tm
 
 def test_keyboardinterrupt_inside_the_kernel_is_interrupted_not_failed(tmp_path, monkeypatch):
     folder = _fake_notebooks(tmp_path / "nb", ["x = 1", "raise KeyboardInterrupt", "print('never')"])
-    monkeypatch.setattr(runner, "notebooks_dir", lambda: folder)
     with pytest.raises(RunInterrupted) as info:
-        run_protocol(CI, tmp_path / "run", steps=["01"], html=False)
+        run_protocol(CI, tmp_path / "run", steps=["01"], html=False, notebooks=folder)
     assert info.value.signal_name == "KeyboardInterrupt in the notebook"
     manifest = _manifest(tmp_path / "run")
     assert manifest["status"] == "interrupted" and manifest["interrupted"]["cell"] == 4  # after papermill's injected-parameters cell
@@ -344,9 +343,8 @@ def test_disk_full_inside_a_notebook_fails_the_step_with_a_typed_error(tmp_path,
         "(_ for _ in ()).throw(OSError(28, 'No space left on device'))))",
         "print('never')",
     ])
-    monkeypatch.setattr(runner, "notebooks_dir", lambda: folder)
     with pytest.raises(RunFailed) as info:
-        run_protocol(CI, run, steps=["01"], html=False)
+        run_protocol(CI, run, steps=["01"], html=False, notebooks=folder)
     msg = str(info.value)
     assert info.value.ename == "DiskFullError"
     assert "step 01_preprocess failed: DiskFullError: no space left to write" in msg and "best_model.pt" in msg
@@ -362,7 +360,6 @@ def test_report_truncated_by_a_full_disk_is_renamed_and_the_run_failed(tmp_path,
     from papermill.iorw import LocalHandler
 
     folder = _fake_notebooks(tmp_path / "nb", ["x = 1", "y = 2", "z = 3"])
-    monkeypatch.setattr(runner, "notebooks_dir", lambda: folder)
     real_write, calls = LocalHandler.write, []
 
     def write(self, buf, path):
@@ -375,7 +372,7 @@ def test_report_truncated_by_a_full_disk_is_renamed_and_the_run_failed(tmp_path,
 
     monkeypatch.setattr(LocalHandler, "write", write)
     with pytest.raises(DiskFullError) as info:
-        run_protocol(CI, tmp_path / "run", steps=["01"])
+        run_protocol(CI, tmp_path / "run", steps=["01"], notebooks=folder)
     report = tmp_path / "run" / "reports" / "01_preprocess.ipynb"
     msg = str(info.value)
     assert info.value.path == str(report) and info.value.needed > 0

@@ -17,17 +17,6 @@ FAST = dict(batch_size=16, max_seq_len=48, lr=1e-3, patience=0)
 
 
 @pytest.fixture(scope="module")
-def split_pbmc(pbmc):
-    """200 demo cells with a seeded split (the 01 step's job; done by hand here)."""
-    import scanpy as sc
-
-    adata = pbmc[:200].copy()
-    adata.obs["label"] = sc.datasets.pbmc68k_reduced().obs["bulk_labels"].astype(str).to_numpy()[:200]
-    adata.obs["split"] = np.random.default_rng(0).choice(["train", "val", "test"], adata.n_obs, p=[0.6, 0.2, 0.2])
-    return adata
-
-
-@pytest.fixture(scope="module")
 def categories(split_pbmc):
     return sorted(split_pbmc.obs["label"].unique())
 
