@@ -24,6 +24,7 @@ import torch
 from .device import resolve_device
 from .errors import CheckpointError, CheckpointNotFoundError, format_keys
 from .layout import atomic_write
+from .log import DETAIL
 from .model import ScGPT, ScGPTConfig
 
 __all__ = [
@@ -91,6 +92,23 @@ class LoadReport:
             f"  classifier  {self.head}",
         ]
         return "\n".join(lines)
+
+    def summary(self) -> str:
+        """One line for a reader, without internal tensor names (``str()`` has the details)."""
+        n = self.n_loaded
+        kind = "" if self.head == "loaded" else "pretrained "  # a fine-tuned model brings its own head
+        parts = [f"{'all ' if not self.missing else ''}{n:,} {kind}weight{'s' if n != 1 else ''} loaded"]
+        if self.dropped:
+            k = len(self.dropped)
+            parts.append(f"{k} pretraining-only weight{'s' if k != 1 else ''} dropped")
+        if self.missing:
+            k = len(self.missing)
+            parts.append(f"{k} decoder weight{'s' if k != 1 else ''} missing (left random)")
+        if self.head == "new":
+            parts.append("a new classifier head, trained in fine-tuning")
+        elif self.head == "loaded":
+            parts.append("the fine-tuned classifier head")
+        return "; ".join(parts)
 
     def _repr_pretty_(self, p: Any, cycle: bool) -> None:  # IPython display
         p.text(str(self))
@@ -326,8 +344,9 @@ def load_model(
     model.load_report = report
     if config.n_classes is not None and report.head == "loaded":
         model.cls_value = _trained_cls_value(directory)
+    logger.info("checkpoint %s: %s", directory.name, report.summary())
     for line in str(report).splitlines():
-        logger.info(line)
+        logger.info(line, extra=DETAIL)  # tensor names: the log file only
     if report.missing:
         warnings.warn(
             f"{weights_path}: {len(report.missing)} decoder weights are missing and were left "

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import format_keys
+from .log import DETAIL
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -899,5 +900,5 @@ def write_results(
     plain = _plain(record)
     plain["descriptions"] = {k: v for k, v in METRIC_DESCRIPTIONS.items() if k in _metric_names(record)}
     written["metrics"] = layout.write_json(layout.metrics, plain)
-    logger.info("wrote %s", ", ".join(str(p) for p in written.values()))
+    logger.info("wrote %s", ", ".join(str(p) for p in written.values()), extra=DETAIL)  # the notebook shows report.files_table
     return written

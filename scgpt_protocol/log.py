@@ -19,10 +19,18 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
-__all__ = ["progress", "progress_mode", "ensure_logging", "setup_logging"]
+__all__ = ["progress", "progress_mode", "ensure_logging", "setup_logging", "DETAIL"]
 
 T = TypeVar("T")
 logger = logging.getLogger("scgpt_protocol")
+
+#: ``logger.info(..., extra=DETAIL)``: a detail for the log file only, not for the notebook's output
+#: (internal names, per-call repeats, tables the notebook already displays)
+DETAIL: dict[str, Any] = {"scgpt_detail": True}
+
+
+def _not_detail(record: logging.LogRecord) -> bool:
+    return not getattr(record, "scgpt_detail", False)
 
 
 class _CurrentStdout(logging.StreamHandler):
@@ -40,13 +48,19 @@ class _CurrentStdout(logging.StreamHandler):
         pass
 
 
+def _stdout_handler() -> logging.Handler:
+    """Plain messages to the current stdout, without :data:`DETAIL` records."""
+    handler = _CurrentStdout()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.addFilter(_not_detail)
+    return handler
+
+
 def ensure_logging(level: int = logging.INFO) -> None:
     """Show the package's INFO messages unless the application set up logging itself."""
     if any(isinstance(h, _CurrentStdout) for h in logger.handlers) or logging.getLogger().handlers:
         return
-    handler = _CurrentStdout()
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    logger.addHandler(handler)
+    logger.addHandler(_stdout_handler())
     logger.setLevel(level)
     logger.propagate = False
 

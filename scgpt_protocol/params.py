@@ -38,12 +38,14 @@ class ParamsError(ValueError):
 
 
 def _f(default: Any, help: str, *, choices: tuple | None = None, min: float | None = None,
-       max: float | None = None) -> Any:
-    return field(default=default, metadata={"help": help, "choices": choices, "min": min, "max": max})
+       max: float | None = None, advanced: bool = False) -> Any:
+    """A parameter: default, help text, checks; ``advanced`` ones come last in the notebook's cell."""
+    return field(default=default, metadata={"help": help, "choices": choices, "min": min, "max": max,
+                                            "advanced": advanced})
 
 
 def _device() -> Any:
-    return _f("auto", "'auto' (cuda, mps, cpu), 'cpu', 'cuda', 'cuda:N' or 'mps'")
+    return _f("auto", "'auto' (cuda, mps, cpu), 'cpu', 'cuda', 'cuda:N' or 'mps'", advanced=True)
 
 
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -68,7 +70,7 @@ def _coerce_number(value: Any, base: type) -> Any:
 
 
 def _max_seq_len() -> Any:
-    return _f(1200, "tokens per cell including <cls>", min=2)
+    return _f(1200, "tokens per cell including <cls>", min=2, advanced=True)
 
 
 @dataclass
@@ -78,8 +80,8 @@ class StepParams:
     STEP: ClassVar[str] = ""
     NOTEBOOK: ClassVar[str] = ""
 
-    run_dir: str = _f("runs/demo", "every output of every step goes under here")
-    seed: int = _f(0, "random seed (splits, gene sampling, training)", min=0)
+    run_dir: str = _f("runs/demo", "every output goes here; use the same run_dir in all four notebooks")
+    seed: int = _f(0, "random seed (splits, gene sampling, training)", min=0, advanced=True)
     mount_drive: bool = _f(False, "Colab only: mount Google Drive (keep run_dir there to survive disconnects)")
 
     def __post_init__(self) -> None:
@@ -214,15 +216,15 @@ class PreprocessParams(StepParams):
     layer: Optional[str] = _f(None, "adata.layers key with counts or log-normalised values (None: X)")
     gene_symbol_key: Optional[str] = _f(None, "adata.var column with gene symbols (None: var_names)")
     checkpoint: str = _f("demo", "'demo' (tiny random checkpoint), 'whole-human' (download) or a folder")
-    min_genes: int = _f(0, "drop cells with fewer expressed genes", min=0)
-    min_cells: int = _f(0, "drop genes expressed in fewer cells", min=0)
-    max_pct_mito: Optional[float] = _f(None, "drop cells with more % mitochondrial counts (None: keep)", min=0, max=100)
+    min_genes: int = _f(0, "drop cells with fewer expressed genes", min=0, advanced=True)
+    min_cells: int = _f(0, "drop genes expressed in fewer cells", min=0, advanced=True)
+    max_pct_mito: Optional[float] = _f(None, "drop cells with more % mitochondrial counts (None: keep)", min=0, max=100, advanced=True)
     normalize: str = _f("auto", "normalise_total + log1p: 'auto' (only raw counts), 'yes' or 'no'",
-                        choices=("auto", "yes", "no"))
-    n_hvg: Optional[int] = _f(None, "keep this many highly variable genes (None: all genes the checkpoint knows)", min=1)
-    test_size: float = _f(0.2, "share of cells in the test split", min=0.05, max=0.5)
-    val_size: float = _f(0.1, "share of cells in the validation split", min=0.05, max=0.5)
-    min_cells_per_class: int = _f(5, "classes with fewer cells stay in train only (reported)", min=3)
+                        choices=("auto", "yes", "no"), advanced=True)
+    n_hvg: Optional[int] = _f(None, "keep this many highly variable genes (None: all known genes)", min=1, advanced=True)
+    test_size: float = _f(0.2, "share of cells in the test split", min=0.05, max=0.5, advanced=True)
+    val_size: float = _f(0.1, "share of cells in the validation split", min=0.05, max=0.5, advanced=True)
+    min_cells_per_class: int = _f(5, "classes with fewer cells stay in train only (reported)", min=3, advanced=True)
 
     def _check(self) -> None:
         if self.test_size + self.val_size >= 0.9:
@@ -238,24 +240,24 @@ class FinetuneParams(StepParams):
 
     strategy: str = _f("full", "what to train: probe, head, full, lora, adapter, prefix_tuning or ia3",
                        choices=STRATEGY_NAMES)
-    strategies: Optional[list] = _f(None, "compare these strategies on the same split and keep the best (None: only strategy)")
+    strategies: Optional[list] = _f(None, "compare these on one split, keep the best (None: only strategy)")
     epochs: int = _f(10, "maximum number of epochs", min=1)
-    lr: float = _f(1e-4, "Adam learning rate", min=0.0)
-    lr_gamma: float = _f(0.9, "StepLR decay per epoch", min=0.0, max=1.0)
-    weight_decay: float = _f(0.0, "AdamW weight decay (0: plain Adam, as published)", min=0.0)
-    warmup_ratio: float = _f(0.0, "share of all training steps with a linear learning-rate warm-up", min=0.0, max=0.5)
-    batch_size: int = _f(32, "cells per training step", min=1)
+    lr: float = _f(1e-4, "Adam learning rate", min=0.0, advanced=True)
+    lr_gamma: float = _f(0.9, "StepLR decay per epoch", min=0.0, max=1.0, advanced=True)
+    weight_decay: float = _f(0.0, "AdamW weight decay (0: plain Adam, as published)", min=0.0, advanced=True)
+    warmup_ratio: float = _f(0.0, "share of all training steps with a linear learning-rate warm-up", min=0.0, max=0.5, advanced=True)
+    batch_size: int = _f(32, "cells per training step", min=1, advanced=True)
     max_seq_len: int = _max_seq_len()
-    grad_clip: float = _f(1.0, "gradient norm clipping", min=0.0)
+    grad_clip: float = _f(1.0, "gradient norm clipping", min=0.0, advanced=True)
     class_weighted: bool = _f(False, "weight the loss by inverse class frequency")
-    patience: int = _f(3, "stop after this many epochs without a better validation macro-F1 (0: never)", min=0)
-    amp: bool = _f(True, "mixed precision on GPU; as published, also Adam eps 1e-4 (on every device)")
-    resume: bool = _f(True, "continue from the last finished epoch if a previous run was interrupted")
+    patience: int = _f(3, "stop after this many epochs without a better validation macro-F1 (0: never)", min=0, advanced=True)
+    amp: bool = _f(True, "mixed precision on GPU; as published, also Adam eps 1e-4 (on every device)", advanced=True)
+    resume: bool = _f(True, "continue from the last finished epoch if a previous run was interrupted", advanced=True)
     device: str = _device()
-    lora_r: int = _f(8, "lora: rank of the low-rank updates", min=1)
-    lora_alpha: float = _f(16.0, "lora: scaling numerator (updates are scaled by alpha / r)", min=0.0)
-    adapter_bottleneck: int = _f(64, "adapter: hidden size of the bottleneck adapters", min=1)
-    prefix_length: int = _f(8, "prefix_tuning: learned key/value prefixes per layer", min=1)
+    lora_r: int = _f(8, "lora: rank of the low-rank updates", min=1, advanced=True)
+    lora_alpha: float = _f(16.0, "lora: scaling numerator (updates are scaled by alpha / r)", min=0.0, advanced=True)
+    adapter_bottleneck: int = _f(64, "adapter: hidden size of the bottleneck adapters", min=1, advanced=True)
+    prefix_length: int = _f(8, "prefix_tuning: learned key/value prefixes per layer", min=1, advanced=True)
 
     def _check(self) -> None:
         if self.strategies is not None:
@@ -275,9 +277,9 @@ class EvaluateParams(StepParams):
 
     query_path: Optional[str] = _f(None, "an extra labelled .h5ad to evaluate on (None: test split only)")
     query_label_key: Optional[str] = _f(None, "label column of the query (None: the run's label_key)")
-    batch_size: int = _f(64, "cells per forward pass", min=1)
+    batch_size: int = _f(64, "cells per forward pass", min=1, advanced=True)
     max_seq_len: Optional[int] = _f(None, "tokens per cell including <cls> (None: the length the model was trained with)",
-                                    min=2)
+                                    min=2, advanced=True)
     baseline: bool = _f(True, "also fit a logistic-regression baseline on the same split (and the query)")
     device: str = _device()
 
@@ -289,11 +291,11 @@ class ZeroshotParams(StepParams):
     STEP: ClassVar[str] = "zeroshot"
     NOTEBOOK: ClassVar[str] = "04_zeroshot.ipynb"
 
-    reference_path: Optional[str] = _f(None, "labelled reference .h5ad (None: train+val cells of the prepared data)")
+    reference_path: Optional[str] = _f(None, "labelled reference .h5ad (None: the run's train+val cells)")
     query_path: Optional[str] = _f(None, "query .h5ad (None: test cells of the prepared data)")
     label_key: Optional[str] = _f(None, "label column in reference/query (None: the run's label_key)")
-    k: int = _f(10, "neighbours for the vote", min=1)
-    batch_size: int = _f(64, "cells per forward pass", min=1)
+    k: int = _f(10, "neighbours for the vote", min=1, advanced=True)
+    batch_size: int = _f(64, "cells per forward pass", min=1, advanced=True)
     max_seq_len: int = _max_seq_len()
     device: str = _device()
 
@@ -323,10 +325,16 @@ def parameters_cell(cls: type[StepParams]) -> str:
     """The source of a notebook's parameters cell for ``cls`` (papermill's annotated form)."""
     hints = typing.get_type_hints(cls)
     lines = [
-        "# Parameters. Defaults run the interactive demo. Headless: "
-        f"scgpt-protocol run params/<scenario> (or papermill -f params/<scenario>/{Path(cls.NOTEBOOK).stem}.yaml)",
+        "# Parameters: the defaults run the interactive demo.",
+        f"# Headless: scgpt-protocol run params/<scenario> (papermill: -f params/<scenario>/{Path(cls.NOTEBOOK).stem}.yaml)",
+        "# --- change these ---",
     ]
-    for f in dataclasses.fields(cls):
+    fields = dataclasses.fields(cls)
+    basic = [f for f in fields if not f.metadata.get("advanced")]
+    advanced = [f for f in fields if f.metadata.get("advanced")]
+    for f in basic + advanced:
+        if f is (advanced[0] if advanced else None):
+            lines.append("# --- advanced: the defaults suit most data ---")
         kind = hints[f.name]
         optional = typing.get_origin(kind) is typing.Union
         if optional:

@@ -30,7 +30,11 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SavedFigure",
+    "METHOD_COLORS",
     "set_style",
+    "label_palette",
+    "run_palette",
+    "mark_categories",
     "plot_confusion",
     "plot_embedding",
     "compute_umap",
@@ -41,6 +45,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+#: colour of cells without a value (e.g. reference cells in a panel of query predictions)
+NA_COLOR = "#e3e3e3"
 #: classes up to which :func:`plot_confusion` writes the value into each cell
 ANNOTATE_MAX_CLASSES = 15
 
@@ -159,6 +165,91 @@ def _default_palette(n: int) -> list[str]:
     return ["grey"] * n
 
 
+def _stored_colors(adata: AnnData, key: str) -> dict[str, str]:
+    """``{category: colour}`` from ``uns[key + "_colors"]`` when it fits the categorical ``obs[key]``."""
+    from matplotlib.colors import is_color_like
+
+    stored = adata.uns.get(f"{key}_colors")
+    column = adata.obs[key] if key in adata.obs else None
+    if stored is None or column is None or not isinstance(column.dtype, pd.CategoricalDtype):
+        return {}
+    stored = [str(c) for c in np.asarray(stored).tolist()]
+    categories = [str(c) for c in column.cat.categories]
+    if len(stored) < len(categories) or not all(is_color_like(c) for c in stored[: len(categories)]):
+        return {}
+    return dict(zip(categories, stored))
+
+
+def label_palette(
+    categories: Sequence[Any], *, adata: AnnData | None = None, label_key: str | None = None
+) -> dict[str, str]:
+    """One fixed colour per category: the palette of a run, shared by every figure of every step.
+
+    Parameters
+    ----------
+    categories
+        The classes, in their order.
+    adata, label_key
+        Data whose ``uns[f"{label_key}_colors"]`` (scanpy's convention) holds colours for the
+        categorical ``obs[label_key]``: those colours are kept, matched by category name.
+
+    Returns
+    -------
+    dict
+        ``{category: colour}``; categories without a stored colour get scanpy's default palette
+        (in order, skipping colours already taken).
+    """
+    names = [str(c) for c in categories]
+    known = _stored_colors(adata, label_key) if adata is not None and label_key else {}
+    out = {c: known[c] for c in names if c in known}
+    taken = set(out.values())
+    spare = iter(c for c in _spare_colors(len(names)) if c not in taken)
+    for c in names:
+        if c not in out:
+            out[c] = next(spare, "grey")
+    return out
+
+
+def _spare_colors(n: int) -> list[str]:
+    """scanpy's default palette for ``n`` categories, then the 102 colours of its largest one."""
+    from scanpy.plotting import palettes
+
+    seen: dict[str, None] = dict.fromkeys(_default_palette(n) + list(palettes.default_102))
+    return list(seen)
+
+
+def run_palette(layout: RunLayout) -> dict[str, str]:
+    """The run's ``{class: colour}``, written by 01 into ``data/labels.json`` (every step's figures use it).
+
+    Runs prepared before colours were stored get :func:`label_palette` of their categories.
+    """
+    labels = layout.read_json(layout.labels, step="01_preprocess")
+    colors = labels.get("colors")
+    return dict(colors) if colors else label_palette(labels["categories"])
+
+
+def mark_categories(ax: Axes, colors: Sequence[str | None], *, axis: str = "y") -> None:
+    """A colour swatch beside each tick label of ``axis`` (e.g. the run's class colours on a bar chart).
+
+    ``colors[i]`` belongs to the i-th tick (None: no swatch); the tick labels move aside to make room.
+    """
+    from matplotlib.transforms import blended_transform_factory
+
+    ticks = ax.get_yticks() if axis == "y" else ax.get_xticks()
+    for position, color in zip(ticks, colors):
+        if color is None:
+            continue
+        if axis == "y":
+            transform = blended_transform_factory(ax.transAxes, ax.transData)
+            xy = (-0.012, position)
+        else:
+            transform = blended_transform_factory(ax.transData, ax.transAxes)
+            xy = (position, -0.012)
+        ax.plot(*xy, marker="s", markersize=8, color=color, markeredgecolor="0.3", markeredgewidth=0.4,
+                transform=transform, clip_on=False, linestyle="")
+    ax.tick_params(axis=axis, pad=14)
+
+
 def _category_colors(adata: AnnData, key: str, categories: Sequence[Any], store: bool) -> list[str]:
     """Colours of ``categories``: ``uns[key + "_colors"]`` when valid, else a default palette (stored)."""
     from matplotlib.colors import is_color_like
@@ -192,7 +283,15 @@ def _basis(adata: AnnData, basis: str) -> np.ndarray:
     return coords[:, :2]
 
 
-def _draw_embedding(adata: AnnData, coords: np.ndarray, key: str, ax: Axes, size: float) -> None:
+def _palette_colors(categories: Sequence[Any], palette: Mapping[str, str]) -> list[str]:
+    """Colours of ``categories`` from ``palette``; others get default colours the palette does not use."""
+    used = set(palette.values())
+    spare = iter(c for c in _spare_colors(len(categories)) if c not in used)
+    return [palette[str(c)] if str(c) in palette else next(spare, "grey") for c in categories]
+
+
+def _draw_embedding(adata: AnnData, coords: np.ndarray, key: str, ax: Axes, size: float,
+                    palette: Mapping[str, str] | None = None) -> None:
     from matplotlib.lines import Line2D
 
     column = adata.obs[key]
@@ -207,11 +306,15 @@ def _draw_embedding(adata: AnnData, coords: np.ndarray, key: str, ax: Axes, size
     is_categorical = isinstance(column.dtype, pd.CategoricalDtype)
     cat = column if is_categorical else column.astype("category")
     categories = list(cat.cat.categories)
-    colors = _category_colors(adata, key, categories, store=is_categorical)
+    if palette and any(str(c) in palette for c in categories):
+        colors = _palette_colors(categories, palette)
+    else:
+        colors = _category_colors(adata, key, categories, store=is_categorical)
     codes = cat.cat.codes.to_numpy()
-    palette = np.asarray(colors + ["lightgrey"], dtype=object)  # code -1 (NaN) -> grey
-    point_colors = palette[codes]
-    ax.scatter(coords[:, 0], coords[:, 1], c=list(point_colors), s=size, linewidths=0)
+    lut = np.asarray(colors + [NA_COLOR], dtype=object)  # code -1 (NaN) -> light grey
+    order = np.argsort(codes != -1, kind="stable")  # cells without a value underneath the others
+    ax.scatter(coords[order, 0], coords[order, 1], c=list(lut[codes[order]]), s=size, linewidths=0,
+               rasterized=len(coords) > 2000)
     present = set(codes.tolist())
     handles = [
         Line2D([], [], marker="o", linestyle="", markersize=6, markerfacecolor=colors[i], markeredgewidth=0,
@@ -219,7 +322,7 @@ def _draw_embedding(adata: AnnData, coords: np.ndarray, key: str, ax: Axes, size
         for i, c in enumerate(categories) if i in present
     ]
     if -1 in present:
-        handles.append(Line2D([], [], marker="o", linestyle="", markersize=6, markerfacecolor="lightgrey",
+        handles.append(Line2D([], [], marker="o", linestyle="", markersize=6, markerfacecolor=NA_COLOR,
                               markeredgewidth=0, label="NA"))
     ax.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, fontsize="small",
               ncol=1 if len(handles) <= 14 else 2, handletextpad=0.2, borderaxespad=0.5)
@@ -232,6 +335,7 @@ def plot_embedding(
     color: str | list[str],
     ax: Axes | Sequence[Axes] | None = None,
     title: str | list[str] | None = None,
+    palette: Mapping[str, str] | None = None,
 ) -> Figure:
     """Scatter plot of a 2-D embedding coloured by one or more ``obs`` columns, side by side.
 
@@ -253,6 +357,11 @@ def plot_embedding(
         Axes to draw into (one per colour); None: a new figure.
     title
         Panel title(s); default: the column names.
+    palette
+        ``{category: colour}`` for every categorical panel that holds any of these categories
+        (e.g. the run's :func:`label_palette`, so that the true and the predicted label of a cell
+        type have the same colour in every panel, whatever categories each column has). Other
+        categories of such a panel get colours the palette does not use.
 
     Returns
     -------
@@ -280,9 +389,9 @@ def plot_embedding(
             raise ValueError(msg)
         fig = axes[0].figure
     size = float(np.clip(120_000 / max(adata.n_obs, 1), 1.0, 40.0))
-    axis_name = basis.removeprefix("X_").upper()
+    axis_name = basis.removeprefix("X_").split("_")[0].upper()  # X_umap_scgpt -> UMAP
     for key, panel, panel_title in zip(keys, axes, titles):
-        _draw_embedding(adata, coords, key, panel, size)
+        _draw_embedding(adata, coords, key, panel, size, palette)
         panel.set_title(panel_title)
         panel.set_xticks([])
         panel.set_yticks([])
@@ -345,8 +454,26 @@ def compute_umap(
 
 
 # -- metrics --------------------------------------------------------------------------------
+#: one colour per method in every figure (by the start of the method's name), others in order
+METHOD_COLORS: dict[str, str] = {
+    "scGPT": "#1f77b4",
+    "logistic regression": "#ff7f0e",
+    "baseline": "#ff7f0e",
+    "zero-shot": "#2ca02c",
+}
+_MORE_METHOD_COLORS = ("#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
+
+
+def _method_colors(methods: Sequence[str]) -> list[str]:
+    out, spare = [], iter(_MORE_METHOD_COLORS)
+    for method in methods:
+        match = next((c for prefix, c in METHOD_COLORS.items() if str(method).startswith(prefix)), None)
+        out.append(match if match is not None and match not in out else next(spare, "grey"))
+    return out
+
+
 def plot_per_class_f1(
-    metrics_by_method: Mapping[str, Mapping[str, Any]], *, ax: Axes | None = None
+    metrics_by_method: Mapping[str, Mapping[str, Any]], *, ax: Axes | None = None, few: int = 5
 ) -> Figure:
     """Grouped bars of the per-class F1 of several methods (e.g. scGPT beside the baseline).
 
@@ -355,9 +482,13 @@ def plot_per_class_f1(
     metrics_by_method
         Method name -> metrics dict of :func:`~scgpt_protocol.evaluate.classification_metrics`
         (or an object with ``.metrics``). Classes with true cells in any method's test set are
-        shown, in the order of the first method's ``per_class``; the legend gives each macro F1.
+        shown, largest first, each with its number of test cells; the legend (right of the plot)
+        gives each method's macro F1. An F1 of 0 is marked so that it is not mistaken for a
+        missing bar; methods keep their colour in every figure (:data:`METHOD_COLORS`).
     ax
         Axes to draw into; None: a new figure.
+    few
+        Classes with fewer test cells are marked with ``*`` (their F1 rests on a handful of cells).
 
     Returns
     -------
@@ -367,7 +498,7 @@ def plot_per_class_f1(
         raise ValueError("metrics_by_method is empty; give method name -> metrics dict.")
     per_method: dict[str, dict[str, float]] = {}
     macro: dict[str, Any] = {}
-    classes: list[str] = []
+    support: dict[str, int] = {}
     for method, value in metrics_by_method.items():
         metrics = getattr(value, "metrics", value)
         if not isinstance(metrics, Mapping) or "per_class" not in metrics:
@@ -379,27 +510,44 @@ def plot_per_class_f1(
         per_method[method] = {str(r["label"]): float(r["f1"]) for r in metrics["per_class"]}
         macro[method] = metrics.get("macro_f1")
         for row in metrics["per_class"]:
-            if row["support"] > 0 and str(row["label"]) not in classes:
-                classes.append(str(row["label"]))
+            label = str(row["label"])
+            support[label] = max(support.get(label, 0), int(row["support"]))
+    classes = sorted((c for c, n in support.items() if n > 0), key=lambda c: -support[c])
     if not classes:
         raise ValueError("no class has true cells in the metrics given; there is nothing to plot.")
     n_methods = len(per_method)
     if ax is None:
-        fig = _new_figure(max(6.0, 0.55 * len(classes) * max(n_methods, 2) / 2 + 2.5), 4.2)
+        fig = _new_figure(max(6.0, 0.32 * len(classes) * max(n_methods, 2) + 4.5), 4.4)
         ax = fig.add_subplot()
     else:
         fig = ax.figure
     width = 0.8 / n_methods
     x = np.arange(len(classes))
-    for i, (method, f1) in enumerate(per_method.items()):
-        heights = [f1.get(c, np.nan) for c in classes]
-        label = method if macro[method] is None else f"{method} (macro F1 {macro[method]:.2f})"
-        ax.bar(x + (i - (n_methods - 1) / 2) * width, heights, width=width, label=label)
-    ax.set_xticks(x, labels=classes, rotation=45, ha="right", rotation_mode="anchor")
+    for i, ((method, f1), color) in enumerate(zip(per_method.items(), _method_colors(list(per_method)))):
+        heights = np.array([f1.get(c, np.nan) for c in classes], dtype=np.float64)
+        label = method if macro[method] is None else f"{method} (macro F1 {macro[method]:.3f})"
+        offset = x + (i - (n_methods - 1) / 2) * width
+        ax.bar(offset, heights, width=width, label=label, color=color)
+        zero = np.flatnonzero(heights == 0)
+        if zero.size:  # a bar of height 0 is invisible: mark it on the axis
+            ax.plot(offset[zero], np.full(zero.size, 0.012), linestyle="", marker="v", markersize=5,
+                    color=color, markeredgecolor="black", markeredgewidth=0.5, clip_on=False)
+    names = [f"{c} (n={support[c]}){' *' if support[c] < few else ''}" for c in classes]
+    ax.set_xticks(x, labels=names, rotation=45, ha="right", rotation_mode="anchor")
+    ax.set_xlim(-0.6, len(classes) - 0.4)
     ax.set_ylim(0, 1.05)
-    ax.set_ylabel("F1")
-    ax.set_title("per-class F1")
-    ax.legend(loc="lower left", bbox_to_anchor=(0.0, 1.08), frameon=False, fontsize="small")
+    ax.set_ylabel("F1 on the test cells")
+    ax.set_title("per-class F1 (classes by number of test cells)")
+    handles, labels = ax.get_legend_handles_labels()
+    from matplotlib.lines import Line2D
+
+    handles.append(Line2D([], [], linestyle="", marker="v", color="0.5", markeredgecolor="black",
+                          markeredgewidth=0.5, markersize=5))
+    labels.append("F1 = 0")
+    if any(support[c] < few for c in classes):
+        handles.append(Line2D([], [], linestyle=""))
+        labels.append(f"* fewer than {few} test cells")
+    ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize="small")
     return fig
 
 
@@ -501,8 +649,15 @@ class SavedFigure(type(Path())):  # type: ignore[misc]
         return self.read_bytes()
 
 
-def save_figure(fig: Figure, layout: RunLayout, name: str, *, pdf: bool = False) -> SavedFigure:
-    """Save ``fig`` as ``layout.figure(name)`` (PNG, 120 dpi, tight bounding box), atomically.
+#: resolution of the PNG shown in reports, and of the raster parts (scatter points) of the PDF for print
+SCREEN_DPI, PRINT_DPI = 120, 300
+
+
+def save_figure(fig: Figure, layout: RunLayout, name: str, *, pdf: bool = True) -> SavedFigure:
+    """Save ``fig`` as ``layout.figure(name)`` (PNG, 120 dpi, tight bounding box) and a PDF beside it.
+
+    The PNG is what reports show; the PDF is for print and for editing (text and lines are vector,
+    dense scatter points are drawn at 300 dpi). Both are written atomically.
 
     Parameters
     ----------
@@ -513,7 +668,7 @@ def save_figure(fig: Figure, layout: RunLayout, name: str, *, pdf: bool = False)
     name
         File stem, e.g. ``"confusion_test"`` (letters, digits, ``._-``).
     pdf
-        Also write a PDF next to the PNG.
+        Also write the PDF next to the PNG (default).
 
     Returns
     -------
@@ -533,9 +688,13 @@ def save_figure(fig: Figure, layout: RunLayout, name: str, *, pdf: bool = False)
     for path, fmt in targets:
         tmp = path.with_name(f".{path.name}.partial")
         try:
-            fig.savefig(tmp, format=fmt, dpi=120, bbox_inches="tight")
+            fig.savefig(tmp, format=fmt, dpi=SCREEN_DPI if fmt == "png" else PRINT_DPI, bbox_inches="tight")
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
-    logger.info("saved figure %s", png)
+    try:
+        shown = png.resolve().relative_to(Path(layout.run_dir).resolve())
+    except ValueError:
+        shown = png
+    logger.info("saved %s%s", shown, " (+ .pdf for print)" if pdf else "")
     return SavedFigure(png)

@@ -44,6 +44,8 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .errors import InputDataError, format_keys
+from .log import DETAIL
+from .plotting import label_palette, mark_categories
 from .tokenize import check_expression, gene_symbols, get_matrix, match_genes, value_kind
 
 if TYPE_CHECKING:
@@ -187,7 +189,7 @@ def resolve_checkpoint(spec: str, layout: RunLayout, genes: Sequence[str]) -> Pa
             "checkpoint='demo': using a tiny RANDOMLY INITIALISED model written to %s. It has never seen a "
             "cell: everything it produces (embeddings, predictions, metrics) is for trying the protocol out "
             "and means nothing biologically. Set checkpoint='whole-human' (or a checkpoint folder) for real "
-            "results.", path,
+            "results.", path, extra=DETAIL,  # notebooks show report.checkpoint_banner instead
         )
     else:
         logger.info("checkpoint %r (%s): %s", spec, kind, path)
@@ -471,7 +473,7 @@ def inspect_adata(
         warnings=found,
     )
     for line in str(inspection).splitlines():
-        logger.info("%s", line)
+        logger.info("%s", line, extra=DETAIL)  # the notebook displays it as a table
     return inspection
 
 
@@ -497,6 +499,9 @@ class PreparedData:
         Classes with fewer than ``min_cells_per_class`` cells, kept in train only.
     log : list of str
         What was done, with counts before -> after.
+    colors : dict of str to str
+        The run's colour of each class (:func:`~scgpt_protocol.plotting.label_palette`), also in
+        ``adata.uns[f"{label_key}_colors"]`` and ``labels.json``: every figure of every step uses it.
     """
 
     adata: AnnData
@@ -504,6 +509,7 @@ class PreparedData:
     split_counts: pd.DataFrame
     rare_classes: list[str]
     log: list[str]
+    colors: dict[str, str] = field(default_factory=dict)
 
     def __repr__(self) -> str:
         return (
@@ -814,8 +820,10 @@ def prepare(adata: AnnData, params: PreprocessParams, vocab: dict[str, int]) -> 
     previous = out.uns.get("scgpt_protocol")
     out.uns["scgpt_protocol"] = {**(dict(previous) if isinstance(previous, dict) else {}),
                                  "preprocess": _h5ad_safe(record_uns)}
+    colors = label_palette(categories, adata=adata, label_key=label_key)  # the input's own colours when valid
+    out.uns[f"{label_key}_colors"] = [colors[c] for c in categories]
     return PreparedData(adata=out, categories=categories, split_counts=split_counts,
-                        rare_classes=rare_classes, log=log)
+                        rare_classes=rare_classes, log=log, colors=colors)
 
 
 # -- writing --------------------------------------------------------------------------------
@@ -851,10 +859,11 @@ def write_prepared(prepared: PreparedData, layout: RunLayout, label_key: str) ->
         "class_counts": {str(k): int(v) for k, v in counts.sum(axis=1).items()},
         "split_counts": {s: {str(k): int(v) for k, v in counts[s].items()} for s in SPLITS},
         "rare_classes": list(prepared.rare_classes),
+        "colors": dict(prepared.colors) or label_palette(prepared.categories),  # one palette for every figure
     }
     layout.write_json(layout.labels, labels)
     logger.info("wrote %s (%s cells x %s genes) and %s", path, f"{prepared.adata.n_obs:,}",
-                f"{prepared.adata.n_vars:,}", layout.labels)
+                f"{prepared.adata.n_vars:,}", layout.labels, extra=DETAIL)  # the notebook shows report.files_table
     return {"prepared_adata": path, "labels": layout.labels}
 
 
@@ -936,6 +945,7 @@ def plot_class_counts(prepared: PreparedData) -> Figure:
         values = counts[split].to_numpy(dtype=float)
         ax.barh(names, values, left=left, label=f"{split} ({int(values.sum()):,})", color=colours[split])
         left += values
+    mark_categories(ax, [prepared.colors.get(str(c)) for c in counts.index])  # the run's class colours
     ax.set_xlabel("cells")
     ax.set_title(f"cells per class and split ({len(counts)} classes)", fontsize=10)
     ax.legend(loc="lower right", fontsize=8)

@@ -342,13 +342,30 @@ def _checkpoint_checksum(layout: RunLayout) -> dict[str, Any] | None:
     return {"path": record.get("checkpoint"), "kind": record.get("kind"), "sha256": record.get("sha256")}
 
 
-def _export_html(report: Path) -> Path | None:
+#: added to every HTML report: long output lines wrap between words, not mid-word, and stay on the page
+_REPORT_CSS = """<style>
+.jp-OutputArea-output pre, .jp-RenderedText pre { white-space: pre-wrap; word-break: normal; overflow-wrap: anywhere; }
+.jp-InputArea .highlight pre { white-space: pre-wrap; overflow-wrap: anywhere; }
+.jp-RenderedHTMLCommon table { margin-left: 0; }
+</style>
+"""
+
+
+def report_title(step: str, run_dir: Path) -> str:
+    """The ``<title>`` of a report: its step and the run's name (one browser tab each)."""
+    return f"{step} · {Path(run_dir).name} · scgpt-protocol"
+
+
+def _export_html(report: Path, title: str | None = None) -> Path | None:
     try:
         import nbformat
         from nbconvert import HTMLExporter
     except ImportError:  # nbconvert comes with jupyter; without it the .ipynb report stays
         return None
-    body, _ = HTMLExporter().from_notebook_node(nbformat.read(report, as_version=4))
+    nb = nbformat.read(report, as_version=4)
+    nb.metadata["title"] = title or report.stem  # nbconvert's <title>; default: "Notebook"
+    body, _ = HTMLExporter().from_notebook_node(nb)
+    body = body.replace("</head>", _REPORT_CSS + "</head>", 1)
     html = report.with_suffix(".html")
     html.write_text(body, encoding="utf-8")
     return html
@@ -482,7 +499,7 @@ def run_protocol(
                 _step_failed(err, layout, manifest, result, step, report, record, seconds, html=html)
             seconds = round(time.perf_counter() - t0, 1)
             if html:
-                _export_html_safely(report)
+                _export_html_safely(report, report_title(step, layout.run_dir))
             result.steps.append(StepOutcome(step, report, seconds))
             manifest["steps"][step] = {**record, "seconds": seconds, "status": "finished",
                                        "finished": _now()}
@@ -551,10 +568,10 @@ def _write_manifest_best_effort(layout: RunLayout, manifest: dict[str, Any]) -> 
         return f"run_manifest.json could not be updated ({type(err).__name__}); it still says what it said before"
 
 
-def _export_html_safely(report: Path) -> None:
+def _export_html_safely(report: Path, title: str | None = None) -> None:
     """The HTML copy of a report; a full disk raises DiskFullError and leaves no half-written .html."""
     try:
-        _export_html(report)
+        _export_html(report, title)
     except OSError as err:
         partial = report.with_suffix(".html")
         if is_disk_full(err):
@@ -582,7 +599,7 @@ def _step_failed(err: Exception, layout: RunLayout, manifest: dict[str, Any], re
     manifest_note = _write_manifest_best_effort(layout, manifest)
     if html and report.is_file() and not aside:
         try:
-            _export_html_safely(report)
+            _export_html_safely(report, report_title(step, layout.run_dir))
         except OSError as html_err:
             logger.error("no HTML copy of %s: %s", report, html_err)
     if full is not None:
@@ -643,7 +660,7 @@ def _interrupted(err: BaseException, layout: RunLayout, manifest: dict[str, Any]
             cell = _mark_interrupted_report(report, step=step, what=what, when=when, resume=resume,
                                             epoch_note=epoch_note)
             if html:
-                _export_html_safely(report)
+                _export_html_safely(report, report_title(step, layout.run_dir))
         except Exception as mark_err:  # the record below matters more than the report's banner
             logger.error("could not mark %s as interrupted: %s", report, mark_err)
     info["cell"] = cell

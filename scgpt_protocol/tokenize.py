@@ -25,6 +25,7 @@ import torch
 from .binning import bin_nonzero
 from .checkpoint import SPECIAL_TOKENS
 from .errors import GeneMatchError, InputDataError, format_keys
+from .log import DETAIL
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -167,7 +168,7 @@ def match_genes(
             UserWarning,
             stacklevel=2,
         )
-    logger.info("%s", match)
+    logger.info("%s", match, extra=DETAIL)  # every tokenisation calls this: the log file only
     if match.n_matched < min_genes or match.fraction < min_overlap:
         n_ensembl = sum(bool(_ENSEMBL.match(str(n))) for n in names[:1000])
         hint = (

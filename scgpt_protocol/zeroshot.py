@@ -31,6 +31,7 @@ import pandas as pd
 
 from .errors import format_keys
 from .evaluate import classification_metrics
+from .log import DETAIL
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -614,6 +615,7 @@ def joint_embedding(
         index=pd.Index(names),
     )
     joint = ad.AnnData(obs=obs, var=pd.DataFrame(index=pd.Index([], dtype=str)))
+    joint.uns["dataset_colors"] = ["#b8b8b8", "#2b2b2b"]  # reference light, query dark: no cell-type colour
     joint.obsm[embedding_key] = np.concatenate(parts).astype(np.float32, copy=False)
     return joint
 
@@ -638,7 +640,7 @@ def write_zeroshot(layout: RunLayout, result: ZeroShotResult) -> dict[str, Path]
         "weighted": metrics.get("weighted"),
     }
     metrics_path = layout.write_json(layout.zeroshot_metrics, record)
-    logger.info("wrote %s and %s", pred_path, metrics_path)
+    logger.info("wrote %s and %s", pred_path, metrics_path, extra=DETAIL)  # the notebook shows report.files_table
     return {"predictions": pred_path, "metrics": metrics_path}
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import anndata as ad
@@ -71,6 +73,60 @@ def test_reports_show_figures_as_images(ci_run):
     report = nbformat.read(layout.reports_dir / "03_evaluate.ipynb", as_version=4)
     images = [o for c in report.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
     assert len(images) >= 3
+
+
+def _outputs(cell) -> str:
+    parts = []
+    for o in cell.get("outputs", []):
+        parts.append(o.get("text", ""))
+        parts.extend(str(v) for k, v in o.get("data", {}).items() if k in ("text/plain", "text/html", "text/markdown"))
+    return "\n".join(parts)
+
+
+def test_reports_read_in_one_pass(ci_run):
+    """Titled, no line repeated more than 3 times, the demo caveat shown once as a banner."""
+    layout, _ = ci_run
+    for step in STEPS:
+        html = (layout.reports_dir / f"{step}.html").read_text()
+        title = re.search(r"<title>(.*?)</title>", html, re.S).group(1)
+        assert step in title and layout.run_dir.name in title, title
+        report = nbformat.read(layout.reports_dir / f"{step}.ipynb", as_version=4)
+        lines = Counter(line.strip() for c in report.cells if c.cell_type == "code" for o in c.outputs
+                        if o.output_type == "stream" for line in o.text.splitlines() if line.strip())
+        line, count = lines.most_common(1)[0]
+        assert count <= 3, (step, line, count)
+        banners = [c for c in report.cells if c.cell_type == "code" and "Demo checkpoint." in _outputs(c)]
+        assert len(banners) == 1, step
+        assert "RANDOMLY INITIALISED" not in "".join(o.get("text", "") for c in report.cells
+                                                      for o in c.get("outputs", []))  # not as raw stdout
+
+
+def test_03_and_04_end_with_a_rounded_summary_of_all_three_methods(ci_run):
+    layout, _ = ci_run
+    for step in ("03_evaluate", "04_zeroshot"):
+        cells = nbformat.read(layout.reports_dir / f"{step}.ipynb", as_version=4).cells
+        heading = next(i for i, c in enumerate(cells) if c.cell_type == "markdown" and c.source.startswith("## Summary"))
+        assert [c.cell_type for c in cells[heading + 1:]] == ["code", "markdown"]  # summary, then troubleshooting
+        html = next(o["data"]["text/html"] for o in cells[heading + 1].outputs if "text/html" in o.get("data", {}))
+        for name in ("scGPT fine-tuned", "baseline", "zero-shot kNN", "Accuracy", "Macro-F1", "Weighted-F1",
+                     "n cells", "Verdict", "demo"):
+            assert name in html, (step, name)
+        numbers = re.findall(r"<td[^>]*>\s*([0-9][0-9.,]*)\s*</td>", html)
+        assert numbers and all(re.fullmatch(r"\d\.\d{3}|[\d,]+", n) for n in numbers), numbers
+        rows = 3 if step == "04_zeroshot" else 2  # zero-shot has numbers once 04 has run
+        assert len(numbers) == 4 * rows, (step, numbers)
+
+
+def test_one_palette_for_the_run(ci_run):
+    layout, _ = ci_run
+    labels = json.loads(layout.labels.read_text())
+    colors = labels["colors"]
+    assert list(colors) == labels["categories"] and len(set(colors.values())) == len(colors)
+    evaluated = ad.read_h5ad(layout.evaluated_adata)
+    key = labels["label_key"]
+    assert list(evaluated.uns[f"{key}_colors"]) == [colors[c] for c in evaluated.obs[key].cat.categories]
+    for name in ("umap", "zeroshot_umap", "per_class_f1", "class_counts"):
+        assert layout.figure(name).with_suffix(".pdf").is_file(), name
 
 
 def test_a_finished_run_is_not_overwritten(ci_run):
