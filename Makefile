@@ -9,8 +9,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 RUN_DIR ?= runs/demo
 PYTEST_ARGS ?=
+DEVICE ?= cuda
 
-.PHONY: install demo test test-all bench wheel-smoke clean
+.PHONY: install demo test test-all bench gpu-check wheel-smoke clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +37,10 @@ wheel-smoke: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_embed.py
+
+# parity, bf16/fp16 embed + predict, AMP training of every strategy, fused attention, full-size figures
+gpu-check: $(STAMP)
+	MPLBACKEND=agg $(BIN)/python benchmarks/gpu_check.py --device $(DEVICE)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

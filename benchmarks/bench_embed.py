@@ -14,6 +14,10 @@ holds when other processes take cores); (6) peak RSS during embed for N/4 and N 
 fresh subprocess, and torch.cuda.max_memory_allocated on a GPU.
 --profile adds tokenisation alone (iter_batches, no model) vs the model forward alone on the same
 batches, and a torch.profiler table of one batch.
+(7) embed per --precisions (default fp32 and bf16) with the ratio of each to both the fp32 and the
+bf16 matmul rate. Where a CPU has no native bf16 units (bf16 emulated, tens of times slower) the
+low-precision runs use --emulated-cells cells (default 2), and the output says so.
+The comparison with the official scGPT embedding path is benchmarks/bench_vs_official.py.
 """
 
 from __future__ import annotations
@@ -39,7 +43,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 from scgpt_protocol.checkpoint import SPECIAL_TOKENS, load_model, make_tiny_checkpoint  # noqa: E402
-from scgpt_protocol.device import amp_dtype, autocast, resolve_device  # noqa: E402
+from scgpt_protocol.device import autocast, cpu_has_native_bf16, precision_dtype, resolve_device  # noqa: E402
+from scgpt_protocol.device import resolve_precision  # noqa: E402
 from scgpt_protocol.embedding import default_max_tokens, embed, iter_batches  # noqa: E402
 
 # embed()'s own batching defaults, so that iter_batches here makes the very batches embed runs
@@ -56,10 +61,13 @@ def encoder_flops(n_tokens: int, length: int, d: int, d_hid: int, nlayers: int) 
     attention: scores q.k^T 2*L*d plus the weighted sum of values 2*L*d (all heads together). Once per
     token the value encoder's Linear(d, d): 2*d^2. Embedding lookup, LayerNorm, softmax, biases are
     O(d + L) per token and left out. A padded batch [B, L] is ``(B*L, L)`` (what is computed); a cell
-    of n real tokens is ``(n, n)`` (useful). Every position is counted although embed reads only <cls>.
+    of n real tokens is ``(n, n)`` (useful). The last layer computes <cls> alone (as cell_embedding
+    does): keys and values 2*2*d^2 for every token, and the rest once per ``length`` tokens.
     """
     per_layer = 2 * 3 * d * d + 2 * d * d + 2 * 2 * d * d_hid + 2 * 2 * length * d
-    return n_tokens * (nlayers * per_layer + 2 * d * d)
+    last_kv = 2 * 2 * d * d
+    last_cls = 2 * d * d + 2 * d * d + 2 * 2 * d * d_hid + 2 * 2 * length * d  # q, out_proj, FFN, attention
+    return n_tokens * ((nlayers - 1) * per_layer + last_kv + 2 * d * d) + n_tokens // length * last_cls
 
 
 class Timer:
@@ -156,25 +164,42 @@ def measure(a: argparse.Namespace) -> dict:
         return res
 
     tokens = int(np.median([b.gene_ids.numel() for b in batches]))
-    dtype = torch.float32  # what embed computes in: autocast is bf16 (else fp16) on CUDA, off elsewhere
-    if device.type == "cuda":
-        dtype = amp_dtype(device)
+    dtype = precision_dtype("auto", device) or torch.float32  # what embed's default (auto) computes in
     res["compute_dtype"] = str(dtype).removeprefix("torch.")
-    res["matmul"] = {"float32": matmul_rate(device, torch.float32, tokens)}
-    if dtype != torch.float32:
+    res["auto_precision"] = resolve_precision("auto", device)
+    res["matmul"] = {"float32": matmul_rate(device, torch.float32, tokens),
+                     "bfloat16": matmul_rate(device, torch.bfloat16, tokens)}
+    if dtype not in (torch.float32, torch.bfloat16):
         res["matmul"][res["compute_dtype"]] = matmul_rate(device, dtype, tokens)
+    res["precisions"] = {}
+    emulated = device.type == "cpu" and not cpu_has_native_bf16()
+    for precision in a.precisions:
+        used = resolve_precision(precision, device)
+        if used == res["auto_precision"]:  # the timed default run above
+            res["precisions"][precision] = {"used": used, "n_cells": n, "embed_s": res["embed_s"],
+                                            "flops": padded, "emulated": False}
+            continue
+        part = adata[: a.emulated_cells].copy() if emulated and used != "fp32" else adata.copy()
+        part_batches = list(iter_batches(part, model, **{**EMBED_DEFAULTS, **kw}))
+        flops = sum(encoder_flops(b.gene_ids.numel(), b.gene_ids.shape[1], **dims) for b in part_batches)
+        embed(part[: min(a.batch_size, part.n_obs)].copy(), model, precision=used, **kw)  # warm-up
+        with Timer() as t:
+            embed(part, model, precision=used, **kw)
+        res["precisions"][precision] = {"used": used, "n_cells": part.n_obs, "embed_s": t.wall, "flops": flops,
+                                        "emulated": emulated and used != "fp32"}
     if a.profile:
-        res["profile"] = profile(model, batches, device, t_tok.wall)
+        res["profile"] = profile(model, batches, device, t_tok.wall, res["auto_precision"])
     return res
 
 
-def profile(model: torch.nn.Module, batches: list, device: torch.device, tokenise_s: float) -> dict:
+def profile(model: torch.nn.Module, batches: list, device: torch.device, tokenise_s: float,
+            precision: str) -> dict:
     """The model forward alone on the batches iter_batches made, and a torch.profiler table of one."""
     def forward(b):  # what embed does per batch, minus tokenisation
         b = b.to(device)
         return model.cell_embedding(b.gene_ids, b.values, b.padding_mask).float().cpu()
 
-    with torch.inference_mode(), autocast(device):
+    with torch.inference_mode(), autocast(device, precision):
         with Timer() as t:
             for b in batches:
                 forward(b)
@@ -220,7 +245,18 @@ def report(a: argparse.Namespace, n_params: int, m: dict, q: dict) -> dict:
         rows.append((f"{dtype} matmul", f"{r['square_2048'][0] / GB:.1f} GFLOP/s square 2048, "
                                         f"{r['model_qkv'][0] / GB:.1f} {tokens} (best of 5)"))
     rows.append(("ratio", f"{rate / ref:.1%} of the best {m['compute_dtype']} matmul rate "
-                          "(target >= 50% on CPU)"))
+                          f"(target >= 50% on CPU); embed ran in {m['auto_precision']} (auto)"))
+    best = {dt_: max(r[0] for r in m["matmul"][dt_].values()) for dt_ in ("float32", "bfloat16")}
+    fig["precisions"] = {}
+    for precision, r in m.get("precisions", {}).items():
+        p_rate = r["flops"] / r["embed_s"]
+        fig["precisions"][precision] = {**r, "cells_per_s": r["n_cells"] / r["embed_s"], "flops_per_s": p_rate,
+                                        "ratio_fp32_matmul": p_rate / best["float32"],
+                                        "ratio_bf16_matmul": p_rate / best["bfloat16"]}
+        note = f"; {r['n_cells']} cells only: bf16 is emulated on this CPU" if r["emulated"] else ""
+        rows.append((f"embed {precision}", f"{r['n_cells'] / r['embed_s']:.2f} cells/s, {p_rate / GB:.1f} GFLOP/s = "
+                     f"{p_rate / best['float32']:.1%} of the fp32 matmul rate, {p_rate / best['bfloat16']:.1%} of "
+                     f"the bf16 one (ran in {r['used']}{note})"))
     if resolve_device(a.device).type == "cpu":
         cpu_rate = flops / m["embed_cpu_s"]
         fig.update(flops_per_cpu_s=cpu_rate, matmul_flops_per_cpu_s=ref_cpu, ratio_cpu=cpu_rate / ref_cpu)
@@ -260,6 +296,10 @@ def main() -> None:
                    help="embed's cap on padded tokens per batch")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--device", default="auto", help="auto (CUDA, MPS, then CPU), cpu, cuda, ...")
+    p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["auto", "fp32", "bf16", "fp16"],
+                   help="embed is also timed in each of these (the default run is auto)")
+    p.add_argument("--emulated-cells", type=int, default=2,
+                   help="cells for low-precision runs on a CPU without native bf16 units")
     p.add_argument("--profile", action="store_true", help="tokenisation vs forward; op table")
     p.add_argument("--json", type=Path, help="also write every figure to this file")
     for hidden in ("--worker-ckpt", "--worker-mode", "--worker-out"):

@@ -174,7 +174,8 @@ class AnnotationRunner:
     def _predict_with(self, model: ScGPT, adata: AnnData, desc: str = "predicting",
                       genes: Sequence[str] | None = None) -> Prediction:
         return predict(model, adata, categories=self.categories, batch_size=self.params.batch_size * 2,
-                       max_seq_len=self.params.max_seq_len, seed=self.params.seed, desc=desc, genes=genes)
+                       max_seq_len=self.params.max_seq_len, seed=self.params.seed, desc=desc, genes=genes,
+                       precision=self.params.precision if self.params.amp else "fp32")
 
     def fit_baseline(self) -> dict[str, Any]:
         """Logistic regression on log1p-CP10k HVGs of the same split (the row every comparison shows)."""

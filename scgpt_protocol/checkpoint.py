@@ -455,8 +455,29 @@ def torch_save_atomic(obj: Any, path: Path) -> Path:
         with open(tmp, "wb") as fh:
             torch.save(obj, fh)
 
-    atomic_write(path, write)
+    atomic_write(path, write, size_hint=_tensor_bytes(obj))  # a full disk: DiskFullError with the tensors' size
     return path
+
+
+def _tensor_bytes(obj: Any, _seen: set | None = None) -> int:
+    """Bytes of the tensor storages in ``obj`` (nested dicts, lists, tuples), each storage once: what
+    ``torch.save`` writes besides the pickle, so a lower bound of the file's size."""
+    seen = set() if _seen is None else _seen
+    if isinstance(obj, torch.Tensor):
+        storage = obj.untyped_storage()
+        key = (str(storage.device), storage.data_ptr(), storage.nbytes())
+        if key in seen:
+            return 0
+        seen.add(key)
+        return storage.nbytes()
+    if id(obj) in seen:
+        return 0
+    seen.add(id(obj))
+    if isinstance(obj, Mapping):
+        return sum(_tensor_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v, seen) for v in obj)
+    return 0
 
 
 def _write_checkpoint(

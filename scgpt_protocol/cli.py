@@ -108,11 +108,13 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import ScGPTProtocolError
 
     from .params import ParamsError
-    from .runner import RunDirInUse, RunFailed
+    from .runner import RunDirInUse, RunFailed, RunInterrupted
 
     command = {"run": _run, "init": _init, "list": _list}[args.command]
     try:
         return command(args)
+    except RunInterrupted as err:  # the runner has logged where it stopped and the command that resumes
+        return 143 if err.signal_name == "SIGTERM" else 130
     except RunFailed as err:
         logger.error("%s", err)
         return 1

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 import numpy as np
 import torch
 
-from .device import autocast
+from .device import autocast, resolve_precision
 from .log import progress
 from .model import ScGPT
 from .tokenize import (
@@ -107,6 +107,7 @@ def embed(
     gene_symbol_key: str | None = None,
     max_tokens: int | None = None,
     chunk_size: int = 4096,
+    precision: str = "auto",
 ) -> None:
     """Write L2-normalised scGPT cell embeddings to ``adata.obsm[key_added]``.
 
@@ -115,7 +116,7 @@ def embed(
     of ``max_seq_len - 1`` genes when it has more), and its embedding is the encoder output at
     ``<cls>``, divided by its norm. A fine-tuned model is fed the ``<cls>`` value it was trained with
     (``model.cls_value``: 0, as published). Works on in-memory
-    and backed (``backed="r"``) AnnData one chunk of cells at a time; uses mixed precision on GPU.
+    and backed (``backed="r"``) AnnData one chunk of cells at a time; uses mixed precision where it pays.
     The same seed gives the same embeddings, whatever ``batch_size``.
 
     Parameters
@@ -135,6 +136,10 @@ def embed(
         ``obsm`` key of the result; parameters are recorded in ``uns[key_added + "_params"]``.
     layer, gene_symbol_key
         Where the expression values and the gene symbols are (default ``X`` and ``var_names``).
+    precision
+        ``"auto"`` (bf16 autocast on GPUs and on CPUs with bf16 units, else fp32), ``"fp32"``, ``"bf16"``
+        or ``"fp16"`` (:func:`~scgpt_protocol.device.resolve_precision`). The precision used is recorded
+        in ``uns[key_added + "_params"]["precision"]``.
 
     Raises
     ------
@@ -154,6 +159,7 @@ def embed(
         raise ValueError(f"batch_size must be a positive integer; got {batch_size}.")
     check_expression(adata, layer=layer)
     device = next(model.parameters()).device
+    used = resolve_precision(precision, device)
     if max_tokens is None:
         max_tokens = default_max_tokens(device)
     was_training = model.training
@@ -165,7 +171,7 @@ def embed(
         gene_symbol_key=gene_symbol_key, chunk_size=chunk_size, max_tokens=max_tokens, stats=stats,
     )
     try:
-        with torch.inference_mode(), autocast(device):
+        with torch.inference_mode(), autocast(device, used):
             for batch in progress(batches, total=adata.n_obs, desc="embedding cells", unit="cells",
                                   size=lambda b: len(b.index)):
                 batch = batch.to(device)
@@ -184,8 +190,8 @@ def embed(
     adata.uns[f"{key_added}_params"] = {
         "max_seq_len": max_seq_len, "seed": seed, "layer": layer or "X",
         "genes_matched": stats["genes"].n_matched, "genes_total": stats["genes"].n_total,
-        "checkpoint": getattr(model.load_report, "checkpoint_dir", ""),
+        "checkpoint": getattr(model.load_report, "checkpoint_dir", ""), "precision": used,
     }
     pad_share = 1 - stats["n_tokens"] / max(stats["n_padded"], 1)
-    logger.info("added obsm[%r] (%d x %d); %.1f%% of computed tokens were padding",
-                key_added, *out.shape, 100 * pad_share)
+    logger.info("added obsm[%r] (%d x %d, %s); %.1f%% of computed tokens were padding",
+                key_added, *out.shape, used, 100 * pad_share)

@@ -875,6 +875,7 @@ def evaluate_query(
     batch_size: int = 64,
     seed: int = 0,
     baseline: BaselineResult | None = None,
+    precision: str = "auto",
     min_confidence: float = 0.0,
     majority_voting: bool = False,
 ) -> dict[str, Any]:
@@ -906,7 +907,7 @@ def evaluate_query(
         msg = f"query_label_key={key!r} is not a column of the query's obs; columns: {format_keys(query.obs.columns)}."
         raise KeyError(msg)
     prediction = predict(model, query, categories=manifest["categories"], genes=manifest["genes"],
-                         batch_size=batch_size, max_seq_len=max_seq_len, seed=seed, desc="query")
+                         batch_size=batch_size, max_seq_len=max_seq_len, seed=seed, desc="query", precision=precision)
     from .refine import refine
 
     prediction = refine(prediction, min_confidence=min_confidence, majority_voting=majority_voting, seed=seed)

@@ -5,28 +5,110 @@ Steps talk to each other only through files under ``run_dir``; every path comes 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["RunLayout", "atomic_write"]
+__all__ = ["RunLayout", "atomic_write", "disk_full_error", "is_disk_full", "STEP_DEPENDS_ON"]
+
+#: which steps read the output of which: re-running a step with other parameters or inputs makes
+#: the steps that depend on it stale
+STEP_DEPENDS_ON: dict[str, tuple[str, ...]] = {
+    "01_preprocess": (),
+    "02_finetune": ("01_preprocess",),
+    "03_evaluate": ("01_preprocess", "02_finetune"),
+    "04_zeroshot": ("01_preprocess",),
+}
+
+_DISK_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+#: how a full disk reads when the error carries no errno (HDF5 through h5py, C libraries)
+_DISK_FULL_TEXT = ("no space left on device", "errno = 28", "disk quota exceeded", "errno = 122")
+#: torch.save's zip writer: "[enforce fail at inline_container.cc:...] ... file write failed" (a path) or
+#: "... unexpected pos N vs M" (the bytes it wrote are not all there)
+_TORCH_WRITE_FAILED = ("file write failed", "unexpected pos")
 
 
-def atomic_write(path: Path, write: Callable[[Path], Any]) -> Path:
+def is_disk_full(err: BaseException | None) -> bool:
+    """Whether ``err`` (or an error it was raised from) is a full disk or an exceeded quota.
+
+    Recognises ``OSError`` with errno ENOSPC / EDQUOT, h5py's ``OSError`` that gives the errno only in its
+    text, and torch.save's ``RuntimeError: [enforce fail at inline_container.cc:...] ... file write failed``.
+    """
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in _DISK_FULL_ERRNOS:
+            return True
+        text = str(err).lower()
+        if isinstance(err, (OSError, RuntimeError)) and any(t in text for t in _DISK_FULL_TEXT):
+            return True
+        torch_writer = isinstance(err, RuntimeError) and "inline_container" in text
+        if torch_writer and any(t in text for t in _TORCH_WRITE_FAILED):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def _free_bytes(path: Path) -> int | None:
+    for folder in (path, *path.parents):
+        try:
+            return shutil.disk_usage(folder).free
+        except OSError:
+            continue
+    return None
+
+
+def disk_full_error(path: str | Path, *, needed: int | None, cause: BaseException | None = None,
+                    note: str = "") -> Any:
+    """A :class:`~scgpt_protocol.errors.DiskFullError` for ``path``: the space needed and the space free."""
+    from .errors import DiskFullError
+
+    path = Path(path)
+    return DiskFullError(path, needed=needed, free=_free_bytes(path.parent), cause=cause, note=note)
+
+
+def _umask() -> int:
+    try:  # Linux: read it without changing it (os.umask sets and returns)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: Path, write: Callable[[Path], Any], *, size_hint: int | None = None) -> Path:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it to ``path``.
 
-    A reader never sees half a file, and a failed write leaves nothing behind.
+    A reader never sees half a file, and a failed write leaves nothing behind. The file gets the mode
+    a plain ``open()`` would give it (``0o666`` less the umask), not ``mkstemp``'s private ``0o600``.
+    A full disk (or quota) raises :class:`~scgpt_protocol.errors.DiskFullError` naming ``path``, the
+    space needed (at least what was written before the failure, or ``size_hint``) and the space free.
     """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".partial{path.suffix}")
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
+        written = Path(tmp).stat().st_size if Path(tmp).is_file() else 0
         Path(tmp).unlink(missing_ok=True)
+        from .errors import DiskFullError
+
+        if isinstance(err, Exception) and not isinstance(err, DiskFullError) and is_disk_full(err):
+            needed = max(written, size_hint or 0) or None
+            note = f"Nothing half-written was left (the old {path.name} is untouched)." if path.exists() else \
+                "Nothing half-written was left."
+            raise disk_full_error(path, needed=needed, cause=err, note=note) from err
         raise
     return path
 
@@ -54,6 +136,8 @@ class RunLayout:
           export/obs.duckdb           03: tables obs (one row per evaluated cell), metrics, per_class, coverage
           zeroshot/predictions.csv, zeroshot/metrics.json         04
           run_manifest.json           the runner: parameters, versions, checksums, timings
+          stale/<step>-<UTC time>/    the runner: a step's files set aside when a step it depends on
+                                      re-ran with other parameters or inputs (same relative paths)
     """
 
     def __init__(self, run_dir: str | Path) -> None:
@@ -180,6 +264,60 @@ class RunLayout:
 
     def step_params(self, step: str) -> Path:
         return self.params_dir / f"{step}.yaml"
+
+    def step_report(self, step: str) -> Path:
+        return self.reports_dir / f"{step}.ipynb"
+
+    #: the figures each step saves (``save_figure(fig, layout, name)`` in its notebook)
+    STEP_FIGURES: dict[str, tuple[str, ...]] = {
+        "01_preprocess": ("qc", "class_counts"),
+        "02_finetune": ("training_curves",),
+        "03_evaluate": ("per_class_f1", "confusion", "umap"),
+        "04_zeroshot": ("zeroshot_umap",),
+    }
+
+    def step_artifacts(self, step: str) -> list[Path]:
+        """Every file or folder ``step`` (``"02_finetune"``...) writes: its outputs, figures, report
+        (.ipynb/.html), log and parameters."""
+        outputs = {
+            "01_preprocess": [self.prepared_adata, self.labels, self.inspection, self.checkpoint_record,
+                              self.demo_checkpoint_dir],
+            "02_finetune": [self.model_dir, self.train_dir],
+            "03_evaluate": [self.predictions, self.metrics, self.evaluated_adata],
+            "04_zeroshot": [self.zeroshot_dir],
+        }
+        if step not in outputs:
+            msg = f"unknown step {step!r}; steps: {sorted(outputs)}."
+            raise KeyError(msg)
+        report, name = self.step_report(step), step.split("_", 1)[1]  # logs and params use "preprocess" etc.
+        return [*outputs[step], *(self.figure(figure) for figure in self.STEP_FIGURES[step]), report,
+                report.with_suffix(".html"), report.with_name(report.name + ".incomplete"), self.step_log(name),
+                self.step_params(name)]
+
+    @property
+    def stale_dir(self) -> Path:
+        return self.run_dir / "stale"
+
+    def set_aside(self, step: str, stamp: str) -> tuple[Path, list[Path]]:
+        """Move what ``step`` wrote to ``stale/<step>-<stamp>/``, keeping paths relative to ``run_dir``.
+
+        Nothing is deleted. Returns the folder and the moved paths (relative); the folder is not created
+        when there is nothing to move.
+        """
+        target = self.stale_dir / f"{step}-{stamp}"
+        n = 1
+        while target.exists():
+            n += 1
+            target = self.stale_dir / f"{step}-{stamp}-{n}"
+        moved = []
+        for path in self.step_artifacts(step):
+            if not (path.exists() or path.is_symlink()):
+                continue
+            rel = path.relative_to(self.run_dir)
+            (target / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(path), str(target / rel))
+            moved.append(rel)
+        return target, moved
 
     def make_dirs(self) -> RunLayout:
         for folder in (self.params_dir, self.logs_dir, self.figures_dir, self.data_dir):

@@ -106,16 +106,32 @@ class SelfAttention(nn.Module):
         self.out_proj = nn.Linear(d_model, d_model)
         self.prefix: nn.Module | None = None
 
-    def forward(self, x: Tensor, attn_mask: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, attn_mask: Tensor | None, first_only: bool = False) -> Tensor:
+        """``[B, L, d]`` -> ``[B, L, d]``; with ``first_only`` the output at position 0 alone, ``[B, 1, d]``
+        (its query attends over the keys and values of every position, as in the full computation)."""
         batch, length, d_model = x.shape
-        qkv = self.Wqkv(x).view(batch, length, 3, self.nheads, d_model // self.nheads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, L, d_head]
+        heads, d_head = self.nheads, d_model // self.nheads
+        if not first_only:
+            qkv = self.Wqkv(x).view(batch, length, 3, heads, d_head)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, L, d_head]
+        else:
+            if type(self.Wqkv) is nn.Linear:  # plain weights: project the one query, and keys / values
+                weight, bias = self.Wqkv.weight, self.Wqkv.bias
+                # a 2-D input: one addmm whatever requires_grad says (a strided 3-D input would go through
+                # matmul, whose folding, hence rounding, depends on requires_grad: frozen != trainable)
+                q = F.linear(x[:, 0], weight[:d_model], bias[:d_model])
+                kv = F.linear(x, weight[d_model:], bias[d_model:])
+            else:  # wrapped (LoRA, IA3): the wrapper's own forward over every position
+                qkv = self.Wqkv(x)
+                q, kv = qkv[:, :1, :d_model], qkv[..., d_model:]
+            q = q.view(batch, 1, heads, d_head).transpose(1, 2)  # [B, H, 1, d_head]
+            k, v = kv.view(batch, length, 2, heads, d_head).permute(2, 0, 3, 1, 4).unbind(0)
         if self.prefix is not None:
             k, v, attn_mask = self.prefix(k, v, attn_mask)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
         )
-        return self.out_proj(out.transpose(1, 2).reshape(batch, length, d_model))
+        return self.out_proj(out.transpose(1, 2).reshape(batch, q.shape[2], d_model))
 
 
 class EncoderLayer(nn.Module):
@@ -138,8 +154,11 @@ class EncoderLayer(nn.Module):
         self.adapter_attn: nn.Module | None = None
         self.adapter_ff: nn.Module | None = None
 
-    def forward(self, x: Tensor, attn_mask: Tensor | None) -> Tensor:
-        attn = self.self_attn(x, attn_mask)
+    def forward(self, x: Tensor, attn_mask: Tensor | None, first_only: bool = False) -> Tensor:
+        """``[B, L, d]`` -> ``[B, L, d]``, or ``[B, 1, d]`` (position 0 alone) with ``first_only``."""
+        attn = self.self_attn(x, attn_mask, first_only)
+        if first_only:
+            x = x[:, :1]
         if self.adapter_attn is not None:
             attn = self.adapter_attn(attn)
         x = self.norm1(x + self.dropout1(attn))
@@ -156,13 +175,19 @@ class TransformerEncoder(nn.Module):
             EncoderLayer(d_model, nheads, d_hid, dropout) for _ in range(nlayers)
         )
 
-    def forward(self, x: Tensor, padding_mask: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, padding_mask: Tensor | None, first_only: bool = False) -> Tensor:
+        """``[B, L, d]``; with ``first_only`` the last layer computes position 0 (``<cls>``) alone: ``[B, 1, d]``.
+
+        Exact: the last layer's keys and values still come from every position; only the query,
+        attention output, feed-forward and norms of the positions nobody reads are skipped.
+        """
         # SDPA's boolean mask is True where attention is allowed; a batch without padding needs none.
         attn_mask = None
         if padding_mask is not None and bool(padding_mask.any()):
             attn_mask = ~padding_mask[:, None, None, :]
-        for layer in self.layers:
-            x = layer(x, attn_mask)
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            x = layer(x, attn_mask, first_only and i == last)
         return x
 
 
@@ -291,8 +316,13 @@ class ScGPT(nn.Module):
     def cell_embedding(
         self, gene_ids: Tensor, values: Tensor, padding_mask: Tensor | None = None
     ) -> Tensor:
-        """Cell embedding ``[B, d]``: the ``<cls>`` position of the encoder output, not normalised."""
-        return self.encode(gene_ids, values, padding_mask)[:, 0, :]
+        """Cell embedding ``[B, d]``: the ``<cls>`` position of the encoder output, not normalised.
+
+        Computes only what it returns: the last layer runs for ``<cls>`` alone (its keys and values
+        from every token), which saves that layer's work on the other positions.
+        """
+        _, total = self._gene_and_total_embeddings(gene_ids, values)
+        return self.transformer_encoder(total, padding_mask, first_only=True)[:, 0, :]
 
     def classify(self, gene_ids: Tensor, values: Tensor, padding_mask: Tensor | None = None) -> Tensor:
         """Class logits ``[B, n_classes]`` from the classification head."""

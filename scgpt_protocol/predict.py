@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 import torch
 
-from .device import autocast
+from .device import autocast, resolve_precision
 from .embedding import iter_batches
 from .log import progress
 from .model import ScGPT
@@ -35,6 +35,7 @@ class Prediction:
     probabilities: np.ndarray  # float32 [n, n_classes]
     embeddings: np.ndarray  # float32 [n, d], L2-normalised <cls> embeddings of the fine-tuned model
     categories: list[str]
+    precision: str = "fp32"  # what the forward passes ran in: fp32, bf16 or fp16
     predicted: np.ndarray | None = None  # str [n], the predicted class before abstention (refine)
     unknown: np.ndarray | None = None  # bool [n], confidence below min_confidence (refine)
     over_clustering: np.ndarray | None = None  # str [n], over-cluster id (refine, majority voting)
@@ -54,6 +55,7 @@ def predict(
     gene_symbol_key: str | None = None,
     desc: str = "predicting",
     genes: Sequence[str] | None = None,
+    precision: str = "auto",
     min_confidence: float = 0.0,
     majority_voting: bool = False,
 ) -> Prediction:
@@ -64,6 +66,8 @@ def predict(
     holding less than half of them is refused (:class:`~scgpt_protocol.errors.GeneMatchError`). ``<cls>``
     carries ``model.cls_value``, the value the classifier was fine-tuned with (0, as published; set by
     :func:`~scgpt_protocol.train.load_finetuned` and :func:`~scgpt_protocol.load_model`).
+    ``precision`` is ``"auto"``, ``"fp32"``, ``"bf16"`` or ``"fp16"``
+    (:func:`~scgpt_protocol.device.resolve_precision`); the one used is ``Prediction.precision``.
 
     ``min_confidence`` > 0 or ``majority_voting`` applies :func:`~scgpt_protocol.refine.refine` to all
     the cells of ``adata``: cells whose probability is below ``min_confidence`` get the label
@@ -83,6 +87,7 @@ def predict(
         raise ValueError(msg)
     check_expression(adata, layer=layer)
     device = next(model.parameters()).device
+    used = resolve_precision(precision, device)
     probs = np.zeros((adata.n_obs, n_classes), dtype=np.float32)
     embs = np.zeros((adata.n_obs, model.config.d_model), dtype=np.float32)
     was_training = model.training
@@ -90,7 +95,7 @@ def predict(
     batches = iter_batches(adata, model, max_seq_len=max_seq_len, batch_size=batch_size, seed=seed,
                            layer=layer, gene_symbol_key=gene_symbol_key, genes=genes)
     try:
-        with torch.inference_mode(), autocast(device):
+        with torch.inference_mode(), autocast(device, used):
             for batch in progress(batches, total=adata.n_obs, desc=desc, unit="cells", size=lambda b: len(b.index)):
                 batch = batch.to(device)
                 cell = model.cell_embedding(batch.gene_ids, batch.values, batch.padding_mask)
@@ -108,6 +113,7 @@ def predict(
         probabilities=probs,
         embeddings=embs,
         categories=cats,
+        precision=used,
     )
     if min_confidence or majority_voting:
         from .refine import refine

@@ -14,17 +14,21 @@ import json
 import logging
 import os
 import platform
+import shlex
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 from .download import KNOWN_CHECKPOINTS
-from .layout import RunLayout
+from .errors import DiskFullError
+from .layout import STEP_DEPENDS_ON, RunLayout, atomic_write, disk_full_error, is_disk_full
 from .params import STEPS, ParamsError, load_params_file
 from .protocol import notebooks_dir, resolve_notebooks, resolve_scenario
 
-__all__ = ["run_protocol", "RunFailed", "RunDirInUse", "notebooks_dir"]
+__all__ = ["run_protocol", "RunFailed", "RunDirInUse", "RunInterrupted", "notebooks_dir"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,9 +40,32 @@ _VERSIONS = ("scgpt-protocol", "torch", "numpy", "scipy", "anndata", "scanpy", "
 class RunFailed(RuntimeError):
     """A notebook raised; the message names the report and the cell."""
 
+    #: the name of the error the notebook raised (e.g. ``"DiskFullError"``, ``"InputDataError"``)
+    ename: str | None = None
+
 
 class RunDirInUse(FileExistsError):
     """``run_dir`` holds a finished run or files of something else."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """The run was stopped (Ctrl-C / SIGINT, SIGTERM) during a step.
+
+    The manifest says ``"interrupted"`` with the step (and for 02 the last finished epoch); ``resume``
+    is the command that continues the run. A ``KeyboardInterrupt``, so ``except Exception`` does not
+    swallow it.
+    """
+
+    def __init__(self, message: str, *, step: str, signal_name: str, resume: str) -> None:
+        super().__init__(message)
+        self.step, self.signal_name, self.resume = step, signal_name, resume
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class _Terminated(KeyboardInterrupt):
+    """Raised by the runner's SIGTERM handler: a batch scheduler (or ``kill``) stopped the run."""
 
 
 @dataclass
@@ -55,6 +82,8 @@ class RunResult:
     run_dir: Path
     steps: list[StepOutcome] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
+    #: steps whose files were set aside because a step they depend on re-ran with other parameters or inputs
+    stale: list[str] = field(default_factory=list)
 
 
 def _select_steps(steps: Sequence[str] | None) -> list[str]:
@@ -130,19 +159,179 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def _input_checksums(overrides: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """sha256 of the run's input files (hashed once: inputs do not change during a run)."""
+def _step_inputs(values: dict[str, Any], cache: dict[str, Any]) -> dict[str, Any]:
+    """sha256 of one step's input files (a file shared by steps is hashed once: inputs do not change during
+    a run); a checkpoint folder by its ``best_model.pt``; 'demo' and released names as such."""
     from .download import sha256_file
 
+    def digest(path: Path) -> str:
+        key = str(path)
+        if key not in cache:
+            cache[key] = sha256_file(path)
+        return cache[key]
+
     sums: dict[str, Any] = {}
-    for values in overrides.values():
-        for key in ("adata_path", "query_path", "reference_path"):
-            value = values.get(key)
-            if value and Path(value).is_file():
-                sums[value] = sha256_file(value)
-            elif value == "demo":
-                sums["demo"] = f"scanpy.datasets.pbmc68k_reduced (scanpy {importlib.metadata.version('scanpy')})"
+    for key in ("adata_path", "query_path", "reference_path"):
+        value = values.get(key)
+        if value and Path(value).is_file():
+            sums[key] = {"path": value, "sha256": digest(Path(value))}
+        elif value == "demo":
+            version = importlib.metadata.version("scanpy")
+            sums[key] = {"path": "demo", "sha256": f"scanpy.datasets.pbmc68k_reduced (scanpy {version})"}
+    checkpoint = values.get("checkpoint")
+    if checkpoint:
+        weights = Path(checkpoint) / "best_model.pt"
+        sums["checkpoint"] = {"path": checkpoint, "sha256": digest(weights) if weights.is_file() else None}
     return sums
+
+
+def _input_checksums(inputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The manifest's ``checksums``: every input file of the steps run, by path."""
+    return {v["path"]: v["sha256"] for step_inputs in inputs.values() for k, v in step_inputs.items()
+            if k != "checkpoint"}
+
+
+#: parameters that do not change what a step computes (where it runs, where its files go)
+_NEUTRAL_PARAMS = {"run_dir", "mount_drive", "device"}
+
+
+def _effective_params(step: str, values: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A step's parameters with the defaults filled in, without those that do not change its result."""
+    if values is None:
+        return None
+    try:
+        full = STEPS[step].from_mapping(values, source="run_manifest.json").to_dict()
+    except (ParamsError, TypeError, ValueError):  # an old manifest's parameters: compare as recorded
+        full = dict(values)
+    return {k: v for k, v in full.items() if k not in _NEUTRAL_PARAMS}
+
+
+def _what_changed(step: str, record: dict[str, Any] | None, values: dict[str, Any],
+                  inputs: dict[str, Any]) -> list[str]:
+    """How this run of ``step`` differs from what the manifest recorded for it ([] if the same or unknown)."""
+    if not record or record.get("params") is None:
+        return []
+    before, now = _effective_params(step, record["params"]), _effective_params(step, values)
+    changes = [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(before) | set(now))
+               if before.get(k) != now.get(k)]
+    old_inputs = record.get("inputs")
+    if old_inputs is not None:
+        for key in sorted(set(old_inputs) | set(inputs)):
+            old, new = old_inputs.get(key) or {}, inputs.get(key) or {}
+            if old.get("sha256") != new.get("sha256") and not any(key in c.split(":")[0] for c in changes):
+                changes.append(f"{key} content changed (sha256 {str(old.get('sha256'))[:12]} -> "
+                               f"{str(new.get('sha256'))[:12]})")
+    return changes
+
+
+def _set_stale(layout: RunLayout, manifest: dict[str, Any], step: str, changes: list[str]) -> list[str]:
+    """``step`` re-runs with ``changes``: set aside the files of the steps that depend on it, mark them stale."""
+    now = _dt.datetime.now(_dt.timezone.utc)
+    stamp = now.strftime("%Y%m%dT%H%M%SZ")
+    reason = f"{step} re-ran with other parameters or inputs ({'; '.join(changes)})"
+    marked = []
+    for dependent, needs in STEP_DEPENDS_ON.items():
+        if step not in needs:
+            continue
+        record = manifest["steps"].get(dependent)
+        folder, moved = layout.set_aside(dependent, stamp)
+        if not moved and (record is None or record.get("status") == "stale"):
+            continue  # never ran, or already set aside
+        previous = {k: v for k, v in (record or {}).items() if k != "stale"}
+        manifest["steps"][dependent] = {
+            **previous, "status": "stale",
+            "stale": {"reason": reason, "time": now.isoformat(timespec="seconds"),
+                      "previous_status": (record or {}).get("status"),
+                      "moved_to": str(folder.relative_to(layout.run_dir)) if moved else None,
+                      "moved": [str(m) for m in moved]},
+        }
+        marked.append(dependent)
+        logger.warning("%s is stale: %s. Its files were moved to %s (nothing deleted); run it again.",
+                       dependent, reason, folder if moved else "(none were there)")
+    return marked
+
+
+def _last_finished_epoch(layout: RunLayout) -> int | None:
+    """The last epoch 02 finished (``train/history.csv``, written with the resumable state)."""
+    import csv
+
+    try:
+        with open(layout.history, newline="", encoding="utf-8") as fh:
+            epochs = [int(float(row["epoch"])) for row in csv.DictReader(fh) if row.get("epoch")]
+    except (OSError, ValueError, KeyError):
+        return None
+    return max(epochs) if epochs else None
+
+
+def _resume_command(params_dir: Path, run_dir: Path, chosen: list[str], step: str,
+                    notebooks: Path | None = None) -> str:
+    rest = [s.split("_", 1)[0] for s in chosen[chosen.index(step):]]
+    steps = "" if len(rest) == len(STEPS) else f" --steps {','.join(rest)}"
+    own = f" --notebooks {shlex.quote(str(notebooks))}" if notebooks is not None else ""
+    return f"scgpt-protocol run {shlex.quote(str(params_dir))} --run-dir {shlex.quote(str(run_dir))}{steps}{own}"
+
+
+def _set_report_aside(report: Path) -> str | None:
+    """A report that is not a readable notebook (papermill could not finish writing it) must not look valid:
+    rename it to ``*.ipynb.incomplete`` (removed if even that fails). Returns what was done, or None."""
+    import nbformat
+
+    if not report.is_file():
+        return None
+    try:
+        nbformat.read(report, as_version=4)
+        return None
+    except Exception:  # truncated JSON, or not a notebook at all
+        pass
+    target = report.with_name(report.name + ".incomplete")
+    try:
+        os.replace(report, target)
+        return f"the truncated report was renamed to {target}"
+    except OSError:
+        report.unlink(missing_ok=True)
+        return f"the truncated report {report} was removed"
+
+
+def _mark_interrupted_report(report: Path, *, step: str, what: str, when: str, resume: str,
+                             epoch_note: str) -> int | None:
+    """Make an interrupted step's report say so: a note on top, the interrupted cell and the cells that did
+    not run marked (papermill marks every cell it did not reach "completed"). Returns the cell's number."""
+    import nbformat
+
+    nb = nbformat.read(report, as_version=4)
+    stopped = None
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type != "code":
+            continue
+        status = cell.metadata.get("papermill", {}).get("status")
+        errored = any(o.get("output_type") == "error" for o in cell.get("outputs", []))
+        if stopped is None and (errored or status in {"running", "failed"} or cell.get("execution_count") is None):
+            stopped = i
+            cell.metadata.setdefault("papermill", {})["status"] = (
+                "interrupted" if (errored or status in {"running", "failed"}) else "not-run")
+        elif stopped is not None:
+            cell.metadata.setdefault("papermill", {})["status"] = "not-run"
+    where, number = "after its last cell", None
+    if stopped is not None:
+        cell = nb.cells[stopped]
+        number = cell.get("execution_count")
+        first_line = next((line for line in cell.source.splitlines() if line.strip()), "")
+        label = f"In [{number}]" if number is not None else f"cell {stopped + 1}"
+        where = (f"in cell {label} (`{first_line.strip()[:80]}`)" if cell.metadata["papermill"]["status"] ==
+                 "interrupted" else f"before cell {label} (`{first_line.strip()[:80]}`)")
+        nb.cells.insert(stopped + 1, nbformat.v4.new_markdown_cell(
+            f"**Interrupted here.** The cells below did not run.",
+            metadata={"tags": ["scgpt-protocol-interrupted"]}))
+    banner = (
+        f"**Incomplete report: step `{step}` was interrupted ({what}) at {when}, {where}.** "
+        f"The cells after it did not run: their outputs are missing and nothing in this report is a final "
+        f"result.{epoch_note}\n\nResume with the same parameters and run folder:\n\n```\n{resume}\n```"
+    )
+    nb.cells.insert(0, nbformat.v4.new_markdown_cell(banner, metadata={"tags": ["scgpt-protocol-interrupted"]}))
+    nb.metadata["scgpt_protocol"] = {"status": "interrupted", "step": step, "signal": what, "time": when,
+                                     "cell": number}
+    atomic_write(report, lambda tmp: nbformat.write(nb, str(tmp)))
+    return number
 
 
 def _checkpoint_checksum(layout: RunLayout) -> dict[str, Any] | None:
@@ -189,13 +378,18 @@ def _failure_message(err: Exception, report: Path) -> str:
     return f"{ename}: {evalue} (in {where}{report})"
 
 
-def _headline(layout: RunLayout) -> dict[str, Any]:
+def _headline(layout: RunLayout, steps: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Metrics of 03 and 04, from the steps the manifest records as finished (never a stale or failed one)."""
     summary: dict[str, Any] = {}
-    if layout.metrics.is_file():
+
+    def done(step: str) -> bool:
+        return steps is None or (steps.get(step) or {}).get("status") == "finished"
+
+    if done("03_evaluate") and layout.metrics.is_file():
         metrics = json.loads(layout.metrics.read_text())
         for method, values in (metrics.get("methods") or {}).items():
             summary[method] = {k: values.get(k) for k in ("accuracy", "macro_f1", "weighted_f1") if k in values}
-    if layout.zeroshot_metrics.is_file():
+    if done("04_zeroshot") and layout.zeroshot_metrics.is_file():
         zs = json.loads(layout.zeroshot_metrics.read_text())
         if zs.get("majority"):
             summary["zero-shot kNN (majority)"] = {k: zs["majority"].get(k) for k in ("accuracy", "macro_f1", "weighted_f1")}
@@ -229,9 +423,25 @@ def run_protocol(
         A folder of the step notebooks to run (a user's edited copies from ``scgpt-protocol init``);
         default: the notebooks shipped with the package.
 
+    A step that re-runs with other parameters or input files than the manifest recorded for it makes
+    the steps that depend on it stale (02 and 04 depend on 01; 03 on 01 and 02): their files move to
+    ``run_dir/stale/<step>-<UTC time>/`` (nothing is deleted), the manifest marks them ``"stale"`` with
+    the reason, and the run is ``"partial"`` until they run again. A re-run with the same parameters
+    and inputs (resuming an interrupted run) changes nothing.
+
     Raises
     ------
-    RunDirInUse, ParamsError, RunFailed
+    RunDirInUse, ParamsError
+        Before anything runs.
+    RunFailed
+        A notebook raised (the message names the error, the cell and the report; a full disk inside a
+        step reads ``DiskFullError: no space left to write <path> ...``). The manifest says ``"failed"``.
+    DiskFullError
+        The runner itself could not write a report (the truncated report is renamed ``*.ipynb.incomplete``).
+    RunInterrupted
+        Ctrl-C (SIGINT) or SIGTERM during a step. The manifest says ``"interrupted"`` with the step, the
+        time and (02) the last finished epoch; the report says so on top; the message gives the command
+        that resumes the run.
     """
     import papermill
 
@@ -242,26 +452,37 @@ def run_protocol(
     notebook_dir = resolve_notebooks(notebooks, chosen)
     overrides = _load_overrides(params_dir, chosen, layout.run_dir, cwd)
     previous = _check_run_dir(layout, force, params_dir)
+    hashes: dict[str, Any] = {}
+    inputs = {step: _step_inputs(overrides[step], hashes) for step in chosen}  # before the manifest says "running"
     layout.make_dirs()
     layout.reports_dir.mkdir(parents=True, exist_ok=True)
     manifest: dict[str, Any] = {
         "params_dir": str(params_dir),
         "notebooks_dir": str(notebook_dir),
         "run_dir": str(layout.run_dir),
-        "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "started": _now(),
         "status": "running",
         "versions": package_versions(),
         "steps": (previous or {}).get("steps", {}),
     }
     layout.write_json(layout.manifest, manifest)
     result = RunResult(run_dir=layout.run_dir)
-    inputs = _input_checksums(overrides)
     env_before = os.environ.get("SCGPT_PROTOCOL_PROGRESS")
     os.environ["SCGPT_PROTOCOL_PROGRESS"] = "text"  # widget bars render badly in executed reports
+    sigterm_before = _install_sigterm_handler()
+    step, t0 = chosen[0], time.perf_counter()
     try:
         for step in chosen:
             notebook = notebook_dir / f"{step}.ipynb"
-            report = layout.reports_dir / notebook.name
+            report = layout.step_report(step)
+            changes = _what_changed(step, manifest["steps"].get(step), overrides[step], inputs[step])
+            if changes:
+                marked = _set_stale(layout, manifest, step, changes)
+                result.stale.extend(s for s in marked if s not in result.stale)
+            record = {"report": str(report), "status": "running", "started": _now(), "params": overrides[step],
+                      "inputs": inputs[step]}
+            manifest["steps"][step] = record
+            layout.write_json(layout.manifest, manifest)
             logger.info("running %s -> %s", notebook.name, report)
             t0 = time.perf_counter()
             try:
@@ -269,33 +490,189 @@ def run_protocol(
                     str(notebook), str(report), parameters=overrides[step], kernel_name=kernel_name,
                     cwd=str(cwd), progress_bar=False, log_output=False,
                 )
+            except KeyboardInterrupt:
+                raise
             except Exception as err:  # papermill wraps every notebook error; report where it failed
-                outcome = StepOutcome(step, report, round(time.perf_counter() - t0, 1), "failed", _failure_message(err, report))
-                result.steps.append(outcome)
-                manifest["steps"][step] = outcome.__dict__ | {"report": str(report)}
-                manifest["status"] = "failed"
-                layout.write_json(layout.manifest, manifest)
-                if html and report.is_file():
-                    _export_html(report, report_title(step, layout.run_dir))
-                msg = f"step {step} failed: {outcome.error}"
-                raise RunFailed(msg) from None
+                if getattr(err, "ename", None) == "KeyboardInterrupt":  # the kernel itself was interrupted
+                    raise KeyboardInterrupt from err
+                seconds = round(time.perf_counter() - t0, 1)
+                _step_failed(err, layout, manifest, result, step, report, record, seconds, html=html)
             seconds = round(time.perf_counter() - t0, 1)
             if html:
-                _export_html(report, report_title(step, layout.run_dir))
+                _export_html_safely(report, report_title(step, layout.run_dir))
             result.steps.append(StepOutcome(step, report, seconds))
-            manifest["steps"][step] = {"report": str(report), "seconds": seconds, "status": "finished",
-                                       "params": overrides[step]}
-            manifest["checksums"] = {**inputs, "checkpoint": _checkpoint_checksum(layout)}
+            manifest["steps"][step] = {**record, "seconds": seconds, "status": "finished",
+                                       "finished": _now()}
+            manifest["checksums"] = {**_input_checksums(inputs), "checkpoint": _checkpoint_checksum(layout)}
             layout.write_json(layout.manifest, manifest)
             logger.info("%s finished in %.1f s", step, seconds)
+    except KeyboardInterrupt as err:
+        _interrupted(err, layout, manifest, result, step, chosen, overrides, params_dir,
+                     round(time.perf_counter() - t0, 1), html=html,
+                     notebooks=notebook_dir if notebooks is not None else None)
+    except DiskFullError as err:  # the runner's own writes (HTML copy, manifest) after the notebook ran
+        if manifest["steps"].get(step, {}).get("status") != "failed":
+            manifest["steps"][step] = {**manifest["steps"].get(step, {}), "status": "failed", "error": str(err),
+                                       "error_type": "DiskFullError"}
+            manifest["status"] = "failed"
+            _write_manifest_best_effort(layout, manifest)
+        raise
     finally:
+        _restore_sigterm_handler(sigterm_before)
         if env_before is None:
             os.environ.pop("SCGPT_PROTOCOL_PROGRESS", None)
         else:
             os.environ["SCGPT_PROTOCOL_PROGRESS"] = env_before
     all_done = all(manifest["steps"].get(s, {}).get("status") == "finished" for s in STEPS)
     manifest["status"] = "finished" if all_done else "partial"
-    manifest["finished"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    manifest["headline"] = result.summary = _headline(layout)
+    manifest["finished"] = _now()
+    manifest["headline"] = result.summary = _headline(layout, manifest["steps"])
     layout.write_json(layout.manifest, manifest)
+    stale = [s for s in STEPS if manifest["steps"].get(s, {}).get("status") == "stale"]
+    if stale:
+        logger.warning("stale (a step they depend on re-ran with other parameters or inputs; run them again): %s; "
+                       "their old files are under %s", ", ".join(stale), layout.stale_dir)
     return result
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _install_sigterm_handler() -> Any:
+    """SIGTERM (a scheduler's stop, ``kill``) interrupts the run like Ctrl-C, so it is recorded."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum: int, frame: Any) -> None:
+        raise _Terminated("SIGTERM")
+
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except (ValueError, OSError):
+        return None
+
+
+def _restore_sigterm_handler(before: Any) -> None:
+    if before is not None:
+        signal.signal(signal.SIGTERM, before)
+
+
+def _write_manifest_best_effort(layout: RunLayout, manifest: dict[str, Any]) -> str | None:
+    """Write the manifest; if even that fails (a full disk), log it and say so instead of raising."""
+    try:
+        layout.write_json(layout.manifest, manifest)
+        return None
+    except OSError as err:
+        logger.error("could not update %s either: %s", layout.manifest, err)
+        return f"run_manifest.json could not be updated ({type(err).__name__}); it still says what it said before"
+
+
+def _export_html_safely(report: Path, title: str | None = None) -> None:
+    """The HTML copy of a report; a full disk raises DiskFullError and leaves no half-written .html."""
+    try:
+        _export_html(report, title)
+    except OSError as err:
+        partial = report.with_suffix(".html")
+        if is_disk_full(err):
+            needed = partial.stat().st_size if partial.is_file() else None
+            partial.unlink(missing_ok=True)
+            raise disk_full_error(partial, needed=needed, cause=err) from err
+        raise
+
+
+def _step_failed(err: Exception, layout: RunLayout, manifest: dict[str, Any], result: RunResult, step: str,
+                 report: Path, record: dict[str, Any], seconds: float, *, html: bool) -> None:
+    """Record a failed step (manifest "failed"), leave no report that looks valid, raise the typed error."""
+    disk_full_here = is_disk_full(err)  # the runner's own write (papermill saving the report) failed
+    written = report.stat().st_size if report.is_file() else None
+    aside = _set_report_aside(report)
+    full = disk_full_error(report, needed=written, cause=err) if disk_full_here else None
+    error = str(full) if full is not None else _failure_message(err, report)
+    if aside:
+        error += f" ({aside})"
+    outcome = StepOutcome(step, report, seconds, "failed", error)
+    result.steps.append(outcome)
+    ename = "DiskFullError" if disk_full_here else getattr(err, "ename", type(err).__name__)
+    manifest["steps"][step] = {**record, "seconds": seconds, "status": "failed", "error": error, "error_type": ename}
+    manifest["status"] = "failed"
+    manifest_note = _write_manifest_best_effort(layout, manifest)
+    if html and report.is_file() and not aside:
+        try:
+            _export_html_safely(report, report_title(step, layout.run_dir))
+        except OSError as html_err:
+            logger.error("no HTML copy of %s: %s", report, html_err)
+    if full is not None:
+        first = _notebook_error(err)  # a cell had failed before papermill could not save the report
+        note = "; ".join(n for n in (f"a cell had failed first: {first}" if first else None, aside, manifest_note)
+                         if n)
+        raise DiskFullError(report, needed=full.needed, free=full.free, cause=err,
+                            note=f"Step {step} failed{': ' + note if note else ''}.") from err
+    msg = f"step {step} failed: {error}" + (f"; {manifest_note}" if manifest_note else "")
+    failed = RunFailed(msg)
+    failed.ename = getattr(err, "ename", type(err).__name__)
+    raise failed from None
+
+
+def _notebook_error(err: BaseException | None) -> str | None:
+    """``ename: evalue`` of the notebook error in ``err``'s chain (papermill's), if any."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if getattr(err, "ename", None):
+            return f"{err.ename}: {getattr(err, 'evalue', '')}"
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def _interrupted(err: BaseException, layout: RunLayout, manifest: dict[str, Any], result: RunResult, step: str,
+                 chosen: list[str], overrides: dict[str, dict[str, Any]], params_dir: Path, seconds: float, *,
+                 html: bool, notebooks: Path | None = None) -> None:
+    """Record an interrupted step (manifest "interrupted"), mark its report, say how to resume, raise."""
+    what = "SIGTERM" if isinstance(err, _Terminated) else (
+        "KeyboardInterrupt in the notebook" if isinstance(err.__cause__, Exception) else "SIGINT / Ctrl-C")
+    when = _now()
+    resume = _resume_command(params_dir, layout.run_dir, chosen, step, notebooks)
+    epoch_note, info = "", {"step": step, "time": when, "signal": what, "resume": resume}
+    if step == "02_finetune":
+        epoch = _last_finished_epoch(layout)
+        params = STEPS[step].from_mapping(overrides[step])
+        total, keeps = params.epochs, params.resume
+        info["last_finished_epoch"] = None if params.strategies else epoch
+        if params.strategies:  # a comparison keeps each finished strategy; the one in progress starts over
+            folder = layout.train_dir / "comparison" / "strategies"
+            done = sorted(d.name for d in folder.glob("*") if (d / "outcome.json").is_file())
+            info["strategies_finished"] = done
+            epoch_note = (f" Strategies already trained ({', '.join(done) or 'none'}) are reused when it resumes; "
+                          "the others train from epoch 1.")
+        elif epoch is None:
+            epoch_note = " No fine-tuning epoch had finished; fine-tuning starts from epoch 1 again."
+        elif keeps:
+            epoch_note = (f" Fine-tuning had finished epoch {epoch} of {total}; it resumes after epoch {epoch} "
+                          "(train/last_state.pt).")
+        else:
+            epoch_note = f" Fine-tuning had finished epoch {epoch} of {total}; with resume: false it starts over."
+    report = layout.step_report(step)
+    aside = _set_report_aside(report)
+    cell = None
+    if report.is_file() and not aside:
+        try:
+            cell = _mark_interrupted_report(report, step=step, what=what, when=when, resume=resume,
+                                            epoch_note=epoch_note)
+            if html:
+                _export_html_safely(report, report_title(step, layout.run_dir))
+        except Exception as mark_err:  # the record below matters more than the report's banner
+            logger.error("could not mark %s as interrupted: %s", report, mark_err)
+    info["cell"] = cell
+    record = manifest["steps"].get(step, {})
+    manifest["steps"][step] = {**record, "status": "interrupted", "seconds": seconds, "interrupted": info}
+    manifest["status"] = "interrupted"
+    manifest["interrupted"] = info
+    result.steps.append(StepOutcome(step, report, seconds, "interrupted", f"interrupted ({what})"))
+    manifest_note = _write_manifest_best_effort(layout, manifest)
+    msg = (f"step {step} was interrupted ({what}) at {when}"
+           f"{f', in cell In [{cell}] of {report}' if cell is not None else ''}.{epoch_note} "
+           f"Resume with: {resume}" + (f" ({aside})" if aside else "")
+           + (f"; {manifest_note}" if manifest_note else ""))
+    logger.error("%s", msg)
+    raise RunInterrupted(msg, step=step, signal_name=what, resume=resume) from err

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from .checkpoint import load_model, save_checkpoint, torch_save_atomic, write_manifest
-from .device import PeakMemory, amp_dtype, autocast, resolve_device
+from .device import PeakMemory, autocast, resolve_device, resolve_precision
 from .embedding import iter_batches
 from .errors import CheckpointError, format_keys
 from .layout import RunLayout
@@ -75,6 +75,7 @@ class TrainResult:
     trainable_parameters: int
     total_parameters: int
     model_dir: Path | None = None
+    precision: str = "fp32"  # what training and validation ran in (fp32, bf16 or fp16)
 
     def summary(self) -> dict[str, Any]:
         out = {k: v for k, v in asdict(self).items() if k != "history"}
@@ -102,6 +103,11 @@ def adam_eps(amp: bool) -> float:
     """Adam's eps as the official fine-tuning loop sets it: 1e-4 whenever ``amp`` is on, on every device
     (so a result does not depend on the GPU generation or on running on the CPU), else PyTorch's 1e-8."""
     return 1e-4 if amp else 1e-8
+
+
+def training_precision(params: FinetuneParams, device: torch.device) -> str:
+    """``"fp32"``, ``"bf16"`` or ``"fp16"``: ``params.precision`` on ``device``, fp32 when ``amp`` is off."""
+    return resolve_precision(params.precision if params.amp else "fp32", device)
 
 
 def _class_weights(codes: np.ndarray, n_classes: int) -> torch.Tensor:
@@ -152,7 +158,7 @@ def _training_batches(
 def _logits(model: ScGPT, adata: AnnData, params: FinetuneParams, device: torch.device) -> np.ndarray:
     model.eval()
     logits = np.zeros((adata.n_obs, model.cls_decoder.out_layer.out_features), dtype=np.float32)
-    with torch.inference_mode(), autocast(device, enabled=params.amp):  # as predict() does
+    with torch.inference_mode(), autocast(device, training_precision(params, device)):  # as predict() does
         for batch in iter_batches(adata, model, max_seq_len=params.max_seq_len, batch_size=params.batch_size * 2,
                                   seed=params.seed):
             batch = batch.to(device)
@@ -229,7 +235,7 @@ def _fit_probe(model: ScGPT, adata: AnnData, codes: np.ndarray, train_rows: np.n
     device = next(model.parameters()).device
     features = np.zeros((len(train_rows), model.config.d_model), dtype=np.float32)
     model.eval()
-    with torch.inference_mode(), autocast(device, enabled=params.amp):
+    with torch.inference_mode(), autocast(device, training_precision(params, device)):
         for batch in iter_batches(adata[train_rows], model, max_seq_len=params.max_seq_len,
                                   batch_size=params.batch_size * 2, seed=params.seed):
             batch = batch.to(device)
@@ -336,7 +342,7 @@ def finetune(
         strategy=strategy, history=pd.DataFrame(history), best_epoch=best_epoch, best_val_macro_f1=best_score,
         epochs_run=len(history), stopped_early=stopped_early, resumed_from_epoch=resumed,
         seconds=round(time.perf_counter() - start_time, 1), peak_memory_bytes=int(memory.peak),
-        trainable_parameters=n_trainable, total_parameters=n_total,
+        trainable_parameters=n_trainable, total_parameters=n_total, precision=training_precision(params, device),
     )
     model.eval()
     if layout is not None:
@@ -345,11 +351,11 @@ def finetune(
             model, layout.model_dir, strategy=strategy, config=strategy_config(params, strategy),
             label_key=label_key, categories=categories, genes=list(adata.var_names),
             base_checkpoint=base_checkpoint, extra={"training": params.to_dict(), "best_epoch": best_epoch,
-                                                    "val_macro_f1": best_score},
+                                                    "val_macro_f1": best_score, "precision": result.precision},
         )
         layout.write_json(layout.train_summary, result.summary())
-    logger.info("%s: best epoch %d (val macro-F1 %.4f), %s trainable parameters, %.0f s",
-                strategy, best_epoch, best_score, f"{n_trainable:,}", result.seconds)
+    logger.info("%s: best epoch %d (val macro-F1 %.4f), %s trainable parameters, %.0f s, %s",
+                strategy, best_epoch, best_score, f"{n_trainable:,}", result.seconds, result.precision)
     return result
 
 
@@ -360,8 +366,7 @@ def _train_epochs(model: ScGPT, adata: AnnData, params: FinetuneParams, strategy
     from . import strategies as st
 
     trainable = [p for p in model.parameters() if p.requires_grad]
-    use_amp = params.amp and device.type == "cuda"
-    half = amp_dtype(device)
+    precision = training_precision(params, device)  # autocast dtype; fp16 also gets a GradScaler
     optimizer = torch.optim.AdamW(trainable, lr=params.lr, weight_decay=params.weight_decay,
                                   eps=adam_eps(params.amp))
     steps_per_epoch = math.ceil(len(train_rows) / params.batch_size)
@@ -371,7 +376,7 @@ def _train_epochs(model: ScGPT, adata: AnnData, params: FinetuneParams, strategy
         return min(1.0, (step + 1) / warmup if warmup else 1.0) * params.lr_gamma ** (step // steps_per_epoch)
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and half == torch.float16)
+    scaler = torch.amp.GradScaler(device.type if precision == "fp16" else "cuda", enabled=precision == "fp16")
     loss_fn = nn.CrossEntropyLoss(weight=weights.to(device) if weights is not None else None)
 
     history: list[dict[str, Any]] = []
@@ -418,7 +423,7 @@ def _train_epochs(model: ScGPT, adata: AnnData, params: FinetuneParams, strategy
             batch = batch.to(device)
             target = torch.from_numpy(codes[batch.index]).to(device)
             optimizer.zero_grad(set_to_none=True)
-            with autocast(device, enabled=use_amp):
+            with autocast(device, precision):
                 loss = loss_fn(model.classify(batch.gene_ids, batch.values, batch.padding_mask).float(), target)
             if not torch.isfinite(loss):
                 msg = f"the training loss became {loss.item()} at epoch {epoch}; lower lr (now {params.lr})."

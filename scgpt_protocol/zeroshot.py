@@ -385,6 +385,7 @@ def zeroshot_annotate(
     gene_symbol_key: str | None = None,
     embedding_key: str = "X_scgpt",
     reuse_embeddings: bool = False,
+    precision: str = "auto",
     min_confidence: float = 0.0,
     majority_voting: bool = False,
     resolution: float | None = None,
@@ -417,7 +418,7 @@ def zeroshot_annotate(
         ``obs`` column with the reference labels (and the query's true labels, if any).
     k
         Number of nearest reference cells that vote (10 in the scGPT tutorials).
-    max_seq_len, batch_size, seed, layer, gene_symbol_key
+    max_seq_len, batch_size, seed, layer, gene_symbol_key, precision
         Passed to :func:`~scgpt_protocol.embedding.embed`, identically for both datasets.
     embedding_key
         ``obsm`` key the embeddings are written to (and read from with ``reuse_embeddings``).
@@ -491,7 +492,7 @@ def zeroshot_annotate(
 
     _check_shared_genes(reference, query, model, gene_symbol_key)
     embed_kwargs = dict(max_seq_len=max_seq_len, batch_size=batch_size, seed=seed, layer=layer,
-                        gene_symbol_key=gene_symbol_key)
+                        gene_symbol_key=gene_symbol_key, precision=precision)
     ref_emb, ref_reused = _get_embedding(reference, model, "reference", reuse=reuse_embeddings,
                                          embedding_key=embedding_key, embed_kwargs=embed_kwargs)
     query_emb, query_reused = _get_embedding(query, model, "query", reuse=reuse_embeddings,
@@ -556,6 +557,8 @@ def zeroshot_annotate(
         "min_confidence": float(min_confidence), "majority_voting": bool(majority_voting),
         "reused_embeddings": {"reference": ref_reused, "query": query_reused},
         "checkpoint": str(getattr(getattr(model, "load_report", None), "checkpoint_dir", "")),
+        "precision": {what: a.uns.get(f"{embedding_key}_params", {}).get("precision")
+                      for what, a in (("reference", reference), ("query", query))},
     }
     if metrics is not None:
         logger.info("zero-shot (k=%d): %d query cells, majority accuracy %.3f, macro F1 %.3f", k,

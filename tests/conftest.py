@@ -67,3 +67,15 @@ def split_pbmc(pbmc):
     adata.obs["label"] = sc.datasets.pbmc68k_reduced().obs["bulk_labels"].astype(str).to_numpy()[:200]
     adata.obs["split"] = np.random.default_rng(0).choice(["train", "val", "test"], adata.n_obs, p=[0.6, 0.2, 0.2])
     return adata
+
+
+@pytest.fixture(scope="session")
+def ci_run(tmp_path_factory):
+    """One headless run of the four notebooks with params/ci, shared by the tests that read it (never modify it:
+    copy its run_dir first)."""
+    from scgpt_protocol.layout import RunLayout
+    from scgpt_protocol.runner import run_protocol
+
+    run_dir = tmp_path_factory.mktemp("ci") / "run"
+    result = run_protocol(Path(__file__).resolve().parent.parent / "params" / "ci", run_dir)
+    return RunLayout(run_dir), result

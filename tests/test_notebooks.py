@@ -21,13 +21,6 @@ from scgpt_protocol.runner import RunDirInUse, RunFailed, run_protocol
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def ci_run(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("ci") / "run"
-    result = run_protocol(ROOT / "params" / "ci", run_dir)
-    return RunLayout(run_dir), result
-
-
 def test_runner_leaves_reports_html_and_manifest(ci_run):
     layout, result = ci_run
     assert [s.step for s in result.steps] == list(STEPS)

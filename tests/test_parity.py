@@ -53,14 +53,40 @@ def test_finetuned_classifier_logits_match_official(official_dir, reference):
 
 
 def test_public_methods_agree_with_forward(official_dir, reference):
+    """cell_embedding / classify compute the last layer for <cls> alone: the same numbers up to rounding."""
     model = load_model(official_dir / "finetuned", device="cpu")
     args = [torch.from_numpy(reference[k]) for k in ("gene_ids", "values", "padding_mask")]
     with torch.no_grad():
         full = model(*args)
         assert torch.equal(model.encode(*args), full["transformer_output"])
-        assert torch.equal(model.cell_embedding(*args), full["cell_emb"])
-        assert torch.equal(model.classify(*args), full["cls_output"])
-    assert _max_diff(model.cell_embedding(*args).detach(), reference["cls_embedding"]) < TOL
+        cell, logits = model.cell_embedding(*args), model.classify(*args)
+    assert cell.shape == full["cell_emb"].shape and logits.shape == full["cls_output"].shape
+    torch.testing.assert_close(cell, full["cell_emb"], rtol=0, atol=1e-6)
+    torch.testing.assert_close(logits, full["cls_output"], rtol=0, atol=1e-6)
+    assert _max_diff(cell, reference["cls_embedding"]) < TOL
+    assert _max_diff(logits, reference["cls_logits"]) < TOL
+
+
+def test_cls_only_last_layer_with_wrapped_projection_matches(official_dir, reference):
+    """The <cls>-only path also holds when Wqkv is wrapped (LoRA / IA3 replace the plain Linear)."""
+    model = load_model(official_dir / "finetuned", device="cpu")
+    args = [torch.from_numpy(reference[k]) for k in ("gene_ids", "values", "padding_mask")]
+    attn = model.transformer_encoder.layers[-1].self_attn
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x)
+
+    with torch.no_grad():
+        plain = model.cell_embedding(*args)
+        attn.Wqkv = Wrapped(attn.Wqkv)
+        wrapped = model.cell_embedding(*args)
+    torch.testing.assert_close(wrapped, plain, rtol=0, atol=1e-6)
+    assert _max_diff(wrapped, reference["cls_embedding"]) < TOL
 
 
 def test_pytorch_in_proj_naming_loads_to_the_same_model(official_dir, reference, tmp_path):
