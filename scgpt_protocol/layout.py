@@ -272,8 +272,8 @@ class RunLayout:
     STEP_FIGURES: dict[str, tuple[str, ...]] = {
         "01_preprocess": ("qc", "class_counts"),
         "02_finetune": ("training_curves",),
-        "03_evaluate": ("per_class_f1", "confusion", "umap"),
-        "04_zeroshot": ("zeroshot_umap",),
+        "03_evaluate": ("per_class_f1", "confusion", "umap", "coverage_curve"),
+        "04_zeroshot": ("zeroshot_umap", "zeroshot_coverage_curve"),
     }
 
     def step_artifacts(self, step: str) -> list[Path]:
@@ -283,7 +283,8 @@ class RunLayout:
             "01_preprocess": [self.prepared_adata, self.labels, self.inspection, self.checkpoint_record,
                               self.demo_checkpoint_dir],
             "02_finetune": [self.model_dir, self.train_dir],
-            "03_evaluate": [self.predictions, self.metrics, self.evaluated_adata],
+            "03_evaluate": [self.predictions, self.metrics, self.evaluated_adata, self.query_predictions,
+                            self.export_dir],
             "04_zeroshot": [self.zeroshot_dir],
         }
         if step not in outputs:
