@@ -74,8 +74,8 @@ PRECISION_NAMES = ("auto", "fp32", "bf16", "fp16")
 
 
 def _precision(what: str) -> Any:
-    return _f("auto", f"{what}: 'auto' (bf16 on GPUs and on CPUs with bf16 units, fp16 on pre-Ampere GPUs, "
-                      "else fp32), 'fp32', 'bf16' or 'fp16'", choices=PRECISION_NAMES, advanced=True)
+    return _f("auto", f"{what}: auto (bf16 where supported, fp16 on old GPUs, else fp32), fp32, bf16, fp16",
+              choices=PRECISION_NAMES, advanced=True)
 
 
 def _max_seq_len() -> Any:
@@ -260,10 +260,10 @@ class FinetuneParams(StepParams):
     grad_clip: float = _f(1.0, "gradient norm clipping", min=0.0, advanced=True)
     class_weighted: bool = _f(False, "weight the loss by inverse class frequency")
     patience: int = _f(3, "stop after this many epochs without a better validation macro-F1 (0: never)", min=0, advanced=True)
-    amp: bool = _f(True, "mixed precision as set by precision (False: fp32); as published, also Adam eps 1e-4 on every device", advanced=True)
+    amp: bool = _f(True, "mixed precision as precision says (False: fp32); also Adam eps 1e-4, as published", advanced=True)
     resume: bool = _f(True, "continue from the last finished epoch if a previous run was interrupted", advanced=True)
     device: str = _device()
-    precision: str = _precision("training and validation precision")
+    precision: str = _precision("training")
     lora_r: int = _f(8, "lora: rank of the low-rank updates", min=1, advanced=True)
     lora_alpha: float = _f(16.0, "lora: scaling numerator (updates are scaled by alpha / r)", min=0.0, advanced=True)
     adapter_bottleneck: int = _f(64, "adapter: hidden size of the bottleneck adapters", min=1, advanced=True)
@@ -295,7 +295,7 @@ class EvaluateParams(StepParams):
                                     min=2, advanced=True)
     baseline: bool = _f(True, "also fit a logistic-regression baseline on the same split (and the query)")
     device: str = _device()
-    precision: str = _precision("prediction precision")
+    precision: str = _precision("prediction")
     min_confidence: float = _f(0.0, "cells whose predicted-class probability is below this are 'Unknown' (0: off)",
                                min=0.0, max=1.0)
     majority_voting: bool = _f(False, "also label each over-cluster of the embedding by its majority (CellTypist)")
@@ -319,7 +319,7 @@ class ZeroshotParams(StepParams):
     batch_size: int = _f(64, "cells per forward pass", min=1, advanced=True)
     max_seq_len: int = _max_seq_len()
     device: str = _device()
-    precision: str = _precision("embedding precision")
+    precision: str = _precision("embedding")
     min_confidence: float = _f(0.0, "cells where fewer than this share of the k neighbours agree are 'Unknown' (0: off)",
                                min=0.0, max=1.0)
     majority_voting: bool = _f(False, "also label each over-cluster of the query's embedding by its majority (CellTypist)")

@@ -320,7 +320,7 @@ def _mark_interrupted_report(report: Path, *, step: str, what: str, when: str, r
         where = (f"in cell {label} (`{first_line.strip()[:80]}`)" if cell.metadata["papermill"]["status"] ==
                  "interrupted" else f"before cell {label} (`{first_line.strip()[:80]}`)")
         nb.cells.insert(stopped + 1, nbformat.v4.new_markdown_cell(
-            f"**Interrupted here.** The cells below did not run.",
+            "**Interrupted here.** The cells below did not run.",
             metadata={"tags": ["scgpt-protocol-interrupted"]}))
     banner = (
         f"**Incomplete report: step `{step}` was interrupted ({what}) at {when}, {where}.** "
