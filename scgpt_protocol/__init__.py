@@ -24,6 +24,8 @@ _EXPORTS = {
     "resolve_device": "device",
     "embed": "embedding",
     "predict": "predict",
+    "refine": "refine",
+    "zeroshot_annotate": "zeroshot",
     "inspect_annotation_data": "annotation",
     "adapt_annotation": "annotation",
     "AnnotationRunner": "annotation",

@@ -229,21 +229,40 @@ class AnnotationRunner:
             raise RuntimeError("no model yet: call fit() first, or AnnotationRunner.load(directory).")
         return self.model.to(resolve_device(self.params.device))
 
-    def predict(self, adata: AnnData) -> Prediction:
+    def predict(self, adata: AnnData, *, min_confidence: float = 0.0, majority_voting: bool = False,
+                resolution: float | None = None) -> Prediction:
         """Labels, confidences and fine-tuned embeddings of the best model for ``adata``.
 
         Data holding less than :data:`~scgpt_protocol.tokenize.MIN_GENE_OVERLAP` of the model's training
         genes is refused with a :class:`~scgpt_protocol.errors.GeneMatchError` (the rule of every step).
+        ``min_confidence`` (cells whose predicted-class probability is below it are ``"Unknown"``) and
+        ``majority_voting`` (the majority label of each over-cluster of the fine-tuned embedding, at
+        ``resolution`` or CellTypist's rule) apply :func:`~scgpt_protocol.refine.refine`.
         """
         model = self._require_model()
         genes = self.manifest.get("genes") or list(self.adata.var_names)
-        return self._predict_with(model, adata, genes=genes)
+        prediction = self._predict_with(model, adata, genes=genes)
+        if min_confidence or majority_voting:
+            from .refine import refine
 
-    def annotate_adata(self, adata: AnnData, obs_key: str = "scgpt_label", embedding_key: str = "X_scgpt") -> None:
-        """Write labels (``obs[obs_key]``), codes, confidences and embeddings into ``adata`` (in place)."""
+            prediction = refine(prediction, min_confidence=min_confidence, majority_voting=majority_voting,
+                                resolution=resolution, seed=self.params.seed)
+        return prediction
+
+    def annotate_adata(self, adata: AnnData, obs_key: str = "scgpt_label", embedding_key: str = "X_scgpt", *,
+                       min_confidence: float = 0.0, majority_voting: bool = False,
+                       resolution: float | None = None) -> None:
+        """Write labels (``obs[obs_key]``), codes, confidences and embeddings into ``adata`` (in place).
+
+        With ``min_confidence`` / ``majority_voting`` (see :meth:`predict`) also ``obs["scgpt_prediction"]``
+        (the class before abstention), ``obs["scgpt_unknown"]``, ``obs["scgpt_over_clustering"]``,
+        ``obs["scgpt_majority_voting"]`` and ``uns["scgpt_annotation"]`` (the parameters).
+        """
         from .evaluate import annotate
 
-        annotate(adata, self.predict(adata), obs_key=obs_key, embedding_key=embedding_key)
+        prediction = self.predict(adata, min_confidence=min_confidence, majority_voting=majority_voting,
+                                  resolution=resolution)
+        annotate(adata, prediction, obs_key=obs_key, embedding_key=embedding_key)
 
     # -- saving --
     def save(self, directory: str | Path) -> Path:

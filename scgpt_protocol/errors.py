@@ -14,6 +14,7 @@ __all__ = [
     "ChecksumMismatchError",
     "InputDataError",
     "GeneMatchError",
+    "ArtifactError",
     "format_keys",
 ]
 
@@ -103,3 +104,7 @@ def _rebuild_disk_full(path: str, needed: int | None, free: int | None, message:
     err = DiskFullError(path, needed=needed, free=free)
     err.message = message
     return err
+
+
+class ArtifactError(ScGPTProtocolError, OSError):
+    """A result artifact (``export/vars.h5``, ``export/obs.duckdb``) could not be written."""

@@ -166,6 +166,7 @@ def classification_metrics(
     *,
     categories: Sequence[str] | None = None,
     proba: np.ndarray | None = None,
+    unassigned: str | None = None,
 ) -> dict[str, Any]:
     """Classification metrics of predicted against true labels, as JSON-ready numbers.
 
@@ -182,6 +183,10 @@ def classification_metrics(
     proba
         Predicted probabilities, ``[n_cells, len(categories)]``; needs ``categories``. Only used
         for ``macro_auroc``.
+    unassigned
+        A predicted label that means "no call" (``"Unknown"`` after abstention): such cells count as
+        errors, but the label is not a class -- it is left out of the F1 averages and of
+        ``per_class``, and ``n_unassigned`` counts its cells. It must not occur in ``y_true``.
 
     Returns
     -------
@@ -224,6 +229,20 @@ def classification_metrics(
     labels, extra = _label_order(categories, true, pred)
     notes: list[str] = []
     true_set, pred_set = set(true.tolist()), set(pred.tolist())
+    n_unassigned = 0
+    if unassigned is not None:
+        if unassigned in true_set:
+            msg = (
+                f"{unassigned!r} is a true label of {int((true == unassigned).sum())} cells but also the label of "
+                "cells left unassigned; rename that class so that the two can be told apart."
+            )
+            raise ValueError(msg)
+        n_unassigned = int((pred == unassigned).sum())
+        if n_unassigned:
+            notes.append(f"{n_unassigned} cells are {unassigned!r} (no call); they count as errors.")
+        labels = [label for label in labels if label != unassigned]
+        extra = [label for label in extra if label != unassigned]
+        pred_set.discard(unassigned)
     extra_true = [label for label in extra if label in true_set]
     extra_pred = [label for label in extra if label in pred_set]
     if extra_true:
@@ -244,7 +263,7 @@ def classification_metrics(
         {"label": label, "precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
         for label, p, r, f, s in zip(labels, precision, recall, f1, support)
     ]
-    cm = _count_matrix(true, pred, labels)
+    cm = _count_matrix(true, pred, labels + ([unassigned] if n_unassigned else []))
     kappa = _kappa(cm)
     if kappa is None:
         notes.append(
@@ -263,6 +282,8 @@ def classification_metrics(
         "n_cells": int(len(true)),
         "n_classes": int(len(present_true)),
     }
+    if unassigned is not None:
+        metrics["n_unassigned"] = n_unassigned
 
     # -- AUROC --
     if proba is None:
@@ -746,12 +767,17 @@ def evaluate_predictions(
     if not labelled.any():
         msg = f"none of the {int(mask.sum())} selected cells has a label in adata.obs[{label_key!r}]."
         raise ValueError(msg)
+    from .refine import COLUMNS, UNKNOWN, as_refinement, refinement_metrics
+
     categories = [str(c) for c in prediction.categories]
+    refined = as_refinement(prediction)
+    refined = refined.subset(mask) if refined is not None else None
     pred = np.asarray(prediction.labels, dtype=object)[mask].astype(str)
+    label_categories = categories + ([UNKNOWN] if refined is not None and UNKNOWN not in categories else [])
     frame = pd.DataFrame(
         {
             "true_label": true.where(true.isna(), true.astype(str)),
-            "scgpt_label": pd.Categorical(pred, categories=categories),
+            "scgpt_label": pd.Categorical(pred, categories=label_categories),
             "scgpt_label_confidence": np.asarray(prediction.confidence, dtype=np.float32)[mask],
         },
         index=obs.index,
@@ -761,12 +787,25 @@ def evaluate_predictions(
     correct = pd.array(frame["true_label"].to_numpy() == pred, dtype="boolean")
     correct[~labelled] = pd.NA
     frame["correct"] = correct
+    if refined is not None:  # abstention and majority voting (refine): the columns beside the call
+        extra = refined.frame(index=obs.index).drop(columns=[COLUMNS["labels"], COLUMNS["confidence"]])
+        extra[COLUMNS["predicted"]] = pd.Categorical(extra[COLUMNS["predicted"]].astype(str), categories=categories)
+        if COLUMNS["majority_voting"] in extra:
+            extra[COLUMNS["majority_voting"]] = pd.Categorical(extra[COLUMNS["majority_voting"]].astype(str),
+                                                               categories=label_categories)
+        frame = pd.concat([frame, extra], axis=1)
 
-    true_l, pred_l = true[labelled].astype(str).to_numpy(), pred[labelled]
-    proba = np.asarray(prediction.probabilities)[mask][labelled]
-    metrics = classification_metrics(true_l, pred_l, categories=categories, proba=proba)
+    labelled_np = np.asarray(labelled, dtype=bool)
+    true_l, pred_l = true[labelled].astype(str).to_numpy(), pred[labelled_np]
+    proba = np.asarray(prediction.probabilities)[mask][labelled_np]
+    metrics = classification_metrics(true_l, pred_l, categories=categories, proba=proba,
+                                     unassigned=UNKNOWN if refined is not None and refined.params.get("min_confidence")
+                                     else None)
     if not labelled.all():
         metrics["notes"].append(f"{int((~labelled).sum())} cells without a label were left out.")
+    if refined is not None:
+        metrics["refinement"] = refinement_metrics(true_l, refined.subset(labelled_np), categories=categories,
+                                                   proba=proba)
     logger.info(
         "scGPT on %d cells: accuracy %.3f, macro F1 %.3f",
         metrics["n_cells"], metrics["accuracy"], metrics["macro_f1"],
@@ -785,8 +824,13 @@ def annotate(
 
     Writes ``obs[obs_key]`` (categorical with the model's categories, so colours and orders stay
     stable), ``obs[obs_key + "_confidence"]`` (float32 probability of the predicted class),
-    ``obs[obs_key + "_code"]`` (int64 class index) and ``obsm[embedding_key]`` (the fine-tuned
-    ``<cls>`` embeddings; skipped when ``embedding_key`` is None).
+    ``obs[obs_key + "_code"]`` (int64 index of the predicted class) and ``obsm[embedding_key]`` (the
+    fine-tuned ``<cls>`` embeddings; skipped when ``embedding_key`` is None). A prediction refined by
+    :func:`~scgpt_protocol.refine.refine` also writes ``obs["scgpt_prediction"]`` (the class before
+    abstention; ``obs[obs_key]`` then holds ``"Unknown"`` below ``min_confidence``),
+    ``obs["scgpt_unknown"]``, ``obs["scgpt_over_clustering"]`` / ``obs["scgpt_majority_voting"]`` (with
+    majority voting) and ``uns["scgpt_annotation"]`` (the parameters); with another ``obs_key`` these
+    are named ``<obs_key>_predicted``, ``_unknown``, ``_over_clustering``, ``_majority_voting``.
 
     Parameters
     ----------
@@ -803,10 +847,19 @@ def annotate(
     >>> sc.pl.umap(adata, color="scgpt_label")  # doctest: +SKIP
     """
     _check_prediction(adata, prediction)
+    from .refine import COLUMNS, as_refinement, write_annotation
+
     categories = [str(c) for c in prediction.categories]
-    labels = np.asarray(prediction.labels, dtype=object).astype(str)
-    adata.obs[obs_key] = pd.Categorical(labels, categories=categories)
-    adata.obs[f"{obs_key}_confidence"] = np.asarray(prediction.confidence, dtype=np.float32)
+    refined = as_refinement(prediction)
+    if refined is not None:  # abstention / majority voting: the call, the prediction, the flag, the clusters
+        names = {"labels": obs_key, "confidence": f"{obs_key}_confidence"}
+        if obs_key != COLUMNS["labels"]:
+            names.update({k: f"{obs_key}_{k}" for k in ("predicted", "unknown", "over_clustering", "majority_voting")})
+        write_annotation(adata, refined, columns=names, categories=categories)
+    else:
+        labels = np.asarray(prediction.labels, dtype=object).astype(str)
+        adata.obs[obs_key] = pd.Categorical(labels, categories=categories)
+        adata.obs[f"{obs_key}_confidence"] = np.asarray(prediction.confidence, dtype=np.float32)
     adata.obs[f"{obs_key}_code"] = np.asarray(prediction.codes, dtype=np.int64)
     if embedding_key is not None:
         adata.obsm[embedding_key] = np.asarray(prediction.embeddings, dtype=np.float32)
@@ -823,6 +876,8 @@ def evaluate_query(
     seed: int = 0,
     baseline: BaselineResult | None = None,
     precision: str = "auto",
+    min_confidence: float = 0.0,
+    majority_voting: bool = False,
 ) -> dict[str, Any]:
     """scGPT (and the baseline, when given) on an external labelled query, as the ``query`` record.
 
@@ -836,6 +891,9 @@ def evaluate_query(
         The query's label column (None: the run's ``manifest["label_key"]``).
     baseline
         A :func:`logistic_regression_baseline` fitted with ``query=`` (its ``.query`` row is added).
+    min_confidence, majority_voting
+        Abstention and majority voting on the query's cells (:func:`~scgpt_protocol.refine.refine`,
+        the query over-clustered on its own).
 
     Returns
     -------
@@ -850,6 +908,9 @@ def evaluate_query(
         raise KeyError(msg)
     prediction = predict(model, query, categories=manifest["categories"], genes=manifest["genes"],
                          batch_size=batch_size, max_seq_len=max_seq_len, seed=seed, desc="query", precision=precision)
+    from .refine import refine
+
+    prediction = refine(prediction, min_confidence=min_confidence, majority_voting=majority_voting, seed=seed)
     result = evaluate_predictions(query, prediction, label_key=key)
     methods = {SCGPT_METHOD: result.metrics}
     if baseline is not None and baseline.query is not None:

@@ -132,6 +132,8 @@ class RunLayout:
           train/                      02: last-epoch state for resume, history.csv, summary.json
           predictions.csv, metrics.json, data/evaluated.h5ad      03
           query_predictions.csv       03, with an external query
+          export/vars.h5              03: normalised expression of the evaluated cells (CSR) + var
+          export/obs.duckdb           03: tables obs (one row per evaluated cell), metrics, per_class, coverage
           zeroshot/predictions.csv, zeroshot/metrics.json         04
           run_manifest.json           the runner: parameters, versions, checksums, timings
           stale/<step>-<UTC time>/    the runner: a step's files set aside when a step it depends on
@@ -224,6 +226,18 @@ class RunLayout:
     def evaluated_adata(self) -> Path:
         return self.data_dir / "evaluated.h5ad"
 
+    @property
+    def export_dir(self) -> Path:
+        return self.run_dir / "export"
+
+    @property
+    def vars_h5(self) -> Path:
+        return self.export_dir / "vars.h5"
+
+    @property
+    def obs_duckdb(self) -> Path:
+        return self.export_dir / "obs.duckdb"
+
     # -- 04 zero-shot --
     @property
     def zeroshot_dir(self) -> Path:
@@ -258,8 +272,8 @@ class RunLayout:
     STEP_FIGURES: dict[str, tuple[str, ...]] = {
         "01_preprocess": ("qc", "class_counts"),
         "02_finetune": ("training_curves",),
-        "03_evaluate": ("per_class_f1", "confusion", "umap"),
-        "04_zeroshot": ("zeroshot_umap",),
+        "03_evaluate": ("per_class_f1", "confusion", "umap", "coverage_curve"),
+        "04_zeroshot": ("zeroshot_umap", "zeroshot_coverage_curve"),
     }
 
     def step_artifacts(self, step: str) -> list[Path]:
@@ -269,7 +283,8 @@ class RunLayout:
             "01_preprocess": [self.prepared_adata, self.labels, self.inspection, self.checkpoint_record,
                               self.demo_checkpoint_dir],
             "02_finetune": [self.model_dir, self.train_dir],
-            "03_evaluate": [self.predictions, self.metrics, self.evaluated_adata],
+            "03_evaluate": [self.predictions, self.metrics, self.evaluated_adata, self.query_predictions,
+                            self.export_dir],
             "04_zeroshot": [self.zeroshot_dir],
         }
         if step not in outputs:

@@ -296,6 +296,13 @@ class EvaluateParams(StepParams):
     baseline: bool = _f(True, "also fit a logistic-regression baseline on the same split (and the query)")
     device: str = _device()
     precision: str = _precision("prediction")
+    min_confidence: float = _f(0.0, "cells whose predicted-class probability is below this are 'Unknown' (0: off)",
+                               min=0.0, max=1.0)
+    majority_voting: bool = _f(False, "also label each over-cluster of the embedding by its majority (CellTypist)")
+    export: bool = _f(True, "write export/vars.h5 (expression) and export/obs.duckdb (cells, metrics; SQL)",
+                      advanced=True)
+    require_artifacts: bool = _f(True, "a failure to write the export stops the step (False: warn and go on)",
+                                 advanced=True)
 
 
 @dataclass
@@ -313,6 +320,9 @@ class ZeroshotParams(StepParams):
     max_seq_len: int = _max_seq_len()
     device: str = _device()
     precision: str = _precision("embedding")
+    min_confidence: float = _f(0.0, "cells where fewer than this share of the k neighbours agree are 'Unknown' (0: off)",
+                               min=0.0, max=1.0)
+    majority_voting: bool = _f(False, "also label each over-cluster of the query's embedding by its majority (CellTypist)")
 
 
 STEPS: dict[str, type[StepParams]] = {

@@ -40,6 +40,7 @@ __all__ = [
     "compute_umap",
     "plot_per_class_f1",
     "plot_training_curves",
+    "plot_coverage_curve",
     "save_figure",
 ]
 
@@ -622,6 +623,88 @@ def plot_training_curves(history: pd.DataFrame, *, ax: Sequence[Axes] | None = N
 
         for panel in axes:
             panel.xaxis.set_major_locator(MaxNLocator(integer=True))
+    return fig
+
+
+def plot_coverage_curve(
+    curves: Any, *, min_confidence: float | None = None, ax: Sequence[Axes] | None = None,
+    title: str | None = None,
+) -> Figure:
+    """Coverage against accuracy of abstention over ``min_confidence`` thresholds, to pick one.
+
+    Left: accuracy of the assigned cells against coverage (share of cells assigned), one point per
+    threshold (every other one labelled). Right: coverage, accuracy of the assigned cells and
+    accuracy on all cells (``Unknown`` counted as an error) against the threshold.
+
+    Parameters
+    ----------
+    curves
+        :func:`~scgpt_protocol.refine.coverage_curve` (a DataFrame or its list of rows), or a
+        mapping name -> curve to draw several (e.g. the fine-tuned model and the zero-shot vote).
+    min_confidence
+        The threshold in use, marked on both panels.
+    ax
+        Two axes to draw into; None: a new figure.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    named = dict(curves) if isinstance(curves, Mapping) else {"": curves}
+    frames = {name: pd.DataFrame(c) for name, c in named.items()}
+    need = {"threshold", "coverage", "accuracy_assigned", "accuracy_all"}
+    for name, frame in frames.items():
+        if not need <= set(frame.columns) or frame.empty:
+            msg = (f"curve {name!r} needs rows with {sorted(need)}; found columns {list(frame.columns)}. Pass "
+                   "refine.coverage_curve(...) or metrics['refinement']['curve'].")
+            raise ValueError(msg)
+    if ax is None:
+        fig = _new_figure(9.5, 3.8)
+        axes = list(fig.subplots(1, 2))
+    else:
+        axes = list(np.ravel(ax))
+        if len(axes) != 2:
+            raise ValueError(f"ax must be two axes; got {len(axes)}.")
+        fig = axes[0].figure
+    left, right = axes
+    for i, (name, frame) in enumerate(frames.items()):
+        color = f"C{i}"
+        prefix = f"{name}: " if name else ""
+        left.plot(frame["coverage"], frame["accuracy_assigned"], marker="o", markersize=3, color=color,
+                  label=name or None)
+        last = None
+        for _, row in frame.iloc[::2].iterrows():  # label every other threshold, once per distinct point
+            point = (round(float(row["coverage"]), 3), round(float(row["accuracy_assigned"]), 3))
+            if np.isfinite(row["accuracy_assigned"]) and point != last:
+                left.annotate(f"{row['threshold']:g}", (row["coverage"], row["accuracy_assigned"]), fontsize=7,
+                              xytext=(3, 3), textcoords="offset points", color=color)
+                last = point
+        right.plot(frame["threshold"], frame["coverage"], color=color, linestyle=":", label=f"{prefix}coverage")
+        right.plot(frame["threshold"], frame["accuracy_assigned"], color=color, label=f"{prefix}accuracy, assigned")
+        right.plot(frame["threshold"], frame["accuracy_all"], color=color, linestyle="--",
+                   label=f"{prefix}accuracy, all (Unknown = wrong)")
+    if min_confidence:
+        right.axvline(min_confidence, color="0.4", linewidth=1)
+        for name, frame in frames.items():
+            row = frame.iloc[int(np.argmin(np.abs(frame["threshold"].to_numpy() - min_confidence)))]
+            left.plot([row["coverage"]], [row["accuracy_assigned"]], marker="s", color="0.2", markersize=6,
+                      fillstyle="none")
+        right.annotate(f"min_confidence {min_confidence:g}", xy=(min_confidence, 0.02),
+                       xycoords=("data", "axes fraction"), xytext=(3, 0), textcoords="offset points",
+                       fontsize="small", color="0.3")
+    left.set_xlabel("coverage (share of cells assigned)")
+    left.set_ylabel("accuracy of the assigned cells")
+    left.set_xlim(-0.02, 1.05)
+    left.set_ylim(0, 1.05)
+    left.set_title("coverage vs accuracy (labels: threshold)")
+    if len(frames) > 1:
+        left.legend(frameon=False, fontsize="small")
+    right.set_xlabel("min_confidence")
+    right.set_ylim(0, 1.02)
+    right.set_title("by threshold")
+    right.legend(frameon=False, fontsize="x-small", loc="best")
+    if title:
+        fig.suptitle(title)
     return fig
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
@@ -22,15 +22,25 @@ __all__ = ["Prediction", "predict"]
 
 @dataclass
 class Prediction:
-    """Per-cell results of :func:`predict`, in the order of ``adata.obs_names``."""
+    """Per-cell results of :func:`predict`, in the order of ``adata.obs_names``.
+
+    After :func:`~scgpt_protocol.refine.refine` (``min_confidence`` / ``majority_voting``), ``labels``
+    is the per-cell call (``"Unknown"`` below ``min_confidence``) and the fields below it are filled;
+    ``codes`` and ``confidence`` always describe the model's predicted class.
+    """
 
     labels: np.ndarray  # str [n]
-    codes: np.ndarray  # int64 [n]
+    codes: np.ndarray  # int64 [n], index of the predicted class in categories
     confidence: np.ndarray  # float32 [n], the softmax probability of the predicted class
     probabilities: np.ndarray  # float32 [n, n_classes]
     embeddings: np.ndarray  # float32 [n, d], L2-normalised <cls> embeddings of the fine-tuned model
     categories: list[str]
     precision: str = "fp32"  # what the forward passes ran in: fp32, bf16 or fp16
+    predicted: np.ndarray | None = None  # str [n], the predicted class before abstention (refine)
+    unknown: np.ndarray | None = None  # bool [n], confidence below min_confidence (refine)
+    over_clustering: np.ndarray | None = None  # str [n], over-cluster id (refine, majority voting)
+    majority_voting: np.ndarray | None = None  # str [n], the over-cluster's majority label (refine)
+    refinement: dict[str, Any] | None = None  # parameters of refine (min_confidence, resolution...)
 
 
 def predict(
@@ -46,6 +56,8 @@ def predict(
     desc: str = "predicting",
     genes: Sequence[str] | None = None,
     precision: str = "auto",
+    min_confidence: float = 0.0,
+    majority_voting: bool = False,
 ) -> Prediction:
     """Predict cell types with a model that has a classification head.
 
@@ -56,7 +68,16 @@ def predict(
     :func:`~scgpt_protocol.train.load_finetuned` and :func:`~scgpt_protocol.load_model`).
     ``precision`` is ``"auto"``, ``"fp32"``, ``"bf16"`` or ``"fp16"``
     (:func:`~scgpt_protocol.device.resolve_precision`); the one used is ``Prediction.precision``.
+
+    ``min_confidence`` > 0 or ``majority_voting`` applies :func:`~scgpt_protocol.refine.refine` to all
+    the cells of ``adata``: cells whose probability is below ``min_confidence`` get the label
+    ``"Unknown"``; majority voting over-clusters the fine-tuned embeddings and fills
+    ``majority_voting``.
     """
+    if min_confidence:
+        from .refine import _check_threshold
+
+        _check_threshold(min_confidence)
     if model.cls_decoder is None:
         msg = "the model has no classification head; fine-tune it first (02_finetune) or load a fine-tuned checkpoint."
         raise ValueError(msg)
@@ -85,7 +106,7 @@ def predict(
         model.train(was_training)
     codes = probs.argmax(axis=1)
     cats = list(categories)
-    return Prediction(
+    prediction = Prediction(
         labels=np.asarray(cats, dtype=object)[codes],
         codes=codes.astype(np.int64),
         confidence=probs[np.arange(len(codes)), codes],
@@ -94,3 +115,8 @@ def predict(
         categories=cats,
         precision=used,
     )
+    if min_confidence or majority_voting:
+        from .refine import refine
+
+        prediction = refine(prediction, min_confidence=min_confidence, majority_voting=majority_voting, seed=seed)
+    return prediction

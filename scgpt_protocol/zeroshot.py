@@ -386,6 +386,9 @@ def zeroshot_annotate(
     embedding_key: str = "X_scgpt",
     reuse_embeddings: bool = False,
     precision: str = "auto",
+    min_confidence: float = 0.0,
+    majority_voting: bool = False,
+    resolution: float | None = None,
 ) -> ZeroShotResult:
     """Annotate ``query`` from ``reference`` with the pretrained model, without fine-tuning.
 
@@ -395,7 +398,12 @@ def zeroshot_annotate(
 
     The inputs are modified in one way only: ``obsm[embedding_key]`` (and ``embed``'s record
     ``uns[embedding_key + "_params"]``) is written to ``reference`` and ``query``, so the
-    embeddings can be reused, e.g. for :func:`joint_embedding`. Nothing else is added to them.
+    embeddings can be reused, e.g. for :func:`joint_embedding`. Nothing else is added to them,
+    unless ``min_confidence`` or ``majority_voting`` is set: then the query also gets
+    ``obs["scgpt_zeroshot_label"]`` (the call: ``"Unknown"`` below ``min_confidence``),
+    ``obs["scgpt_zeroshot_prediction"]``, ``obs["scgpt_zeroshot_confidence"]``,
+    ``obs["scgpt_zeroshot_unknown"]``, with majority voting ``obs["scgpt_over_clustering"]`` and
+    ``obs["scgpt_majority_voting"]``, and ``uns["scgpt_zeroshot_annotation"]`` (the parameters).
 
     Parameters
     ----------
@@ -418,6 +426,14 @@ def zeroshot_annotate(
         Use ``obsm[embedding_key]`` where it is already present instead of embedding again. Only
         use it for embeddings computed by the same model with the same settings: this is not checked
         beyond the dimension.
+    min_confidence
+        Abstention (:mod:`scgpt_protocol.refine`): a query cell where fewer than this share of the
+        ``k`` neighbours vote for the majority label is ``"Unknown"`` in ``scgpt_zeroshot_label``
+        (the kNN label stays in ``scgpt_zeroshot_prediction``). 0: off. The weighted vote is left as
+        it is.
+    majority_voting
+        Over-cluster the query on its embedding (CellTypist's resolution rule unless ``resolution``
+        is given) and give every cell its cluster's majority call: ``scgpt_majority_voting``.
 
     Returns
     -------
@@ -482,6 +498,12 @@ def zeroshot_annotate(
     query_emb, query_reused = _get_embedding(query, model, "query", reuse=reuse_embeddings,
                                              embedding_key=embedding_key, embed_kwargs=embed_kwargs)
     transfer = transfer_labels(ref_emb[used], ref_str, query_emb, k=k)
+    from .refine import ZEROSHOT_COLUMNS, refine_labels, refinement_metrics, write_annotation
+
+    refined = refine_labels(transfer.majority, transfer.confidence_majority, query_emb,
+                            min_confidence=min_confidence, majority_voting=majority_voting,
+                            resolution=resolution, categories=distinct.tolist(), seed=seed)
+    refining = bool(min_confidence) or bool(majority_voting)
 
     predictions = pd.DataFrame(
         {
@@ -492,6 +514,13 @@ def zeroshot_annotate(
         },
         index=pd.Index(query.obs_names.astype(str), name="cell"),
     )
+    if refining:  # the call (with Unknown) replaces the majority label; the prediction and the vote beside it
+        frame = refined.frame(ZEROSHOT_COLUMNS, index=predictions.index)
+        predictions[PREDICTION_COLUMNS[0]] = frame.pop(ZEROSHOT_COLUMNS["labels"])
+        frame = frame.drop(columns=[ZEROSHOT_COLUMNS["confidence"]])
+        predictions = pd.concat([predictions, frame], axis=1)
+        write_annotation(query, refined, columns=ZEROSHOT_COLUMNS, categories=distinct.tolist(),
+                         uns_key="scgpt_zeroshot_annotation")
     metrics: dict[str, Any] | None = None
     if label_key in query.obs.columns:
         truth = query.obs[label_key].to_numpy(dtype=object)
@@ -506,9 +535,13 @@ def zeroshot_annotate(
             notes.append(f"query labels absent from the reference, counted as errors: {listed}")
             logger.warning("query labels absent from the reference (counted as errors): %s", listed)
         if labelled.any():
+            from .refine import UNKNOWN
+
             metrics = {
-                "majority": classification_metrics(y_true, transfer.majority[labelled]),
+                "majority": classification_metrics(y_true, refined.labels[labelled],
+                                                   unassigned=UNKNOWN if min_confidence else None),
                 "weighted": classification_metrics(y_true, transfer.weighted[labelled]),
+                "refinement": refinement_metrics(y_true, refined.subset(labelled)),
                 "notes": notes,
             }
         else:
@@ -521,6 +554,7 @@ def zeroshot_annotate(
         "max_seq_len": max_seq_len, "seed": seed,
         "n_reference": n_used, "n_reference_total": int(reference.n_obs), "n_query": int(query.n_obs),
         "n_labels_reference": int(distinct.size), "vote_weights": "1 / (distance + 1e-6)",
+        "min_confidence": float(min_confidence), "majority_voting": bool(majority_voting),
         "reused_embeddings": {"reference": ref_reused, "query": query_reused},
         "checkpoint": str(getattr(getattr(model, "load_report", None), "checkpoint_dir", "")),
         "precision": {what: a.uns.get(f"{embedding_key}_params", {}).get("precision")
@@ -641,6 +675,7 @@ def write_zeroshot(layout: RunLayout, result: ZeroShotResult) -> dict[str, Path]
         "notes": result.notes,
         "majority": metrics.get("majority"),
         "weighted": metrics.get("weighted"),
+        "refinement": metrics.get("refinement"),
     }
     metrics_path = layout.write_json(layout.zeroshot_metrics, record)
     logger.info("wrote %s and %s", pred_path, metrics_path, extra=DETAIL)  # the notebook shows report.files_table

@@ -61,6 +61,20 @@ def test_runner_annotates_and_reloads_with_identical_predictions(bundle, demo):
     np.testing.assert_allclose(reloaded.predict(cells).probabilities, runner.predict(cells).probabilities, atol=1e-6)
 
 
+def test_runner_annotates_with_abstention_and_majority_voting(bundle, demo):
+    runner, _ = bundle
+    cells = demo[:120].copy()
+    plain = runner.predict(cells)
+    threshold = float(np.median(plain.confidence))
+    runner.annotate_adata(cells, min_confidence=threshold, majority_voting=True)
+    obs = cells.obs
+    below = plain.confidence < threshold
+    assert (obs["scgpt_label"].astype(str)[below] == "Unknown").all() and obs["scgpt_unknown"].sum() == below.sum()
+    assert (obs["scgpt_prediction"].astype(str).to_numpy() == plain.labels).all()
+    assert obs.groupby("scgpt_over_clustering", observed=True)["scgpt_majority_voting"].nunique().eq(1).all()
+    assert cells.uns["scgpt_annotation"]["majority_voting"] is True
+
+
 def test_resumed_comparison_reuses_saved_strategies(bundle, demo, tiny_checkpoint, caplog):
     runner, out = bundle
     caplog.set_level("INFO", logger="scgpt_protocol")

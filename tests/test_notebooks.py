@@ -196,3 +196,26 @@ def test_plain_papermill_with_a_misspelt_parameter_fails(tmp_path):
     assert err.value.ename == "ParamsError"
     assert "unknown parameter(s) 'labelkey' (did you mean 'label_key'?)" in err.value.evalue
     assert not (tmp_path / "run" / "data").exists()  # nothing was written
+
+
+def test_ci_run_refines_labels_and_exports_queryable_artifacts(ci_run):
+    """params/ci turns on abstention and majority voting; 03 writes export/vars.h5 and export/obs.duckdb."""
+    import duckdb
+
+    layout, _ = ci_run
+    predictions = pd.read_csv(layout.predictions, index_col=0)
+    assert {"scgpt_prediction", "scgpt_unknown", "scgpt_over_clustering", "scgpt_majority_voting"} <= set(predictions)
+    metrics = json.loads(layout.metrics.read_text())
+    refined = metrics["methods"]["scGPT (fine-tuned)"]["refinement"]
+    assert 0 < refined["coverage"] <= 1 and refined["majority_voting"]["n_cells"] == len(predictions)
+    con = duckdb.connect(str(layout.obs_duckdb), read_only=True)
+    try:
+        assert con.sql("select count(*) from obs").fetchall()[0][0] == len(predictions)
+        assert con.sql("select count(*) from obs where umap_1 is null").fetchall()[0][0] == 0
+    finally:
+        con.close()
+    assert ad.read_h5ad(layout.vars_h5).n_obs == len(predictions)
+    zs = json.loads(layout.zeroshot_metrics.read_text())
+    assert zs["refinement"]["majority_voting"] is not None
+    for name in ("coverage_curve", "zeroshot_coverage_curve"):
+        assert layout.figure(name).is_file(), name

@@ -204,7 +204,8 @@ def test_zeroshot_annotate_on_the_demo(annotated):
     votes = pred["scgpt_zeroshot_confidence"] * 10  # a share of k=10 neighbours
     np.testing.assert_allclose(votes, np.round(votes))
 
-    assert set(res.metrics) == {"majority", "weighted", "notes"}
+    assert set(res.metrics) == {"majority", "weighted", "refinement", "notes"}
+    assert res.metrics["refinement"]["coverage"] == 1.0  # min_confidence=0: every cell keeps its label
     for vote, column in (("majority", "scgpt_zeroshot_label"), ("weighted", "scgpt_zeroshot_label_weighted")):
         m = res.metrics[vote]
         assert {"accuracy", "macro_f1", "weighted_f1", "balanced_accuracy", "cohen_kappa", "n_cells"} <= set(m)
@@ -223,6 +224,31 @@ def test_zeroshot_annotate_on_the_demo(annotated):
     pd.testing.assert_frame_equal(reference.obs, before["ref_obs"])
     pd.testing.assert_frame_equal(query.obs, before["query_obs"])
     np.testing.assert_array_equal(query.obsm["X_scgpt"], res.query_embedding)
+
+
+def test_zeroshot_abstention_and_majority_voting(annotated):
+    reference, query, model, res, _ = annotated
+    q = query.copy()
+    out = zeroshot_annotate(reference, q, model, label_key="bulk_labels", reuse_embeddings=True,
+                            min_confidence=0.6, majority_voting=True)
+    pred, share = out.predictions, res.predictions["scgpt_zeroshot_confidence"].to_numpy()
+    below = share < 0.6  # fewer than 6 of the 10 neighbours agree
+    assert 0 < below.sum() < len(below)
+    assert (pred["scgpt_zeroshot_label"][below] == "Unknown").all()
+    assert (pred["scgpt_zeroshot_label"][~below] == res.predictions["scgpt_zeroshot_label"][~below]).all()
+    assert (pred["scgpt_zeroshot_prediction"] == res.predictions["scgpt_zeroshot_label"]).all()
+    assert (pred["scgpt_zeroshot_unknown"] == below).all()
+    assert pred.groupby("scgpt_over_clustering")["scgpt_majority_voting"].nunique().eq(1).all()
+    # scanpy-style keys in the query
+    assert {"scgpt_zeroshot_label", "scgpt_zeroshot_unknown", "scgpt_over_clustering", "scgpt_majority_voting"} <= set(q.obs)
+    assert q.uns["scgpt_zeroshot_annotation"]["min_confidence"] == 0.6
+    m, r = out.metrics["majority"], out.metrics["refinement"]
+    truth = pred["bulk_labels"].astype(str)
+    assert m["accuracy"] == pytest.approx((pred["scgpt_zeroshot_label"] == truth).mean())  # Unknown counted wrong
+    assert r["coverage"] == pytest.approx(1 - below.mean())
+    assert r["assigned"]["accuracy"] == pytest.approx((pred["scgpt_zeroshot_prediction"] == truth)[~below].mean())
+    assert r["majority_voting"]["accuracy"] == pytest.approx((pred["scgpt_majority_voting"] == truth).mean())
+    pd.testing.assert_series_equal(pred["scgpt_zeroshot_label_weighted"], res.predictions["scgpt_zeroshot_label_weighted"])
 
 
 def test_reused_embeddings_give_the_same_predictions(annotated):
