@@ -261,6 +261,8 @@ class FinetuneParams(StepParams):
     class_weighted: bool = _f(False, "weight the loss by inverse class frequency")
     patience: int = _f(3, "stop after this many epochs without a better validation macro-F1 (0: never)", min=0, advanced=True)
     amp: bool = _f(True, "mixed precision as precision says (False: fp32); also Adam eps 1e-4, as published", advanced=True)
+    adam_eps: Optional[float] = _f(None, "Adam eps (None: 1e-4 when amp is on, as published; else 1e-8)", min=0.0,
+                                   advanced=True)
     resume: bool = _f(True, "continue from the last finished epoch if a previous run was interrupted", advanced=True)
     device: str = _device()
     precision: str = _precision("training")

@@ -99,9 +99,12 @@ def strategy_config(params: FinetuneParams, strategy: str | None = None) -> Any:
     return None
 
 
-def adam_eps(amp: bool) -> float:
-    """Adam's eps as the official fine-tuning loop sets it: 1e-4 whenever ``amp`` is on, on every device
-    (so a result does not depend on the GPU generation or on running on the CPU), else PyTorch's 1e-8."""
+def adam_eps(amp: bool, eps: float | None = None) -> float:
+    """Adam's eps: ``eps`` when given, else as the official fine-tuning loop sets it: 1e-4 whenever ``amp``
+    is on, on every device (so a result does not depend on the GPU generation or on running on the CPU),
+    else PyTorch's 1e-8."""
+    if eps is not None:
+        return float(eps)
     return 1e-4 if amp else 1e-8
 
 
@@ -368,7 +371,7 @@ def _train_epochs(model: ScGPT, adata: AnnData, params: FinetuneParams, strategy
     trainable = [p for p in model.parameters() if p.requires_grad]
     precision = training_precision(params, device)  # autocast dtype; fp16 also gets a GradScaler
     optimizer = torch.optim.AdamW(trainable, lr=params.lr, weight_decay=params.weight_decay,
-                                  eps=adam_eps(params.amp))
+                                  eps=adam_eps(params.amp, params.adam_eps))
     steps_per_epoch = math.ceil(len(train_rows) / params.batch_size)
     warmup = round(params.warmup_ratio * steps_per_epoch * params.epochs)
 
