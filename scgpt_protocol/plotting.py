@@ -552,6 +552,17 @@ def plot_per_class_f1(
     return fig
 
 
+def _two_axes(ax: Any, height: float, what: str) -> tuple[Figure, list[Axes]]:
+    """A new figure with two panels side by side, or the caller's two axes (``what`` names them)."""
+    if ax is None:
+        fig = _new_figure(9.5, height)
+        return fig, list(fig.subplots(1, 2))
+    axes = list(np.ravel(ax))
+    if len(axes) != 2:
+        raise ValueError(f"ax must be two axes ({what}); got {len(axes)}.")
+    return axes[0].figure, axes
+
+
 def plot_training_curves(history: pd.DataFrame, *, ax: Sequence[Axes] | None = None) -> Figure:
     """Two panels: train/validation loss, and validation macro F1 / accuracy, per epoch.
 
@@ -582,14 +593,7 @@ def plot_training_curves(history: pd.DataFrame, *, ax: Sequence[Axes] | None = N
             f"found {list(history.columns)}."
         )
         raise ValueError(msg)
-    if ax is None:
-        fig = _new_figure(9.5, 3.6)
-        axes = list(fig.subplots(1, 2))
-    else:
-        axes = list(np.ravel(ax))
-        if len(axes) != 2:
-            raise ValueError(f"ax must be two axes (losses, metrics); got {len(axes)}.")
-        fig = axes[0].figure
+    fig, axes = _two_axes(ax, 3.6, "losses, metrics")
     epochs = history["epoch"].to_numpy()
     marker = "o" if len(history) <= 30 else None
     names = {
@@ -658,14 +662,7 @@ def plot_coverage_curve(
             msg = (f"curve {name!r} needs rows with {sorted(need)}; found columns {list(frame.columns)}. Pass "
                    "refine.coverage_curve(...) or metrics['refinement']['curve'].")
             raise ValueError(msg)
-    if ax is None:
-        fig = _new_figure(9.5, 3.8)
-        axes = list(fig.subplots(1, 2))
-    else:
-        axes = list(np.ravel(ax))
-        if len(axes) != 2:
-            raise ValueError(f"ax must be two axes; got {len(axes)}.")
-        fig = axes[0].figure
+    fig, axes = _two_axes(ax, 3.8, "coverage, accuracy")
     left, right = axes
     for i, (name, frame) in enumerate(frames.items()):
         color = f"C{i}"
