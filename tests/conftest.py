@@ -58,15 +58,26 @@ def tiny_model(tiny_checkpoint: Path):
     return load_model(tiny_checkpoint, device="cpu")
 
 
-@pytest.fixture(scope="session")
-def split_pbmc(pbmc):
-    """200 demo cells with labels in obs["label"] and a seeded split (the 01 step's job; done by hand here)."""
+def _labelled_split(pbmc, n_cells: int):
+    """The first ``n_cells`` demo cells with labels in obs["label"] and a seeded split (01's job, done by hand)."""
     import scanpy as sc
 
-    adata = pbmc[:200].copy()
-    adata.obs["label"] = sc.datasets.pbmc68k_reduced().obs["bulk_labels"].astype(str).to_numpy()[:200]
+    adata = pbmc[:n_cells].copy()
+    adata.obs["label"] = sc.datasets.pbmc68k_reduced().obs["bulk_labels"].astype(str).to_numpy()[:n_cells]
     adata.obs["split"] = np.random.default_rng(0).choice(["train", "val", "test"], adata.n_obs, p=[0.6, 0.2, 0.2])
     return adata
+
+
+@pytest.fixture(scope="session")
+def split_pbmc(pbmc):
+    """200 labelled, split demo cells."""
+    return _labelled_split(pbmc, 200)
+
+
+@pytest.fixture(scope="session")
+def labelled_split(pbmc):
+    """``labelled_split(n)``: the first ``n`` demo cells, labelled and split as in ``split_pbmc``."""
+    return lambda n_cells: _labelled_split(pbmc, n_cells)
 
 
 @pytest.fixture(scope="session")

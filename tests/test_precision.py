@@ -91,13 +91,8 @@ def test_bf16_embeddings_are_close_to_fp32_and_recorded(pbmc, tiny_model):
 
 
 @pytest.fixture(scope="module")
-def split_pbmc(pbmc):
-    import scanpy as sc
-
-    adata = pbmc[:240].copy()
-    adata.obs["label"] = sc.datasets.pbmc68k_reduced().obs["bulk_labels"].astype(str).to_numpy()[:240]
-    adata.obs["split"] = np.random.default_rng(0).choice(["train", "val", "test"], adata.n_obs, p=[0.6, 0.2, 0.2])
-    return adata
+def split_pbmc(labelled_split):
+    return labelled_split(240)
 
 
 @pytest.fixture(scope="module")
