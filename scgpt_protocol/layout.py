@@ -291,7 +291,9 @@ class RunLayout:
             msg = f"unknown step {step!r}; steps: {sorted(outputs)}."
             raise KeyError(msg)
         report, name = self.step_report(step), step.split("_", 1)[1]  # logs and params use "preprocess" etc.
-        return [*outputs[step], *(self.figure(figure) for figure in self.STEP_FIGURES[step]), report,
+        figures = [self.figure(figure).with_suffix(suffix) for figure in self.STEP_FIGURES[step]
+                   for suffix in (".png", ".pdf")]  # save_figure writes a PDF beside each PNG
+        return [*outputs[step], *figures, report,
                 report.with_suffix(".html"), report.with_name(report.name + ".incomplete"), self.step_log(name),
                 self.step_params(name)]
 

@@ -416,6 +416,8 @@ def test_step_artifacts_name_every_figure_the_notebooks_save():
         saved = set(re.findall(r'layout, "(\w+)"\)', source))
         assert saved and saved == set(RunLayout.STEP_FIGURES[step]), step
         assert layout.step_report(step) in layout.step_artifacts(step)
+        for name in saved:  # save_figure writes a PDF beside each PNG: both are set aside when stale
+            assert {layout.figure(name), layout.figure(name).with_suffix(".pdf")} <= set(layout.step_artifacts(step))
     assert set(STEP_DEPENDS_ON) == set(STEPS)
 
 
