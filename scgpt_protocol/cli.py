@@ -2,7 +2,9 @@
 
 ``scgpt-protocol run demo`` runs the four notebooks headless with a built-in scenario (or a scenario
 folder such as ``params/demo``); ``scgpt-protocol init DIR`` copies the notebooks and scenarios into DIR
-to open and edit; ``scgpt-protocol list`` shows the scenarios and steps.
+to open and edit; ``scgpt-protocol list`` shows the scenarios and steps. ``scgpt-protocol finetune`` runs
+step 02 alone from a run folder, also in many processes:
+``torchrun --nproc_per_node=N -m scgpt_protocol finetune params/demo --run-dir runs/demo``.
 """
 
 from __future__ import annotations
@@ -80,6 +82,26 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _finetune(args: argparse.Namespace) -> int:
+    from .distributed import run_finetune_step
+    from .params import FinetuneParams, load_params_file
+
+    source = Path(args.params)
+    path = source / Path(FinetuneParams.NOTEBOOK).with_suffix(".yaml").name if source.is_dir() else source
+    if not path.is_file():
+        msg = (f"{path} does not exist: pass the 02 parameters YAML (e.g. runs/demo/params/finetune.yaml) or a "
+               "scenario folder holding 02_finetune.yaml (e.g. params/demo).")
+        raise FileNotFoundError(msg)
+    values = load_params_file(path, FinetuneParams)
+    if args.run_dir:
+        values["run_dir"] = args.run_dir
+    params = FinetuneParams.from_mapping(values, source=str(path))
+    result = run_finetune_step(params)
+    logger.info("finetune: best epoch %d, val macro-F1 %.4f, %d process(es); model in %s", result.best_epoch,
+                result.best_val_macro_f1, result.world_size, result.model_dir)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from .log import ensure_logging
 
@@ -103,6 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     init.add_argument("dir", help="the folder to copy into (made if missing)")
     init.add_argument("--force", action="store_true", help="overwrite notebooks and scenario files already there")
     sub.add_parser("list", help="show the steps and the built-in scenarios")
+    tune = sub.add_parser("finetune", help="run step 02 alone on a run folder that step 01 prepared (also under "
+                                           "torchrun: one process per GPU)")
+    tune.add_argument("params", help="the 02 parameters: a YAML file (e.g. runs/demo/params/finetune.yaml) or a "
+                                     "scenario folder with 02_finetune.yaml (e.g. params/demo)")
+    tune.add_argument("--run-dir", default=None, help="the run folder (default: run_dir of the parameters)")
     args = parser.parse_args(argv)
     ensure_logging()
     from .errors import ScGPTProtocolError
@@ -110,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     from .params import ParamsError
     from .runner import RunDirInUse, RunFailed, RunInterrupted
 
-    command = {"run": _run, "init": _init, "list": _list}[args.command]
+    command = {"run": _run, "init": _init, "list": _list, "finetune": _finetune}[args.command]
     try:
         return command(args)
     except RunInterrupted as err:  # the runner has logged where it stopped and the command that resumes

@@ -270,8 +270,16 @@ class FinetuneParams(StepParams):
     lora_alpha: float = _f(16.0, "lora: scaling numerator (updates are scaled by alpha / r)", min=0.0, advanced=True)
     adapter_bottleneck: int = _f(64, "adapter: hidden size of the bottleneck adapters", min=1, advanced=True)
     prefix_length: int = _f(8, "prefix_tuning: learned key/value prefixes per layer", min=1, advanced=True)
+    steps_per_epoch: Optional[int] = _f(None, "batches per epoch drawn in turn from all train cells (None: each cell once)",
+                                        min=1, advanced=True)
+    num_workers: Optional[int] = _f(None, "data-loading processes (None: 0 under 20k cells, else min(4, CPUs - 1))",
+                                    min=0, advanced=True)
+    nproc_per_node: int = _f(1, "GPUs (processes) to train on; > 1 runs torchrun with DistributedDataParallel", min=1,
+                             advanced=True)
 
     def _check(self) -> None:
+        if self.nproc_per_node > 1 and self.strategies is not None:
+            self._fail("nproc_per_node", self.nproc_per_node, "1 when comparing strategies (or set strategies: None)")
         if self.strategies is not None:
             bad = [s for s in self.strategies if s not in STRATEGY_NAMES]
             if not self.strategies or bad:

@@ -867,11 +867,12 @@ def write_prepared(prepared: PreparedData, layout: RunLayout, label_key: str) ->
     return {"prepared_adata": path, "labels": layout.labels}
 
 
-def read_prepared(layout: RunLayout) -> AnnData:
-    """Read ``layout.prepared_adata`` (a clear error if step 01 has not run)."""
+def read_prepared(layout: RunLayout, *, backed: bool = False) -> AnnData:
+    """Read ``layout.prepared_adata`` (a clear error if step 01 has not run); ``backed``: open it read-only
+    with ``X`` left on disk (``anndata.read_h5ad(path, backed="r")``), for data larger than memory."""
     import anndata
 
-    return anndata.read_h5ad(layout.require(layout.prepared_adata, step=STEP))
+    return anndata.read_h5ad(layout.require(layout.prepared_adata, step=STEP), backed="r" if backed else None)
 
 
 def read_labels(layout: RunLayout) -> dict[str, Any]:

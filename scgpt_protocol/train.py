@@ -18,6 +18,14 @@ every epoch (a Colab disconnect costs at most one epoch); curves.
 Determinism: the data order of epoch ``e`` depends only on ``(seed, e)``, each cell's gene sampling on
 ``(seed, e, cell name)``, new modules (the head included) are initialised from ``seed``, and the torch
 RNG is re-seeded at each epoch start, so an interrupted and resumed run ends where an uninterrupted one does.
+The number of data-loading workers does not change the result.
+
+Scale: the data stream from the prepared file (:mod:`scgpt_protocol.loader`: read it with
+``read_prepared(layout, backed=True)``); memory holds per-cell labels and keys, not the matrix.
+``steps_per_epoch`` bounds an epoch on an atlas. Under torchrun (:mod:`scgpt_protocol.distributed`) each
+of the ``world_size`` processes trains on its shard of every global batch of ``batch_size`` cells; the
+loss of a shard is its sum times ``world_size`` over the global batch's cell count (or class-weight sum),
+so DDP's averaged gradient is the one-process gradient. Rank 0 alone writes.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,13 +47,14 @@ from torch import nn
 
 from .checkpoint import load_model, save_checkpoint, torch_save_atomic, write_manifest
 from .device import PeakMemory, autocast, resolve_device, resolve_precision
-from .embedding import iter_batches
+from .distributed import Classify, all_reduce_sum, barrier, world
 from .errors import CheckpointError, format_keys
 from .layout import RunLayout
+from .loader import CellGroups, ShardLoader, default_num_workers, eval_plan, make_loader, train_plan
 from .log import progress
 from .model import ProbeHead, ScGPT
 from .params import FinetuneParams
-from .tokenize import FINETUNE_CLS_VALUE, Batch, cell_keys, check_expression, collate, match_genes, tokenize_rows
+from .tokenize import FINETUNE_CLS_VALUE, cell_keys, check_expression, match_genes
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -55,7 +65,8 @@ __all__ = ["TrainResult", "finetune", "strategy_config", "save_finetuned", "load
 logger = logging.getLogger(__name__)
 
 #: parameters that may change between an interrupted run and its resumption
-_RESUMABLE_CHANGES = {"epochs", "resume", "device", "run_dir", "strategies", "mount_drive"}
+_RESUMABLE_CHANGES = {"epochs", "resume", "device", "run_dir", "strategies", "mount_drive", "num_workers",
+                      "nproc_per_node"}
 #: strategies whose saved model is a whole checkpoint in the released layout (the others save what they trained)
 _FULL_CHECKPOINT = ("full",)
 TRAINABLE_FILE = "trainable.pt"
@@ -76,6 +87,9 @@ class TrainResult:
     total_parameters: int
     model_dir: Path | None = None
     precision: str = "fp32"  # what training and validation ran in (fp32, bf16 or fp16)
+    world_size: int = 1  # processes (GPUs) that trained together (DistributedDataParallel)
+    per_device_batch_size: int = 0  # cells per process and step: ceil(batch_size / world_size)
+    num_workers: int = 0  # data-loading worker processes per training process
 
     def summary(self) -> dict[str, Any]:
         out = {k: v for k, v in asdict(self).items() if k != "history"}
@@ -129,44 +143,47 @@ def set_train_mode(model: ScGPT, strategy: str) -> None:
         model.train()
 
 
-def _training_batches(
-    adata: AnnData, model: ScGPT, rows: np.ndarray, *, params: FinetuneParams, epoch: int,
-    columns: np.ndarray, col_token_ids: np.ndarray,
-) -> Iterator[Batch]:
-    """Shuffled batches of the given rows; within groups of 8 batches, cells of similar length go together."""
-    rng = np.random.default_rng((params.seed, epoch, 7))
-    order = rows[rng.permutation(len(rows))]
-    group = params.batch_size * 8
+@dataclass
+class _Stream:
+    """What the training loop reads the data through: per-cell keys and the loader (one per finetune call)."""
+
+    loader: ShardLoader
+    n_classes: int
+
+
+def _stream(adata: AnnData, model: ScGPT, params: FinetuneParams, device: torch.device, n_cells: int,
+            n_classes: int) -> tuple[_Stream, np.ndarray]:
+    match = match_genes(adata, model.vocab)
     cfg = model.config
-    for start in range(0, len(order), group):
-        cells_idx = np.sort(order[start : start + group])
-        chunk = adata.X[cells_idx]
-        chunk = (chunk if sp.issparse(chunk) else sp.csr_matrix(np.asarray(chunk)))[:, columns]
-        cells = tokenize_rows(
-            chunk, col_token_ids, cell_index=cell_keys(adata.obs_names[cells_idx]), cls_id=model.vocab["<cls>"],
-            pad_value=cfg.pad_value, cls_value=model.cls_value, max_seq_len=params.max_seq_len, n_bins=cfg.n_bins,
-            seed=params.seed, epoch=epoch,
-        )
-        lengths = np.array([len(c.gene_ids) for c in cells])
-        by_length = np.argsort(-lengths, kind="stable")
-        batches = [
-            collate([cells[p] for p in by_length[b : b + params.batch_size]],
-                    cells_idx[by_length[b : b + params.batch_size]], pad_id=cfg.pad_token_id, pad_value=cfg.pad_value)
-            for b in range(0, len(by_length), params.batch_size)
-        ]
-        for k in rng.permutation(len(batches)):
-            yield batches[k]
+    rank, size = world()
+    dataset = CellGroups(
+        adata, columns=match.columns, col_token_ids=match.token_ids[match.columns], cls_id=model.vocab["<cls>"],
+        pad_id=cfg.pad_token_id, pad_value=cfg.pad_value, cls_value=model.cls_value, max_seq_len=params.max_seq_len,
+        n_bins=cfg.n_bins, seed=params.seed, rank=rank, world_size=size,
+    )
+    workers = params.num_workers if params.num_workers is not None else default_num_workers(
+        n_cells, processes_per_node=int(os.environ.get("LOCAL_WORLD_SIZE", size)))
+    return _Stream(make_loader(dataset, num_workers=workers, device=device), n_classes), cell_keys(adata.obs_names)
 
 
-def _logits(model: ScGPT, adata: AnnData, params: FinetuneParams, device: torch.device) -> np.ndarray:
+def _logits(model: ScGPT, stream: _Stream, rows: np.ndarray, keys: np.ndarray, params: FinetuneParams,
+            device: torch.device) -> np.ndarray:
+    """Logits of ``rows`` (in that order); under DDP each rank computes a share and they are summed."""
     model.eval()
-    logits = np.zeros((adata.n_obs, model.cls_decoder.out_layer.out_features), dtype=np.float32)
+    rank, size = world()
+    position = np.full(int(rows.max()) + 1 if len(rows) else 0, -1, dtype=np.int64)
+    position[rows] = np.arange(len(rows))
+    logits = torch.zeros((len(rows), stream.n_classes), dtype=torch.float32)
+    plans = eval_plan(rows, keys, batch_size=params.batch_size * 2, rank=rank, world_size=size)
     with torch.inference_mode(), autocast(device, training_precision(params, device)):  # as predict() does
-        for batch in iter_batches(adata, model, max_seq_len=params.max_seq_len, batch_size=params.batch_size * 2,
-                                  seed=params.seed):
-            batch = batch.to(device)
-            logits[batch.index] = model.classify(batch.gene_ids, batch.values, batch.padding_mask).float().cpu().numpy()
-    return logits
+        for shard in stream.loader(plans):
+            batch = shard.batch.to(device)
+            out = model.classify(batch.gene_ids, batch.values, batch.padding_mask).float().cpu()
+            logits[position[batch.index]] = out
+    if size > 1:  # every rank ends with every logit (the same early-stopping decision everywhere)
+        dev = device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+        logits = all_reduce_sum(logits.to(dev)).cpu()
+    return logits.numpy()
 
 
 def _val_metrics(logits: np.ndarray, codes: np.ndarray, loss_fn: nn.Module) -> dict[str, float]:
@@ -229,21 +246,23 @@ def _codes_and_splits(adata: AnnData, label_key: str, split_key: str, categories
     return codes, train_rows, val_rows
 
 
-def _fit_probe(model: ScGPT, adata: AnnData, codes: np.ndarray, train_rows: np.ndarray, params: FinetuneParams,
-               n_classes: int) -> dict[str, float]:
+def _fit_probe(model: ScGPT, stream: _Stream, keys: np.ndarray, codes: np.ndarray, train_rows: np.ndarray,
+               params: FinetuneParams, n_classes: int) -> dict[str, float]:
     """Logistic regression on frozen, L2-normalised ``<cls>`` embeddings, installed as a ProbeHead."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import log_loss
 
     device = next(model.parameters()).device
-    features = np.zeros((len(train_rows), model.config.d_model), dtype=np.float32)
+    features = np.zeros((len(train_rows), model.config.d_model), dtype=np.float32)  # the regression's input
+    position = np.full(int(train_rows.max()) + 1, -1, dtype=np.int64)
+    position[train_rows] = np.arange(len(train_rows))
     model.eval()
+    plans = eval_plan(train_rows, keys, batch_size=params.batch_size * 2)  # every rank: the same features
     with torch.inference_mode(), autocast(device, training_precision(params, device)):
-        for batch in iter_batches(adata[train_rows], model, max_seq_len=params.max_seq_len,
-                                  batch_size=params.batch_size * 2, seed=params.seed):
-            batch = batch.to(device)
+        for shard in stream.loader(plans):
+            batch = shard.batch.to(device)
             cell = model.cell_embedding(batch.gene_ids, batch.values, batch.padding_mask).float()
-            features[batch.index] = torch.nn.functional.normalize(cell, dim=1).cpu().numpy()
+            features[position[batch.index]] = torch.nn.functional.normalize(cell, dim=1).cpu().numpy()
     clf = LogisticRegression(max_iter=2000, C=1.0, random_state=params.seed,
                              class_weight="balanced" if params.class_weighted else None)
     clf.fit(features, codes[train_rows])
@@ -318,12 +337,15 @@ def finetune(
     model.to(device)
     weights = _class_weights(codes[train_rows], len(categories)) if params.class_weighted else None
     val_loss_fn = nn.CrossEntropyLoss(weight=weights)
-    val_adata = adata[val_rows]
+    rank, size = world()
+    stream, keys = _stream(adata, model, params, device, len(train_rows) + len(val_rows), len(categories))
 
     if strategy == "probe":
         with PeakMemory(device) as memory:
-            row = {"epoch": 1, **_fit_probe(model, adata, codes, train_rows, params, len(categories)), "lr": 0.0}
-            row.update(_val_metrics(_logits(model, val_adata, params, device), codes[val_rows], val_loss_fn))
+            row = {"epoch": 1, **_fit_probe(model, stream, keys, codes, train_rows, params, len(categories)),
+                   "lr": 0.0}
+            row.update(_val_metrics(_logits(model, stream, val_rows, keys, params, device), codes[val_rows],
+                                    val_loss_fn))
         row.update(best=True, seconds=round(time.perf_counter() - start_time, 2), stopped=False)
         history, best_epoch, best_score, stopped_early, resumed = [row], 1, row["val_macro_f1"], False, None
         logger.info("probe: val_macro_f1 %.4f  val_accuracy %.4f", row["val_macro_f1"], row["val_accuracy"])
@@ -335,8 +357,9 @@ def finetune(
         with PeakMemory(device) as memory:
             fingerprint = data_fingerprint(adata, label_key, categories, split_key, base_checkpoint.get("sha256"))
             history, best_epoch, best_score, stopped_early, resumed = _train_epochs(
-                model, adata, params, strategy, codes, train_rows, val_rows, val_adata, weights, val_loss_fn,
-                device, layout, on_epoch_end, fingerprint,
+                model, stream, keys, params, strategy, codes, train_rows, val_rows, weights, val_loss_fn,
+                device, layout if rank == 0 else None, on_epoch_end, fingerprint,
+                state_path=layout.train_state if layout is not None else None,
             )
     n_trainable, n_total = st.count_parameters(model)
     if strategy == "probe":
@@ -346,33 +369,43 @@ def finetune(
         epochs_run=len(history), stopped_early=stopped_early, resumed_from_epoch=resumed,
         seconds=round(time.perf_counter() - start_time, 1), peak_memory_bytes=int(memory.peak),
         trainable_parameters=n_trainable, total_parameters=n_total, precision=training_precision(params, device),
+        world_size=size, per_device_batch_size=-(-params.batch_size // size), num_workers=stream.loader.num_workers,
     )
+    del stream  # stops the loader's workers
     model.eval()
     if layout is not None:
+        result.model_dir = layout.model_dir
+    if layout is not None and rank == 0:
         layout.write_csv(result.history, layout.history, index=False)
         result.model_dir = save_finetuned(
             model, layout.model_dir, strategy=strategy, config=strategy_config(params, strategy),
             label_key=label_key, categories=categories, genes=list(adata.var_names),
             base_checkpoint=base_checkpoint, extra={"training": params.to_dict(), "best_epoch": best_epoch,
-                                                    "val_macro_f1": best_score, "precision": result.precision},
+                                                    "val_macro_f1": best_score, "precision": result.precision,
+                                                    "world_size": size,
+                                                    "per_device_batch_size": result.per_device_batch_size},
         )
         layout.write_json(layout.train_summary, result.summary())
+    barrier()  # the other ranks return once the model is written
     logger.info("%s: best epoch %d (val macro-F1 %.4f), %s trainable parameters, %.0f s, %s",
                 strategy, best_epoch, best_score, f"{n_trainable:,}", result.seconds, result.precision)
     return result
 
 
-def _train_epochs(model: ScGPT, adata: AnnData, params: FinetuneParams, strategy: str, codes: np.ndarray,
-                  train_rows: np.ndarray, val_rows: np.ndarray, val_adata: AnnData, weights: torch.Tensor | None,
+def _train_epochs(model: ScGPT, stream: _Stream, keys: np.ndarray, params: FinetuneParams, strategy: str,
+                  codes: np.ndarray, train_rows: np.ndarray, val_rows: np.ndarray, weights: torch.Tensor | None,
                   val_loss_fn: nn.Module, device: torch.device, layout: RunLayout | None,
-                  on_epoch_end: Callable[[dict[str, Any]], None] | None, fingerprint: str) -> tuple:
+                  on_epoch_end: Callable[[dict[str, Any]], None] | None, fingerprint: str,
+                  state_path: Path | None) -> tuple:
+    """The epochs; ``layout`` (rank 0 only) receives the state and history, ``state_path`` is read to resume."""
     from . import strategies as st
 
+    rank, size = world()
     trainable = [p for p in model.parameters() if p.requires_grad]
     precision = training_precision(params, device)  # autocast dtype; fp16 also gets a GradScaler
     optimizer = torch.optim.AdamW(trainable, lr=params.lr, weight_decay=params.weight_decay,
                                   eps=adam_eps(params.amp, params.adam_eps))
-    steps_per_epoch = math.ceil(len(train_rows) / params.batch_size)
+    steps_per_epoch = params.steps_per_epoch or math.ceil(len(train_rows) / params.batch_size)
     warmup = round(params.warmup_ratio * steps_per_epoch * params.epochs)
 
     def lr_factor(step: int) -> float:  # linear warm-up, then StepLR(gamma) per epoch
@@ -380,11 +413,20 @@ def _train_epochs(model: ScGPT, adata: AnnData, params: FinetuneParams, strategy
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     scaler = torch.amp.GradScaler(device.type if precision == "fp16" else "cuda", enabled=precision == "fp16")
-    loss_fn = nn.CrossEntropyLoss(weight=weights.to(device) if weights is not None else None)
+    # a shard's loss: its sum x world_size / the global batch's count (or class-weight sum); DDP averages
+    # the gradients over ranks, so the step is that of one process on the whole batch, even for uneven shards
+    loss_fn = nn.CrossEntropyLoss(weight=weights.to(device) if weights is not None else None, reduction="sum")
+    weight_of = weights.numpy().astype(np.float64) if weights is not None else None
+    classify: Callable[..., torch.Tensor] = model.classify
+    if size > 1:
+        # unused trainable weights (decoders that classify() does not call) must not stall the gradient exchange
+        classify = nn.parallel.DistributedDataParallel(
+            Classify(model), device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=True,
+        )
 
     history: list[dict[str, Any]] = []
     best_epoch, best_score, best_state, stale, first_epoch, resumed = 0, -1.0, None, 0, 1, None
-    state_path = layout.train_state if layout is not None else None
     if state_path is not None and state_path.exists() and params.resume:
         state = torch.load(state_path, map_location="cpu", weights_only=False)
         saved, now = state["params"], _comparable(params, strategy, fingerprint)
@@ -407,10 +449,10 @@ def _train_epochs(model: ScGPT, adata: AnnData, params: FinetuneParams, strategy
         first_epoch = resumed = state["epoch"] + 1
         logger.info("resuming from %s: epoch %d done, best epoch %d (val macro-F1 %.4f)",
                     state_path, state["epoch"], best_epoch, best_score)
+        del state
+    barrier()  # every rank has read the state before rank 0 writes the next one
     stopped_early = bool(history) and history[-1].get("stopped", False)
 
-    match = match_genes(adata, model.vocab)
-    columns, col_token_ids = match.columns, match.token_ids[match.columns]
     for epoch in range(first_epoch, params.epochs + 1):
         if stopped_early:
             break
@@ -419,17 +461,26 @@ def _train_epochs(model: ScGPT, adata: AnnData, params: FinetuneParams, strategy
         set_train_mode(model, strategy)
         lr = optimizer.param_groups[0]["lr"]
         total_loss, seen = 0.0, 0
-        batches = _training_batches(adata, model, train_rows, params=params, epoch=epoch, columns=columns,
-                                    col_token_ids=col_token_ids)
-        for batch in progress(batches, total=len(train_rows), desc=f"{strategy} epoch {epoch}/{params.epochs}",
-                              unit="cells", size=lambda b: len(b.index)):
-            batch = batch.to(device)
+        plans = train_plan(train_rows, keys, seed=params.seed, epoch=epoch, batch_size=params.batch_size,
+                           steps_per_epoch=params.steps_per_epoch)
+        n_cells = sum(len(p.rows) for p in plans)
+        for shard in progress(stream.loader(plans), total=n_cells, desc=f"{strategy} epoch {epoch}/{params.epochs}",
+                              unit="cells", size=lambda sh: len(sh.global_index)):
+            batch = shard.batch.to(device)
             target = torch.from_numpy(codes[batch.index]).to(device)
+            global_codes = codes[shard.global_index]
+            denom = float(weight_of[global_codes].sum()) if weight_of is not None else float(len(global_codes))
             optimizer.zero_grad(set_to_none=True)
             with autocast(device, precision):
-                loss = loss_fn(model.classify(batch.gene_ids, batch.values, batch.padding_mask).float(), target)
-            if not torch.isfinite(loss):
-                msg = f"the training loss became {loss.item()} at epoch {epoch}; lower lr (now {params.lr})."
+                logits = classify(batch.gene_ids, batch.values, batch.padding_mask).float()
+            loss = loss_fn(logits, target) * (size / max(denom, 1e-12))
+            if not shard.real:  # a rank without cells in this batch: it joins the exchange with a zero gradient
+                loss = loss * 0.0
+            value = loss.detach().clone()  # the global batch's loss, the same on every rank
+            if size > 1:
+                value = all_reduce_sum(value if device.type == "cuda" else value.cpu()) / size
+            if not torch.isfinite(value):
+                msg = f"the training loss became {value.item()} at epoch {epoch}; lower lr (now {params.lr})."
                 raise FloatingPointError(msg)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
@@ -438,10 +489,11 @@ def _train_epochs(model: ScGPT, adata: AnnData, params: FinetuneParams, strategy
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
-            total_loss += loss.item() * len(batch.index)
-            seen += len(batch.index)
+            total_loss += value.item() * len(shard.global_index)
+            seen += len(shard.global_index)
         row = {"epoch": epoch, "train_loss": total_loss / max(seen, 1), "lr": lr}
-        row.update(_val_metrics(_logits(model, val_adata, params, device), codes[val_rows], val_loss_fn))
+        row.update(_val_metrics(_logits(model, stream, val_rows, keys, params, device), codes[val_rows],
+                                val_loss_fn))
         improved = row["val_macro_f1"] > best_score
         if improved:
             best_epoch, best_score, stale = epoch, row["val_macro_f1"], 0
@@ -457,7 +509,7 @@ def _train_epochs(model: ScGPT, adata: AnnData, params: FinetuneParams, strategy
             strategy, epoch, params.epochs, row["train_loss"], row["val_loss"], row["val_macro_f1"],
             row["val_accuracy"], lr, row["seconds"], "  *best*" if improved else "",
         )
-        if state_path is not None:
+        if layout is not None and state_path is not None:
             state_path.parent.mkdir(parents=True, exist_ok=True)
             torch_save_atomic({
                 "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -466,7 +518,7 @@ def _train_epochs(model: ScGPT, adata: AnnData, params: FinetuneParams, strategy
                 "params": _comparable(params, strategy, fingerprint),
             }, state_path)
             layout.write_csv(pd.DataFrame(history), layout.history, index=False)
-        if on_epoch_end is not None:
+        if on_epoch_end is not None and rank == 0:
             on_epoch_end(row)
         if row["stopped"]:
             logger.info("early stopping: no better validation macro-F1 for %d epochs", params.patience)

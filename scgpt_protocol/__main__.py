@@ -1,0 +1,7 @@
+"""``python -m scgpt_protocol``: the command line (also what ``torchrun ... -m scgpt_protocol finetune`` runs)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
