@@ -164,6 +164,7 @@ class ShardLoader:
         self._loader = torch.utils.data.DataLoader(
             dataset, batch_size=None, sampler=self.sampler, num_workers=num_workers, collate_fn=_identity,
             pin_memory=pin_memory, persistent_workers=num_workers > 0,
+            generator=torch.Generator(),  # its seed draw must not move the global RNG (dropout masks)
         )
 
     def __call__(self, plans: Sequence[GroupPlan]) -> Iterator[Shard]:
