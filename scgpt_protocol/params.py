@@ -270,7 +270,7 @@ class FinetuneParams(StepParams):
     lora_alpha: float = _f(16.0, "lora: scaling numerator (updates are scaled by alpha / r)", min=0.0, advanced=True)
     adapter_bottleneck: int = _f(64, "adapter: hidden size of the bottleneck adapters", min=1, advanced=True)
     prefix_length: int = _f(8, "prefix_tuning: learned key/value prefixes per layer", min=1, advanced=True)
-    steps_per_epoch: Optional[int] = _f(None, "batches per epoch drawn in turn from all train cells (None: each cell once)",
+    steps_per_epoch: Optional[int] = _f(None, "batches per epoch, drawn in turn from all train cells (None: all once)",
                                         min=1, advanced=True)
     num_workers: Optional[int] = _f(None, "data-loading processes (None: 0 under 20k cells, else min(4, CPUs - 1))",
                                     min=0, advanced=True)

@@ -37,11 +37,10 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 import torch
 from torch import nn
 
@@ -457,7 +456,7 @@ def _train_epochs(model: ScGPT, stream: _Stream, keys: np.ndarray, params: Finet
         if stopped_early:
             break
         t0 = time.perf_counter()
-        torch.manual_seed(params.seed * 100_003 + epoch)
+        torch.manual_seed(params.seed * 100_003 + epoch + 7_919 * rank)  # rank 0: as with one process
         set_train_mode(model, strategy)
         lr = optimizer.param_groups[0]["lr"]
         total_loss, seen = 0.0, 0
