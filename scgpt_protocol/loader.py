@@ -81,6 +81,10 @@ class CellGroups(torch.utils.data.Dataset):
     def __init__(self, adata: AnnData, *, columns: np.ndarray, col_token_ids: np.ndarray, cls_id: int, pad_id: int,
                  pad_value: float, cls_value: float | None, max_seq_len: int, n_bins: int, seed: int,
                  rank: int = 0, world_size: int = 1) -> None:
+        if adata.isbacked and adata.is_view:
+            msg = ("a subset (view) of a backed AnnData was given; training reads rows of the whole file. Pass the "
+                   "whole backed AnnData (the split is taken from obs), or load the subset with .to_memory().")
+            raise ValueError(msg)
         self.path = str(adata.filename) if adata.isbacked else None
         self._matrix = None if self.path else get_matrix(adata)
         self._handle: Any = None
