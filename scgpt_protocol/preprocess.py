@@ -46,7 +46,7 @@ import scipy.sparse as sp
 from .errors import InputDataError, format_keys
 from .log import DETAIL
 from .plotting import label_palette, mark_categories
-from .tokenize import check_expression, gene_symbols, get_matrix, match_genes, value_kind
+from .tokenize import check_expression, gene_symbols, get_matrix, iter_row_chunks, match_genes, value_kind
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -70,6 +70,9 @@ __all__ = [
     "read_labels",
     "plot_qc",
     "plot_class_counts",
+    "prepare_file",
+    "open_adata",
+    "choose_chunked",
 ]
 
 logger = logging.getLogger(__name__)
@@ -119,6 +122,24 @@ def read_adata(path: str) -> AnnData:
         logger.info("read the demo data (scanpy's pbmc68k_reduced): %s cells x %s genes",
                     f"{adata.n_obs:,}", f"{adata.n_vars:,}")
         return adata
+    file = _check_h5ad_path(path)
+    import anndata
+
+    try:
+        adata = anndata.read_h5ad(file)
+    except (OSError, KeyError, ValueError, TypeError) as err:  # h5py / anndata errors name no path
+        msg = (
+            f"adata_path {str(file)!r} could not be read as an .h5ad file ({type(err).__name__}: {err}). It is "
+            f"{file.stat().st_size:,} bytes: a truncated copy or download, or another format with an .h5ad "
+            "name. Copy or write it again (adata.write_h5ad) and check that it opens with anndata.read_h5ad."
+        )
+        raise InputDataError(msg) from err
+    logger.info("read %s: %s cells x %s genes", file, f"{adata.n_obs:,}", f"{adata.n_vars:,}")
+    return adata
+
+
+def _check_h5ad_path(path: str | Path) -> Path:
+    """``path`` as a Path: an existing ``.h5ad`` file, or a clear error (see :func:`read_adata`)."""
     file = Path(path).expanduser()
     if file.suffix.lower() != ".h5ad":
         msg = (
@@ -136,19 +157,7 @@ def read_adata(path: str) -> AnnData:
             "directory, or 'demo'."
         )
         raise FileNotFoundError(msg)
-    import anndata
-
-    try:
-        adata = anndata.read_h5ad(file)
-    except (OSError, KeyError, ValueError, TypeError) as err:  # h5py / anndata errors name no path
-        msg = (
-            f"adata_path {str(file)!r} could not be read as an .h5ad file ({type(err).__name__}: {err}). It is "
-            f"{file.stat().st_size:,} bytes: a truncated copy or download, or another format with an .h5ad "
-            "name. Copy or write it again (adata.write_h5ad) and check that it opens with anndata.read_h5ad."
-        )
-        raise InputDataError(msg) from err
-    logger.info("read %s: %s cells x %s genes", file, f"{adata.n_obs:,}", f"{adata.n_vars:,}")
-    return adata
+    return file
 
 
 # -- checkpoint -----------------------------------------------------------------------------
@@ -759,6 +768,18 @@ def prepare(adata: AnnData, params: PreprocessParams, vocab: dict[str, int]) -> 
               f"genes: {before:,} -> {out.n_obs:,} cells")
         log.append(f"dropped cells with no expressed selected gene: {before:,} -> {out.n_obs:,} cells")
 
+    return _finish(out, adata, params, log, record, input_record={"n_cells": n_cells_in, "n_genes": n_genes_in,
+                   "matrix": where, "value_kind": kind, "value_max": vmax}, normalise=normalise,
+                   is_counts=is_counts, match_fraction=match.fraction)
+
+
+def _finish(out: AnnData, source: Any, params: PreprocessParams, log: list[str], record: Any, *,
+            input_record: dict[str, Any], normalise: bool, is_counts: bool, match_fraction: float) -> PreparedData:
+    """The classes, the split and the record of :func:`prepare` (shared with :func:`prepare_file`).
+
+    ``out`` holds the filtered cells and genes (``X`` may be absent); ``source`` is the input, for its colours.
+    """
+    label_key = params.label_key
     # classes and split
     labels = out.obs[label_key].astype(str).to_numpy()
     class_counts = pd.Series(labels).value_counts()
@@ -805,13 +826,12 @@ def prepare(adata: AnnData, params: PreprocessParams, vocab: dict[str, int]) -> 
 
     record_uns = {
         "params": params.to_dict(),
-        "input": {"n_cells": n_cells_in, "n_genes": n_genes_in, "matrix": where,
-                  "value_kind": kind, "value_max": vmax},
+        "input": input_record,
         "normalised": bool(normalise),
         "counts_layer": bool(is_counts),
         "n_cells": int(out.n_obs),
         "n_genes": int(out.n_vars),
-        "genes_matched_fraction": float(match.fraction),
+        "genes_matched_fraction": float(match_fraction),
         "categories": categories,
         "rare_classes": rare_classes,
         "split_totals": totals,
@@ -820,7 +840,7 @@ def prepare(adata: AnnData, params: PreprocessParams, vocab: dict[str, int]) -> 
     previous = out.uns.get("scgpt_protocol")
     out.uns["scgpt_protocol"] = {**(dict(previous) if isinstance(previous, dict) else {}),
                                  "preprocess": _h5ad_safe(record_uns)}
-    colors = label_palette(categories, adata=adata, label_key=label_key)  # the input's own colours when valid
+    colors = label_palette(categories, adata=source, label_key=label_key)  # the input's own colours when valid
     out.uns[f"{label_key}_colors"] = [colors[c] for c in categories]
     return PreparedData(adata=out, categories=categories, split_counts=split_counts,
                         rare_classes=rare_classes, log=log, colors=colors)
@@ -852,6 +872,14 @@ def write_prepared(prepared: PreparedData, layout: RunLayout, label_key: str) ->
     ``rare_classes``.
     """
     path = layout.write_h5ad(prepared.adata, layout.prepared_adata)
+    _write_labels(prepared, layout, label_key)
+    logger.info("wrote %s (%s cells x %s genes) and %s", path, f"{prepared.adata.n_obs:,}",
+                f"{prepared.adata.n_vars:,}", layout.labels, extra=DETAIL)  # the notebook shows report.files_table
+    return {"prepared_adata": path, "labels": layout.labels}
+
+
+def _write_labels(prepared: PreparedData, layout: RunLayout, label_key: str) -> Path:
+    """Write ``layout.labels`` (see :func:`write_prepared`)."""
     counts = prepared.split_counts
     labels = {
         "label_key": label_key,
@@ -861,10 +889,7 @@ def write_prepared(prepared: PreparedData, layout: RunLayout, label_key: str) ->
         "rare_classes": list(prepared.rare_classes),
         "colors": dict(prepared.colors) or label_palette(prepared.categories),  # one palette for every figure
     }
-    layout.write_json(layout.labels, labels)
-    logger.info("wrote %s (%s cells x %s genes) and %s", path, f"{prepared.adata.n_obs:,}",
-                f"{prepared.adata.n_vars:,}", layout.labels, extra=DETAIL)  # the notebook shows report.files_table
-    return {"prepared_adata": path, "labels": layout.labels}
+    return layout.write_json(layout.labels, labels)
 
 
 def read_prepared(layout: RunLayout) -> AnnData:
@@ -900,19 +925,29 @@ def plot_qc(adata: AnnData, *, layer: str | None = None, gene_symbol_key: str | 
     """
     from matplotlib.figure import Figure
 
-    x = sp.csr_matrix(get_matrix(adata, layer), dtype=np.float32)
-    kind, _ = value_kind(x)
+    matrix = get_matrix(adata, layer)
+    kind, _ = value_kind(matrix)
     where = f"layers[{layer!r}]" if layer else "X"
-    n_genes = np.asarray(x.getnnz(axis=1)).ravel()
-    totals = np.asarray(x.sum(axis=1)).ravel()
+    mito = _mito_mask(gene_symbols(adata, gene_symbol_key))
+    # per-cell numbers chunk by chunk: the matrix may be on disk (open_adata) or larger than a copy can be
+    n_genes = np.zeros(adata.n_obs, dtype=np.int64)
+    totals = np.zeros(adata.n_obs, dtype=np.float32)
+    pct = np.zeros(adata.n_obs, dtype=np.float64)
+    for start, chunk in iter_row_chunks(matrix, 8192):
+        x = sp.csr_matrix(chunk, dtype=np.float32)
+        end = start + x.shape[0]
+        x.eliminate_zeros()
+        n_genes[start:end] = x.getnnz(axis=1)
+        totals[start:end] = np.asarray(x.sum(axis=1)).ravel()
+        if mito.any():
+            pct[start:end] = _pct_mito(x, mito, kind)
     panels = [
         (n_genes, "expressed genes per cell", "genes"),
         (totals, f"total {'counts' if kind == 'counts' else 'of values'} per cell ({where})",
          "counts" if kind == "counts" else "sum of values"),
     ]
-    mito = _mito_mask(gene_symbols(adata, gene_symbol_key))
     if mito.any():
-        panels.append((_pct_mito(x, mito, kind), f"% mitochondrial ({int(mito.sum())} MT- genes)", "%"))
+        panels.append((pct, f"% mitochondrial ({int(mito.sum())} MT- genes)", "%"))
     fig = Figure(figsize=(4.0 * len(panels), 3.2), layout="constrained")
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (values, title, xlabel) in zip(axes, panels):
@@ -950,3 +985,7 @@ def plot_class_counts(prepared: PreparedData) -> Figure:
     ax.set_title(f"cells per class and split ({len(counts)} classes)", fontsize=10)
     ax.legend(loc="lower right", fontsize=8)
     return fig
+
+
+# the bounded-memory path (prepare_file) and its reader live in preprocess_stream
+from .preprocess_stream import choose_chunked, open_adata, prepare_file  # noqa: E402
