@@ -236,7 +236,7 @@ class PreprocessParams(StepParams):
     min_cells_per_class: int = _f(5, "classes with fewer cells stay in train only (reported)", min=3, advanced=True)
     chunked: Optional[bool] = _f(None, "stream X in row chunks (None: when X is over 1/4 of free memory)",
                                  advanced=True)
-    chunk_size: Optional[int] = _f(None, "cells per chunk (None: about 10M stored values)", min=1,
+    chunk_size: Optional[int] = _f(None, "cells per chunk (None: about 2M stored values)", min=1,
                                    advanced=True)
 
     def _check(self) -> None:

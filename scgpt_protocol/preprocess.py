@@ -508,6 +508,8 @@ class PreparedData:
         Classes with fewer than ``min_cells_per_class`` cells, kept in train only.
     log : list of str
         What was done, with counts before -> after.
+    files : dict of str to Path
+        What :func:`prepare_file` wrote: ``{"prepared_adata": ..., "labels": ...}`` (empty after :func:`prepare`).
     colors : dict of str to str
         The run's colour of each class (:func:`~scgpt_protocol.plotting.label_palette`), also in
         ``adata.uns[f"{label_key}_colors"]`` and ``labels.json``: every figure of every step uses it.
@@ -519,6 +521,7 @@ class PreparedData:
     rare_classes: list[str]
     log: list[str]
     colors: dict[str, str] = field(default_factory=dict)
+    files: dict[str, Path] = field(default_factory=dict)
 
     def __repr__(self) -> str:
         return (

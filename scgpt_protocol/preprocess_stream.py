@@ -54,8 +54,8 @@ logger = logging.getLogger(__name__)
 #: an ``uns`` key marking that the file has a ``.raw`` (which :func:`open_adata` does not read)
 _RAW_FLAG = "_scgpt_protocol_has_raw"
 
-#: stored values per chunk when ``chunk_size`` is None (about 80 MB of float32 data + int32 indices)
-CHUNK_VALUES = 10_000_000
+#: stored values per chunk when ``chunk_size`` is None (about 16 MB of float32 data + int32 indices)
+CHUNK_VALUES = 2_000_000
 
 
 # -- opening the input ----------------------------------------------------------------------
@@ -351,7 +351,7 @@ def prepare_file(
         Overrides ``params.chunked``: True reads the matrix chunk by chunk from the file, False reads it
         into memory once, None (both None) decides by size (:func:`choose_chunked`).
     chunk_size : int, optional
-        Overrides ``params.chunk_size``: cells per chunk (None: about 10 million stored values).
+        Overrides ``params.chunk_size``: cells per chunk (None: about 2 million stored values).
 
     Returns
     -------
@@ -378,6 +378,7 @@ def prepare_file(
     size = chunk_size if chunk_size is not None else params.chunk_size
     prepared = _prepare_source(source, params, vocab, layout, size)
     _write_labels(prepared, layout, params.label_key)
+    prepared.files = {"prepared_adata": layout.prepared_adata, "labels": layout.labels}
     return prepared
 
 
