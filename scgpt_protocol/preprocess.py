@@ -2,13 +2,17 @@
 
 The functions here back the ``01_preprocess`` notebook::
 
-    adata = read_adata(params.adata_path)
+    adata = open_adata(params.adata_path)        # obs/var/uns in memory, the matrix on disk
     ckpt = resolve_checkpoint(params.checkpoint, layout, gene_symbols(adata, params.gene_symbol_key))
     vocab = read_vocab(ckpt / "vocab.json")
     inspection = inspect_adata(adata, label_key=params.label_key, vocab=vocab, ...)
     write_inspection(inspection, layout)
-    prepared = prepare(adata, params, vocab)
-    write_prepared(prepared, layout, params.label_key)
+    fig = plot_qc(adata)                         # per-cell numbers, chunk by chunk
+    prepared = prepare_file(params, vocab, layout)   # writes prepared.h5ad and labels.json
+
+:func:`prepare_file` (in :mod:`scgpt_protocol.preprocess_stream`) streams the matrix in row chunks with
+bounded memory, in memory or from the file; :func:`prepare` + :func:`write_prepared` do the same on an
+AnnData held in memory (for scripts and small data; they copy it). Both give the same ``prepared.h5ad``.
 
 Every step function takes an AnnData and returns a new one; the input is never modified.
 

@@ -170,13 +170,17 @@ def choose_chunked(path: str | Path, layer: str | None = None, chunked: bool | N
 
 
 # -- chunks -----------------------------------------------------------------------------------
-def _default_chunk_size(matrix: Any) -> int:
-    n = matrix.shape[0]
+def _stored_values(matrix: Any) -> int:
+    """Stored values of an in-memory or backed sparse matrix (all values of a dense one)."""
     nnz = getattr(matrix, "nnz", None)
     if nnz is None and hasattr(matrix, "group"):
         nnz = int(matrix.group["data"].shape[0])
-    if nnz is None:
-        nnz = n * matrix.shape[1]
+    return int(nnz) if nnz is not None else int(matrix.shape[0]) * int(matrix.shape[1])
+
+
+def _default_chunk_size(matrix: Any) -> int:
+    n = matrix.shape[0]
+    nnz = _stored_values(matrix)
     per_row = max(1.0, nnz / max(n, 1))
     return int(max(64, min(n, CHUNK_VALUES // per_row)))
 
@@ -299,9 +303,12 @@ def seurat_hvg(moments: _GeneMoments, names: pd.Index, n_top: int, batches: list
 
 # -- writing ------------------------------------------------------------------------------------
 class _CSRWriter:
-    """An appendable CSR matrix in an h5ad group (anndata's encoding; int64 indptr)."""
+    """An appendable CSR matrix in an h5ad group (anndata's encoding).
 
-    def __init__(self, parent: Any, name: str, n_genes: int) -> None:
+    ``indptr`` is int32 when ``max_nnz`` fits (as scipy, and so ``write_h5ad``, would store it), else int64.
+    """
+
+    def __init__(self, parent: Any, name: str, n_genes: int, max_nnz: int) -> None:
         g = parent.create_group(name)
         g.attrs["encoding-type"] = "csr_matrix"
         g.attrs["encoding-version"] = "0.1.0"
@@ -309,7 +316,9 @@ class _CSRWriter:
         self.group, self.n_genes, self.n_rows, self.nnz = g, n_genes, 0, 0
         g.create_dataset("data", shape=(0,), maxshape=(None,), dtype=np.float32, chunks=(1 << 18,))
         g.create_dataset("indices", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(1 << 18,))
-        g.create_dataset("indptr", shape=(1,), maxshape=(None,), dtype=np.int64, chunks=(1 << 16,), data=[0])
+        self.indptr_dtype = np.int32 if max_nnz < np.iinfo(np.int32).max else np.int64
+        g.create_dataset("indptr", shape=(1,), maxshape=(None,), dtype=self.indptr_dtype, chunks=(1 << 16,),
+                         data=[0])
 
     def append(self, x: sp.csr_matrix) -> None:
         n, k = x.shape[0], x.nnz
@@ -321,7 +330,7 @@ class _CSRWriter:
         g["indices"].resize((self.nnz + k,))
         g["indices"][self.nnz:] = x.indices.astype(np.int32, copy=False)
         g["indptr"].resize((self.n_rows + n + 1,))
-        g["indptr"][self.n_rows + 1:] = x.indptr[1:].astype(np.int64) + self.nnz
+        g["indptr"][self.n_rows + 1:] = (x.indptr[1:].astype(np.int64) + self.nnz).astype(self.indptr_dtype)
         self.n_rows += n
         self.nnz += k
         g.attrs["shape"] = np.array([self.n_rows, self.n_genes], dtype=np.int64)
@@ -592,11 +601,12 @@ def _prepare_source(source: AnnData, params: PreprocessParams, vocab: dict[str, 
         with h5py.File(tmp, "w") as f:
             f.attrs["encoding-type"] = "anndata"
             f.attrs["encoding-version"] = "0.1.0"
-            xw = _CSRWriter(f, "X", n_genes_out)
+            max_nnz = _stored_values(matrix)
+            xw = _CSRWriter(f, "X", n_genes_out, max_nnz)
             layers = f.create_group("layers")
             layers.attrs["encoding-type"] = "dict"
             layers.attrs["encoding-version"] = "0.1.0"
-            cw = _CSRWriter(layers, "counts", n_genes_out) if is_counts else None
+            cw = _CSRWriter(layers, "counts", n_genes_out, max_nnz) if is_counts else None
             for start, x in _chunks(matrix, size):
                 y, counts, idx = rows_out(x, start)
                 full = np.diff(y.indptr) > 0

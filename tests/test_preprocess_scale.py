@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 
 import anndata as ad
+import h5py
 import numpy as np
 import pandas as pd
 import pytest
@@ -88,12 +89,16 @@ def _both(tmp_path, path, params, vocab, **kw):
     {"max_pct_mito": 4.0, "n_hvg": 40},
     {"n_hvg": 40, "batch_key": "batch", "gene_symbol_key": "symbol", "min_genes": 50},
     {"normalize": "no", "min_cells": 100},
+    {"vocab_genes": 70, "n_hvg": 30, "normalize": "yes"},
 ])
 def test_prepare_file_equals_prepare(tmp_path, extra):
+    """Same file content from both paths (tiny chunks) as from prepare + write_prepared, for each step's options."""
     path, toy = _toy_file(tmp_path)
+    extra = dict(extra)
+    n_vocab = extra.pop("vocab_genes", None)
     params = PreprocessParams(adata_path=str(path), label_key="cell_type", min_cells_per_class=3, **extra)
     key = extra.get("gene_symbol_key")
-    vocab = _vocab(toy.var[key] if key else toy.var_names)
+    vocab = _vocab((toy.var[key] if key else toy.var_names)[:n_vocab])
     ref, ref_file, ref_layout, outs = _both(tmp_path, path, params, vocab, chunk_size=37)
     for got, written, layout in outs:
         _assert_same(ref_file, written)
@@ -101,6 +106,10 @@ def test_prepare_file_equals_prepare(tmp_path, extra):
         pd.testing.assert_frame_equal(got.split_counts, ref.split_counts)
         assert layout.labels.read_text() == ref_layout.labels.read_text()
         assert got.adata.X is None and got.adata.n_obs == ref.adata.n_obs
+        assert got.files == {"prepared_adata": layout.prepared_adata, "labels": layout.labels}
+        with h5py.File(layout.prepared_adata) as mine, h5py.File(ref_layout.prepared_adata) as theirs:
+            for key in ("X/data", "X/indices", "X/indptr"):
+                assert mine[key].dtype == theirs[key].dtype, key
 
 
 def test_prepare_file_demo_data(tmp_path):
