@@ -665,25 +665,35 @@ def prepare(adata: AnnData, params: PreprocessParams, vocab: dict[str, int]) -> 
     check_expression(adata, layer=params.layer)
     n_cells_in, n_genes_in = int(adata.n_obs), int(adata.n_vars)
 
-    # labels
+    # labels; the metadata is copied without the matrices (the chosen one is copied once below, the
+    # other layers and .raw not at all)
+    import anndata
+
+    meta = anndata.AnnData(obs=adata.obs, var=adata.var, uns=adata.uns, obsm=dict(adata.obsm),
+                           varm=dict(adata.varm), obsp=dict(adata.obsp), varp=dict(adata.varp))
     missing = missing_labels(adata.obs[label_key])
     if missing.any():
-        out = adata[~missing].copy()
+        out = meta[~missing].copy()
         _warn(f"dropped {int(missing.sum()):,} cells without a label in obs[{label_key!r}]: "
               f"{n_cells_in:,} -> {out.n_obs:,} cells")
         log.append(f"dropped cells without a label: {n_cells_in:,} -> {out.n_obs:,} cells")
+        matrix = get_matrix(adata, params.layer)[np.flatnonzero(~missing)]  # a new matrix of these rows
     else:
-        out = adata.copy()
+        out = meta.copy()
+        matrix = get_matrix(adata, params.layer)
+    del meta
 
     # matrix
     where = f"adata.layers[{params.layer!r}]" if params.layer else "adata.X"
-    x = sp.csr_matrix(get_matrix(out, params.layer), dtype=np.float32)
+    x = sp.csr_matrix(matrix, dtype=np.float32)
+    if x is matrix or (sp.issparse(matrix) and any(
+            np.shares_memory(getattr(x, k), getattr(matrix, k)) for k in ("data", "indices", "indptr")
+            if hasattr(matrix, k))):
+        x = x.copy()  # sum_duplicates / eliminate_zeros work in place: never on the caller's arrays
+    del matrix
     x.sum_duplicates()
     x.eliminate_zeros()
-    dropped = [f"layers[{k!r}]" for k in out.layers.keys()] + (["raw"] if out.raw is not None else [])
-    for key in list(out.layers.keys()):
-        del out.layers[key]
-    out.raw = None
+    dropped = [f"layers[{k!r}]" for k in adata.layers.keys()] + (["raw"] if adata.raw is not None else [])
     out.X = x
     record(f"expression from {where} as float32 CSR"
            + (f" (dropped {', '.join(dropped)})" if dropped else ""))
@@ -943,8 +953,7 @@ def plot_qc(adata: AnnData, *, layer: str | None = None, gene_symbol_key: str | 
     for start, chunk in iter_row_chunks(matrix, 8192):
         x = sp.csr_matrix(chunk, dtype=np.float32)
         end = start + x.shape[0]
-        x.eliminate_zeros()
-        n_genes[start:end] = x.getnnz(axis=1)
+        n_genes[start:end] = np.asarray((x != 0).sum(axis=1)).ravel()  # explicit zeros are not genes
         totals[start:end] = np.asarray(x.sum(axis=1)).ravel()
         if mito.any():
             pct[start:end] = _pct_mito(x, mito, kind)

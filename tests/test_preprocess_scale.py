@@ -172,3 +172,25 @@ def test_qc_plot_on_backed_data(tmp_path):
         inspection = pp.inspect_adata(backed, label_key="cell_type", vocab=_vocab(toy.var_names),
                                       min_cells_per_class=3)
     assert inspection.n_cells == toy.n_obs and inspection.value_kind == "counts"
+
+
+def test_prepare_leaves_the_callers_anndata_alone(tmp_path):
+    """prepare copies the chosen matrix once (duplicates, explicit zeros, int counts) and never changes the input."""
+    toy = make_toy_adata(n_cells=120, n_genes=60)
+    x = sp.csr_matrix(toy.X, dtype=np.float32)
+    x.data[::7] = 0  # explicit zeros, kept as stored values
+    toy.X = x
+    toy.layers["int_counts"] = sp.csr_matrix(toy.X, dtype=np.int64)
+    toy.raw = toy.copy()
+    for layer in (None, "int_counts"):
+        before = toy.copy()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = pp.prepare(toy, PreprocessParams(label_key="cell_type", layer=layer, min_genes=10, n_hvg=20,
+                                                   min_cells_per_class=3), _vocab(toy.var_names)).adata
+        assert (toy.X != before.X).nnz == 0 and toy.X.nnz == before.X.nnz  # explicit zeros still stored
+        assert (toy.layers["int_counts"] != before.layers["int_counts"]).nnz == 0
+        pd.testing.assert_frame_equal(toy.obs, before.obs)
+        pd.testing.assert_frame_equal(toy.var, before.var)
+        assert set(toy.uns) == set(before.uns) and toy.raw is not None
+        assert not np.shares_memory(out.X.data, toy.X.data) and out.raw is None and list(out.layers) == ["counts"]
