@@ -23,6 +23,14 @@ scanpy itself has no chunked path for these steps without dask, which is not a d
 
 The path is chosen by size (:func:`choose_chunked`): the chunked path when the stored matrix is
 larger than a quarter of the memory available now; ``PreprocessParams.chunked`` forces either.
+
+Limits: the chunked path reads rows of a CSR matrix; a CSC matrix on disk is read by rows too, but
+each chunk then reads the whole file (convert it to CSR once: ``adata.X = adata.X.tocsr()``), and a
+dense matrix on disk is read into memory whole.
+
+Measured (synthetic counts, 20,000 genes, 1,000 expressed per cell, 2 CPU cores): 200k cells
+(1.6 GB of CSR) take about 40 s at a peak of 2.3 GB RSS in memory (1.4x the CSR, including 0.45 GB
+of imported libraries) and 0.7 GB chunked.
 """
 
 from __future__ import annotations
