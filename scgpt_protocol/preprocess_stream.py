@@ -170,7 +170,10 @@ def choose_chunked(path: str | Path, layer: str | None = None, chunked: bool | N
         return bool(chunked)
     if str(path) == "demo":
         return False
-    need, have = stored_matrix_bytes(path, layer), available_memory()
+    try:
+        need, have = stored_matrix_bytes(path, layer), available_memory()
+    except OSError:  # not an HDF5 file: open_adata says so clearly
+        return False
     choice = need > have // 4
     logger.info("matrix %.2f GB, %.2f GB memory available: %s path", need / 1e9, have / 1e9,
                 "chunked" if choice else "in-memory")
@@ -387,8 +390,10 @@ def prepare_file(
     ------
     As :func:`~scgpt_protocol.preprocess.prepare` and :func:`~scgpt_protocol.preprocess.read_adata`.
     """
-    from .preprocess import _write_labels
+    from .preprocess import _check_h5ad_path, _write_labels
 
+    if str(params.adata_path) != "demo":
+        _check_h5ad_path(params.adata_path)  # a clear error before anything else reads the file
     use_chunked = choose_chunked(params.adata_path, params.layer,
                                  params.chunked if chunked is None else chunked)
     source = open_adata(params.adata_path, layer=params.layer, in_memory=not use_chunked)

@@ -195,3 +195,26 @@ def test_prepare_leaves_the_callers_anndata_alone(tmp_path):
         pd.testing.assert_frame_equal(toy.var, before.var)
         assert set(toy.uns) == set(before.uns) and toy.raw is not None
         assert not np.shares_memory(out.X.data, toy.X.data) and out.raw is None and list(out.layers) == ["counts"]
+
+
+def test_prepare_file_bad_inputs(tmp_path):
+    """The typed errors of read_adata / prepare, from the file path too."""
+    from scgpt_protocol.errors import InputDataError
+
+    layout = RunLayout(tmp_path / "run").make_dirs()
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        pp.prepare_file(PreprocessParams(adata_path=str(tmp_path / "nope.h5ad")), {}, layout)
+    fake = tmp_path / "fake.h5ad"
+    fake.write_text("not hdf5")
+    for chunked in (None, True, False):
+        with pytest.raises(InputDataError, match="could not be read as an .h5ad file"):
+            pp.prepare_file(PreprocessParams(adata_path=str(fake)), {}, layout, chunked=chunked)
+    path, toy = _toy_file(tmp_path)
+    vocab = _vocab(toy.var_names)
+    for chunked in (True, False):
+        with pytest.raises(KeyError, match="label_key 'nope' not in adata.obs"):
+            pp.prepare_file(PreprocessParams(adata_path=str(path), label_key="nope"), vocab, layout, chunked=chunked)
+        with pytest.raises(KeyError, match="layer 'missing' not in adata.layers"):
+            pp.prepare_file(PreprocessParams(adata_path=str(path), label_key="cell_type", layer="missing"), vocab,
+                            layout, chunked=chunked)
+    assert not layout.prepared_adata.exists()
