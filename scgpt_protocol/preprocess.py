@@ -132,14 +132,18 @@ def read_adata(path: str) -> AnnData:
     try:
         adata = anndata.read_h5ad(file)
     except (OSError, KeyError, ValueError, TypeError) as err:  # h5py / anndata errors name no path
-        msg = (
-            f"adata_path {str(file)!r} could not be read as an .h5ad file ({type(err).__name__}: {err}). It is "
-            f"{file.stat().st_size:,} bytes: a truncated copy or download, or another format with an .h5ad "
-            "name. Copy or write it again (adata.write_h5ad) and check that it opens with anndata.read_h5ad."
-        )
-        raise InputDataError(msg) from err
+        raise _unreadable(file, err) from err
     logger.info("read %s: %s cells x %s genes", file, f"{adata.n_obs:,}", f"{adata.n_vars:,}")
     return adata
+
+
+def _unreadable(file: Path, err: Exception) -> InputDataError:
+    """The error for an ``.h5ad`` file that h5py / anndata cannot read."""
+    return InputDataError(
+        f"adata_path {str(file)!r} could not be read as an .h5ad file ({type(err).__name__}: {err}). It is "
+        f"{file.stat().st_size:,} bytes: a truncated copy or download, or another format with an .h5ad "
+        "name. Copy or write it again (adata.write_h5ad) and check that it opens with anndata.read_h5ad."
+    )
 
 
 def _check_h5ad_path(path: str | Path) -> Path:

@@ -94,7 +94,7 @@ def open_adata(path: str | Path, *, layer: str | None = None, in_memory: bool = 
     import h5py
     from anndata.io import read_elem, sparse_dataset
 
-    from .preprocess import _check_h5ad_path, read_adata
+    from .preprocess import _check_h5ad_path, _unreadable, read_adata
 
     if str(path) == "demo":
         return read_adata("demo")
@@ -102,13 +102,8 @@ def open_adata(path: str | Path, *, layer: str | None = None, in_memory: bool = 
     try:
         f = h5py.File(file, "r")
         parts = {k: read_elem(f[k]) for k in ("obs", "var", "uns", "obsm", "varm", "obsp", "varp") if k in f}
-    except (OSError, KeyError, ValueError, TypeError) as err:
-        msg = (
-            f"adata_path {str(file)!r} could not be read as an .h5ad file ({type(err).__name__}: {err}). It is "
-            f"{file.stat().st_size:,} bytes: a truncated copy or download, or another format with an .h5ad "
-            "name. Copy or write it again (adata.write_h5ad) and check that it opens with anndata.read_h5ad."
-        )
-        raise InputDataError(msg) from err
+    except (OSError, KeyError, ValueError, TypeError) as err:  # h5py / anndata errors name no path
+        raise _unreadable(file, err) from err
 
     def matrix(key: str) -> Any:
         elem = f[key]
@@ -141,8 +136,8 @@ def stored_matrix_bytes(path: str | Path, layer: str | None = None) -> int:
         if key not in f:
             return 0
         elem = f[key]
-        parts = [elem[k] for k in ("data", "indices", "indptr") if k in elem] if isinstance(elem, h5py.Group) \
-            else [elem]
+        sparse = isinstance(elem, h5py.Group)
+        parts = [elem[k] for k in ("data", "indices", "indptr") if k in elem] if sparse else [elem]
         return int(sum(d.size * d.dtype.itemsize for d in parts))
 
 
@@ -232,7 +227,7 @@ def _normalise_log(x: sp.csr_matrix) -> sp.csr_matrix:
 
 # -- highly variable genes ----------------------------------------------------------------------
 class _GeneMoments:
-    """Per-gene count, sum and sum of squares of ``expm1(X)``, per batch (one batch when batch_key is None)."""
+    """Per-gene count, sum and sum of squares of ``expm1(X)`` per batch (one batch without batch_key)."""
 
     def __init__(self, n_genes: int, n_batches: int) -> None:
         self.n = np.zeros(n_batches, dtype=np.int64)
@@ -258,8 +253,9 @@ class _GeneMoments:
         return mean, np.maximum(var, 0.0)
 
 
-def _seurat_one(mean: np.ndarray, var: np.ndarray, names: pd.Index, n_top: int, n_bins: int = 20) -> pd.DataFrame:
-    """scanpy's ``flavor="seurat"`` dispersions and top-``n_top`` selection from per-gene mean and variance."""
+def _seurat_one(mean: np.ndarray, var: np.ndarray, names: pd.Index, n_top: int,
+                n_bins: int = 20) -> pd.DataFrame:
+    """scanpy's ``flavor="seurat"`` dispersions and top-``n_top`` selection from per-gene mean, variance."""
     mean = mean.copy()
     mean[mean == 0] = 1e-12
     dispersion = var / mean
@@ -285,7 +281,7 @@ def _seurat_one(mean: np.ndarray, var: np.ndarray, names: pd.Index, n_top: int, 
 
 
 def seurat_hvg(moments: _GeneMoments, names: pd.Index, n_top: int, batches: list[str] | None) -> pd.DataFrame:
-    """The ``var`` columns of ``sc.pp.highly_variable_genes(flavor="seurat", n_top_genes=n_top, batch_key=...)``."""
+    """What `sc.pp.highly_variable_genes(flavor="seurat", n_top_genes=n_top, batch_key=...)` puts in var."""
     if batches is None:
         mean, var = moments.mean_var(0)
         return _seurat_one(mean, var, names, n_top)
@@ -444,7 +440,8 @@ def _prepare_source(source: AnnData, params: PreprocessParams, vocab: dict[str, 
     out = meta[cells].copy()
     where = f"adata.layers[{params.layer!r}]" if params.layer else "adata.X"
     dropped = [f"layers[{k!r}]" for k in source.layers.keys()] + (["raw"] if has_raw else [])
-    record(f"expression from {where} as float32 CSR" + (f" (dropped {', '.join(dropped)})" if dropped else ""))
+    record(f"expression from {where} as float32 CSR"
+           + (f" (dropped {', '.join(dropped)})" if dropped else ""))
     sample = cells if len(cells) <= 2000 else \
         cells[np.sort(np.random.default_rng(0).choice(len(cells), 2000, replace=False))]
     block = sp.csr_matrix(matrix[sample], dtype=np.float32)
@@ -511,7 +508,8 @@ def _prepare_source(source: AnnData, params: PreprocessParams, vocab: dict[str, 
             if not mito_in_pass1:  # pass 2: the share over the genes left by filter_genes
                 for start, x in _chunks(matrix, size):
                     rows = keep[start:start + x.shape[0]]
-                    pct_all[start + np.flatnonzero(rows)] = _pct_mito(_cols(_rows(x, rows), genes), mito, kind)
+                    share = _pct_mito(_cols(_rows(x, rows), genes), mito, kind)
+                    pct_all[start + np.flatnonzero(rows)] = share
             pct = pct_all[cells]
             before = len(cells)
             out.obs["pct_mito"] = pct.astype(np.float32)
@@ -642,8 +640,8 @@ def _prepare_source(source: AnnData, params: PreprocessParams, vocab: dict[str, 
         if empty.any():
             before = out.n_obs
             out = out[~empty].copy()
-            _warn(f"dropped {int(empty.sum()):,} cells with no expressed gene among the {out.n_vars:,} selected "
-                  f"genes: {before:,} -> {out.n_obs:,} cells", stacklevel=4)
+            _warn(f"dropped {int(empty.sum()):,} cells with no expressed gene among the {out.n_vars:,} "
+                  f"selected genes: {before:,} -> {out.n_obs:,} cells", stacklevel=4)
             log.append(f"dropped cells with no expressed selected gene: {before:,} -> {out.n_obs:,} cells")
         return _finish(out, source, params, log, record,
                        input_record={"n_cells": n_cells_in, "n_genes": n_genes_in, "matrix": where,

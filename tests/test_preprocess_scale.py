@@ -1,4 +1,4 @@
-"""Step 01 with bounded memory: prepare_file (in-memory and chunked) writes what prepare + write_prepared write."""
+"""Step 01 with bounded memory: prepare_file (in memory or chunked) writes what prepare + write_prepared write."""
 
 from __future__ import annotations
 
