@@ -234,6 +234,10 @@ class PreprocessParams(StepParams):
     test_size: float = _f(0.2, "share of cells in the test split", min=0.05, max=0.5, advanced=True)
     val_size: float = _f(0.1, "share of cells in the validation split", min=0.05, max=0.5, advanced=True)
     min_cells_per_class: int = _f(5, "classes with fewer cells stay in train only (reported)", min=3, advanced=True)
+    chunked: Optional[bool] = _f(None, "stream X in row chunks (None: when X is over 1/4 of free memory)",
+                                 advanced=True)
+    chunk_size: Optional[int] = _f(None, "cells per chunk (None: about 2M stored values)", min=1,
+                                   advanced=True)
 
     def _check(self) -> None:
         if self.test_size + self.val_size >= 0.9:

@@ -2,13 +2,17 @@
 
 The functions here back the ``01_preprocess`` notebook::
 
-    adata = read_adata(params.adata_path)
+    adata = open_adata(params.adata_path)        # obs/var/uns in memory, the matrix on disk
     ckpt = resolve_checkpoint(params.checkpoint, layout, gene_symbols(adata, params.gene_symbol_key))
     vocab = read_vocab(ckpt / "vocab.json")
     inspection = inspect_adata(adata, label_key=params.label_key, vocab=vocab, ...)
     write_inspection(inspection, layout)
-    prepared = prepare(adata, params, vocab)
-    write_prepared(prepared, layout, params.label_key)
+    fig = plot_qc(adata)                         # per-cell numbers, chunk by chunk
+    prepared = prepare_file(params, vocab, layout)   # writes prepared.h5ad and labels.json
+
+:func:`prepare_file` (in :mod:`scgpt_protocol.preprocess_stream`) streams the matrix in row chunks with
+bounded memory, in memory or from the file; :func:`prepare` + :func:`write_prepared` do the same on an
+AnnData held in memory (for scripts and small data; they copy it). Both give the same ``prepared.h5ad``.
 
 Every step function takes an AnnData and returns a new one; the input is never modified.
 
@@ -46,7 +50,7 @@ import scipy.sparse as sp
 from .errors import InputDataError, format_keys
 from .log import DETAIL
 from .plotting import label_palette, mark_categories
-from .tokenize import check_expression, gene_symbols, get_matrix, match_genes, value_kind
+from .tokenize import check_expression, gene_symbols, get_matrix, iter_row_chunks, match_genes, value_kind
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -70,6 +74,9 @@ __all__ = [
     "read_labels",
     "plot_qc",
     "plot_class_counts",
+    "prepare_file",
+    "open_adata",
+    "choose_chunked",
 ]
 
 logger = logging.getLogger(__name__)
@@ -119,6 +126,28 @@ def read_adata(path: str) -> AnnData:
         logger.info("read the demo data (scanpy's pbmc68k_reduced): %s cells x %s genes",
                     f"{adata.n_obs:,}", f"{adata.n_vars:,}")
         return adata
+    file = _check_h5ad_path(path)
+    import anndata
+
+    try:
+        adata = anndata.read_h5ad(file)
+    except (OSError, KeyError, ValueError, TypeError) as err:  # h5py / anndata errors name no path
+        raise _unreadable(file, err) from err
+    logger.info("read %s: %s cells x %s genes", file, f"{adata.n_obs:,}", f"{adata.n_vars:,}")
+    return adata
+
+
+def _unreadable(file: Path, err: Exception) -> InputDataError:
+    """The error for an ``.h5ad`` file that h5py / anndata cannot read."""
+    return InputDataError(
+        f"adata_path {str(file)!r} could not be read as an .h5ad file ({type(err).__name__}: {err}). It is "
+        f"{file.stat().st_size:,} bytes: a truncated copy or download, or another format with an .h5ad "
+        "name. Copy or write it again (adata.write_h5ad) and check that it opens with anndata.read_h5ad."
+    )
+
+
+def _check_h5ad_path(path: str | Path) -> Path:
+    """``path`` as a Path: an existing ``.h5ad`` file, or a clear error (see :func:`read_adata`)."""
     file = Path(path).expanduser()
     if file.suffix.lower() != ".h5ad":
         msg = (
@@ -136,19 +165,7 @@ def read_adata(path: str) -> AnnData:
             "directory, or 'demo'."
         )
         raise FileNotFoundError(msg)
-    import anndata
-
-    try:
-        adata = anndata.read_h5ad(file)
-    except (OSError, KeyError, ValueError, TypeError) as err:  # h5py / anndata errors name no path
-        msg = (
-            f"adata_path {str(file)!r} could not be read as an .h5ad file ({type(err).__name__}: {err}). It is "
-            f"{file.stat().st_size:,} bytes: a truncated copy or download, or another format with an .h5ad "
-            "name. Copy or write it again (adata.write_h5ad) and check that it opens with anndata.read_h5ad."
-        )
-        raise InputDataError(msg) from err
-    logger.info("read %s: %s cells x %s genes", file, f"{adata.n_obs:,}", f"{adata.n_vars:,}")
-    return adata
+    return file
 
 
 # -- checkpoint -----------------------------------------------------------------------------
@@ -499,6 +516,8 @@ class PreparedData:
         Classes with fewer than ``min_cells_per_class`` cells, kept in train only.
     log : list of str
         What was done, with counts before -> after.
+    files : dict of str to Path
+        What :func:`prepare_file` wrote: ``{"prepared_adata": ..., "labels": ...}`` (empty after :func:`prepare`).
     colors : dict of str to str
         The run's colour of each class (:func:`~scgpt_protocol.plotting.label_palette`), also in
         ``adata.uns[f"{label_key}_colors"]`` and ``labels.json``: every figure of every step uses it.
@@ -510,6 +529,7 @@ class PreparedData:
     rare_classes: list[str]
     log: list[str]
     colors: dict[str, str] = field(default_factory=dict)
+    files: dict[str, Path] = field(default_factory=dict)
 
     def __repr__(self) -> str:
         return (
@@ -649,25 +669,35 @@ def prepare(adata: AnnData, params: PreprocessParams, vocab: dict[str, int]) -> 
     check_expression(adata, layer=params.layer)
     n_cells_in, n_genes_in = int(adata.n_obs), int(adata.n_vars)
 
-    # labels
+    # labels; the metadata is copied without the matrices (the chosen one is copied once below, the
+    # other layers and .raw not at all)
+    import anndata
+
+    meta = anndata.AnnData(obs=adata.obs, var=adata.var, uns=adata.uns, obsm=dict(adata.obsm),
+                           varm=dict(adata.varm), obsp=dict(adata.obsp), varp=dict(adata.varp))
     missing = missing_labels(adata.obs[label_key])
     if missing.any():
-        out = adata[~missing].copy()
+        out = meta[~missing].copy()
         _warn(f"dropped {int(missing.sum()):,} cells without a label in obs[{label_key!r}]: "
               f"{n_cells_in:,} -> {out.n_obs:,} cells")
         log.append(f"dropped cells without a label: {n_cells_in:,} -> {out.n_obs:,} cells")
+        matrix = get_matrix(adata, params.layer)[np.flatnonzero(~missing)]  # a new matrix of these rows
     else:
-        out = adata.copy()
+        out = meta.copy()
+        matrix = get_matrix(adata, params.layer)
+    del meta
 
     # matrix
     where = f"adata.layers[{params.layer!r}]" if params.layer else "adata.X"
-    x = sp.csr_matrix(get_matrix(out, params.layer), dtype=np.float32)
+    x = sp.csr_matrix(matrix, dtype=np.float32)
+    if x is matrix or (sp.issparse(matrix) and any(
+            np.shares_memory(getattr(x, k), getattr(matrix, k)) for k in ("data", "indices", "indptr")
+            if hasattr(matrix, k))):
+        x = x.copy()  # sum_duplicates / eliminate_zeros work in place: never on the caller's arrays
+    del matrix
     x.sum_duplicates()
     x.eliminate_zeros()
-    dropped = [f"layers[{k!r}]" for k in out.layers.keys()] + (["raw"] if out.raw is not None else [])
-    for key in list(out.layers.keys()):
-        del out.layers[key]
-    out.raw = None
+    dropped = [f"layers[{k!r}]" for k in adata.layers.keys()] + (["raw"] if adata.raw is not None else [])
     out.X = x
     record(f"expression from {where} as float32 CSR"
            + (f" (dropped {', '.join(dropped)})" if dropped else ""))
@@ -759,6 +789,18 @@ def prepare(adata: AnnData, params: PreprocessParams, vocab: dict[str, int]) -> 
               f"genes: {before:,} -> {out.n_obs:,} cells")
         log.append(f"dropped cells with no expressed selected gene: {before:,} -> {out.n_obs:,} cells")
 
+    return _finish(out, adata, params, log, record, input_record={"n_cells": n_cells_in, "n_genes": n_genes_in,
+                   "matrix": where, "value_kind": kind, "value_max": vmax}, normalise=normalise,
+                   is_counts=is_counts, match_fraction=match.fraction)
+
+
+def _finish(out: AnnData, source: Any, params: PreprocessParams, log: list[str], record: Any, *,
+            input_record: dict[str, Any], normalise: bool, is_counts: bool, match_fraction: float) -> PreparedData:
+    """The classes, the split and the record of :func:`prepare` (shared with :func:`prepare_file`).
+
+    ``out`` holds the filtered cells and genes (``X`` may be absent); ``source`` is the input, for its colours.
+    """
+    label_key = params.label_key
     # classes and split
     labels = out.obs[label_key].astype(str).to_numpy()
     class_counts = pd.Series(labels).value_counts()
@@ -805,13 +847,12 @@ def prepare(adata: AnnData, params: PreprocessParams, vocab: dict[str, int]) -> 
 
     record_uns = {
         "params": params.to_dict(),
-        "input": {"n_cells": n_cells_in, "n_genes": n_genes_in, "matrix": where,
-                  "value_kind": kind, "value_max": vmax},
+        "input": input_record,
         "normalised": bool(normalise),
         "counts_layer": bool(is_counts),
         "n_cells": int(out.n_obs),
         "n_genes": int(out.n_vars),
-        "genes_matched_fraction": float(match.fraction),
+        "genes_matched_fraction": float(match_fraction),
         "categories": categories,
         "rare_classes": rare_classes,
         "split_totals": totals,
@@ -820,7 +861,7 @@ def prepare(adata: AnnData, params: PreprocessParams, vocab: dict[str, int]) -> 
     previous = out.uns.get("scgpt_protocol")
     out.uns["scgpt_protocol"] = {**(dict(previous) if isinstance(previous, dict) else {}),
                                  "preprocess": _h5ad_safe(record_uns)}
-    colors = label_palette(categories, adata=adata, label_key=label_key)  # the input's own colours when valid
+    colors = label_palette(categories, adata=source, label_key=label_key)  # the input's own colours when valid
     out.uns[f"{label_key}_colors"] = [colors[c] for c in categories]
     return PreparedData(adata=out, categories=categories, split_counts=split_counts,
                         rare_classes=rare_classes, log=log, colors=colors)
@@ -852,6 +893,14 @@ def write_prepared(prepared: PreparedData, layout: RunLayout, label_key: str) ->
     ``rare_classes``.
     """
     path = layout.write_h5ad(prepared.adata, layout.prepared_adata)
+    _write_labels(prepared, layout, label_key)
+    logger.info("wrote %s (%s cells x %s genes) and %s", path, f"{prepared.adata.n_obs:,}",
+                f"{prepared.adata.n_vars:,}", layout.labels, extra=DETAIL)  # the notebook shows report.files_table
+    return {"prepared_adata": path, "labels": layout.labels}
+
+
+def _write_labels(prepared: PreparedData, layout: RunLayout, label_key: str) -> Path:
+    """Write ``layout.labels`` (see :func:`write_prepared`)."""
     counts = prepared.split_counts
     labels = {
         "label_key": label_key,
@@ -861,10 +910,7 @@ def write_prepared(prepared: PreparedData, layout: RunLayout, label_key: str) ->
         "rare_classes": list(prepared.rare_classes),
         "colors": dict(prepared.colors) or label_palette(prepared.categories),  # one palette for every figure
     }
-    layout.write_json(layout.labels, labels)
-    logger.info("wrote %s (%s cells x %s genes) and %s", path, f"{prepared.adata.n_obs:,}",
-                f"{prepared.adata.n_vars:,}", layout.labels, extra=DETAIL)  # the notebook shows report.files_table
-    return {"prepared_adata": path, "labels": layout.labels}
+    return layout.write_json(layout.labels, labels)
 
 
 def read_prepared(layout: RunLayout, *, backed: bool = False) -> AnnData:
@@ -901,19 +947,28 @@ def plot_qc(adata: AnnData, *, layer: str | None = None, gene_symbol_key: str | 
     """
     from matplotlib.figure import Figure
 
-    x = sp.csr_matrix(get_matrix(adata, layer), dtype=np.float32)
-    kind, _ = value_kind(x)
+    matrix = get_matrix(adata, layer)
+    kind, _ = value_kind(matrix)
     where = f"layers[{layer!r}]" if layer else "X"
-    n_genes = np.asarray(x.getnnz(axis=1)).ravel()
-    totals = np.asarray(x.sum(axis=1)).ravel()
+    mito = _mito_mask(gene_symbols(adata, gene_symbol_key))
+    # per-cell numbers chunk by chunk: the matrix may be on disk (open_adata) or larger than a copy can be
+    n_genes = np.zeros(adata.n_obs, dtype=np.int64)
+    totals = np.zeros(adata.n_obs, dtype=np.float32)
+    pct = np.zeros(adata.n_obs, dtype=np.float64)
+    for start, chunk in iter_row_chunks(matrix, 8192):
+        x = sp.csr_matrix(chunk, dtype=np.float32)
+        end = start + x.shape[0]
+        n_genes[start:end] = np.asarray((x != 0).sum(axis=1)).ravel()  # explicit zeros are not genes
+        totals[start:end] = np.asarray(x.sum(axis=1)).ravel()
+        if mito.any():
+            pct[start:end] = _pct_mito(x, mito, kind)
     panels = [
         (n_genes, "expressed genes per cell", "genes"),
         (totals, f"total {'counts' if kind == 'counts' else 'of values'} per cell ({where})",
          "counts" if kind == "counts" else "sum of values"),
     ]
-    mito = _mito_mask(gene_symbols(adata, gene_symbol_key))
     if mito.any():
-        panels.append((_pct_mito(x, mito, kind), f"% mitochondrial ({int(mito.sum())} MT- genes)", "%"))
+        panels.append((pct, f"% mitochondrial ({int(mito.sum())} MT- genes)", "%"))
     fig = Figure(figsize=(4.0 * len(panels), 3.2), layout="constrained")
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (values, title, xlabel) in zip(axes, panels):
@@ -951,3 +1006,7 @@ def plot_class_counts(prepared: PreparedData) -> Figure:
     ax.set_title(f"cells per class and split ({len(counts)} classes)", fontsize=10)
     ax.legend(loc="lower right", fontsize=8)
     return fig
+
+
+# the bounded-memory path (prepare_file) and its reader live in preprocess_stream
+from .preprocess_stream import choose_chunked, open_adata, prepare_file  # noqa: E402
