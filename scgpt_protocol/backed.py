@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-__all__ = ["BackedCells", "read_backed"]
+__all__ = ["BackedCells", "read_backed", "read_prepared_backed", "cells_for_plot"]
 
 
 class _LazyNames:
@@ -123,3 +123,35 @@ def read_backed(path: str | Path) -> BackedCells:
     if not path.is_file():
         raise FileNotFoundError(f"no .h5ad file at {path}; expected the prepared data of step 01 (prepared.h5ad).")
     return BackedCells(path)
+
+
+def read_prepared_backed(layout: Any) -> Any:
+    """The run's ``prepared.h5ad`` as a backed AnnData (``X`` stays on disk; a clear error before step 01)."""
+    import anndata
+
+    return anndata.read_h5ad(layout.require(layout.prepared_adata, step="01_preprocess"), backed="r")
+
+
+def cells_for_plot(adata: Any, cells: Any, *, max_cells: int | None = None, seed: int = 0,
+                   key: str = "X_scgpt", prediction: Any = None) -> Any:
+    """An in-memory AnnData of the chosen cells for a figure: their ``obs``, ``obsm[key]`` and ``uns``, no ``X``.
+
+    ``cells`` is a boolean mask; with more than ``max_cells`` of them a seeded random sample of
+    ``max_cells`` is kept (:func:`~scgpt_protocol.store.subsample`), so that a UMAP of an atlas costs
+    what one of ``max_cells`` cells does. The embedding comes from ``adata.obsm[key]`` or, for a
+    prediction made with ``predict(out=...)``, from its store (only these rows are read). Works on
+    backed AnnData (whose views cannot be copied).
+    """
+    import anndata
+
+    from .store import subsample, take_rows
+
+    mask = subsample(np.asarray(cells, dtype=bool), max_cells, seed=seed)
+    if key in adata.obsm:
+        emb = np.asarray(adata.obsm[key])[mask]
+    elif prediction is not None:
+        emb = take_rows(prediction.embeddings, mask)
+    else:
+        raise KeyError(f"no obsm[{key!r}] and no prediction to take the embedding from.")
+    return anndata.AnnData(obs=adata.obs[mask].copy(), obsm={key: np.asarray(emb, dtype=np.float32)},
+                           uns=dict(adata.uns))
