@@ -164,3 +164,38 @@ def test_baseline_backed_equals_in_memory(labelled_split, tmp_path):
     backed = logistic_regression_baseline(ad.read_h5ad(path, backed="r"), label_key="label", n_hvg=200)
     assert memory.normalised and backed.normalised and memory.genes == backed.genes
     np.testing.assert_array_equal(memory.probabilities, backed.probabilities)
+
+
+def test_refine_majority_voting_on_stored_embeddings(written, tiny_checkpoint, tmp_path):
+    from scgpt_protocol.refine import refine
+
+    adata, path = written
+    model = load_model(tiny_checkpoint, n_classes=len(CATS), device="cpu")
+    kw = dict(categories=CATS, max_seq_len=32, precision="fp32")
+    memory = predict(model, adata, **kw)
+    stored = predict(model, read_backed(path), out=tmp_path / "pred.h5", **kw)
+    groups = adata.obs["split"]
+    a = refine(memory, min_confidence=0.4, majority_voting=True, groups=groups)
+    b = refine(stored, min_confidence=0.4, majority_voting=True, groups=groups)
+    np.testing.assert_array_equal(a.over_clustering, b.over_clustering)
+    np.testing.assert_array_equal(a.majority_voting, b.majority_voting)
+    np.testing.assert_array_equal(a.labels, b.labels)
+
+
+def test_cells_for_plot_caps_and_reads_the_store(written, tiny_checkpoint, tmp_path):
+    from scgpt_protocol.backed import cells_for_plot
+    from scgpt_protocol.evaluate import annotate
+
+    adata, path = written
+    model = load_model(tiny_checkpoint, n_classes=len(CATS), device="cpu")
+    backed = ad.read_h5ad(path, backed="r")
+    stored = predict(model, backed, out=tmp_path / "pred.h5", categories=CATS, max_seq_len=32, precision="fp32")
+    annotate(backed, stored)
+    assert "X_scgpt" not in backed.obsm and backed.uns["X_scgpt_store"] == str(stored.store)
+    test = (backed.obs["split"] == "test").to_numpy()
+    every = cells_for_plot(backed, test, max_cells=None, prediction=stored)
+    assert list(every.obs_names) == list(backed.obs_names[test]) and "scgpt_label" in every.obs
+    np.testing.assert_array_equal(every.obsm["X_scgpt"], stored.embeddings[:][test])
+    few = cells_for_plot(backed, test, max_cells=10, seed=3, prediction=stored)
+    assert few.n_obs == 10 and set(few.obs_names) <= set(every.obs_names)
+    np.testing.assert_array_equal(few.obsm["X_scgpt"], every[few.obs_names].obsm["X_scgpt"])
