@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import warnings
+from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
@@ -108,8 +110,9 @@ def embed(
     max_tokens: int | None = None,
     chunk_size: int = 4096,
     precision: str = "auto",
-) -> None:
-    """Write L2-normalised scGPT cell embeddings to ``adata.obsm[key_added]``.
+    out: str | Path | None = None,
+) -> Path | None:
+    """Write L2-normalised scGPT cell embeddings to ``adata.obsm[key_added]`` (or to the file ``out``).
 
     Each cell is tokenised as in pretraining (``<cls>`` first with pad_value -2, as the official
     ``embed_data`` does; its expressed genes known to the vocabulary with per-cell bins, a random sample
@@ -140,6 +143,17 @@ def embed(
         ``"auto"`` (bf16 autocast on GPUs and on CPUs with bf16 units, else fp32), ``"fp32"``, ``"bf16"``
         or ``"fp16"`` (:func:`~scgpt_protocol.device.resolve_precision`). The precision used is recorded
         in ``uns[key_added + "_params"]["precision"]``.
+    out
+        A path: the embeddings go to this HDF5 file (dataset ``key_added``, float32 ``[n_obs, d_model]``,
+        rows in the order of ``obs_names``), written chunk by chunk (:mod:`~scgpt_protocol.store`), and
+        ``obsm`` is left alone; the path is returned and recorded in ``uns[key_added + "_params"]["store"]``.
+        With a backed AnnData (``read_h5ad(path, backed="r")``) memory then stays flat in the number of
+        cells. Read rows back with :func:`~scgpt_protocol.store.open_store` /
+        :func:`~scgpt_protocol.store.take_rows`. The values are the same as in ``obsm`` without ``out``.
+
+    Returns
+    -------
+    The path of ``out`` when given, else None.
 
     Raises
     ------
@@ -164,7 +178,15 @@ def embed(
         max_tokens = default_max_tokens(device)
     was_training = model.training
     model.eval()
-    out = np.zeros((adata.n_obs, model.config.d_model), dtype=np.float32)
+    shape = (adata.n_obs, model.config.d_model)
+    writer = None
+    if out is None:
+        result = np.zeros(shape, dtype=np.float32)
+    else:
+        from .store import create_store
+
+        writer = create_store(out, shape[0], {key_added: shape[1]}, attrs={"precision": used},
+                              chunk_rows=chunk_size)
     stats: dict = {}
     batches = iter_batches(
         adata, model, max_seq_len=max_seq_len, batch_size=batch_size, seed=seed, layer=layer,
@@ -176,9 +198,27 @@ def embed(
                                   size=lambda b: len(b.index)):
                 batch = batch.to(device)
                 emb = model.cell_embedding(batch.gene_ids, batch.values, batch.padding_mask).float()
-                out[batch.index] = torch.nn.functional.normalize(emb, dim=1).cpu().numpy()
+                values = torch.nn.functional.normalize(emb, dim=1).cpu().numpy()
+                if writer is None:
+                    result[batch.index] = values
+                else:
+                    writer.put(batch.index, **{key_added: values})
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
     finally:
         model.train(was_training)
+    params = {
+        "max_seq_len": max_seq_len, "seed": seed, "layer": layer or "X",
+        "genes_matched": stats["genes"].n_matched, "genes_total": stats["genes"].n_total,
+        "checkpoint": getattr(model.load_report, "checkpoint_dir", ""), "precision": used,
+    }
+    store = None
+    if writer is not None:
+        writer.handle.attrs["params"] = json.dumps(params, default=str)
+        store = writer.close()
+        params["store"] = str(store)
     if stats["n_empty"]:
         warnings.warn(
             f"{stats['n_empty']:,} cells express none of the matched genes; their embedding is that of "
@@ -186,12 +226,12 @@ def embed(
             UserWarning,
             stacklevel=2,
         )
-    adata.obsm[key_added] = out
-    adata.uns[f"{key_added}_params"] = {
-        "max_seq_len": max_seq_len, "seed": seed, "layer": layer or "X",
-        "genes_matched": stats["genes"].n_matched, "genes_total": stats["genes"].n_total,
-        "checkpoint": getattr(model.load_report, "checkpoint_dir", ""), "precision": used,
-    }
+    if store is None:
+        adata.obsm[key_added] = result
+    if store is None or not adata.is_view:  # a view would be made real (a backed one read whole) by writing uns
+        adata.uns[f"{key_added}_params"] = params
     pad_share = 1 - stats["n_tokens"] / max(stats["n_padded"], 1)
-    logger.info("added obsm[%r] (%d x %d, %s); %.1f%% of computed tokens were padding",
-                key_added, *out.shape, used, 100 * pad_share)
+    logger.info("added %s (%d x %d, %s); %.1f%% of computed tokens were padding",
+                f"obsm[{key_added!r}]" if store is None else f"{key_added!r} to {store}", *shape, used,
+                100 * pad_share)
+    return store

@@ -439,15 +439,44 @@ class BaselineResult:
     query: BaselineResult | None = None  # the same classifier on an external query, when one is given
 
 
-def _log1p_cp10k(matrix: Any) -> Any:
-    """``log1p`` of counts scaled to 10,000 per cell (scanpy's normalize_total + log1p), per cell."""
+def _log1p_cp10k(matrix: Any, *, chunk_size: int = 8192) -> Any:
+    """``log1p`` of counts scaled to 10,000 per cell (scanpy's normalize_total + log1p), per cell.
+
+    ``matrix`` (CSR) is normalised **in place**, one chunk of rows at a time in float64, and returned in
+    its own float dtype (float32 stays float32: no float64 copy of the whole matrix)."""
     import scipy.sparse as sp
 
-    totals = np.asarray(matrix.sum(axis=1)).ravel()
-    scale = np.divide(1e4, totals, out=np.zeros_like(totals, dtype=np.float64), where=totals > 0)
-    out = sp.csr_matrix(sp.diags(scale) @ matrix)
-    out.data = np.log1p(out.data)
+    out = sp.csr_matrix(matrix)
+    if out.dtype not in (np.float32, np.float64):
+        out = out.astype(np.float64)
+    out.sum_duplicates()
+    for lo in range(0, out.shape[0], chunk_size):
+        hi = min(lo + chunk_size, out.shape[0])
+        a, b = out.indptr[lo], out.indptr[hi]
+        values = out.data[a:b].astype(np.float64)
+        lengths = np.diff(out.indptr[lo : hi + 1])
+        totals = np.add.reduceat(values, out.indptr[lo:hi] - a) if b > a else np.zeros(hi - lo)
+        totals = np.where(lengths > 0, totals, 0.0)  # reduceat gives the next value for empty rows
+        scale = np.divide(1e4, totals, out=np.zeros_like(totals), where=totals > 0)
+        out.data[a:b] = np.log1p(values * np.repeat(scale, lengths))
     return out
+
+
+def _read_rows(matrix: Any, rows: np.ndarray, *, chunk_size: int = 8192) -> Any:
+    """Rows ``rows`` (sorted) of a dense, sparse or backed matrix as one float32 CSR matrix, read chunk by chunk.
+
+    Never densifies more than one chunk of dense input, and never holds a float64 copy of all rows.
+    """
+    import scipy.sparse as sp
+
+    blocks = []
+    for lo in range(0, len(rows), chunk_size):
+        block = matrix[rows[lo : lo + chunk_size]]
+        block = block if sp.issparse(block) else sp.csr_matrix(np.asarray(block))
+        blocks.append(sp.csr_matrix(block, dtype=np.float32))
+    if not blocks:
+        return sp.csr_matrix((0, matrix.shape[1]), dtype=np.float32)
+    return sp.csr_matrix(sp.vstack(blocks, format="csr"), dtype=np.float32)
 
 
 def logistic_regression_baseline(
@@ -475,16 +504,20 @@ def logistic_regression_baseline(
     2. ``n_hvg`` highly variable genes are selected on the **train cells only**
        (``scanpy.pp.highly_variable_genes``, flavor ``"seurat"``); all genes when there are no more
        than ``n_hvg``.
-    3. Genes are standardised with a ``StandardScaler`` fitted on the train cells (centred for
-       data up to 50 million values, else sparse without centring), clipped at +/-10.
+    3. Genes are scaled to unit variance with a ``StandardScaler(with_mean=False)`` fitted on the train
+       cells and clipped at 10. The matrix is never densified: without centring it stays sparse, and with
+       ``lbfgs`` the intercept is not penalised, so centring would give the same linear model up to the clip.
     4. ``LogisticRegression(C=1.0, max_iter=1000, random_state=seed, class_weight=class_weight)`` is
-       fitted on the train cells. Pass ``class_weight="balanced"`` when scGPT was fine-tuned with a
-       class-weighted loss, so that both see the classes weighted alike.
+       fitted on the train cells (float32 CSR, which ``lbfgs`` takes without a float64 copy). Pass
+       ``class_weight="balanced"`` when scGPT was fine-tuned with a class-weighted loss, so that both see
+       the classes weighted alike.
     5. With a ``query``, the same fitted normalisation, genes (by name; a gene the query lacks is 0),
        scaler and classifier predict its cells, scored against ``query.obs[query_label_key]``.
 
     Test cells are not used before prediction, so their labels and expression cannot change the
-    model. Cells without a label are left out of fitting and of the metrics.
+    model. Cells without a label are left out of fitting and of the metrics. Only the train and test rows
+    are read, chunk by chunk, into one float32 CSR matrix (works on backed AnnData); memory is that CSR
+    and its HVG columns, never a dense or float64 copy.
 
     Parameters
     ----------
@@ -560,8 +593,7 @@ def logistic_regression_baseline(
 
     matrix = get_matrix(adata, layer)
     rows = np.flatnonzero(is_train | is_test)
-    X = matrix[rows]
-    X = sp.csr_matrix(X if sp.issparse(X) else np.asarray(X), dtype=np.float64)
+    X = _read_rows(matrix, rows)  # float32 CSR of the train + test cells only (backed data: read by chunks)
     normalised = value_kind(X)[0] == "counts"
     if normalised:
         X = _log1p_cp10k(X)
@@ -570,6 +602,7 @@ def logistic_regression_baseline(
         logger.info("baseline: values are not whole numbers -> used as log-normalised expression")
     in_train = is_train[rows]
     X_train, X_test = X[in_train], X[is_test[rows]]
+    del X
 
     genes = np.asarray(adata.var_names.astype(str))
     if n_hvg < adata.n_vars:
@@ -582,14 +615,13 @@ def logistic_regression_baseline(
         keep = np.ones(adata.n_vars, dtype=bool)
     X_train, X_test = X_train[:, keep], X_test[:, keep]
 
-    dense = X_train.shape[0] * X_train.shape[1] <= 50_000_000
-    scaler = StandardScaler(with_mean=dense)
+    # sparse-aware scaling: unit variance without centring (the data stay sparse; with lbfgs the intercept
+    # is not penalised, so centring would only shift it), values clipped at 10
+    scaler = StandardScaler(with_mean=False)
 
     def scaled(part: Any, fit: bool = False) -> Any:
-        if dense:
-            values = scaler.fit_transform(part.toarray()) if fit else scaler.transform(part.toarray())
-            return np.clip(values, -10, 10)
         values = scaler.fit_transform(part) if fit else scaler.transform(part)
+        values = sp.csr_matrix(values, dtype=np.float32)
         np.minimum(values.data, 10, out=values.data)
         return values
 
@@ -639,13 +671,12 @@ def logistic_regression_baseline(
         check_expression(query, layer=layer)
         query_genes = pd.Index(np.asarray(query.var_names.astype(str)))
         check_gene_overlap(query_genes, genes_used, what="the query", against="the baseline's genes")
-        Xq = get_matrix(query, layer)
-        Xq = sp.csr_matrix(Xq[:] if not sp.issparse(Xq) else Xq, dtype=np.float64)
+        Xq = _read_rows(get_matrix(query, layer), np.arange(query.n_obs))
         if value_kind(Xq)[0] == "counts":
             Xq = _log1p_cp10k(Xq)
         position = query_genes.get_indexer(genes_used)  # -1: the query lacks the gene -> zeros
         present = position >= 0
-        aligned = sp.csr_matrix(Xq[:, np.where(present, position, 0)] @ sp.diags(present.astype(np.float64)))
+        aligned = sp.csr_matrix(Xq[:, np.where(present, position, 0)] @ sp.diags(present.astype(np.float32)))
         q_pred, q_proba, q_metrics = scored(scaled(aligned), query.obs_names, query.obs[query_key], "query")
         if not present.all():
             q_metrics["notes"].append(f"{int((~present).sum())} of the baseline's {len(genes_used)} genes are "
@@ -797,7 +828,9 @@ def evaluate_predictions(
 
     labelled_np = np.asarray(labelled, dtype=bool)
     true_l, pred_l = true[labelled].astype(str).to_numpy(), pred[labelled_np]
-    proba = np.asarray(prediction.probabilities)[mask][labelled_np]
+    from .store import take_rows
+
+    proba = take_rows(prediction.probabilities, mask)[labelled_np]  # on-disk (predict(out=...)): these rows only
     metrics = classification_metrics(true_l, pred_l, categories=categories, proba=proba,
                                      unassigned=UNKNOWN if refined is not None and refined.params.get("min_confidence")
                                      else None)
@@ -825,7 +858,9 @@ def annotate(
     Writes ``obs[obs_key]`` (categorical with the model's categories, so colours and orders stay
     stable), ``obs[obs_key + "_confidence"]`` (float32 probability of the predicted class),
     ``obs[obs_key + "_code"]`` (int64 index of the predicted class) and ``obsm[embedding_key]`` (the
-    fine-tuned ``<cls>`` embeddings; skipped when ``embedding_key`` is None). A prediction refined by
+    fine-tuned ``<cls>`` embeddings; skipped when ``embedding_key`` is None; a prediction made with
+    ``predict(out=...)`` keeps them in its HDF5 store and ``uns[embedding_key + "_store"]`` names it).
+    A prediction refined by
     :func:`~scgpt_protocol.refine.refine` also writes ``obs["scgpt_prediction"]`` (the class before
     abstention; ``obs[obs_key]`` then holds ``"Unknown"`` below ``min_confidence``),
     ``obs["scgpt_unknown"]``, ``obs["scgpt_over_clustering"]`` / ``obs["scgpt_majority_voting"]`` (with
@@ -861,7 +896,10 @@ def annotate(
         adata.obs[obs_key] = pd.Categorical(labels, categories=categories)
         adata.obs[f"{obs_key}_confidence"] = np.asarray(prediction.confidence, dtype=np.float32)
     adata.obs[f"{obs_key}_code"] = np.asarray(prediction.codes, dtype=np.int64)
-    if embedding_key is not None:
+    if embedding_key is not None and getattr(prediction, "store", None) is not None:
+        # predict(out=...): the embeddings stay in the store (all cells would not fit flat in memory)
+        adata.uns[f"{embedding_key}_store"] = str(prediction.store)
+    elif embedding_key is not None:
         adata.obsm[embedding_key] = np.asarray(prediction.embeddings, dtype=np.float32)
 
 

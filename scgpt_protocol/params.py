@@ -317,6 +317,8 @@ class EvaluateParams(StepParams):
                       advanced=True)
     require_artifacts: bool = _f(True, "a failure to write the export stops the step (False: warn and go on)",
                                  advanced=True)
+    max_plot_cells: int = _f(50000, "UMAP of at most this many test cells (a seeded random sample when more)",
+                             min=1, advanced=True)
 
 
 @dataclass

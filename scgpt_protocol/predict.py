@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
@@ -32,8 +33,8 @@ class Prediction:
     labels: np.ndarray  # str [n]
     codes: np.ndarray  # int64 [n], index of the predicted class in categories
     confidence: np.ndarray  # float32 [n], the softmax probability of the predicted class
-    probabilities: np.ndarray  # float32 [n, n_classes]
-    embeddings: np.ndarray  # float32 [n, d], L2-normalised <cls> embeddings of the fine-tuned model
+    probabilities: Any  # float32 [n, n_classes]: an array, or an h5py dataset with predict(out=...)
+    embeddings: Any  # float32 [n, d], L2-normalised <cls> embeddings (an h5py dataset with out=...)
     categories: list[str]
     precision: str = "fp32"  # what the forward passes ran in: fp32, bf16 or fp16
     predicted: np.ndarray | None = None  # str [n], the predicted class before abstention (refine)
@@ -41,6 +42,7 @@ class Prediction:
     over_clustering: np.ndarray | None = None  # str [n], over-cluster id (refine, majority voting)
     majority_voting: np.ndarray | None = None  # str [n], the over-cluster's majority label (refine)
     refinement: dict[str, Any] | None = None  # parameters of refine (min_confidence, resolution...)
+    store: Path | None = None  # the HDF5 file holding probabilities and embeddings (predict(out=...))
 
 
 def predict(
@@ -58,6 +60,8 @@ def predict(
     precision: str = "auto",
     min_confidence: float = 0.0,
     majority_voting: bool = False,
+    out: str | Path | None = None,
+    chunk_size: int = 4096,
 ) -> Prediction:
     """Predict cell types with a model that has a classification head.
 
@@ -73,6 +77,15 @@ def predict(
     the cells of ``adata``: cells whose probability is below ``min_confidence`` get the label
     ``"Unknown"``; majority voting over-clusters the fine-tuned embeddings and fills
     ``majority_voting``.
+
+    ``out`` (a path): the per-cell matrices that grow with the number of cells, ``probabilities``
+    ``[n, C]`` and ``embeddings`` ``[n, d]``, are written to this HDF5 file chunk by chunk
+    (:mod:`~scgpt_protocol.store`; datasets ``probabilities`` and ``embeddings``, attribute
+    ``categories``) and the returned fields are read-only h5py datasets of it (rows by
+    :func:`~scgpt_protocol.store.take_rows`); only ``labels``, ``codes`` and ``confidence`` are in memory,
+    so the memory of predicting every cell of a backed AnnData (``read_h5ad(path, backed="r")``) does not
+    grow with the number of cells beyond these vectors. The numbers are the same as without ``out``.
+    ``chunk_size``: cells tokenised at a time (and rows written at a time).
     """
     if min_confidence:
         from .refine import _check_threshold
@@ -88,32 +101,62 @@ def predict(
     check_expression(adata, layer=layer)
     device = next(model.parameters()).device
     used = resolve_precision(precision, device)
-    probs = np.zeros((adata.n_obs, n_classes), dtype=np.float32)
-    embs = np.zeros((adata.n_obs, model.config.d_model), dtype=np.float32)
+    n = adata.n_obs
+    codes = np.zeros(n, dtype=np.int64)
+    confidence = np.zeros(n, dtype=np.float32)
+    cats = list(categories)
+    writer = None
+    if out is None:
+        probs = np.zeros((n, n_classes), dtype=np.float32)
+        embs = np.zeros((n, model.config.d_model), dtype=np.float32)
+    else:
+        from .store import create_store
+
+        writer = create_store(out, n, {"probabilities": n_classes, "embeddings": model.config.d_model},
+                              attrs={"categories": cats, "precision": used}, chunk_rows=chunk_size)
     was_training = model.training
     model.eval()
     batches = iter_batches(adata, model, max_seq_len=max_seq_len, batch_size=batch_size, seed=seed,
-                           layer=layer, gene_symbol_key=gene_symbol_key, genes=genes)
+                           layer=layer, gene_symbol_key=gene_symbol_key, genes=genes, chunk_size=chunk_size)
     try:
         with torch.inference_mode(), autocast(device, used):
-            for batch in progress(batches, total=adata.n_obs, desc=desc, unit="cells", size=lambda b: len(b.index)):
+            for batch in progress(batches, total=n, desc=desc, unit="cells", size=lambda b: len(b.index)):
                 batch = batch.to(device)
                 cell = model.cell_embedding(batch.gene_ids, batch.values, batch.padding_mask)
                 logits = model.cls_decoder(cell).float()
-                probs[batch.index] = torch.softmax(logits, dim=1).cpu().numpy()
-                embs[batch.index] = torch.nn.functional.normalize(cell.float(), dim=1).cpu().numpy()
+                p = torch.softmax(logits, dim=1).cpu().numpy()
+                e = torch.nn.functional.normalize(cell.float(), dim=1).cpu().numpy()
+                index = batch.index
+                best = p.argmax(axis=1)
+                codes[index] = best
+                confidence[index] = p[np.arange(len(best)), best]
+                if writer is None:
+                    probs[index] = p
+                    embs[index] = e
+                else:
+                    writer.put(index, probabilities=p, embeddings=e)
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
     finally:
         model.train(was_training)
-    codes = probs.argmax(axis=1)
-    cats = list(categories)
+    store = None
+    if writer is not None:
+        from .store import open_store
+
+        store = writer.close()
+        datasets, _ = open_store(store)
+        probs, embs = datasets["probabilities"], datasets["embeddings"]
     prediction = Prediction(
         labels=np.asarray(cats, dtype=object)[codes],
-        codes=codes.astype(np.int64),
-        confidence=probs[np.arange(len(codes)), codes],
+        codes=codes,
+        confidence=confidence,
         probabilities=probs,
         embeddings=embs,
         categories=cats,
         precision=used,
+        store=store,
     )
     if min_confidence or majority_voting:
         from .refine import refine

@@ -337,8 +337,11 @@ def refine_labels(
     if majority_voting:
         if embedding is None:
             raise ValueError("majority_voting needs the model's embedding of the cells (embedding=...).")
-        emb = np.asarray(embedding)
-        if emb.ndim != 2 or emb.shape[0] != n:
+        from .store import take_rows
+
+        # an on-disk (h5py) embedding of predict(out=...) is read one group of cells at a time
+        emb = embedding if hasattr(embedding, "id") and hasattr(embedding, "shape") else np.asarray(embedding)
+        if len(emb.shape) != 2 or emb.shape[0] != n:
             msg = f"embedding has shape {emb.shape}; expected ({n}, d): one row per cell."
             raise ValueError(msg)
         group = (np.full(n, "", dtype=object) if groups is None
@@ -351,7 +354,7 @@ def refine_labels(
         for name in pd.unique(group):
             rows = np.flatnonzero(group == name)
             res = overclustering_resolution(len(rows)) if resolution is None else float(resolution)
-            ids = over_cluster(emb[rows], resolution=res, n_neighbors=n_neighbors, seed=seed)
+            ids = over_cluster(take_rows(emb, rows), resolution=res, n_neighbors=n_neighbors, seed=seed)
             clusters[rows] = ids if groups is None else np.asarray([f"{name}-{i}" for i in ids], dtype=object)
             resolutions[str(name)] = res
         voted = majority_vote(final, clusters, conf)

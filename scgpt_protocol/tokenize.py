@@ -224,9 +224,50 @@ def check_gene_overlap(
 
 
 # -- matrices -------------------------------------------------------------------------------
+class BackedRows:
+    """The rows of a backed AnnData view, read from the file only when indexed.
+
+    ``view.X`` of a backed view (``adata[rows]`` of ``read_h5ad(..., backed="r")``) reads all its rows
+    into memory at once; this reader keeps the file open and reads the rows asked for
+    (``reader[start:stop]``, an index array or a boolean mask), so chunked code stays chunked.
+    """
+
+    def __init__(self, adata: AnnData) -> None:
+        from anndata.io import sparse_dataset
+
+        parent = adata._adata_ref  # the backed AnnData the view was taken from
+        source = parent.file["X"]
+        self.source = sparse_dataset(source) if hasattr(source, "keys") else source
+        self.rows = np.arange(parent.n_obs)[adata._oidx]
+        cols = np.arange(parent.n_vars)[adata._vidx]
+        self.cols = None if len(cols) == parent.n_vars and np.array_equal(cols, np.arange(parent.n_vars)) else cols
+        self.shape = (len(self.rows), len(cols))
+        self.dtype = self.source.dtype
+        self.ndim = 2
+
+    def __getitem__(self, key: Any) -> Any:
+        cols = None
+        if isinstance(key, tuple):
+            key, cols = key
+        rows = self.rows[key]
+        unique, inverse = np.unique(rows, return_inverse=True)
+        block = self.source[unique]
+        if len(unique) != len(rows) or not np.array_equal(unique, rows):
+            block = block[inverse]
+        if self.cols is not None:
+            block = block[:, self.cols]
+        return block if cols is None else block[:, cols]
+
+
 def get_matrix(adata: AnnData, layer: str | None = None) -> Any:
-    """``adata.X`` or ``adata.layers[layer]`` with a clear error for an unknown layer."""
+    """``adata.X`` or ``adata.layers[layer]`` with a clear error for an unknown layer.
+
+    For a view of a backed AnnData, ``X`` is a :class:`BackedRows` reader (rows are read when indexed),
+    not the whole view loaded at once.
+    """
     if layer is None:
+        if adata.is_view and adata.isbacked:
+            return BackedRows(adata)
         if adata.X is None:
             raise InputDataError("adata.X is empty; pass layer= with the layer that holds expression values.")
         return adata.X
