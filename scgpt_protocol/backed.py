@@ -126,10 +126,11 @@ def read_backed(path: str | Path) -> BackedCells:
 
 
 def read_prepared_backed(layout: Any) -> Any:
-    """The run's ``prepared.h5ad`` as a backed AnnData (``X`` stays on disk; a clear error before step 01)."""
-    import anndata
+    """The run's ``prepared.h5ad`` as a backed AnnData: ``X`` and layers stay on disk, ``obs`` is read (a clear
+    error before step 01; :func:`~scgpt_protocol.preprocess.read_prepared` with ``backed=True``)."""
+    from .preprocess import read_prepared
 
-    return anndata.read_h5ad(layout.require(layout.prepared_adata, step="01_preprocess"), backed="r")
+    return read_prepared(layout, backed=True)
 
 
 def cells_for_plot(adata: Any, cells: Any, *, max_cells: int | None = None, seed: int = 0,

@@ -218,3 +218,25 @@ def test_prepare_file_bad_inputs(tmp_path):
             pp.prepare_file(PreprocessParams(adata_path=str(path), label_key="cell_type", layer="missing"), vocab,
                             layout, chunked=chunked)
     assert not layout.prepared_adata.exists()
+
+
+def test_open_backed_leaves_layers_on_disk_and_reads_obs_as_anndata_does(tmp_path):
+    """02 opens prepared.h5ad with open_backed: X and layers stay on disk (anndata's backed mode would load
+    layers["counts"], as large as X), obs equals anndata's (names decoded a slice at a time)."""
+    import anndata as ad
+
+    from scgpt_protocol.data import make_toy_adata
+    from scgpt_protocol.preprocess import open_backed
+
+    adata = make_toy_adata(n_cells=300, n_genes=20)
+    adata.layers["counts"] = adata.X.copy()
+    adata.obs["n"] = np.arange(adata.n_obs)
+    adata.obs.index.name = "barcode"
+    path = tmp_path / "prepared.h5ad"
+    adata.write_h5ad(path)
+    backed, reference = open_backed(path), ad.read_h5ad(path)
+    assert backed.isbacked and list(backed.layers.keys()) == []
+    pd.testing.assert_frame_equal(backed.obs, reference.obs)
+    pd.testing.assert_frame_equal(backed.var, reference.var)
+    assert (backed.X[10:20].toarray() == reference.X[10:20].toarray()).all()
+    backed.file.close()
