@@ -205,14 +205,35 @@ def data_fingerprint(adata: AnnData, label_key: str, categories: Sequence[str], 
     """
     import hashlib
 
-    split = adata.obs[split_key].astype(str).to_numpy()
-    fit = np.isin(split, ["train", "val"])
+    split = _as_categorical(adata.obs[split_key])
+    fit = np.flatnonzero(np.isin(split.codes, np.flatnonzero(split.categories.isin(["train", "val"]))))
+    labels = _as_categorical(adata.obs[label_key])
+    label_names = np.asarray(labels.categories.astype(str), dtype=object)
+    split_names = np.asarray(split.categories.astype(str), dtype=object)
+    names = adata.obs_names
+    per_cell = (
+        lambda rows: map(str, names[rows]),
+        lambda rows: split_names[split.codes[rows]],
+        lambda rows: label_names[labels.codes[rows]],
+    )
     digest = hashlib.sha256()
-    for part in (list(map(str, adata.var_names)), list(categories), list(map(str, adata.obs_names[fit])),
-                 list(split[fit]), list(adata.obs[label_key].astype(str).to_numpy()[fit]), [str(base_sha256)]):
-        digest.update("\x1f".join(part).encode())
+    # the bytes of "\x1f".join(part) for each part, hashed a slice of cells at a time (flat memory)
+    for part in ([map(str, adata.var_names)], [categories], *(
+            [fn(fit[i : i + 65536]) for i in range(0, len(fit), 65536)] for fn in per_cell), [[str(base_sha256)]]):
+        first = True
+        for piece in part:
+            text = "\x1f".join(piece)
+            digest.update(("" if first else "\x1f").encode() + text.encode())
+            first = False
         digest.update(b"\x1e")
     return digest.hexdigest()
+
+
+def _as_categorical(column: pd.Series) -> pd.Categorical:
+    """``column`` as a Categorical (a categorical column as it is: no string per cell is made)."""
+    if isinstance(column.dtype, pd.CategoricalDtype):
+        return column.array
+    return pd.Categorical(column.astype(str))
 
 
 def _comparable(params: FinetuneParams, strategy: str, fingerprint: str) -> dict[str, Any]:
@@ -231,16 +252,23 @@ def _codes_and_splits(adata: AnnData, label_key: str, split_key: str, categories
         if key not in adata.obs:
             msg = f"{key!r} not in adata.obs (columns: {format_keys(adata.obs.columns)}); run 01_preprocess first."
             raise KeyError(msg)
-    labels = adata.obs[label_key].astype(str).to_numpy()
-    unknown = sorted(set(labels) - set(categories))
+    labels = _as_categorical(adata.obs[label_key])
+    present = labels.categories[np.unique(labels.codes[labels.codes >= 0])].astype(str)
+    unknown = sorted(set(present) - set(categories)) + (["<missing>"] if (labels.codes < 0).any() else [])
     if unknown:
         msg = f"labels {unknown[:5]} of obs[{label_key!r}] are not among the run's categories {categories}."
         raise ValueError(msg)
-    codes = pd.Categorical(labels, categories=categories).codes.astype(np.int64)
-    split = adata.obs[split_key].astype(str).to_numpy()
-    train_rows, val_rows = np.flatnonzero(split == "train"), np.flatnonzero(split == "val")
+    position = {c: i for i, c in enumerate(categories)}
+    lookup = np.array([position.get(c, -1) for c in labels.categories.astype(str)] or [0], dtype=np.int64)
+    codes = lookup[labels.codes]
+    split = _as_categorical(adata.obs[split_key])
+    split_code = {str(c): i for i, c in enumerate(split.categories)}
+    train_rows = np.flatnonzero(split.codes == split_code.get("train", -2))
+    val_rows = np.flatnonzero(split.codes == split_code.get("val", -2))
     if len(train_rows) == 0 or len(val_rows) == 0:
-        msg = f"obs[{split_key!r}] needs 'train' and 'val' cells; found {dict(zip(*np.unique(split, return_counts=True)))}."
+        found = dict(zip(split.categories.astype(str), np.bincount(split.codes[split.codes >= 0],
+                                                                  minlength=len(split.categories))))
+        msg = f"obs[{split_key!r}] needs 'train' and 'val' cells; found {found}."
         raise ValueError(msg)
     return codes, train_rows, val_rows
 

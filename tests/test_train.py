@@ -106,3 +106,31 @@ def test_resume_after_the_split_changed_is_refused(split_pbmc, categories, tiny_
     resplit.obs["split"] = np.random.default_rng(1).choice(["train", "val", "test"], resplit.n_obs, p=[0.6, 0.2, 0.2])
     with pytest.raises(ValueError, match=r"holds a training with other data: the prepared cells, split"):
         _run(resplit, categories, tiny_checkpoint, tmp_path, epochs=2)
+
+
+def test_data_fingerprint_hashed_by_slices_equals_the_whole_join():
+    """The fingerprint is hashed a slice of cells at a time (flat memory on atlases); its bytes are those of
+    joining every name, split and label at once, so runs started before that change still resume."""
+    import hashlib
+
+    import pandas as pd
+
+    from scgpt_protocol.data import make_toy_adata
+    from scgpt_protocol.train import data_fingerprint
+
+    adata = make_toy_adata(n_cells=70_000, n_genes=5)  # more cells than one 65,536-cell slice
+    rng = np.random.default_rng(0)
+    adata.obs["split"] = pd.Categorical(np.array(["train", "val", "test"])[rng.integers(0, 3, adata.n_obs)])
+    categories = sorted(adata.obs["cell_type"].astype(str).unique())
+    split = adata.obs["split"].astype(str).to_numpy()
+    fit = np.isin(split, ["train", "val"])
+    digest = hashlib.sha256()
+    for part in (list(adata.var_names), categories, list(adata.obs_names[fit]), list(split[fit]),
+                 list(adata.obs["cell_type"].astype(str).to_numpy()[fit]), ["abc"]):
+        digest.update("\x1f".join(part).encode() + b"\x1e")
+    assert data_fingerprint(adata, "cell_type", categories, base_sha256="abc") == digest.hexdigest()
+    adata.obs["cell_type"] = adata.obs["cell_type"].astype(str)  # a plain string column hashes the same
+    assert data_fingerprint(adata, "cell_type", categories, base_sha256="abc") == digest.hexdigest()
+    adata.obs.loc[adata.obs_names[np.flatnonzero(fit)[-1]], "cell_type"] = categories[0] + "x"
+    assert data_fingerprint(adata, "cell_type", categories + [categories[0] + "x"], base_sha256="abc") != \
+        digest.hexdigest()
