@@ -137,12 +137,12 @@ def _step_01(args: argparse.Namespace, work: Path) -> dict:
 
 def _step_02(args: argparse.Namespace, work: Path) -> dict:
     from scgpt_protocol import load_model
+    from scgpt_protocol.backed import read_backed
     from scgpt_protocol.params import FinetuneParams
-    from scgpt_protocol.preprocess import open_backed
     from scgpt_protocol.train import finetune
 
-    adata = open_backed(work / "run" / "data" / "prepared.h5ad")  # as 02 reads it: X and layers stay on disk
-    categories = sorted(adata.obs["cell_type"].astype(str).unique())
+    adata = read_backed(work / "run" / "data" / "prepared.h5ad")  # as 02 reads it: X and obs stay on disk
+    categories = json.loads((work / "run" / "data" / "labels.json").read_text())["categories"]
     params = FinetuneParams(strategy="head", epochs=1, batch_size=32, max_seq_len=args.max_seq_len,
                             steps_per_epoch=args.steps, device="cpu", patience=0)
     model = load_model(work / "checkpoint", device="cpu")

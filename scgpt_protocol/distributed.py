@@ -90,7 +90,7 @@ def run_finetune_step(params: FinetuneParams) -> TrainResult:
     from .checkpoint import load_model
     from .layout import RunLayout
     from .log import setup_logging
-    from .preprocess import read_checkpoint_record, read_labels, read_prepared
+    from .preprocess import read_checkpoint_record, read_labels, read_prepared_cells
     from .train import finetune
 
     device = _init_process_group()
@@ -110,13 +110,13 @@ def run_finetune_step(params: FinetuneParams) -> TrainResult:
         if size > 1:
             logger.info("DistributedDataParallel: %d processes (%s), %s cells per step, about %d per process",
                         size, torch.distributed.get_backend(), params.batch_size, -(-params.batch_size // size))
-        adata = read_prepared(layout, backed=True)
+        adata = read_prepared_cells(layout)  # X and obs stay on disk
         labels, record = read_labels(layout), read_checkpoint_record(layout)
         model = load_model(record["checkpoint"], n_classes=len(labels["categories"]), head_seed=params.seed,
                            device=params.device)
         result = finetune(model, adata, params, label_key=labels["label_key"], categories=labels["categories"],
                           layout=layout, base_checkpoint=record)
-        adata.file.close()
+        adata.close()
         return result
     finally:
         if torch.distributed.is_initialized():

@@ -65,6 +65,7 @@ __all__ = [
     "PreparedData",
     "read_adata",
     "open_backed",
+    "read_prepared_cells",
     "resolve_checkpoint",
     "read_checkpoint_record",
     "inspect_adata",
@@ -921,6 +922,16 @@ def read_prepared(layout: RunLayout, *, backed: bool = False) -> AnnData:
 
     path = layout.require(layout.prepared_adata, step=STEP)
     return open_backed(path) if backed else anndata.read_h5ad(path)
+
+
+def read_prepared_cells(layout: RunLayout) -> Any:
+    """The run's ``prepared.h5ad`` for fine-tuning, with ``X`` and ``obs`` left on disk
+    (:class:`~scgpt_protocol.backed.BackedCells`; a clear error before step 01).
+    :func:`~scgpt_protocol.train.finetune` reads its label and split columns and the cell names from the file
+    by slices, so that its memory does not grow with the number of cells (benchmarks/bench_scale.py)."""
+    from .backed import read_backed
+
+    return read_backed(layout.require(layout.prepared_adata, step=STEP))
 
 
 def open_backed(path: str | Path) -> AnnData:

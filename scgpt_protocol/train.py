@@ -162,7 +162,7 @@ def _stream(adata: AnnData, model: ScGPT, params: FinetuneParams, device: torch.
     )
     workers = params.num_workers if params.num_workers is not None else default_num_workers(
         n_cells, processes_per_node=int(os.environ.get("LOCAL_WORLD_SIZE", size)))
-    return _Stream(make_loader(dataset, num_workers=workers, device=device), n_classes), cell_keys(adata.obs_names)
+    return _Stream(make_loader(dataset, num_workers=workers, device=device), n_classes), _name_keys(adata.obs_names)
 
 
 def _logits(model: ScGPT, stream: _Stream, rows: np.ndarray, keys: np.ndarray, params: FinetuneParams,
@@ -205,21 +205,23 @@ def data_fingerprint(adata: AnnData, label_key: str, categories: Sequence[str], 
     """
     import hashlib
 
-    split = _as_categorical(adata.obs[split_key])
-    fit = np.flatnonzero(np.isin(split.codes, np.flatnonzero(split.categories.isin(["train", "val"]))))
-    labels = _as_categorical(adata.obs[label_key])
+    split = _as_categorical(_obs_column(adata, split_key))
+    fit = np.isin(split.codes, np.flatnonzero(split.categories.isin(["train", "val"])))
+    labels = _as_categorical(_obs_column(adata, label_key))
     label_names = np.asarray(labels.categories.astype(str), dtype=object)
     split_names = np.asarray(split.categories.astype(str), dtype=object)
-    names = adata.obs_names
+    names, step = adata.obs_names, 65536
+    slices = [(i, np.flatnonzero(fit[i : i + step])) for i in range(0, len(fit), step)]
+    slices = [(i, rows) for i, rows in slices if len(rows)]
     per_cell = (
-        lambda rows: map(str, names[rows]),
-        lambda rows: split_names[split.codes[rows]],
-        lambda rows: label_names[labels.codes[rows]],
+        lambda i, rows: map(str, np.asarray(names[i : i + step])[rows]),  # names read by contiguous slices
+        lambda i, rows: split_names[split.codes[i + rows]],
+        lambda i, rows: label_names[labels.codes[i + rows]],
     )
     digest = hashlib.sha256()
     # the bytes of "\x1f".join(part) for each part, hashed a slice of cells at a time (flat memory)
-    for part in ([map(str, adata.var_names)], [categories], *(
-            [fn(fit[i : i + 65536]) for i in range(0, len(fit), 65536)] for fn in per_cell), [[str(base_sha256)]]):
+    for part in ([map(str, adata.var_names)], [categories], *([fn(i, rows) for i, rows in slices] for fn in per_cell),
+                 [[str(base_sha256)]]):
         first = True
         for piece in part:
             text = "\x1f".join(piece)
@@ -227,6 +229,21 @@ def data_fingerprint(adata: AnnData, label_key: str, categories: Sequence[str], 
             first = False
         digest.update(b"\x1e")
     return digest.hexdigest()
+
+
+def _obs_keys(adata: Any) -> list[str]:
+    return list(adata.obs_keys) if hasattr(adata, "obs_column") else list(adata.obs.columns)
+
+
+def _obs_column(adata: Any, key: str) -> pd.Series:
+    """``obs[key]`` of an AnnData, or read from the file for :class:`~scgpt_protocol.backed.BackedCells`."""
+    return adata.obs_column(key) if hasattr(adata, "obs_column") else adata.obs[key]
+
+
+def _name_keys(names: Any, step: int = 65536) -> np.ndarray:
+    """:func:`~scgpt_protocol.tokenize.cell_keys` of every cell, names read a slice at a time."""
+    return np.concatenate([cell_keys(names[i : i + step]) for i in range(0, len(names), step)] or
+                          [np.zeros(0, dtype=np.uint64)])
 
 
 def _as_categorical(column: pd.Series) -> pd.Categorical:
@@ -249,10 +266,10 @@ def _cpu_copy(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def _codes_and_splits(adata: AnnData, label_key: str, split_key: str, categories: list[str]) -> tuple:
     for key in (label_key, split_key):
-        if key not in adata.obs:
-            msg = f"{key!r} not in adata.obs (columns: {format_keys(adata.obs.columns)}); run 01_preprocess first."
+        if key not in _obs_keys(adata):
+            msg = f"{key!r} not in adata.obs (columns: {format_keys(_obs_keys(adata))}); run 01_preprocess first."
             raise KeyError(msg)
-    labels = _as_categorical(adata.obs[label_key])
+    labels = _as_categorical(_obs_column(adata, label_key))
     present = labels.categories[np.unique(labels.codes[labels.codes >= 0])].astype(str)
     unknown = sorted(set(present) - set(categories)) + (["<missing>"] if (labels.codes < 0).any() else [])
     if unknown:
@@ -261,7 +278,7 @@ def _codes_and_splits(adata: AnnData, label_key: str, split_key: str, categories
     position = {c: i for i, c in enumerate(categories)}
     lookup = np.array([position.get(c, -1) for c in labels.categories.astype(str)] or [0], dtype=np.int64)
     codes = lookup[labels.codes]
-    split = _as_categorical(adata.obs[split_key])
+    split = _as_categorical(_obs_column(adata, split_key))
     split_code = {str(c): i for i, c in enumerate(split.categories)}
     train_rows = np.flatnonzero(split.codes == split_code.get("train", -2))
     val_rows = np.flatnonzero(split.codes == split_code.get("val", -2))

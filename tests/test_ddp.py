@@ -103,6 +103,13 @@ def test_workers_and_backed_reading_do_not_change_training(toy):
     assert memory.history[["train_loss", "val_loss"]].equals(backed.history[["train_loss", "val_loss"]])
     for key, value in memory_state.items():
         assert torch.equal(value, backed_state[key]), key
+    # what 02 reads (read_prepared_cells): X and obs on disk, labels, split and names read by slices
+    from scgpt_protocol.backed import read_backed
+
+    lean, lean_state = _train(read_backed(h5ad), checkpoint, categories, epochs=2)
+    assert memory.history[["train_loss", "val_loss"]].equals(lean.history[["train_loss", "val_loss"]])
+    for key, value in memory_state.items():
+        assert torch.equal(value, lean_state[key]), key
 
 
 def test_steps_per_epoch_walks_through_all_cells():
