@@ -339,6 +339,8 @@ class ZeroshotParams(StepParams):
     min_confidence: float = _f(0.0, "cells where fewer than this share of the k neighbours agree are 'Unknown' (0: off)",
                                min=0.0, max=1.0)
     majority_voting: bool = _f(False, "also label each over-cluster of the query's embedding by its majority (CellTypist)")
+    max_plot_cells: int = _f(50000, "UMAP of at most this many reference + query cells (a seeded random sample when more)",
+                             min=1, advanced=True)
 
 
 STEPS: dict[str, type[StepParams]] = {
