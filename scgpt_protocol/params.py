@@ -319,6 +319,8 @@ class EvaluateParams(StepParams):
                                  advanced=True)
     max_plot_cells: int = _f(50000, "UMAP of at most this many test cells (a seeded random sample when more)",
                              min=1, advanced=True)
+    store_outputs: Optional[bool] = _f(None, "probabilities, embeddings to data/predictions.h5 (None: > 200,000 cells)",
+                                       advanced=True)
 
 
 @dataclass
