@@ -45,6 +45,8 @@ __all__ = [
     "logistic_regression_baseline",
     "evaluate_predictions",
     "annotate",
+    "prediction_store",
+    "STORE_OUTPUTS_CELLS",
     "write_results",
     "evaluate_query",
 ]
@@ -844,6 +846,27 @@ def evaluate_predictions(
         metrics["n_cells"], metrics["accuracy"], metrics["macro_f1"],
     )
     return EvalResult(metrics=metrics, confusion=confusion(true_l, pred_l, categories), predictions=frame)
+
+
+#: above this many cells 03 streams probabilities and embeddings to a store (EvaluateParams.store_outputs=None)
+STORE_OUTPUTS_CELLS = 200_000
+
+
+def prediction_store(layout: Any, n_cells: int, store_outputs: bool | None = None) -> Path | None:
+    """Where 03's :func:`~scgpt_protocol.predict.predict` writes its per-cell outputs: ``out=`` or None.
+
+    ``store_outputs`` True: ``layout.prediction_store`` (``data/predictions.h5``): probabilities and
+    embeddings are streamed there and read back by rows (evaluation, refinement, the UMAP's sample), so
+    that memory holds only per-cell vectors; ``evaluated.h5ad`` then has no ``obsm["X_scgpt"]`` but
+    ``uns["X_scgpt_store"]`` naming the file. False: in memory (None returned). None: True above
+    :data:`STORE_OUTPUTS_CELLS` cells. The numbers are the same either way.
+    """
+    if store_outputs is None:
+        store_outputs = n_cells > STORE_OUTPUTS_CELLS
+    if not store_outputs:
+        return None
+    logger.info("streaming probabilities and embeddings of %d cells to %s", n_cells, layout.prediction_store)
+    return layout.prediction_store
 
 
 def annotate(

@@ -227,6 +227,11 @@ class RunLayout:
         return self.data_dir / "evaluated.h5ad"
 
     @property
+    def prediction_store(self) -> Path:
+        """03's per-cell probabilities and embeddings when streamed (``EvaluateParams.store_outputs``)."""
+        return self.data_dir / "predictions.h5"
+
+    @property
     def export_dir(self) -> Path:
         return self.run_dir / "export"
 
@@ -283,7 +288,8 @@ class RunLayout:
             "01_preprocess": [self.prepared_adata, self.labels, self.inspection, self.checkpoint_record,
                               self.demo_checkpoint_dir],
             "02_finetune": [self.model_dir, self.train_dir],
-            "03_evaluate": [self.predictions, self.metrics, self.evaluated_adata, self.query_predictions,
+            "03_evaluate": [self.predictions, self.metrics, self.evaluated_adata, self.prediction_store,
+                            self.query_predictions,
                             self.export_dir],
             "04_zeroshot": [self.zeroshot_dir],
         }

@@ -319,6 +319,8 @@ class EvaluateParams(StepParams):
                                  advanced=True)
     max_plot_cells: int = _f(50000, "UMAP of at most this many test cells (a seeded random sample when more)",
                              min=1, advanced=True)
+    store_outputs: Optional[bool] = _f(None, "probabilities, embeddings to data/predictions.h5 (None: > 200,000 cells)",
+                                       advanced=True)
 
 
 @dataclass
@@ -339,6 +341,8 @@ class ZeroshotParams(StepParams):
     min_confidence: float = _f(0.0, "cells where fewer than this share of the k neighbours agree are 'Unknown' (0: off)",
                                min=0.0, max=1.0)
     majority_voting: bool = _f(False, "also label each over-cluster of the query's embedding by its majority (CellTypist)")
+    max_plot_cells: int = _f(50000, "UMAP of at most this many reference + query cells (a seeded random sample when more)",
+                             min=1, advanced=True)
 
 
 STEPS: dict[str, type[StepParams]] = {

@@ -191,6 +191,36 @@ def over_cluster(
     return light.obs["over_clustering"].astype(str).to_numpy(dtype=object)
 
 
+#: groups with more cells are over-clustered on a sample of this many (:func:`refine_labels`)
+MAX_CLUSTER_CELLS = 200_000
+
+
+def _over_cluster_rows(emb: Any, rows: np.ndarray, *, resolution: float, n_neighbors: int, seed: int,
+                       max_cells: int | None, block: int = 65536) -> np.ndarray:
+    """Over-cluster ``emb[rows]``; above ``max_cells`` rows, a sample of them, the rest by nearest sampled cell."""
+    from sklearn.neighbors import NearestNeighbors
+
+    from .store import subsample, take_rows
+
+    if max_cells is None or len(rows) <= max_cells:
+        return over_cluster(take_rows(emb, rows), resolution=resolution, n_neighbors=n_neighbors, seed=seed)
+    if max_cells < 1:
+        raise ValueError(f"max_cluster_cells must be a positive integer or None; got {max_cells!r}.")
+    sampled = subsample(np.ones(len(rows), dtype=bool), max_cells, seed=seed)
+    sample_emb = take_rows(emb, rows[sampled])
+    ids = np.empty(len(rows), dtype=object)
+    ids[sampled] = over_cluster(sample_emb, resolution=resolution, n_neighbors=n_neighbors, seed=seed)
+    nearest = NearestNeighbors(n_neighbors=1, algorithm="brute").fit(sample_emb)
+    sample_ids, rest = ids[sampled], np.flatnonzero(~sampled)
+    for lo in range(0, len(rest), block):
+        part = rest[lo : lo + block]
+        hit = nearest.kneighbors(take_rows(emb, rows[part]), return_distance=False)[:, 0]
+        ids[part] = sample_ids[hit]
+    logger.info("over-clustered a sample of %d of %d cells; the others joined their nearest sampled cell",
+                int(max_cells), len(rows), extra=DETAIL)
+    return ids
+
+
 def majority_vote(labels: Any, clusters: Any, confidence: Any | None = None) -> np.ndarray:
     """Every cell gets the most frequent label of its cluster.
 
@@ -281,6 +311,7 @@ def refine_labels(
     categories: Sequence[str] | None = None,
     n_neighbors: int = OVERCLUSTER_NEIGHBORS,
     seed: int = 0,
+    max_cluster_cells: int | None = MAX_CLUSTER_CELLS,
 ) -> Refinement:
     """Abstention and majority voting on plain arrays (see the module's description).
 
@@ -305,6 +336,13 @@ def refine_labels(
         (the two could not be told apart).
     n_neighbors, seed
         Of the over-clustering graph and Leiden.
+    max_cluster_cells
+        A group with more cells is over-clustered on a seeded random sample of this many cells
+        (:func:`~scgpt_protocol.store.subsample`; the resolution follows the group's size all the
+        same); every other cell joins the cluster of its nearest sampled cell (Euclidean on the
+        embedding, read in blocks), so that the graph, Leiden and the embedding in memory stay
+        bounded at atlas scale. None: every cell is in the graph. Groups at or below the cap (the
+        demo, most data) are clustered whole, as before.
 
     Returns
     -------
@@ -354,7 +392,8 @@ def refine_labels(
         for name in pd.unique(group):
             rows = np.flatnonzero(group == name)
             res = overclustering_resolution(len(rows)) if resolution is None else float(resolution)
-            ids = over_cluster(take_rows(emb, rows), resolution=res, n_neighbors=n_neighbors, seed=seed)
+            ids = _over_cluster_rows(emb, rows, resolution=res, n_neighbors=n_neighbors, seed=seed,
+                                     max_cells=max_cluster_cells)
             clusters[rows] = ids if groups is None else np.asarray([f"{name}-{i}" for i in ids], dtype=object)
             resolutions[str(name)] = res
         voted = majority_vote(final, clusters, conf)
@@ -363,6 +402,7 @@ def refine_labels(
             "resolution_rule": "CellTypist: 5, 10, 15, 20, 25, 30 for < 5k, 20k, 40k, 100k, 200k cells and more"
                                if resolution is None else "given",
             "n_clusters": int(len(set(clusters.tolist()))), "n_neighbors": int(n_neighbors), "seed": int(seed),
+            "max_cluster_cells": None if max_cluster_cells is None else int(max_cluster_cells),
             "graph": "kNN on the model's embedding (sc.pp.neighbors), Leiden (igraph, 2 iterations)",
         })
         logger.info("majority voting: %d cells in %d over-clusters", n, params["n_clusters"], extra=DETAIL)
@@ -380,6 +420,7 @@ def refine(
     resolution: float | None = None,
     groups: Any | None = None,
     seed: int = 0,
+    max_cluster_cells: int | None = MAX_CLUSTER_CELLS,
 ) -> Prediction:
     """A :class:`~scgpt_protocol.predict.Prediction` with abstention and majority voting applied.
 
@@ -388,7 +429,8 @@ def refine(
     ``predicted``, ``unknown``, ``over_clustering``, ``majority_voting`` and ``refinement`` (the
     parameters) are filled. Over-clustering uses the prediction's fine-tuned embeddings. See
     :func:`refine_labels` for the parameters; in 03 ``groups=adata.obs["split"]`` keeps the test
-    cells' clusters free of training cells.
+    cells' clusters free of training cells. A prediction made with ``predict(out=...)`` is read from
+    its store one group (or, above ``max_cluster_cells``, one block) of cells at a time.
 
     Examples
     --------
@@ -398,7 +440,7 @@ def refine(
     base = prediction.predicted if prediction.predicted is not None else prediction.labels
     done = refine_labels(base, prediction.confidence, prediction.embeddings, min_confidence=min_confidence,
                          majority_voting=majority_voting, resolution=resolution, groups=groups,
-                         categories=prediction.categories, seed=seed)
+                         categories=prediction.categories, seed=seed, max_cluster_cells=max_cluster_cells)
     return dataclasses.replace(prediction, labels=done.labels, predicted=done.predicted, unknown=done.unknown,
                                over_clustering=done.over_clustering, majority_voting=done.majority_voting,
                                refinement=done.params)

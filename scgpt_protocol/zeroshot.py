@@ -343,8 +343,11 @@ def _obs_labels(adata: AnnData, label_key: str, what: str) -> pd.Series:
 
 
 def _get_embedding(
-    adata: AnnData, model: ScGPT, what: str, *, reuse: bool, embedding_key: str, embed_kwargs: dict
-) -> tuple[np.ndarray, bool]:
+    adata: AnnData, model: ScGPT, what: str, *, reuse: bool, embedding_key: str, embed_kwargs: dict,
+    out: Path | None = None,
+) -> tuple[Any, bool, str | None]:
+    """``(embedding, reused, precision)``: an in-memory array, or with ``out`` the on-disk (h5py) dataset
+    that :func:`~scgpt_protocol.embedding.embed` streamed to that file."""
     from .embedding import embed
 
     d_model = model.config.d_model
@@ -358,9 +361,33 @@ def _get_embedding(
             )
             raise ValueError(msg)
         logger.info("reusing %s.obsm[%r] (%d x %d)", what, embedding_key, *emb.shape)
-        return emb, True
-    embed(adata, model, key_added=embedding_key, **embed_kwargs)
-    return np.asarray(adata.obsm[embedding_key]), False
+        return emb, True, adata.uns.get(f"{embedding_key}_params", {}).get("precision")
+    if out is None:
+        embed(adata, model, key_added=embedding_key, **embed_kwargs)
+        return np.asarray(adata.obsm[embedding_key]), False, adata.uns[f"{embedding_key}_params"]["precision"]
+    from .store import open_store
+
+    embed(adata, model, key_added=embedding_key, out=out, **embed_kwargs)
+    datasets, attrs = open_store(out)
+    return datasets[embedding_key], False, attrs.get("precision")
+
+
+def _transfer_blocks(ref: np.ndarray, labels: np.ndarray, query: Any, *, k: int,
+                     block: int = 65536) -> LabelTransfer:
+    """:func:`transfer_labels` of an on-disk (h5py) query embedding, ``block`` query cells at a time, so
+    that only the reference and one block of the query are in memory. The same result as one call."""
+    from .store import take_rows
+
+    if isinstance(query, np.ndarray) or query.shape[0] <= block:
+        return transfer_labels(ref, labels, take_rows(query), k=k)
+    parts = [transfer_labels(ref, labels, np.asarray(query[lo : lo + block]), k=k)
+             for lo in range(0, query.shape[0], block)]
+    return LabelTransfer(
+        **{name: np.concatenate([getattr(p, name) for p in parts])
+           for name in ("majority", "weighted", "confidence_majority", "confidence_weighted", "neighbors",
+                        "distances")},
+        categories=parts[0].categories,
+    )
 
 
 def _check_shared_genes(reference: AnnData, query: AnnData, model: ScGPT, gene_symbol_key: str | None) -> None:
@@ -396,6 +423,7 @@ def zeroshot_annotate(
     min_confidence: float = 0.0,
     majority_voting: bool = False,
     resolution: float | None = None,
+    store_dir: str | Path | None = None,
 ) -> ZeroShotResult:
     """Annotate ``query`` from ``reference`` with the pretrained model, without fine-tuning.
 
@@ -441,6 +469,15 @@ def zeroshot_annotate(
     majority_voting
         Over-cluster the query on its embedding (CellTypist's resolution rule unless ``resolution``
         is given) and give every cell its cluster's majority call: ``scgpt_majority_voting``.
+    store_dir
+        A folder: the embeddings are streamed to ``reference_embeddings.h5`` and ``query_embeddings.h5``
+        there (:func:`~scgpt_protocol.embedding.embed` with ``out=``) instead of ``obsm``, so that
+        ``reference`` and ``query`` may be backed AnnData (views of ``read_h5ad(path, backed="r")``) of any
+        size. Memory then holds the labelled reference embeddings (``n_ref x d`` float32, what the
+        neighbour search needs) and one block of 65,536 query cells at a time; ``query_embedding`` and
+        ``reference_embedding`` of the result are the on-disk (h5py) datasets. The labels are the same
+        as without it. A backed view of the query is not annotated in place (its ``obs`` cannot be
+        written); the refinement columns are in ``predictions``.
 
     Returns
     -------
@@ -500,11 +537,16 @@ def zeroshot_annotate(
     _check_shared_genes(reference, query, model, gene_symbol_key)
     embed_kwargs = dict(max_seq_len=max_seq_len, batch_size=batch_size, seed=seed, layer=layer,
                         gene_symbol_key=gene_symbol_key, precision=precision)
-    ref_emb, ref_reused = _get_embedding(reference, model, "reference", reuse=reuse_embeddings,
-                                         embedding_key=embedding_key, embed_kwargs=embed_kwargs)
-    query_emb, query_reused = _get_embedding(query, model, "query", reuse=reuse_embeddings,
-                                             embedding_key=embedding_key, embed_kwargs=embed_kwargs)
-    transfer = transfer_labels(ref_emb[used], ref_str, query_emb, k=k)
+    folder = None if store_dir is None else Path(store_dir)
+    ref_emb, ref_reused, ref_precision = _get_embedding(
+        reference, model, "reference", reuse=reuse_embeddings, embedding_key=embedding_key,
+        embed_kwargs=embed_kwargs, out=None if folder is None else folder / "reference_embeddings.h5")
+    query_emb, query_reused, query_precision = _get_embedding(
+        query, model, "query", reuse=reuse_embeddings, embedding_key=embedding_key,
+        embed_kwargs=embed_kwargs, out=None if folder is None else folder / "query_embeddings.h5")
+    from .store import take_rows
+
+    transfer = _transfer_blocks(take_rows(ref_emb, used), ref_str, query_emb, k=k)
     from .refine import ZEROSHOT_COLUMNS, refine_labels, refinement_metrics, write_annotation
 
     refined = refine_labels(transfer.majority, transfer.confidence_majority, query_emb,
@@ -526,8 +568,9 @@ def zeroshot_annotate(
         predictions[PREDICTION_COLUMNS[0]] = frame.pop(ZEROSHOT_COLUMNS["labels"])
         frame = frame.drop(columns=[ZEROSHOT_COLUMNS["confidence"]])
         predictions = pd.concat([predictions, frame], axis=1)
-        write_annotation(query, refined, columns=ZEROSHOT_COLUMNS, categories=distinct.tolist(),
-                         uns_key="scgpt_zeroshot_annotation")
+        if not (query.is_view and query.isbacked):  # a backed view's obs cannot be written
+            write_annotation(query, refined, columns=ZEROSHOT_COLUMNS, categories=distinct.tolist(),
+                             uns_key="scgpt_zeroshot_annotation")
     metrics: dict[str, Any] | None = None
     if label_key in query.obs.columns:
         truth = query.obs[label_key].to_numpy(dtype=object)
@@ -564,8 +607,8 @@ def zeroshot_annotate(
         "min_confidence": float(min_confidence), "majority_voting": bool(majority_voting),
         "reused_embeddings": {"reference": ref_reused, "query": query_reused},
         "checkpoint": str(getattr(getattr(model, "load_report", None), "checkpoint_dir", "")),
-        "precision": {what: a.uns.get(f"{embedding_key}_params", {}).get("precision")
-                      for what, a in (("reference", reference), ("query", query))},
+        "precision": {"reference": ref_precision, "query": query_precision},
+        "store": None if folder is None else str(folder),
     }
     if metrics is not None:
         logger.info("zero-shot (k=%d): %d query cells, majority accuracy %.3f, macro F1 %.3f", k,
@@ -585,6 +628,8 @@ def joint_embedding(
     label_key: str,
     embedding_key: str = "X_scgpt",
     result: ZeroShotResult | None = None,
+    max_cells: int | None = None,
+    seed: int = 0,
 ) -> AnnData:
     """Reference and query cells in one small AnnData, for a joint UMAP.
 
@@ -598,7 +643,15 @@ def joint_embedding(
         ``obsm`` key of the embeddings, kept under the same key.
     result
         The :class:`ZeroShotResult` of these two datasets; its majority labels fill ``predicted``
-        for the query cells (NaN for reference cells). Without it ``predicted`` is all NaN.
+        for the query cells (NaN for reference cells). Without it ``predicted`` is all NaN. Its
+        embeddings are used where a dataset has no ``obsm[embedding_key]`` (``zeroshot_annotate`` with
+        ``store_dir``: only the chosen rows are read from disk).
+    max_cells
+        At most this many cells (reference and query together; a seeded random sample,
+        :func:`~scgpt_protocol.store.subsample`), so that a UMAP of an atlas costs what one of
+        ``max_cells`` cells does. None: all cells.
+    seed
+        Seed of that sample.
 
     Returns
     -------
@@ -615,15 +668,25 @@ def joint_embedding(
     """
     import anndata as ad
 
+    from .store import subsample, take_rows
+
+    n_ref, n_query = reference.n_obs, query.n_obs
+    keep = subsample(np.ones(n_ref + n_query, dtype=bool), max_cells, seed=seed)
+    chosen = {"reference": keep[:n_ref], "query": keep[n_ref:]}
+    stored = {"reference": None if result is None else result.reference_embedding,
+              "query": None if result is None else result.query_embedding}
     parts = []
     for name, adata in (("reference", reference), ("query", query)):
-        if embedding_key not in adata.obsm:
+        if embedding_key in adata.obsm:
+            parts.append(np.asarray(adata.obsm[embedding_key])[chosen[name]])
+        elif stored[name] is not None and stored[name].shape[0] == adata.n_obs:
+            parts.append(take_rows(stored[name], chosen[name]))
+        else:
             msg = (
                 f"the {name} has no obsm[{embedding_key!r}] (found {format_keys(adata.obsm.keys())}); run "
                 "zeroshot_annotate or scgpt_protocol.embedding.embed on it first."
             )
             raise KeyError(msg)
-        parts.append(np.asarray(adata.obsm[embedding_key]))
     if parts[0].shape[1] != parts[1].shape[1]:
         msg = (
             f"reference embeddings have {parts[0].shape[1]} dimensions but query embeddings "
@@ -631,29 +694,32 @@ def joint_embedding(
         )
         raise ValueError(msg)
 
-    def labels(adata: AnnData) -> np.ndarray:
+    def labels(adata: AnnData, mask: np.ndarray) -> np.ndarray:
         if label_key in adata.obs.columns:
-            return adata.obs[label_key].to_numpy(dtype=object)
-        return np.full(adata.n_obs, np.nan, dtype=object)
+            return adata.obs[label_key].to_numpy(dtype=object)[mask]
+        return np.full(int(mask.sum()), np.nan, dtype=object)
 
-    predicted = np.full(query.n_obs, np.nan, dtype=object)
+    predicted = np.full(n_query, np.nan, dtype=object)
     if result is not None:
-        if len(result.predictions) != query.n_obs:
+        if len(result.predictions) != n_query:
             msg = (
-                f"result has {len(result.predictions)} predictions but the query has {query.n_obs} cells; "
+                f"result has {len(result.predictions)} predictions but the query has {n_query} cells; "
                 "pass the result of zeroshot_annotate on this query."
             )
             raise ValueError(msg)
         predicted = result.predictions[PREDICTION_COLUMNS[0]].to_numpy(dtype=object)
-    names = [*(f"{n}-reference" for n in reference.obs_names), *(f"{n}-query" for n in query.obs_names)]
-    no_prediction = np.full(reference.n_obs, np.nan, dtype=object)
-    cells = np.concatenate([reference.obs_names.astype(str), query.obs_names.astype(str)])
+    ref_names = np.asarray(reference.obs_names.astype(str))[chosen["reference"]]
+    query_names = np.asarray(query.obs_names.astype(str))[chosen["query"]]
+    n_r, n_q = len(ref_names), len(query_names)
+    names = [*(f"{n}-reference" for n in ref_names), *(f"{n}-query" for n in query_names)]
+    no_prediction = np.full(n_r, np.nan, dtype=object)
+    cells = np.concatenate([ref_names, query_names])
     obs = pd.DataFrame(
         {
-            "dataset": pd.Categorical(["reference"] * reference.n_obs + ["query"] * query.n_obs,
-                                      categories=["reference", "query"]),
-            "label": pd.Categorical(np.concatenate([labels(reference), labels(query)])),
-            "predicted": pd.Categorical(np.concatenate([no_prediction, predicted])),
+            "dataset": pd.Categorical(["reference"] * n_r + ["query"] * n_q, categories=["reference", "query"]),
+            "label": pd.Categorical(np.concatenate([labels(reference, chosen["reference"]),
+                                                    labels(query, chosen["query"])])),
+            "predicted": pd.Categorical(np.concatenate([no_prediction, predicted[chosen["query"]]])),
             "cell": cells.astype(object),
         },
         index=pd.Index(names),
@@ -693,19 +759,28 @@ def zeroshot_inputs(layout: RunLayout, params: Any) -> tuple[AnnData, AnnData, s
     """Reference, query and label key of step 04 (:class:`~scgpt_protocol.params.ZeroshotParams`).
 
     Without paths, the reference is the train + validation cells of the run's prepared data and the
-    query its test cells, so zero-shot and fine-tuned results are measured on the same cells.
+    query its test cells, so zero-shot and fine-tuned results are measured on the same cells. The
+    prepared data are read backed (``X`` stays on disk): both are views of it, to embed with
+    ``zeroshot_annotate(..., store_dir=...)``. Files given by path are read into memory.
     """
-    from .preprocess import read_adata, read_labels, read_prepared, subset_split
+    from .backed import read_prepared_backed
+    from .preprocess import read_adata, read_labels
 
     label_key = params.label_key
     if params.reference_path is None or params.query_path is None:
-        prepared = read_prepared(layout)
+        prepared = read_prepared_backed(layout)
+        split = prepared.obs["split"].to_numpy() if "split" in prepared.obs else None
+        if split is None:
+            msg = (f"'split' not in the obs of {layout.prepared_adata} (columns: {format_keys(prepared.obs.columns)}); "
+                   "run 01_preprocess first.")
+            raise KeyError(msg)
     if label_key is None and layout.labels.is_file():  # the run's label column, also for external files
         label_key = read_labels(layout)["label_key"]
     if label_key is None:
         msg = ("label_key is not set and the run has no labels record (data/labels.json, written by 01) to "
                "take it from; set label_key to the label column of the reference and query.")
         raise ValueError(msg)
-    reference = read_adata(params.reference_path) if params.reference_path else subset_split(prepared, ["train", "val"])
-    query = read_adata(params.query_path) if params.query_path else subset_split(prepared, "test")
+    reference = (read_adata(params.reference_path) if params.reference_path
+                 else prepared[np.isin(split, ["train", "val"])])
+    query = read_adata(params.query_path) if params.query_path else prepared[split == "test"]
     return reference, query, label_key

@@ -484,3 +484,15 @@ def test_save_figure_and_style(tmp_path):
     assert not list(layout.figures_dir.glob(".*"))
     with pytest.raises(ValueError, match="plain file stem"):
         save_figure(fig, layout, "../escape")
+
+
+def test_prediction_store_switch(tmp_path):
+    from scgpt_protocol.evaluate import STORE_OUTPUTS_CELLS, prediction_store
+    from scgpt_protocol.layout import RunLayout
+
+    layout = RunLayout(tmp_path / "run")
+    assert prediction_store(layout, 2_700) is None  # demo size: in memory
+    assert prediction_store(layout, STORE_OUTPUTS_CELLS + 1) == layout.prediction_store
+    assert prediction_store(layout, 10, True) == layout.prediction_store
+    assert prediction_store(layout, STORE_OUTPUTS_CELLS + 1, False) is None
+    assert layout.prediction_store in layout.step_artifacts("03_evaluate")

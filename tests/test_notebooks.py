@@ -219,3 +219,32 @@ def test_ci_run_refines_labels_and_exports_queryable_artifacts(ci_run):
     assert zs["refinement"]["majority_voting"] is not None
     for name in ("coverage_curve", "zeroshot_coverage_curve"):
         assert layout.figure(name).is_file(), name
+
+
+def test_03_with_store_outputs_streams_to_the_store_with_the_same_results(ci_run, tmp_path):
+    """store_outputs=True (forced on the demo): predict(out=data/predictions.h5), refinement, evaluation, UMAP and
+    export read the store; the tables and metrics are those of the in-memory run."""
+    import h5py
+    import numpy as np
+
+    layout, _ = ci_run
+    run_dir, params = tmp_path / "run", tmp_path / "params"
+    shutil.copytree(layout.run_dir, run_dir)
+    shutil.copytree(ROOT / "params" / "ci", params)
+    overrides = yaml.safe_load((params / "03_evaluate.yaml").read_text()) or {}
+    (params / "03_evaluate.yaml").write_text(yaml.safe_dump({**overrides, "store_outputs": True}))
+    run_protocol(params, run_dir, steps=["03"], force=True, html=False)
+    streamed = RunLayout(run_dir)
+    assert yaml.safe_load(streamed.step_params("evaluate").read_text())["store_outputs"] is True
+    pd.testing.assert_frame_equal(pd.read_csv(streamed.predictions, index_col=0),
+                                  pd.read_csv(layout.predictions, index_col=0))
+    assert json.loads(streamed.metrics.read_text())["methods"] == json.loads(layout.metrics.read_text())["methods"]
+    evaluated = ad.read_h5ad(streamed.evaluated_adata, backed="r")
+    assert "X_scgpt" not in evaluated.obsm and evaluated.uns["X_scgpt_store"] == str(streamed.prediction_store)
+    in_memory = ad.read_h5ad(layout.evaluated_adata, backed="r")
+    with h5py.File(streamed.prediction_store, "r") as store:
+        np.testing.assert_array_equal(store["embeddings"][:], in_memory.obsm["X_scgpt"])
+    pd.testing.assert_frame_equal(evaluated.obs, in_memory.obs)
+    manifest = json.loads((run_dir / "run_manifest.json").read_text())
+    assert manifest["steps"]["03_evaluate"]["status"] == "finished"
+    assert streamed.obs_duckdb.is_file() and streamed.figure("umap").is_file()

@@ -158,6 +158,29 @@ def test_over_clustering_is_seeded_and_groups_stay_apart():
     assert set(out.params["resolution"]) == {"test", "train"}
 
 
+def test_a_large_group_is_over_clustered_on_a_sample_and_the_rest_joins_the_nearest_sampled_cell(tmp_path):
+    import h5py
+
+    from scgpt_protocol.store import subsample
+
+    emb, blob = _blobs(n_per=60)
+    labels = np.array(["B", "T", "NK"], dtype=object)[blob]
+    with h5py.File(tmp_path / "emb.h5", "w") as f:  # as predict(out=...) stores it
+        f["embeddings"] = emb.astype(np.float32)
+    with h5py.File(tmp_path / "emb.h5", "r") as f:
+        out = refine_labels(labels, np.ones(len(emb)), f["embeddings"], majority_voting=True, seed=2,
+                            max_cluster_cells=50)
+    sampled = subsample(np.ones(len(emb), dtype=bool), 50, seed=2)
+    emb32 = emb.astype(np.float32)
+    np.testing.assert_array_equal(out.over_clustering[sampled], over_cluster(emb32[sampled], resolution=5.0, seed=2))
+    d = ((emb32[~sampled][:, None, :] - emb32[sampled][None, :, :]) ** 2).sum(-1)
+    np.testing.assert_array_equal(out.over_clustering[~sampled], out.over_clustering[sampled][d.argmin(axis=1)])
+    assert out.params["max_cluster_cells"] == 50 and out.params["resolution"] == 5.0
+    assert (out.majority_voting == labels).mean() > 0.9  # well-separated blobs keep their label
+    whole = refine_labels(labels, np.ones(len(emb)), emb, majority_voting=True, seed=2)  # 180 cells: under the cap
+    np.testing.assert_array_equal(whole.over_clustering, over_cluster(emb, resolution=5.0, seed=2))
+
+
 def test_majority_vote_ties_go_to_the_more_confident_label():
     assert majority_vote(["a", "b"], ["0", "0"], [0.4, 0.6]).tolist() == ["b", "b"]
     assert majority_vote(["b", "a"], ["0", "0"]).tolist() == ["a", "a"]  # then alphabetical

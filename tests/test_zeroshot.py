@@ -338,3 +338,76 @@ def test_write_zeroshot_round_trip(annotated, tmp_path):
     assert record["majority"] == res.metrics["majority"] and record["weighted"] == res.metrics["weighted"]
     assert record["params"]["k"] == 10 and record["params"]["label_key"] == "bulk_labels"
     assert not list(layout.zeroshot_dir.glob(".*partial"))
+
+
+# --------------------------------------------------------------------------- streamed (backed data, stored embeddings)
+@pytest.fixture(scope="module")
+def streamed(annotated, tmp_path_factory):
+    """The demo's reference and query as views of one backed .h5ad, annotated with store_dir."""
+    import anndata as ad
+
+    reference, query, model, res, _ = annotated
+    folder = tmp_path_factory.mktemp("streamed")
+    both = ad.concat([reference, query], label="part", keys=["reference", "query"])
+    del both.obsm["X_scgpt"]
+    both.write_h5ad(folder / "both.h5ad")
+    backed = ad.read_h5ad(folder / "both.h5ad", backed="r")
+    part = backed.obs["part"].to_numpy()
+    ref_view, query_view = backed[part == "reference"], backed[part == "query"]
+    out = zeroshot_annotate(ref_view, query_view, model, label_key="bulk_labels", max_seq_len=128,
+                            batch_size=64, store_dir=folder / "store", min_confidence=0.6, majority_voting=True)
+    return ref_view, query_view, res, out, folder
+
+
+def test_streamed_zeroshot_gives_the_same_labels_as_in_memory(streamed):
+    from scgpt_protocol.store import take_rows
+
+    ref_view, query_view, res, out, folder = streamed
+    assert ref_view.isbacked and query_view.is_view  # X stayed on disk
+    assert "X_scgpt" not in ref_view.obsm and "X_scgpt" not in query_view.obsm  # the store holds them
+    np.testing.assert_array_equal(take_rows(out.query_embedding), res.query_embedding)
+    np.testing.assert_array_equal(take_rows(out.reference_embedding), res.reference_embedding)
+    assert (folder / "store" / "reference_embeddings.h5").is_file()
+    assert out.params["store"] == str(folder / "store")
+    pred = out.predictions
+    pd.testing.assert_series_equal(pred["scgpt_zeroshot_prediction"], res.predictions["scgpt_zeroshot_label"],
+                                   check_names=False)
+    for column in PREDICTION_COLUMNS[1:]:
+        pd.testing.assert_series_equal(pred[column], res.predictions[column])
+    below = res.predictions["scgpt_zeroshot_confidence"].to_numpy() < 0.6
+    assert (pred["scgpt_zeroshot_label"][below] == "Unknown").all()
+    # majority voting read the stored query embedding: one label per over-cluster
+    assert pred.groupby("scgpt_over_clustering")["scgpt_majority_voting"].nunique().eq(1).all()
+    assert out.params["precision"]["query"] == res.params["precision"]["query"]
+
+
+def test_query_blocks_give_the_same_transfer(streamed):
+    from scgpt_protocol.store import take_rows
+    from scgpt_protocol.zeroshot import _transfer_blocks
+
+    ref_view, _, _, out, _ = streamed
+    ref = take_rows(out.reference_embedding)
+    labels = np.asarray(ref_view.obs["bulk_labels"].astype(str))
+    whole = transfer_labels(ref, labels, take_rows(out.query_embedding), k=10)
+    blocks = _transfer_blocks(ref, labels, out.query_embedding, k=10, block=97)
+    for name in ("majority", "weighted", "confidence_majority", "confidence_weighted", "neighbors", "distances"):
+        np.testing.assert_array_equal(getattr(blocks, name), getattr(whole, name))
+    assert blocks.categories == whole.categories
+
+
+def test_joint_embedding_from_the_store_with_a_cap(streamed):
+    from scgpt_protocol.store import take_rows
+
+    ref_view, query_view, _, out, _ = streamed
+    full = joint_embedding(ref_view, query_view, label_key="bulk_labels", result=out)
+    n = ref_view.n_obs + query_view.n_obs
+    assert full.n_obs == n
+    np.testing.assert_array_equal(full.obsm["X_scgpt"][ref_view.n_obs :], take_rows(out.query_embedding))
+    capped = joint_embedding(ref_view, query_view, label_key="bulk_labels", result=out, max_cells=100, seed=1)
+    assert capped.n_obs == 100 and capped.obs_names.is_unique
+    assert set(capped.obs_names) <= set(full.obs_names)
+    rows = full.obs_names.get_indexer(capped.obs_names)
+    np.testing.assert_array_equal(capped.obsm["X_scgpt"], full.obsm["X_scgpt"][rows])
+    pd.testing.assert_frame_equal(capped.obs.astype(str), full.obs.iloc[rows].astype(str))
+    again = joint_embedding(ref_view, query_view, label_key="bulk_labels", result=out, max_cells=100, seed=1)
+    assert again.obs_names.tolist() == capped.obs_names.tolist()  # the sample is seeded
