@@ -613,6 +613,62 @@ def _split_cells(
     return split, notes
 
 
+def _no_mito_genes(params: PreprocessParams, log: list[str]) -> None:
+    _warn(f"max_pct_mito={params.max_pct_mito} is set but no gene name starts with 'MT-'; the "
+          "mitochondrial filter was skipped.", stacklevel=4)
+    log.append("mitochondrial filter skipped: no MT- genes")
+
+
+def _check_left(n_obs: int, n_vars: int, params: PreprocessParams) -> None:
+    """A clear error when the filters left no cell or no gene."""
+    if n_obs == 0 or n_vars == 0:
+        msg = (
+            f"no {'cells' if n_obs == 0 else 'genes'} left after filtering "
+            f"(min_genes={params.min_genes}, min_cells={params.min_cells}, "
+            f"max_pct_mito={params.max_pct_mito}). Relax these filters."
+        )
+        raise InputDataError(msg)
+
+
+def _normalisation(params: PreprocessParams, kind: str, vmax: float, record: Any) -> tuple[bool, bool]:
+    """``(is_counts, normalise)`` for ``params.normalize`` and the values' kind; warns and records the choice."""
+    is_counts = kind == "counts"
+    normalise = {"yes": True, "no": False, "auto": is_counts}[params.normalize]
+    if normalise:
+        if kind == "log-normalised":
+            _warn("normalize='yes' but the values already look log-normalised (non-integer, "
+                  f"max {vmax:.3g}); they are normalised and log-transformed again. Use "
+                  "normalize='auto' unless this is intended.", stacklevel=4)
+        record("normalised: normalize_total(target_sum=1e4) + log1p"
+               + ("; raw counts kept in layers['counts']" if is_counts else ""))
+    else:
+        if params.normalize == "auto" and kind == "other":
+            _warn(f"values are neither raw counts nor log-normalised (non-integer, max {vmax:.4g}) and were "
+                  "left as they are (normalize='auto'). Set normalize='yes' for CPM/TPM values, or give "
+                  "the raw counts (layer=...).", stacklevel=4)
+        record(f"not normalised (normalize={params.normalize!r}, values: {kind})"
+               + ("; counts also in layers['counts']" if is_counts else ""))
+    return is_counts, normalise
+
+
+def _vocabulary_genes(out: AnnData, vocab: dict[str, int], params: PreprocessParams,
+                      record: Any) -> tuple[AnnData, Any]:
+    """``out`` restricted to the genes of the vocabulary (token ids in ``var``), and the gene match
+    (:func:`~scgpt_protocol.tokenize.match_genes`; ``match.columns`` are the columns kept)."""
+    before = out.n_vars
+    match = match_genes(out, vocab, gene_symbol_key=params.gene_symbol_key)
+    cols = match.columns
+    symbols = gene_symbols(out, params.gene_symbol_key)
+    out = out[:, cols].copy()
+    out.var["scgpt_token_id"] = match.token_ids[cols].astype(np.int64)
+    if params.gene_symbol_key is not None:
+        out.var["original_var_name"] = np.asarray(out.var_names, dtype=str)
+        out.var_names = pd.Index([symbols[j] for j in cols], dtype=str)
+    record(f"kept the genes in the checkpoint vocabulary ({match.source}): "
+           f"{before:,} -> {out.n_vars:,} genes ({match.fraction:.1%})")
+    return out, match
+
+
 def prepare(adata: AnnData, params: PreprocessParams, vocab: dict[str, int]) -> PreparedData:
     """Filter, normalise, select the checkpoint's genes and split the cells into train/val/test.
 
@@ -718,9 +774,7 @@ def prepare(adata: AnnData, params: PreprocessParams, vocab: dict[str, int]) -> 
     if params.max_pct_mito is not None:
         mito = _mito_mask(gene_symbols(out, params.gene_symbol_key))
         if not mito.any():
-            _warn(f"max_pct_mito={params.max_pct_mito} is set but no gene name starts with 'MT-'; the "
-                  "mitochondrial filter was skipped.")
-            log.append("mitochondrial filter skipped: no MT- genes")
+            _no_mito_genes(params, log)
         else:
             pct = _pct_mito(out.X, mito, kind)
             before = out.n_obs
@@ -728,48 +782,18 @@ def prepare(adata: AnnData, params: PreprocessParams, vocab: dict[str, int]) -> 
             out = out[pct <= params.max_pct_mito].copy()
             record(f"max_pct_mito={params.max_pct_mito} ({int(mito.sum())} MT- genes): "
                    f"{before:,} -> {out.n_obs:,} cells")
-    if out.n_obs == 0 or out.n_vars == 0:
-        msg = (
-            f"no {'cells' if out.n_obs == 0 else 'genes'} left after filtering "
-            f"(min_genes={params.min_genes}, min_cells={params.min_cells}, "
-            f"max_pct_mito={params.max_pct_mito}). Relax these filters."
-        )
-        raise InputDataError(msg)
+    _check_left(out.n_obs, out.n_vars, params)
 
     # normalisation
-    is_counts = kind == "counts"
-    normalise = {"yes": True, "no": False, "auto": is_counts}[params.normalize]
+    is_counts, normalise = _normalisation(params, kind, vmax, record)
     if is_counts:
         out.layers["counts"] = out.X.copy()
     if normalise:
-        if kind == "log-normalised":
-            _warn("normalize='yes' but the values already look log-normalised (non-integer, "
-                  f"max {vmax:.3g}); they are normalised and log-transformed again. Use "
-                  "normalize='auto' unless this is intended.")
         sc.pp.normalize_total(out, target_sum=1e4)
         sc.pp.log1p(out)
-        record("normalised: normalize_total(target_sum=1e4) + log1p"
-               + ("; raw counts kept in layers['counts']" if is_counts else ""))
-    else:
-        if params.normalize == "auto" and kind == "other":
-            _warn(f"values are neither raw counts nor log-normalised (non-integer, max {vmax:.4g}) and were "
-                  "left as they are (normalize='auto'). Set normalize='yes' for CPM/TPM values, or give "
-                  "the raw counts (layer=...).")
-        record(f"not normalised (normalize={params.normalize!r}, values: {kind})"
-               + ("; counts also in layers['counts']" if is_counts else ""))
 
     # genes of the vocabulary
-    before = out.n_vars
-    match = match_genes(out, vocab, gene_symbol_key=params.gene_symbol_key)
-    cols = match.columns
-    symbols = gene_symbols(out, params.gene_symbol_key)
-    out = out[:, cols].copy()
-    out.var["scgpt_token_id"] = match.token_ids[cols].astype(np.int64)
-    if params.gene_symbol_key is not None:
-        out.var["original_var_name"] = np.asarray(out.var_names, dtype=str)
-        out.var_names = pd.Index([symbols[j] for j in cols], dtype=str)
-    record(f"kept the genes in the checkpoint vocabulary ({match.source}): "
-           f"{before:,} -> {out.n_vars:,} genes ({match.fraction:.1%})")
+    out, match = _vocabulary_genes(out, vocab, params, record)
 
     # highly variable genes
     if params.n_hvg is not None:

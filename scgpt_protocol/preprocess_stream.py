@@ -45,8 +45,6 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .errors import InputDataError
-
 if TYPE_CHECKING:
     from anndata import AnnData
 
@@ -406,8 +404,9 @@ def _prepare_source(source: AnnData, params: PreprocessParams, vocab: dict[str, 
     import scanpy as sc
 
     from .layout import atomic_write
-    from .preprocess import (_finish, _mito_mask, _pct_mito, _require_obs_key, _warn, missing_labels)
-    from .tokenize import check_expression, gene_symbols, get_matrix, match_genes, value_kind
+    from .preprocess import (_check_left, _finish, _mito_mask, _no_mito_genes, _normalisation, _pct_mito,
+                             _require_obs_key, _vocabulary_genes, _warn, missing_labels)
+    from .tokenize import check_expression, gene_symbols, get_matrix, value_kind
 
     log: list[str] = []
 
@@ -501,9 +500,7 @@ def _prepare_source(source: AnnData, params: PreprocessParams, vocab: dict[str, 
     if mito_wanted:
         mito = _mito_mask(gene_symbols(out, params.gene_symbol_key))
         if not mito.any():
-            _warn(f"max_pct_mito={params.max_pct_mito} is set but no gene name starts with 'MT-'; the "
-                  "mitochondrial filter was skipped.")
-            log.append("mitochondrial filter skipped: no MT- genes")
+            _no_mito_genes(params, log)
         else:
             if not mito_in_pass1:  # pass 2: the share over the genes left by filter_genes
                 for start, x in _chunks(matrix, size):
@@ -519,45 +516,16 @@ def _prepare_source(source: AnnData, params: PreprocessParams, vocab: dict[str, 
             cells = cells[passed]
             record(f"max_pct_mito={params.max_pct_mito} ({int(mito.sum())} MT- genes): "
                    f"{before:,} -> {len(cells):,} cells")
-    if out.n_obs == 0 or out.n_vars == 0:
-        msg = (
-            f"no {'cells' if out.n_obs == 0 else 'genes'} left after filtering "
-            f"(min_genes={params.min_genes}, min_cells={params.min_cells}, "
-            f"max_pct_mito={params.max_pct_mito}). Relax these filters."
-        )
-        raise InputDataError(msg)
+    _check_left(out.n_obs, out.n_vars, params)
 
     # normalisation (done chunk by chunk below)
-    is_counts = kind == "counts"
-    normalise = {"yes": True, "no": False, "auto": is_counts}[params.normalize]
+    is_counts, normalise = _normalisation(params, kind, vmax, record)
     if normalise:
-        if kind == "log-normalised":
-            _warn("normalize='yes' but the values already look log-normalised (non-integer, "
-                  f"max {vmax:.3g}); they are normalised and log-transformed again. Use "
-                  "normalize='auto' unless this is intended.")
         out.uns["log1p"] = {"base": None}
-        record("normalised: normalize_total(target_sum=1e4) + log1p"
-               + ("; raw counts kept in layers['counts']" if is_counts else ""))
-    else:
-        if params.normalize == "auto" and kind == "other":
-            _warn(f"values are neither raw counts nor log-normalised (non-integer, max {vmax:.4g}) and were "
-                  "left as they are (normalize='auto'). Set normalize='yes' for CPM/TPM values, or give "
-                  "the raw counts (layer=...).")
-        record(f"not normalised (normalize={params.normalize!r}, values: {kind})"
-               + ("; counts also in layers['counts']" if is_counts else ""))
 
     # genes of the vocabulary
-    before = out.n_vars
-    match = match_genes(out, vocab, gene_symbol_key=params.gene_symbol_key)
+    out, match = _vocabulary_genes(out, vocab, params, record)
     cols = match.columns
-    symbols = gene_symbols(out, params.gene_symbol_key)
-    out = out[:, cols].copy()
-    out.var["scgpt_token_id"] = match.token_ids[cols].astype(np.int64)
-    if params.gene_symbol_key is not None:
-        out.var["original_var_name"] = np.asarray(out.var_names, dtype=str)
-        out.var_names = pd.Index([symbols[j] for j in cols], dtype=str)
-    record(f"kept the genes in the checkpoint vocabulary ({match.source}): "
-           f"{before:,} -> {out.n_vars:,} genes ({match.fraction:.1%})")
     genes_after_filter = genes
     sel = np.asarray(cols)  # columns of the filtered matrix kept (vocabulary, then HVG)
 

@@ -375,8 +375,6 @@ def refine_labels(
     if majority_voting:
         if embedding is None:
             raise ValueError("majority_voting needs the model's embedding of the cells (embedding=...).")
-        from .store import take_rows
-
         # an on-disk (h5py) embedding of predict(out=...) is read one group of cells at a time
         emb = embedding if hasattr(embedding, "id") and hasattr(embedding, "shape") else np.asarray(embedding)
         if len(emb.shape) != 2 or emb.shape[0] != n:
