@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-__all__ = ["BackedCells", "read_backed", "read_prepared_backed", "cells_for_plot"]
+__all__ = ["BackedCells", "read_backed", "cells_for_plot"]
 
 
 class _LazyNames:
@@ -123,14 +123,6 @@ def read_backed(path: str | Path) -> BackedCells:
     if not path.is_file():
         raise FileNotFoundError(f"no .h5ad file at {path}; expected the prepared data of step 01 (prepared.h5ad).")
     return BackedCells(path)
-
-
-def read_prepared_backed(layout: Any) -> Any:
-    """The run's ``prepared.h5ad`` as a backed AnnData: ``X`` and layers stay on disk, ``obs`` is read (a clear
-    error before step 01; :func:`~scgpt_protocol.preprocess.read_prepared` with ``backed=True``)."""
-    from .preprocess import read_prepared
-
-    return read_prepared(layout, backed=True)
 
 
 def cells_for_plot(adata: Any, cells: Any, *, max_cells: int | None = None, seed: int = 0,

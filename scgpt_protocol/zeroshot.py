@@ -763,12 +763,11 @@ def zeroshot_inputs(layout: RunLayout, params: Any) -> tuple[AnnData, AnnData, s
     prepared data are read backed (``X`` stays on disk): both are views of it, to embed with
     ``zeroshot_annotate(..., store_dir=...)``. Files given by path are read into memory.
     """
-    from .backed import read_prepared_backed
-    from .preprocess import read_adata, read_labels
+    from .preprocess import read_adata, read_labels, read_prepared
 
     label_key = params.label_key
     if params.reference_path is None or params.query_path is None:
-        prepared = read_prepared_backed(layout)
+        prepared = read_prepared(layout, backed=True)
         split = prepared.obs["split"].to_numpy() if "split" in prepared.obs else None
         if split is None:
             msg = (f"'split' not in the obs of {layout.prepared_adata} (columns: {format_keys(prepared.obs.columns)}); "
