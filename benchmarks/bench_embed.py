@@ -42,10 +42,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
-from scgpt_protocol.checkpoint import SPECIAL_TOKENS, load_model, make_tiny_checkpoint  # noqa: E402
-from scgpt_protocol.device import autocast, cpu_has_native_bf16, precision_dtype, resolve_device  # noqa: E402
-from scgpt_protocol.device import resolve_precision  # noqa: E402
-from scgpt_protocol.embedding import default_max_tokens, embed, iter_batches  # noqa: E402
+from scgpt_protocol.model.vocab import SPECIAL_TOKENS
+from scgpt_protocol.model.checkpoint import load_model, make_tiny_checkpoint
+from scgpt_protocol.core.device import autocast, cpu_has_native_bf16, precision_dtype, resolve_device
+from scgpt_protocol.core.device import resolve_precision
+from scgpt_protocol.model.embed import default_max_tokens, embed, iter_batches
 
 # embed()'s own batching defaults, so that iter_batches here makes the very batches embed runs
 _EMBED_PARAMS = inspect.signature(embed).parameters

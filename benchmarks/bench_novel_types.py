@@ -38,13 +38,13 @@ import pandas as pd
 from sklearn.metrics import roc_auc_score
 
 from scgpt_protocol import make_tiny_checkpoint
-from scgpt_protocol.annotation import AnnotationRunner, _checkpoint_record
-from scgpt_protocol.checkpoint import load_model, read_vocab
-from scgpt_protocol.evaluate import logistic_regression_baseline
-from scgpt_protocol.params import FinetuneParams, PreprocessParams
-from scgpt_protocol.preprocess import prepare
-from scgpt_protocol.refine import UNKNOWN, refine_labels
-from scgpt_protocol.zeroshot import zeroshot_annotate
+from scgpt_protocol.protocol.compare import AnnotationRunner, _checkpoint_record
+from scgpt_protocol.model.checkpoint import load_model, read_vocab
+from scgpt_protocol.evaluate.baseline import logistic_regression_baseline
+from scgpt_protocol.core.params import FinetuneParams, PreprocessParams
+from scgpt_protocol.pp.prepare import prepare
+from scgpt_protocol.annotate.refine import UNKNOWN, refine_labels
+from scgpt_protocol.annotate.zeroshot import zeroshot_annotate
 
 ROOT = Path(__file__).resolve().parent.parent
 THRESHOLDS = {"softmax": (0.0, 0.2, 0.3, 0.5, 0.7, 0.9), "kNN share": (0.0, 0.3, 0.5, 0.7, 0.9)}
@@ -93,7 +93,7 @@ def main() -> None:
     if a.checkpoint is None:
         ckpt = make_tiny_checkpoint(out / "tiny_checkpoint", list(raw.var_names), seed=a.seed)
     else:
-        from scgpt_protocol.checkpoint import locate_checkpoint
+        from scgpt_protocol.model.checkpoint import locate_checkpoint
 
         ckpt = locate_checkpoint(a.checkpoint)[0]
     record = _checkpoint_record(ckpt)

@@ -122,10 +122,10 @@ def _peak_rss_bytes() -> int:
 
 
 def _step_01(args: argparse.Namespace, work: Path) -> dict:
-    from scgpt_protocol.checkpoint import read_vocab
-    from scgpt_protocol.layout import RunLayout
-    from scgpt_protocol.params import PreprocessParams
-    from scgpt_protocol.preprocess_stream import choose_chunked, prepare_file
+    from scgpt_protocol.model.checkpoint import read_vocab
+    from scgpt_protocol.core.layout import RunLayout
+    from scgpt_protocol.core.params import PreprocessParams
+    from scgpt_protocol.pp.stream import choose_chunked, prepare_file
 
     source = work / "input.h5ad"
     params = PreprocessParams(adata_path=str(source), label_key="cell_type", checkpoint=str(work / "checkpoint"))
@@ -138,9 +138,9 @@ def _step_01(args: argparse.Namespace, work: Path) -> dict:
 
 def _step_02(args: argparse.Namespace, work: Path) -> dict:
     from scgpt_protocol import load_model
-    from scgpt_protocol.backed import read_backed
-    from scgpt_protocol.params import FinetuneParams
-    from scgpt_protocol.train import finetune
+    from scgpt_protocol.data.backed import read_backed
+    from scgpt_protocol.core.params import FinetuneParams
+    from scgpt_protocol.adapt.train import finetune
 
     adata = read_backed(work / "run" / "data" / "prepared.h5ad")  # as 02 reads it: X and obs stay on disk
     categories = json.loads((work / "run" / "data" / "labels.json").read_text())["categories"]
@@ -148,7 +148,7 @@ def _step_02(args: argparse.Namespace, work: Path) -> dict:
                             steps_per_epoch=args.steps, device="cpu", patience=0)
     model = load_model(work / "checkpoint", device="cpu")
     result = finetune(model, adata, params, label_key="cell_type", categories=categories)
-    from scgpt_protocol.train import save_finetuned
+    from scgpt_protocol.adapt.saved import save_finetuned
 
     save_finetuned(model, work / "model", strategy="head", config=None, label_key="cell_type",
                    categories=categories, genes=list(adata.var_names), extra={"training": params.to_dict()})
@@ -156,9 +156,9 @@ def _step_02(args: argparse.Namespace, work: Path) -> dict:
 
 
 def _step_03(args: argparse.Namespace, work: Path) -> dict:
-    from scgpt_protocol.backed import read_backed
-    from scgpt_protocol.predict import predict
-    from scgpt_protocol.train import load_finetuned
+    from scgpt_protocol.data.backed import read_backed
+    from scgpt_protocol.annotate.predict import predict
+    from scgpt_protocol.adapt.saved import load_finetuned
 
     cells = read_backed(work / "run" / "data" / "prepared.h5ad")  # X and obs stay on disk
     model, manifest = load_finetuned(work / "model", device="cpu")
@@ -170,8 +170,8 @@ def _step_03(args: argparse.Namespace, work: Path) -> dict:
 
 def _step_04(args: argparse.Namespace, work: Path) -> dict:
     from scgpt_protocol import load_model
-    from scgpt_protocol.backed import read_backed
-    from scgpt_protocol.embedding import embed
+    from scgpt_protocol.data.backed import read_backed
+    from scgpt_protocol.model.embed import embed
 
     model = load_model(work / "checkpoint", device="cpu")
     embed(read_backed(work / "run" / "data" / "prepared.h5ad"), model, max_seq_len=args.max_seq_len,
@@ -243,7 +243,7 @@ def main() -> None:
 
     import torch
 
-    from scgpt_protocol.checkpoint import make_tiny_checkpoint
+    from scgpt_protocol.model.checkpoint import make_tiny_checkpoint
 
     sizes = [int(float(n)) for n in args.cells.split(",")]
     steps = args.steps_to_run.split(",")

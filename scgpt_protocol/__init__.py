@@ -1,6 +1,13 @@
 """scgpt-protocol: fine-tune and use the scGPT single-cell foundation model from notebooks.
 
-The public API is re-exported here lazily, so ``import scgpt_protocol`` stays fast.
+The package is layered; imports run one way only (``docs/architecture.md``)::
+
+    core < data < metrics < model < pp | adapt | annotate < evaluate < pl < protocol
+
+As in scanpy, ``scgpt_protocol.pp`` (preprocessing), ``scgpt_protocol.tl`` (tools: embed, fine-tune,
+predict, refine, transfer labels) and ``scgpt_protocol.pl`` (plots) are namespaces of the public functions;
+the most used names are also here at the top. Everything is imported lazily, so ``import scgpt_protocol``
+stays fast.
 """
 
 from __future__ import annotations
@@ -8,40 +15,43 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
-#: where the notebooks' Colab cell installs the package from, and the badges point to
-REPOSITORY = "scgpt-protocol/scgpt-protocol"
+from .core.version import REPOSITORY, __version__
 
+#: top-level name -> the module (below this package) that defines it
 _EXPORTS = {
-    "ScGPT": "model",
-    "ScGPTConfig": "model",
-    "load_model": "checkpoint",
-    "save_checkpoint": "checkpoint",
-    "make_tiny_checkpoint": "checkpoint",
-    "LoadReport": "checkpoint",
-    "download_checkpoint": "download",
-    "bin_values": "binning",
-    "resolve_device": "device",
-    "embed": "embedding",
-    "predict": "predict",
-    "refine": "refine",
-    "zeroshot_annotate": "zeroshot",
-    "inspect_annotation_data": "annotation",
-    "adapt_annotation": "annotation",
-    "AnnotationRunner": "annotation",
-    "LoRAConfig": "strategies",
-    "IA3Config": "strategies",
-    "AdapterConfig": "strategies",
-    "PrefixTuningConfig": "strategies",
-    "STRATEGIES": "strategies",
-    "FinetuneParams": "params",
-    "run_protocol": "runner",
+    "ScGPT": "model.scgpt",
+    "ScGPTConfig": "model.scgpt",
+    "load_model": "model.checkpoint",
+    "save_checkpoint": "model.checkpoint",
+    "make_tiny_checkpoint": "model.checkpoint",
+    "LoadReport": "model.checkpoint",
+    "download_checkpoint": "model.download",
+    "bin_values": "model.binning",
+    "resolve_device": "core.device",
+    "embed": "model.embed",
+    "predict": "annotate.predict",
+    "refine": "annotate.refine",
+    "zeroshot_annotate": "annotate.zeroshot",
+    "inspect_annotation_data": "protocol.compare",
+    "adapt_annotation": "protocol.compare",
+    "AnnotationRunner": "protocol.compare",
+    "LoRAConfig": "adapt.strategies",
+    "IA3Config": "adapt.strategies",
+    "AdapterConfig": "adapt.strategies",
+    "PrefixTuningConfig": "adapt.strategies",
+    "STRATEGIES": "adapt.strategies",
+    "FinetuneParams": "core.params",
+    "run_protocol": "protocol.runner",
 }
+#: the scanpy-style namespaces and the other subpackages, imported on first use
+_SUBPACKAGES = ("pp", "tl", "pl", "metrics", "core", "data", "model", "adapt", "annotate", "evaluate", "protocol")
 
-__all__ = ["__version__", "REPOSITORY", *_EXPORTS]
+__all__ = ["__version__", "REPOSITORY", *_EXPORTS, "pp", "tl", "pl"]
 
 
 def __getattr__(name: str) -> Any:
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f".{name}", __name__)
     module = _EXPORTS.get(name)
     if module is None:
         msg = f"module 'scgpt_protocol' has no attribute {name!r}"

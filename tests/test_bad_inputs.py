@@ -14,14 +14,18 @@ import torch
 import yaml
 
 from scgpt_protocol import load_model
-from scgpt_protocol.embedding import iter_batches
-from scgpt_protocol.errors import CheckpointError, GeneMatchError, InputDataError
-from scgpt_protocol.evaluate import BASELINE_METHOD, SCGPT_METHOD, evaluate_query, logistic_regression_baseline, write_results
-from scgpt_protocol.layout import RunLayout
-from scgpt_protocol.params import FinetuneParams, ParamsError, PreprocessParams, ZeroshotParams, load_params_file
-from scgpt_protocol.predict import predict
-from scgpt_protocol.tokenize import FINETUNE_CLS_VALUE, check_expression
-from scgpt_protocol.train import finetune, load_finetuned, trained_class_weight, trained_max_seq_len
+from scgpt_protocol.model.embed import iter_batches
+from scgpt_protocol.core.errors import CheckpointError, GeneMatchError, InputDataError
+from scgpt_protocol.metrics import BASELINE_METHOD, SCGPT_METHOD
+from scgpt_protocol.evaluate.scoring import evaluate_query, write_results
+from scgpt_protocol.evaluate.baseline import logistic_regression_baseline
+from scgpt_protocol.core.layout import RunLayout
+from scgpt_protocol.core.params import FinetuneParams, ParamsError, PreprocessParams, ZeroshotParams, load_params_file
+from scgpt_protocol.annotate.predict import predict
+from scgpt_protocol.model.vocab import FINETUNE_CLS_VALUE
+from scgpt_protocol.data.matrix import check_expression
+from scgpt_protocol.adapt.train import finetune
+from scgpt_protocol.adapt.saved import load_finetuned, trained_class_weight, trained_max_seq_len
 
 FAST = dict(batch_size=16, max_seq_len=32, lr=1e-3, patience=0, epochs=1)
 
@@ -42,7 +46,7 @@ def test_adam_eps_is_1e4_with_amp_on_the_cpu(trained):
     layout, _ = trained
     state = torch.load(layout.train_state, map_location="cpu", weights_only=False)
     assert state["optimizer"]["param_groups"][0]["eps"] == 1e-4  # amp=True (default), device cpu
-    from scgpt_protocol.train import adam_eps
+    from scgpt_protocol.adapt.train import adam_eps
 
     assert adam_eps(False) == 1e-8 and adam_eps(True, 1e-8) == 1e-8  # an explicit adam_eps wins (the demo's)
     assert FinetuneParams(adam_eps="1e-8").adam_eps == 1e-8
@@ -150,7 +154,7 @@ def test_a_query_sharing_no_gene_with_the_model_is_refused(split_pbmc, trained):
 
 
 def test_zero_shot_query_sharing_no_gene_with_the_reference_is_refused(pbmc, tiny_model):
-    from scgpt_protocol.zeroshot import zeroshot_annotate
+    from scgpt_protocol.annotate.zeroshot import zeroshot_annotate
 
     reference = pbmc[:60, :300].copy()
     reference.obs["label"] = np.where(np.arange(60) % 2, "a", "b")
@@ -163,8 +167,8 @@ def test_zero_shot_query_sharing_no_gene_with_the_reference_is_refused(pbmc, tin
 
 @pytest.mark.parametrize("bad", [np.inf, -np.inf])
 def test_infinite_values_are_refused_naming_cell_and_gene(bad):
-    from scgpt_protocol.data import make_toy_adata
-    from scgpt_protocol.preprocess import inspect_adata
+    from scgpt_protocol.data.demo import make_toy_adata
+    from scgpt_protocol.pp.inspect import inspect_adata
 
     adata = make_toy_adata(n_cells=20, n_genes=10)
     adata.X = adata.X.toarray().astype(np.float32)
@@ -196,7 +200,7 @@ def test_a_wrong_device_is_refused_by_the_parameters(device, tmp_path):
 
 
 def test_runner_refuses_a_wrong_device_before_step_01(tmp_path):
-    from scgpt_protocol.runner import run_protocol
+    from scgpt_protocol.protocol.runner import run_protocol
 
     params = tmp_path / "params"
     params.mkdir()
@@ -208,9 +212,10 @@ def test_runner_refuses_a_wrong_device_before_step_01(tmp_path):
 
 
 def test_labels_are_drawn_literally(tmp_path):
-    from scgpt_protocol.data import make_toy_adata
-    from scgpt_protocol.plotting import save_figure
-    from scgpt_protocol.preprocess import plot_class_counts, prepare
+    from scgpt_protocol.data.demo import make_toy_adata
+    from scgpt_protocol.pl.figure import save_figure
+    from scgpt_protocol.pl.qc import plot_class_counts
+    from scgpt_protocol.pp.prepare import prepare
 
     adata = make_toy_adata(n_cells=120, n_genes=40, n_labels=3)
     adata.obs["cell_type"] = adata.obs["cell_type"].astype(str).replace({"type_0": r"Mono $\q$"})
@@ -220,7 +225,7 @@ def test_labels_are_drawn_literally(tmp_path):
 
 
 def test_unreadable_h5ad_names_the_path(tmp_path, pbmc):
-    from scgpt_protocol.preprocess import read_adata
+    from scgpt_protocol.data.read import read_adata
 
     fake = tmp_path / "table.h5ad"
     fake.write_text("cell,CD3E\nc1,1\n")
@@ -237,7 +242,7 @@ def test_unreadable_h5ad_names_the_path(tmp_path, pbmc):
 def test_truncated_checkpoint_fails_in_01(tiny_checkpoint, tmp_path):
     import shutil
 
-    from scgpt_protocol.preprocess import resolve_checkpoint
+    from scgpt_protocol.pp.io import resolve_checkpoint
 
     broken = tmp_path / "ckpt"
     shutil.copytree(tiny_checkpoint, broken)
@@ -250,8 +255,8 @@ def test_truncated_checkpoint_fails_in_01(tiny_checkpoint, tmp_path):
 
 
 def test_placeholder_label_strings_are_missing_labels():
-    from scgpt_protocol.data import make_toy_adata
-    from scgpt_protocol.preprocess import prepare
+    from scgpt_protocol.data.demo import make_toy_adata
+    from scgpt_protocol.pp.prepare import prepare
 
     adata = make_toy_adata(n_cells=150, n_genes=40, n_labels=3)
     labels = adata.obs["cell_type"].astype(str).to_numpy().copy()
@@ -263,7 +268,7 @@ def test_placeholder_label_strings_are_missing_labels():
 
 
 def test_zeroshot_takes_label_key_from_the_run_with_both_paths(tmp_path, pbmc):
-    from scgpt_protocol.zeroshot import zeroshot_inputs
+    from scgpt_protocol.protocol.steps import zeroshot_inputs
 
     layout = RunLayout(tmp_path / "run").make_dirs()
     layout.write_json(layout.labels, {"label_key": "bulk_labels", "categories": ["a", "b"]})

@@ -14,11 +14,12 @@ import pytest
 import torch
 
 from scgpt_protocol import load_model, make_tiny_checkpoint
-from scgpt_protocol.data import make_toy_adata
-from scgpt_protocol.layout import RunLayout
-from scgpt_protocol.loader import train_plan
-from scgpt_protocol.params import FinetuneParams
-from scgpt_protocol.train import finetune, load_finetuned
+from scgpt_protocol.data.demo import make_toy_adata
+from scgpt_protocol.core.layout import RunLayout
+from scgpt_protocol.adapt.loader import train_plan
+from scgpt_protocol.core.params import FinetuneParams
+from scgpt_protocol.adapt.train import finetune
+from scgpt_protocol.adapt.saved import load_finetuned
 
 #: dropout off (below), fp32, no clipping, Adam eps 1: a step proportional to the gradient (Adam with a small
 #: eps would hide a wrongly scaled loss: its step barely depends on the gradient's scale)
@@ -104,7 +105,7 @@ def test_workers_and_backed_reading_do_not_change_training(toy):
     for key, value in memory_state.items():
         assert torch.equal(value, backed_state[key]), key
     # what 02 reads (read_prepared_cells): X and obs on disk, labels, split and names read by slices
-    from scgpt_protocol.backed import read_backed
+    from scgpt_protocol.data.backed import read_backed
 
     lean, lean_state = _train(read_backed(h5ad), checkpoint, categories, epochs=2)
     assert memory.history[["train_loss", "val_loss"]].equals(lean.history[["train_loss", "val_loss"]])
@@ -127,7 +128,7 @@ def _prepared_run(run_dir: Path, toy) -> RunLayout:
     """What 01 leaves in a run folder, written by hand."""
     import shutil
 
-    from scgpt_protocol.download import sha256_file
+    from scgpt_protocol.core.io import sha256_file
 
     adata, h5ad, checkpoint, categories = toy
     layout = RunLayout(run_dir).make_dirs()
@@ -156,7 +157,7 @@ def test_ddp_torchrun_cli_trains_resumes_and_reloads(toy, tmp_path):
     summary = json.loads(layout.train_summary.read_text())
     assert summary["world_size"] == 2 and summary["per_device_batch_size"] == 2 and summary["epochs_run"] == 1
     # a second epoch resumes from the first (the state rank 0 wrote), on 2 processes launched as the notebook does
-    from scgpt_protocol.distributed import launch_finetune
+    from scgpt_protocol.protocol.launch import launch_finetune
 
     launch_finetune(FinetuneParams(run_dir=str(layout.run_dir), strategy="full", batch_size=4, max_seq_len=24,
                                    lr=0.001, epochs=2, patience=0, nproc_per_node=2))
@@ -165,7 +166,7 @@ def test_ddp_torchrun_cli_trains_resumes_and_reloads(toy, tmp_path):
     assert "resuming from" in (layout.logs_dir / "finetune.log").read_text()
     model, manifest = load_finetuned(layout.model_dir, device="cpu")
     assert manifest["world_size"] == 2 and manifest["categories"] == categories
-    from scgpt_protocol.predict import predict
+    from scgpt_protocol.annotate.predict import predict
 
     predicted = predict(model, adata[adata.obs["split"] == "test"].copy(), categories=categories, max_seq_len=24)
     assert len(predicted.labels) == 20

@@ -10,20 +10,10 @@ import pytest
 from matplotlib.figure import Figure
 from sklearn.metrics import cohen_kappa_score, f1_score, roc_auc_score
 
-from scgpt_protocol.evaluate import (
-    BASELINE_METHOD,
-    HEADLINE_METRICS,
-    METRIC_DESCRIPTIONS,
-    SCGPT_METHOD,
-    annotate,
-    classification_metrics,
-    confusion,
-    evaluate_predictions,
-    logistic_regression_baseline,
-    metrics_table,
-    write_results,
-)
-from scgpt_protocol.layout import RunLayout
+from scgpt_protocol.metrics import BASELINE_METHOD, HEADLINE_METRICS, METRIC_DESCRIPTIONS, SCGPT_METHOD, classification_metrics, confusion, metrics_table
+from scgpt_protocol.evaluate.scoring import annotate, evaluate_predictions, write_results
+from scgpt_protocol.evaluate.baseline import logistic_regression_baseline
+from scgpt_protocol.core.layout import RunLayout
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -40,7 +30,7 @@ def demo():
     """pbmc68k_reduced (700 cells, 10 classes) with a stratified 80/20 split in obs['split']."""
     from sklearn.model_selection import train_test_split
 
-    from scgpt_protocol.data import load_demo
+    from scgpt_protocol.data.demo import load_demo
 
     adata = load_demo()
     _, test = train_test_split(
@@ -68,8 +58,8 @@ def test_cells(demo):
 @pytest.fixture(scope="module")
 def prediction(test_cells, tiny_checkpoint, categories):
     """A tiny random-weight model with a fresh 10-class head: random-ish but well-formed predictions."""
-    from scgpt_protocol.checkpoint import load_model
-    from scgpt_protocol.predict import predict
+    from scgpt_protocol.model.checkpoint import load_model
+    from scgpt_protocol.annotate.predict import predict
 
     model = load_model(tiny_checkpoint, n_classes=len(categories), device="cpu")
     return predict(model, test_cells, categories=categories, batch_size=64, max_seq_len=128, seed=0)
@@ -258,7 +248,7 @@ def test_baseline_fits_on_train_cells_only(demo):
 
 
 def test_baseline_normalises_raw_counts():
-    from scgpt_protocol.data import make_toy_adata
+    from scgpt_protocol.data.demo import make_toy_adata
 
     toy = make_toy_adata(n_cells=200, n_genes=100, n_labels=3, seed=0)
     toy.obs["split"] = np.where(np.arange(toy.n_obs) % 4 == 0, "test", "train")
@@ -359,7 +349,7 @@ def test_write_results_round_trip(tmp_path, prediction, test_cells, baseline):
 
 # -- figures --------------------------------------------------------------------------------
 def test_plot_confusion(baseline, demo):
-    from scgpt_protocol.plotting import plot_confusion
+    from scgpt_protocol.pl.metrics import plot_confusion
 
     truth = demo.obs.loc[baseline.predictions.index, "bulk_labels"]
     cm = confusion(truth, baseline.predictions, baseline.categories)
@@ -377,7 +367,7 @@ def test_plot_confusion(baseline, demo):
 
 
 def test_plot_embedding_reuses_and_stores_colours(demo):
-    from scgpt_protocol.plotting import plot_embedding
+    from scgpt_protocol.pl.embedding import plot_embedding
 
     adata = demo.copy()
     colours = list(adata.uns["bulk_labels_colors"])
@@ -395,7 +385,7 @@ def test_plot_embedding_reuses_and_stores_colours(demo):
 
 
 def test_compute_umap_then_plot(prediction, test_cells):
-    from scgpt_protocol.plotting import compute_umap, plot_embedding
+    from scgpt_protocol.pl.embedding import compute_umap, plot_embedding
 
     adata = test_cells[:100].copy()
     annotate(adata, _first(prediction, 100))
@@ -410,7 +400,7 @@ def test_compute_umap_then_plot(prediction, test_cells):
 
 @pytest.mark.slow
 def test_compute_umap_default_method_is_seeded(prediction, test_cells):
-    from scgpt_protocol.plotting import compute_umap
+    from scgpt_protocol.pl.embedding import compute_umap
 
     adata = test_cells[:100].copy()
     annotate(adata, _first(prediction, 100))
@@ -421,7 +411,7 @@ def test_compute_umap_default_method_is_seeded(prediction, test_cells):
 
 
 def _first(prediction, n):
-    from scgpt_protocol.predict import Prediction
+    from scgpt_protocol.annotate.prediction import Prediction
 
     return Prediction(
         labels=prediction.labels[:n], codes=prediction.codes[:n], confidence=prediction.confidence[:n],
@@ -431,7 +421,7 @@ def _first(prediction, n):
 
 
 def test_plot_per_class_f1(prediction, test_cells, baseline):
-    from scgpt_protocol.plotting import plot_per_class_f1
+    from scgpt_protocol.pl.metrics import plot_per_class_f1
 
     scgpt = evaluate_predictions(test_cells, prediction, label_key="bulk_labels")
     fig = plot_per_class_f1({SCGPT_METHOD: scgpt.metrics, BASELINE_METHOD: baseline})
@@ -444,7 +434,7 @@ def test_plot_per_class_f1(prediction, test_cells, baseline):
 
 
 def test_plot_training_curves_marks_the_best_epoch():
-    from scgpt_protocol.plotting import plot_training_curves
+    from scgpt_protocol.pl.training import plot_training_curves
 
     history = pd.DataFrame(
         {
@@ -471,7 +461,8 @@ def test_plot_training_curves_marks_the_best_epoch():
 def test_save_figure_and_style(tmp_path):
     import matplotlib as mpl
 
-    from scgpt_protocol.plotting import plot_training_curves, save_figure, set_style
+    from scgpt_protocol.pl.training import plot_training_curves
+    from scgpt_protocol.pl.figure import save_figure, set_style
 
     with mpl.rc_context():
         set_style()
@@ -487,8 +478,8 @@ def test_save_figure_and_style(tmp_path):
 
 
 def test_prediction_store_switch(tmp_path):
-    from scgpt_protocol.evaluate import STORE_OUTPUTS_CELLS, prediction_store
-    from scgpt_protocol.layout import RunLayout
+    from scgpt_protocol.evaluate.scoring import STORE_OUTPUTS_CELLS, prediction_store
+    from scgpt_protocol.core.layout import RunLayout
 
     layout = RunLayout(tmp_path / "run")
     assert prediction_store(layout, 2_700) is None  # demo size: in memory

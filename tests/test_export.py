@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from scgpt_protocol.errors import ArtifactError
-from scgpt_protocol.evaluate import BASELINE_METHOD, SCGPT_METHOD, evaluate_predictions
-from scgpt_protocol.export import OBS_COLUMNS, export_evaluation, query_duckdb, write_vars_h5
-from scgpt_protocol.layout import RunLayout
-from scgpt_protocol.refine import refine
+from scgpt_protocol.core.errors import ArtifactError
+from scgpt_protocol.metrics import BASELINE_METHOD, SCGPT_METHOD
+from scgpt_protocol.evaluate.scoring import evaluate_predictions
+from scgpt_protocol.evaluate.export import OBS_COLUMNS, export_evaluation, query_duckdb, write_vars_h5
+from scgpt_protocol.core.layout import RunLayout
+from scgpt_protocol.annotate.refine import refine
 
 
 @pytest.fixture(scope="module")
@@ -21,8 +22,8 @@ def run(pbmc, tiny_checkpoint, tmp_path_factory):
     """A run folder with data/prepared.h5ad (sparse X) and a refined evaluation of its test cells."""
     import scanpy as sc
 
-    from scgpt_protocol.checkpoint import load_model
-    from scgpt_protocol.predict import predict
+    from scgpt_protocol.model.checkpoint import load_model
+    from scgpt_protocol.annotate.predict import predict
 
     layout = RunLayout(tmp_path_factory.mktemp("export") / "run").make_dirs()
     adata = pbmc[:150].copy()
@@ -140,7 +141,7 @@ def test_without_require_artifacts_a_failure_warns_and_goes_on(run, tmp_path):
 
 def test_evaluation_without_refinement_exports_too(run, tmp_path):
     """A prediction that was never refined: nothing is Unknown, majority vote and over-cluster are NULL."""
-    from scgpt_protocol.predict import Prediction
+    from scgpt_protocol.annotate.prediction import Prediction
 
     source, adata, refined_result, test, _ = run
     layout = RunLayout(tmp_path / "run")

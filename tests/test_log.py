@@ -6,8 +6,8 @@ import logging
 
 import pytest
 
-from scgpt_protocol.layout import RunLayout
-from scgpt_protocol.log import progress, progress_mode, setup_logging
+from scgpt_protocol.core.layout import RunLayout
+from scgpt_protocol.core.log import progress, progress_mode, setup_logging
 
 
 @pytest.mark.parametrize("forced", ["text", "widget", "off"])

@@ -14,9 +14,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from scgpt_protocol.layout import RunLayout
-from scgpt_protocol.params import STEPS, ParamsError
-from scgpt_protocol.runner import RunDirInUse, RunFailed, run_protocol
+from scgpt_protocol.core.layout import RunLayout
+from scgpt_protocol.core.params import STEPS, ParamsError
+from scgpt_protocol.protocol.runner import RunDirInUse, RunFailed, run_protocol
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -177,7 +177,7 @@ def test_notebooks_run_interactively_cell_by_cell(tmp_path):
 
 
 def test_cli_reports_bad_input_with_exit_code_2(tmp_path, caplog):
-    from scgpt_protocol.cli import main
+    from scgpt_protocol.protocol.cli import main
 
     assert main(["run", str(tmp_path / "no-such-params"), "--run-dir", str(tmp_path / "run")]) == 2
     assert "error: parameter folder" in caplog.text and "does not exist" in caplog.text

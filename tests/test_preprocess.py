@@ -11,14 +11,15 @@ import pytest
 import scipy.sparse as sp
 from matplotlib.figure import Figure
 
-from scgpt_protocol import preprocess as pp
-from scgpt_protocol.checkpoint import SPECIAL_TOKENS, load_model, read_vocab
-from scgpt_protocol.data import load_demo, make_toy_adata
-from scgpt_protocol.download import sha256_file
-from scgpt_protocol.errors import CheckpointNotFoundError, GeneMatchError, InputDataError
-from scgpt_protocol.layout import RunLayout
-from scgpt_protocol.params import PreprocessParams
-from scgpt_protocol.tokenize import gene_symbols
+from scgpt_protocol import pl, pp
+from scgpt_protocol.model.vocab import SPECIAL_TOKENS
+from scgpt_protocol.model.checkpoint import load_model, read_vocab
+from scgpt_protocol.data.demo import load_demo, make_toy_adata
+from scgpt_protocol.core.io import sha256_file
+from scgpt_protocol.core.errors import CheckpointNotFoundError, GeneMatchError, InputDataError
+from scgpt_protocol.core.layout import RunLayout
+from scgpt_protocol.core.params import PreprocessParams
+from scgpt_protocol.model.vocab import gene_symbols
 
 RARE = "CD4+/CD45RA+/CD25- Naive T"  # the 8-cell class of the demo data
 
@@ -422,15 +423,15 @@ def test_resolve_checkpoint_missing_folder(tmp_path):
 
 # -- plots ----------------------------------------------------------------------------------
 def test_plots_return_figures(demo, toy, prepared_demo, tmp_path):
-    qc = pp.plot_qc(demo)  # demo has MT-ND3: three panels
+    qc = pl.plot_qc(demo)  # demo has MT-ND3: three panels
     assert isinstance(qc, Figure) and len(qc.axes) == 3
-    assert len(pp.plot_qc(toy).axes) == 2  # no MT- genes
-    bars = pp.plot_class_counts(prepared_demo)
+    assert len(pl.plot_qc(toy).axes) == 2  # no MT- genes
+    bars = pl.plot_class_counts(prepared_demo)
     assert isinstance(bars, Figure)
     labels = [t.get_text() for t in bars.axes[0].get_yticklabels()]
     assert f"{RARE} (train only)" in labels and len(labels) == 10
     layout = RunLayout(tmp_path / "run")
-    from scgpt_protocol.plotting import save_figure
+    from scgpt_protocol.pl.figure import save_figure
 
     path = save_figure(bars, layout, "class_counts")
     assert path._repr_png_() == path.read_bytes()  # shows as the image in a notebook

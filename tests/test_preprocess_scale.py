@@ -12,12 +12,12 @@ import pytest
 import scanpy as sc
 import scipy.sparse as sp
 
-from scgpt_protocol import preprocess as pp
-from scgpt_protocol.checkpoint import SPECIAL_TOKENS
-from scgpt_protocol.data import load_demo, make_toy_adata
-from scgpt_protocol.layout import RunLayout
-from scgpt_protocol.params import PreprocessParams
-from scgpt_protocol.preprocess_stream import _GeneMoments, seurat_hvg
+from scgpt_protocol import pl, pp
+from scgpt_protocol.model.vocab import SPECIAL_TOKENS
+from scgpt_protocol.data.demo import load_demo, make_toy_adata
+from scgpt_protocol.core.layout import RunLayout
+from scgpt_protocol.core.params import PreprocessParams
+from scgpt_protocol.pp.hvg import GeneMoments, seurat_hvg
 
 
 def _vocab(genes) -> dict[str, int]:
@@ -126,7 +126,7 @@ def test_prepare_file_demo_data(tmp_path):
 def test_prepare_file_leaves_input_and_chooses_path(tmp_path, monkeypatch):
     path, _ = _toy_file(tmp_path)
     before = path.read_bytes()
-    from scgpt_protocol import preprocess_stream as ps
+    from scgpt_protocol.pp import stream as ps
 
     assert ps.choose_chunked(path, None, True) and not ps.choose_chunked(path, None, False)
     assert not ps.choose_chunked(path)  # a small file: in memory
@@ -150,7 +150,7 @@ def test_seurat_hvg_matches_scanpy(batch_key):
     want = sc.pp.highly_variable_genes(demo, n_top_genes=200, flavor="seurat", batch_key=batch_key,
                                        inplace=False)
     codes = demo.obs["batch"].cat.codes.to_numpy() if batch_key else np.zeros(demo.n_obs, dtype=int)
-    moments = _GeneMoments(demo.n_vars, 2 if batch_key else 1)
+    moments = GeneMoments(demo.n_vars, 2 if batch_key else 1)
     x = sp.csr_matrix(demo.X, dtype=np.float32)
     for start in range(0, demo.n_obs, 64):  # chunks
         moments.add(x[start:start + 64], codes[start:start + 64])
@@ -167,7 +167,7 @@ def test_qc_plot_on_backed_data(tmp_path):
     path, toy = _toy_file(tmp_path)
     backed = pp.open_adata(str(path))
     assert not isinstance(backed.X, np.ndarray) and not sp.issparse(backed.X)  # rows read on demand
-    fig = pp.plot_qc(backed)
+    fig = pl.plot_qc(backed)
     assert len(fig.axes) == 3 and fig.axes[0].patches
     with pytest.warns(UserWarning, match="no label"):
         inspection = pp.inspect_adata(backed, label_key="cell_type", vocab=_vocab(toy.var_names),
@@ -199,7 +199,7 @@ def test_prepare_leaves_the_callers_anndata_alone(tmp_path):
 
 def test_prepare_file_bad_inputs(tmp_path):
     """The typed errors of read_adata / prepare, from the file path too."""
-    from scgpt_protocol.errors import InputDataError
+    from scgpt_protocol.core.errors import InputDataError
 
     layout = RunLayout(tmp_path / "run").make_dirs()
     with pytest.raises(FileNotFoundError, match="does not exist"):
@@ -225,8 +225,8 @@ def test_open_backed_leaves_layers_on_disk_and_reads_obs_as_anndata_does(tmp_pat
     layers["counts"], as large as X), obs equals anndata's (names decoded a slice at a time)."""
     import anndata as ad
 
-    from scgpt_protocol.data import make_toy_adata
-    from scgpt_protocol.preprocess import open_backed
+    from scgpt_protocol.data.demo import make_toy_adata
+    from scgpt_protocol.data.read import open_backed
 
     adata = make_toy_adata(n_cells=300, n_genes=20)
     adata.layers["counts"] = adata.X.copy()

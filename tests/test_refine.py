@@ -6,17 +6,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from scgpt_protocol.evaluate import annotate, classification_metrics, evaluate_predictions
-from scgpt_protocol.refine import (
-    UNKNOWN,
-    coverage_curve,
-    majority_vote,
-    over_cluster,
-    overclustering_resolution,
-    refine,
-    refine_labels,
-    refinement_table,
-)
+from scgpt_protocol.evaluate.scoring import annotate, evaluate_predictions
+from scgpt_protocol.metrics import classification_metrics
+from scgpt_protocol.annotate.refine import UNKNOWN, majority_vote, over_cluster, overclustering_resolution, refine, refine_labels
+from scgpt_protocol.metrics import coverage_curve
+from scgpt_protocol.protocol.display import refinement_table
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +18,8 @@ def demo_prediction(pbmc, tiny_checkpoint):
     """200 labelled demo cells with a split, predicted by a tiny random model with a 10-class head."""
     import scanpy as sc
 
-    from scgpt_protocol.checkpoint import load_model
-    from scgpt_protocol.predict import predict
+    from scgpt_protocol.model.checkpoint import load_model
+    from scgpt_protocol.annotate.predict import predict
 
     adata = pbmc[:200].copy()
     labels = sc.datasets.pbmc68k_reduced().obs["bulk_labels"]
@@ -161,7 +155,7 @@ def test_over_clustering_is_seeded_and_groups_stay_apart():
 def test_a_large_group_is_over_clustered_on_a_sample_and_the_rest_joins_the_nearest_sampled_cell(tmp_path):
     import h5py
 
-    from scgpt_protocol.store import subsample
+    from scgpt_protocol.data.store import subsample
 
     emb, blob = _blobs(n_per=60)
     labels = np.array(["B", "T", "NK"], dtype=object)[blob]

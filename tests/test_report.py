@@ -12,18 +12,9 @@ import pandas as pd
 import pytest
 from matplotlib.colors import to_hex
 
-from scgpt_protocol.evaluate import BASELINE_METHOD, SCGPT_METHOD, classification_metrics
-from scgpt_protocol.layout import RunLayout
-from scgpt_protocol.report import (
-    checkpoint_banner,
-    files_table,
-    metrics_display,
-    per_class_table,
-    run_summary,
-    settings_table,
-    summary_of,
-    training_report,
-)
+from scgpt_protocol.metrics import BASELINE_METHOD, SCGPT_METHOD, classification_metrics
+from scgpt_protocol.core.layout import RunLayout
+from scgpt_protocol.protocol.display import checkpoint_banner, files_table, metrics_display, per_class_table, run_summary, settings_table, summary_of, training_report
 
 TRUE = ["T"] * 10 + ["B"] * 6 + ["NK"] * 3
 GOOD = ["T"] * 10 + ["B"] * 5 + ["T"] + ["NK", "NK", "T"]
@@ -101,7 +92,7 @@ def test_training_report_says_when_the_best_epoch_is_the_last():
 
 
 def test_settings_table_lists_changed_values_first():
-    from scgpt_protocol.params import FinetuneParams
+    from scgpt_protocol.core.params import FinetuneParams
 
     table = settings_table(FinetuneParams(lr=1e-3, class_weighted=True)).data
     assert list(table.index[:2]) == ["lr", "class_weighted"] and (table["Changed"][:2] == "yes").all()
@@ -137,7 +128,8 @@ def _point_colours(ax, adata, key) -> dict[str, set[str]]:
 
 
 def test_same_category_same_colour_in_both_panels_even_with_fewer_predicted_categories():
-    from scgpt_protocol.plotting import label_palette, plot_embedding
+    from scgpt_protocol.data.colors import label_palette
+    from scgpt_protocol.pl.embedding import plot_embedding
 
     labels = ["Dendritic", "B", "T", "NK", "Mono"]
     rng = np.random.default_rng(0)
@@ -157,8 +149,9 @@ def test_same_category_same_colour_in_both_panels_even_with_fewer_predicted_cate
 
 
 def test_zero_shot_joint_umap_uses_the_run_palette():
-    from scgpt_protocol.plotting import label_palette, plot_embedding
-    from scgpt_protocol.zeroshot import joint_embedding
+    from scgpt_protocol.data.colors import label_palette
+    from scgpt_protocol.pl.embedding import plot_embedding
+    from scgpt_protocol.annotate.zeroshot import joint_embedding
 
     rng = np.random.default_rng(1)
     ref = ad.AnnData(obs=pd.DataFrame({"cell_type": rng.choice(["A", "B", "C", "D"], 40)},
@@ -177,7 +170,7 @@ def test_zero_shot_joint_umap_uses_the_run_palette():
 
 
 def test_label_palette_keeps_the_input_colours_by_name():
-    from scgpt_protocol.plotting import label_palette
+    from scgpt_protocol.data.colors import label_palette
 
     adata = ad.AnnData(obs=pd.DataFrame({"ct": pd.Categorical(["x", "y", "z"], categories=["z", "y", "x"])},
                                         index=["c1", "c2", "c3"]))
@@ -189,7 +182,7 @@ def test_label_palette_keeps_the_input_colours_by_name():
 
 
 def test_per_class_figure_marks_zero_f1_and_keeps_the_legend_off_the_title(methods):
-    from scgpt_protocol.plotting import plot_per_class_f1
+    from scgpt_protocol.pl.metrics import plot_per_class_f1
 
     fig = plot_per_class_f1(methods)
     ax = fig.axes[0]
@@ -207,7 +200,7 @@ def test_per_class_figure_marks_zero_f1_and_keeps_the_legend_off_the_title(metho
 
 # -- quiet logs ----------------------------------------------------------------------------
 def test_details_go_to_the_log_file_only(tmp_path, capsys):
-    from scgpt_protocol.log import DETAIL, _stdout_handler, setup_logging
+    from scgpt_protocol.core.log import DETAIL, _stdout_handler, setup_logging
 
     layout = RunLayout(tmp_path / "run")
     package = logging.getLogger("scgpt_protocol")
@@ -239,7 +232,7 @@ def test_load_report_summary_has_no_tensor_names(tiny_checkpoint):
 
 
 def test_parameters_cell_puts_the_usual_changes_first():
-    from scgpt_protocol.params import STEPS, parameters_cell
+    from scgpt_protocol.core.params import STEPS, parameters_cell
 
     for cls in STEPS.values():
         lines = parameters_cell(cls).splitlines()
@@ -255,7 +248,7 @@ def test_parameters_cell_puts_the_usual_changes_first():
 def test_html_report_has_a_title_and_wrapping_output(tmp_path):
     import nbformat
 
-    from scgpt_protocol.runner import _export_html, report_title
+    from scgpt_protocol.protocol.reports import _export_html, report_title
 
     nb = nbformat.v4.new_notebook()
     nb.cells.append(nbformat.v4.new_markdown_cell("# hi"))

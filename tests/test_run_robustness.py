@@ -21,11 +21,12 @@ import pytest
 import torch
 import yaml
 
-from scgpt_protocol import runner
-from scgpt_protocol.errors import DiskFullError, ScGPTProtocolError
-from scgpt_protocol.layout import STEP_DEPENDS_ON, RunLayout, atomic_write, is_disk_full
-from scgpt_protocol.params import STEPS
-from scgpt_protocol.runner import RunFailed, RunInterrupted, run_protocol
+from scgpt_protocol.protocol import manifest, runner
+from scgpt_protocol.core.errors import DiskFullError, ScGPTProtocolError
+from scgpt_protocol.core.layout import STEP_DEPENDS_ON, RunLayout
+from scgpt_protocol.core.io import atomic_write, is_disk_full
+from scgpt_protocol.core.params import STEPS
+from scgpt_protocol.protocol.runner import RunFailed, RunInterrupted, run_protocol
 
 ROOT = Path(__file__).resolve().parent.parent
 CI = ROOT / "params" / "ci"
@@ -205,7 +206,7 @@ def test_interrupted_strategy_comparison_names_the_strategies_kept(tmp_path, fak
 
 
 def test_cli_exit_codes_for_an_interrupted_run(tmp_path, fake_papermill, caplog):
-    from scgpt_protocol.cli import main
+    from scgpt_protocol.protocol.cli import main
 
     fake_papermill.plan = {"02_finetune": _interrupt_02}
     assert main(["run", str(CI), "--run-dir", str(tmp_path / "run"), "--steps", "01,02", "--no-html"]) == 130
@@ -296,7 +297,7 @@ def test_atomic_write_on_a_full_disk_raises_disk_full_and_leaves_the_old_file(tm
 
 
 def test_torch_save_on_a_full_disk_names_the_tensor_bytes(tmp_path, monkeypatch):
-    from scgpt_protocol import checkpoint
+    from scgpt_protocol.model import checkpoint
 
     if not Path("/dev/full").exists():
         pytest.skip("needs /dev/full")
@@ -311,7 +312,7 @@ def test_torch_save_on_a_full_disk_names_the_tensor_bytes(tmp_path, monkeypatch)
 
 
 def test_torch_enforce_fail_and_h5py_errors_are_disk_full(tmp_path, monkeypatch):
-    from scgpt_protocol import checkpoint
+    from scgpt_protocol.model import checkpoint
 
     def enforce_fail(obj, fh):
         fh.write(b"PK" * 100)
@@ -425,11 +426,11 @@ def test_what_changed_ignores_defaults_and_where_it_runs_but_not_the_data():
     record = {"params": {"run_dir": "/a", "epochs": 2, "device": "cpu"},
               "inputs": {"adata_path": {"path": "/d.h5ad", "sha256": "aaa"}}}
     same = {"run_dir": "/b", "epochs": 2, "lr": 1e-4, "device": "cuda"}  # lr given at its default
-    assert runner._what_changed("02_finetune", record, same, {"adata_path": {"path": "/d.h5ad", "sha256": "aaa"}}) == []
-    assert runner._what_changed("02_finetune", record, {**same, "epochs": 3}, record["inputs"]) == ["epochs: 2 -> 3"]
-    changed = runner._what_changed("02_finetune", record, same, {"adata_path": {"path": "/d.h5ad", "sha256": "bbb"}})
+    assert manifest.what_changed("02_finetune", record, same, {"adata_path": {"path": "/d.h5ad", "sha256": "aaa"}}) == []
+    assert manifest.what_changed("02_finetune", record, {**same, "epochs": 3}, record["inputs"]) == ["epochs: 2 -> 3"]
+    changed = manifest.what_changed("02_finetune", record, same, {"adata_path": {"path": "/d.h5ad", "sha256": "bbb"}})
     assert changed == ["adata_path content changed (sha256 aaa -> bbb)"]
-    assert runner._what_changed("02_finetune", None, same, {}) == []  # never ran: nothing to compare
+    assert manifest.what_changed("02_finetune", None, same, {}) == []  # never ran: nothing to compare
 
 
 def test_changed_parameters_make_dependents_stale_until_rerun(tmp_path, fake_papermill):
@@ -459,8 +460,8 @@ def test_changed_parameters_make_dependents_stale_until_rerun(tmp_path, fake_pap
 
 def test_rerun_of_01_on_other_data_sets_the_old_results_aside(ci_run, tmp_path, pbmc, caplog):
     """The real notebooks: a full params/ci run, then --force --steps 01 (same data, then other data)."""
-    from scgpt_protocol.cli import main
-    from scgpt_protocol.data import load_demo
+    from scgpt_protocol.protocol.cli import main
+    from scgpt_protocol.data.demo import load_demo
 
     source, _ = ci_run
     run_dir = tmp_path / "run"

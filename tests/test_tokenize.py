@@ -8,14 +8,10 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from scgpt_protocol.errors import GeneMatchError, InputDataError
-from scgpt_protocol.tokenize import (
-    check_expression,
-    collate,
-    length_sorted_batches,
-    match_genes,
-    tokenize_rows,
-)
+from scgpt_protocol.core.errors import GeneMatchError, InputDataError
+from scgpt_protocol.data.matrix import check_expression
+from scgpt_protocol.model.tokenize import collate, length_sorted_batches, tokenize_rows
+from scgpt_protocol.model.vocab import match_genes
 
 VOCAB = {"CD3E": 0, "MS4A1": 1, "LYZ": 2, "NKG7": 3, "ENSG00000283675.1": 4, "<pad>": 5, "<cls>": 6, "<eoc>": 7}
 

@@ -9,13 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from scgpt_protocol.zeroshot import (
-    PREDICTION_COLUMNS,
-    joint_embedding,
-    transfer_labels,
-    write_zeroshot,
-    zeroshot_annotate,
-)
+from scgpt_protocol.annotate.knn import PREDICTION_COLUMNS, transfer_labels
+from scgpt_protocol.annotate.zeroshot import joint_embedding, write_zeroshot, zeroshot_annotate
 
 EPS = 1e-6
 
@@ -155,7 +150,7 @@ def test_empty_query_gives_empty_results():
 
 
 def test_metrics_count_unknown_labels_as_errors():
-    from scgpt_protocol.evaluate import classification_metrics
+    from scgpt_protocol.metrics import classification_metrics
 
     m = classification_metrics(["a", "a", "b", "new"], ["a", "a", "b", "b"])
     assert m["accuracy"] == 0.75 and m["n_cells"] == 4
@@ -169,7 +164,7 @@ def test_metrics_count_unknown_labels_as_errors():
 def demo_split():
     from sklearn.model_selection import train_test_split
 
-    from scgpt_protocol.data import DEMO_LABEL_KEY, load_demo
+    from scgpt_protocol.data.demo import DEMO_LABEL_KEY, load_demo
 
     demo = load_demo()
     ref_idx, query_idx = train_test_split(
@@ -325,7 +320,7 @@ def test_joint_embedding(annotated):
 
 
 def test_write_zeroshot_round_trip(annotated, tmp_path):
-    from scgpt_protocol.layout import RunLayout
+    from scgpt_protocol.core.layout import RunLayout
 
     _, _, _, res, _ = annotated
     layout = RunLayout(tmp_path / "run")
@@ -360,7 +355,7 @@ def streamed(annotated, tmp_path_factory):
 
 
 def test_streamed_zeroshot_gives_the_same_labels_as_in_memory(streamed):
-    from scgpt_protocol.store import take_rows
+    from scgpt_protocol.data.store import take_rows
 
     ref_view, query_view, res, out, folder = streamed
     assert ref_view.isbacked and query_view.is_view  # X stayed on disk
@@ -382,21 +377,21 @@ def test_streamed_zeroshot_gives_the_same_labels_as_in_memory(streamed):
 
 
 def test_query_blocks_give_the_same_transfer(streamed):
-    from scgpt_protocol.store import take_rows
-    from scgpt_protocol.zeroshot import _transfer_blocks
+    from scgpt_protocol.data.store import take_rows
+    from scgpt_protocol.annotate.knn import transfer_blocks
 
     ref_view, _, _, out, _ = streamed
     ref = take_rows(out.reference_embedding)
     labels = np.asarray(ref_view.obs["bulk_labels"].astype(str))
     whole = transfer_labels(ref, labels, take_rows(out.query_embedding), k=10)
-    blocks = _transfer_blocks(ref, labels, out.query_embedding, k=10, block=97)
+    blocks = transfer_blocks(ref, labels, out.query_embedding, k=10, block=97)
     for name in ("majority", "weighted", "confidence_majority", "confidence_weighted", "neighbors", "distances"):
         np.testing.assert_array_equal(getattr(blocks, name), getattr(whole, name))
     assert blocks.categories == whole.categories
 
 
 def test_joint_embedding_from_the_store_with_a_cap(streamed):
-    from scgpt_protocol.store import take_rows
+    from scgpt_protocol.data.store import take_rows
 
     ref_view, query_view, _, out, _ = streamed
     full = joint_embedding(ref_view, query_view, label_key="bulk_labels", result=out)

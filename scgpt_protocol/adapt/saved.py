@@ -1,0 +1,195 @@
+"""Fine-tuning for cell-type annotation: the published recipe by default, and what it lacked.
+
+Follows the official annotation tutorial (and the published fine-tuning protocol): cross-entropy on the
+``<cls>`` classifier only, ``<cls>`` fed with the value 0 as the official fine-tuning tokeniser does
+(:data:`~scgpt_protocol.tokenize.FINETUNE_CLS_VALUE`), Adam at lr 1e-4 with ``eps=1e-4`` whenever ``amp``
+is set (the default; on every device, as the official loop does), StepLR gamma 0.9 per epoch, gradient
+clipping 1.0, batch 32, mixed precision on GPU, no layer frozen (strategy ``full``).
+
+The protocol's choice: genes are resampled every epoch for cells with more than ``max_seq_len - 1``
+expressed genes (the published protocol's collator resamples every batch; the tutorial samples once).
+
+Ours (off or neutral by default unless said): every adaptation strategy of
+:mod:`scgpt_protocol.strategies`; optional weight decay, learning-rate warm-up and class-weighted loss;
+the best epoch chosen by validation macro-F1 (the published code keeps the lowest validation loss) with
+early stopping after ``patience`` epochs without improvement (on by default, 3); a resumable state after
+every epoch (a Colab disconnect costs at most one epoch); curves.
+
+Determinism: the data order of epoch ``e`` depends only on ``(seed, e)``, each cell's gene sampling on
+``(seed, e, cell name)``, new modules (the head included) are initialised from ``seed``, and the torch
+RNG is re-seeded at each epoch start, so an interrupted and resumed run ends where an uninterrupted one does.
+The number of data-loading workers does not change the result.
+
+Scale: the data stream from the prepared file (:mod:`scgpt_protocol.loader`: read it with
+``read_prepared(layout, backed=True)``); memory holds per-cell labels and keys, not the matrix.
+``steps_per_epoch`` bounds an epoch on an atlas. Under torchrun (:mod:`scgpt_protocol.distributed`) each
+of the ``world_size`` processes trains on its shard of every global batch of ``batch_size`` cells; the
+loss of a shard is its sum times ``world_size`` over the global batch's cell count (or class-weight sum),
+so DDP's averaged gradient is the one-process gradient. Rank 0 alone writes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from ..core.device import resolve_device
+from ..core.errors import CheckpointError
+from ..model.checkpoint import load_model, save_checkpoint, torch_save_atomic, write_manifest
+from ..model.scgpt import ProbeHead, ScGPT
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["save_finetuned", "load_finetuned", "trained_max_seq_len", "trained_class_weight"]
+
+#: strategies whose saved model is a whole checkpoint in the released layout (the others save what they trained)
+_FULL_CHECKPOINT = ("full",)
+TRAINABLE_FILE = "trainable.pt"
+
+
+def cpu_copy(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+
+
+def trained_max_seq_len(manifest: Mapping[str, Any], requested: int | None = None, default: int = 1200) -> int:
+    """The sequence length to predict with: ``requested``, else the length the model was trained at.
+
+    A model trained at 3001 and evaluated at 1200 sees a different sample of genes per cell than it
+    learned from; the manifest records the training length (``training.max_seq_len``). A model
+    without that record (fine-tuned elsewhere) gets ``default``, logged.
+    """
+    trained = (manifest.get("training") or {}).get("max_seq_len")
+    if requested is None:
+        if trained is None:
+            logger.info("the model records no training length; predicting at max_seq_len=%d", default)
+            return default
+        logger.info("predicting at the training length max_seq_len=%d", trained)
+        return int(trained)
+    if trained is not None and int(trained) != requested:
+        logger.warning("predicting at max_seq_len=%d, but the model was trained at %d", requested, trained)
+    return requested
+
+
+def trained_class_weight(manifest: Mapping[str, Any]) -> str | None:
+    """``"balanced"`` when the model was trained with a class-weighted loss (for a fair baseline), else None."""
+    return "balanced" if (manifest.get("training") or {}).get("class_weighted") else None
+
+
+# -- saving and loading fine-tuned models -----------------------------------------------------
+def base_record(model: ScGPT) -> dict[str, Any]:
+    """``{"checkpoint", "sha256"}`` of the checkpoint ``model`` was loaded from (its load report)."""
+    from ..core.io import sha256_file
+
+    base_dir = Path(getattr(model.load_report, "checkpoint_dir", ""))
+    weights = base_dir / "best_model.pt"
+    return {"checkpoint": str(base_dir), "sha256": sha256_file(weights) if weights.is_file() else None}
+
+
+def save_finetuned(
+    model: ScGPT,
+    directory: str | Path,
+    *,
+    strategy: str,
+    config: Any,
+    label_key: str,
+    categories: Sequence[str],
+    genes: Sequence[str],
+    base_checkpoint: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Save what a strategy trained, with a ``manifest.json`` that says how to rebuild the model.
+
+    ``full``: a whole checkpoint in the released layout (loads here and in the official code). Every
+    other strategy: only the trained weights (``trainable.pt``: the head, adapters, prefixes, LoRA / IA3
+    weights), with the base checkpoint recorded by path and sha256. (A ``head`` model also exports to
+    the released layout with :func:`~scgpt_protocol.checkpoint.save_checkpoint`.)
+    """
+    from . import strategies as st
+
+    directory = Path(directory)
+    base_checkpoint = base_checkpoint or base_record(model)
+    info = {
+        "strategy": strategy,
+        "strategy_config": config.to_dict() if config is not None else None,
+        "label_key": label_key,
+        "categories": list(categories),
+        "genes": list(genes),
+        "base_checkpoint": {k: base_checkpoint.get(k) for k in ("checkpoint", "sha256", "kind")},
+        "cls_value": model.cls_value,  # what <cls> carried in training: prediction feeds the same
+        **(extra or {}),
+    }
+    if strategy in _FULL_CHECKPOINT:
+        save_checkpoint(model, directory, extra=info)
+    else:
+        directory.mkdir(parents=True, exist_ok=True)
+        state = cpu_copy(model.cls_decoder.state_dict()) if strategy == "probe" else st.trainable_state_dict(model)
+        if strategy == "probe":
+            state = {f"cls_decoder.{k}": v for k, v in state.items()}
+        torch_save_atomic(cpu_copy(state), directory / TRAINABLE_FILE)
+        write_manifest(directory, [TRAINABLE_FILE], info)
+    logger.info("saved the %s model to %s", strategy, directory)
+    return directory
+
+
+def _resolve_base(record: Mapping[str, Any], directory: Path) -> Path:
+    from ..core.io import sha256_file
+    from ..model.checkpoint import locate_checkpoint
+    from ..model.download import KNOWN_CHECKPOINTS
+
+    path, expected = record.get("checkpoint"), record.get("sha256")
+    base = Path(path or "")
+    if not base.is_dir() and record.get("kind") == "released" and base.name in KNOWN_CHECKPOINTS:
+        base, _ = locate_checkpoint(base.name)  # a released model's cache folder is named after it
+    if not (base / "best_model.pt").is_file():
+        msg = (
+            f"the base checkpoint of {directory} ({path}) is not there; the saved model holds only what was "
+            "trained on top of it. Put the base checkpoint back at that path."
+        )
+        raise CheckpointError(msg)
+    found = sha256_file(base / "best_model.pt")
+    if expected and found != expected:
+        msg = (
+            f"the base checkpoint {base} has sha256 {found[:16]}..., but {directory} was trained on one with "
+            f"{expected[:16]}...: the adapter weights would be applied to another model. Use the checkpoint "
+            "it was trained on."
+        )
+        raise CheckpointError(msg)
+    return base
+
+
+def load_finetuned(directory: str | Path, *, device: str | torch.device = "auto") -> tuple[ScGPT, dict[str, Any]]:
+    """A model saved by :func:`save_finetuned` and its manifest (``strategy``, ``categories``, ``label_key``...)."""
+    from . import strategies as st
+
+    directory = Path(directory)
+    manifest_path = directory / "manifest.json"
+    if not manifest_path.is_file():
+        msg = f"{manifest_path} does not exist: {directory} holds no fine-tuned model; run 02_finetune first."
+        raise FileNotFoundError(msg)
+    manifest = json.loads(manifest_path.read_text())
+    strategy = manifest.get("strategy")
+    if strategy is None:
+        msg = f"{manifest_path} has no 'strategy': {directory} is a plain checkpoint; use load_model."
+        raise CheckpointError(msg)
+    n_classes = len(manifest["categories"])
+    if strategy in _FULL_CHECKPOINT:
+        return load_model(directory, device=device), manifest
+    base = _resolve_base(manifest["base_checkpoint"], directory)
+    model = load_model(base, n_classes=n_classes, device="cpu")
+    state = torch.load(directory / TRAINABLE_FILE, map_location="cpu", weights_only=True)
+    if strategy == "probe":
+        model.cls_decoder = ProbeHead(model.config.d_model, n_classes)
+        model.cls_decoder.load_state_dict({k.removeprefix("cls_decoder."): v for k, v in state.items()})
+        model.requires_grad_(False)
+    else:
+        config_cls = st.STRATEGY_CONFIGS.get(strategy)
+        config = config_cls.from_dict(manifest["strategy_config"]) if config_cls else None
+        st.apply_strategy(model, strategy, config)
+        st.load_trainable_state(model, state)
+    # a model of ours saved before the value was recorded was trained with pad_value (None)
+    model.cls_value = manifest.get("cls_value")
+    return model.to(resolve_device(device)).eval(), manifest

@@ -1,0 +1,141 @@
+"""Class predictions of a fine-tuned model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+import torch
+
+from ..core.device import autocast, resolve_precision
+from ..core.log import progress
+from ..data.matrix import check_expression
+from ..model.embed import iter_batches
+from ..model.scgpt import ScGPT
+from .prediction import Prediction
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+__all__ = ["predict"]
+
+
+def predict(
+    model: ScGPT,
+    adata: AnnData,
+    *,
+    categories: Sequence[str],
+    batch_size: int = 64,
+    max_seq_len: int = 1200,
+    seed: int = 0,
+    layer: str | None = None,
+    gene_symbol_key: str | None = None,
+    desc: str = "predicting",
+    genes: Sequence[str] | None = None,
+    precision: str = "auto",
+    min_confidence: float = 0.0,
+    majority_voting: bool = False,
+    out: str | Path | None = None,
+    chunk_size: int = 4096,
+) -> Prediction:
+    """Predict cell types with a model that has a classification head.
+
+    ``categories[i]`` is the label of class ``i`` (saved with the fine-tuned model). ``genes`` (the
+    model's training genes, ``manifest["genes"]``) keeps the input to the genes it was trained on; data
+    holding less than half of them is refused (:class:`~scgpt_protocol.errors.GeneMatchError`). ``<cls>``
+    carries ``model.cls_value``, the value the classifier was fine-tuned with (0, as published; set by
+    :func:`~scgpt_protocol.train.load_finetuned` and :func:`~scgpt_protocol.load_model`).
+    ``precision`` is ``"auto"``, ``"fp32"``, ``"bf16"`` or ``"fp16"``
+    (:func:`~scgpt_protocol.device.resolve_precision`); the one used is ``Prediction.precision``.
+
+    ``min_confidence`` > 0 or ``majority_voting`` applies :func:`~scgpt_protocol.refine.refine` to all
+    the cells of ``adata``: cells whose probability is below ``min_confidence`` get the label
+    ``"Unknown"``; majority voting over-clusters the fine-tuned embeddings and fills
+    ``majority_voting``.
+
+    ``out`` (a path): the per-cell matrices that grow with the number of cells, ``probabilities``
+    ``[n, C]`` and ``embeddings`` ``[n, d]``, are written to this HDF5 file chunk by chunk
+    (:mod:`~scgpt_protocol.store`; datasets ``probabilities`` and ``embeddings``, attribute
+    ``categories``) and the returned fields are read-only h5py datasets of it (rows by
+    :func:`~scgpt_protocol.store.take_rows`); only ``labels``, ``codes`` and ``confidence`` are in memory,
+    so the memory of predicting every cell of a backed AnnData (``read_h5ad(path, backed="r")``) does not
+    grow with the number of cells beyond these vectors. The numbers are the same as without ``out``.
+    ``chunk_size``: cells tokenised at a time (and rows written at a time).
+    """
+    if min_confidence:
+        from .refine import check_min_confidence
+
+        check_min_confidence(min_confidence)
+    if model.cls_decoder is None:
+        msg = "the model has no classification head; fine-tune it first (02_finetune) or load a fine-tuned checkpoint."
+        raise ValueError(msg)
+    n_classes = model.cls_decoder.out_layer.out_features
+    if len(categories) != n_classes:
+        msg = f"{len(categories)} categories given but the model's head has {n_classes} classes."
+        raise ValueError(msg)
+    check_expression(adata, layer=layer)
+    device = next(model.parameters()).device
+    used = resolve_precision(precision, device)
+    n = adata.n_obs
+    codes = np.zeros(n, dtype=np.int64)
+    confidence = np.zeros(n, dtype=np.float32)
+    cats = list(categories)
+    writer = None
+    if out is None:
+        probs = np.zeros((n, n_classes), dtype=np.float32)
+        embs = np.zeros((n, model.config.d_model), dtype=np.float32)
+    else:
+        from ..data.store import create_store
+
+        writer = create_store(out, n, {"probabilities": n_classes, "embeddings": model.config.d_model},
+                              attrs={"categories": cats, "precision": used}, chunk_rows=chunk_size)
+    was_training = model.training
+    model.eval()
+    batches = iter_batches(adata, model, max_seq_len=max_seq_len, batch_size=batch_size, seed=seed,
+                           layer=layer, gene_symbol_key=gene_symbol_key, genes=genes, chunk_size=chunk_size)
+    try:
+        with torch.inference_mode(), autocast(device, used):
+            for batch in progress(batches, total=n, desc=desc, unit="cells", size=lambda b: len(b.index)):
+                batch = batch.to(device)
+                cell = model.cell_embedding(batch.gene_ids, batch.values, batch.padding_mask)
+                logits = model.cls_decoder(cell).float()
+                p = torch.softmax(logits, dim=1).cpu().numpy()
+                e = torch.nn.functional.normalize(cell.float(), dim=1).cpu().numpy()
+                index = batch.index
+                best = p.argmax(axis=1)
+                codes[index] = best
+                confidence[index] = p[np.arange(len(best)), best]
+                if writer is None:
+                    probs[index] = p
+                    embs[index] = e
+                else:
+                    writer.put(index, probabilities=p, embeddings=e)
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    finally:
+        model.train(was_training)
+    store = None
+    if writer is not None:
+        from ..data.store import open_store
+
+        store = writer.close()
+        datasets, _ = open_store(store)
+        probs, embs = datasets["probabilities"], datasets["embeddings"]
+    prediction = Prediction(
+        labels=np.asarray(cats, dtype=object)[codes],
+        codes=codes,
+        confidence=confidence,
+        probabilities=probs,
+        embeddings=embs,
+        categories=cats,
+        precision=used,
+        store=store,
+    )
+    if min_confidence or majority_voting:
+        from .refine import refine
+
+        prediction = refine(prediction, min_confidence=min_confidence, majority_voting=majority_voting, seed=seed)
+    return prediction

@@ -1,0 +1,35 @@
+"""Class predictions of a fine-tuned model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["Prediction"]
+
+
+@dataclass
+class Prediction:
+    """Per-cell results of :func:`predict`, in the order of ``adata.obs_names``.
+
+    After :func:`~scgpt_protocol.refine.refine` (``min_confidence`` / ``majority_voting``), ``labels``
+    is the per-cell call (``"Unknown"`` below ``min_confidence``) and the fields below it are filled;
+    ``codes`` and ``confidence`` always describe the model's predicted class.
+    """
+
+    labels: np.ndarray  # str [n]
+    codes: np.ndarray  # int64 [n], index of the predicted class in categories
+    confidence: np.ndarray  # float32 [n], the softmax probability of the predicted class
+    probabilities: Any  # float32 [n, n_classes]: an array, or an h5py dataset with predict(out=...)
+    embeddings: Any  # float32 [n, d], L2-normalised <cls> embeddings (an h5py dataset with out=...)
+    categories: list[str]
+    precision: str = "fp32"  # what the forward passes ran in: fp32, bf16 or fp16
+    predicted: np.ndarray | None = None  # str [n], the predicted class before abstention (refine)
+    unknown: np.ndarray | None = None  # bool [n], confidence below min_confidence (refine)
+    over_clustering: np.ndarray | None = None  # str [n], over-cluster id (refine, majority voting)
+    majority_voting: np.ndarray | None = None  # str [n], the over-cluster's majority label (refine)
+    refinement: dict[str, Any] | None = None  # parameters of refine (min_confidence, resolution...)
+    store: Path | None = None  # the HDF5 file holding probabilities and embeddings (predict(out=...))

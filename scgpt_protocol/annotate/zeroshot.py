@@ -1,0 +1,488 @@
+"""Zero-shot reference mapping: label query cells by their nearest reference cells.
+
+This is the scGPT reference-mapping recipe without fine-tuning: embed the reference and the query
+with the pretrained model, L2-normalise, find the ``k`` nearest reference cells of every query cell
+(``k = 10`` in the official tutorials) and take the majority label. The tutorials use faiss
+``IndexFlatL2``; this module uses exact brute-force neighbours from scikit-learn, which give the
+same neighbours. On L2-normalised vectors Euclidean and cosine neighbours are the same, since
+``|a - b|^2 = 2 - 2 cos(a, b)``.
+
+Two votes are reported for every query cell:
+
+``majority``
+    The label most frequent among the ``k`` neighbours (the tutorials' answer). Ties are broken by
+    the smaller summed distance of the tied labels' neighbours, then alphabetically.
+``weighted``
+    Every neighbour votes with weight ``1 / (d + eps)`` (``d``: its Euclidean distance to the
+    query cell, ``eps = 1e-6``), so a few very close neighbours can outvote more distant ones.
+    Ties (weight sums equal to 1e-9 relative) are broken the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from ..core.errors import format_keys
+from ..core.log import DETAIL
+from ..metrics import classification_metrics
+from .knn import PREDICTION_COLUMNS, LabelTransfer, transfer_blocks
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+    from ..core.layout import RunLayout
+    from ..model.scgpt import ScGPT
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ZeroShotResult", "zeroshot_annotate", "joint_embedding", "write_zeroshot"]
+
+
+# --------------------------------------------------------------------------- AnnData level
+@dataclass
+class ZeroShotResult:
+    """Result of :func:`zeroshot_annotate`.
+
+    Attributes
+    ----------
+    predictions
+        Indexed by the query's ``obs_names``; columns :data:`PREDICTION_COLUMNS` and, when the
+        query has it, the true label column ``label_key``.
+    metrics
+        ``{"majority": {...}, "weighted": {...}, "notes": [...]}`` with ``accuracy``, ``macro_f1``,
+        ``weighted_f1``, ``balanced_accuracy`` and ``n_cells`` each; ``None`` when the query has no
+        ``label_key`` column (or no labelled cell).
+    reference_embedding, query_embedding
+        The embeddings used: every reference cell (also unlabelled ones) and every query cell, in
+        ``obs_names`` order.
+    transfer
+        The underlying :class:`LabelTransfer` (neighbour indices refer to the *labelled*
+        reference cells, ``reference_used``).
+    reference_used
+        Boolean mask of the reference cells that took part (those with a label).
+    notes
+        Remarks on the data (dropped reference cells, query labels unknown to the reference...).
+    params
+        The parameters of the run (``k``, ``label_key``, cell counts...).
+    """
+
+    predictions: pd.DataFrame
+    metrics: dict[str, Any] | None
+    reference_embedding: np.ndarray
+    query_embedding: np.ndarray
+    transfer: LabelTransfer
+    reference_used: np.ndarray
+    notes: list[str] = field(default_factory=list)
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+def _obs_labels(adata: AnnData, label_key: str, what: str) -> pd.Series:
+    if label_key not in adata.obs.columns:
+        msg = (
+            f"label_key={label_key!r} is not a column of the {what}'s obs; found columns "
+            f"{format_keys(adata.obs.columns)}. Pass the column that holds the cell-type labels."
+        )
+        raise KeyError(msg)
+    return adata.obs[label_key]
+
+
+def _get_embedding(
+    adata: AnnData, model: ScGPT, what: str, *, reuse: bool, embedding_key: str, embed_kwargs: dict,
+    out: Path | None = None,
+) -> tuple[Any, bool, str | None]:
+    """``(embedding, reused, precision)``: an in-memory array, or with ``out`` the on-disk (h5py) dataset
+    that :func:`~scgpt_protocol.embedding.embed` streamed to that file."""
+    from ..model.embed import embed
+
+    d_model = model.config.d_model
+    if reuse and embedding_key in adata.obsm:
+        emb = np.asarray(adata.obsm[embedding_key])
+        if emb.ndim != 2 or emb.shape[1] != d_model:
+            msg = (
+                f"{what}.obsm[{embedding_key!r}] has shape {emb.shape} but the model embeds into "
+                f"{d_model} dimensions; it was computed with another model. Use reuse_embeddings=False "
+                "to embed again."
+            )
+            raise ValueError(msg)
+        logger.info("reusing %s.obsm[%r] (%d x %d)", what, embedding_key, *emb.shape)
+        return emb, True, adata.uns.get(f"{embedding_key}_params", {}).get("precision")
+    if out is None:
+        embed(adata, model, key_added=embedding_key, **embed_kwargs)
+        return np.asarray(adata.obsm[embedding_key]), False, adata.uns[f"{embedding_key}_params"]["precision"]
+    from ..data.store import open_store
+
+    embed(adata, model, key_added=embedding_key, out=out, **embed_kwargs)
+    datasets, attrs = open_store(out)
+    return datasets[embedding_key], False, attrs.get("precision")
+
+
+def _check_shared_genes(reference: AnnData, query: AnnData, model: ScGPT, gene_symbol_key: str | None) -> None:
+    """The package's one gene-overlap rule between query and reference (genes the checkpoint knows).
+
+    Embeddings of cells measured on disjoint genes are not comparable: their neighbours would be noise.
+    """
+    from ..model.vocab import check_gene_overlap, gene_symbols, match_genes
+
+    def known(adata: AnnData) -> np.ndarray:
+        symbols = np.asarray(gene_symbols(adata, gene_symbol_key), dtype=object)
+        return symbols[match_genes(adata, model.vocab, gene_symbol_key=gene_symbol_key).token_ids >= 0]
+
+    check_gene_overlap(known(query), known(reference), what="the query",
+                       against="the reference (genes the checkpoint knows)")
+
+
+def zeroshot_annotate(
+    reference: AnnData,
+    query: AnnData,
+    model: ScGPT,
+    *,
+    label_key: str,
+    k: int = 10,
+    max_seq_len: int = 1200,
+    batch_size: int = 64,
+    seed: int = 0,
+    layer: str | None = None,
+    gene_symbol_key: str | None = None,
+    embedding_key: str = "X_scgpt",
+    reuse_embeddings: bool = False,
+    precision: str = "auto",
+    min_confidence: float = 0.0,
+    majority_voting: bool = False,
+    resolution: float | None = None,
+    store_dir: str | Path | None = None,
+) -> ZeroShotResult:
+    """Annotate ``query`` from ``reference`` with the pretrained model, without fine-tuning.
+
+    Both datasets are embedded with :func:`~scgpt_protocol.embedding.embed`, then every query cell
+    receives the labels of :func:`transfer_labels` (majority and distance-weighted vote of its
+    ``k`` nearest reference cells).
+
+    The inputs are modified in one way only: ``obsm[embedding_key]`` (and ``embed``'s record
+    ``uns[embedding_key + "_params"]``) is written to ``reference`` and ``query``, so the
+    embeddings can be reused, e.g. for :func:`joint_embedding`. Nothing else is added to them,
+    unless ``min_confidence`` or ``majority_voting`` is set: then the query also gets
+    ``obs["scgpt_zeroshot_label"]`` (the call: ``"Unknown"`` below ``min_confidence``),
+    ``obs["scgpt_zeroshot_prediction"]``, ``obs["scgpt_zeroshot_confidence"]``,
+    ``obs["scgpt_zeroshot_unknown"]``, with majority voting ``obs["scgpt_over_clustering"]`` and
+    ``obs["scgpt_majority_voting"]``, and ``uns["scgpt_zeroshot_annotation"]`` (the parameters).
+
+    Parameters
+    ----------
+    reference
+        Labelled cells. Cells without a label (NaN) are embedded but left out of the vote, with a
+        warning.
+    query
+        Cells to annotate. If it has the column ``label_key`` too, the predictions are scored.
+    model
+        A pretrained model from :func:`~scgpt_protocol.load_model`.
+    label_key
+        ``obs`` column with the reference labels (and the query's true labels, if any).
+    k
+        Number of nearest reference cells that vote (10 in the scGPT tutorials).
+    max_seq_len, batch_size, seed, layer, gene_symbol_key, precision
+        Passed to :func:`~scgpt_protocol.embedding.embed`, identically for both datasets.
+    embedding_key
+        ``obsm`` key the embeddings are written to (and read from with ``reuse_embeddings``).
+    reuse_embeddings
+        Use ``obsm[embedding_key]`` where it is already present instead of embedding again. Only
+        use it for embeddings computed by the same model with the same settings: this is not checked
+        beyond the dimension.
+    min_confidence
+        Abstention (:mod:`scgpt_protocol.refine`): a query cell where fewer than this share of the
+        ``k`` neighbours vote for the majority label is ``"Unknown"`` in ``scgpt_zeroshot_label``
+        (the kNN label stays in ``scgpt_zeroshot_prediction``). 0: off. The weighted vote is left as
+        it is.
+    majority_voting
+        Over-cluster the query on its embedding (CellTypist's resolution rule unless ``resolution``
+        is given) and give every cell its cluster's majority call: ``scgpt_majority_voting``.
+    store_dir
+        A folder: the embeddings are streamed to ``reference_embeddings.h5`` and ``query_embeddings.h5``
+        there (:func:`~scgpt_protocol.embedding.embed` with ``out=``) instead of ``obsm``, so that
+        ``reference`` and ``query`` may be backed AnnData (views of ``read_h5ad(path, backed="r")``) of any
+        size. Memory then holds the labelled reference embeddings (``n_ref x d`` float32, what the
+        neighbour search needs) and one block of 65,536 query cells at a time; ``query_embedding`` and
+        ``reference_embedding`` of the result are the on-disk (h5py) datasets. The labels are the same
+        as without it. A backed view of the query is not annotated in place (its ``obs`` cannot be
+        written); the refinement columns are in ``predictions``.
+
+    Returns
+    -------
+    ZeroShotResult
+        ``predictions`` (one row per query cell), ``metrics`` (``None`` without true labels),
+        the embeddings, and ``notes``.
+
+    Raises
+    ------
+    KeyError
+        ``label_key`` is not a column of ``reference.obs`` (the message lists the columns).
+    ValueError
+        Fewer than two distinct labels in the reference, or ``k`` larger than the number of
+        labelled reference cells.
+    GeneMatchError
+        The query holds less than half of the reference's genes (that the checkpoint knows).
+
+    Examples
+    --------
+    >>> import scgpt_protocol as sp  # doctest: +SKIP
+    >>> from scgpt_protocol.zeroshot import zeroshot_annotate  # doctest: +SKIP
+    >>> model = sp.load_model("whole-human")  # doctest: +SKIP
+    >>> res = zeroshot_annotate(ref, query, model, label_key="cell_type")  # doctest: +SKIP
+    >>> res.metrics["majority"]["accuracy"]  # doctest: +SKIP
+    """
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        msg = f"k must be a positive integer; got {k!r}. The scGPT tutorials use k=10."
+        raise ValueError(msg)
+    ref_labels = _obs_labels(reference, label_key, "reference")
+    used = ~pd.isna(ref_labels.to_numpy(dtype=object))
+    notes: list[str] = []
+    n_dropped = int((~used).sum())
+    if n_dropped:
+        msg = (
+            f"{n_dropped:,} of {reference.n_obs:,} reference cells have no {label_key!r} label (NaN); "
+            "they are embedded but do not vote. Fill or drop them to silence this warning."
+        )
+        warnings.warn(msg, UserWarning, stacklevel=2)
+        notes.append(f"{n_dropped} reference cells without a label were left out of the vote")
+    ref_str = ref_labels.to_numpy(dtype=object)[used].astype(str)
+    distinct = np.unique(ref_str)
+    if distinct.size < 2:
+        msg = (
+            f"the reference has {distinct.size} distinct label(s) in obs[{label_key!r}] "
+            f"({distinct.tolist()}); label transfer needs at least 2. Check label_key or use a more "
+            "diverse reference."
+        )
+        raise ValueError(msg)
+    n_used = int(used.sum())
+    if k > n_used:
+        msg = (
+            f"k={k} neighbours requested but the reference has only {n_used} labelled cells; use "
+            f"k <= {n_used} or a larger reference."
+        )
+        raise ValueError(msg)
+
+    _check_shared_genes(reference, query, model, gene_symbol_key)
+    embed_kwargs = dict(max_seq_len=max_seq_len, batch_size=batch_size, seed=seed, layer=layer,
+                        gene_symbol_key=gene_symbol_key, precision=precision)
+    folder = None if store_dir is None else Path(store_dir)
+    ref_emb, ref_reused, ref_precision = _get_embedding(
+        reference, model, "reference", reuse=reuse_embeddings, embedding_key=embedding_key,
+        embed_kwargs=embed_kwargs, out=None if folder is None else folder / "reference_embeddings.h5")
+    query_emb, query_reused, query_precision = _get_embedding(
+        query, model, "query", reuse=reuse_embeddings, embedding_key=embedding_key,
+        embed_kwargs=embed_kwargs, out=None if folder is None else folder / "query_embeddings.h5")
+    from ..data.store import take_rows
+
+    transfer = transfer_blocks(take_rows(ref_emb, used), ref_str, query_emb, k=k)
+    from .refine import ZEROSHOT_COLUMNS, refine_labels, refinement_metrics, write_annotation
+
+    refined = refine_labels(transfer.majority, transfer.confidence_majority, query_emb,
+                            min_confidence=min_confidence, majority_voting=majority_voting,
+                            resolution=resolution, categories=distinct.tolist(), seed=seed)
+    refining = bool(min_confidence) or bool(majority_voting)
+
+    predictions = pd.DataFrame(
+        {
+            PREDICTION_COLUMNS[0]: transfer.majority,
+            PREDICTION_COLUMNS[1]: transfer.confidence_majority,
+            PREDICTION_COLUMNS[2]: transfer.weighted,
+            PREDICTION_COLUMNS[3]: transfer.confidence_weighted,
+        },
+        index=pd.Index(query.obs_names.astype(str), name="cell"),
+    )
+    if refining:  # the call (with Unknown) replaces the majority label; the prediction and the vote beside it
+        frame = refined.frame(ZEROSHOT_COLUMNS, index=predictions.index)
+        predictions[PREDICTION_COLUMNS[0]] = frame.pop(ZEROSHOT_COLUMNS["labels"])
+        frame = frame.drop(columns=[ZEROSHOT_COLUMNS["confidence"]])
+        predictions = pd.concat([predictions, frame], axis=1)
+        if not (query.is_view and query.isbacked):  # a backed view's obs cannot be written
+            write_annotation(query, refined, columns=ZEROSHOT_COLUMNS, categories=distinct.tolist(),
+                             uns_key="scgpt_zeroshot_annotation")
+    metrics: dict[str, Any] | None = None
+    if label_key in query.obs.columns:
+        truth = query.obs[label_key].to_numpy(dtype=object)
+        labelled = ~pd.isna(truth)
+        predictions[label_key] = truth
+        if not labelled.all():
+            notes.append(f"{int((~labelled).sum())} query cells without a true label were not scored")
+        y_true = truth[labelled].astype(str)
+        unknown = pd.Series(y_true[~np.isin(y_true, distinct)]).value_counts()
+        if len(unknown):
+            listed = ", ".join(f"{lab!r} ({n} cells)" for lab, n in unknown.items())
+            notes.append(f"query labels absent from the reference, counted as errors: {listed}")
+            logger.warning("query labels absent from the reference (counted as errors): %s", listed)
+        if labelled.any():
+            from .refine import UNKNOWN
+
+            metrics = {
+                "majority": classification_metrics(y_true, refined.labels[labelled],
+                                                   unassigned=UNKNOWN if min_confidence else None),
+                "weighted": classification_metrics(y_true, transfer.weighted[labelled]),
+                "refinement": refinement_metrics(y_true, refined.subset(labelled)),
+                "notes": notes,
+            }
+        else:
+            notes.append(f"no query cell has a {label_key!r} label: no metrics")
+    else:
+        notes.append(f"the query has no {label_key!r} column: no metrics")
+
+    params = {
+        "label_key": label_key, "k": int(k), "embedding_key": embedding_key,
+        "max_seq_len": max_seq_len, "seed": seed,
+        "n_reference": n_used, "n_reference_total": int(reference.n_obs), "n_query": int(query.n_obs),
+        "n_labels_reference": int(distinct.size), "vote_weights": "1 / (distance + 1e-6)",
+        "min_confidence": float(min_confidence), "majority_voting": bool(majority_voting),
+        "reused_embeddings": {"reference": ref_reused, "query": query_reused},
+        "checkpoint": str(getattr(getattr(model, "load_report", None), "checkpoint_dir", "")),
+        "precision": {"reference": ref_precision, "query": query_precision},
+        "store": None if folder is None else str(folder),
+    }
+    if metrics is not None:
+        logger.info("zero-shot (k=%d): %d query cells, majority accuracy %.3f, macro F1 %.3f", k,
+                    query.n_obs, metrics["majority"]["accuracy"], metrics["majority"]["macro_f1"])
+    else:
+        logger.info("zero-shot (k=%d): annotated %d query cells (no true labels to score)", k, query.n_obs)
+    return ZeroShotResult(
+        predictions=predictions, metrics=metrics, reference_embedding=ref_emb, query_embedding=query_emb,
+        transfer=transfer, reference_used=used, notes=notes, params=params,
+    )
+
+
+def joint_embedding(
+    reference: AnnData,
+    query: AnnData,
+    *,
+    label_key: str,
+    embedding_key: str = "X_scgpt",
+    result: ZeroShotResult | None = None,
+    max_cells: int | None = None,
+    seed: int = 0,
+) -> AnnData:
+    """Reference and query cells in one small AnnData, for a joint UMAP.
+
+    Parameters
+    ----------
+    reference, query
+        Both with ``obsm[embedding_key]`` (e.g. after :func:`zeroshot_annotate`).
+    label_key
+        ``obs`` column of the labels; cells without it get NaN in ``label``.
+    embedding_key
+        ``obsm`` key of the embeddings, kept under the same key.
+    result
+        The :class:`ZeroShotResult` of these two datasets; its majority labels fill ``predicted``
+        for the query cells (NaN for reference cells). Without it ``predicted`` is all NaN. Its
+        embeddings are used where a dataset has no ``obsm[embedding_key]`` (``zeroshot_annotate`` with
+        ``store_dir``: only the chosen rows are read from disk).
+    max_cells
+        At most this many cells (reference and query together; a seeded random sample,
+        :func:`~scgpt_protocol.store.subsample`), so that a UMAP of an atlas costs what one of
+        ``max_cells`` cells does. None: all cells.
+    seed
+        Seed of that sample.
+
+    Returns
+    -------
+    AnnData
+        ``n_vars = 0``; ``obs_names`` are the original names plus ``-reference`` / ``-query``;
+        ``obs`` has ``dataset`` (``"reference"`` / ``"query"``), ``label``, ``predicted`` and
+        ``cell`` (the original name); ``obsm[embedding_key]`` stacks the embeddings.
+
+    Examples
+    --------
+    >>> joint = joint_embedding(ref, query, label_key="cell_type", result=res)  # doctest: +SKIP
+    >>> sc.pp.neighbors(joint, use_rep="X_scgpt"); sc.tl.umap(joint)  # doctest: +SKIP
+    >>> sc.pl.umap(joint, color=["dataset", "label", "predicted"])  # doctest: +SKIP
+    """
+    import anndata as ad
+
+    from ..data.store import subsample, take_rows
+
+    n_ref, n_query = reference.n_obs, query.n_obs
+    keep = subsample(np.ones(n_ref + n_query, dtype=bool), max_cells, seed=seed)
+    chosen = {"reference": keep[:n_ref], "query": keep[n_ref:]}
+    stored = {"reference": None if result is None else result.reference_embedding,
+              "query": None if result is None else result.query_embedding}
+    parts = []
+    for name, adata in (("reference", reference), ("query", query)):
+        if embedding_key in adata.obsm:
+            parts.append(np.asarray(adata.obsm[embedding_key])[chosen[name]])
+        elif stored[name] is not None and stored[name].shape[0] == adata.n_obs:
+            parts.append(take_rows(stored[name], chosen[name]))
+        else:
+            msg = (
+                f"the {name} has no obsm[{embedding_key!r}] (found {format_keys(adata.obsm.keys())}); run "
+                "zeroshot_annotate or scgpt_protocol.embedding.embed on it first."
+            )
+            raise KeyError(msg)
+    if parts[0].shape[1] != parts[1].shape[1]:
+        msg = (
+            f"reference embeddings have {parts[0].shape[1]} dimensions but query embeddings "
+            f"{parts[1].shape[1]}; embed both with the same model."
+        )
+        raise ValueError(msg)
+
+    def labels(adata: AnnData, mask: np.ndarray) -> np.ndarray:
+        if label_key in adata.obs.columns:
+            return adata.obs[label_key].to_numpy(dtype=object)[mask]
+        return np.full(int(mask.sum()), np.nan, dtype=object)
+
+    predicted = np.full(n_query, np.nan, dtype=object)
+    if result is not None:
+        if len(result.predictions) != n_query:
+            msg = (
+                f"result has {len(result.predictions)} predictions but the query has {n_query} cells; "
+                "pass the result of zeroshot_annotate on this query."
+            )
+            raise ValueError(msg)
+        predicted = result.predictions[PREDICTION_COLUMNS[0]].to_numpy(dtype=object)
+    ref_names = np.asarray(reference.obs_names.astype(str))[chosen["reference"]]
+    query_names = np.asarray(query.obs_names.astype(str))[chosen["query"]]
+    n_r, n_q = len(ref_names), len(query_names)
+    names = [*(f"{n}-reference" for n in ref_names), *(f"{n}-query" for n in query_names)]
+    no_prediction = np.full(n_r, np.nan, dtype=object)
+    cells = np.concatenate([ref_names, query_names])
+    obs = pd.DataFrame(
+        {
+            "dataset": pd.Categorical(["reference"] * n_r + ["query"] * n_q, categories=["reference", "query"]),
+            "label": pd.Categorical(np.concatenate([labels(reference, chosen["reference"]),
+                                                    labels(query, chosen["query"])])),
+            "predicted": pd.Categorical(np.concatenate([no_prediction, predicted[chosen["query"]]])),
+            "cell": cells.astype(object),
+        },
+        index=pd.Index(names),
+    )
+    joint = ad.AnnData(obs=obs, var=pd.DataFrame(index=pd.Index([], dtype=str)))
+    joint.uns["dataset_colors"] = ["#b8b8b8", "#2b2b2b"]  # reference light, query dark: no cell-type colour
+    joint.obsm[embedding_key] = np.concatenate(parts).astype(np.float32, copy=False)
+    return joint
+
+
+def write_zeroshot(layout: RunLayout, result: ZeroShotResult) -> dict[str, Path]:
+    """Write ``zeroshot/predictions.csv`` and ``zeroshot/metrics.json`` of a run, atomically.
+
+    The CSV is ``result.predictions`` with the index column ``cell``. The JSON holds ``params``,
+    ``notes`` and ``majority`` / ``weighted`` (``null`` without true labels).
+
+    Returns
+    -------
+    dict
+        ``{"predictions": path, "metrics": path}``.
+    """
+    pred_path = layout.write_csv(result.predictions, layout.zeroshot_predictions)
+    metrics = result.metrics or {}
+    record = {
+        "params": result.params,
+        "notes": result.notes,
+        "majority": metrics.get("majority"),
+        "weighted": metrics.get("weighted"),
+        "refinement": metrics.get("refinement"),
+    }
+    metrics_path = layout.write_json(layout.zeroshot_metrics, record)
+    logger.info("wrote %s and %s", pred_path, metrics_path, extra=DETAIL)  # the notebook shows report.files_table
+    return {"predictions": pred_path, "metrics": metrics_path}

@@ -1,0 +1,172 @@
+"""TODO docstring: core.io."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
+
+import numpy as np
+import pandas as pd
+
+if TYPE_CHECKING:
+
+    pass
+import errno
+import importlib.metadata
+import platform
+from typing import Callable
+
+from .errors import DiskFullError
+
+__all__ = ["sha256_file", "atomic_write", "disk_full_error", "is_disk_full"]
+
+_CHUNK_SIZE = 1 << 20
+
+
+def sha256_file(path: str | Path) -> str:
+    """Return the hex sha256 of a file, read in 1 MiB chunks.
+
+    Parameters
+    ----------
+    path : str or Path
+        File to hash.
+
+    Returns
+    -------
+    str
+        Lower-case hexadecimal digest.
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(_CHUNK_SIZE), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def json_safe(obj: Any) -> Any:
+    """Numbers and containers as plain Python (JSON-ready); NaN and inf become ``None``."""
+    if isinstance(obj, Mapping):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, np.ndarray, pd.Index, pd.Series)):
+        return [json_safe(v) for v in (obj.tolist() if hasattr(obj, "tolist") else obj)]
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        value = float(obj)
+        return value if math.isfinite(value) else None
+    if obj is None or isinstance(obj, str):
+        return obj
+    if isinstance(obj, Path):
+        return str(obj)
+    try:
+        if pd.isna(obj):
+            return None
+    except (TypeError, ValueError):
+        pass
+    return str(obj)
+
+_DISK_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+#: how a full disk reads when the error carries no errno (HDF5 through h5py, C libraries)
+_DISK_FULL_TEXT = ("no space left on device", "errno = 28", "disk quota exceeded", "errno = 122")
+#: torch.save's zip writer: "[enforce fail at inline_container.cc:...] ... file write failed" (a path) or
+#: "... unexpected pos N vs M" (the bytes it wrote are not all there)
+_TORCH_WRITE_FAILED = ("file write failed", "unexpected pos")
+
+
+def is_disk_full(err: BaseException | None) -> bool:
+    """Whether ``err`` (or an error it was raised from) is a full disk or an exceeded quota.
+
+    Recognises ``OSError`` with errno ENOSPC / EDQUOT, h5py's ``OSError`` that gives the errno only in its
+    text, and torch.save's ``RuntimeError: [enforce fail at inline_container.cc:...] ... file write failed``.
+    """
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in _DISK_FULL_ERRNOS:
+            return True
+        text = str(err).lower()
+        if isinstance(err, (OSError, RuntimeError)) and any(t in text for t in _DISK_FULL_TEXT):
+            return True
+        torch_writer = isinstance(err, RuntimeError) and "inline_container" in text
+        if torch_writer and any(t in text for t in _TORCH_WRITE_FAILED):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def _free_bytes(path: Path) -> int | None:
+    for folder in (path, *path.parents):
+        try:
+            return shutil.disk_usage(folder).free
+        except OSError:
+            continue
+    return None
+
+
+def disk_full_error(path: str | Path, *, needed: int | None, cause: BaseException | None = None,
+                    note: str = "") -> Any:
+    """A :class:`~scgpt_protocol.errors.DiskFullError` for ``path``: the space needed and the space free."""
+
+    path = Path(path)
+    return DiskFullError(path, needed=needed, free=_free_bytes(path.parent), cause=cause, note=note)
+
+
+def _umask() -> int:
+    try:  # Linux: read it without changing it (os.umask sets and returns)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: Path, write: Callable[[Path], Any], *, size_hint: int | None = None) -> Path:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it to ``path``.
+
+    A reader never sees half a file, and a failed write leaves nothing behind. The file gets the mode
+    a plain ``open()`` would give it (``0o666`` less the umask), not ``mkstemp``'s private ``0o600``.
+    A full disk (or quota) raises :class:`~scgpt_protocol.errors.DiskFullError` naming ``path``, the
+    space needed (at least what was written before the failure, or ``size_hint``) and the space free.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".partial{path.suffix}")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException as err:
+        written = Path(tmp).stat().st_size if Path(tmp).is_file() else 0
+        Path(tmp).unlink(missing_ok=True)
+        from .errors import DiskFullError
+
+        if isinstance(err, Exception) and not isinstance(err, DiskFullError) and is_disk_full(err):
+            needed = max(written, size_hint or 0) or None
+            note = f"Nothing half-written was left (the old {path.name} is untouched)." if path.exists() else \
+                "Nothing half-written was left."
+            raise disk_full_error(path, needed=needed, cause=err, note=note) from err
+        raise
+    return path
+_VERSIONS = ("scgpt-protocol", "torch", "numpy", "scipy", "anndata", "scanpy", "scikit-learn", "peft", "papermill")
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of Python and of the packages a run depends on."""
+    out = {"python": platform.python_version()}
+    for name in _VERSIONS:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out

@@ -1,0 +1,276 @@
+"""The one place that names the files of a run.
+
+Steps talk to each other only through files under ``run_dir``; every path comes from here.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from .io import atomic_write
+
+__all__ = ["RunLayout", "STEP_DEPENDS_ON"]
+
+#: which steps read the output of which: re-running a step with other parameters or inputs makes
+#: the steps that depend on it stale
+STEP_DEPENDS_ON: dict[str, tuple[str, ...]] = {
+    "01_preprocess": (),
+    "02_finetune": ("01_preprocess",),
+    "03_evaluate": ("01_preprocess", "02_finetune"),
+    "04_zeroshot": ("01_preprocess",),
+}
+
+
+class RunLayout:
+    """Paths of one protocol run.
+
+    ::
+
+        run_dir/
+          params/<step>.yaml          the parameters each step ran with
+          logs/<step>.log             each step's log
+          reports/NN_step.ipynb/.html executed notebooks (the runner writes these)
+          figures/<name>.png
+          data/prepared.h5ad          01: filtered, normalised, genes matched, obs["split"]
+          data/labels.json            01: label <-> id mapping, split summary
+          data/inspection.json        01: what was found in the input data
+          checkpoint.json             01: which pretrained checkpoint the run uses
+          pretrained/                 01: the tiny demo checkpoint, when no real one is given
+          model/                      02: fine-tuned checkpoint (best epoch) + labels.json
+          train/                      02: last-epoch state for resume, history.csv, summary.json
+          predictions.csv, metrics.json, data/evaluated.h5ad      03
+          query_predictions.csv       03, with an external query
+          export/vars.h5              03: normalised expression of the evaluated cells (CSR) + var
+          export/obs.duckdb           03: tables obs (one row per evaluated cell), metrics, per_class, coverage
+          zeroshot/predictions.csv, zeroshot/metrics.json         04
+          run_manifest.json           the runner: parameters, versions, checksums, timings
+          stale/<step>-<UTC time>/    the runner: a step's files set aside when a step it depends on
+                                      re-ran with other parameters or inputs (same relative paths)
+    """
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.run_dir = Path(run_dir)
+
+    def __repr__(self) -> str:
+        return f"RunLayout({str(self.run_dir)!r})"
+
+    # -- folders --
+    @property
+    def params_dir(self) -> Path:
+        return self.run_dir / "params"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.run_dir / "logs"
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.run_dir / "reports"
+
+    @property
+    def figures_dir(self) -> Path:
+        return self.run_dir / "figures"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.run_dir / "data"
+
+    # -- 01 preprocess --
+    @property
+    def prepared_adata(self) -> Path:
+        return self.data_dir / "prepared.h5ad"
+
+    @property
+    def labels(self) -> Path:
+        return self.data_dir / "labels.json"
+
+    @property
+    def inspection(self) -> Path:
+        return self.data_dir / "inspection.json"
+
+    @property
+    def checkpoint_record(self) -> Path:
+        return self.run_dir / "checkpoint.json"
+
+    @property
+    def demo_checkpoint_dir(self) -> Path:
+        return self.run_dir / "pretrained"
+
+    # -- 02 fine-tune --
+    @property
+    def model_dir(self) -> Path:
+        return self.run_dir / "model"
+
+    @property
+    def train_dir(self) -> Path:
+        return self.run_dir / "train"
+
+    @property
+    def train_state(self) -> Path:
+        return self.train_dir / "last_state.pt"
+
+    @property
+    def history(self) -> Path:
+        return self.train_dir / "history.csv"
+
+    @property
+    def train_summary(self) -> Path:
+        return self.train_dir / "summary.json"
+
+    # -- 03 evaluate --
+    @property
+    def predictions(self) -> Path:
+        return self.run_dir / "predictions.csv"
+
+    @property
+    def metrics(self) -> Path:
+        return self.run_dir / "metrics.json"
+
+    @property
+    def query_predictions(self) -> Path:
+        return self.run_dir / "query_predictions.csv"
+
+    @property
+    def evaluated_adata(self) -> Path:
+        return self.data_dir / "evaluated.h5ad"
+
+    @property
+    def prediction_store(self) -> Path:
+        """03's per-cell probabilities and embeddings when streamed (``EvaluateParams.store_outputs``)."""
+        return self.data_dir / "predictions.h5"
+
+    @property
+    def export_dir(self) -> Path:
+        return self.run_dir / "export"
+
+    @property
+    def vars_h5(self) -> Path:
+        return self.export_dir / "vars.h5"
+
+    @property
+    def obs_duckdb(self) -> Path:
+        return self.export_dir / "obs.duckdb"
+
+    # -- 04 zero-shot --
+    @property
+    def zeroshot_dir(self) -> Path:
+        return self.run_dir / "zeroshot"
+
+    @property
+    def zeroshot_predictions(self) -> Path:
+        return self.zeroshot_dir / "predictions.csv"
+
+    @property
+    def zeroshot_metrics(self) -> Path:
+        return self.zeroshot_dir / "metrics.json"
+
+    # -- runner --
+    @property
+    def manifest(self) -> Path:
+        return self.run_dir / "run_manifest.json"
+
+    def figure(self, name: str) -> Path:
+        return self.figures_dir / f"{name}.png"
+
+    def step_log(self, step: str) -> Path:
+        return self.logs_dir / f"{step}.log"
+
+    def step_params(self, step: str) -> Path:
+        return self.params_dir / f"{step}.yaml"
+
+    def step_report(self, step: str) -> Path:
+        return self.reports_dir / f"{step}.ipynb"
+
+    #: the figures each step saves (``save_figure(fig, layout, name)`` in its notebook)
+    STEP_FIGURES: dict[str, tuple[str, ...]] = {
+        "01_preprocess": ("qc", "class_counts"),
+        "02_finetune": ("training_curves",),
+        "03_evaluate": ("per_class_f1", "confusion", "umap", "coverage_curve"),
+        "04_zeroshot": ("zeroshot_umap", "zeroshot_coverage_curve"),
+    }
+
+    def step_artifacts(self, step: str) -> list[Path]:
+        """Every file or folder ``step`` (``"02_finetune"``...) writes: its outputs, figures, report
+        (.ipynb/.html), log and parameters."""
+        outputs = {
+            "01_preprocess": [self.prepared_adata, self.labels, self.inspection, self.checkpoint_record,
+                              self.demo_checkpoint_dir],
+            "02_finetune": [self.model_dir, self.train_dir],
+            "03_evaluate": [self.predictions, self.metrics, self.evaluated_adata, self.prediction_store,
+                            self.query_predictions,
+                            self.export_dir],
+            "04_zeroshot": [self.zeroshot_dir],
+        }
+        if step not in outputs:
+            msg = f"unknown step {step!r}; steps: {sorted(outputs)}."
+            raise KeyError(msg)
+        report, name = self.step_report(step), step.split("_", 1)[1]  # logs and params use "preprocess" etc.
+        figures = [self.figure(figure).with_suffix(suffix) for figure in self.STEP_FIGURES[step]
+                   for suffix in (".png", ".pdf")]  # save_figure writes a PDF beside each PNG
+        return [*outputs[step], *figures, report,
+                report.with_suffix(".html"), report.with_name(report.name + ".incomplete"), self.step_log(name),
+                self.step_params(name)]
+
+    @property
+    def stale_dir(self) -> Path:
+        return self.run_dir / "stale"
+
+    def set_aside(self, step: str, stamp: str) -> tuple[Path, list[Path]]:
+        """Move what ``step`` wrote to ``stale/<step>-<stamp>/``, keeping paths relative to ``run_dir``.
+
+        Nothing is deleted. Returns the folder and the moved paths (relative); the folder is not created
+        when there is nothing to move.
+        """
+        target = self.stale_dir / f"{step}-{stamp}"
+        n = 1
+        while target.exists():
+            n += 1
+            target = self.stale_dir / f"{step}-{stamp}-{n}"
+        moved = []
+        for path in self.step_artifacts(step):
+            if not (path.exists() or path.is_symlink()):
+                continue
+            rel = path.relative_to(self.run_dir)
+            (target / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(path), str(target / rel))
+            moved.append(rel)
+        return target, moved
+
+    def make_dirs(self) -> RunLayout:
+        for folder in (self.params_dir, self.logs_dir, self.figures_dir, self.data_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        return self
+
+    # -- small JSON records --
+    def write_json(self, path: Path, obj: Any) -> Path:
+        """Write JSON atomically (:func:`atomic_write`)."""
+        return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n"))
+
+    def write_csv(self, frame: Any, path: Path, *, index: bool = True) -> Path:
+        """Write a DataFrame as CSV atomically (:func:`atomic_write`)."""
+        label = (frame.index.name or "cell") if index else None
+        return atomic_write(path, lambda tmp: frame.to_csv(tmp, index=index, index_label=label))
+
+    def write_h5ad(self, adata: Any, path: Path) -> Path:
+        """Write an AnnData atomically (:func:`atomic_write`)."""
+        return atomic_write(path, adata.write_h5ad)
+
+    def read_json(self, path: Path, *, step: str) -> Any:
+        """Read a JSON record another step wrote; a clear error if that step has not run."""
+        if not path.is_file():
+            msg = (
+                f"{path} does not exist: run step {step!r} first with the same run_dir "
+                f"({self.run_dir})."
+            )
+            raise FileNotFoundError(msg)
+        return json.loads(path.read_text())
+
+    def require(self, path: Path, *, step: str) -> Path:
+        """``path``, or a clear error naming the step that writes it."""
+        if not path.exists():
+            msg = f"{path} does not exist: run step {step!r} first with the same run_dir ({self.run_dir})."
+            raise FileNotFoundError(msg)
+        return path

@@ -1,0 +1,26 @@
+"""Lazy re-exports for package ``__init__`` files (PEP 562), so that importing one light module of a
+package (``scgpt_protocol.core.errors``) does not import its heavy neighbours (torch, scanpy, matplotlib)."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable
+
+
+def lazy_exports(package: str, exports: dict[str, str]) -> tuple[Callable[[str], Any], Callable[[], list[str]], list[str]]:
+    """``__getattr__``, ``__dir__`` and ``__all__`` for a package whose public names live in its modules.
+
+    ``exports`` maps each public name to the module (relative to ``package``) that defines it.
+    """
+
+    def __getattr__(name: str) -> Any:
+        module = exports.get(name)
+        if module is None:
+            msg = f"module {package!r} has no attribute {name!r}"
+            raise AttributeError(msg)
+        return getattr(importlib.import_module(f".{module}", package), name)
+
+    def __dir__() -> list[str]:
+        return sorted(exports)
+
+    return __getattr__, __dir__, list(exports)

@@ -1,0 +1,381 @@
+"""Parameters of the four protocol steps: one dataclass per step, the single source of truth.
+
+A notebook's ``parameters`` cell and every ``params/<scenario>/<notebook-stem>.yaml`` hold exactly
+(a subset of) these fields; ``tests/test_notebook_structure.py`` keeps the three in line.
+:meth:`StepParams.from_namespace` reads the cell's variables, type-, range- and choice-checks them,
+and writes ``run_dir/params/<step>.yaml``. An unknown key in a YAML file is an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Mapping, Optional
+
+import yaml
+
+__all__ = ["StepParams", "PreprocessParams", "FinetuneParams", "EvaluateParams", "ZeroshotParams", "STEPS", "load_params_file", "parameters_cell"]
+
+
+#: the adaptation strategies (scgpt_protocol.strategies implements them)
+STRATEGY_NAMES = ("probe", "head", "full", "lora", "adapter", "prefix_tuning", "ia3")
+
+
+class ParamsError(ValueError):
+    """A parameter value or a parameter file is wrong."""
+
+
+def _f(default: Any, help: str, *, choices: tuple | None = None, min: float | None = None,
+       max: float | None = None, advanced: bool = False) -> Any:
+    """A parameter: default, help text, checks; ``advanced`` ones come last in the notebook's cell."""
+    return field(default=default, metadata={"help": help, "choices": choices, "min": min, "max": max,
+                                            "advanced": advanced})
+
+
+def _device() -> Any:
+    return _f("auto", "'auto' (cuda, mps, cpu), 'cpu', 'cuda', 'cuda:N' or 'mps'", advanced=True)
+
+
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+#: the numeric types a YAML string such as "1e-4" may stand for (PyYAML reads 1e-4 as a string)
+_NUMERIC = (int, float)
+
+
+def _coerce_number(value: Any, base: type) -> Any:
+    """``"1e-4"`` -> 1e-4 for a float field, ``"3"`` / ``"1e3"`` -> 3 / 1000 for an int field; else unchanged.
+
+    PyYAML follows YAML 1.1, where ``1e-4`` (no dot) is a string; users write it that way.
+    """
+    if not isinstance(value, str) or base not in _NUMERIC:
+        return value
+    try:
+        number = float(value.strip())
+    except ValueError:
+        return value
+    if base is int:
+        return int(number) if number.is_integer() else value
+    return number
+
+
+#: the values of every ``precision`` parameter (scgpt_protocol.device.PRECISIONS; no torch import here)
+PRECISION_NAMES = ("auto", "fp32", "bf16", "fp16")
+
+
+def _precision(what: str) -> Any:
+    return _f("auto", f"{what}: auto (bf16 where supported, fp16 on old GPUs, else fp32), fp32, bf16, fp16",
+              choices=PRECISION_NAMES, advanced=True)
+
+
+def _max_seq_len() -> Any:
+    return _f(1200, "tokens per cell including <cls>", min=2, advanced=True)
+
+
+@dataclass
+class StepParams:
+    """Fields shared by every step."""
+
+    STEP: ClassVar[str] = ""
+    NOTEBOOK: ClassVar[str] = ""
+
+    run_dir: str = _f("runs/demo", "every output goes here; use the same run_dir in all four notebooks")
+    seed: int = _f(0, "random seed (splits, gene sampling, training)", min=0, advanced=True)
+    mount_drive: bool = _f(False, "Colab only: mount Google Drive (keep run_dir there to survive disconnects)")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # -- validation --
+    def validate(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            kind = hints[f.name]
+            optional = typing.get_origin(kind) is typing.Union and type(None) in typing.get_args(kind)
+            base = next(a for a in typing.get_args(kind) if a is not type(None)) if optional else kind
+            if value is None:
+                if optional:
+                    continue
+                self._fail(f.name, value, f"a {base.__name__}")
+            coerced = _coerce_number(value, base)
+            if coerced is not value:
+                value = coerced
+                setattr(self, f.name, value)
+            if base is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+                setattr(self, f.name, value)
+            if not isinstance(value, base) or (base is not bool and isinstance(value, bool)):
+                self._fail(f.name, value, f"a {base.__name__}" + (" or None" if optional else ""))
+            meta = f.metadata
+            if meta.get("choices") and value not in meta["choices"]:
+                self._fail(f.name, value, f"one of {list(meta['choices'])}")
+            if meta.get("min") is not None and value < meta["min"]:
+                self._fail(f.name, value, f">= {meta['min']}")
+            if meta.get("max") is not None and value > meta["max"]:
+                self._fail(f.name, value, f"<= {meta['max']}")
+            if f.name == "device" and not _DEVICE.match(value):
+                self._fail(f.name, value, "'auto', 'cpu', 'cuda', 'cuda:N' (a GPU index) or 'mps'")
+        self._check()
+
+    def _check(self) -> None:
+        """Checks across fields (subclasses)."""
+
+    def _fail(self, name: str, value: Any, expected: str) -> None:
+        msg = (
+            f"parameter {name}={value!r} of step {self.STEP!r} is invalid: expected {expected}. "
+            f"Fix it in the parameters cell of {self.NOTEBOOK} or in the YAML file."
+        )
+        raise ParamsError(msg)
+
+    # -- construction --
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], *, source: str = "parameters") -> StepParams:
+        """Build from a mapping; an unknown key is an error naming the valid ones."""
+        names = cls.field_names()
+        unknown = sorted(set(values) - set(names))
+        if unknown:
+            import difflib
+
+            hints = [f"{u!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(u, names, 1)) else repr(u)
+                     for u in unknown]
+            msg = (
+                f"unknown parameter(s) {', '.join(hints)} in {source} for step {cls.STEP!r}; "
+                f"valid: {names}."
+            )
+            raise ParamsError(msg)
+        return cls(**dict(values))
+
+    @classmethod
+    def from_namespace(cls, namespace: Mapping[str, Any], *, write: bool = True) -> StepParams:
+        """Build from a notebook's globals (the parameters cell, maybe overridden by papermill).
+
+        Writes ``run_dir/params/<step>.yaml`` so that the run records what it ran with.
+        """
+        cls._check_injected(namespace)
+        missing = [n for n in cls.field_names() if n not in namespace]
+        if missing:
+            msg = f"the parameters cell of {cls.NOTEBOOK} lacks {missing}; restore them from the package's notebook."
+            raise ParamsError(msg)
+        params = cls(**{n: namespace[n] for n in cls.field_names()})
+        if write:
+            from .layout import RunLayout
+
+            params.to_yaml(RunLayout(params.run_dir).step_params(params.STEP))
+        return params
+
+    @classmethod
+    def _check_injected(cls, namespace: Mapping[str, Any]) -> None:
+        """Fail on names papermill injected that are not parameters (papermill itself only warns).
+
+        papermill's injected cell starts with the line ``# Parameters``; IPython keeps every executed
+        cell's source in ``In``.
+        """
+        import ast
+
+        history = namespace.get("In")
+        if not isinstance(history, list):
+            return
+        for source in history:
+            if not (isinstance(source, str) and source.startswith("# Parameters\n")):
+                continue
+            try:
+                tree = ast.parse(source)
+            except SyntaxError:
+                continue
+            names = {t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets
+                     if isinstance(t, ast.Name)}
+            cls.from_mapping({n: namespace.get(n) for n in names - set(cls.field_names())},
+                             source="the parameters papermill injected")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        return path
+
+
+@dataclass
+class PreprocessParams(StepParams):
+    """01_preprocess: load, inspect, filter, normalise, select genes, split."""
+
+    STEP: ClassVar[str] = "preprocess"
+    NOTEBOOK: ClassVar[str] = "01_preprocess.ipynb"
+
+    adata_path: str = _f("demo", "an .h5ad file, or 'demo' for scanpy's bundled pbmc68k_reduced")
+    label_key: str = _f("bulk_labels", "adata.obs column with the cell-type labels")
+    batch_key: Optional[str] = _f(None, "adata.obs column with batches (batch-aware HVG selection)")
+    layer: Optional[str] = _f(None, "adata.layers key with counts or log-normalised values (None: X)")
+    gene_symbol_key: Optional[str] = _f(None, "adata.var column with gene symbols (None: var_names)")
+    checkpoint: str = _f("demo", "'demo' (tiny random checkpoint), 'whole-human' (download) or a folder")
+    min_genes: int = _f(0, "drop cells with fewer expressed genes", min=0, advanced=True)
+    min_cells: int = _f(0, "drop genes expressed in fewer cells", min=0, advanced=True)
+    max_pct_mito: Optional[float] = _f(None, "drop cells with more % mitochondrial counts (None: keep)", min=0, max=100, advanced=True)
+    normalize: str = _f("auto", "normalise_total + log1p: 'auto' (only raw counts), 'yes' or 'no'",
+                        choices=("auto", "yes", "no"), advanced=True)
+    n_hvg: Optional[int] = _f(None, "keep this many highly variable genes (None: all known genes)", min=1, advanced=True)
+    test_size: float = _f(0.2, "share of cells in the test split", min=0.05, max=0.5, advanced=True)
+    val_size: float = _f(0.1, "share of cells in the validation split", min=0.05, max=0.5, advanced=True)
+    min_cells_per_class: int = _f(5, "classes with fewer cells stay in train only (reported)", min=3, advanced=True)
+    chunked: Optional[bool] = _f(None, "stream X in row chunks (None: when X is over 1/4 of free memory)",
+                                 advanced=True)
+    chunk_size: Optional[int] = _f(None, "cells per chunk (None: about 2M stored values)", min=1,
+                                   advanced=True)
+
+    def _check(self) -> None:
+        if self.test_size + self.val_size >= 0.9:
+            self._fail("val_size", self.val_size, f"test_size + val_size < 0.9 (test_size={self.test_size})")
+
+
+@dataclass
+class FinetuneParams(StepParams):
+    """02_finetune: fine-tune the pretrained model on the train split."""
+
+    STEP: ClassVar[str] = "finetune"
+    NOTEBOOK: ClassVar[str] = "02_finetune.ipynb"
+
+    strategy: str = _f("full", "what to train: probe, head, full, lora, adapter, prefix_tuning or ia3",
+                       choices=STRATEGY_NAMES)
+    strategies: Optional[list] = _f(None, "compare these on one split, keep the best (None: only strategy)")
+    epochs: int = _f(10, "maximum number of epochs", min=1)
+    lr: float = _f(1e-4, "Adam learning rate", min=0.0, advanced=True)
+    lr_gamma: float = _f(0.9, "StepLR decay per epoch", min=0.0, max=1.0, advanced=True)
+    weight_decay: float = _f(0.0, "AdamW weight decay (0: plain Adam, as published)", min=0.0, advanced=True)
+    warmup_ratio: float = _f(0.0, "share of all training steps with a linear learning-rate warm-up", min=0.0, max=0.5, advanced=True)
+    batch_size: int = _f(32, "cells per training step", min=1, advanced=True)
+    max_seq_len: int = _max_seq_len()
+    grad_clip: float = _f(1.0, "gradient norm clipping", min=0.0, advanced=True)
+    class_weighted: bool = _f(False, "weight the loss by inverse class frequency")
+    patience: int = _f(3, "stop after this many epochs without a better validation macro-F1 (0: never)", min=0, advanced=True)
+    amp: bool = _f(True, "mixed precision as precision says (False: fp32); also Adam eps 1e-4, as published", advanced=True)
+    adam_eps: Optional[float] = _f(None, "Adam eps (None: 1e-4 when amp is on, as published; else 1e-8)", min=0.0,
+                                   advanced=True)
+    resume: bool = _f(True, "continue from the last finished epoch if a previous run was interrupted", advanced=True)
+    device: str = _device()
+    precision: str = _precision("training")
+    lora_r: int = _f(8, "lora: rank of the low-rank updates", min=1, advanced=True)
+    lora_alpha: float = _f(16.0, "lora: scaling numerator (updates are scaled by alpha / r)", min=0.0, advanced=True)
+    adapter_bottleneck: int = _f(64, "adapter: hidden size of the bottleneck adapters", min=1, advanced=True)
+    prefix_length: int = _f(8, "prefix_tuning: learned key/value prefixes per layer", min=1, advanced=True)
+    steps_per_epoch: Optional[int] = _f(None, "batches per epoch, drawn in turn from all train cells (None: all once)",
+                                        min=1, advanced=True)
+    num_workers: Optional[int] = _f(None, "data-loading processes (None: 0 under 20k cells, else min(4, CPUs - 1))",
+                                    min=0, advanced=True)
+    nproc_per_node: int = _f(1, "GPUs (processes) to train on; > 1 runs torchrun with DistributedDataParallel", min=1,
+                             advanced=True)
+
+    def _check(self) -> None:
+        if self.nproc_per_node > 1 and self.strategies is not None:
+            self._fail("nproc_per_node", self.nproc_per_node, "1 when comparing strategies (or set strategies: None)")
+        if self.strategies is not None:
+            bad = [s for s in self.strategies if s not in STRATEGY_NAMES]
+            if not self.strategies or bad:
+                self._fail("strategies", self.strategies, f"a non-empty list of {list(STRATEGY_NAMES)}")
+        if self.lora_alpha <= 0:
+            self._fail("lora_alpha", self.lora_alpha, "> 0")
+        if not self.amp and self.precision in ("bf16", "fp16"):
+            self._fail("precision", self.precision, f"'auto' or 'fp32' when amp is False (or set amp: True for "
+                       f"{self.precision})")
+
+
+@dataclass
+class EvaluateParams(StepParams):
+    """03_evaluate: test-split (and optional external query) predictions and metrics."""
+
+    STEP: ClassVar[str] = "evaluate"
+    NOTEBOOK: ClassVar[str] = "03_evaluate.ipynb"
+
+    query_path: Optional[str] = _f(None, "an extra labelled .h5ad to evaluate on (None: test split only)")
+    query_label_key: Optional[str] = _f(None, "label column of the query (None: the run's label_key)")
+    batch_size: int = _f(64, "cells per forward pass", min=1, advanced=True)
+    max_seq_len: Optional[int] = _f(None, "tokens per cell including <cls> (None: the length the model was trained with)",
+                                    min=2, advanced=True)
+    baseline: bool = _f(True, "also fit a logistic-regression baseline on the same split (and the query)")
+    device: str = _device()
+    precision: str = _precision("prediction")
+    min_confidence: float = _f(0.0, "cells whose predicted-class probability is below this are 'Unknown' (0: off)",
+                               min=0.0, max=1.0)
+    majority_voting: bool = _f(False, "also label each over-cluster of the embedding by its majority (CellTypist)")
+    export: bool = _f(True, "write export/vars.h5 (expression) and export/obs.duckdb (cells, metrics; SQL)",
+                      advanced=True)
+    require_artifacts: bool = _f(True, "a failure to write the export stops the step (False: warn and go on)",
+                                 advanced=True)
+    max_plot_cells: int = _f(50000, "UMAP of at most this many test cells (a seeded random sample when more)",
+                             min=1, advanced=True)
+    store_outputs: Optional[bool] = _f(None, "probabilities, embeddings to data/predictions.h5 (None: > 200,000 cells)",
+                                       advanced=True)
+
+
+@dataclass
+class ZeroshotParams(StepParams):
+    """04_zeroshot: kNN label transfer with the pretrained model, no fine-tuning."""
+
+    STEP: ClassVar[str] = "zeroshot"
+    NOTEBOOK: ClassVar[str] = "04_zeroshot.ipynb"
+
+    reference_path: Optional[str] = _f(None, "labelled reference .h5ad (None: the run's train+val cells)")
+    query_path: Optional[str] = _f(None, "query .h5ad (None: test cells of the prepared data)")
+    label_key: Optional[str] = _f(None, "label column in reference/query (None: the run's label_key)")
+    k: int = _f(10, "neighbours for the vote", min=1, advanced=True)
+    batch_size: int = _f(64, "cells per forward pass", min=1, advanced=True)
+    max_seq_len: int = _max_seq_len()
+    device: str = _device()
+    precision: str = _precision("embedding")
+    min_confidence: float = _f(0.0, "cells where fewer than this share of the k neighbours agree are 'Unknown' (0: off)",
+                               min=0.0, max=1.0)
+    majority_voting: bool = _f(False, "also label each over-cluster of the query's embedding by its majority (CellTypist)")
+    max_plot_cells: int = _f(50000, "UMAP of at most this many reference + query cells (a seeded random sample when more)",
+                             min=1, advanced=True)
+
+
+STEPS: dict[str, type[StepParams]] = {
+    "01_preprocess": PreprocessParams,
+    "02_finetune": FinetuneParams,
+    "03_evaluate": EvaluateParams,
+    "04_zeroshot": ZeroshotParams,
+}
+
+
+def load_params_file(path: str | Path, cls: type[StepParams]) -> dict[str, Any]:
+    """Read a YAML override file and check its keys against ``cls`` (values are checked too)."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ParamsError(f"{path} must hold a mapping of parameter names to values; found {type(data).__name__}.")
+    cls.from_mapping(data, source=str(path))  # unknown keys and bad values fail here, before any work
+    return data
+
+
+def parameters_cell(cls: type[StepParams]) -> str:
+    """The source of a notebook's parameters cell for ``cls`` (papermill's annotated form)."""
+    hints = typing.get_type_hints(cls)
+    lines = [
+        "# Parameters: the defaults run the interactive demo.",
+        f"# Headless: scgpt-protocol run params/<scenario> (papermill: -f params/<scenario>/{Path(cls.NOTEBOOK).stem}.yaml)",
+        "# --- change these ---",
+    ]
+    fields = dataclasses.fields(cls)
+    basic = [f for f in fields if not f.metadata.get("advanced")]
+    advanced = [f for f in fields if f.metadata.get("advanced")]
+    for f in basic + advanced:
+        if f is (advanced[0] if advanced else None):
+            lines.append("# --- advanced: the defaults suit most data ---")
+        kind = hints[f.name]
+        optional = typing.get_origin(kind) is typing.Union
+        if optional:
+            base = next(a for a in typing.get_args(kind) if a is not type(None)).__name__
+            lines.append(f"{f.name} = {f.default!r}  # type: Optional[{base}] {f.metadata['help']}")
+        else:
+            lines.append(f"{f.name}: {kind.__name__} = {f.default!r}  # {f.metadata['help']}")
+    return "\n".join(lines)

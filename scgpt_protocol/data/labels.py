@@ -1,0 +1,91 @@
+"""TODO docstring: data.labels."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+from ..core.errors import format_keys
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+# the bounded-memory path (prepare_file) and its reader live in preprocess_stream
+
+__all__ = ["SPLITS"]
+
+
+def cell_mask(adata: AnnData, cells: Any) -> np.ndarray:
+    """``cells`` (None, a boolean mask, integer positions or obs names) as a boolean mask."""
+    n = adata.n_obs
+    if cells is None:
+        return np.ones(n, dtype=bool)
+    values = cells.to_numpy() if isinstance(cells, (pd.Series, pd.Index)) else np.asarray(cells)
+    if values.dtype == bool:
+        if values.shape != (n,):
+            msg = (
+                f"cells is a boolean mask of shape {values.shape}; expected ({n},), "
+                "one value per cell of adata."
+            )
+            raise ValueError(msg)
+        return values
+    mask = np.zeros(n, dtype=bool)
+    if np.issubdtype(values.dtype, np.integer):
+        if values.size and (values.min() < -n or values.max() >= n):
+            msg = f"cells holds positions outside 0..{n - 1}; adata has {n} cells."
+            raise IndexError(msg)
+        mask[values] = True
+        return mask
+    names = pd.Index(values.astype(str))
+    missing = names.difference(adata.obs_names)
+    if len(missing):
+        msg = f"{len(missing)} of the cells are not in adata.obs_names, e.g. {list(missing[:3])}."
+        raise KeyError(msg)
+    return adata.obs_names.isin(names)
+#: the values of ``obs["split"]``, in this order
+SPLITS = ("train", "val", "test")
+
+
+def subset_split(adata: AnnData, split: str | Sequence[str], *, split_key: str = "split") -> AnnData:
+    """A copy of the cells of one or more splits (``"train"``, ``"val"``, ``"test"``)."""
+    if split_key not in adata.obs:
+        msg = f"{split_key!r} not in adata.obs (columns: {format_keys(adata.obs.columns)}); run 01_preprocess first."
+        raise KeyError(msg)
+    wanted = [split] if isinstance(split, str) else list(split)
+    bad = sorted(set(wanted) - set(SPLITS))
+    if bad:
+        raise ValueError(f"unknown split(s) {bad}; splits are {list(SPLITS)}.")
+    return adata[adata.obs[split_key].isin(wanted).to_numpy()].copy()
+
+
+# -- inspection -----------------------------------------------------------------------------
+#: label strings that mean "no label" (a column written from pandas with NaN turned to text, empty cells)
+MISSING_LABEL_STRINGS = frozenset({"", "nan", "none", "null", "na", "n/a", "<na>"})
+
+
+def missing_labels(labels: pd.Series) -> np.ndarray:
+    """Cells without a label: NaN / None, and the strings ``'nan'``, ``''``, ``'None'``, ``'NA'`` ...
+
+    Such strings come from a column converted to text with its missing values; kept as they are they
+    would become a class named ``'nan'``.
+    """
+    missing = labels.isna().to_numpy()
+    text = labels[~missing].astype(str).str.strip().str.lower()
+    missing[np.flatnonzero(~missing)[text.isin(MISSING_LABEL_STRINGS).to_numpy()]] = True
+    return missing
+
+
+def require_obs_key(adata: AnnData, key: str, name: str) -> None:
+    if key not in adata.obs.columns:
+        msg = (
+            f"{name} {key!r} not in adata.obs; available: {format_keys(adata.obs.columns)}. "
+            f"Set {name} in the parameters cell or YAML."
+        )
+        raise KeyError(msg)

@@ -1,0 +1,21 @@
+"""Step 03's scoring: scGPT predictions, the logistic-regression baseline, exported artifacts."""
+
+from ..core.lazy import lazy_exports
+
+__getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    "BaselineResult": "baseline",
+    "logistic_regression_baseline": "baseline",
+    "write_vars_h5": "export",
+    "write_duckdb": "export",
+    "evaluation_tables": "export",
+    "export_evaluation": "export",
+    "query_duckdb": "export",
+    "OBS_COLUMNS": "export",
+    "EvalResult": "scoring",
+    "evaluate_predictions": "scoring",
+    "annotate": "scoring",
+    "prediction_store": "scoring",
+    "STORE_OUTPUTS_CELLS": "scoring",
+    "write_results": "scoring",
+    "evaluate_query": "scoring",
+})

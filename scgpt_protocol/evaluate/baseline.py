@@ -1,0 +1,314 @@
+"""Metrics, a logistic-regression baseline and result files of the evaluation step (03_evaluate).
+
+Everything here works on plain label arrays and on AnnData ``obs`` columns:
+
+* :func:`classification_metrics` -- accuracy, macro / support-weighted F1, balanced accuracy,
+  Cohen's kappa, one-vs-rest macro AUROC and a per-class table, as JSON-ready numbers;
+* :func:`confusion` -- a row-normalised confusion matrix as a DataFrame;
+* :func:`logistic_regression_baseline` -- a CellTypist-style baseline fitted on the same split;
+* :func:`evaluate_predictions` / :func:`annotate` -- score a :class:`~scgpt_protocol.predict.Prediction`
+  and write it into ``adata``;
+* :func:`metrics_table` -- scGPT beside the baseline, one row per method;
+* :func:`write_results` -- ``predictions.csv`` and ``metrics.json`` of a run.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from ..core.errors import format_keys
+from ..metrics import BASELINE_METHOD, classification_metrics
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["BaselineResult", "logistic_regression_baseline"]
+
+
+# -- baseline -------------------------------------------------------------------------------
+@dataclass
+class BaselineResult:
+    """Result of :func:`logistic_regression_baseline` on the test cells."""
+
+    predictions: pd.Series  # predicted label per test cell, index = obs_names, categorical
+    probabilities: np.ndarray  # float32 [n_test, n_categories], columns in the order of ``categories``
+    categories: list[str]  # the classes seen in the train cells
+    metrics: dict[str, Any]  # classification_metrics on the labelled test cells
+    n_genes: int  # genes the classifier uses (HVGs of the train cells)
+    genes: list[str] = field(default_factory=list)
+    normalised: bool = False  # True: the input looked like raw counts and was log1p-CP10k normalised
+    n_train: int = 0
+    method: str = BASELINE_METHOD
+    class_weight: str | None = None  # "balanced" when scGPT was trained with a class-weighted loss
+    query: BaselineResult | None = None  # the same classifier on an external query, when one is given
+
+
+def _log1p_cp10k(matrix: Any, *, chunk_size: int = 8192) -> Any:
+    """``log1p`` of counts scaled to 10,000 per cell (scanpy's normalize_total + log1p), per cell.
+
+    ``matrix`` (CSR) is normalised **in place**, one chunk of rows at a time in float64, and returned in
+    its own float dtype (float32 stays float32: no float64 copy of the whole matrix)."""
+    import scipy.sparse as sp
+
+    out = sp.csr_matrix(matrix)
+    if out.dtype not in (np.float32, np.float64):
+        out = out.astype(np.float64)
+    out.sum_duplicates()
+    for lo in range(0, out.shape[0], chunk_size):
+        hi = min(lo + chunk_size, out.shape[0])
+        a, b = out.indptr[lo], out.indptr[hi]
+        values = out.data[a:b].astype(np.float64)
+        lengths = np.diff(out.indptr[lo : hi + 1])
+        totals = np.add.reduceat(values, out.indptr[lo:hi] - a) if b > a else np.zeros(hi - lo)
+        totals = np.where(lengths > 0, totals, 0.0)  # reduceat gives the next value for empty rows
+        scale = np.divide(1e4, totals, out=np.zeros_like(totals), where=totals > 0)
+        out.data[a:b] = np.log1p(values * np.repeat(scale, lengths))
+    return out
+
+
+def _read_rows(matrix: Any, rows: np.ndarray, *, chunk_size: int = 8192) -> Any:
+    """Rows ``rows`` (sorted) of a dense, sparse or backed matrix as one float32 CSR matrix, read chunk by chunk.
+
+    Never densifies more than one chunk of dense input, and never holds a float64 copy of all rows.
+    """
+    import scipy.sparse as sp
+
+    blocks = []
+    for lo in range(0, len(rows), chunk_size):
+        block = matrix[rows[lo : lo + chunk_size]]
+        block = block if sp.issparse(block) else sp.csr_matrix(np.asarray(block))
+        blocks.append(sp.csr_matrix(block, dtype=np.float32))
+    if not blocks:
+        return sp.csr_matrix((0, matrix.shape[1]), dtype=np.float32)
+    return sp.csr_matrix(sp.vstack(blocks, format="csr"), dtype=np.float32)
+
+
+def logistic_regression_baseline(
+    adata: AnnData,
+    *,
+    label_key: str,
+    split_key: str = "split",
+    train: str = "train",
+    test: str = "test",
+    n_hvg: int = 2000,
+    seed: int = 0,
+    layer: str | None = None,
+    class_weight: str | None = None,
+    query: AnnData | None = None,
+    query_label_key: str | None = None,
+) -> BaselineResult:
+    """Fit a CellTypist-style logistic regression on the train cells and predict the test cells.
+
+    The yardstick scGPT should beat: the same split, a simple linear model on log-normalised
+    highly variable genes.
+
+    1. Expression comes from ``adata.X`` (or ``layer``). If every value is a whole number it is
+       taken as raw counts and normalised per cell to 10,000 counts, then ``log1p``; otherwise it
+       is taken as already log-normalised and used as is. Negative values (scaled data) are refused.
+    2. ``n_hvg`` highly variable genes are selected on the **train cells only**
+       (``scanpy.pp.highly_variable_genes``, flavor ``"seurat"``); all genes when there are no more
+       than ``n_hvg``.
+    3. Genes are scaled to unit variance with a ``StandardScaler(with_mean=False)`` fitted on the train
+       cells and clipped at 10. The matrix is never densified: without centring it stays sparse, and with
+       ``lbfgs`` the intercept is not penalised, so centring would give the same linear model up to the clip.
+    4. ``LogisticRegression(C=1.0, max_iter=1000, random_state=seed, class_weight=class_weight)`` is
+       fitted on the train cells (float32 CSR, which ``lbfgs`` takes without a float64 copy). Pass
+       ``class_weight="balanced"`` when scGPT was fine-tuned with a class-weighted loss, so that both see
+       the classes weighted alike.
+    5. With a ``query``, the same fitted normalisation, genes (by name; a gene the query lacks is 0),
+       scaler and classifier predict its cells, scored against ``query.obs[query_label_key]``.
+
+    Test cells are not used before prediction, so their labels and expression cannot change the
+    model. Cells without a label are left out of fitting and of the metrics. Only the train and test rows
+    are read, chunk by chunk, into one float32 CSR matrix (works on backed AnnData); memory is that CSR
+    and its HVG columns, never a dense or float64 copy.
+
+    Parameters
+    ----------
+    adata
+        Cells x genes with non-negative expression and ``obs[label_key]``, ``obs[split_key]``.
+    label_key
+        ``obs`` column with the cell-type labels.
+    split_key, train, test
+        ``obs`` column and its values marking the train and test cells (``"validation"`` or other
+        cells are ignored).
+    n_hvg
+        Number of highly variable genes.
+    seed
+        Seed of the classifier.
+    layer
+        ``adata.layers`` key with the expression (None: ``X``).
+    class_weight
+        ``None`` or ``"balanced"`` (inverse class frequency, as ``class_weighted=True`` in 02).
+    query, query_label_key
+        An external labelled AnnData to predict as well (``BaselineResult.query``); its label column
+        (default ``label_key``). It must hold at least half of the classifier's genes
+        (:func:`~scgpt_protocol.tokenize.check_gene_overlap`).
+
+    Returns
+    -------
+    BaselineResult
+        Predictions, probabilities and metrics on the test cells (and ``.query`` on the query).
+
+    Raises
+    ------
+    KeyError
+        ``label_key`` or ``split_key`` not in ``obs``.
+    ValueError
+        No train or test cells, or fewer than two classes among the train cells.
+    InputDataError
+        Negative or NaN expression values.
+    """
+    import anndata as ad
+    import scanpy as sc
+    import scipy.sparse as sp
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    from ..data.matrix import check_expression, get_matrix, value_kind
+    from ..model.vocab import check_gene_overlap
+
+    if class_weight not in (None, "balanced"):
+        raise ValueError(f"class_weight must be None or 'balanced'; got {class_weight!r}.")
+    for key, what in ((label_key, "label_key"), (split_key, "split_key")):
+        if key not in adata.obs:
+            msg = f"{what}={key!r} is not a column of adata.obs; columns: {format_keys(adata.obs.columns)}."
+            raise KeyError(msg)
+    if n_hvg < 1:
+        raise ValueError(f"n_hvg must be a positive integer; got {n_hvg}.")
+    split = adata.obs[split_key].astype(object)
+    labels = adata.obs[label_key]
+    from ..data.labels import missing_labels
+
+    is_train = (split == train).to_numpy() & ~missing_labels(labels)
+    is_test = (split == test).to_numpy()
+    for name, mask, value in (("train", is_train, train), ("test", is_test, test)):
+        if not mask.any():
+            msg = (
+                f"no {name} cells: adata.obs[{split_key!r}] has no (labelled) cells equal to {value!r}; "
+                f"found values {sorted(map(str, split.dropna().unique()))}. "
+                f"Pass {name}=... with the right value."
+            )
+            raise ValueError(msg)
+    train_labels = labels[is_train].astype(str).to_numpy()
+    if len(set(train_labels)) < 2:
+        msg = f"the train cells hold a single class ({train_labels[0]!r}); a classifier needs at least two."
+        raise ValueError(msg)
+    check_expression(adata, layer=layer)
+
+    matrix = get_matrix(adata, layer)
+    rows = np.flatnonzero(is_train | is_test)
+    X = _read_rows(matrix, rows)  # float32 CSR of the train + test cells only (backed data: read by chunks)
+    normalised = value_kind(X)[0] == "counts"
+    if normalised:
+        X = _log1p_cp10k(X)
+        logger.info("baseline: values look like raw counts -> normalised to 10,000 per cell + log1p")
+    else:
+        logger.info("baseline: values are not whole numbers -> used as log-normalised expression")
+    in_train = is_train[rows]
+    X_train, X_test = X[in_train], X[is_test[rows]]
+    del X
+
+    genes = np.asarray(adata.var_names.astype(str))
+    if n_hvg < adata.n_vars:
+        hvg = sc.pp.highly_variable_genes(
+            ad.AnnData(X_train, var=pd.DataFrame(index=genes)),
+            flavor="seurat", n_top_genes=n_hvg, inplace=False,
+        )
+        keep = np.asarray(hvg["highly_variable"], dtype=bool)
+    else:
+        keep = np.ones(adata.n_vars, dtype=bool)
+    X_train, X_test = X_train[:, keep], X_test[:, keep]
+
+    # sparse-aware scaling: unit variance without centring (the data stay sparse; with lbfgs the intercept
+    # is not penalised, so centring would only shift it), values clipped at 10
+    scaler = StandardScaler(with_mean=False)
+
+    def scaled(part: Any, fit: bool = False) -> Any:
+        values = scaler.fit_transform(part) if fit else scaler.transform(part)
+        values = sp.csr_matrix(values, dtype=np.float32)
+        np.minimum(values.data, 10, out=values.data)
+        return values
+
+    X_train, X_test = scaled(X_train, fit=True), scaled(X_test)
+
+    clf = LogisticRegression(C=1.0, max_iter=1000, random_state=seed, class_weight=class_weight)
+    clf.fit(X_train, train_labels)
+    classes = [str(c) for c in clf.classes_]
+    # the label column's own order when it has one (so that confusion matrices line up with scGPT's)
+    if isinstance(labels.dtype, pd.CategoricalDtype):
+        order = [str(c) for c in labels.cat.categories if str(c) in set(classes)]
+    else:
+        order = classes
+    column = [classes.index(c) for c in order]
+
+    def scored(X_part: Any, names: pd.Index, part_labels: pd.Series, what: str) -> tuple:
+        proba = clf.predict_proba(X_part)[:, column].astype(np.float32)
+        predicted = pd.Series(
+            pd.Categorical(np.asarray(order, dtype=object)[proba.argmax(axis=1)], categories=order),
+            index=names, name="baseline_label",
+        )
+        labelled = ~missing_labels(part_labels)
+        if not labelled.any():
+            msg = f"none of the {len(names)} {what} cells has a label."
+            raise ValueError(msg)
+        metrics = classification_metrics(
+            part_labels[labelled], predicted[labelled], categories=order, proba=proba[labelled]
+        )
+        if not labelled.all():
+            metrics["notes"].append(f"{int((~labelled).sum())} {what} cells without a label were left out.")
+        return predicted, proba, metrics
+
+    predicted, proba, metrics = scored(X_test, adata.obs_names[is_test], labels[is_test],
+                                       f"test (obs[{label_key!r}])")
+    logger.info(
+        "baseline: %d train cells, %d genes, %d classes%s -> test accuracy %.3f, macro F1 %.3f",
+        int(is_train.sum()), int(keep.sum()), len(order), ", balanced class weights" if class_weight else "",
+        metrics["accuracy"], metrics["macro_f1"],
+    )
+    genes_used = genes[keep].tolist()
+    query_result = None
+    if query is not None:
+        query_key = query_label_key or label_key
+        if query_key not in query.obs:
+            msg = f"query_label_key={query_key!r} is not a column of the query's obs; columns: {format_keys(query.obs.columns)}."
+            raise KeyError(msg)
+        check_expression(query, layer=layer)
+        query_genes = pd.Index(np.asarray(query.var_names.astype(str)))
+        check_gene_overlap(query_genes, genes_used, what="the query", against="the baseline's genes")
+        Xq = _read_rows(get_matrix(query, layer), np.arange(query.n_obs))
+        if value_kind(Xq)[0] == "counts":
+            Xq = _log1p_cp10k(Xq)
+        position = query_genes.get_indexer(genes_used)  # -1: the query lacks the gene -> zeros
+        present = position >= 0
+        aligned = sp.csr_matrix(Xq[:, np.where(present, position, 0)] @ sp.diags(present.astype(np.float32)))
+        q_pred, q_proba, q_metrics = scored(scaled(aligned), query.obs_names, query.obs[query_key], "query")
+        if not present.all():
+            q_metrics["notes"].append(f"{int((~present).sum())} of the baseline's {len(genes_used)} genes are "
+                                      "missing from the query and were set to 0.")
+        query_result = BaselineResult(
+            predictions=q_pred, probabilities=q_proba, categories=order, metrics=q_metrics, n_genes=int(keep.sum()),
+            genes=genes_used, normalised=normalised, n_train=int(is_train.sum()), class_weight=class_weight,
+        )
+        logger.info("baseline on the query: %d cells -> accuracy %.3f, macro F1 %.3f",
+                    query.n_obs, q_metrics["accuracy"], q_metrics["macro_f1"])
+    return BaselineResult(
+        predictions=predicted,
+        probabilities=proba,
+        categories=order,
+        metrics=metrics,
+        n_genes=int(keep.sum()),
+        genes=genes_used,
+        normalised=normalised,
+        n_train=int(is_train.sum()),
+        class_weight=class_weight,
+        query=query_result,
+    )

@@ -1,0 +1,335 @@
+"""Metrics, a logistic-regression baseline and result files of the evaluation step (03_evaluate).
+
+Everything here works on plain label arrays and on AnnData ``obs`` columns:
+
+* :func:`classification_metrics` -- accuracy, macro / support-weighted F1, balanced accuracy,
+  Cohen's kappa, one-vs-rest macro AUROC and a per-class table, as JSON-ready numbers;
+* :func:`confusion` -- a row-normalised confusion matrix as a DataFrame;
+* :func:`logistic_regression_baseline` -- a CellTypist-style baseline fitted on the same split;
+* :func:`evaluate_predictions` / :func:`annotate` -- score a :class:`~scgpt_protocol.predict.Prediction`
+  and write it into ``adata``;
+* :func:`metrics_table` -- scGPT beside the baseline, one row per method;
+* :func:`write_results` -- ``predictions.csv`` and ``metrics.json`` of a run.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
+
+import numpy as np
+import pandas as pd
+
+from ..core.errors import format_keys
+from ..core.io import json_safe
+from ..core.log import DETAIL
+from ..data.labels import cell_mask
+from ..metrics import BASELINE_METHOD, METRIC_DESCRIPTIONS, SCGPT_METHOD, classification_metrics, confusion
+from .baseline import BaselineResult
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+    from ..annotate.prediction import Prediction
+    from ..core.layout import RunLayout
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["EvalResult", "evaluate_predictions", "annotate", "prediction_store", "STORE_OUTPUTS_CELLS", "write_results", "evaluate_query"]
+
+
+# -- scGPT predictions ----------------------------------------------------------------------
+@dataclass
+class EvalResult:
+    """Result of :func:`evaluate_predictions`."""
+
+    metrics: dict[str, Any]  # classification_metrics, with probabilities
+    confusion: pd.DataFrame  # row-normalised, rows = true labels
+    predictions: pd.DataFrame  # one row per evaluated cell, index = obs_names
+    method: str = SCGPT_METHOD
+
+
+def _check_prediction(adata: AnnData, prediction: Prediction) -> None:
+    if len(prediction.labels) != adata.n_obs:
+        msg = (
+            f"the prediction holds {len(prediction.labels)} cells but adata has {adata.n_obs}; pass the "
+            "same AnnData (same cells, same order) that predict() was called with."
+        )
+        raise ValueError(msg)
+
+
+def evaluate_predictions(
+    adata: AnnData,
+    prediction: Prediction,
+    *,
+    label_key: str,
+    cells: Any = None,
+    split_key: str = "split",
+) -> EvalResult:
+    """Score scGPT predictions against the true labels of ``adata``.
+
+    Parameters
+    ----------
+    adata
+        The AnnData ``prediction`` was made on (same cells, same order), with ``obs[label_key]``.
+    prediction
+        The result of :func:`~scgpt_protocol.predict.predict`.
+    label_key
+        ``obs`` column with the true labels.
+    cells
+        Which cells to evaluate: a boolean mask, integer positions or obs names (e.g.
+        ``adata.obs["split"] == "test"``). None: all cells.
+    split_key
+        ``obs`` column copied into the predictions table when present.
+
+    Returns
+    -------
+    EvalResult
+        ``metrics`` (:func:`classification_metrics` with the probabilities), ``confusion`` (row-
+        normalised) and ``predictions``: one row per evaluated cell, indexed by ``obs_names``, with
+        columns ``true_label``, ``scgpt_label``, ``scgpt_label_confidence``, ``split`` (when
+        ``obs[split_key]`` exists) and ``correct`` (nullable boolean). Cells without a true label
+        stay in the table (``correct`` is NA) but are left out of the metrics, with a note.
+    """
+    _check_prediction(adata, prediction)
+    if label_key not in adata.obs:
+        msg = f"label_key={label_key!r} is not a column of adata.obs; columns: {format_keys(adata.obs.columns)}."
+        raise KeyError(msg)
+    mask = cell_mask(adata, cells)
+    if not mask.any():
+        raise ValueError("cells selects no cell; there is nothing to evaluate.")
+    obs = adata.obs.loc[mask]
+    from ..data.labels import missing_labels
+
+    true = obs[label_key].astype(object)
+    labelled = ~missing_labels(true)  # NaN, and text such as 'nan' or '' (a column converted to str)
+    if not labelled.any():
+        msg = f"none of the {int(mask.sum())} selected cells has a label in adata.obs[{label_key!r}]."
+        raise ValueError(msg)
+    from ..annotate.refine import COLUMNS, UNKNOWN, as_refinement, refinement_metrics
+
+    categories = [str(c) for c in prediction.categories]
+    refined = as_refinement(prediction)
+    refined = refined.subset(mask) if refined is not None else None
+    pred = np.asarray(prediction.labels, dtype=object)[mask].astype(str)
+    label_categories = categories + ([UNKNOWN] if refined is not None and UNKNOWN not in categories else [])
+    frame = pd.DataFrame(
+        {
+            "true_label": true.where(true.isna(), true.astype(str)),
+            "scgpt_label": pd.Categorical(pred, categories=label_categories),
+            "scgpt_label_confidence": np.asarray(prediction.confidence, dtype=np.float32)[mask],
+        },
+        index=obs.index,
+    )
+    if split_key in obs:
+        frame["split"] = obs[split_key].to_numpy()
+    correct = pd.array(frame["true_label"].to_numpy() == pred, dtype="boolean")
+    correct[~labelled] = pd.NA
+    frame["correct"] = correct
+    if refined is not None:  # abstention and majority voting (refine): the columns beside the call
+        extra = refined.frame(index=obs.index).drop(columns=[COLUMNS["labels"], COLUMNS["confidence"]])
+        extra[COLUMNS["predicted"]] = pd.Categorical(extra[COLUMNS["predicted"]].astype(str), categories=categories)
+        if COLUMNS["majority_voting"] in extra:
+            extra[COLUMNS["majority_voting"]] = pd.Categorical(extra[COLUMNS["majority_voting"]].astype(str),
+                                                               categories=label_categories)
+        frame = pd.concat([frame, extra], axis=1)
+
+    labelled_np = np.asarray(labelled, dtype=bool)
+    true_l, pred_l = true[labelled].astype(str).to_numpy(), pred[labelled_np]
+    from ..data.store import take_rows
+
+    proba = take_rows(prediction.probabilities, mask)[labelled_np]  # on-disk (predict(out=...)): these rows only
+    metrics = classification_metrics(true_l, pred_l, categories=categories, proba=proba,
+                                     unassigned=UNKNOWN if refined is not None and refined.params.get("min_confidence")
+                                     else None)
+    if not labelled.all():
+        metrics["notes"].append(f"{int((~labelled).sum())} cells without a label were left out.")
+    if refined is not None:
+        metrics["refinement"] = refinement_metrics(true_l, refined.subset(labelled_np), categories=categories,
+                                                   proba=proba)
+    logger.info(
+        "scGPT on %d cells: accuracy %.3f, macro F1 %.3f",
+        metrics["n_cells"], metrics["accuracy"], metrics["macro_f1"],
+    )
+    return EvalResult(metrics=metrics, confusion=confusion(true_l, pred_l, categories), predictions=frame)
+
+
+#: above this many cells 03 streams probabilities and embeddings to a store (EvaluateParams.store_outputs=None)
+STORE_OUTPUTS_CELLS = 200_000
+
+
+def prediction_store(layout: Any, n_cells: int, store_outputs: bool | None = None) -> Path | None:
+    """Where 03's :func:`~scgpt_protocol.predict.predict` writes its per-cell outputs: ``out=`` or None.
+
+    ``store_outputs`` True: ``layout.prediction_store`` (``data/predictions.h5``): probabilities and
+    embeddings are streamed there and read back by rows (evaluation, refinement, the UMAP's sample), so
+    that memory holds only per-cell vectors; ``evaluated.h5ad`` then has no ``obsm["X_scgpt"]`` but
+    ``uns["X_scgpt_store"]`` naming the file. False: in memory (None returned). None: True above
+    :data:`STORE_OUTPUTS_CELLS` cells. The numbers are the same either way.
+    """
+    if store_outputs is None:
+        store_outputs = n_cells > STORE_OUTPUTS_CELLS
+    if not store_outputs:
+        return None
+    logger.info("streaming probabilities and embeddings of %d cells to %s", n_cells, layout.prediction_store)
+    return layout.prediction_store
+
+
+def annotate(
+    adata: AnnData,
+    prediction: Prediction,
+    *,
+    obs_key: str = "scgpt_label",
+    embedding_key: str | None = "X_scgpt",
+) -> None:
+    """Write a prediction into ``adata`` **in place** (like scanpy's ``tl`` functions).
+
+    Writes ``obs[obs_key]`` (categorical with the model's categories, so colours and orders stay
+    stable), ``obs[obs_key + "_confidence"]`` (float32 probability of the predicted class),
+    ``obs[obs_key + "_code"]`` (int64 index of the predicted class) and ``obsm[embedding_key]`` (the
+    fine-tuned ``<cls>`` embeddings; skipped when ``embedding_key`` is None; a prediction made with
+    ``predict(out=...)`` keeps them in its HDF5 store and ``uns[embedding_key + "_store"]`` names it).
+    A prediction refined by
+    :func:`~scgpt_protocol.refine.refine` also writes ``obs["scgpt_prediction"]`` (the class before
+    abstention; ``obs[obs_key]`` then holds ``"Unknown"`` below ``min_confidence``),
+    ``obs["scgpt_unknown"]``, ``obs["scgpt_over_clustering"]`` / ``obs["scgpt_majority_voting"]`` (with
+    majority voting) and ``uns["scgpt_annotation"]`` (the parameters); with another ``obs_key`` these
+    are named ``<obs_key>_predicted``, ``_unknown``, ``_over_clustering``, ``_majority_voting``.
+
+    Parameters
+    ----------
+    adata
+        The AnnData ``prediction`` was made on (same cells, same order).
+    prediction
+        The result of :func:`~scgpt_protocol.predict.predict`.
+    obs_key, embedding_key
+        Where to write.
+
+    Examples
+    --------
+    >>> annotate(adata, predict(model, adata, categories=cats))  # doctest: +SKIP
+    >>> sc.pl.umap(adata, color="scgpt_label")  # doctest: +SKIP
+    """
+    _check_prediction(adata, prediction)
+    from ..annotate.refine import COLUMNS, as_refinement, write_annotation
+
+    categories = [str(c) for c in prediction.categories]
+    refined = as_refinement(prediction)
+    if refined is not None:  # abstention / majority voting: the call, the prediction, the flag, the clusters
+        names = {"labels": obs_key, "confidence": f"{obs_key}_confidence"}
+        if obs_key != COLUMNS["labels"]:
+            names.update({k: f"{obs_key}_{k}" for k in ("predicted", "unknown", "over_clustering", "majority_voting")})
+        write_annotation(adata, refined, columns=names, categories=categories)
+    else:
+        labels = np.asarray(prediction.labels, dtype=object).astype(str)
+        adata.obs[obs_key] = pd.Categorical(labels, categories=categories)
+        adata.obs[f"{obs_key}_confidence"] = np.asarray(prediction.confidence, dtype=np.float32)
+    adata.obs[f"{obs_key}_code"] = np.asarray(prediction.codes, dtype=np.int64)
+    if embedding_key is not None and getattr(prediction, "store", None) is not None:
+        # predict(out=...): the embeddings stay in the store (all cells would not fit flat in memory)
+        adata.uns[f"{embedding_key}_store"] = str(prediction.store)
+    elif embedding_key is not None:
+        adata.obsm[embedding_key] = np.asarray(prediction.embeddings, dtype=np.float32)
+
+
+def evaluate_query(
+    model: Any,
+    query: AnnData,
+    *,
+    manifest: Mapping[str, Any],
+    label_key: str | None = None,
+    max_seq_len: int,
+    batch_size: int = 64,
+    seed: int = 0,
+    baseline: BaselineResult | None = None,
+    precision: str = "auto",
+    min_confidence: float = 0.0,
+    majority_voting: bool = False,
+) -> dict[str, Any]:
+    """scGPT (and the baseline, when given) on an external labelled query, as the ``query`` record.
+
+    Parameters
+    ----------
+    model, manifest
+        The fine-tuned model and its manifest (:func:`~scgpt_protocol.train.load_finetuned`).
+    query
+        A labelled AnnData; its genes must cover half the model's training genes.
+    label_key
+        The query's label column (None: the run's ``manifest["label_key"]``).
+    baseline
+        A :func:`logistic_regression_baseline` fitted with ``query=`` (its ``.query`` row is added).
+    min_confidence, majority_voting
+        Abstention and majority voting on the query's cells (:func:`~scgpt_protocol.refine.refine`,
+        the query over-clustered on its own).
+
+    Returns
+    -------
+    dict
+        ``{"label_key", "n_cells", "methods": {method: metrics}, "predictions": DataFrame}``.
+    """
+    from ..annotate.predict import predict
+
+    key = label_key or manifest["label_key"]
+    if key not in query.obs:
+        msg = f"query_label_key={key!r} is not a column of the query's obs; columns: {format_keys(query.obs.columns)}."
+        raise KeyError(msg)
+    prediction = predict(model, query, categories=manifest["categories"], genes=manifest["genes"],
+                         batch_size=batch_size, max_seq_len=max_seq_len, seed=seed, desc="query", precision=precision)
+    from ..annotate.refine import refine
+
+    prediction = refine(prediction, min_confidence=min_confidence, majority_voting=majority_voting, seed=seed)
+    result = evaluate_predictions(query, prediction, label_key=key)
+    methods = {SCGPT_METHOD: result.metrics}
+    if baseline is not None and baseline.query is not None:
+        methods[BASELINE_METHOD] = baseline.query.metrics
+    return {"label_key": key, "n_cells": int(query.n_obs), "methods": methods, "predictions": result.predictions}
+
+
+# -- files ----------------------------------------------------------------------------------
+def _metric_names(obj: Any) -> set[str]:
+    """Keys of :data:`METRIC_DESCRIPTIONS` found at any depth of ``obj``."""
+    found: set[str] = set()
+    if isinstance(obj, Mapping):
+        for key, value in obj.items():
+            if key in METRIC_DESCRIPTIONS:
+                found.add(key)
+            found |= _metric_names(value)
+    return found
+
+
+def write_results(
+    layout: RunLayout, *, predictions: pd.DataFrame, metrics: Mapping[str, Any],
+    query: Mapping[str, Any] | None = None,
+) -> dict[str, Path]:
+    """Write ``predictions.csv`` and ``metrics.json`` of a run, each atomically.
+
+    Parameters
+    ----------
+    layout
+        The run's :class:`~scgpt_protocol.layout.RunLayout`.
+    predictions
+        Per-cell table (e.g. ``EvalResult.predictions``), written with its index (``obs_names``).
+    metrics
+        A metrics dict, or several keyed by method / data set. Numbers are written as plain JSON
+        (NaN as ``null``); a ``descriptions`` entry explains each metric found.
+    query
+        The record of :func:`evaluate_query`: its metrics go to ``metrics.json`` under ``"query"``
+        (never mixed with the test split's), its per-cell table to ``query_predictions.csv``.
+
+    Returns
+    -------
+    dict
+        ``{"predictions": path, "metrics": path}`` (and ``"query_predictions"``).
+    """
+    written = {"predictions": layout.write_csv(predictions, layout.predictions)}
+    record = dict(metrics)
+    if query is not None:
+        record["query"] = {k: v for k, v in query.items() if k != "predictions"}
+        written["query_predictions"] = layout.write_csv(query["predictions"], layout.query_predictions)
+    plain = json_safe(record)
+    plain["descriptions"] = {k: v for k, v in METRIC_DESCRIPTIONS.items() if k in _metric_names(record)}
+    written["metrics"] = layout.write_json(layout.metrics, plain)
+    logger.info("wrote %s", ", ".join(str(p) for p in written.values()), extra=DETAIL)  # the notebook shows report.files_table
+    return written

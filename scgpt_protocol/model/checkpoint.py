@@ -1,0 +1,572 @@
+"""Reading and writing scGPT checkpoint folders (``args.json``, ``vocab.json``, ``best_model.pt``).
+
+The loader checks every key against the model and reports what it did (loaded, renamed,
+dropped, missing); it fails, naming the file and keys, whenever a part of the encoder would
+otherwise stay randomly initialised. This is the failure of loaders that "keep the keys that match"
+and silently skip the released ``Wqkv`` attention weights.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import pickle
+import platform
+import warnings
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+
+from ..core.device import resolve_device
+from ..core.errors import CheckpointError, CheckpointNotFoundError, format_keys
+from ..core.io import atomic_write
+from ..core.log import DETAIL
+from .scgpt import ScGPT, ScGPTConfig
+from .vocab import SPECIAL_TOKENS
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["LoadReport", "load_model", "save_checkpoint", "make_tiny_checkpoint", "read_vocab", "write_manifest", "torch_save_atomic", "CHECKPOINT_FILES"]
+
+CHECKPOINT_FILES = ("args.json", "vocab.json", "best_model.pt")
+#: keys of the released checkpoint that only pretraining used
+PRETRAINING_ONLY_PREFIXES = ("flag_encoder.",)
+#: parts of the model that must come from the checkpoint (a random one would be silently wrong)
+REQUIRED_PREFIXES = ("encoder.", "value_encoder.", "transformer_encoder.")
+#: parts that only the pretraining objectives use; missing ones are reported, not fatal
+OPTIONAL_PREFIXES = ("decoder.", "mvc_decoder.")
+#: args.json keys that define the architecture: args name -> ScGPTConfig name
+_ARCH_KEYS = {
+    "embsize": "d_model",
+    "nheads": "nheads",
+    "d_hid": "d_hid",
+    "nlayers": "nlayers",
+    "n_layers_cls": "n_layers_cls",
+    "dropout": "dropout",
+    "n_bins": "n_bins",
+    "pad_token": "pad_token",
+    "pad_value": "pad_value",
+    "mask_value": "mask_value",
+    "max_seq_len": "max_seq_len",
+    "input_emb_style": "input_emb_style",
+}
+_REQUIRED_ARGS = ("embsize", "nheads", "d_hid", "nlayers")
+
+
+@dataclass
+class LoadReport:
+    """What a checkpoint load did; printed in the log and kept as ``model.load_report``."""
+
+    checkpoint_dir: str
+    n_loaded: int = 0
+    renamed: int = 0
+    dropped: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    initialised: list[str] = field(default_factory=list)
+    head: str = "none"  # "none", "loaded" or "new"
+
+    def __str__(self) -> str:
+        lines = [
+            f"scGPT checkpoint {self.checkpoint_dir}",
+            f"  loaded      {self.n_loaded} tensors"
+            + (f" ({self.renamed} renamed Wqkv/in_proj)" if self.renamed else ""),
+            f"  dropped     {format_keys(self.dropped)} (pretraining only)",
+            f"  unexpected  {format_keys(self.unexpected)} (ignored)",
+            f"  missing     {format_keys(self.missing)}",
+            f"  initialised {format_keys(self.initialised)}",
+            f"  classifier  {self.head}",
+        ]
+        return "\n".join(lines)
+
+    def summary(self) -> str:
+        """One line for a reader, without internal tensor names (``str()`` has the details)."""
+        n = self.n_loaded
+        kind = "" if self.head == "loaded" else "pretrained "  # a fine-tuned model brings its own head
+        parts = [f"{'all ' if not self.missing else ''}{n:,} {kind}weight{'s' if n != 1 else ''} loaded"]
+        if self.dropped:
+            k = len(self.dropped)
+            parts.append(f"{k} pretraining-only weight{'s' if k != 1 else ''} dropped")
+        if self.missing:
+            k = len(self.missing)
+            parts.append(f"{k} decoder weight{'s' if k != 1 else ''} missing (left random)")
+        if self.head == "new":
+            parts.append("a new classifier head, trained in fine-tuning")
+        elif self.head == "loaded":
+            parts.append("the fine-tuned classifier head")
+        return "; ".join(parts)
+
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:  # IPython display
+        p.text(str(self))
+
+
+# -- reading --------------------------------------------------------------------------------
+def _require_file(directory: Path, name: str) -> Path:
+    path = directory / name
+    if not path.is_file():
+        present = sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
+        msg = (
+            f"checkpoint file {path} is missing; a scGPT checkpoint folder holds "
+            f"{', '.join(CHECKPOINT_FILES)} (found: {present or 'nothing'}). "
+            "Point to the folder of the released model (download_checkpoint('whole-human')) "
+            "or to one written by save_checkpoint."
+        )
+        raise CheckpointNotFoundError(msg)
+    return path
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        msg = f"{path} is not valid JSON ({err}); the file is damaged or not part of a scGPT checkpoint."
+        raise CheckpointError(msg) from None
+
+
+def read_vocab(path: str | Path) -> dict[str, int]:
+    """Read a ``vocab.json`` (gene symbol -> token id), or that of a checkpoint folder, and check the ids."""
+    path = Path(path)
+    if path.is_dir():
+        path = _require_file(path, "vocab.json")
+    vocab = _read_json(path)
+    if not isinstance(vocab, dict) or not vocab:
+        msg = f"{path} must be a JSON object mapping gene symbols to token ids; found {type(vocab).__name__}."
+        raise CheckpointError(msg)
+    bad = [k for k, v in vocab.items() if not isinstance(v, int) or isinstance(v, bool) or v < 0]
+    if bad:
+        msg = f"{path}: token ids must be non-negative integers; bad entries: {bad[:5]}."
+        raise CheckpointError(msg)
+    if len(set(vocab.values())) != len(vocab):
+        msg = f"{path}: {len(vocab) - len(set(vocab.values()))} token ids are used by more than one gene."
+        raise CheckpointError(msg)
+    return vocab
+
+
+def _config_from_args(args: Any, vocab: dict[str, int], path: Path) -> ScGPTConfig:
+    if not isinstance(args, dict):
+        msg = f"{path} must be a JSON object of training arguments; found {type(args).__name__}."
+        raise CheckpointError(msg)
+    missing = [k for k in _REQUIRED_ARGS if k not in args]
+    if missing:
+        msg = (
+            f"{path} lacks the architecture keys {missing}; a scGPT args.json has "
+            f"{', '.join(_REQUIRED_ARGS)} (the released model: embsize 512, nheads 8, d_hid 512, nlayers 12)."
+        )
+        raise CheckpointError(msg)
+    for key in ("embsize", "nheads", "d_hid", "nlayers", "n_layers_cls"):
+        value = args.get(key, 3)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            msg = f"{path}: {key} must be a positive integer; found {value!r}."
+            raise CheckpointError(msg)
+    if args["embsize"] % args["nheads"]:
+        msg = f"{path}: embsize {args['embsize']} is not divisible by nheads {args['nheads']}."
+        raise CheckpointError(msg)
+    kwargs = {cfg: args[key] for key, cfg in _ARCH_KEYS.items() if key in args}
+    pad_token = kwargs.get("pad_token", "<pad>")
+    if pad_token not in vocab:
+        msg = f"pad token {pad_token!r} from {path} is not in vocab.json next to it."
+        raise CheckpointError(msg)
+    extra = {k: v for k, v in args.items() if k not in _ARCH_KEYS}
+    vocab_size = max(vocab.values()) + 1
+    try:
+        return ScGPTConfig(vocab_size=vocab_size, pad_token_id=vocab[pad_token], extra_args=extra, **kwargs)
+    except TypeError as err:  # pragma: no cover - guarded by the checks above
+        raise CheckpointError(f"{path}: {err}") from None
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        msg = (
+            f"could not read {path} as a PyTorch state dict ({first}). The file is truncated "
+            "(an interrupted download: download it again) or is not a model checkpoint."
+        )
+        raise CheckpointError(msg) from None
+    for wrapper in ("model_state_dict", "state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+            obj = obj[wrapper]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        msg = f"{path} does not hold a state dict (a mapping of parameter names to tensors)."
+        raise CheckpointError(msg)
+    return obj
+
+
+def _normalise_keys(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
+    """Strip DDP ``module.`` prefixes and map PyTorch's ``in_proj_*`` to the released ``Wqkv.*``."""
+    out: dict[str, torch.Tensor] = {}
+    renamed = 0
+    for key, value in state.items():
+        new = key[len("module.") :] if key.startswith("module.") else key
+        for old, rel in (("self_attn.in_proj_weight", "self_attn.Wqkv.weight"),
+                         ("self_attn.in_proj_bias", "self_attn.Wqkv.bias")):
+            if new.endswith(old):
+                new = new[: -len(old)] + rel
+                renamed += 1
+        out[new] = value
+    return out, renamed
+
+
+def _head_classes(state: Mapping[str, torch.Tensor]) -> int | None:
+    weight = state.get("cls_decoder.out_layer.weight")
+    return None if weight is None else int(weight.shape[0])
+
+
+def locate_checkpoint(
+    spec: str | Path, *, demo_dir: str | Path | None = None, demo_genes: Iterable[str] | None = None
+) -> tuple[Path, str]:
+    """The one checkpoint resolver: ``(folder, kind)`` for ``"demo"``, a released name or a folder.
+
+    Parameters
+    ----------
+    spec
+        ``"demo"``: a tiny randomly initialised checkpoint over ``demo_genes`` written to ``demo_dir``
+        (kind ``"demo"``); an existing folder (kind ``"folder"``); a name of
+        :data:`~scgpt_protocol.download.KNOWN_CHECKPOINTS` such as ``"whole-human"``, downloaded once
+        into the cache (kind ``"released"``). A folder of that name in the working directory wins.
+
+    Raises
+    ------
+    CheckpointNotFoundError
+        Neither a folder, a known name nor ``"demo"``; or the folder lacks one of the three files.
+    """
+    from .download import KNOWN_CHECKPOINTS, download_checkpoint
+
+    text = str(spec)
+    if text == "demo" and not Path(spec).is_dir():
+        if demo_dir is None or demo_genes is None:
+            msg = "checkpoint 'demo' is made from the data's genes; this call has no data to make it from."
+            raise CheckpointNotFoundError(msg)
+        unique = list(dict.fromkeys(str(g) for g in demo_genes if str(g) and str(g) != "nan"))
+        return make_tiny_checkpoint(demo_dir, unique, seed=0), "demo"
+    path = Path(spec).expanduser()
+    if not path.is_dir() and text in KNOWN_CHECKPOINTS:
+        return download_checkpoint(text), "released"
+    if not path.is_dir():
+        msg = (
+            f"checkpoint {text!r} does not exist: it is not 'demo', not a known checkpoint name "
+            f"{format_keys(sorted(KNOWN_CHECKPOINTS))} and not an existing folder (resolved to {path.absolute()}; the current working directory is "
+            f"{Path.cwd()}). Set checkpoint to 'demo', 'whole-human' or a folder holding {', '.join(CHECKPOINT_FILES)}."
+        )
+        raise CheckpointNotFoundError(msg)
+    missing = [f for f in CHECKPOINT_FILES if not (path / f).is_file()]
+    if missing:
+        present = sorted(p.name for p in path.iterdir())
+        msg = (
+            f"checkpoint folder {path} lacks {', '.join(missing)} (found: {format_keys(present)}); a scGPT "
+            f"checkpoint folder holds {', '.join(CHECKPOINT_FILES)}. Point checkpoint to the folder of the "
+            "released model or one written by save_checkpoint."
+        )
+        raise CheckpointNotFoundError(msg)
+    return path, "folder"
+
+
+def load_model(
+    checkpoint_dir: str | Path,
+    *,
+    n_classes: int | None = None,
+    device: str | torch.device = "auto",
+    head_seed: int = 0,
+) -> ScGPT:
+    """Load an scGPT checkpoint folder into an :class:`~scgpt_protocol.model.ScGPT` in eval mode.
+
+    Parameters
+    ----------
+    checkpoint_dir
+        A folder with ``args.json``, ``vocab.json`` and ``best_model.pt`` (the released layout),
+        or the name of a known checkpoint (``"whole-human"``), which is downloaded into the cache.
+    n_classes
+        Number of classes of the classification head. ``None`` keeps the checkpoint's head if it
+        has one. A number that differs from the checkpoint's head (or a checkpoint without one)
+        gives a freshly initialised output layer, listed in the load report.
+    device
+        ``"auto"`` (CUDA, then MPS, then CPU) or any torch device.
+    head_seed
+        Seed of a newly initialised classification head (the global torch RNG is left alone).
+
+    Returns
+    -------
+    The model, with ``.vocab`` (gene -> id), ``.config`` and ``.load_report``.
+
+    Raises
+    ------
+    CheckpointNotFoundError
+        The folder or one of its files does not exist.
+    CheckpointError
+        Unreadable files, missing encoder/attention weights, or shapes that disagree with
+        ``args.json`` / ``vocab.json``.
+    """
+    directory, _ = locate_checkpoint(checkpoint_dir)
+    args_path, vocab_path, weights_path = (_require_file(directory, f) for f in CHECKPOINT_FILES)
+    vocab = read_vocab(vocab_path)
+    config = _config_from_args(_read_json(args_path), vocab, args_path)
+    state, renamed = _normalise_keys(_read_state_dict(weights_path))
+
+    report = LoadReport(checkpoint_dir=str(directory), renamed=renamed)
+    report.dropped = sorted(k for k in state if k.startswith(PRETRAINING_ONLY_PREFIXES))
+    for key in report.dropped:
+        del state[key]
+
+    saved_classes = _head_classes(state)
+    config.n_classes = n_classes if n_classes is not None else saved_classes
+    if config.n_classes is not None and saved_classes != config.n_classes:
+        # a new label set: the output layer starts fresh (the hidden head layers load if present)
+        state = {k: v for k, v in state.items() if not k.startswith("cls_decoder.out_layer.")}
+    if config.n_classes is None:
+        state = {k: v for k, v in state.items() if not k.startswith("cls_decoder.")}
+
+    with torch.random.fork_rng(devices=[]):  # a new head starts the same every time
+        torch.manual_seed(head_seed)
+        model = ScGPT(config)
+    expected = model.state_dict()
+    _check_keys_and_shapes(state, expected, report, weights_path, vocab_path)
+
+    model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
+    report.n_loaded = sum(1 for k in state if k in expected)
+    if config.n_classes is not None:
+        report.head = "loaded" if not any(k.startswith("cls_decoder.") for k in report.initialised) else "new"
+    model.vocab = vocab
+    model.load_report = report
+    if config.n_classes is not None and report.head == "loaded":
+        model.cls_value = _trained_cls_value(directory)
+    logger.info("checkpoint %s: %s", directory.name, report.summary())
+    for line in str(report).splitlines():
+        logger.info(line, extra=DETAIL)  # tensor names: the log file only
+    if report.missing:
+        warnings.warn(
+            f"{weights_path}: {len(report.missing)} decoder weights are missing and were left "
+            f"randomly initialised ({format_keys(report.missing, 3)}); cell embeddings and classification "
+            "do not use them.",
+            UserWarning,
+            stacklevel=2,
+        )
+    return model.to(resolve_device(device)).eval()
+
+
+def _trained_cls_value(directory: Path) -> float | None:
+    """The ``<cls>`` value a checkpoint's classifier was fine-tuned with.
+
+    Recorded in ``manifest.json`` by this package (``cls_value``); a manifest of ours without it
+    predates the record and was trained with pad_value (None); a classifier fine-tuned elsewhere (no
+    manifest of ours) was fine-tuned by the official tokeniser, which feeds 0.
+    """
+    from .vocab import FINETUNE_CLS_VALUE
+
+    path = directory / "manifest.json"
+    manifest: Any = {}
+    if path.is_file():
+        try:
+            manifest = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            manifest = {}
+    if isinstance(manifest, dict) and "cls_value" in manifest:
+        value = manifest["cls_value"]
+        return None if value is None else float(value)
+    if isinstance(manifest, dict) and manifest.get("strategy"):
+        return None
+    return FINETUNE_CLS_VALUE
+
+
+def _check_keys_and_shapes(
+    state: Mapping[str, torch.Tensor],
+    expected: Mapping[str, torch.Tensor],
+    report: LoadReport,
+    weights_path: Path,
+    vocab_path: Path,
+) -> None:
+    wrong_shape = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if wrong_shape:
+        hint = (
+            f" (the embedding has one row per token of {vocab_path.name}: do vocab.json and best_model.pt "
+            "belong together?)"
+            if any(s.startswith("encoder.embedding.weight") for s in wrong_shape)
+            else " (does args.json describe this model: embsize, d_hid, nlayers?)"
+        )
+        msg = f"{weights_path}: {len(wrong_shape)} tensors have the wrong shape: {wrong_shape[:5]}{hint}"
+        raise CheckpointError(msg)
+
+    missing = [k for k in expected if k not in state]
+    fatal = [k for k in missing if k.startswith(REQUIRED_PREFIXES)]
+    if fatal:
+        attention = [k for k in fatal if ".self_attn." in k]
+        what = "attention" if attention else "encoder"
+        msg = (
+            f"{weights_path} lacks {len(fatal)} {what} weights that the model needs: {format_keys(fatal, 8)}. "
+            "A model run without them would be randomly initialised. Is this a scGPT checkpoint, and "
+            "does args.json (nlayers, embsize) match it?"
+        )
+        raise CheckpointError(msg)
+    report.initialised = [k for k in missing if k.startswith("cls_decoder.")]
+    report.missing = [k for k in missing if k.startswith(OPTIONAL_PREFIXES)]
+
+    unexpected = sorted(k for k in state if k not in expected)
+    structural = [k for k in unexpected if k.startswith(REQUIRED_PREFIXES + OPTIONAL_PREFIXES)]
+    if structural:
+        msg = (
+            f"{weights_path} holds {len(structural)} weights that this architecture has no place for: "
+            f"{format_keys(structural, 8)}. args.json (nlayers, n_layers_cls) does not describe this checkpoint."
+        )
+        raise CheckpointError(msg)
+    report.unexpected = unexpected
+    if unexpected:
+        warnings.warn(
+            f"{weights_path}: ignoring {len(unexpected)} weights this model does not use: {format_keys(unexpected, 5)}",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+# -- writing --------------------------------------------------------------------------------
+def _args_from_config(config: ScGPTConfig) -> dict[str, Any]:
+    args = dict(config.extra_args)
+    for key, cfg in _ARCH_KEYS.items():
+        args[key] = getattr(config, cfg)
+    args.setdefault("fast_transformer", True)  # the released value; attention here is SDPA either way
+    return args
+
+
+def torch_save_atomic(obj: Any, path: Path) -> Path:
+    """``torch.save`` through a temporary file, then rename; byte-identical for identical content.
+
+    Saving to a file object (not a path) makes the zip's inner folder ``archive/`` rather than the
+    (temporary) file name, so the same weights always give the same sha256.
+    """
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+
+    atomic_write(path, write, size_hint=_tensor_bytes(obj))  # a full disk: DiskFullError with the tensors' size
+    return path
+
+
+def _tensor_bytes(obj: Any, _seen: set | None = None) -> int:
+    """Bytes of the tensor storages in ``obj`` (nested dicts, lists, tuples), each storage once: what
+    ``torch.save`` writes besides the pickle, so a lower bound of the file's size."""
+    seen = set() if _seen is None else _seen
+    if isinstance(obj, torch.Tensor):
+        storage = obj.untyped_storage()
+        key = (str(storage.device), storage.data_ptr(), storage.nbytes())
+        if key in seen:
+            return 0
+        seen.add(key)
+        return storage.nbytes()
+    if id(obj) in seen:
+        return 0
+    seen.add(id(obj))
+    if isinstance(obj, Mapping):
+        return sum(_tensor_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v, seen) for v in obj)
+    return 0
+
+
+def _write_checkpoint(
+    directory: Path,
+    args: Mapping[str, Any],
+    vocab: Mapping[str, int],
+    state: Mapping[str, torch.Tensor],
+    manifest_extra: Mapping[str, Any] | None,
+) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic_write(directory / "args.json", lambda p: p.write_text(json.dumps(args, indent=2) + "\n"))
+    atomic_write(directory / "vocab.json", lambda p: p.write_text(json.dumps(vocab, indent=1) + "\n"))
+    cpu_state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    torch_save_atomic(cpu_state, directory / "best_model.pt")
+    if manifest_extra is not None:
+        write_manifest(directory, CHECKPOINT_FILES, {
+            "format": "scgpt checkpoint folder (args.json, vocab.json, best_model.pt)", **manifest_extra,
+        })
+    return directory
+
+
+def write_manifest(directory: Path, files: Iterable[str], extra: Mapping[str, Any]) -> Path:
+    """Write ``directory/manifest.json``: creation time, package versions, sha256 and size of ``files``."""
+    from ..core.io import sha256_file
+    from ..core.version import __version__
+
+    manifest = {
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "versions": {"scgpt_protocol": __version__, "torch": torch.__version__, "python": platform.python_version()},
+        "files": {
+            name: {"sha256": sha256_file(directory / name), "bytes": (directory / name).stat().st_size}
+            for name in files
+        },
+        **extra,
+    }
+    path = directory / "manifest.json"
+    atomic_write(path, lambda p: p.write_text(json.dumps(manifest, indent=2, default=str) + "\n"))
+    return path
+
+
+def save_checkpoint(model: ScGPT, directory: str | Path, *, extra: Mapping[str, Any] | None = None) -> Path:
+    """Write ``model`` as a checkpoint folder in the released layout, plus ``manifest.json``.
+
+    ``best_model.pt`` uses the released key names (``Wqkv``), so the folder loads here and in the
+    official scGPT code; a classification head is saved under ``cls_decoder.*``. Each file is written
+    to a temporary name and renamed, so an interrupted save never leaves a half-written file.
+    ``manifest.json`` records package versions and the sha256 of every file, plus ``extra``.
+    """
+    if not model.vocab:
+        msg = "model.vocab is empty; a checkpoint needs its gene vocabulary (load the model with load_model)."
+        raise ValueError(msg)
+    n_params = sum(p.numel() for p in model.parameters())
+    info = {"n_classes": model.config.n_classes, "n_parameters": n_params, **(extra or {})}
+    path = _write_checkpoint(
+        Path(directory), _args_from_config(model.config), model.vocab, model.state_dict(), info
+    )
+    logger.info("saved checkpoint to %s (%s parameters)", path, f"{n_params:,}")
+    return path
+
+
+def make_tiny_checkpoint(
+    directory: str | Path,
+    genes: Iterable[str],
+    *,
+    d_model: int = 64,
+    nlayers: int = 2,
+    nheads: int = 4,
+    d_hid: int = 128,
+    seed: int = 0,
+) -> Path:
+    """Write a randomly initialised checkpoint in the exact layout of the released one.
+
+    For demos and tests: the weights mean nothing. ``genes`` become the vocabulary (ids in the
+    given order), followed by ``<pad>``, ``<cls>``, ``<eoc>``. The file also carries the
+    pretraining-only ``flag_encoder.weight`` as the released file does. With ``d_model=512,
+    nlayers=12, nheads=8, d_hid=512`` and the 60,694 genes of the released vocabulary, the file holds
+    exactly the released model's 51,330,049 parameters.
+    """
+    genes = [str(g) for g in genes if str(g) not in SPECIAL_TOKENS]
+    if len(set(genes)) != len(genes):
+        msg = "genes contains duplicates; a vocabulary needs unique gene symbols."
+        raise ValueError(msg)
+    if not genes:
+        raise ValueError("genes is empty; give the gene symbols of the vocabulary.")
+    vocab = {g: i for i, g in enumerate([*genes, *SPECIAL_TOKENS])}
+    config = ScGPTConfig(
+        vocab_size=len(vocab), pad_token_id=vocab["<pad>"], d_model=d_model, nheads=nheads,
+        d_hid=d_hid, nlayers=nlayers,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        state = ScGPT(config).state_dict()
+        state["flag_encoder.weight"] = torch.randn(2, d_model)
+    args = {
+        "data_source": "random init (make_tiny_checkpoint)",
+        "input_style": "binned",
+        "vocab_path": "vocab.json",
+        "MVC": True,
+        "seed": seed,
+        **_args_from_config(config),
+    }
+    return _write_checkpoint(Path(directory), args, vocab, state, manifest_extra=None)

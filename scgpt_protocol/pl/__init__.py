@@ -1,0 +1,18 @@
+"""Figures: style and saving, metrics, training curves, embeddings, QC."""
+
+from ..core.lazy import lazy_exports
+
+__getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    "plot_embedding": "embedding",
+    "compute_umap": "embedding",
+    "SavedFigure": "figure",
+    "set_style": "figure",
+    "save_figure": "figure",
+    "METHOD_COLORS": "metrics",
+    "plot_confusion": "metrics",
+    "plot_per_class_f1": "metrics",
+    "plot_coverage_curve": "metrics",
+    "plot_qc": "qc",
+    "plot_class_counts": "qc",
+    "plot_training_curves": "training",
+})

@@ -1,0 +1,213 @@
+"""Figures of the protocol: confusion matrix, embeddings, per-class F1, training curves.
+
+Every ``plot_*`` function draws with matplotlib's object API and returns the
+:class:`~matplotlib.figure.Figure`; none calls ``plt.show()`` or saves. Without ``ax`` a new
+figure is made that pyplot does not track (so Jupyter shows it once, as the cell's value, and
+tests can make many without the "too many open figures" warning); with ``ax`` the plot goes into
+the caller's axes and their figure is returned. :func:`save_figure` writes a figure to the run's
+``figures/`` folder.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from ..core.errors import format_keys
+from ..data.colors import NA_COLOR, category_colors, spare_colors
+from .figure import new_figure
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+
+__all__ = ["plot_embedding", "compute_umap"]
+
+
+def _basis(adata: AnnData, basis: str) -> np.ndarray:
+    key = basis if basis in adata.obsm else f"X_{basis}" if f"X_{basis}" in adata.obsm else None
+    if key is None:
+        msg = (
+            f"basis {basis!r} is not in adata.obsm (keys: {format_keys(adata.obsm.keys())}); compute it first, e.g. "
+            "compute_umap(adata, use_rep='X_scgpt', key_added='X_umap_scgpt')."
+        )
+        raise KeyError(msg)
+    coords = np.asarray(adata.obsm[key])
+    if coords.ndim != 2 or coords.shape[1] < 2:
+        msg = f"adata.obsm[{key!r}] has shape {coords.shape}; expected at least 2 columns."
+        raise ValueError(msg)
+    return coords[:, :2]
+
+
+def _palette_colors(categories: Sequence[Any], palette: Mapping[str, str]) -> list[str]:
+    """Colours of ``categories`` from ``palette``; others get default colours the palette does not use."""
+    used = set(palette.values())
+    spare = iter(c for c in spare_colors(len(categories)) if c not in used)
+    return [palette[str(c)] if str(c) in palette else next(spare, "grey") for c in categories]
+
+
+def _draw_embedding(adata: AnnData, coords: np.ndarray, key: str, ax: Axes, size: float,
+                    palette: Mapping[str, str] | None = None) -> None:
+    from matplotlib.lines import Line2D
+
+    column = adata.obs[key]
+    fig = ax.figure
+    if pd.api.types.is_numeric_dtype(column.dtype) and not pd.api.types.is_bool_dtype(column.dtype):
+        values = column.to_numpy(dtype=np.float64)
+        order = np.argsort(np.nan_to_num(values, nan=-np.inf), kind="stable")  # high values on top
+        points = ax.scatter(coords[order, 0], coords[order, 1], c=values[order], s=size, cmap="viridis",
+                            linewidths=0, plotnonfinite=True)
+        fig.colorbar(points, ax=ax, shrink=0.7, label=key)
+        return
+    is_categorical = isinstance(column.dtype, pd.CategoricalDtype)
+    cat = column if is_categorical else column.astype("category")
+    categories = list(cat.cat.categories)
+    if palette and any(str(c) in palette for c in categories):
+        colors = _palette_colors(categories, palette)
+    else:
+        colors = category_colors(adata, key, categories, store=is_categorical)
+    codes = cat.cat.codes.to_numpy()
+    lut = np.asarray(colors + [NA_COLOR], dtype=object)  # code -1 (NaN) -> light grey
+    order = np.argsort(codes != -1, kind="stable")  # cells without a value underneath the others
+    ax.scatter(coords[order, 0], coords[order, 1], c=list(lut[codes[order]]), s=size, linewidths=0,
+               rasterized=len(coords) > 2000)
+    present = set(codes.tolist())
+    handles = [
+        Line2D([], [], marker="o", linestyle="", markersize=6, markerfacecolor=colors[i], markeredgewidth=0,
+               label=str(c))
+        for i, c in enumerate(categories) if i in present
+    ]
+    if -1 in present:
+        handles.append(Line2D([], [], marker="o", linestyle="", markersize=6, markerfacecolor=NA_COLOR,
+                              markeredgewidth=0, label="NA"))
+    ax.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, fontsize="small",
+              ncol=1 if len(handles) <= 14 else 2, handletextpad=0.2, borderaxespad=0.5)
+
+
+def plot_embedding(
+    adata: AnnData,
+    *,
+    basis: str = "X_umap",
+    color: str | list[str],
+    ax: Axes | Sequence[Axes] | None = None,
+    title: str | list[str] | None = None,
+    palette: Mapping[str, str] | None = None,
+) -> Figure:
+    """Scatter plot of a 2-D embedding coloured by one or more ``obs`` columns, side by side.
+
+    Categorical columns use the colours in ``adata.uns[f"{key}_colors"]`` when present (the ones
+    scanpy uses), else scanpy's default palette, which is then **stored there** so that later plots
+    (and ``sc.pl.umap``) agree; string columns that are not categorical get the palette without
+    storing it. Numeric columns use ``viridis`` with a colour bar. The legend is outside the axes.
+
+    Parameters
+    ----------
+    adata
+        Cells with the embedding in ``obsm[basis]`` and the ``color`` columns in ``obs``.
+    basis
+        ``obsm`` key of the coordinates (the first two columns are drawn); ``"umap"`` also finds
+        ``"X_umap"``.
+    color
+        One ``obs`` column, or a list of them (one panel each).
+    ax
+        Axes to draw into (one per colour); None: a new figure.
+    title
+        Panel title(s); default: the column names.
+    palette
+        ``{category: colour}`` for every categorical panel that holds any of these categories
+        (e.g. the run's :func:`label_palette`, so that the true and the predicted label of a cell
+        type have the same colour in every panel, whatever categories each column has). Other
+        categories of such a panel get colours the palette does not use.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    keys = [color] if isinstance(color, str) else list(color)
+    if not keys:
+        raise ValueError("color is empty; give an obs column name or a list of them.")
+    missing = [k for k in keys if k not in adata.obs]
+    if missing:
+        msg = f"color column(s) {missing} not in adata.obs; columns: {format_keys(adata.obs.columns)}."
+        raise KeyError(msg)
+    coords = _basis(adata, basis)
+    titles = keys if title is None else [title] if isinstance(title, str) else list(title)
+    if len(titles) != len(keys):
+        msg = f"{len(titles)} titles given for {len(keys)} colour columns; give one per column."
+        raise ValueError(msg)
+    if ax is None:
+        fig = new_figure(5.6 * len(keys), 4.2)
+        axes = list(np.atleast_1d(fig.subplots(1, len(keys))))
+    else:
+        axes = [ax] if not isinstance(ax, (list, tuple, np.ndarray)) else list(np.ravel(ax))
+        if len(axes) != len(keys):
+            msg = f"{len(axes)} axes given for {len(keys)} colour columns; give one axes per column."
+            raise ValueError(msg)
+        fig = axes[0].figure
+    size = float(np.clip(120_000 / max(adata.n_obs, 1), 1.0, 40.0))
+    axis_name = basis.removeprefix("X_").split("_")[0].upper()  # X_umap_scgpt -> UMAP
+    for key, panel, panel_title in zip(keys, axes, titles):
+        _draw_embedding(adata, coords, key, panel, size, palette)
+        panel.set_title(panel_title)
+        panel.set_xticks([])
+        panel.set_yticks([])
+        panel.set_xlabel(f"{axis_name} 1")
+        panel.set_ylabel(f"{axis_name} 2")
+        panel.set_aspect("equal", adjustable="datalim")
+    return fig
+
+
+def compute_umap(
+    adata: AnnData,
+    *,
+    use_rep: str = "X_scgpt",
+    key_added: str = "X_umap_scgpt",
+    seed: int = 0,
+    n_neighbors: int = 15,
+    method: str = "umap",
+) -> None:
+    """UMAP of an embedding, written **in place** to ``adata.obsm[key_added]`` and nothing else.
+
+    Runs ``sc.pp.neighbors(use_rep=use_rep)`` and ``sc.tl.umap`` on a light copy (only ``obs``
+    names and the representation), so the ``neighbors``, ``obsp`` and ``X_umap`` entries of
+    ``adata`` -- e.g. a UMAP of the expression -- are left untouched.
+
+    Parameters
+    ----------
+    adata
+        Cells with the representation in ``obsm[use_rep]`` (e.g. from
+        :func:`~scgpt_protocol.evaluate.annotate` or :func:`~scgpt_protocol.embedding.embed`).
+    use_rep
+        ``obsm`` key of the representation.
+    key_added
+        ``obsm`` key of the 2-D result.
+    seed
+        Random state of the neighbour search and of the layout (same seed, same result).
+    n_neighbors
+        Neighbours of the kNN graph (capped at ``n_cells - 1``).
+    method
+        ``"umap"`` (scanpy's default connectivities) or ``"gauss"``. The first ``"umap"`` call in a
+        Python session compiles umap-learn's numba code, which takes about 20 s on a laptop;
+        ``"gauss"`` avoids it and gives a similar picture.
+    """
+    import anndata as ad
+    import scanpy as sc
+
+    if use_rep not in adata.obsm:
+        msg = (
+            f"use_rep={use_rep!r} is not in adata.obsm (keys: {format_keys(adata.obsm.keys())}); compute it first, "
+            "e.g. annotate(adata, prediction) or embed(adata, model)."
+        )
+        raise KeyError(msg)
+    if adata.n_obs < 3:
+        raise ValueError(f"a UMAP needs at least 3 cells; adata has {adata.n_obs}.")
+    light = ad.AnnData(obs=pd.DataFrame(index=adata.obs_names.copy()),
+                       obsm={use_rep: np.asarray(adata.obsm[use_rep], dtype=np.float32)})
+    sc.pp.neighbors(light, use_rep=use_rep, n_neighbors=min(n_neighbors, adata.n_obs - 1), random_state=seed,
+                    method=method)
+    sc.tl.umap(light, random_state=seed)
+    adata.obsm[key_added] = light.obsm["X_umap"].astype(np.float32)

@@ -1,0 +1,149 @@
+"""Figures of the protocol: confusion matrix, embeddings, per-class F1, training curves.
+
+Every ``plot_*`` function draws with matplotlib's object API and returns the
+:class:`~matplotlib.figure.Figure`; none calls ``plt.show()`` or saves. Without ``ax`` a new
+figure is made that pyplot does not track (so Jupyter shows it once, as the cell's value, and
+tests can make many without the "too many open figures" warning); with ``ax`` the plot goes into
+the caller's axes and their figure is returned. :func:`save_figure` writes a figure to the run's
+``figures/`` folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+    from ..core.layout import RunLayout
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["SavedFigure", "set_style", "save_figure"]
+
+
+def set_style() -> None:
+    """Set matplotlib defaults for the protocol's figures (changes the global ``rcParams``).
+
+    Readable font sizes, no top/right spines, white background, 120 dpi when saving. Use
+    ``matplotlib.rc_context()`` around it to keep the change local.
+    """
+    import matplotlib as mpl
+
+    mpl.rcParams.update(
+        {
+            "figure.dpi": 100,
+            "savefig.dpi": 120,
+            "figure.facecolor": "white",
+            "savefig.facecolor": "white",
+            "font.size": 10,
+            "axes.titlesize": 11,
+            "axes.labelsize": 10,
+            "xtick.labelsize": 9,
+            "ytick.labelsize": 9,
+            "legend.fontsize": 9,
+            "legend.frameon": False,
+            "axes.spines.top": False,
+            "axes.spines.right": False,
+            "axes.grid": False,
+        }
+    )
+
+
+def new_figure(width: float, height: float) -> Figure:
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def two_axes(ax: Any, height: float, what: str) -> tuple[Figure, list[Axes]]:
+    """A new figure with two panels side by side, or the caller's two axes (``what`` names them)."""
+    if ax is None:
+        fig = new_figure(9.5, height)
+        return fig, list(fig.subplots(1, 2))
+    axes = list(np.ravel(ax))
+    if len(axes) != 2:
+        raise ValueError(f"ax must be two axes ({what}); got {len(axes)}.")
+    return axes[0].figure, axes
+
+
+# -- saving ---------------------------------------------------------------------------------
+def show_text_literally(fig: Figure) -> Figure:
+    """Turn off matplotlib's mathtext for every text of ``fig``: labels are data, shown as written.
+
+    A cell type such as ``Mono $\\q$`` would otherwise be parsed as TeX and fail to draw.
+    """
+    from matplotlib.text import Text
+
+    for text in fig.findobj(Text):
+        text.set_parse_math(False)
+    return fig
+
+
+class SavedFigure(type(Path())):  # type: ignore[misc]
+    """The path of a saved PNG that displays as the image in a notebook (``_repr_png_``).
+
+    Notebooks end a plotting cell with ``save_figure(...)``: the report then shows the very file
+    that was written, whatever the matplotlib backend (inline, agg under papermill, Colab).
+    """
+
+    def _repr_png_(self) -> bytes:
+        return self.read_bytes()
+
+
+#: resolution of the PNG shown in reports, and of the raster parts (scatter points) of the PDF for print
+SCREEN_DPI, PRINT_DPI = 120, 300
+
+
+def save_figure(fig: Figure, layout: RunLayout, name: str, *, pdf: bool = True) -> SavedFigure:
+    """Save ``fig`` as ``layout.figure(name)`` (PNG, 120 dpi, tight bounding box) and a PDF beside it.
+
+    The PNG is what reports show; the PDF is for print and for editing (text and lines are vector,
+    dense scatter points are drawn at 300 dpi). Both are written atomically.
+
+    Parameters
+    ----------
+    fig
+        The figure.
+    layout
+        The run's :class:`~scgpt_protocol.layout.RunLayout`; ``figures/`` is created.
+    name
+        File stem, e.g. ``"confusion_test"`` (letters, digits, ``._-``).
+    pdf
+        Also write the PDF next to the PNG (default).
+
+    Returns
+    -------
+    SavedFigure
+        The PNG's path (a :class:`pathlib.Path`), shown as the image when it is a cell's value.
+    """
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name or ""):
+        msg = (
+            f"figure name {name!r} must be a plain file stem (letters, digits, '.', '_', '-'), "
+            "e.g. 'confusion_test'."
+        )
+        raise ValueError(msg)
+    show_text_literally(fig)
+    png = layout.figure(name)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    targets = [(png, "png")] + ([(png.with_suffix(".pdf"), "pdf")] if pdf else [])
+    for path, fmt in targets:
+        tmp = path.with_name(f".{path.name}.partial")
+        try:
+            fig.savefig(tmp, format=fmt, dpi=SCREEN_DPI if fmt == "png" else PRINT_DPI, bbox_inches="tight")
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    try:
+        shown = png.resolve().relative_to(Path(layout.run_dir).resolve())
+    except ValueError:
+        shown = png
+    logger.info("saved %s%s", shown, " (+ .pdf for print)" if pdf else "")
+    return SavedFigure(png)

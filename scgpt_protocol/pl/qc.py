@@ -1,0 +1,139 @@
+"""Step 01: load, inspect, filter, normalise, select genes and split the cells.
+
+The functions here back the ``01_preprocess`` notebook::
+
+    adata = open_adata(params.adata_path)        # obs/var/uns in memory, the matrix on disk
+    ckpt = resolve_checkpoint(params.checkpoint, layout, gene_symbols(adata, params.gene_symbol_key))
+    vocab = read_vocab(ckpt / "vocab.json")
+    inspection = inspect_adata(adata, label_key=params.label_key, vocab=vocab, ...)
+    write_inspection(inspection, layout)
+    fig = plot_qc(adata)                         # per-cell numbers, chunk by chunk
+    prepared = prepare_file(params, vocab, layout)   # writes prepared.h5ad and labels.json
+
+:func:`prepare_file` (in :mod:`scgpt_protocol.preprocess_stream`) streams the matrix in row chunks with
+bounded memory, in memory or from the file; :func:`prepare` + :func:`write_prepared` do the same on an
+AnnData held in memory (for scripts and small data; they copy it). Both give the same ``prepared.h5ad``.
+
+Every step function takes an AnnData and returns a new one; the input is never modified.
+
+What :func:`prepare` leaves in the prepared AnnData
+----------------------------------------------------
+``X``
+    float32 CSR, log-normalised values of the genes the checkpoint knows (the model input).
+``layers["counts"]``
+    the raw counts, only when the input held counts.
+``var["scgpt_token_id"]``
+    the vocabulary id of each gene.
+``obs[label_key]``
+    the labels as a categorical of strings (categories sorted).
+``obs["scgpt_label_code"]``
+    the integer class of each cell (index into ``categories``).
+``obs["split"]``
+    ``"train"``, ``"val"`` or ``"test"`` (categorical, in that order).
+``uns["scgpt_protocol"]["preprocess"]``
+    the parameters and a record of what was done.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import scipy.sparse as sp
+
+from ..data.colors import mark_categories
+from ..data.labels import SPLITS
+from ..data.matrix import get_matrix, iter_row_chunks, value_kind
+from ..model.vocab import gene_symbols
+from ..pp.prepare import PreparedData
+from ..pp.stages import mito_mask, percent_mito
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+    from matplotlib.figure import Figure
+
+# the bounded-memory path (prepare_file) and its reader live in preprocess_stream
+
+__all__ = ["plot_qc", "plot_class_counts"]
+
+
+# -- plots ----------------------------------------------------------------------------------
+def plot_qc(adata: AnnData, *, layer: str | None = None, gene_symbol_key: str | None = None) -> Figure:
+    """Histograms of genes per cell, total counts per cell and (when MT- genes exist) % mitochondrial.
+
+    Parameters
+    ----------
+    adata : AnnData
+        Input or prepared data.
+    layer : str, optional
+        The layer to summarise (None: ``X``).
+    gene_symbol_key : str, optional
+        ``var`` column with gene symbols, to find the ``MT-`` genes.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        Not attached to pyplot: display it as the last expression of a cell (or ``display(fig)``),
+        save it with :func:`scgpt_protocol.plotting.save_figure`.
+    """
+    from matplotlib.figure import Figure
+
+    matrix = get_matrix(adata, layer)
+    kind, _ = value_kind(matrix)
+    where = f"layers[{layer!r}]" if layer else "X"
+    mito = mito_mask(gene_symbols(adata, gene_symbol_key))
+    # per-cell numbers chunk by chunk: the matrix may be on disk (open_adata) or larger than a copy can be
+    n_genes = np.zeros(adata.n_obs, dtype=np.int64)
+    totals = np.zeros(adata.n_obs, dtype=np.float32)
+    pct = np.zeros(adata.n_obs, dtype=np.float64)
+    for start, chunk in iter_row_chunks(matrix, 8192):
+        x = sp.csr_matrix(chunk, dtype=np.float32)
+        end = start + x.shape[0]
+        n_genes[start:end] = np.asarray((x != 0).sum(axis=1)).ravel()  # explicit zeros are not genes
+        totals[start:end] = np.asarray(x.sum(axis=1)).ravel()
+        if mito.any():
+            pct[start:end] = percent_mito(x, mito, kind)
+    panels = [
+        (n_genes, "expressed genes per cell", "genes"),
+        (totals, f"total {'counts' if kind == 'counts' else 'of values'} per cell ({where})",
+         "counts" if kind == "counts" else "sum of values"),
+    ]
+    if mito.any():
+        panels.append((pct, f"% mitochondrial ({int(mito.sum())} MT- genes)", "%"))
+    fig = Figure(figsize=(4.0 * len(panels), 3.2), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (values, title, xlabel) in zip(axes, panels):
+        ax.hist(values, bins=50, color="#4c72b0")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("cells")
+    fig.suptitle(f"{adata.n_obs:,} cells x {adata.n_vars:,} genes", fontsize=11)
+    return fig
+
+
+def plot_class_counts(prepared: PreparedData) -> Figure:
+    """Horizontal bars: cells per class, stacked by split (rare classes marked "train only").
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        Not attached to pyplot (see :func:`plot_qc`).
+    """
+    from matplotlib.figure import Figure
+
+    counts = prepared.split_counts.reindex(columns=list(SPLITS), fill_value=0)
+    counts = counts.loc[counts.sum(axis=1).sort_values(ascending=True).index]
+    names = [f"{c} (train only)" if c in prepared.rare_classes else str(c) for c in counts.index]
+    fig = Figure(figsize=(7.0, max(2.5, 0.35 * len(counts) + 1.2)), layout="constrained")
+    ax = fig.subplots()
+    left = np.zeros(len(counts))
+    colours = {"train": "#4c72b0", "val": "#dd8452", "test": "#55a868"}
+    for split in SPLITS:
+        values = counts[split].to_numpy(dtype=float)
+        ax.barh(names, values, left=left, label=f"{split} ({int(values.sum()):,})", color=colours[split])
+        left += values
+    mark_categories(ax, [prepared.colors.get(str(c)) for c in counts.index])  # the run's class colours
+    ax.set_xlabel("cells")
+    ax.set_title(f"cells per class and split ({len(counts)} classes)", fontsize=10)
+    ax.legend(loc="lower right", fontsize=8)
+    return fig

@@ -1,0 +1,92 @@
+"""Figures of the protocol: confusion matrix, embeddings, per-class F1, training curves.
+
+Every ``plot_*`` function draws with matplotlib's object API and returns the
+:class:`~matplotlib.figure.Figure`; none calls ``plt.show()`` or saves. Without ``ax`` a new
+figure is made that pyplot does not track (so Jupyter shows it once, as the cell's value, and
+tests can make many without the "too many open figures" warning); with ``ax`` the plot goes into
+the caller's axes and their figure is returned. :func:`save_figure` writes a figure to the run's
+``figures/`` folder.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+import pandas as pd
+
+from .figure import two_axes
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+
+__all__ = ["plot_training_curves"]
+
+
+def plot_training_curves(history: pd.DataFrame, *, ax: Sequence[Axes] | None = None) -> Figure:
+    """Two panels: train/validation loss, and validation macro F1 / accuracy, per epoch.
+
+    Parameters
+    ----------
+    history
+        One row per epoch with ``epoch`` and any of ``train_loss``, ``val_loss``, ``val_macro_f1``,
+        ``val_accuracy`` (``train/history.csv`` of 02_finetune; ``lr`` is not drawn). If a boolean
+        column ``best`` exists, the last epoch with ``best=True`` (the one kept) is marked.
+    ax
+        Two axes to draw into (losses, metrics); None: a new figure.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    if "epoch" not in history.columns or history.empty:
+        msg = (
+            f"history needs an 'epoch' column and at least one row; found columns {list(history.columns)} "
+            f"and {len(history)} rows. Read it with pandas.read_csv(layout.history)."
+        )
+        raise ValueError(msg)
+    losses = [c for c in ("train_loss", "val_loss") if c in history.columns]
+    scores = [c for c in ("val_macro_f1", "val_accuracy") if c in history.columns]
+    if not losses and not scores:
+        msg = (
+            "history has none of train_loss, val_loss, val_macro_f1, val_accuracy; "
+            f"found {list(history.columns)}."
+        )
+        raise ValueError(msg)
+    fig, axes = two_axes(ax, 3.6, "losses, metrics")
+    epochs = history["epoch"].to_numpy()
+    marker = "o" if len(history) <= 30 else None
+    names = {
+        "train_loss": "train", "val_loss": "validation",
+        "val_macro_f1": "macro F1", "val_accuracy": "accuracy",
+    }
+    for panel, columns, ylabel in ((axes[0], losses, "loss"), (axes[1], scores, "validation score")):
+        for column in columns:
+            panel.plot(epochs, history[column].to_numpy(dtype=np.float64), marker=marker, markersize=3,
+                       label=names[column])
+        panel.set_xlabel("epoch")
+        panel.set_ylabel(ylabel)
+        if columns:
+            panel.legend(frameon=False, fontsize="small")
+    axes[0].set_title("loss")
+    axes[1].set_title("validation metrics")
+    if scores:
+        axes[1].set_ylim(0, 1.02)
+    if "best" in history.columns:
+        best = history["best"].fillna(False).astype(bool).to_numpy()
+        if best.any():
+            best_epoch = epochs[np.flatnonzero(best)[-1]]
+            for panel in axes:
+                panel.axvline(best_epoch, color="0.4", linestyle="--", linewidth=1)
+            axes[1].annotate(
+                f"best epoch {best_epoch}", xy=(best_epoch, 0.02), xycoords=("data", "axes fraction"),
+                xytext=(3, 0), textcoords="offset points", fontsize="small", color="0.3",
+            )
+    if len(epochs) and np.allclose(epochs, np.round(epochs)):
+        from matplotlib.ticker import MaxNLocator
+
+        for panel in axes:
+            panel.xaxis.set_major_locator(MaxNLocator(integer=True))
+    return fig

@@ -1,0 +1,200 @@
+"""Step 01: load, inspect, filter, normalise, select genes and split the cells.
+
+The functions here back the ``01_preprocess`` notebook::
+
+    adata = open_adata(params.adata_path)        # obs/var/uns in memory, the matrix on disk
+    ckpt = resolve_checkpoint(params.checkpoint, layout, gene_symbols(adata, params.gene_symbol_key))
+    vocab = read_vocab(ckpt / "vocab.json")
+    inspection = inspect_adata(adata, label_key=params.label_key, vocab=vocab, ...)
+    write_inspection(inspection, layout)
+    fig = plot_qc(adata)                         # per-cell numbers, chunk by chunk
+    prepared = prepare_file(params, vocab, layout)   # writes prepared.h5ad and labels.json
+
+:func:`prepare_file` (in :mod:`scgpt_protocol.preprocess_stream`) streams the matrix in row chunks with
+bounded memory, in memory or from the file; :func:`prepare` + :func:`write_prepared` do the same on an
+AnnData held in memory (for scripts and small data; they copy it). Both give the same ``prepared.h5ad``.
+
+Every step function takes an AnnData and returns a new one; the input is never modified.
+
+What :func:`prepare` leaves in the prepared AnnData
+----------------------------------------------------
+``X``
+    float32 CSR, log-normalised values of the genes the checkpoint knows (the model input).
+``layers["counts"]``
+    the raw counts, only when the input held counts.
+``var["scgpt_token_id"]``
+    the vocabulary id of each gene.
+``obs[label_key]``
+    the labels as a categorical of strings (categories sorted).
+``obs["scgpt_label_code"]``
+    the integer class of each cell (index into ``categories``).
+``obs["split"]``
+    ``"train"``, ``"val"`` or ``"test"`` (categorical, in that order).
+``uns["scgpt_protocol"]["preprocess"]``
+    the parameters and a record of what was done.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+from ..core.log import DETAIL
+from ..data.colors import label_palette
+from ..data.labels import SPLITS
+from ..data.read import open_backed
+from .prepare import PreparedData
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+    from ..core.layout import RunLayout
+# the bounded-memory path (prepare_file) and its reader live in preprocess_stream
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["read_prepared_cells", "resolve_checkpoint", "read_checkpoint_record", "write_prepared", "read_prepared", "read_labels"]
+
+STEP = "01_preprocess"
+
+
+# -- checkpoint -----------------------------------------------------------------------------
+def resolve_checkpoint(spec: str, layout: RunLayout, genes: Sequence[str]) -> Path:
+    """Find (or make) the pretrained checkpoint the run uses and record it.
+
+    Parameters
+    ----------
+    spec : str
+        ``"demo"``: a tiny randomly initialised checkpoint whose vocabulary is ``genes``, written to
+        ``layout.demo_checkpoint_dir`` (for trying the protocol out; its results mean nothing);
+        ``"whole-human"`` (or another name of
+        :data:`~scgpt_protocol.download.KNOWN_CHECKPOINTS`): the released model, downloaded once
+        into the cache; anything else: a checkpoint folder.
+    layout : RunLayout
+        The run; the record goes to ``layout.checkpoint_record``.
+    genes : sequence of str
+        The data's gene symbols (:func:`gene_symbols`); used only for ``"demo"``.
+
+    Returns
+    -------
+    Path
+        The checkpoint folder (``args.json``, ``vocab.json``, ``best_model.pt``).
+
+    Raises
+    ------
+    CheckpointNotFoundError
+        The folder, or one of its files, does not exist.
+    CheckpointError
+        The checkpoint does not load (a truncated file, weights that do not match args.json).
+    """
+    from ..core.io import sha256_file
+    from ..model.checkpoint import load_model, locate_checkpoint
+
+    path, kind = locate_checkpoint(spec, demo_dir=layout.demo_checkpoint_dir, demo_genes=genes)
+    if kind == "demo":
+        logger.warning(
+            "checkpoint='demo': using a tiny RANDOMLY INITIALISED model written to %s. It has never seen a "
+            "cell: everything it produces (embeddings, predictions, metrics) is for trying the protocol out "
+            "and means nothing biologically. Set checkpoint='whole-human' (or a checkpoint folder) for real "
+            "results.", path, extra=DETAIL,  # notebooks show report.checkpoint_banner instead
+        )
+    else:
+        logger.info("checkpoint %r (%s): %s", spec, kind, path)
+        # load it once now: a truncated or mismatched checkpoint fails here, not after 01 has finished
+        load_model(path, device="cpu")
+    record = {"checkpoint": str(path), "kind": kind, "sha256": sha256_file(path / "best_model.pt")}
+    layout.write_json(layout.checkpoint_record, record)
+    return path
+
+
+def read_checkpoint_record(layout: RunLayout) -> dict[str, Any]:
+    """The record :func:`resolve_checkpoint` wrote: ``checkpoint``, ``kind``, ``sha256``.
+
+    Raises
+    ------
+    FileNotFoundError
+        Step ``01_preprocess`` has not run with this ``run_dir``.
+    """
+    return layout.read_json(layout.checkpoint_record, step=STEP)
+
+
+def describe_checkpoint(record: dict[str, Any]) -> str:
+    """One plain sentence on which pretrained model a run uses, for reports."""
+    if record.get("kind") == "demo":
+        return (
+            "This run uses the tiny RANDOMLY INITIALISED demo checkpoint: its numbers show that the "
+            "protocol runs end to end, not what scGPT can do. Set checkpoint='whole-human' in 01_preprocess "
+            "for real results."
+        )
+    return f"This run uses the pretrained checkpoint {record.get('checkpoint')} (sha256 {str(record.get('sha256'))[:12]}...)."
+
+
+# -- writing --------------------------------------------------------------------------------
+def write_prepared(prepared: PreparedData, layout: RunLayout, label_key: str) -> dict[str, Path]:
+    """Write the prepared AnnData and the label record of the run.
+
+    Parameters
+    ----------
+    prepared : PreparedData
+        The result of :func:`prepare`.
+    layout : RunLayout
+        The run.
+    label_key : str
+        The label column (recorded for the later steps).
+
+    Returns
+    -------
+    dict of str to Path
+        ``{"prepared_adata": layout.prepared_adata, "labels": layout.labels}``.
+
+    Notes
+    -----
+    The h5ad is written under a temporary name next to its target and renamed once complete, so
+    an interrupted write never leaves a half-written ``prepared.h5ad``. ``labels.json`` holds
+    ``label_key``, ``categories``, ``class_counts``, ``split_counts`` (``{split: {label: n}}``) and
+    ``rare_classes``.
+    """
+    path = layout.write_h5ad(prepared.adata, layout.prepared_adata)
+    write_labels(prepared, layout, label_key)
+    logger.info("wrote %s (%s cells x %s genes) and %s", path, f"{prepared.adata.n_obs:,}",
+                f"{prepared.adata.n_vars:,}", layout.labels, extra=DETAIL)  # the notebook shows report.files_table
+    return {"prepared_adata": path, "labels": layout.labels}
+
+
+def write_labels(prepared: PreparedData, layout: RunLayout, label_key: str) -> Path:
+    """Write ``layout.labels`` (see :func:`write_prepared`)."""
+    counts = prepared.split_counts
+    labels = {
+        "label_key": label_key,
+        "categories": list(prepared.categories),
+        "class_counts": {str(k): int(v) for k, v in counts.sum(axis=1).items()},
+        "split_counts": {s: {str(k): int(v) for k, v in counts[s].items()} for s in SPLITS},
+        "rare_classes": list(prepared.rare_classes),
+        "colors": dict(prepared.colors) or label_palette(prepared.categories),  # one palette for every figure
+    }
+    return layout.write_json(layout.labels, labels)
+
+
+def read_prepared(layout: RunLayout, *, backed: bool = False) -> AnnData:
+    """Read ``layout.prepared_adata`` (a clear error if step 01 has not run); ``backed``: open it read-only
+    with ``X`` and ``layers`` left on disk (:func:`open_backed`), for data larger than memory."""
+    import anndata
+
+    path = layout.require(layout.prepared_adata, step=STEP)
+    return open_backed(path) if backed else anndata.read_h5ad(path)
+
+
+def read_prepared_cells(layout: RunLayout) -> Any:
+    """The run's ``prepared.h5ad`` for fine-tuning, with ``X`` and ``obs`` left on disk
+    (:class:`~scgpt_protocol.backed.BackedCells`; a clear error before step 01).
+    :func:`~scgpt_protocol.train.finetune` reads its label and split columns and the cell names from the file
+    by slices, so that its memory does not grow with the number of cells (benchmarks/bench_scale.py)."""
+    from ..data.backed import read_backed
+
+    return read_backed(layout.require(layout.prepared_adata, step=STEP))
+
+
+def read_labels(layout: RunLayout) -> dict[str, Any]:
+    """Read ``layout.labels`` (a clear error if step 01 has not run)."""
+    return layout.read_json(layout.labels, step=STEP)

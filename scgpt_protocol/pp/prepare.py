@@ -1,0 +1,345 @@
+"""Step 01: load, inspect, filter, normalise, select genes and split the cells.
+
+The functions here back the ``01_preprocess`` notebook::
+
+    adata = open_adata(params.adata_path)        # obs/var/uns in memory, the matrix on disk
+    ckpt = resolve_checkpoint(params.checkpoint, layout, gene_symbols(adata, params.gene_symbol_key))
+    vocab = read_vocab(ckpt / "vocab.json")
+    inspection = inspect_adata(adata, label_key=params.label_key, vocab=vocab, ...)
+    write_inspection(inspection, layout)
+    fig = plot_qc(adata)                         # per-cell numbers, chunk by chunk
+    prepared = prepare_file(params, vocab, layout)   # writes prepared.h5ad and labels.json
+
+:func:`prepare_file` (in :mod:`scgpt_protocol.preprocess_stream`) streams the matrix in row chunks with
+bounded memory, in memory or from the file; :func:`prepare` + :func:`write_prepared` do the same on an
+AnnData held in memory (for scripts and small data; they copy it). Both give the same ``prepared.h5ad``.
+
+Every step function takes an AnnData and returns a new one; the input is never modified.
+
+What :func:`prepare` leaves in the prepared AnnData
+----------------------------------------------------
+``X``
+    float32 CSR, log-normalised values of the genes the checkpoint knows (the model input).
+``layers["counts"]``
+    the raw counts, only when the input held counts.
+``var["scgpt_token_id"]``
+    the vocabulary id of each gene.
+``obs[label_key]``
+    the labels as a categorical of strings (categories sorted).
+``obs["scgpt_label_code"]``
+    the integer class of each cell (index into ``categories``).
+``obs["split"]``
+    ``"train"``, ``"val"`` or ``"test"`` (categorical, in that order).
+``uns["scgpt_protocol"]["preprocess"]``
+    the parameters and a record of what was done.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from ..core.errors import InputDataError
+from ..data.colors import label_palette
+from ..data.labels import SPLITS, require_obs_key, missing_labels
+from ..data.matrix import check_expression, get_matrix, value_kind
+from ..model.vocab import gene_symbols
+from .stages import (
+    check_cells_left,
+    h5ad_safe,
+    mito_mask,
+    warn_no_mito_genes,
+    choose_normalisation,
+    percent_mito,
+    split_cells,
+    vocabulary_genes,
+    warn_user,
+)
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+    from ..core.params import PreprocessParams
+# the bounded-memory path (prepare_file) and its reader live in preprocess_stream
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["PreparedData", "prepare"]
+
+
+# -- prepare --------------------------------------------------------------------------------
+@dataclass
+class PreparedData:
+    """The result of :func:`prepare`.
+
+    Attributes
+    ----------
+    adata : AnnData
+        The prepared data (see the module docstring for its keys).
+    categories : list of str
+        The classes; ``obs["scgpt_label_code"]`` indexes this list.
+    split_counts : pandas.DataFrame
+        Cells per class (rows, in ``categories`` order) and split (columns train, val, test).
+    rare_classes : list of str
+        Classes with fewer than ``min_cells_per_class`` cells, kept in train only.
+    log : list of str
+        What was done, with counts before -> after.
+    files : dict of str to Path
+        What :func:`prepare_file` wrote: ``{"prepared_adata": ..., "labels": ...}`` (empty after :func:`prepare`).
+    colors : dict of str to str
+        The run's colour of each class (:func:`~scgpt_protocol.plotting.label_palette`), also in
+        ``adata.uns[f"{label_key}_colors"]`` and ``labels.json``: every figure of every step uses it.
+    """
+
+    adata: AnnData
+    categories: list[str]
+    split_counts: pd.DataFrame
+    rare_classes: list[str]
+    log: list[str]
+    colors: dict[str, str] = field(default_factory=dict)
+    files: dict[str, Path] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        return (
+            f"PreparedData({self.adata.n_obs:,} cells x {self.adata.n_vars:,} genes, "
+            f"{len(self.categories)} classes, split {self._split_totals()})"
+        )
+
+    def _split_totals(self) -> dict[str, int]:
+        return {s: int(self.split_counts[s].sum()) for s in SPLITS}
+
+    def __str__(self) -> str:
+        lines = [repr(self), *(f"  {line}" for line in self.log)]
+        if self.rare_classes:
+            lines.append(f"  train only (rare): {', '.join(self.rare_classes)}")
+        return "\n".join(lines)
+
+
+def prepare(adata: AnnData, params: PreprocessParams, vocab: dict[str, int]) -> PreparedData:
+    """Filter, normalise, select the checkpoint's genes and split the cells into train/val/test.
+
+    Parameters
+    ----------
+    adata : AnnData
+        The input data (not modified).
+    params : PreprocessParams
+        ``label_key``, ``batch_key``, ``layer``, ``gene_symbol_key``, ``min_genes``, ``min_cells``,
+        ``max_pct_mito``, ``normalize``, ``n_hvg``, ``test_size``, ``val_size``,
+        ``min_cells_per_class`` and ``seed`` are used.
+    vocab : dict of str to int
+        The checkpoint's vocabulary.
+
+    Returns
+    -------
+    PreparedData
+        The new AnnData (keys in the module docstring), the classes, the cells per class and
+        split, the rare classes and a log of every step with counts before -> after.
+
+    Notes
+    -----
+    In order: drop cells without label; put the chosen matrix (``layer`` or ``X``) into ``X`` as
+    float32 CSR (other layers and ``.raw`` are dropped); ``sc.pp.filter_cells(min_genes)``,
+    ``sc.pp.filter_genes(min_cells)`` and the mitochondrial filter (genes starting with ``MT-``);
+    ``normalize_total(1e4) + log1p`` (``"auto"``: only when the values are integer counts, which are
+    kept in ``layers["counts"]``); keep the genes of the vocabulary; ``n_hvg`` highly variable genes
+    (``flavor="seurat"``, per batch with ``batch_key``); drop cells with no expressed gene left;
+    a stratified split in which test and val hold ``test_size`` and ``val_size`` of all cells,
+    classes with fewer than ``min_cells_per_class`` cells stay in train, and every other class has
+    cells in train, val and test.
+
+    Raises
+    ------
+    KeyError
+        ``label_key`` / ``batch_key`` / ``layer`` / ``gene_symbol_key`` not found.
+    InputDataError
+        Negative or NaN values, fewer than two classes, no cells left after filtering, too few cells
+        to split.
+    GeneMatchError
+        Fewer than 10% of the genes are in the vocabulary.
+    """
+    import scanpy as sc
+
+    log: list[str] = []
+
+    def record(message: str) -> None:
+        log.append(message)
+        logger.info("%s", message)
+
+    label_key, batch_key = params.label_key, params.batch_key
+    require_obs_key(adata, label_key, "label_key")
+    if batch_key is not None:
+        require_obs_key(adata, batch_key, "batch_key")
+    get_matrix(adata, params.layer)
+    check_expression(adata, layer=params.layer)
+    n_cells_in, n_genes_in = int(adata.n_obs), int(adata.n_vars)
+
+    # labels; the metadata is copied without the matrices (the chosen one is copied once below, the
+    # other layers and .raw not at all)
+    import anndata
+
+    meta = anndata.AnnData(obs=adata.obs, var=adata.var, uns=adata.uns, obsm=dict(adata.obsm),
+                           varm=dict(adata.varm), obsp=dict(adata.obsp), varp=dict(adata.varp))
+    missing = missing_labels(adata.obs[label_key])
+    if missing.any():
+        out = meta[~missing].copy()
+        warn_user(f"dropped {int(missing.sum()):,} cells without a label in obs[{label_key!r}]: "
+              f"{n_cells_in:,} -> {out.n_obs:,} cells")
+        log.append(f"dropped cells without a label: {n_cells_in:,} -> {out.n_obs:,} cells")
+        matrix = get_matrix(adata, params.layer)[np.flatnonzero(~missing)]  # a new matrix of these rows
+    else:
+        out = meta.copy()
+        matrix = get_matrix(adata, params.layer)
+    del meta
+
+    # matrix
+    where = f"adata.layers[{params.layer!r}]" if params.layer else "adata.X"
+    x = sp.csr_matrix(matrix, dtype=np.float32)
+    if x is matrix or (sp.issparse(matrix) and any(
+            np.shares_memory(getattr(x, k), getattr(matrix, k)) for k in ("data", "indices", "indptr")
+            if hasattr(matrix, k))):
+        x = x.copy()  # sum_duplicates / eliminate_zeros work in place: never on the caller's arrays
+    del matrix
+    x.sum_duplicates()
+    x.eliminate_zeros()
+    dropped = [f"layers[{k!r}]" for k in adata.layers.keys()] + (["raw"] if adata.raw is not None else [])
+    out.X = x
+    record(f"expression from {where} as float32 CSR"
+           + (f" (dropped {', '.join(dropped)})" if dropped else ""))
+    kind, vmax = value_kind(out.X)
+    record(f"values look like {kind} (max {vmax:.4g} in a sample of cells)")
+
+    # filters
+    if params.min_genes > 0:
+        before = out.n_obs
+        sc.pp.filter_cells(out, min_genes=params.min_genes)
+        record(f"filter_cells(min_genes={params.min_genes}): {before:,} -> {out.n_obs:,} cells")
+    if params.min_cells > 0:
+        before = out.n_vars
+        sc.pp.filter_genes(out, min_cells=params.min_cells)
+        record(f"filter_genes(min_cells={params.min_cells}): {before:,} -> {out.n_vars:,} genes")
+    if params.max_pct_mito is not None:
+        mito = mito_mask(gene_symbols(out, params.gene_symbol_key))
+        if not mito.any():
+            warn_no_mito_genes(params, log)
+        else:
+            pct = percent_mito(out.X, mito, kind)
+            before = out.n_obs
+            out.obs["pct_mito"] = pct.astype(np.float32)
+            out = out[pct <= params.max_pct_mito].copy()
+            record(f"max_pct_mito={params.max_pct_mito} ({int(mito.sum())} MT- genes): "
+                   f"{before:,} -> {out.n_obs:,} cells")
+    check_cells_left(out.n_obs, out.n_vars, params)
+
+    # normalisation
+    is_counts, normalise = choose_normalisation(params, kind, vmax, record)
+    if is_counts:
+        out.layers["counts"] = out.X.copy()
+    if normalise:
+        sc.pp.normalize_total(out, target_sum=1e4)
+        sc.pp.log1p(out)
+
+    # genes of the vocabulary
+    out, match = vocabulary_genes(out, vocab, params, record)
+
+    # highly variable genes
+    if params.n_hvg is not None:
+        if params.n_hvg >= out.n_vars:
+            record(f"n_hvg={params.n_hvg} >= {out.n_vars:,} genes: no highly-variable-gene selection")
+        else:
+            before = out.n_vars
+            sc.pp.highly_variable_genes(out, n_top_genes=params.n_hvg, batch_key=batch_key, flavor="seurat")
+            out = out[:, out.var["highly_variable"].to_numpy()].copy()
+            per = f", per batch of obs[{batch_key!r}]" if batch_key else ""
+            record(f"highly variable genes (seurat{per}): {before:,} -> {out.n_vars:,} genes")
+
+    # cells with nothing left for the model
+    empty = np.asarray(out.X.getnnz(axis=1) == 0)
+    if empty.any():
+        before = out.n_obs
+        out = out[~empty].copy()
+        warn_user(f"dropped {int(empty.sum()):,} cells with no expressed gene among the {out.n_vars:,} selected "
+              f"genes: {before:,} -> {out.n_obs:,} cells")
+        log.append(f"dropped cells with no expressed selected gene: {before:,} -> {out.n_obs:,} cells")
+
+    return finish_prepared(out, adata, params, log, record, input_record={"n_cells": n_cells_in, "n_genes": n_genes_in,
+                   "matrix": where, "value_kind": kind, "value_max": vmax}, normalise=normalise,
+                   is_counts=is_counts, match_fraction=match.fraction)
+
+
+def finish_prepared(out: AnnData, source: Any, params: PreprocessParams, log: list[str], record: Any, *,
+            input_record: dict[str, Any], normalise: bool, is_counts: bool, match_fraction: float) -> PreparedData:
+    """The classes, the split and the record of :func:`prepare` (shared with :func:`prepare_file`).
+
+    ``out`` holds the filtered cells and genes (``X`` may be absent); ``source`` is the input, for its colours.
+    """
+    label_key = params.label_key
+    # classes and split
+    labels = out.obs[label_key].astype(str).to_numpy()
+    class_counts = pd.Series(labels).value_counts()
+    if len(class_counts) < 2:
+        msg = (
+            f"obs[{label_key!r}] has {len(class_counts)} class(es) ({list(class_counts.index)}) after "
+            f"filtering ({out.n_obs:,} cells left); a classifier needs at least two. Relax the filters or "
+            "check label_key."
+        )
+        raise InputDataError(msg)
+    rare_counts = class_counts[class_counts < params.min_cells_per_class].sort_values()
+    rare_classes = sorted(rare_counts.index.astype(str))
+    if len(rare_counts) == len(class_counts):
+        msg = (
+            f"every class of obs[{label_key!r}] has fewer than "
+            f"min_cells_per_class={params.min_cells_per_class} cells ({dict(class_counts)}); nothing "
+            "could be evaluated. Lower min_cells_per_class."
+        )
+        raise InputDataError(msg)
+    if rare_classes:
+        listed = ", ".join(f"{k!r} ({v})" for k, v in rare_counts.items())
+        warn_user(f"{len(rare_classes)} class(es) have fewer than "
+              f"min_cells_per_class={params.min_cells_per_class} cells and stay in the training split only "
+              f"(they cannot be evaluated): {listed}")
+    split, notes = split_cells(labels, np.isin(labels, rare_classes), params.test_size, params.val_size,
+                                params.seed)
+    for note in notes:
+        record(note)
+    out.obs["split"] = pd.Categorical(split, categories=list(SPLITS))
+
+    categories = sorted(class_counts.index.astype(str))
+    out.obs[label_key] = pd.Categorical(labels, categories=categories)
+    out.obs["scgpt_label_code"] = out.obs[label_key].cat.codes.to_numpy().astype(np.int64)
+    split_counts = (
+        pd.crosstab(out.obs[label_key], out.obs["split"], dropna=False)
+        .reindex(index=categories, columns=list(SPLITS), fill_value=0)
+        .astype(int)
+    )
+    split_counts.index.name, split_counts.columns.name = "label", "split"
+    totals = {s: int(split_counts[s].sum()) for s in SPLITS}
+    record(f"split (seed {params.seed}, stratified by {label_key!r}): "
+           + ", ".join(f"{s} {n:,}" for s, n in totals.items())
+           + (f"; {len(rare_classes)} rare class(es) in train only" if rare_classes else ""))
+
+    record_uns = {
+        "params": params.to_dict(),
+        "input": input_record,
+        "normalised": bool(normalise),
+        "counts_layer": bool(is_counts),
+        "n_cells": int(out.n_obs),
+        "n_genes": int(out.n_vars),
+        "genes_matched_fraction": float(match_fraction),
+        "categories": categories,
+        "rare_classes": rare_classes,
+        "split_totals": totals,
+        "log": list(log),
+    }
+    previous = out.uns.get("scgpt_protocol")
+    out.uns["scgpt_protocol"] = {**(dict(previous) if isinstance(previous, dict) else {}),
+                                 "preprocess": h5ad_safe(record_uns)}
+    colors = label_palette(categories, adata=source, label_key=label_key)  # the input's own colours when valid
+    out.uns[f"{label_key}_colors"] = [colors[c] for c in categories]
+    return PreparedData(adata=out, categories=categories, split_counts=split_counts,
+                        rare_classes=rare_classes, log=log, colors=colors)

@@ -1,0 +1,185 @@
+"""TODO docstring: pp.stages."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from ..core.errors import InputDataError
+from ..data.labels import SPLITS
+from ..model.vocab import gene_symbols, match_genes
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+    from ..core.params import PreprocessParams
+# the bounded-memory path (prepare_file) and its reader live in preprocess_stream
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+    from ..core.params import PreprocessParams
+
+logger = logging.getLogger(__name__)
+
+
+def warn_user(message: str, collect: list[str] | None = None, stacklevel: int = 3) -> None:
+    """A soft problem: a ``UserWarning`` and a log line (and kept in ``collect``)."""
+    logger.warning("%s", message)
+    if collect is not None:
+        collect.append(message)
+    warnings.warn(message, UserWarning, stacklevel=stacklevel)
+
+
+def mito_mask(symbols: Sequence[str]) -> np.ndarray:
+    return np.array([s.upper().startswith("MT-") for s in symbols], dtype=bool)
+
+
+def percent_mito(matrix: Any, mito: np.ndarray, kind: str) -> np.ndarray:
+    """Per-cell percentage of the (count-scale) signal in the mitochondrial genes."""
+    x = sp.csr_matrix(matrix, dtype=np.float32, copy=True)
+    if kind == "log-normalised":
+        x.data = np.expm1(x.data)  # back to the normalised scale
+    total = np.asarray(x.sum(axis=1)).ravel()
+    mt = np.asarray(x[:, np.flatnonzero(mito)].sum(axis=1)).ravel()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(total > 0, 100.0 * mt / np.where(total > 0, total, 1.0), 0.0)
+
+
+def h5ad_safe(obj: Any) -> Any:
+    """JSON-like values that every anndata version writes (None becomes the string 'None')."""
+    if isinstance(obj, dict):
+        return {str(k): h5ad_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [h5ad_safe(v) for v in obj]
+    if obj is None:
+        return "None"
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return float(obj)
+    return str(obj)
+
+
+def split_cells(
+    labels: np.ndarray, rare: np.ndarray, test_size: float, val_size: float, seed: int
+) -> tuple[np.ndarray, list[str]]:
+    """``split[i]`` in SPLITS for each cell; rare cells go to train. Returns the split and notes."""
+    from sklearn.model_selection import train_test_split
+
+    n_total = len(labels)
+    split = np.full(n_total, "train", dtype=object)
+    idx = np.flatnonzero(~rare)
+    y = labels[idx]
+    classes = np.unique(y)
+    n_test = max(int(round(test_size * n_total)), len(classes))
+    n_val = max(int(round(val_size * n_total)), len(classes))
+    if len(idx) - n_test - n_val < len(classes):
+        msg = (
+            f"{len(idx):,} cells in {len(classes)} classes are too few for a test split of {n_test:,} and a "
+            f"validation split of {n_val:,} cells with every class in train, val and test. Lower test_size / "
+            "val_size, or raise min_cells_per_class so that small classes stay in train only."
+        )
+        raise InputDataError(msg)
+    rest, test = train_test_split(idx, test_size=n_test, stratify=y, random_state=seed)
+    y_rest = labels[rest]
+    # a class with one cell left cannot be stratified; it stays in train and is repaired below
+    left = pd.Series(y_rest).value_counts()
+    single = np.isin(y_rest, left.index[left < 2].to_numpy())
+    train, val = train_test_split(
+        rest[~single], test_size=n_val, stratify=y_rest[~single], random_state=seed + 1
+    )
+    split[test], split[val] = "test", "val"
+
+    # every non-rare class in every split: move single cells from the split that has the most
+    notes = []
+    rng = np.random.default_rng(seed)
+    for label in classes:
+        members = np.flatnonzero((labels == label) & ~rare)
+        for target in SPLITS:
+            if (split[members] == target).any():
+                continue
+            counts = {s: int((split[members] == s).sum()) for s in SPLITS}
+            donor = max(counts, key=counts.get)
+            pick = rng.choice(members[split[members] == donor])
+            split[pick] = target
+            notes.append(f"moved 1 cell of {label!r} from {donor} to {target} so that the class is in "
+                         "every split")
+    return split, notes
+
+
+def warn_no_mito_genes(params: PreprocessParams, log: list[str]) -> None:
+    warn_user(f"max_pct_mito={params.max_pct_mito} is set but no gene name starts with 'MT-'; the "
+          "mitochondrial filter was skipped.", stacklevel=4)
+    log.append("mitochondrial filter skipped: no MT- genes")
+
+
+def check_cells_left(n_obs: int, n_vars: int, params: PreprocessParams) -> None:
+    """A clear error when the filters left no cell or no gene."""
+    if n_obs == 0 or n_vars == 0:
+        msg = (
+            f"no {'cells' if n_obs == 0 else 'genes'} left after filtering "
+            f"(min_genes={params.min_genes}, min_cells={params.min_cells}, "
+            f"max_pct_mito={params.max_pct_mito}). Relax these filters."
+        )
+        raise InputDataError(msg)
+
+
+def choose_normalisation(params: PreprocessParams, kind: str, vmax: float, record: Any) -> tuple[bool, bool]:
+    """``(is_counts, normalise)`` for ``params.normalize`` and the values' kind; warns and records the choice."""
+    is_counts = kind == "counts"
+    normalise = {"yes": True, "no": False, "auto": is_counts}[params.normalize]
+    if normalise:
+        if kind == "log-normalised":
+            warn_user("normalize='yes' but the values already look log-normalised (non-integer, "
+                  f"max {vmax:.3g}); they are normalised and log-transformed again. Use "
+                  "normalize='auto' unless this is intended.", stacklevel=4)
+        record("normalised: normalize_total(target_sum=1e4) + log1p"
+               + ("; raw counts kept in layers['counts']" if is_counts else ""))
+    else:
+        if params.normalize == "auto" and kind == "other":
+            warn_user(f"values are neither raw counts nor log-normalised (non-integer, max {vmax:.4g}) and were "
+                  "left as they are (normalize='auto'). Set normalize='yes' for CPM/TPM values, or give "
+                  "the raw counts (layer=...).", stacklevel=4)
+        record(f"not normalised (normalize={params.normalize!r}, values: {kind})"
+               + ("; counts also in layers['counts']" if is_counts else ""))
+    return is_counts, normalise
+
+
+def vocabulary_genes(out: AnnData, vocab: dict[str, int], params: PreprocessParams,
+                      record: Any) -> tuple[AnnData, Any]:
+    """``out`` restricted to the genes of the vocabulary (token ids in ``var``), and the gene match
+    (:func:`~scgpt_protocol.tokenize.match_genes`; ``match.columns`` are the columns kept)."""
+    before = out.n_vars
+    match = match_genes(out, vocab, gene_symbol_key=params.gene_symbol_key)
+    cols = match.columns
+    symbols = gene_symbols(out, params.gene_symbol_key)
+    out = out[:, cols].copy()
+    out.var["scgpt_token_id"] = match.token_ids[cols].astype(np.int64)
+    if params.gene_symbol_key is not None:
+        out.var["original_var_name"] = np.asarray(out.var_names, dtype=str)
+        out.var_names = pd.Index([symbols[j] for j in cols], dtype=str)
+    record(f"kept the genes in the checkpoint vocabulary ({match.source}): "
+           f"{before:,} -> {out.n_vars:,} genes ({match.fraction:.1%})")
+    return out, match
+
+
+def normalise_log1p(x: sp.csr_matrix) -> sp.csr_matrix:
+    """``normalize_total(target_sum=1e4)`` + ``log1p`` of these rows, by scanpy (row by row operations)."""
+    import anndata
+    import scanpy as sc
+
+    a = anndata.AnnData(x.copy())  # normalize_total works in place; x may be the counts
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sc.pp.normalize_total(a, target_sum=1e4)
+        sc.pp.log1p(a)
+    return a.X

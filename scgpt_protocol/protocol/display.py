@@ -1,0 +1,527 @@
+"""TODO docstring: protocol.display."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from ..annotate.refine import UNKNOWN
+
+if TYPE_CHECKING:
+
+    pass
+import html
+import json
+import math
+
+if TYPE_CHECKING:
+    from pandas.io.formats.style import Styler
+
+    from ..core.layout import RunLayout
+    from ..core.params import StepParams
+
+__all__ = ["refinement_table", "refinement_display", "describe_refinement", "HEADERS", "FEW_CELLS", "Banner", "Summary", "checkpoint_banner", "metrics_display", "per_class_table", "run_summary", "summary_of", "training_report", "settings_table", "files_table"]
+
+
+def refinement_table(metrics: Mapping[str, Any], refined: Mapping[str, Any] | None = None,
+                     *, method: str = "scGPT") -> pd.DataFrame:
+    """Headline metrics of the per-cell call, the assigned cells and the majority vote, side by side.
+
+    Parameters
+    ----------
+    metrics
+        :func:`~scgpt_protocol.evaluate.classification_metrics` of the per-cell calls on all cells
+        (``EvalResult.metrics``), holding the record of :func:`refinement_metrics` under
+        ``"refinement"`` unless ``refined`` is given.
+    method
+        Name at the start of each row.
+
+    Returns
+    -------
+    pandas.DataFrame
+        :func:`~scgpt_protocol.evaluate.metrics_table` with a ``coverage`` column.
+    """
+    from ..metrics import metrics_table
+
+    refined = refined if refined is not None else metrics.get("refinement")
+    if not refined:
+        msg = "these metrics hold no refinement; evaluate a prediction made with refine(...) first."
+        raise ValueError(msg)
+    t = refined["min_confidence"]
+    rows: dict[str, Any] = {}
+    coverage: dict[str, Any] = {}
+    name = f"{method} per cell" + (f", all (Unknown<{t:g} wrong)" if t else "")
+    rows[name], coverage[name] = metrics, refined["coverage"]
+    if t and refined["assigned"] is not None:
+        name = f"{method} per cell, assigned only"
+        rows[name], coverage[name] = refined["assigned"], refined["coverage"]
+    if refined["majority_voting"] is not None:
+        name = f"{method} majority vote ({refined['majority_voting'].get('n_clusters')} clusters)"
+        rows[name], coverage[name] = refined["majority_voting"], refined["majority_voting"].get("coverage")
+    table = metrics_table(rows)
+    table["coverage"] = [coverage[m] for m in table.index]
+    return table
+
+
+def refinement_display(metrics: Mapping[str, Any], refined: Mapping[str, Any] | None = None, *,
+                       method: str = "scGPT", caption: str | None = None) -> Any:
+    """:func:`refinement_table` for a report: rounded, readable headers, a coverage column (a Styler)."""
+    pass
+
+    table = refinement_table(metrics, refined, method=method)
+    frame = table.drop(columns=["n_cells", "coverage"]).round(3)
+    frame.columns = [c.replace("_", " ").replace("macro auroc", "macro AUROC") for c in frame.columns]
+    frame["n cells"] = table["n_cells"].astype("Int64")
+    frame["coverage"] = table["coverage"].astype(float).round(3)
+    frame.index.name = "Method"
+    return _styled(frame, caption=caption, integer=["n cells"])
+
+
+def describe_refinement(params: Mapping[str, Any] | None) -> str:
+    """One readable paragraph of a refinement's parameters (``Prediction.refinement``)."""
+    if not params:
+        return "no abstention, no majority voting: every cell keeps the model's predicted class"
+    lines = []
+    t = params.get("min_confidence") or 0.0
+    if t:
+        lines.append(f"abstention: {params['n_unknown']:,} of {params['n_cells']:,} cells have a confidence below "
+                     f"min_confidence={t:g} and are {UNKNOWN!r} (coverage {params['coverage']:.3f})")
+    else:
+        lines.append("abstention off (min_confidence=0): every cell keeps its predicted class")
+    if params.get("majority_voting"):
+        res = params.get("resolution")
+        res_text = (", ".join(f"{k} {v:g}" for k, v in res.items()) if isinstance(res, Mapping) else f"{res:g}")
+        lines.append(f"majority voting: {params['n_clusters']:,} over-clusters (Leiden resolution {res_text}; "
+                     f"{params['n_neighbors']} neighbours on the model's embedding)")
+    else:
+        lines.append("majority voting off")
+    return "\n".join(lines)
+
+#: readable column headers of the metric names in ``metrics.json``
+HEADERS: dict[str, str] = {
+    "accuracy": "Accuracy",
+    "macro_f1": "Macro-F1",
+    "weighted_f1": "Weighted-F1",
+    "balanced_accuracy": "Balanced accuracy",
+    "cohen_kappa": "Cohen's kappa",
+    "macro_auroc": "Macro AUROC",
+    "n_cells": "n cells",
+}
+#: classes with fewer test cells than this are flagged in :func:`per_class_table`
+FEW_CELLS = 5
+#: the three methods of :func:`run_summary`, as a reader sees them
+SCGPT_NAME = "scGPT fine-tuned"
+BASELINE_NAME = "logistic-regression baseline"
+ZEROSHOT_NAME = "zero-shot kNN on pretrained scGPT"
+DECIMALS = 3
+
+
+def _fmt(value: Any) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    if isinstance(value, (int, np.integer)):
+        return f"{int(value):,}"
+    return f"{float(value):.{DECIMALS}f}"
+
+
+def _metrics(value: Any) -> Mapping[str, Any]:
+    metrics = getattr(value, "metrics", value)
+    if not isinstance(metrics, Mapping):
+        msg = f"expected a metrics dict (or an object with .metrics); got {type(value).__name__}."
+        raise TypeError(msg)
+    return metrics
+
+
+# -- banner ---------------------------------------------------------------------------------
+@dataclass
+class Banner:
+    """A short message shown as a coloured box in notebooks and as plain text elsewhere."""
+
+    title: str
+    text: str
+    level: str = "warning"  # "warning" (amber box) or "info" (grey line)
+
+    def __repr__(self) -> str:
+        return f"{self.title}: {self.text}" if self.title else self.text
+
+    def _repr_html_(self) -> str:
+        if self.level == "warning":
+            style = ("border-left:6px solid #d08c00;background:#fff4d6;padding:8px 12px;margin:4px 0;"
+                     "color:#3d2c00;font-size:14px;line-height:1.4")
+        else:
+            style = "border-left:4px solid #9aa5b1;background:#f3f5f7;padding:6px 12px;margin:4px 0;font-size:13px"
+        title = f"<b>{html.escape(self.title)}</b> " if self.title else ""
+        return f"<div style='{style}'>{title}{html.escape(self.text)}</div>"
+
+    def _repr_markdown_(self) -> str:
+        return f"> **{self.title}** {self.text}" if self.title else f"> {self.text}"
+
+
+def checkpoint_banner(record: Mapping[str, Any]) -> Banner:
+    """Which pretrained checkpoint the run uses (``checkpoint.json`` of 01), as a banner.
+
+    The tiny randomly initialised demo checkpoint gets a visible warning: its numbers show that the
+    protocol runs, not what scGPT can do.
+    """
+    if record.get("kind") == "demo":
+        return Banner(
+            "Demo checkpoint.",
+            "This run uses a tiny, randomly initialised model in the released layout, not the pretrained "
+            "scGPT: its numbers show that the protocol runs end to end, not what scGPT can do. For real "
+            "results set checkpoint='whole-human' in 01_preprocess.",
+        )
+    sha = str(record.get("sha256") or "")[:12]
+    return Banner("", f"Pretrained checkpoint: {record.get('checkpoint')}" + (f" (sha256 {sha}...)" if sha else ""),
+                  level="info")
+
+
+# -- metric tables --------------------------------------------------------------------------
+def _missing_reason(metrics: Mapping[str, Any], key: str) -> str | None:
+    """The note that explains why ``key`` is missing, shortened for a table."""
+    if metrics.get(key) is not None:
+        return None
+    for note in metrics.get("notes") or []:
+        if note.startswith(key):
+            reason = note.split(":", 1)[1].strip() if ":" in note else note
+            if "no predicted probabilities" in reason:
+                reason = "this method gives no class probabilities"
+            return f"{HEADERS.get(key, key)} n/a: {reason.rstrip('.')}"
+    return None
+
+
+def _styled(frame: pd.DataFrame, *, caption: str | None = None, integer: Sequence[str] = (),
+            text: Sequence[str] = ()) -> Styler:
+    numeric = [c for c in frame.columns if c not in integer and pd.api.types.is_float_dtype(frame[c])]
+    styler = frame.style.format(precision=DECIMALS, na_rep="n/a", subset=numeric)
+    if integer:
+        styler = styler.format(lambda v: "n/a" if pd.isna(v) else f"{int(v):,}", subset=list(integer))
+    styler = styler.set_table_styles(
+        [{"selector": "th", "props": "text-align:left; padding:2px 8px"},
+         {"selector": "td", "props": "padding:2px 8px"},
+         {"selector": "caption", "props": "caption-side:top; text-align:left; font-weight:bold"}]
+    )
+    text = [c for c in text if c in frame.columns]
+    if text:
+        styler = styler.set_properties(subset=text, **{"text-align": "left", "white-space": "nowrap"})
+    styler = styler.set_table_styles([{"selector": "th.row_heading", "props": "text-align:left"}], overwrite=False)
+    if caption:
+        styler = styler.set_caption(caption)
+    return styler
+
+
+def metrics_table_frame(results: Mapping[str, Any], *, columns: Sequence[str] | None = None) -> pd.DataFrame:
+    """Rounded headline metrics of several methods with readable headers (see :func:`metrics_display`)."""
+    if not results:
+        raise ValueError("results is empty; give at least one method name -> metrics dict.")
+    keys = list(columns or ("accuracy", "macro_f1", "weighted_f1", "balanced_accuracy", "cohen_kappa",
+                            "macro_auroc"))
+    rows, notes = {}, {}
+    for method, value in results.items():
+        metrics = _metrics(value)
+        rows[str(method)] = {HEADERS.get(k, k): (np.nan if metrics.get(k) is None else round(float(metrics[k]), DECIMALS))
+                             for k in keys}
+        rows[str(method)]["n cells"] = metrics.get("n_cells")
+        reasons = [r for k in keys if (r := _missing_reason(metrics, k))]
+        notes[str(method)] = "; ".join(reasons)
+    frame = pd.DataFrame.from_dict(rows, orient="index")
+    frame["n cells"] = frame["n cells"].astype("Int64")
+    if any(notes.values()):
+        frame["Note"] = pd.Series(notes)
+    frame.index.name = "Method"
+    return frame
+
+
+def metrics_display(results: Mapping[str, Any], *, caption: str | None = None) -> Styler:
+    """Headline metrics of several methods side by side, for a report.
+
+    Parameters
+    ----------
+    results
+        Method name -> metrics dict of :func:`~scgpt_protocol.evaluate.classification_metrics`
+        (or an object with ``.metrics``).
+    caption
+        Table caption (e.g. which cells).
+
+    Returns
+    -------
+    pandas.io.formats.style.Styler
+        3 decimals, readable headers (:data:`HEADERS`), ``n/a`` for a missing value and a ``Note``
+        column giving the reason (e.g. why the macro AUROC could not be computed). ``.data`` is the
+        rounded DataFrame.
+    """
+    return _styled(metrics_table_frame(results), caption=caption, integer=["n cells"], text=["Note"])
+
+
+def _short(method: str) -> str:
+    """``scGPT`` / ``baseline`` / ``zero-shot`` for the package's method names, else the name itself."""
+    from ..metrics import BASELINE_METHOD, SCGPT_METHOD
+
+    return {SCGPT_METHOD: "scGPT", BASELINE_METHOD: "baseline"}.get(str(method), str(method))
+
+
+def per_class_frame(results: Mapping[str, Any], *, few: int = FEW_CELLS) -> pd.DataFrame:
+    """Per-class F1 of each method side by side, with support; see :func:`per_class_table`."""
+    if not results:
+        raise ValueError("results is empty; give at least one method name -> metrics dict.")
+    support: dict[str, int] = {}
+    columns: dict[str, dict[str, float]] = {}
+    for method, value in results.items():
+        rows = _metrics(value).get("per_class")
+        if rows is None:
+            msg = f"metrics of {method!r} have no 'per_class' entry; pass the dicts of classification_metrics()."
+            raise ValueError(msg)
+        columns[f"{_short(method)} F1"] = {str(r["label"]): float(r["f1"]) for r in rows}
+        for r in rows:
+            support[str(r["label"])] = max(support.get(str(r["label"]), 0), int(r["support"]))
+    frame = pd.DataFrame(columns).round(DECIMALS)
+    frame["Support (test cells)"] = pd.Series(support)
+    frame = frame[frame["Support (test cells)"] > 0]
+    frame = frame.sort_values("Support (test cells)", ascending=False, kind="stable")
+    frame["Flag"] = np.where(frame["Support (test cells)"] < few, f"fewer than {few} cells", "")
+    frame.index.name = "Cell type"
+    return frame
+
+
+def per_class_table(results: Mapping[str, Any], *, few: int = FEW_CELLS) -> Styler:
+    """Per class: the F1 of each method (e.g. scGPT and the baseline) and the support, for a report.
+
+    Parameters
+    ----------
+    results
+        Method name -> metrics dict with ``per_class`` (:func:`~scgpt_protocol.evaluate.classification_metrics`).
+    few
+        Classes with fewer true test cells are flagged (their F1 rests on a handful of cells).
+
+    Returns
+    -------
+    pandas.io.formats.style.Styler
+        One row per class with true cells, sorted by support (largest first); columns
+        ``<method> F1``, ``Support (test cells)`` and ``Flag``; flagged rows in grey italics.
+        ``.data`` is the DataFrame.
+    """
+    frame = per_class_frame(results, few=few)
+    styler = _styled(frame, integer=["Support (test cells)"], text=["Flag"])
+
+    def grey(row: pd.Series) -> list[str]:
+        return ["color:#777;font-style:italic" if row["Flag"] else "" for _ in row]
+
+    return styler.apply(grey, axis=1)
+
+
+# -- closing summary ------------------------------------------------------------------------
+@dataclass
+class Summary:
+    """The closing summary of 03 and 04: one rounded table and a one-line verdict."""
+
+    table: pd.DataFrame  # index: method; Accuracy, Macro-F1, Weighted-F1, n cells, Note
+    verdict: str
+    caveat: str = ""
+    cells: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    def _text_table(self) -> pd.DataFrame:
+        out = self.table.copy()
+        for column in ("Accuracy", "Macro-F1", "Weighted-F1"):
+            out[column] = [_fmt(v) for v in out[column]]
+        out["n cells"] = [_fmt(None if pd.isna(v) else int(v)) for v in out["n cells"]]
+        return out
+
+    def __repr__(self) -> str:
+        lines = [f"Summary ({self.cells})" if self.cells else "Summary", self._text_table().to_string(), "",
+                 self.verdict]
+        if self.caveat:
+            lines.append(self.caveat)
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        table = _styled(self._text_table(), text=[c for c in ("Note",) if c in self.table.columns]).to_html()
+        caption = f"<p style='margin:2px 0'><i>{html.escape(self.cells)}</i></p>" if self.cells else ""
+        caveat = (f"<p style='margin:4px 0;color:#7a5200'><b>Caveat:</b> {html.escape(self.caveat)}</p>"
+                  if self.caveat else "")
+        return (f"<div>{caption}{table}<p style='margin:6px 0;font-size:14px'><b>Verdict:</b> "
+                f"{html.escape(self.verdict)}</p>{caveat}</div>")
+
+
+def _read(path: Any) -> Any:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _cells(path: Any) -> set[str] | None:
+    if not path.is_file():
+        return None
+    return set(pd.read_csv(path, index_col=0, usecols=[0]).index.astype(str))
+
+
+def summary_of(
+    rows: Mapping[str, Mapping[str, Any] | str],
+    *,
+    demo: bool = False,
+    cells: str = "",
+) -> Summary:
+    """Build a :class:`Summary` from method -> metrics dict (or a string saying why it is missing).
+
+    The verdict compares macro-F1 (every cell type counts the same) of the methods that have it.
+    """
+    table_rows, missing = {}, {}
+    for method, value in rows.items():
+        if isinstance(value, str):
+            table_rows[method] = {"Accuracy": np.nan, "Macro-F1": np.nan, "Weighted-F1": np.nan, "n cells": pd.NA,
+                                  "Note": value}
+            missing[method] = value
+            continue
+        table_rows[method] = {
+            "Accuracy": round(float(value["accuracy"]), DECIMALS),
+            "Macro-F1": round(float(value["macro_f1"]), DECIMALS),
+            "Weighted-F1": round(float(value["weighted_f1"]), DECIMALS),
+            "n cells": int(value["n_cells"]),
+            "Note": "",
+        }
+    table = pd.DataFrame.from_dict(table_rows, orient="index")
+    table["n cells"] = table["n cells"].astype("Int64")
+    table.index.name = "Method"
+    if not table["Note"].astype(bool).any():
+        table = table.drop(columns="Note")
+    scored = {m: r["Macro-F1"] for m, r in table_rows.items() if not isinstance(rows[m], str)}
+    verdict = _verdict(scored)
+    caveat = ""
+    if demo:
+        caveat = ("the checkpoint is the tiny RANDOMLY INITIALISED demo one, so scGPT's numbers say nothing "
+                  "about the real model; rerun with checkpoint='whole-human'.")
+    n = {int(v) for v in table["n cells"].dropna()}
+    if len(n) == 1 and next(iter(n)) < 500:
+        size = f"with {next(iter(n))} cells, differences below about 0.05 can be chance."
+        caveat = f"{caveat} Also, {size}" if caveat else size[0].upper() + size[1:]
+    return Summary(table=table, verdict=verdict, caveat=caveat, cells=cells, notes=list(missing.values()))
+
+
+def _verdict(scored: Mapping[str, float]) -> str:
+    if not scored:
+        return "No method has metrics on these cells yet."
+    ranked = sorted(scored.items(), key=lambda kv: kv[1], reverse=True)
+    if len(ranked) == 1:
+        return f"Only {ranked[0][0]} has metrics here: macro-F1 {ranked[0][1]:.3f}."
+    (best, top), (second, runner_up) = ranked[0], ranked[1]
+    gap = top - runner_up
+    rest = "".join(f", then {m} ({v:.3f})" for m, v in ranked[2:])
+    if gap < 0.01:
+        return (f"{best} and {second} are level on macro-F1 ({top:.3f} vs {runner_up:.3f}){rest}; "
+                "macro-F1 counts every cell type the same.")
+    return (f"{best} wins on macro-F1 (every cell type counts the same): {top:.3f}, {gap:.3f} ahead of "
+            f"{second} ({runner_up:.3f}){rest}.")
+
+
+def run_summary(layout: RunLayout) -> Summary:
+    """The closing summary of a run: scGPT fine-tuned (03), the baseline (03) and zero-shot kNN (04).
+
+    Reads ``metrics.json``, ``predictions.csv``, ``zeroshot/metrics.json``, ``zeroshot/predictions.csv``
+    and ``checkpoint.json`` of the run. Methods are put side by side only when they were measured on
+    the same cells (the run's test split); a method that has not run, or ran on other cells, gets a
+    row that says so instead of numbers.
+
+    Returns
+    -------
+    Summary
+        ``.table`` (Accuracy, Macro-F1, Weighted-F1 rounded to 3 decimals, n cells, Note), ``.verdict``
+        (which wins on macro-F1 and by how much) and ``.caveat`` (the demo checkpoint, small numbers).
+    """
+    record = _read(layout.checkpoint_record) or {}
+    metrics = _read(layout.metrics) or {}
+    methods = metrics.get("methods") or {}
+    from ..metrics import BASELINE_METHOD, SCGPT_METHOD
+
+    eval_cells = _cells(layout.predictions)
+    zs_cells = _cells(layout.zeroshot_predictions)
+    zs = _read(layout.zeroshot_metrics) or {}
+    rows: dict[str, Mapping[str, Any] | str] = {}
+    rows[SCGPT_NAME] = methods.get(SCGPT_METHOD) or "not run yet: run 03_evaluate"
+    rows[BASELINE_NAME] = methods.get(BASELINE_METHOD) or (
+        "not run yet: run 03_evaluate" if not methods else "not computed (baseline=False in 03)")
+    if not zs:
+        rows[ZEROSHOT_NAME] = "not run yet: run 04_zeroshot"
+    elif not zs.get("majority"):
+        rows[ZEROSHOT_NAME] = "the zero-shot query has no labels: no metrics"
+    elif eval_cells is not None and zs_cells is not None and eval_cells != zs_cells:
+        rows[ZEROSHOT_NAME] = (f"measured on other cells ({len(zs_cells):,} query cells, not the "
+                               f"{len(eval_cells):,} test cells of 03): see 04")
+    else:
+        rows[ZEROSHOT_NAME] = zs["majority"]
+    n = next((int(v["n_cells"]) for v in rows.values() if not isinstance(v, str)), None)
+    where = f"the {n:,} test cells of this run" if n is not None else "the test cells of this run"
+    return summary_of(rows, demo=record.get("kind") == "demo",
+                      cells=f"All methods on {where} (majority vote for zero-shot)")
+
+
+# -- 02 fine-tuning -------------------------------------------------------------------------
+def settings_table(params: StepParams, *, keys: Sequence[str] | None = None) -> Styler:
+    """The values this run uses beside the defaults, changed ones first.
+
+    Parameters
+    ----------
+    params
+        The step's parameters (e.g. :class:`~scgpt_protocol.params.FinetuneParams`).
+    keys
+        Which fields (default: every field except ``run_dir``, ``mount_drive`` and ``device``).
+
+    Returns
+    -------
+    pandas.io.formats.style.Styler
+        ``.data``: index ``Parameter``; columns ``This run``, ``Default``, ``Changed`` (yes / empty) and
+        ``What it is`` (the help text).
+    """
+
+    fields = {f.name: f for f in dataclasses.fields(params)}
+    names = list(keys) if keys is not None else [n for n in fields if n not in {"run_dir", "mount_drive", "device"}]
+    rows = []
+    for name in names:
+        value, default = getattr(params, name), fields[name].default
+        rows.append({"Parameter": name, "This run": repr(value), "Default": repr(default),
+                     "Changed": "yes" if value != default else "", "What it is": fields[name].metadata.get("help", "")})
+    frame = pd.DataFrame(rows).set_index("Parameter").sort_values("Changed", ascending=False, kind="stable")
+    return _styled(frame, text=list(frame.columns))
+
+
+def training_report(summary: Mapping[str, Any], history: pd.DataFrame | None = None) -> Banner:
+    """What 02's training says, in a sentence or two (``train/summary.json`` and the history).
+
+    Says which epoch was kept; when it is the last epoch run (and training was not stopped early),
+    says that validation macro-F1 was still improving and more epochs may help.
+    """
+    best, run = int(summary["best_epoch"]), int(summary["epochs_run"])
+    score = summary.get("best_val_macro_f1")
+    memory = summary.get("peak_memory_bytes")
+    text = (f"strategy {summary.get('strategy')}: kept epoch {best} of {run} "
+            f"(validation macro-F1 {_fmt(score)}); {int(summary.get('trainable_parameters', 0)):,} of "
+            f"{int(summary.get('total_parameters', 0)):,} parameters trained in {float(summary.get('seconds', 0)):.0f} s"
+            + (f", peak memory {memory / 2**20:,.0f} MB." if memory else "."))
+    if best == run and run > 1:
+        return Banner("The best epoch is the last one.",
+                      f"{text} Validation macro-F1 was still improving when training ended, so more epochs "
+                      "may help: raise epochs and run this notebook again with the same run_dir (training "
+                      "continues from the last epoch).")
+    stopped = history is not None and "stopped" in history.columns and bool(history["stopped"].fillna(False).any())
+    tail = f" Training stopped early: no better validation macro-F1 for {run - best} epochs." if stopped else ""
+    return Banner("", text + tail, level="info")
+
+
+# -- files ----------------------------------------------------------------------------------
+def files_table(written: Mapping[str, Any], layout: RunLayout | None = None) -> Styler:
+    """What a step wrote, one row per file, paths relative to ``run_dir`` when inside it (``.data``: the DataFrame)."""
+    from pathlib import Path
+
+    rows = {}
+    for name, path in written.items():
+        path = Path(path)
+        if layout is not None:
+            try:
+                path = path.resolve().relative_to(Path(layout.run_dir).resolve())
+            except ValueError:
+                pass
+        rows[str(name)] = str(path)
+    where = f"File (in {layout.run_dir})" if layout is not None else "File"
+    frame = pd.DataFrame({where: pd.Series(rows)})
+    frame.index.name = "Written"
+    return _styled(frame, text=[where])

@@ -1,0 +1,151 @@
+"""Run the protocol notebooks headless with papermill, leaving executed reports.
+
+``scgpt-protocol run params/demo --run-dir runs/demo`` executes ``notebooks/01..04`` in order with
+the YAML files of a scenario folder (``params/<scenario>/<notebook-stem>.yaml``), writes each
+executed notebook to ``run_dir/reports/`` (and HTML beside it), records a run manifest
+(parameters, versions, checksums, timings) and prints the headline metrics.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib.metadata
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from ..core.layout import STEP_DEPENDS_ON, RunLayout
+from ..core.params import STEPS, ParamsError
+
+logger = logging.getLogger(__name__)
+
+
+def inputs_of_step(values: dict[str, Any], cache: dict[str, Any]) -> dict[str, Any]:
+    """sha256 of one step's input files (a file shared by steps is hashed once: inputs do not change during
+    a run); a checkpoint folder by its ``best_model.pt``; 'demo' and released names as such."""
+    from ..core.io import sha256_file
+
+    def digest(path: Path) -> str:
+        key = str(path)
+        if key not in cache:
+            cache[key] = sha256_file(path)
+        return cache[key]
+
+    sums: dict[str, Any] = {}
+    for key in ("adata_path", "query_path", "reference_path"):
+        value = values.get(key)
+        if value and Path(value).is_file():
+            sums[key] = {"path": value, "sha256": digest(Path(value))}
+        elif value == "demo":
+            version = importlib.metadata.version("scanpy")
+            sums[key] = {"path": "demo", "sha256": f"scanpy.datasets.pbmc68k_reduced (scanpy {version})"}
+    checkpoint = values.get("checkpoint")
+    if checkpoint:
+        weights = Path(checkpoint) / "best_model.pt"
+        sums["checkpoint"] = {"path": checkpoint, "sha256": digest(weights) if weights.is_file() else None}
+    return sums
+
+
+def input_checksums(inputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The manifest's ``checksums``: every input file of the steps run, by path."""
+    return {v["path"]: v["sha256"] for step_inputs in inputs.values() for k, v in step_inputs.items()
+            if k != "checkpoint"}
+
+
+#: parameters that do not change what a step computes (where it runs, where its files go)
+_NEUTRAL_PARAMS = {"run_dir", "mount_drive", "device"}
+
+
+def _effective_params(step: str, values: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A step's parameters with the defaults filled in, without those that do not change its result."""
+    if values is None:
+        return None
+    try:
+        full = STEPS[step].from_mapping(values, source="run_manifest.json").to_dict()
+    except (ParamsError, TypeError, ValueError):  # an old manifest's parameters: compare as recorded
+        full = dict(values)
+    return {k: v for k, v in full.items() if k not in _NEUTRAL_PARAMS}
+
+
+def what_changed(step: str, record: dict[str, Any] | None, values: dict[str, Any],
+                  inputs: dict[str, Any]) -> list[str]:
+    """How this run of ``step`` differs from what the manifest recorded for it ([] if the same or unknown)."""
+    if not record or record.get("params") is None:
+        return []
+    before, now = _effective_params(step, record["params"]), _effective_params(step, values)
+    changes = [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(before) | set(now))
+               if before.get(k) != now.get(k)]
+    old_inputs = record.get("inputs")
+    if old_inputs is not None:
+        for key in sorted(set(old_inputs) | set(inputs)):
+            old, new = old_inputs.get(key) or {}, inputs.get(key) or {}
+            if old.get("sha256") != new.get("sha256") and not any(key in c.split(":")[0] for c in changes):
+                changes.append(f"{key} content changed (sha256 {str(old.get('sha256'))[:12]} -> "
+                               f"{str(new.get('sha256'))[:12]})")
+    return changes
+
+
+def set_stale(layout: RunLayout, manifest: dict[str, Any], step: str, changes: list[str]) -> list[str]:
+    """``step`` re-runs with ``changes``: set aside the files of the steps that depend on it, mark them stale."""
+    now = _dt.datetime.now(_dt.timezone.utc)
+    stamp = now.strftime("%Y%m%dT%H%M%SZ")
+    reason = f"{step} re-ran with other parameters or inputs ({'; '.join(changes)})"
+    marked = []
+    for dependent, needs in STEP_DEPENDS_ON.items():
+        if step not in needs:
+            continue
+        record = manifest["steps"].get(dependent)
+        folder, moved = layout.set_aside(dependent, stamp)
+        if not moved and (record is None or record.get("status") == "stale"):
+            continue  # never ran, or already set aside
+        previous = {k: v for k, v in (record or {}).items() if k != "stale"}
+        manifest["steps"][dependent] = {
+            **previous, "status": "stale",
+            "stale": {"reason": reason, "time": now.isoformat(timespec="seconds"),
+                      "previous_status": (record or {}).get("status"),
+                      "moved_to": str(folder.relative_to(layout.run_dir)) if moved else None,
+                      "moved": [str(m) for m in moved]},
+        }
+        marked.append(dependent)
+        logger.warning("%s is stale: %s. Its files were moved to %s (nothing deleted); run it again.",
+                       dependent, reason, folder if moved else "(none were there)")
+    return marked
+
+
+def read_last_finished_epoch(layout: RunLayout) -> int | None:
+    """The last epoch 02 finished (``train/history.csv``, written with the resumable state)."""
+    import csv
+
+    try:
+        with open(layout.history, newline="", encoding="utf-8") as fh:
+            epochs = [int(float(row["epoch"])) for row in csv.DictReader(fh) if row.get("epoch")]
+    except (OSError, ValueError, KeyError):
+        return None
+    return max(epochs) if epochs else None
+
+
+def checkpoint_checksum(layout: RunLayout) -> dict[str, Any] | None:
+    """The pretrained checkpoint 01 recorded (its sha256 was taken there)."""
+    if not layout.checkpoint_record.is_file():
+        return None
+    record = json.loads(layout.checkpoint_record.read_text())
+    return {"path": record.get("checkpoint"), "kind": record.get("kind"), "sha256": record.get("sha256")}
+
+
+def headline_metrics(layout: RunLayout, steps: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Metrics of 03 and 04, from the steps the manifest records as finished (never a stale or failed one)."""
+    summary: dict[str, Any] = {}
+
+    def done(step: str) -> bool:
+        return steps is None or (steps.get(step) or {}).get("status") == "finished"
+
+    if done("03_evaluate") and layout.metrics.is_file():
+        metrics = json.loads(layout.metrics.read_text())
+        for method, values in (metrics.get("methods") or {}).items():
+            summary[method] = {k: values.get(k) for k in ("accuracy", "macro_f1", "weighted_f1") if k in values}
+    if done("04_zeroshot") and layout.zeroshot_metrics.is_file():
+        zs = json.loads(layout.zeroshot_metrics.read_text())
+        if zs.get("majority"):
+            summary["zero-shot kNN (majority)"] = {k: zs["majority"].get(k) for k in ("accuracy", "macro_f1", "weighted_f1")}
+    return summary

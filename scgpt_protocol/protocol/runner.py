@@ -1,0 +1,427 @@
+"""Run the protocol notebooks headless with papermill, leaving executed reports.
+
+``scgpt-protocol run params/demo --run-dir runs/demo`` executes ``notebooks/01..04`` in order with
+the YAML files of a scenario folder (``params/<scenario>/<notebook-stem>.yaml``), writes each
+executed notebook to ``run_dir/reports/`` (and HTML beside it), records a run manifest
+(parameters, versions, checksums, timings) and prints the headline metrics.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..core.errors import DiskFullError
+from ..core.io import disk_full_error, is_disk_full, package_versions
+from ..core.layout import RunLayout
+from ..core.params import STEPS, ParamsError, load_params_file
+from ..model.download import KNOWN_CHECKPOINTS
+from .manifest import (
+    checkpoint_checksum,
+    headline_metrics,
+    input_checksums,
+    read_last_finished_epoch,
+    set_stale,
+    inputs_of_step,
+    what_changed,
+)
+from .reports import (
+    export_html_safely,
+    mark_interrupted_report,
+    notebook_error,
+    resume_command,
+    set_report_aside,
+    report_title,
+)
+from .workspace import resolve_notebooks, resolve_scenario
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["run_protocol", "RunFailed", "RunDirInUse", "RunInterrupted"]
+
+#: parameters whose values are paths to resolve against the caller's working directory
+_PATH_PARAMS = ("adata_path", "query_path", "reference_path", "checkpoint")
+
+
+class RunFailed(RuntimeError):
+    """A notebook raised; the message names the report and the cell."""
+
+    #: the name of the error the notebook raised (e.g. ``"DiskFullError"``, ``"InputDataError"``)
+    ename: str | None = None
+
+
+class RunDirInUse(FileExistsError):
+    """``run_dir`` holds a finished run or files of something else."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """The run was stopped (Ctrl-C / SIGINT, SIGTERM) during a step.
+
+    The manifest says ``"interrupted"`` with the step (and for 02 the last finished epoch); ``resume``
+    is the command that continues the run. A ``KeyboardInterrupt``, so ``except Exception`` does not
+    swallow it.
+    """
+
+    def __init__(self, message: str, *, step: str, signal_name: str, resume: str) -> None:
+        super().__init__(message)
+        self.step, self.signal_name, self.resume = step, signal_name, resume
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class _Terminated(KeyboardInterrupt):
+    """Raised by the runner's SIGTERM handler: a batch scheduler (or ``kill``) stopped the run."""
+
+
+@dataclass
+class StepOutcome:
+    step: str
+    report: Path
+    seconds: float
+    status: str = "finished"
+    error: str | None = None
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    steps: list[StepOutcome] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+    #: steps whose files were set aside because a step they depend on re-ran with other parameters or inputs
+    stale: list[str] = field(default_factory=list)
+
+
+def _select_steps(steps: Sequence[str] | None) -> list[str]:
+    names = list(STEPS)
+    if not steps:
+        return names
+    chosen = []
+    for s in steps:
+        match = [n for n in names if n == s or n.split("_", 1)[0] == s.zfill(2) or n.split("_", 1)[1] == s]
+        if not match:
+            msg = f"unknown step {s!r}; steps: {names} (also '01' or 'preprocess' style)."
+            raise ParamsError(msg)
+        chosen.extend(m for m in match if m not in chosen)
+    return [n for n in names if n in chosen]
+
+
+def _load_overrides(params_dir: Path, steps: list[str], run_dir: Path, cwd: Path) -> dict[str, dict[str, Any]]:
+    """Read and check every step's YAML before anything runs (an unknown key fails here)."""
+    if not params_dir.is_dir():
+        msg = f"parameter folder {params_dir} does not exist; built-in scenarios: demo, ci, retina-example."
+        raise FileNotFoundError(msg)
+    out = {}
+    for step in steps:
+        path = params_dir / f"{step}.yaml"
+        values = load_params_file(path, STEPS[step]) if path.is_file() else {}
+        for key in _PATH_PARAMS:
+            value = values.get(key)
+            if isinstance(value, str) and value not in {"demo", *KNOWN_CHECKPOINTS}:
+                values[key] = str((cwd / Path(value).expanduser()).resolve())
+        values["run_dir"] = str(run_dir)
+        STEPS[step].from_mapping(values, source=str(path))  # values checked before any notebook runs
+        out[step] = values
+    return out
+
+
+def _check_run_dir(layout: RunLayout, force: bool, params_dir: Path) -> dict[str, Any] | None:
+    """Refuse a run_dir with a finished run or foreign files; return an unfinished run's manifest."""
+    if not layout.run_dir.exists() or not any(layout.run_dir.iterdir()):
+        return None
+    if not layout.manifest.is_file():
+        if force:
+            return None
+        msg = (
+            f"run_dir {layout.run_dir} is not empty and holds no run manifest (another run or other files). "
+            "Choose a new --run-dir, or pass --force to write into it anyway."
+        )
+        raise RunDirInUse(msg)
+    manifest = json.loads(layout.manifest.read_text())
+    if manifest.get("status") == "finished" and not force:
+        msg = (
+            f"run_dir {layout.run_dir} holds a finished run (params {manifest.get('params_dir')}, finished "
+            f"{manifest.get('finished')}). Choose a new --run-dir, or pass --force to run again into it "
+            "(fine-tuning then resumes or restarts as its parameters say)."
+        )
+        raise RunDirInUse(msg)
+    if manifest.get("params_dir") != str(params_dir) and not force:
+        msg = (
+            f"run_dir {layout.run_dir} holds an unfinished run of {manifest.get('params_dir')}, not {params_dir}. "
+            "Choose a new --run-dir, or pass --force."
+        )
+        raise RunDirInUse(msg)
+    return manifest
+
+
+def _failure_message(err: Exception, report: Path) -> str:
+    cell = getattr(err, "exec_count", None) or getattr(err, "cell_index", None)
+    ename, evalue = getattr(err, "ename", type(err).__name__), getattr(err, "evalue", str(err))
+    where = f"cell {cell} of " if cell is not None else ""
+    return f"{ename}: {evalue} (in {where}{report})"
+
+
+def run_protocol(
+    params_dir: str | Path,
+    run_dir: str | Path,
+    *,
+    steps: Sequence[str] | None = None,
+    force: bool = False,
+    kernel_name: str | None = None,
+    html: bool = True,
+    notebooks: str | Path | None = None,
+) -> RunResult:
+    """Execute the protocol notebooks with papermill.
+
+    Parameters
+    ----------
+    params_dir
+        A scenario folder, e.g. ``params/demo``: ``<notebook-stem>.yaml`` override files; or the name
+        of a built-in scenario (``demo``, ``ci``, ``retina-example``) when no such folder exists.
+    run_dir
+        Where everything goes; reports in ``run_dir/reports``.
+    steps
+        A subset such as ``["01", "02"]`` (default: all four in order).
+    force
+        Run into a ``run_dir`` that holds a finished run or other files.
+    notebooks
+        A folder of the step notebooks to run (a user's edited copies from ``scgpt-protocol init``);
+        default: the notebooks shipped with the package.
+
+    A step that re-runs with other parameters or input files than the manifest recorded for it makes
+    the steps that depend on it stale (02 and 04 depend on 01; 03 on 01 and 02): their files move to
+    ``run_dir/stale/<step>-<UTC time>/`` (nothing is deleted), the manifest marks them ``"stale"`` with
+    the reason, and the run is ``"partial"`` until they run again. A re-run with the same parameters
+    and inputs (resuming an interrupted run) changes nothing.
+
+    Raises
+    ------
+    RunDirInUse, ParamsError
+        Before anything runs.
+    RunFailed
+        A notebook raised (the message names the error, the cell and the report; a full disk inside a
+        step reads ``DiskFullError: no space left to write <path> ...``). The manifest says ``"failed"``.
+    DiskFullError
+        The runner itself could not write a report (the truncated report is renamed ``*.ipynb.incomplete``).
+    RunInterrupted
+        Ctrl-C (SIGINT) or SIGTERM during a step. The manifest says ``"interrupted"`` with the step, the
+        time and (02) the last finished epoch; the report says so on top; the message gives the command
+        that resumes the run.
+    """
+    import papermill
+
+    cwd = Path.cwd()
+    params_dir = resolve_scenario(params_dir)
+    layout = RunLayout(Path(run_dir).resolve())
+    chosen = _select_steps(steps)
+    notebook_dir = resolve_notebooks(notebooks, chosen)
+    overrides = _load_overrides(params_dir, chosen, layout.run_dir, cwd)
+    previous = _check_run_dir(layout, force, params_dir)
+    hashes: dict[str, Any] = {}
+    inputs = {step: inputs_of_step(overrides[step], hashes) for step in chosen}  # before the manifest says "running"
+    layout.make_dirs()
+    layout.reports_dir.mkdir(parents=True, exist_ok=True)
+    manifest: dict[str, Any] = {
+        "params_dir": str(params_dir),
+        "notebooks_dir": str(notebook_dir),
+        "run_dir": str(layout.run_dir),
+        "started": _now(),
+        "status": "running",
+        "versions": package_versions(),
+        "steps": (previous or {}).get("steps", {}),
+    }
+    layout.write_json(layout.manifest, manifest)
+    result = RunResult(run_dir=layout.run_dir)
+    env_before = os.environ.get("SCGPT_PROTOCOL_PROGRESS")
+    os.environ["SCGPT_PROTOCOL_PROGRESS"] = "text"  # widget bars render badly in executed reports
+    sigterm_before = _install_sigterm_handler()
+    step, t0 = chosen[0], time.perf_counter()
+    try:
+        for step in chosen:
+            notebook = notebook_dir / f"{step}.ipynb"
+            report = layout.step_report(step)
+            changes = what_changed(step, manifest["steps"].get(step), overrides[step], inputs[step])
+            if changes:
+                marked = set_stale(layout, manifest, step, changes)
+                result.stale.extend(s for s in marked if s not in result.stale)
+            record = {"report": str(report), "status": "running", "started": _now(), "params": overrides[step],
+                      "inputs": inputs[step]}
+            manifest["steps"][step] = record
+            layout.write_json(layout.manifest, manifest)
+            logger.info("running %s -> %s", notebook.name, report)
+            t0 = time.perf_counter()
+            try:
+                papermill.execute_notebook(
+                    str(notebook), str(report), parameters=overrides[step], kernel_name=kernel_name,
+                    cwd=str(cwd), progress_bar=False, log_output=False,
+                )
+            except KeyboardInterrupt:
+                raise
+            except Exception as err:  # papermill wraps every notebook error; report where it failed
+                if getattr(err, "ename", None) == "KeyboardInterrupt":  # the kernel itself was interrupted
+                    raise KeyboardInterrupt from err
+                seconds = round(time.perf_counter() - t0, 1)
+                _step_failed(err, layout, manifest, result, step, report, record, seconds, html=html)
+            seconds = round(time.perf_counter() - t0, 1)
+            if html:
+                export_html_safely(report, report_title(step, layout.run_dir))
+            result.steps.append(StepOutcome(step, report, seconds))
+            manifest["steps"][step] = {**record, "seconds": seconds, "status": "finished",
+                                       "finished": _now()}
+            manifest["checksums"] = {**input_checksums(inputs), "checkpoint": checkpoint_checksum(layout)}
+            layout.write_json(layout.manifest, manifest)
+            logger.info("%s finished in %.1f s", step, seconds)
+    except KeyboardInterrupt as err:
+        _interrupted(err, layout, manifest, result, step, chosen, overrides, params_dir,
+                     round(time.perf_counter() - t0, 1), html=html,
+                     notebooks=notebook_dir if notebooks is not None else None)
+    except DiskFullError as err:  # the runner's own writes (HTML copy, manifest) after the notebook ran
+        if manifest["steps"].get(step, {}).get("status") != "failed":
+            manifest["steps"][step] = {**manifest["steps"].get(step, {}), "status": "failed", "error": str(err),
+                                       "error_type": "DiskFullError"}
+            manifest["status"] = "failed"
+            _write_manifest_best_effort(layout, manifest)
+        raise
+    finally:
+        _restore_sigterm_handler(sigterm_before)
+        if env_before is None:
+            os.environ.pop("SCGPT_PROTOCOL_PROGRESS", None)
+        else:
+            os.environ["SCGPT_PROTOCOL_PROGRESS"] = env_before
+    all_done = all(manifest["steps"].get(s, {}).get("status") == "finished" for s in STEPS)
+    manifest["status"] = "finished" if all_done else "partial"
+    manifest["finished"] = _now()
+    manifest["headline"] = result.summary = headline_metrics(layout, manifest["steps"])
+    layout.write_json(layout.manifest, manifest)
+    stale = [s for s in STEPS if manifest["steps"].get(s, {}).get("status") == "stale"]
+    if stale:
+        logger.warning("stale (a step they depend on re-ran with other parameters or inputs; run them again): %s; "
+                       "their old files are under %s", ", ".join(stale), layout.stale_dir)
+    return result
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _install_sigterm_handler() -> Any:
+    """SIGTERM (a scheduler's stop, ``kill``) interrupts the run like Ctrl-C, so it is recorded."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum: int, frame: Any) -> None:
+        raise _Terminated("SIGTERM")
+
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except (ValueError, OSError):
+        return None
+
+
+def _restore_sigterm_handler(before: Any) -> None:
+    if before is not None:
+        signal.signal(signal.SIGTERM, before)
+
+
+def _write_manifest_best_effort(layout: RunLayout, manifest: dict[str, Any]) -> str | None:
+    """Write the manifest; if even that fails (a full disk), log it and say so instead of raising."""
+    try:
+        layout.write_json(layout.manifest, manifest)
+        return None
+    except OSError as err:
+        logger.error("could not update %s either: %s", layout.manifest, err)
+        return f"run_manifest.json could not be updated ({type(err).__name__}); it still says what it said before"
+
+
+def _step_failed(err: Exception, layout: RunLayout, manifest: dict[str, Any], result: RunResult, step: str,
+                 report: Path, record: dict[str, Any], seconds: float, *, html: bool) -> None:
+    """Record a failed step (manifest "failed"), leave no report that looks valid, raise the typed error."""
+    disk_full_here = is_disk_full(err)  # the runner's own write (papermill saving the report) failed
+    written = report.stat().st_size if report.is_file() else None
+    aside = set_report_aside(report)
+    full = disk_full_error(report, needed=written, cause=err) if disk_full_here else None
+    error = str(full) if full is not None else _failure_message(err, report)
+    if aside:
+        error += f" ({aside})"
+    outcome = StepOutcome(step, report, seconds, "failed", error)
+    result.steps.append(outcome)
+    ename = "DiskFullError" if disk_full_here else getattr(err, "ename", type(err).__name__)
+    manifest["steps"][step] = {**record, "seconds": seconds, "status": "failed", "error": error, "error_type": ename}
+    manifest["status"] = "failed"
+    manifest_note = _write_manifest_best_effort(layout, manifest)
+    if html and report.is_file() and not aside:
+        try:
+            export_html_safely(report, report_title(step, layout.run_dir))
+        except OSError as html_err:
+            logger.error("no HTML copy of %s: %s", report, html_err)
+    if full is not None:
+        first = notebook_error(err)  # a cell had failed before papermill could not save the report
+        note = "; ".join(n for n in (f"a cell had failed first: {first}" if first else None, aside, manifest_note)
+                         if n)
+        raise DiskFullError(report, needed=full.needed, free=full.free, cause=err,
+                            note=f"Step {step} failed{': ' + note if note else ''}.") from err
+    msg = f"step {step} failed: {error}" + (f"; {manifest_note}" if manifest_note else "")
+    failed = RunFailed(msg)
+    failed.ename = getattr(err, "ename", type(err).__name__)
+    raise failed from None
+
+
+def _interrupted(err: BaseException, layout: RunLayout, manifest: dict[str, Any], result: RunResult, step: str,
+                 chosen: list[str], overrides: dict[str, dict[str, Any]], params_dir: Path, seconds: float, *,
+                 html: bool, notebooks: Path | None = None) -> None:
+    """Record an interrupted step (manifest "interrupted"), mark its report, say how to resume, raise."""
+    what = "SIGTERM" if isinstance(err, _Terminated) else (
+        "KeyboardInterrupt in the notebook" if isinstance(err.__cause__, Exception) else "SIGINT / Ctrl-C")
+    when = _now()
+    resume = resume_command(params_dir, layout.run_dir, chosen, step, notebooks)
+    epoch_note, info = "", {"step": step, "time": when, "signal": what, "resume": resume}
+    if step == "02_finetune":
+        epoch = read_last_finished_epoch(layout)
+        params = STEPS[step].from_mapping(overrides[step])
+        total, keeps = params.epochs, params.resume
+        info["last_finished_epoch"] = None if params.strategies else epoch
+        if params.strategies:  # a comparison keeps each finished strategy; the one in progress starts over
+            folder = layout.train_dir / "comparison" / "strategies"
+            done = sorted(d.name for d in folder.glob("*") if (d / "outcome.json").is_file())
+            info["strategies_finished"] = done
+            epoch_note = (f" Strategies already trained ({', '.join(done) or 'none'}) are reused when it resumes; "
+                          "the others train from epoch 1.")
+        elif epoch is None:
+            epoch_note = " No fine-tuning epoch had finished; fine-tuning starts from epoch 1 again."
+        elif keeps:
+            epoch_note = (f" Fine-tuning had finished epoch {epoch} of {total}; it resumes after epoch {epoch} "
+                          "(train/last_state.pt).")
+        else:
+            epoch_note = f" Fine-tuning had finished epoch {epoch} of {total}; with resume: false it starts over."
+    report = layout.step_report(step)
+    aside = set_report_aside(report)
+    cell = None
+    if report.is_file() and not aside:
+        try:
+            cell = mark_interrupted_report(report, step=step, what=what, when=when, resume=resume,
+                                            epoch_note=epoch_note)
+            if html:
+                export_html_safely(report, report_title(step, layout.run_dir))
+        except Exception as mark_err:  # the record below matters more than the report's banner
+            logger.error("could not mark %s as interrupted: %s", report, mark_err)
+    info["cell"] = cell
+    record = manifest["steps"].get(step, {})
+    manifest["steps"][step] = {**record, "status": "interrupted", "seconds": seconds, "interrupted": info}
+    manifest["status"] = "interrupted"
+    manifest["interrupted"] = info
+    result.steps.append(StepOutcome(step, report, seconds, "interrupted", f"interrupted ({what})"))
+    manifest_note = _write_manifest_best_effort(layout, manifest)
+    msg = (f"step {step} was interrupted ({what}) at {when}"
+           f"{f', in cell In [{cell}] of {report}' if cell is not None else ''}.{epoch_note} "
+           f"Resume with: {resume}" + (f" ({aside})" if aside else "")
+           + (f"; {manifest_note}" if manifest_note else ""))
+    logger.error("%s", msg)
+    raise RunInterrupted(msg, step=step, signal_name=what, resume=resume) from err

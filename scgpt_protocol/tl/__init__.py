@@ -1,0 +1,22 @@
+"""Tools, as in ``scanpy.tl``: what a notebook calls on an AnnData once it is prepared.
+
+``embed`` (cell embeddings in ``obsm``), ``finetune`` / ``load_finetuned`` / ``save_finetuned``, ``predict``,
+``refine`` (abstention, majority voting), ``transfer_labels`` (kNN on embeddings), ``zeroshot_annotate``,
+``compute_umap``. Each is defined in its own layer (``model``, ``adapt``, ``annotate``, ``pl``); this namespace
+only names them.
+"""
+
+from ..core.lazy import lazy_exports
+
+__getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    "embed": ".model.embed",
+    "finetune": ".adapt.train",
+    "load_finetuned": ".adapt.saved",
+    "save_finetuned": ".adapt.saved",
+    "apply_strategy": ".adapt.strategies",
+    "predict": ".annotate.predict",
+    "refine": ".annotate.refine",
+    "transfer_labels": ".annotate.knn",
+    "zeroshot_annotate": ".annotate.zeroshot",
+    "compute_umap": ".pl.embedding",
+})

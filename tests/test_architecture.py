@@ -1,0 +1,181 @@
+"""The package's import structure: layers that import one way only, no circles, no private names across
+modules, and size limits that keep every module and function readable.
+
+The layer order is written once, here, and drawn in docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "scgpt_protocol"
+NAME = PACKAGE.name
+
+#: lowest first; a module may import from its own package and from packages of lower layers only.
+#: Packages that share a layer (pp, adapt, annotate) do not import each other.
+LAYERS: list[tuple[str, ...]] = [
+    ("core",),
+    ("data",),
+    ("metrics",),
+    ("model",),
+    ("pp", "adapt", "annotate"),
+    ("evaluate",),
+    ("pl",),
+    ("protocol",),
+    ("tl", "__init__", "__main__"),  # namespaces and entry points: they only re-export and call
+]
+RANK = {pkg: i for i, layer in enumerate(LAYERS) for pkg in layer}
+
+MAX_MODULE_LINES = 600
+MAX_FUNCTION_LINES = 120
+#: functions allowed over MAX_FUNCTION_LINES, each with the reason
+LONG_FUNCTIONS: dict[str, str] = {}
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if "_protocol" in path.relative_to(PACKAGE).parts:
+            continue
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        out[name] = path
+    return out
+
+
+MODULES = _modules()
+
+
+def _package(module: str) -> str:
+    """The top-level part below the package: 'scgpt_protocol.pp.stream' -> 'pp'; the root -> '__init__'."""
+    parts = module.split(".")
+    if len(parts) == 1:
+        return "__init__"
+    return parts[1]
+
+
+def _imports(module: str) -> list[tuple[str, str, int]]:
+    """(target module, imported name or '', line) for every import of this package in module, at any depth
+    (inside functions and TYPE_CHECKING blocks too: they are dependencies all the same)."""
+    path = MODULES[module]
+    is_package = path.name == "__init__.py"
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out += [(a.name, "", node.lineno) for a in node.names if a.name.split(".")[0] == NAME]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = module.split(".") if is_package else module.split(".")[:-1]
+                base = base[: len(base) - node.level + 1]
+                source = ".".join(base + ([node.module] if node.module else []))
+            else:
+                source = node.module or ""
+            if source.split(".")[0] != NAME:
+                continue
+            for alias in node.names:
+                sub = f"{source}.{alias.name}"
+                out.append((sub, "", node.lineno) if sub in MODULES else (source, alias.name, node.lineno))
+    return out
+
+
+def _graph() -> dict[str, set[str]]:
+    return {m: {t for t, _, _ in _imports(m) if t in MODULES and t != m} for m in MODULES}
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_every_module_has_a_layer():
+    unknown = sorted({_package(m) for m in MODULES} - set(RANK))
+    assert not unknown, f"packages missing from LAYERS: {unknown}"
+
+
+def test_no_import_circles():
+    assert _cycles(_graph()) == []
+
+
+def test_imports_run_downward_only():
+    upward = []
+    for module in MODULES:
+        here = _package(module)
+        for target, name, line in _imports(module):
+            there = _package(target)
+            if there == here:
+                continue
+            if RANK[there] >= RANK[here]:
+                upward.append(f"{module}:{line} imports {target} {name}".rstrip())
+    assert upward == []
+
+
+def test_no_private_names_across_modules():
+    private = []
+    for module in MODULES:
+        for target, name, line in _imports(module):
+            if name.startswith("_") and not name.startswith("__") and target != module:
+                private.append(f"{module}:{line} imports {target}.{name}")
+            if any(p.startswith("_") and not p.startswith("__") for p in target.split(".")[1:]):
+                if _package(target) != _package(module):
+                    private.append(f"{module}:{line} imports the private module {target}")
+    assert private == []
+
+
+def test_modules_and_functions_stay_readable():
+    too_long = []
+    for module, path in MODULES.items():
+        source = path.read_text()
+        if source.count("\n") > MAX_MODULE_LINES:
+            too_long.append(f"{module}: {source.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_FUNCTION_LINES and f"{module}.{node.name}" not in LONG_FUNCTIONS:
+                    too_long.append(f"{module}.{node.name}: {length} lines")
+    assert too_long == []
+
+
+@pytest.mark.parametrize("rule", ["cycle", "upward", "private"])
+def test_the_checks_catch_what_they_are_for(rule):
+    """The rules above fail on a made-up graph that breaks them (so a passing run means something)."""
+    if rule == "cycle":
+        assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    elif rule == "upward":
+        assert RANK["core"] < RANK["model"] < RANK["evaluate"] < RANK["protocol"]
+        assert RANK["pp"] == RANK["adapt"] == RANK["annotate"]
+    else:
+        imports = _imports(f"{NAME}.core.io")
+        assert all(t.startswith(f"{NAME}.core") for t, _, _ in imports)
