@@ -138,11 +138,11 @@ def _step_01(args: argparse.Namespace, work: Path) -> dict:
 
 def _step_02(args: argparse.Namespace, work: Path) -> dict:
     from scgpt_protocol import load_model
-    from scgpt_protocol.data.backed import read_backed
+    from scgpt_protocol.data.backed import open_cells
     from scgpt_protocol.core.params import FinetuneParams
     from scgpt_protocol.adapt.train import finetune
 
-    adata = read_backed(work / "run" / "data" / "prepared.h5ad")  # as 02 reads it: X and obs stay on disk
+    adata = open_cells(work / "run" / "data" / "prepared.h5ad")  # as 02 reads it: X and obs stay on disk
     categories = json.loads((work / "run" / "data" / "labels.json").read_text())["categories"]
     params = FinetuneParams(strategy="head", epochs=1, batch_size=32, max_seq_len=args.max_seq_len,
                             steps_per_epoch=args.steps, device="cpu", patience=0)
@@ -156,11 +156,11 @@ def _step_02(args: argparse.Namespace, work: Path) -> dict:
 
 
 def _step_03(args: argparse.Namespace, work: Path) -> dict:
-    from scgpt_protocol.data.backed import read_backed
+    from scgpt_protocol.data.backed import open_cells
     from scgpt_protocol.annotate.predict import predict
     from scgpt_protocol.adapt.saved import load_finetuned
 
-    cells = read_backed(work / "run" / "data" / "prepared.h5ad")  # X and obs stay on disk
+    cells = open_cells(work / "run" / "data" / "prepared.h5ad")  # X and obs stay on disk
     model, manifest = load_finetuned(work / "model", device="cpu")
     prediction = predict(model, cells, categories=manifest["categories"], max_seq_len=args.max_seq_len,
                          genes=manifest["genes"], out=work / "predictions.h5")
@@ -170,11 +170,11 @@ def _step_03(args: argparse.Namespace, work: Path) -> dict:
 
 def _step_04(args: argparse.Namespace, work: Path) -> dict:
     from scgpt_protocol import load_model
-    from scgpt_protocol.data.backed import read_backed
+    from scgpt_protocol.data.backed import open_cells
     from scgpt_protocol.model.embed import embed
 
     model = load_model(work / "checkpoint", device="cpu")
-    embed(read_backed(work / "run" / "data" / "prepared.h5ad"), model, max_seq_len=args.max_seq_len,
+    embed(open_cells(work / "run" / "data" / "prepared.h5ad"), model, max_seq_len=args.max_seq_len,
           out=work / "embeddings.h5")
     return {}
 

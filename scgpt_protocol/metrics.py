@@ -1,8 +1,15 @@
-"""TODO docstring: metrics."""
+"""Classification metrics and the tables built from them, below every step that scores cells.
+
+:func:`classification_metrics` (accuracy, macro / weighted F1, balanced accuracy, Cohen's kappa, macro AUROC,
+per class, with a reason for every n/a), :func:`confusion`, :func:`coverage_curve` (accuracy against the share
+of cells assigned, for abstention), :func:`metrics_table` (the headline metrics of several methods side by
+side) and the method names every table, file and figure uses.
+"""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
@@ -11,19 +18,49 @@ import pandas as pd
 if TYPE_CHECKING:
 
     pass
-if TYPE_CHECKING:
 
-    pass
+__all__ = ["Method", "METHODS", "SCGPT", "BASELINE", "ZEROSHOT", "METRIC_DESCRIPTIONS", "HEADLINE_METRICS", "SUMMARY_METRICS", "HEADERS", "SCGPT_METHOD", "BASELINE_METHOD", "ZEROSHOT_METHOD", "headline_values", "missing_reason", "classification_metrics", "metrics_table", "confusion", "coverage_curve"]
 
-__all__ = ["METRIC_DESCRIPTIONS", "HEADLINE_METRICS", "SCGPT_METHOD", "BASELINE_METHOD", "classification_metrics", "metrics_table", "confusion", "coverage_curve"]
+@dataclass(frozen=True)
+class Method:
+    """A method the package scores, named once for every file, table and figure.
 
+    ``name``: its name in ``metrics.json``, the run manifest, DuckDB and :func:`metrics_table`; ``label``: how
+    a report's summary names it; ``short``: column prefixes (``"scGPT F1"``) and figure legends; ``color``:
+    its colour in every figure (names that start with ``short`` get it too).
+    """
+
+    name: str
+    label: str
+    short: str
+    color: str
+
+
+SCGPT = Method("scGPT (fine-tuned)", "scGPT fine-tuned", "scGPT", "#1f77b4")
+BASELINE = Method("logistic regression (log1p-CP10k HVG)", "logistic-regression baseline", "baseline", "#ff7f0e")
+ZEROSHOT = Method("zero-shot kNN (majority)", "zero-shot kNN on pretrained scGPT", "zero-shot", "#2ca02c")
+METHODS = (SCGPT, BASELINE, ZEROSHOT)
 #: row name of the fine-tuned model in :func:`metrics_table`
-SCGPT_METHOD = "scGPT (fine-tuned)"
+SCGPT_METHOD = SCGPT.name
 #: row name of :func:`logistic_regression_baseline` in :func:`metrics_table`
-BASELINE_METHOD = "logistic regression (log1p-CP10k HVG)"
+BASELINE_METHOD = BASELINE.name
+#: name of zero-shot kNN (the majority vote) in the run manifest's headline
+ZEROSHOT_METHOD = ZEROSHOT.name
 
 #: the columns of :func:`metrics_table`, in order
 HEADLINE_METRICS = ("accuracy", "macro_f1", "weighted_f1", "balanced_accuracy", "cohen_kappa", "macro_auroc")
+#: the three metrics of a report's summary and of the run manifest's headline
+SUMMARY_METRICS = ("accuracy", "macro_f1", "weighted_f1")
+#: readable column headers of report tables
+HEADERS: dict[str, str] = {
+    "accuracy": "Accuracy",
+    "macro_f1": "Macro-F1",
+    "weighted_f1": "Weighted-F1",
+    "balanced_accuracy": "Balanced accuracy",
+    "cohen_kappa": "Cohen's kappa",
+    "macro_auroc": "Macro AUROC",
+    "n_cells": "n cells",
+}
 
 METRIC_DESCRIPTIONS: dict[str, str] = {
     "accuracy": "accuracy: share of cells whose predicted label equals the true label",
@@ -272,8 +309,37 @@ def classification_metrics(
     return metrics
 
 
-def metrics_table(results: Mapping[str, Any]) -> pd.DataFrame:
-    """Headline metrics of several methods side by side.
+def headline_values(metrics: Mapping[str, Any], keys: Sequence[str] = HEADLINE_METRICS, *,
+                    decimals: int | None = None, missing: Any = np.nan) -> dict[str, Any]:
+    """One method's headline numbers as floats (rounded with Python's ``round`` to ``decimals``, per value),
+    ``missing`` for a metric that is None or absent."""
+
+    def one(key: str) -> Any:
+        value = metrics.get(key)
+        if value is None:
+            return missing
+        return float(value) if decimals is None else round(float(value), decimals)
+
+    return {k: one(k) for k in keys}
+
+
+def missing_reason(metrics: Mapping[str, Any], key: str) -> str | None:
+    """The note that explains why ``key`` is missing (from the metrics' ``notes``), shortened for a table."""
+    if metrics.get(key) is not None:
+        return None
+    for note in metrics.get("notes") or []:
+        if note.startswith(key):
+            reason = note.split(":", 1)[1].strip() if ":" in note else note
+            if "no predicted probabilities" in reason:
+                reason = "this method gives no class probabilities"
+            return f"{HEADERS.get(key, key)} n/a: {reason.rstrip('.')}"
+    return None
+
+
+def metrics_table(results: Mapping[str, Any], keys: Sequence[str] = HEADLINE_METRICS, *,
+                  decimals: int | None = None, readable: bool = False, notes: bool = False) -> pd.DataFrame:
+    """Headline metrics of several methods side by side: the one headline table (reports, summaries and
+    refinement tables are built on it).
 
     Parameters
     ----------
@@ -281,29 +347,42 @@ def metrics_table(results: Mapping[str, Any]) -> pd.DataFrame:
         Method name -> metrics dict of :func:`classification_metrics` (or any object with a
         ``.metrics`` dict, such as :class:`EvalResult` or :class:`BaselineResult`), e.g.
         ``{SCGPT_METHOD: ev.metrics, BASELINE_METHOD: baseline.metrics}``.
+    keys
+        The metrics, in order (default :data:`HEADLINE_METRICS`).
+    decimals
+        Round each value (Python's ``round``) for a report; None keeps them as they are.
+    readable
+        Index ``Method`` and the :data:`HEADERS` column names (``"Macro-F1"``, ``"n cells"``) instead of
+        ``method`` and the metric keys.
+    notes
+        Add a ``Note`` column with the reason a metric is missing (only when some metric is).
 
     Returns
     -------
     pandas.DataFrame
-        One row per method (index ``method``), columns :data:`HEADLINE_METRICS` and ``n_cells``;
-        a metric that is ``None`` or missing is NaN.
+        One row per method, the metric columns and ``n_cells`` (Int64); a metric that is ``None`` or
+        missing is NaN.
     """
     if not results:
         raise ValueError("results is empty; give at least one method name -> metrics dict.")
-    rows = {}
+    n_cells = HEADERS["n_cells"] if readable else "n_cells"
+    rows, reasons = {}, {}
     for method, value in results.items():
         metrics = getattr(value, "metrics", value)
         if not isinstance(metrics, Mapping):
-            msg = f"results[{method!r}] is a {type(value).__name__}; expected a metrics dict."
+            msg = f"results[{method!r}] is a {type(value).__name__}; expected a metrics dict (or an object with .metrics)."
             raise TypeError(msg)
-        row: dict[str, Any] = {
-            k: np.nan if metrics.get(k) is None else float(metrics[k]) for k in HEADLINE_METRICS
-        }
-        row["n_cells"] = metrics.get("n_cells")
+        row = headline_values(metrics, keys, decimals=decimals)
+        if readable:
+            row = {HEADERS.get(k, k): v for k, v in row.items()}
+        row[n_cells] = metrics.get("n_cells")
         rows[str(method)] = row
+        reasons[str(method)] = "; ".join(r for k in keys if (r := missing_reason(metrics, k)))
     table = pd.DataFrame.from_dict(rows, orient="index")
-    table.index.name = "method"
-    table["n_cells"] = table["n_cells"].astype("Int64")
+    table[n_cells] = table[n_cells].astype("Int64")
+    if notes and any(reasons.values()):
+        table["Note"] = pd.Series(reasons)
+    table.index.name = "Method" if readable else "method"
     return table
 
 

@@ -7,15 +7,14 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 
-from scgpt_protocol.protocol.compare import AnnotationRunner, adapt_annotation, inspect_annotation_data
-from scgpt_protocol.data.demo import load_demo
-from scgpt_protocol.core.errors import CheckpointError, GeneMatchError
-from scgpt_protocol.core.params import STRATEGY_NAMES, FinetuneParams, ParamsError
-from scgpt_protocol.annotate.predict import predict
 from scgpt_protocol.adapt.saved import TRAINABLE_FILE, load_finetuned, save_finetuned
 from scgpt_protocol.adapt.train import finetune, strategy_config
+from scgpt_protocol.annotate.predict import predict
+from scgpt_protocol.core.errors import CheckpointError, GeneMatchError
+from scgpt_protocol.core.params import STRATEGY_NAMES, FinetuneParams, ParamsError
+from scgpt_protocol.data.demo import load_demo
+from scgpt_protocol.protocol.compare import AnnotationRunner, adapt_annotation, inspect_annotation_data
 
 FAST = dict(epochs=1, max_seq_len=32, batch_size=32, lr=1e-3, patience=0)
 

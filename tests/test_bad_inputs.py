@@ -14,18 +14,24 @@ import torch
 import yaml
 
 from scgpt_protocol import load_model
-from scgpt_protocol.model.embed import iter_batches
-from scgpt_protocol.core.errors import CheckpointError, GeneMatchError, InputDataError
-from scgpt_protocol.metrics import BASELINE_METHOD, SCGPT_METHOD
-from scgpt_protocol.evaluate.scoring import evaluate_query, write_results
-from scgpt_protocol.evaluate.baseline import logistic_regression_baseline
-from scgpt_protocol.core.layout import RunLayout
-from scgpt_protocol.core.params import FinetuneParams, ParamsError, PreprocessParams, ZeroshotParams, load_params_file
-from scgpt_protocol.annotate.predict import predict
-from scgpt_protocol.model.vocab import FINETUNE_CLS_VALUE
-from scgpt_protocol.data.matrix import check_expression
-from scgpt_protocol.adapt.train import finetune
 from scgpt_protocol.adapt.saved import load_finetuned, trained_class_weight, trained_max_seq_len
+from scgpt_protocol.adapt.train import finetune
+from scgpt_protocol.annotate.predict import predict
+from scgpt_protocol.core.errors import CheckpointError, GeneMatchError, InputDataError
+from scgpt_protocol.core.layout import RunLayout
+from scgpt_protocol.core.params import (
+    FinetuneParams,
+    ParamsError,
+    PreprocessParams,
+    ZeroshotParams,
+    load_params_file,
+)
+from scgpt_protocol.data.matrix import check_expression
+from scgpt_protocol.evaluate.baseline import logistic_regression_baseline
+from scgpt_protocol.evaluate.scoring import evaluate_query, write_results
+from scgpt_protocol.metrics import BASELINE_METHOD, SCGPT_METHOD
+from scgpt_protocol.model.embed import iter_batches
+from scgpt_protocol.model.vocab import FINETUNE_CLS_VALUE
 
 FAST = dict(batch_size=16, max_seq_len=32, lr=1e-3, patience=0, epochs=1)
 

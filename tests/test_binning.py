@@ -18,8 +18,8 @@ import pytest
 import scipy.sparse as sp
 from scipy.stats import chisquare
 
-from scgpt_protocol.model.binning import bin_nonzero, bin_values
 from scgpt_protocol.core.errors import InputDataError
+from scgpt_protocol.model.binning import bin_nonzero, bin_values
 
 FIXTURE = Path(__file__).parent / "fixtures" / "scgpt_official_tiny" / "reference.npz"
 N_BINS = 51

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from scgpt_protocol import load_model, make_tiny_checkpoint, save_checkpoint
-from scgpt_protocol.core.io import sha256_file
 from scgpt_protocol.core.errors import CheckpointError, CheckpointNotFoundError
+from scgpt_protocol.core.io import sha256_file
 
 
 def _copy(src: Path, dst: Path) -> Path:

@@ -14,12 +14,12 @@ import pytest
 import torch
 
 from scgpt_protocol import load_model, make_tiny_checkpoint
-from scgpt_protocol.data.demo import make_toy_adata
-from scgpt_protocol.core.layout import RunLayout
 from scgpt_protocol.adapt.loader import train_plan
-from scgpt_protocol.core.params import FinetuneParams
-from scgpt_protocol.adapt.train import finetune
 from scgpt_protocol.adapt.saved import load_finetuned
+from scgpt_protocol.adapt.train import finetune
+from scgpt_protocol.core.layout import RunLayout
+from scgpt_protocol.core.params import FinetuneParams
+from scgpt_protocol.data.demo import make_toy_adata
 
 #: dropout off (below), fp32, no clipping, Adam eps 1: a step proportional to the gradient (Adam with a small
 #: eps would hide a wrongly scaled loss: its step barely depends on the gradient's scale)
@@ -104,10 +104,10 @@ def test_workers_and_backed_reading_do_not_change_training(toy):
     assert memory.history[["train_loss", "val_loss"]].equals(backed.history[["train_loss", "val_loss"]])
     for key, value in memory_state.items():
         assert torch.equal(value, backed_state[key]), key
-    # what 02 reads (read_prepared_cells): X and obs on disk, labels, split and names read by slices
-    from scgpt_protocol.data.backed import read_backed
+    # what 02 reads (open_prepared_cells): X and obs on disk, labels, split and names read by slices
+    from scgpt_protocol.data.backed import open_cells
 
-    lean, lean_state = _train(read_backed(h5ad), checkpoint, categories, epochs=2)
+    lean, lean_state = _train(open_cells(h5ad), checkpoint, categories, epochs=2)
     assert memory.history[["train_loss", "val_loss"]].equals(lean.history[["train_loss", "val_loss"]])
     for key, value in memory_state.items():
         assert torch.equal(value, lean_state[key]), key

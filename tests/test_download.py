@@ -10,9 +10,9 @@ from pathlib import Path
 import gdown
 import pytest
 
-from scgpt_protocol.model.download import KNOWN_CHECKPOINTS, default_cache_dir, download_checkpoint
-from scgpt_protocol.core.io import sha256_file
 from scgpt_protocol.core.errors import ChecksumMismatchError, DownloadError
+from scgpt_protocol.core.io import sha256_file
+from scgpt_protocol.model.download import KNOWN_CHECKPOINTS, default_cache_dir, download_checkpoint
 
 FILES = ("args.json", "vocab.json", "best_model.pt")
 FOLDER_ID = KNOWN_CHECKPOINTS["whole-human"].drive_folder_id

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import scanpy as sc
 
-from scgpt_protocol.model.embed import embed
 from scgpt_protocol.core.errors import GeneMatchError, InputDataError
+from scgpt_protocol.model.embed import embed
 
 
 @pytest.fixture(scope="module")

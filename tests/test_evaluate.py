@@ -10,10 +10,19 @@ import pytest
 from matplotlib.figure import Figure
 from sklearn.metrics import cohen_kappa_score, f1_score, roc_auc_score
 
-from scgpt_protocol.metrics import BASELINE_METHOD, HEADLINE_METRICS, METRIC_DESCRIPTIONS, SCGPT_METHOD, classification_metrics, confusion, metrics_table
-from scgpt_protocol.evaluate.scoring import annotate, evaluate_predictions, write_results
-from scgpt_protocol.evaluate.baseline import logistic_regression_baseline
+from scgpt_protocol.annotate.predict import annotate
 from scgpt_protocol.core.layout import RunLayout
+from scgpt_protocol.evaluate.baseline import logistic_regression_baseline
+from scgpt_protocol.evaluate.scoring import evaluate_predictions, write_results
+from scgpt_protocol.metrics import (
+    BASELINE_METHOD,
+    HEADLINE_METRICS,
+    METRIC_DESCRIPTIONS,
+    SCGPT_METHOD,
+    classification_metrics,
+    confusion,
+    metrics_table,
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -58,8 +67,8 @@ def test_cells(demo):
 @pytest.fixture(scope="module")
 def prediction(test_cells, tiny_checkpoint, categories):
     """A tiny random-weight model with a fresh 10-class head: random-ish but well-formed predictions."""
-    from scgpt_protocol.model.checkpoint import load_model
     from scgpt_protocol.annotate.predict import predict
+    from scgpt_protocol.model.checkpoint import load_model
 
     model = load_model(tiny_checkpoint, n_classes=len(categories), device="cpu")
     return predict(model, test_cells, categories=categories, batch_size=64, max_seq_len=128, seed=0)
@@ -461,8 +470,8 @@ def test_plot_training_curves_marks_the_best_epoch():
 def test_save_figure_and_style(tmp_path):
     import matplotlib as mpl
 
-    from scgpt_protocol.pl.training import plot_training_curves
     from scgpt_protocol.pl.figure import save_figure, set_style
+    from scgpt_protocol.pl.training import plot_training_curves
 
     with mpl.rc_context():
         set_style()
@@ -478,8 +487,8 @@ def test_save_figure_and_style(tmp_path):
 
 
 def test_prediction_store_switch(tmp_path):
-    from scgpt_protocol.evaluate.scoring import STORE_OUTPUTS_CELLS, prediction_store
     from scgpt_protocol.core.layout import RunLayout
+    from scgpt_protocol.evaluate.scoring import STORE_OUTPUTS_CELLS, prediction_store
 
     layout = RunLayout(tmp_path / "run")
     assert prediction_store(layout, 2_700) is None  # demo size: in memory

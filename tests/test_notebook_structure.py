@@ -10,8 +10,8 @@ import papermill
 import pytest
 import yaml
 
-from scgpt_protocol.core.version import REPOSITORY
 from scgpt_protocol.core.params import STEPS, parameters_cell
+from scgpt_protocol.core.version import REPOSITORY
 
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIOS = sorted(p.name for p in (ROOT / "params").iterdir() if p.is_dir())

@@ -17,10 +17,20 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from scgpt_protocol.core.params import STEPS
 from scgpt_protocol.core.version import __version__
 from scgpt_protocol.protocol.cli import main
-from scgpt_protocol.core.params import STEPS
-from scgpt_protocol.protocol.workspace import BUILTIN_SCENARIOS, COLAB_INSTALL, WorkspaceExists, init_workspace, notebooks_dir, params_root, protocol_root, resolve_notebooks, resolve_scenario
+from scgpt_protocol.protocol.workspace import (
+    BUILTIN_SCENARIOS,
+    COLAB_INSTALL,
+    WorkspaceExists,
+    init_workspace,
+    notebooks_dir,
+    params_root,
+    protocol_root,
+    resolve_notebooks,
+    resolve_scenario,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -12,14 +12,13 @@ import scipy.sparse as sp
 from matplotlib.figure import Figure
 
 from scgpt_protocol import pl, pp
-from scgpt_protocol.model.vocab import SPECIAL_TOKENS
-from scgpt_protocol.model.checkpoint import load_model, read_vocab
-from scgpt_protocol.data.demo import load_demo, make_toy_adata
-from scgpt_protocol.core.io import sha256_file
 from scgpt_protocol.core.errors import CheckpointNotFoundError, GeneMatchError, InputDataError
+from scgpt_protocol.core.io import sha256_file
 from scgpt_protocol.core.layout import RunLayout
 from scgpt_protocol.core.params import PreprocessParams
-from scgpt_protocol.model.vocab import gene_symbols
+from scgpt_protocol.data.demo import load_demo, make_toy_adata
+from scgpt_protocol.model.checkpoint import load_model, read_vocab
+from scgpt_protocol.model.vocab import SPECIAL_TOKENS, gene_symbols
 
 RARE = "CD4+/CD45RA+/CD25- Naive T"  # the 8-cell class of the demo data
 

@@ -13,10 +13,10 @@ import scanpy as sc
 import scipy.sparse as sp
 
 from scgpt_protocol import pl, pp
-from scgpt_protocol.model.vocab import SPECIAL_TOKENS
-from scgpt_protocol.data.demo import load_demo, make_toy_adata
 from scgpt_protocol.core.layout import RunLayout
 from scgpt_protocol.core.params import PreprocessParams
+from scgpt_protocol.data.demo import load_demo, make_toy_adata
+from scgpt_protocol.model.vocab import SPECIAL_TOKENS
 from scgpt_protocol.pp.hvg import GeneMoments, seurat_hvg
 
 

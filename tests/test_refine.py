@@ -6,10 +6,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from scgpt_protocol.evaluate.scoring import annotate, evaluate_predictions
-from scgpt_protocol.metrics import classification_metrics
-from scgpt_protocol.annotate.refine import UNKNOWN, majority_vote, over_cluster, overclustering_resolution, refine, refine_labels
-from scgpt_protocol.metrics import coverage_curve
+from scgpt_protocol.annotate.predict import annotate
+from scgpt_protocol.annotate.refine import (
+    UNKNOWN,
+    majority_vote,
+    over_cluster,
+    overclustering_resolution,
+    refine,
+    refine_labels,
+)
+from scgpt_protocol.evaluate.scoring import evaluate_predictions
+from scgpt_protocol.metrics import classification_metrics, coverage_curve
 from scgpt_protocol.protocol.display import refinement_table
 
 
@@ -18,8 +25,8 @@ def demo_prediction(pbmc, tiny_checkpoint):
     """200 labelled demo cells with a split, predicted by a tiny random model with a 10-class head."""
     import scanpy as sc
 
-    from scgpt_protocol.model.checkpoint import load_model
     from scgpt_protocol.annotate.predict import predict
+    from scgpt_protocol.model.checkpoint import load_model
 
     adata = pbmc[:200].copy()
     labels = sc.datasets.pbmc68k_reduced().obs["bulk_labels"]

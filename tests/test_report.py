@@ -12,9 +12,18 @@ import pandas as pd
 import pytest
 from matplotlib.colors import to_hex
 
-from scgpt_protocol.metrics import BASELINE_METHOD, SCGPT_METHOD, classification_metrics
 from scgpt_protocol.core.layout import RunLayout
-from scgpt_protocol.protocol.display import checkpoint_banner, files_table, metrics_display, per_class_table, run_summary, settings_table, summary_of, training_report
+from scgpt_protocol.metrics import BASELINE_METHOD, SCGPT_METHOD, classification_metrics
+from scgpt_protocol.protocol.display import (
+    checkpoint_banner,
+    files_table,
+    metrics_display,
+    per_class_table,
+    run_summary,
+    settings_table,
+    summary_of,
+    training_report,
+)
 
 TRUE = ["T"] * 10 + ["B"] * 6 + ["NK"] * 3
 GOOD = ["T"] * 10 + ["B"] * 5 + ["T"] + ["NK", "NK", "T"]
@@ -150,8 +159,7 @@ def test_same_category_same_colour_in_both_panels_even_with_fewer_predicted_cate
 
 def test_zero_shot_joint_umap_uses_the_run_palette():
     from scgpt_protocol.data.colors import label_palette
-    from scgpt_protocol.pl.embedding import plot_embedding
-    from scgpt_protocol.annotate.zeroshot import joint_embedding
+    from scgpt_protocol.pl.embedding import joint_embedding, plot_embedding
 
     rng = np.random.default_rng(1)
     ref = ad.AnnData(obs=pd.DataFrame({"cell_type": rng.choice(["A", "B", "C", "D"], 40)},

@@ -21,11 +21,11 @@ import pytest
 import torch
 import yaml
 
-from scgpt_protocol.protocol import manifest, runner
 from scgpt_protocol.core.errors import DiskFullError, ScGPTProtocolError
-from scgpt_protocol.core.layout import STEP_DEPENDS_ON, RunLayout
 from scgpt_protocol.core.io import atomic_write, is_disk_full
+from scgpt_protocol.core.layout import STEP_DEPENDS_ON, RunLayout
 from scgpt_protocol.core.params import STEPS
+from scgpt_protocol.protocol import manifest
 from scgpt_protocol.protocol.runner import RunFailed, RunInterrupted, run_protocol
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -460,8 +460,8 @@ def test_changed_parameters_make_dependents_stale_until_rerun(tmp_path, fake_pap
 
 def test_rerun_of_01_on_other_data_sets_the_old_results_aside(ci_run, tmp_path, pbmc, caplog):
     """The real notebooks: a full params/ci run, then --force --steps 01 (same data, then other data)."""
-    from scgpt_protocol.protocol.cli import main
     from scgpt_protocol.data.demo import load_demo
+    from scgpt_protocol.protocol.cli import main
 
     source, _ = ci_run
     run_dir = tmp_path / "run"

@@ -8,13 +8,13 @@ import pytest
 import scipy.sparse as sp
 
 from scgpt_protocol import load_model
-from scgpt_protocol.data.backed import read_backed
-from scgpt_protocol.model.embed import embed
-from scgpt_protocol.evaluate.scoring import evaluate_predictions
-from scgpt_protocol.evaluate.baseline import logistic_regression_baseline
 from scgpt_protocol.annotate.predict import predict
-from scgpt_protocol.data.store import create_store, open_store, subsample, take_rows
+from scgpt_protocol.data.backed import open_cells
 from scgpt_protocol.data.matrix import BackedRows, get_matrix
+from scgpt_protocol.data.store import create_store, open_store, subsample, take_rows
+from scgpt_protocol.evaluate.baseline import logistic_regression_baseline
+from scgpt_protocol.evaluate.scoring import evaluate_predictions
+from scgpt_protocol.model.embed import embed
 
 CATS = ["a", "b", "c"]
 
@@ -34,7 +34,7 @@ def test_predict_backed_and_store_equal_in_memory(written, tiny_checkpoint, tmp_
     kw = dict(categories=CATS, max_seq_len=32, precision="fp32", chunk_size=64)
     memory = predict(model, adata, **kw)
     backed = predict(model, ad.read_h5ad(path, backed="r"), **kw)
-    stored = predict(model, read_backed(path), out=tmp_path / "pred.h5", **kw)
+    stored = predict(model, open_cells(path), out=tmp_path / "pred.h5", **kw)
     assert stored.store == tmp_path / "pred.h5"
     for other in (backed, stored):
         np.testing.assert_array_equal(take_rows(other.probabilities), memory.probabilities)
@@ -69,7 +69,7 @@ def test_predict_backed_view_reads_rows_lazily(written, tiny_checkpoint, tmp_pat
 def test_embed_store_equals_obsm(written, tiny_model, tmp_path):
     adata, path = written
     embed(adata, tiny_model, max_seq_len=32, precision="fp32", chunk_size=100)
-    cells = read_backed(path)
+    cells = open_cells(path)
     store = embed(cells, tiny_model, max_seq_len=32, precision="fp32", chunk_size=100, out=tmp_path / "emb.h5")
     datasets, attrs = open_store(store)
     np.testing.assert_array_equal(datasets["X_scgpt"][:], adata.obsm["X_scgpt"])
@@ -174,7 +174,7 @@ def test_refine_majority_voting_on_stored_embeddings(written, tiny_checkpoint, t
     model = load_model(tiny_checkpoint, n_classes=len(CATS), device="cpu")
     kw = dict(categories=CATS, max_seq_len=32, precision="fp32")
     memory = predict(model, adata, **kw)
-    stored = predict(model, read_backed(path), out=tmp_path / "pred.h5", **kw)
+    stored = predict(model, open_cells(path), out=tmp_path / "pred.h5", **kw)
     groups = adata.obs["split"]
     a = refine(memory, min_confidence=0.4, majority_voting=True, groups=groups)
     b = refine(stored, min_confidence=0.4, majority_voting=True, groups=groups)
@@ -184,8 +184,8 @@ def test_refine_majority_voting_on_stored_embeddings(written, tiny_checkpoint, t
 
 
 def test_cells_for_plot_caps_and_reads_the_store(written, tiny_checkpoint, tmp_path):
-    from scgpt_protocol.data.backed import cells_for_plot
-    from scgpt_protocol.evaluate.scoring import annotate
+    from scgpt_protocol.annotate.predict import annotate
+    from scgpt_protocol.pl.embedding import cells_for_plot
 
     adata, path = written
     model = load_model(tiny_checkpoint, n_classes=len(CATS), device="cpu")

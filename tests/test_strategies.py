@@ -9,8 +9,24 @@ import pytest
 import torch
 from torch import nn
 
+from scgpt_protocol.adapt.strategies import (
+    STRATEGIES,
+    STRATEGY_CONFIGS,
+    STRATEGY_INFO,
+    AdapterConfig,
+    IA3Config,
+    LoRAConfig,
+    PrefixKV,
+    PrefixTuningConfig,
+    apply_strategy,
+    count_parameters,
+    default_config,
+    expected_trainable,
+    load_trainable_state,
+    trainable_names,
+    trainable_state_dict,
+)
 from scgpt_protocol.model.checkpoint import load_model, make_tiny_checkpoint
-from scgpt_protocol.adapt.strategies import STRATEGIES, STRATEGY_CONFIGS, STRATEGY_INFO, AdapterConfig, IA3Config, LoRAConfig, PrefixKV, PrefixTuningConfig, apply_strategy, count_parameters, default_config, expected_trainable, load_trainable_state, trainable_names, trainable_state_dict
 
 TRAINED = [s for s in STRATEGIES if s != "probe"]
 ENCODER_ADAPTING = ("full", "lora", "ia3", "adapter", "prefix_tuning")

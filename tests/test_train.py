@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from scgpt_protocol import load_model
+from scgpt_protocol.adapt.saved import load_finetuned
+from scgpt_protocol.adapt.train import finetune
 from scgpt_protocol.core.layout import RunLayout
 from scgpt_protocol.core.params import FinetuneParams
-from scgpt_protocol.adapt.train import finetune
-from scgpt_protocol.adapt.saved import load_finetuned
 
 FAST = dict(batch_size=16, max_seq_len=48, lr=1e-3, patience=0)
 
@@ -116,8 +116,8 @@ def test_data_fingerprint_hashed_by_slices_equals_the_whole_join():
 
     import pandas as pd
 
-    from scgpt_protocol.data.demo import make_toy_adata
     from scgpt_protocol.adapt.train import data_fingerprint
+    from scgpt_protocol.data.demo import make_toy_adata
 
     adata = make_toy_adata(n_cells=70_000, n_genes=5)  # more cells than one 65,536-cell slice
     rng = np.random.default_rng(0)

@@ -9,8 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from scgpt_protocol.annotate.knn import PREDICTION_COLUMNS, transfer_labels
-from scgpt_protocol.annotate.zeroshot import joint_embedding, write_zeroshot, zeroshot_annotate
+from scgpt_protocol.annotate.columns import PREDICTION_COLUMNS
+from scgpt_protocol.annotate.knn import transfer_labels
+from scgpt_protocol.annotate.zeroshot import write_zeroshot, zeroshot_annotate
+from scgpt_protocol.pl.embedding import joint_embedding
 
 EPS = 1e-6
 
@@ -377,8 +379,8 @@ def test_streamed_zeroshot_gives_the_same_labels_as_in_memory(streamed):
 
 
 def test_query_blocks_give_the_same_transfer(streamed):
-    from scgpt_protocol.data.store import take_rows
     from scgpt_protocol.annotate.knn import transfer_blocks
+    from scgpt_protocol.data.store import take_rows
 
     ref_view, _, _, out, _ = streamed
     ref = take_rows(out.reference_embedding)

@@ -39,7 +39,14 @@ import torch
 
 from ..core.device import resolve_device
 from ..core.errors import CheckpointError
-from ..model.checkpoint import load_model, save_checkpoint, torch_save_atomic, write_manifest
+from ..model.checkpoint import (
+    CHECKPOINT_RECORD_KEYS,
+    load_model,
+    model_checkpoint_record,
+    save_checkpoint,
+    torch_save_atomic,
+    write_manifest,
+)
 from ..model.scgpt import ProbeHead, ScGPT
 
 logger = logging.getLogger(__name__)
@@ -80,15 +87,6 @@ def trained_class_weight(manifest: Mapping[str, Any]) -> str | None:
 
 
 # -- saving and loading fine-tuned models -----------------------------------------------------
-def base_record(model: ScGPT) -> dict[str, Any]:
-    """``{"checkpoint", "sha256"}`` of the checkpoint ``model`` was loaded from (its load report)."""
-    from ..core.io import sha256_file
-
-    base_dir = Path(getattr(model.load_report, "checkpoint_dir", ""))
-    weights = base_dir / "best_model.pt"
-    return {"checkpoint": str(base_dir), "sha256": sha256_file(weights) if weights.is_file() else None}
-
-
 def save_finetuned(
     model: ScGPT,
     directory: str | Path,
@@ -111,14 +109,14 @@ def save_finetuned(
     from . import strategies as st
 
     directory = Path(directory)
-    base_checkpoint = base_checkpoint or base_record(model)
+    base_checkpoint = base_checkpoint or model_checkpoint_record(model)
     info = {
         "strategy": strategy,
         "strategy_config": config.to_dict() if config is not None else None,
         "label_key": label_key,
         "categories": list(categories),
         "genes": list(genes),
-        "base_checkpoint": {k: base_checkpoint.get(k) for k in ("checkpoint", "sha256", "kind")},
+        "base_checkpoint": {k: base_checkpoint.get(k) for k in CHECKPOINT_RECORD_KEYS},
         "cls_value": model.cls_value,  # what <cls> carried in training: prediction feeds the same
         **(extra or {}),
     }

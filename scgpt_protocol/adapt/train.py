@@ -49,13 +49,13 @@ from ..core.layout import RunLayout
 from ..core.log import progress
 from ..core.params import FinetuneParams
 from ..data.matrix import check_expression
-from ..model.checkpoint import torch_save_atomic
+from ..model.checkpoint import model_checkpoint_record, torch_save_atomic
 from ..model.scgpt import ProbeHead, ScGPT
 from ..model.tokenize import cell_keys
 from ..model.vocab import FINETUNE_CLS_VALUE, match_genes
 from .ddp import Classify, all_reduce_sum, barrier, world
 from .loader import CellGroups, ShardLoader, default_num_workers, eval_plan, make_loader, train_plan
-from .saved import cpu_copy, base_record, save_finetuned
+from .saved import cpu_copy, save_finetuned
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -362,7 +362,7 @@ def finetune(
 
     start_time = time.perf_counter()
     strategy = strategy or params.strategy
-    base_checkpoint = base_checkpoint or base_record(model)
+    base_checkpoint = base_checkpoint or model_checkpoint_record(model)
     categories = list(categories)
     codes, train_rows, val_rows = _codes_and_splits(adata, label_key, split_key, categories)
     check_expression(adata)

@@ -3,14 +3,21 @@
 from ..core.lazy import lazy_exports
 
 __getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    "TRUE_LABEL": "columns",
+    "SPLIT": "columns",
+    "CORRECT": "columns",
+    "COLUMNS": "columns",
+    "ZEROSHOT_COLUMNS": "columns",
+    "PREDICTION_COLUMNS": "columns",
+    "OBS_COLUMNS": "columns",
+    "columns_for": "columns",
     "LabelTransfer": "knn",
     "transfer_labels": "knn",
-    "PREDICTION_COLUMNS": "knn",
+    "annotate": "predict",
     "predict": "predict",
     "Prediction": "prediction",
+    "check_prediction": "prediction",
     "UNKNOWN": "refine",
-    "COLUMNS": "refine",
-    "ZEROSHOT_COLUMNS": "refine",
     "Refinement": "refine",
     "overclustering_resolution": "refine",
     "abstain": "refine",
@@ -23,6 +30,5 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "write_annotation": "refine",
     "ZeroShotResult": "zeroshot",
     "zeroshot_annotate": "zeroshot",
-    "joint_embedding": "zeroshot",
     "write_zeroshot": "zeroshot",
 })

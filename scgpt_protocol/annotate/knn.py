@@ -21,24 +21,14 @@ Two votes are reported for every query cell:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import numpy as np
-import pandas as pd
 
-if TYPE_CHECKING:
+from ..data.labels import missing_labels
 
-    pass
+__all__ = ["LabelTransfer", "transfer_labels"]
 
-__all__ = ["LabelTransfer", "transfer_labels", "PREDICTION_COLUMNS"]
-
-#: columns of :attr:`ZeroShotResult.predictions` (the true label, when known, is added as ``label_key``)
-PREDICTION_COLUMNS = (
-    "scgpt_zeroshot_label",
-    "scgpt_zeroshot_confidence",
-    "scgpt_zeroshot_label_weighted",
-    "scgpt_zeroshot_confidence_weighted",
-)
 _REL_TOL = 1e-9  # sums closer than this (relative) count as tied
 _ZERO_NORM = 1e-12
 
@@ -221,10 +211,11 @@ def transfer_labels(
             "reference cell."
         )
         raise ValueError(msg)
-    missing = np.flatnonzero(pd.isna(labels_in))
+    missing = np.flatnonzero(missing_labels(labels_in))
     if missing.size:
         msg = (
-            f"ref_labels has {missing.size:,} missing values (first: row {missing[0]}); expected a label "
+            f"ref_labels has {missing.size:,} missing values (NaN, None or text such as 'nan', '' or 'None'; "
+            f"first: row {missing[0]}); expected a label "
             "for every reference cell. Drop the unlabelled cells from the reference first."
         )
         raise ValueError(msg)

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
+import pandas as pd
 import torch
 
 from ..core.device import autocast, resolve_precision
@@ -13,12 +14,12 @@ from ..core.log import progress
 from ..data.matrix import check_expression
 from ..model.embed import iter_batches
 from ..model.scgpt import ScGPT
-from .prediction import Prediction
+from .prediction import Prediction, check_prediction
 
 if TYPE_CHECKING:
     from anndata import AnnData
 
-__all__ = ["predict"]
+__all__ = ["annotate", "predict"]
 
 
 def predict(
@@ -139,3 +140,58 @@ def predict(
 
         prediction = refine(prediction, min_confidence=min_confidence, majority_voting=majority_voting, seed=seed)
     return prediction
+
+
+def annotate(
+    adata: AnnData,
+    prediction: Prediction,
+    *,
+    obs_key: str = "scgpt_label",
+    embedding_key: str | None = "X_scgpt",
+) -> None:
+    """Write a prediction into ``adata`` **in place** (like scanpy's ``tl`` functions).
+
+    Writes ``obs[obs_key]`` (categorical with the model's categories, so colours and orders stay
+    stable), ``obs[obs_key + "_confidence"]`` (float32 probability of the predicted class),
+    ``obs[obs_key + "_code"]`` (int64 index of the predicted class) and ``obsm[embedding_key]`` (the
+    fine-tuned ``<cls>`` embeddings; skipped when ``embedding_key`` is None; a prediction made with
+    ``predict(out=...)`` keeps them in its HDF5 store and ``uns[embedding_key + "_store"]`` names it).
+    A prediction refined by
+    :func:`~scgpt_protocol.refine.refine` also writes ``obs["scgpt_prediction"]`` (the class before
+    abstention; ``obs[obs_key]`` then holds ``"Unknown"`` below ``min_confidence``),
+    ``obs["scgpt_unknown"]``, ``obs["scgpt_over_clustering"]`` / ``obs["scgpt_majority_voting"]`` (with
+    majority voting) and ``uns["scgpt_annotation"]`` (the parameters); with another ``obs_key`` these
+    are named ``<obs_key>_predicted``, ``_unknown``, ``_over_clustering``, ``_majority_voting``.
+
+    Parameters
+    ----------
+    adata
+        The AnnData ``prediction`` was made on (same cells, same order).
+    prediction
+        The result of :func:`~scgpt_protocol.predict.predict`.
+    obs_key, embedding_key
+        Where to write.
+
+    Examples
+    --------
+    >>> annotate(adata, predict(model, adata, categories=cats))  # doctest: +SKIP
+    >>> sc.pl.umap(adata, color="scgpt_label")  # doctest: +SKIP
+    """
+    check_prediction(adata, prediction)
+    from ..annotate.columns import columns_for
+    from ..annotate.refine import as_refinement, write_annotation
+
+    categories = [str(c) for c in prediction.categories]
+    refined = as_refinement(prediction)
+    if refined is not None:  # abstention / majority voting: the call, the prediction, the flag, the clusters
+        write_annotation(adata, refined, columns=columns_for(obs_key), categories=categories)
+    else:
+        labels = np.asarray(prediction.labels, dtype=object).astype(str)
+        adata.obs[obs_key] = pd.Categorical(labels, categories=categories)
+        adata.obs[f"{obs_key}_confidence"] = np.asarray(prediction.confidence, dtype=np.float32)
+    adata.obs[f"{obs_key}_code"] = np.asarray(prediction.codes, dtype=np.int64)
+    if embedding_key is not None and getattr(prediction, "store", None) is not None:
+        # predict(out=...): the embeddings stay in the store (all cells would not fit flat in memory)
+        adata.uns[f"{embedding_key}_store"] = str(prediction.store)
+    elif embedding_key is not None:
+        adata.obsm[embedding_key] = np.asarray(prediction.embeddings, dtype=np.float32)

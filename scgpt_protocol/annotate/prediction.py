@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-__all__ = ["Prediction"]
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+__all__ = ["Prediction", "check_prediction"]
 
 
 @dataclass
@@ -33,3 +36,13 @@ class Prediction:
     majority_voting: np.ndarray | None = None  # str [n], the over-cluster's majority label (refine)
     refinement: dict[str, Any] | None = None  # parameters of refine (min_confidence, resolution...)
     store: Path | None = None  # the HDF5 file holding probabilities and embeddings (predict(out=...))
+
+
+def check_prediction(adata: AnnData, prediction: Prediction) -> None:
+    """A clear error when ``prediction`` is not of the cells of ``adata`` (same number, same order)."""
+    if len(prediction.labels) != adata.n_obs:
+        msg = (
+            f"the prediction holds {len(prediction.labels)} cells but adata has {adata.n_obs}; pass the "
+            "same AnnData (same cells, same order) that predict() was called with."
+        )
+        raise ValueError(msg)

@@ -38,6 +38,7 @@ import pandas as pd
 
 from ..core.log import DETAIL
 from ..metrics import coverage_curve
+from .columns import COLUMNS
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -46,7 +47,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["UNKNOWN", "COLUMNS", "ZEROSHOT_COLUMNS", "Refinement", "overclustering_resolution", "abstain", "over_cluster", "majority_vote", "refine_labels", "refine", "as_refinement", "refinement_metrics", "write_annotation"]
+__all__ = ["UNKNOWN", "Refinement", "overclustering_resolution", "abstain", "over_cluster", "majority_vote", "refine_labels", "refine", "as_refinement", "refinement_metrics", "write_annotation"]
 
 #: the label of a cell whose confidence is below ``min_confidence``
 UNKNOWN = "Unknown"
@@ -55,18 +56,6 @@ _RESOLUTION_STEPS = ((5_000, 5.0), (20_000, 10.0), (40_000, 15.0), (100_000, 20.
 _RESOLUTION_MAX = 30.0
 #: neighbours of the over-clustering graph (CellTypist builds its graph with 10)
 OVERCLUSTER_NEIGHBORS = 10
-#: obs / table column of each per-cell field of :class:`Refinement` (03 and the Python API)
-COLUMNS = {
-    "labels": "scgpt_label", "predicted": "scgpt_prediction", "confidence": "scgpt_label_confidence",
-    "unknown": "scgpt_unknown", "over_clustering": "scgpt_over_clustering", "majority_voting": "scgpt_majority_voting",
-}
-#: the same for 04's zero-shot calls (over-clustering and majority vote keep their names)
-ZEROSHOT_COLUMNS = {
-    **COLUMNS, "labels": "scgpt_zeroshot_label", "predicted": "scgpt_zeroshot_prediction",
-    "confidence": "scgpt_zeroshot_confidence", "unknown": "scgpt_zeroshot_unknown",
-}
-
-
 # -- the pieces -----------------------------------------------------------------------------
 def overclustering_resolution(n_cells: int) -> float:
     """Leiden resolution of the over-clustering for ``n_cells`` cells (CellTypist's rule).

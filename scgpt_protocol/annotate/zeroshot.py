@@ -31,8 +31,10 @@ import pandas as pd
 
 from ..core.errors import format_keys
 from ..core.log import DETAIL
+from ..data.labels import missing_labels
 from ..metrics import classification_metrics
-from .knn import PREDICTION_COLUMNS, LabelTransfer, transfer_blocks
+from .columns import PREDICTION_COLUMNS, ZEROSHOT_COLUMNS
+from .knn import LabelTransfer, transfer_blocks
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -42,7 +44,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ZeroShotResult", "zeroshot_annotate", "joint_embedding", "write_zeroshot"]
+__all__ = ["ZeroShotResult", "zeroshot_annotate", "write_zeroshot"]
 
 
 # --------------------------------------------------------------------------- AnnData level
@@ -176,8 +178,9 @@ def zeroshot_annotate(
     Parameters
     ----------
     reference
-        Labelled cells. Cells without a label (NaN) are embedded but left out of the vote, with a
-        warning.
+        Labelled cells. Cells without a label (NaN, or text such as ``'nan'``, ``''``, ``'None'``: the one rule
+        of :func:`~scgpt_protocol.data.labels.missing_labels`) are embedded but left out of the vote, with a
+        warning; query cells without a true label are not scored.
     query
         Cells to annotate. If it has the column ``label_key`` too, the predictions are scored.
     model
@@ -240,12 +243,13 @@ def zeroshot_annotate(
         msg = f"k must be a positive integer; got {k!r}. The scGPT tutorials use k=10."
         raise ValueError(msg)
     ref_labels = _obs_labels(reference, label_key, "reference")
-    used = ~pd.isna(ref_labels.to_numpy(dtype=object))
+    used = ~missing_labels(ref_labels)
     notes: list[str] = []
     n_dropped = int((~used).sum())
     if n_dropped:
         msg = (
-            f"{n_dropped:,} of {reference.n_obs:,} reference cells have no {label_key!r} label (NaN); "
+            f"{n_dropped:,} of {reference.n_obs:,} reference cells have no {label_key!r} label (NaN, or text such as "
+            "'nan', '' or 'None'); "
             "they are embedded but do not vote. Fill or drop them to silence this warning."
         )
         warnings.warn(msg, UserWarning, stacklevel=2)
@@ -280,7 +284,7 @@ def zeroshot_annotate(
     from ..data.store import take_rows
 
     transfer = transfer_blocks(take_rows(ref_emb, used), ref_str, query_emb, k=k)
-    from .refine import ZEROSHOT_COLUMNS, refine_labels, refinement_metrics, write_annotation
+    from .refine import refine_labels, refinement_metrics, write_annotation
 
     refined = refine_labels(transfer.majority, transfer.confidence_majority, query_emb,
                             min_confidence=min_confidence, majority_voting=majority_voting,
@@ -307,7 +311,7 @@ def zeroshot_annotate(
     metrics: dict[str, Any] | None = None
     if label_key in query.obs.columns:
         truth = query.obs[label_key].to_numpy(dtype=object)
-        labelled = ~pd.isna(truth)
+        labelled = ~missing_labels(truth)
         predictions[label_key] = truth
         if not labelled.all():
             notes.append(f"{int((~labelled).sum())} query cells without a true label were not scored")
@@ -352,115 +356,6 @@ def zeroshot_annotate(
         predictions=predictions, metrics=metrics, reference_embedding=ref_emb, query_embedding=query_emb,
         transfer=transfer, reference_used=used, notes=notes, params=params,
     )
-
-
-def joint_embedding(
-    reference: AnnData,
-    query: AnnData,
-    *,
-    label_key: str,
-    embedding_key: str = "X_scgpt",
-    result: ZeroShotResult | None = None,
-    max_cells: int | None = None,
-    seed: int = 0,
-) -> AnnData:
-    """Reference and query cells in one small AnnData, for a joint UMAP.
-
-    Parameters
-    ----------
-    reference, query
-        Both with ``obsm[embedding_key]`` (e.g. after :func:`zeroshot_annotate`).
-    label_key
-        ``obs`` column of the labels; cells without it get NaN in ``label``.
-    embedding_key
-        ``obsm`` key of the embeddings, kept under the same key.
-    result
-        The :class:`ZeroShotResult` of these two datasets; its majority labels fill ``predicted``
-        for the query cells (NaN for reference cells). Without it ``predicted`` is all NaN. Its
-        embeddings are used where a dataset has no ``obsm[embedding_key]`` (``zeroshot_annotate`` with
-        ``store_dir``: only the chosen rows are read from disk).
-    max_cells
-        At most this many cells (reference and query together; a seeded random sample,
-        :func:`~scgpt_protocol.store.subsample`), so that a UMAP of an atlas costs what one of
-        ``max_cells`` cells does. None: all cells.
-    seed
-        Seed of that sample.
-
-    Returns
-    -------
-    AnnData
-        ``n_vars = 0``; ``obs_names`` are the original names plus ``-reference`` / ``-query``;
-        ``obs`` has ``dataset`` (``"reference"`` / ``"query"``), ``label``, ``predicted`` and
-        ``cell`` (the original name); ``obsm[embedding_key]`` stacks the embeddings.
-
-    Examples
-    --------
-    >>> joint = joint_embedding(ref, query, label_key="cell_type", result=res)  # doctest: +SKIP
-    >>> sc.pp.neighbors(joint, use_rep="X_scgpt"); sc.tl.umap(joint)  # doctest: +SKIP
-    >>> sc.pl.umap(joint, color=["dataset", "label", "predicted"])  # doctest: +SKIP
-    """
-    import anndata as ad
-
-    from ..data.store import subsample, take_rows
-
-    n_ref, n_query = reference.n_obs, query.n_obs
-    keep = subsample(np.ones(n_ref + n_query, dtype=bool), max_cells, seed=seed)
-    chosen = {"reference": keep[:n_ref], "query": keep[n_ref:]}
-    stored = {"reference": None if result is None else result.reference_embedding,
-              "query": None if result is None else result.query_embedding}
-    parts = []
-    for name, adata in (("reference", reference), ("query", query)):
-        if embedding_key in adata.obsm:
-            parts.append(np.asarray(adata.obsm[embedding_key])[chosen[name]])
-        elif stored[name] is not None and stored[name].shape[0] == adata.n_obs:
-            parts.append(take_rows(stored[name], chosen[name]))
-        else:
-            msg = (
-                f"the {name} has no obsm[{embedding_key!r}] (found {format_keys(adata.obsm.keys())}); run "
-                "zeroshot_annotate or scgpt_protocol.embedding.embed on it first."
-            )
-            raise KeyError(msg)
-    if parts[0].shape[1] != parts[1].shape[1]:
-        msg = (
-            f"reference embeddings have {parts[0].shape[1]} dimensions but query embeddings "
-            f"{parts[1].shape[1]}; embed both with the same model."
-        )
-        raise ValueError(msg)
-
-    def labels(adata: AnnData, mask: np.ndarray) -> np.ndarray:
-        if label_key in adata.obs.columns:
-            return adata.obs[label_key].to_numpy(dtype=object)[mask]
-        return np.full(int(mask.sum()), np.nan, dtype=object)
-
-    predicted = np.full(n_query, np.nan, dtype=object)
-    if result is not None:
-        if len(result.predictions) != n_query:
-            msg = (
-                f"result has {len(result.predictions)} predictions but the query has {n_query} cells; "
-                "pass the result of zeroshot_annotate on this query."
-            )
-            raise ValueError(msg)
-        predicted = result.predictions[PREDICTION_COLUMNS[0]].to_numpy(dtype=object)
-    ref_names = np.asarray(reference.obs_names.astype(str))[chosen["reference"]]
-    query_names = np.asarray(query.obs_names.astype(str))[chosen["query"]]
-    n_r, n_q = len(ref_names), len(query_names)
-    names = [*(f"{n}-reference" for n in ref_names), *(f"{n}-query" for n in query_names)]
-    no_prediction = np.full(n_r, np.nan, dtype=object)
-    cells = np.concatenate([ref_names, query_names])
-    obs = pd.DataFrame(
-        {
-            "dataset": pd.Categorical(["reference"] * n_r + ["query"] * n_q, categories=["reference", "query"]),
-            "label": pd.Categorical(np.concatenate([labels(reference, chosen["reference"]),
-                                                    labels(query, chosen["query"])])),
-            "predicted": pd.Categorical(np.concatenate([no_prediction, predicted[chosen["query"]]])),
-            "cell": cells.astype(object),
-        },
-        index=pd.Index(names),
-    )
-    joint = ad.AnnData(obs=obs, var=pd.DataFrame(index=pd.Index([], dtype=str)))
-    joint.uns["dataset_colors"] = ["#b8b8b8", "#2b2b2b"]  # reference light, query dark: no cell-type colour
-    joint.obsm[embedding_key] = np.concatenate(parts).astype(np.float32, copy=False)
-    return joint
 
 
 def write_zeroshot(layout: RunLayout, result: ZeroShotResult) -> dict[str, Path]:

@@ -1,25 +1,21 @@
-"""TODO docstring: core.io."""
+"""Files: atomic writes that never leave half a file and name a full disk (:class:`DiskFullError`),
+sha256 of a file, JSON-safe values, and the versions of the packages a run used."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import importlib.metadata
 import math
 import os
+import platform
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
-
-if TYPE_CHECKING:
-
-    pass
-import errno
-import importlib.metadata
-import platform
-from typing import Callable
 
 from .errors import DiskFullError
 
@@ -48,29 +44,38 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def json_safe(obj: Any) -> Any:
-    """Numbers and containers as plain Python (JSON-ready); NaN and inf become ``None``."""
+def json_safe(obj: Any, *, h5ad: bool = False) -> Any:
+    """Numbers and containers as plain Python values: the one conversion for JSON files and ``AnnData.uns``.
+
+    ``h5ad=False`` (JSON, the default): NaN and inf become ``None``. ``h5ad=True`` (``AnnData.uns`` written
+    to ``.h5ad``): ``None`` becomes the string ``'None'`` (anndata cannot write ``None`` inside a list) and
+    NaN / inf stay floats (HDF5 stores them). Mappings become dicts with string keys, sequences, arrays
+    and Series become lists, paths and anything else strings.
+    """
     if isinstance(obj, Mapping):
-        return {str(k): json_safe(v) for k, v in obj.items()}
+        return {str(k): json_safe(v, h5ad=h5ad) for k, v in obj.items()}
     if isinstance(obj, (list, tuple, np.ndarray, pd.Index, pd.Series)):
-        return [json_safe(v) for v in (obj.tolist() if hasattr(obj, "tolist") else obj)]
+        return [json_safe(v, h5ad=h5ad) for v in (obj.tolist() if hasattr(obj, "tolist") else obj)]
+    if obj is None:
+        return "None" if h5ad else None
     if isinstance(obj, (bool, np.bool_)):
         return bool(obj)
     if isinstance(obj, (int, np.integer)):
         return int(obj)
     if isinstance(obj, (float, np.floating)):
         value = float(obj)
-        return value if math.isfinite(value) else None
-    if obj is None or isinstance(obj, str):
+        return value if h5ad or math.isfinite(value) else None
+    if isinstance(obj, str):
         return obj
     if isinstance(obj, Path):
         return str(obj)
     try:
         if pd.isna(obj):
-            return None
+            return "None" if h5ad else None
     except (TypeError, ValueError):
         pass
     return str(obj)
+
 
 _DISK_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 #: how a full disk reads when the error carries no errno (HDF5 through h5py, C libraries)
@@ -130,18 +135,26 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write(path: Path, write: Callable[[Path], Any], *, size_hint: int | None = None) -> Path:
+def atomic_write(path: str | Path, write: Callable[[Path], Any], *, size_hint: int | None = None,
+                 fresh: bool = False, sidecars: Sequence[str] = ()) -> Path:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it to ``path``.
 
     A reader never sees half a file, and a failed write leaves nothing behind. The file gets the mode
     a plain ``open()`` would give it (``0o666`` less the umask), not ``mkstemp``'s private ``0o600``.
     A full disk (or quota) raises :class:`~scgpt_protocol.errors.DiskFullError` naming ``path``, the
     space needed (at least what was written before the failure, or ``size_hint``) and the space free.
+    The one atomic write of the package: files, figures, HDF5 and DuckDB artifacts all go through it.
+
+    ``fresh``: ``write`` gets a path that does not exist yet (for writers that refuse an existing empty
+    file, such as DuckDB); ``sidecars``: suffixes of files the writer leaves beside ``tmp`` (DuckDB's
+    ``.wal``), removed in every case.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".partial{path.suffix}")
     os.close(fd)
+    if fresh:
+        os.unlink(tmp)
     try:
         write(Path(tmp))
         os.chmod(tmp, 0o666 & ~_umask())
@@ -149,14 +162,15 @@ def atomic_write(path: Path, write: Callable[[Path], Any], *, size_hint: int | N
     except BaseException as err:
         written = Path(tmp).stat().st_size if Path(tmp).is_file() else 0
         Path(tmp).unlink(missing_ok=True)
-        from .errors import DiskFullError
-
         if isinstance(err, Exception) and not isinstance(err, DiskFullError) and is_disk_full(err):
             needed = max(written, size_hint or 0) or None
             note = f"Nothing half-written was left (the old {path.name} is untouched)." if path.exists() else \
                 "Nothing half-written was left."
             raise disk_full_error(path, needed=needed, cause=err, note=note) from err
         raise
+    finally:
+        for suffix in sidecars:
+            Path(f"{tmp}{suffix}").unlink(missing_ok=True)
     return path
 _VERSIONS = ("scgpt-protocol", "torch", "numpy", "scipy", "anndata", "scanpy", "scikit-learn", "peft", "papermill")
 

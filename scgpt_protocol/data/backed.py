@@ -2,7 +2,7 @@
 
 ``anndata.read_h5ad(path, backed="r")`` leaves ``X`` on disk but reads all of ``obs`` into memory: at a
 million cells its index of cell names alone is a few hundred MB of Python strings, which grows with the
-number of cells. :func:`read_backed` opens the file without reading ``obs``: ``X`` stays on disk (read by
+number of cells. :func:`open_cells` opens the file without reading ``obs``: ``X`` stays on disk (read by
 row blocks), ``var`` is read (small), cell names are read from the file one slice at a time and ``obs``
 columns one at a time (:meth:`BackedCells.obs_column`). :func:`~scgpt_protocol.predict.predict` and
 :func:`~scgpt_protocol.embedding.embed` (with ``out=``) accept it in place of an AnnData, so that the memory
@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-__all__ = ["BackedCells", "read_backed", "cells_for_plot"]
+__all__ = ["BackedCells", "open_cells",]
 
 
 class _LazyNames:
@@ -111,7 +111,7 @@ class BackedCells:
         return f"BackedCells({self.n_obs:,} cells x {self.n_vars:,} genes, {self.filename}, obs on disk)"
 
 
-def read_backed(path: str | Path) -> BackedCells:
+def open_cells(path: str | Path) -> BackedCells:
     """Open an ``.h5ad`` file for chunked prediction / embedding without reading ``obs`` (:class:`BackedCells`).
 
     Raises
@@ -125,26 +125,3 @@ def read_backed(path: str | Path) -> BackedCells:
     return BackedCells(path)
 
 
-def cells_for_plot(adata: Any, cells: Any, *, max_cells: int | None = None, seed: int = 0,
-                   key: str = "X_scgpt", prediction: Any = None) -> Any:
-    """An in-memory AnnData of the chosen cells for a figure: their ``obs``, ``obsm[key]`` and ``uns``, no ``X``.
-
-    ``cells`` is a boolean mask; with more than ``max_cells`` of them a seeded random sample of
-    ``max_cells`` is kept (:func:`~scgpt_protocol.store.subsample`), so that a UMAP of an atlas costs
-    what one of ``max_cells`` cells does. The embedding comes from ``adata.obsm[key]`` or, for a
-    prediction made with ``predict(out=...)``, from its store (only these rows are read). Works on
-    backed AnnData (whose views cannot be copied).
-    """
-    import anndata
-
-    from .store import subsample, take_rows
-
-    mask = subsample(np.asarray(cells, dtype=bool), max_cells, seed=seed)
-    if key in adata.obsm:
-        emb = np.asarray(adata.obsm[key])[mask]
-    elif prediction is not None:
-        emb = take_rows(prediction.embeddings, mask)
-    else:
-        raise KeyError(f"no obsm[{key!r}] and no prediction to take the embedding from.")
-    return anndata.AnnData(obs=adata.obs[mask].copy(), obsm={key: np.asarray(emb, dtype=np.float32)},
-                           uns=dict(adata.uns))

@@ -1,4 +1,5 @@
-"""TODO docstring: data.labels."""
+"""Labels and splits: the one missing-label rule of every step, the split names, the subset of a split,
+and the cell masks that select cells by name or position."""
 
 from __future__ import annotations
 
@@ -70,14 +71,22 @@ def subset_split(adata: AnnData, split: str | Sequence[str], *, split_key: str =
 MISSING_LABEL_STRINGS = frozenset({"", "nan", "none", "null", "na", "n/a", "<na>"})
 
 
-def missing_labels(labels: pd.Series) -> np.ndarray:
-    """Cells without a label: NaN / None, and the strings ``'nan'``, ``''``, ``'None'``, ``'NA'`` ...
+def missing_labels(labels: Any) -> np.ndarray:
+    """Cells without a label (a boolean mask, by position): NaN / None / ``pd.NA``, and the strings of
+    :data:`MISSING_LABEL_STRINGS` (``'nan'``, ``''``, ``'None'``, ``'NA'`` ... in any case, spaces around).
 
-    Such strings come from a column converted to text with its missing values; kept as they are they
-    would become a class named ``'nan'``.
+    The one rule of every step (01 drops such cells, 03 does not score them, 04 neither lets them vote nor
+    scores them). Such strings come from a column converted to text with its missing values; kept as they
+    are they would become a class named ``'nan'``. ``labels``: a Series (any dtype, categorical too), an
+    Index, an array or a sequence.
     """
-    missing = labels.isna().to_numpy()
-    text = labels[~missing].astype(str).str.strip().str.lower()
+    values = labels.to_numpy(dtype=object) if isinstance(labels, (pd.Series, pd.Index)) else (
+        np.asarray(labels if isinstance(labels, np.ndarray) else list(labels), dtype=object))
+    if values.ndim != 1:
+        msg = f"labels must be one-dimensional; got shape {values.shape}."
+        raise ValueError(msg)
+    missing = np.asarray(pd.isna(values), dtype=bool)
+    text = pd.Series(values[~missing], dtype=object).astype(str).str.strip().str.lower()
     missing[np.flatnonzero(~missing)[text.isin(MISSING_LABEL_STRINGS).to_numpy()]] = True
     return missing
 

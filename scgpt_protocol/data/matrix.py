@@ -1,7 +1,13 @@
-"""TODO docstring: data.matrix."""
+"""The expression matrix of an AnnData, wherever it lives (in memory, sparse, on disk, a backed view).
+
+:func:`get_matrix` picks ``X`` or a layer (a row reader for a backed view), :func:`iter_row_chunks` reads
+its rows a chunk at a time, :func:`check_expression` and :func:`value_kind` say what the values are
+(counts or log-normalised). :class:`BackedRows` is the one place that relies on anndata's private view
+attributes."""
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
@@ -17,20 +23,39 @@ from ..core.errors import InputDataError, format_keys
 if TYPE_CHECKING:
     from anndata import AnnData
 
-__all__ = ["iter_row_chunks", "get_matrix", "check_expression", "value_kind"]
+__all__ = ["iter_row_chunks", "read_rows", "log1p_cp10k", "get_matrix", "check_expression", "value_kind"]
 
 
-def read_row_chunks(matrix: Any, chunk_size: int) -> Iterator[tuple[int, sp.csr_matrix]]:
-    """``(start, chunk)``: float32 CSR rows with duplicates summed and explicit zeros dropped (as prepare)."""
-    n = matrix.shape[0]
-    for start in range(0, n, chunk_size):
-        block = matrix[start:min(start + chunk_size, n)]
-        x = sp.csr_matrix(block, dtype=np.float32)
-        if x is block:
-            x = x.copy()
-        x.sum_duplicates()
-        x.eliminate_zeros()
-        yield start, x
+def log1p_cp10k(matrix: Any, *, copy: bool = False, chunk_size: int = 8192) -> sp.csr_matrix:
+    """scanpy's ``normalize_total(target_sum=1e4)`` + ``log1p`` of a matrix, a chunk of rows at a time.
+
+    The one log1p-CP10k of the package (step 01 in memory and streamed, the baseline of step 03). Both
+    operations work row by row, so the result has the same bits as scanpy on the whole matrix, while memory
+    holds one chunk beside the matrix. Returns CSR in the input's float dtype (other dtypes become float32,
+    as in scanpy) with duplicates summed; ``copy=False`` normalises the CSR's values in place. scanpy's
+    warnings are silenced: callers report what matters (cells with zero counts, in step 01).
+    """
+    import anndata
+    import scanpy as sc
+
+    out = sp.csr_matrix(matrix, copy=copy)
+    if out.dtype not in (np.float32, np.float64):
+        out = out.astype(np.float32)
+    out.sum_duplicates()
+    for lo in range(0, out.shape[0], chunk_size):
+        hi = min(lo + chunk_size, out.shape[0])
+        part = anndata.AnnData(out[lo:hi])  # a slice is a copy
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sc.pp.normalize_total(part, target_sum=1e4)
+            sc.pp.log1p(part)
+        values = sp.csr_matrix(part.X)
+        a, b = out.indptr[lo], out.indptr[hi]
+        if values.nnz != b - a:  # scanpy keeps the sparsity structure; a change would misplace values
+            msg = "normalize_total/log1p changed the sparsity structure of a chunk"
+            raise RuntimeError(msg)
+        out.data[a:b] = values.data
+    return out
 
 
 def select_rows(x: sp.csr_matrix, mask: np.ndarray) -> sp.csr_matrix:
@@ -99,17 +124,79 @@ def get_matrix(adata: AnnData, layer: str | None = None) -> Any:
     return adata.layers[layer]
 
 
-def iter_row_chunks(matrix: Any, chunk_size: int = 2048) -> Iterator[tuple[int, sp.csr_matrix]]:
+def iter_row_chunks(
+    matrix: Any,
+    chunk_size: int = 2048,
+    *,
+    rows: Any = None,
+    dtype: Any = None,
+    canonical: bool = False,
+) -> Iterator[tuple[int, sp.csr_matrix]]:
     """Yield ``(start, csr_chunk)`` for consecutive row blocks of a dense, sparse or backed matrix.
 
-    Only one chunk is in memory at a time (dense input is converted chunk by chunk).
+    The one chunked reader of expression rows: only one chunk is in memory at a time (dense input is
+    converted chunk by chunk).
+
+    Parameters
+    ----------
+    matrix
+        Dense, scipy sparse, an on-disk sparse dataset or a :class:`BackedRows` reader.
+    chunk_size
+        Rows read at a time.
+    rows
+        None: every row, read by slices. A boolean mask or ascending positions: only those rows,
+        ``chunk_size`` of them per read; ``start`` then counts the selected rows.
+    dtype
+        The chunks' dtype (None: as stored).
+    canonical
+        Sum duplicate entries and drop explicit zeros (what step 01 stores). Each chunk is a fresh copy
+        (a slice or fancy index never returns the caller's arrays), so this never changes the input.
     """
+    if chunk_size < 1:
+        msg = f"chunk_size must be a positive integer; got {chunk_size!r}."
+        raise ValueError(msg)
     n_rows = matrix.shape[0]
-    for start in range(0, n_rows, chunk_size):
-        block = matrix[start : min(start + chunk_size, n_rows)]
+    index = _row_positions(rows, n_rows)
+    total = n_rows if index is None else len(index)
+    for start in range(0, total, chunk_size):
+        stop = min(start + chunk_size, total)
+        block = matrix[start:stop] if index is None else matrix[index[start:stop]]
         if not sp.issparse(block):
-            block = sp.csr_matrix(np.asarray(block))
-        yield start, sp.csr_matrix(block)
+            block = np.asarray(block)
+        x = sp.csr_matrix(block, dtype=dtype)
+        if canonical:
+            x.sum_duplicates()
+            x.eliminate_zeros()
+        yield start, x
+
+
+def _row_positions(rows: Any, n_rows: int) -> np.ndarray | None:
+    """None, or a boolean mask / ascending unique positions as int64 positions (checked)."""
+    if rows is None:
+        return None
+    rows = np.asarray(rows)
+    if rows.dtype == bool:
+        if rows.shape != (n_rows,):
+            msg = f"rows is a boolean mask of shape {rows.shape}; expected ({n_rows},)."
+            raise ValueError(msg)
+        return np.flatnonzero(rows)
+    if rows.size and not np.issubdtype(rows.dtype, np.integer):
+        msg = f"rows must be a boolean mask or integer positions; got dtype {rows.dtype}."
+        raise TypeError(msg)
+    rows = rows.astype(np.int64, copy=False)
+    if rows.size and (rows[0] < 0 or rows[-1] >= n_rows or np.any(np.diff(rows) <= 0)):
+        msg = f"rows must be ascending unique positions in 0..{n_rows - 1}."
+        raise ValueError(msg)
+    return rows
+
+
+def read_rows(matrix: Any, rows: Any = None, *, chunk_size: int = 8192) -> sp.csr_matrix:
+    """Rows ``rows`` (a mask or ascending positions; None: all) of a dense, sparse or backed matrix as one
+    float32 CSR matrix, read chunk by chunk: never more than one dense chunk, never a float64 copy of all."""
+    blocks = [x for _, x in iter_row_chunks(matrix, chunk_size, rows=rows, dtype=np.float32)]
+    if not blocks:
+        return sp.csr_matrix((0, matrix.shape[1]), dtype=np.float32)
+    return sp.csr_matrix(sp.vstack(blocks, format="csr"), dtype=np.float32)
 
 
 def check_expression(adata: AnnData, *, layer: str | None = None, chunk_size: int = 4096) -> None:

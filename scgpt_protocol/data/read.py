@@ -1,10 +1,23 @@
-"""TODO docstring: data.read."""
+"""Opening ``.h5ad`` files, each reader named for what it returns.
+
+* :func:`read_adata` -- an AnnData wholly in memory (or the demo data for ``"demo"``);
+* :func:`open_lazy` -- an AnnData with annotations in memory and its matrices left on disk (step 01's
+  streamed path);
+* :func:`open_backed` -- anndata's backed mode, read-only, with only ``obs``, ``var`` and ``uns`` in memory
+  (:func:`opened_backed`: the same for a block, closed after it);
+* :func:`~scgpt_protocol.data.backed.open_cells` -- not an AnnData: cells whose ``X`` and ``obs`` stay on
+  disk (step 02 at atlas scale).
+
+Step-level readers of a run's files (``read_prepared``, ``open_prepared_cells``) are in
+:mod:`scgpt_protocol.pp.io`.
+"""
 
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 import pandas as pd
@@ -23,7 +36,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["read_adata", "open_backed", "open_adata"]
+__all__ = ["opened_backed", "read_adata", "open_backed", "open_lazy"]
 
 
 # -- reading --------------------------------------------------------------------------------
@@ -120,6 +133,24 @@ def open_backed(path: str | Path) -> AnnData:
     return anndata.AnnData(**parts, filename=path, filemode="r")
 
 
+
+@contextmanager
+def opened_backed(source: AnnData | str | Path) -> Iterator[AnnData]:
+    """``source`` as an AnnData: an AnnData as it is, or a path opened with :func:`open_backed` (X on disk)
+    and closed when the block ends."""
+    if not isinstance(source, (str, Path)):
+        yield source
+        return
+    if not Path(source).is_file():
+        msg = f"{source} does not exist; expected an .h5ad file (the run's prepared data)."
+        raise FileNotFoundError(msg)
+    adata = open_backed(source)
+    try:
+        yield adata
+    finally:
+        adata.file.close()
+
+
 def _read_obs(group: Any, step: int = 65536) -> pd.DataFrame:
     """``obs`` of an open ``.h5ad``, its index (cell names) decoded a slice at a time: read whole, the names
     pass through a second full copy (bytes, then str) that doubles their peak memory."""
@@ -136,7 +167,7 @@ def _read_obs(group: Any, step: int = 65536) -> pd.DataFrame:
     obs = pd.DataFrame({c: read_elem(group[c]) for c in columns}, index=pd.Index(index, name=None))
     return obs if index_key == "_index" else obs.rename_axis(index_key)
 
-#: an ``uns`` key marking that the file has a ``.raw`` (which :func:`open_adata` does not read)
+#: an ``uns`` key marking that the file has a ``.raw`` (which :func:`open_lazy` does not read)
 RAW_FLAG = "_scgpt_protocol_has_raw"
 
 
@@ -145,7 +176,7 @@ def matrix_key(layer: str | None) -> str:
     return "X" if layer is None else f"layers/{layer}"
 
 
-def open_adata(path: str | Path, *, layer: str | None = None, in_memory: bool = False) -> AnnData:
+def open_lazy(path: str | Path, *, layer: str | None = None, in_memory: bool = False) -> AnnData:
     """The input ``.h5ad`` with ``obs``, ``var``, ``uns``, ``obsm`` ... in memory and its matrix on disk.
 
     Parameters

@@ -1,42 +1,72 @@
-"""TODO docstring: data.store."""
+"""Per-cell outputs of prediction and embedding written to an HDF5 file chunk by chunk.
+
+At atlas scale the per-cell matrices (class probabilities ``n x C``, embeddings ``n x d``) grow with the
+number of cells; :func:`~scgpt_protocol.predict.predict` and :func:`~scgpt_protocol.embedding.embed`
+given ``out=`` write them here one chunk of cells at a time and keep in memory only the small per-cell
+vectors (codes, confidence). The file is a plain HDF5 file (``h5py``), one dataset per output, rows in the
+order of ``adata.obs_names``. It is not memory-mapped: reading rows back reads them from disk
+(:func:`take_rows`), so what a later step holds in memory is what it asks for.
+
+:class:`CSRWriter` appends CSR rows to an HDF5 group in anndata's encoding (``prepared.h5ad``, ``vars.h5``).
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Mapping
 
 import numpy as np
 import scipy.sparse as sp
 
-if TYPE_CHECKING:
-
-    pass
-import json
-from typing import Mapping
-
-__all__ = ["RowWriter", "create_store", "open_store", "take_rows", "subsample"]
+__all__ = ["CSRWriter", "begin_h5ad", "write_elem", "RowWriter", "create_store", "open_store", "take_rows", "embedding_rows", "subsample"]
 
 
 # -- writing ------------------------------------------------------------------------------------
 class CSRWriter:
-    """An appendable CSR matrix in an h5ad group (anndata's encoding).
+    """An appendable CSR matrix in an HDF5 group, in anndata's ``csr_matrix`` encoding: the one chunked CSR
+    writer (``prepared.h5ad``'s ``X`` and ``layers["counts"]``, ``export/vars.h5``).
 
-    ``indptr`` is int32 when ``max_nnz`` fits (as scipy, and so ``write_h5ad``, would store it), else int64.
+    Parameters
+    ----------
+    parent
+        An open h5py file or group; the matrix becomes its group ``name``.
+    n_cols
+        Columns (genes).
+    max_nnz
+        An upper bound of the stored values: ``indptr`` is int32 when it fits (as scipy, and so
+        ``write_h5ad``, would store it), else int64. Or give ``indptr_dtype``.
+    compression
+        h5py options for the three datasets, e.g. ``{"compression": "gzip", "compression_opts": 4}``.
+    value_chunks, indptr_chunks
+        HDF5 chunk lengths (``True``: h5py's guess).
     """
 
-    def __init__(self, parent: Any, name: str, n_genes: int, max_nnz: int) -> None:
+    def __init__(self, parent: Any, name: str, n_cols: int, max_nnz: int | None = None, *,
+                 indptr_dtype: Any = None, compression: Mapping[str, Any] | None = None,
+                 value_chunks: int | bool = 1 << 18, indptr_chunks: int | bool = 1 << 16) -> None:
+        if indptr_dtype is None:
+            if max_nnz is None:
+                msg = "CSRWriter needs max_nnz or indptr_dtype."
+                raise ValueError(msg)
+            indptr_dtype = np.int32 if max_nnz < np.iinfo(np.int32).max else np.int64
+        opts = dict(compression or {})
+        chunks = lambda size: size if isinstance(size, bool) else (size,)  # noqa: E731
         g = parent.create_group(name)
         g.attrs["encoding-type"] = "csr_matrix"
         g.attrs["encoding-version"] = "0.1.0"
-        g.attrs["shape"] = np.array([0, n_genes], dtype=np.int64)
-        self.group, self.n_genes, self.n_rows, self.nnz = g, n_genes, 0, 0
-        g.create_dataset("data", shape=(0,), maxshape=(None,), dtype=np.float32, chunks=(1 << 18,))
-        g.create_dataset("indices", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(1 << 18,))
-        self.indptr_dtype = np.int32 if max_nnz < np.iinfo(np.int32).max else np.int64
-        g.create_dataset("indptr", shape=(1,), maxshape=(None,), dtype=self.indptr_dtype, chunks=(1 << 16,),
-                         data=[0])
+        g.attrs["shape"] = np.array([0, n_cols], dtype=np.int64)
+        self.group, self.n_cols, self.n_rows, self.nnz = g, n_cols, 0, 0
+        self.index_dtype = np.int32 if n_cols < 2**31 else np.int64
+        self.indptr_dtype = np.dtype(indptr_dtype)
+        g.create_dataset("data", shape=(0,), maxshape=(None,), dtype=np.float32, chunks=chunks(value_chunks), **opts)
+        g.create_dataset("indices", shape=(0,), maxshape=(None,), dtype=self.index_dtype,
+                         chunks=chunks(value_chunks), **opts)
+        g.create_dataset("indptr", shape=(1,), maxshape=(None,), dtype=self.indptr_dtype,
+                         chunks=chunks(indptr_chunks), data=np.zeros(1, dtype=self.indptr_dtype), **opts)
 
     def append(self, x: sp.csr_matrix) -> None:
+        """Append the rows of ``x`` as they are (sort or canonicalise them first where the file must be)."""
         n, k = x.shape[0], x.nnz
         if n == 0:
             return
@@ -44,12 +74,29 @@ class CSRWriter:
         g["data"].resize((self.nnz + k,))
         g["data"][self.nnz:] = x.data.astype(np.float32, copy=False)
         g["indices"].resize((self.nnz + k,))
-        g["indices"][self.nnz:] = x.indices.astype(np.int32, copy=False)
+        g["indices"][self.nnz:] = x.indices.astype(self.index_dtype, copy=False)
         g["indptr"].resize((self.n_rows + n + 1,))
         g["indptr"][self.n_rows + 1:] = (x.indptr[1:].astype(np.int64) + self.nnz).astype(self.indptr_dtype)
         self.n_rows += n
         self.nnz += k
-        g.attrs["shape"] = np.array([self.n_rows, self.n_genes], dtype=np.int64)
+        g.attrs["shape"] = np.array([self.n_rows, self.n_cols], dtype=np.int64)
+
+
+def begin_h5ad(handle: Any) -> None:
+    """The root attributes of an ``.h5ad`` file written element by element (``prepared.h5ad``, ``vars.h5``)."""
+    handle.attrs["encoding-type"] = "anndata"
+    handle.attrs["encoding-version"] = "0.1.0"
+
+
+def write_elem(group: Any, key: str, value: Any) -> None:
+    """anndata's writer of one element (``anndata.io`` from 0.11, ``anndata.experimental`` before)."""
+    import anndata
+
+    writer = getattr(getattr(anndata, "io", None), "write_elem", None)
+    if writer is None:  # anndata < 0.11
+        from anndata.experimental import write_elem as writer
+    writer(group, key, value)
+
 
 #: rows per HDF5 chunk of a stored dataset
 CHUNK_ROWS = 1024
@@ -133,7 +180,9 @@ def open_store(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def take_rows(array: Any, cells: Any = None, *, block: int = 65536) -> np.ndarray:
-    """Rows of an in-memory array or an on-disk (h5py) dataset as a NumPy array.
+    """Rows of an in-memory array or an on-disk (h5py) dataset of per-cell outputs (embeddings, probabilities)
+    as a NumPy array, in the order asked (any order, repeats allowed). Expression matrices are read with
+    :func:`~scgpt_protocol.data.matrix.iter_row_chunks` instead (sparse, ascending rows).
 
     ``cells``: a boolean mask, an index array or None (all rows). An on-disk dataset is read in blocks of
     ``block`` rows, so memory holds the selected rows plus one block.
@@ -145,7 +194,14 @@ def take_rows(array: Any, cells: Any = None, *, block: int = 65536) -> np.ndarra
         index = np.arange(n)
     else:
         cells = np.asarray(cells)
+        if cells.dtype == bool and cells.shape != (n,):
+            msg = f"cells is a boolean mask of shape {cells.shape}; expected ({n},), one value per row."
+            raise ValueError(msg)
         index = np.flatnonzero(cells) if cells.dtype == bool else cells.astype(np.int64)
+        if index.size and (index.min() < -n or index.max() >= n):
+            msg = f"cells holds positions outside 0..{n - 1}; the stored array has {n} rows."
+            raise IndexError(msg)
+        index = np.where(index < 0, index + n, index)  # as NumPy indexing counts from the end
     order = np.argsort(index, kind="stable")
     sorted_index = index[order]
     out = np.empty((len(index), *array.shape[1:]), dtype=array.dtype)
@@ -156,6 +212,25 @@ def take_rows(array: Any, cells: Any = None, *, block: int = 65536) -> np.ndarra
         part = array[lo : min(lo + block, n)]
         out[order[a:b]] = part[sorted_index[a:b] - lo]
     return out
+
+
+def embedding_rows(adata: Any, cells: np.ndarray, *, key: str = "X_scgpt", stored: Any = None,
+                   what: str = "adata") -> np.ndarray:
+    """float32 rows ``cells`` (a boolean mask) of the cells' embedding: ``adata.obsm[key]``, else ``stored``
+    (the embeddings of the same cells in memory or in a store written with ``out=``; only these rows are
+    read). The one source of the embeddings a figure samples (:func:`~scgpt_protocol.pl.cells_for_plot`,
+    :func:`~scgpt_protocol.pl.joint_embedding`)."""
+    from ..core.errors import format_keys
+
+    if key in adata.obsm:
+        return np.asarray(np.asarray(adata.obsm[key])[cells], dtype=np.float32)
+    if stored is not None and stored.shape[0] == adata.n_obs:
+        return np.asarray(take_rows(stored, cells), dtype=np.float32)
+    msg = (
+        f"the {what} has no obsm[{key!r}] (found {format_keys(adata.obsm.keys())}) and no stored embeddings "
+        "of its cells; run zeroshot_annotate, embed or predict on it first."
+    )
+    raise KeyError(msg)
 
 
 def subsample(cells: Any, max_cells: int | None, seed: int = 0) -> np.ndarray:

@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from ..core.errors import format_keys
+from ..data.matrix import log1p_cp10k, read_rows
 from ..metrics import BASELINE_METHOD, classification_metrics
 
 if TYPE_CHECKING:
@@ -49,46 +50,6 @@ class BaselineResult:
     method: str = BASELINE_METHOD
     class_weight: str | None = None  # "balanced" when scGPT was trained with a class-weighted loss
     query: BaselineResult | None = None  # the same classifier on an external query, when one is given
-
-
-def _log1p_cp10k(matrix: Any, *, chunk_size: int = 8192) -> Any:
-    """``log1p`` of counts scaled to 10,000 per cell (scanpy's normalize_total + log1p), per cell.
-
-    ``matrix`` (CSR) is normalised **in place**, one chunk of rows at a time in float64, and returned in
-    its own float dtype (float32 stays float32: no float64 copy of the whole matrix)."""
-    import scipy.sparse as sp
-
-    out = sp.csr_matrix(matrix)
-    if out.dtype not in (np.float32, np.float64):
-        out = out.astype(np.float64)
-    out.sum_duplicates()
-    for lo in range(0, out.shape[0], chunk_size):
-        hi = min(lo + chunk_size, out.shape[0])
-        a, b = out.indptr[lo], out.indptr[hi]
-        values = out.data[a:b].astype(np.float64)
-        lengths = np.diff(out.indptr[lo : hi + 1])
-        totals = np.add.reduceat(values, out.indptr[lo:hi] - a) if b > a else np.zeros(hi - lo)
-        totals = np.where(lengths > 0, totals, 0.0)  # reduceat gives the next value for empty rows
-        scale = np.divide(1e4, totals, out=np.zeros_like(totals), where=totals > 0)
-        out.data[a:b] = np.log1p(values * np.repeat(scale, lengths))
-    return out
-
-
-def _read_rows(matrix: Any, rows: np.ndarray, *, chunk_size: int = 8192) -> Any:
-    """Rows ``rows`` (sorted) of a dense, sparse or backed matrix as one float32 CSR matrix, read chunk by chunk.
-
-    Never densifies more than one chunk of dense input, and never holds a float64 copy of all rows.
-    """
-    import scipy.sparse as sp
-
-    blocks = []
-    for lo in range(0, len(rows), chunk_size):
-        block = matrix[rows[lo : lo + chunk_size]]
-        block = block if sp.issparse(block) else sp.csr_matrix(np.asarray(block))
-        blocks.append(sp.csr_matrix(block, dtype=np.float32))
-    if not blocks:
-        return sp.csr_matrix((0, matrix.shape[1]), dtype=np.float32)
-    return sp.csr_matrix(sp.vstack(blocks, format="csr"), dtype=np.float32)
 
 
 def logistic_regression_baseline(
@@ -206,10 +167,10 @@ def logistic_regression_baseline(
 
     matrix = get_matrix(adata, layer)
     rows = np.flatnonzero(is_train | is_test)
-    X = _read_rows(matrix, rows)  # float32 CSR of the train + test cells only (backed data: read by chunks)
+    X = read_rows(matrix, rows)  # float32 CSR of the train + test cells only (backed data: read by chunks)
     normalised = value_kind(X)[0] == "counts"
     if normalised:
-        X = _log1p_cp10k(X)
+        X = log1p_cp10k(X)
         logger.info("baseline: values look like raw counts -> normalised to 10,000 per cell + log1p")
     else:
         logger.info("baseline: values are not whole numbers -> used as log-normalised expression")
@@ -284,9 +245,9 @@ def logistic_regression_baseline(
         check_expression(query, layer=layer)
         query_genes = pd.Index(np.asarray(query.var_names.astype(str)))
         check_gene_overlap(query_genes, genes_used, what="the query", against="the baseline's genes")
-        Xq = _read_rows(get_matrix(query, layer), np.arange(query.n_obs))
+        Xq = read_rows(get_matrix(query, layer), np.arange(query.n_obs))
         if value_kind(Xq)[0] == "counts":
-            Xq = _log1p_cp10k(Xq)
+            Xq = log1p_cp10k(Xq)
         position = query_genes.get_indexer(genes_used)  # -1: the query lacks the gene -> zeros
         present = position >= 0
         aligned = sp.csr_matrix(Xq[:, np.where(present, position, 0)] @ sp.diags(present.astype(np.float32)))

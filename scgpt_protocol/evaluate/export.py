@@ -22,8 +22,6 @@
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
@@ -31,9 +29,15 @@ from typing import TYPE_CHECKING, Any, Mapping
 import numpy as np
 import pandas as pd
 
+from ..annotate.columns import COLUMNS, CORRECT, OBS_COLUMNS, SPLIT, TRUE_LABEL
 from ..core.errors import ArtifactError
+from ..core.io import atomic_write
 from ..core.log import DETAIL
-from ..metrics import HEADLINE_METRICS
+from ..data.labels import cell_mask
+from ..data.matrix import get_matrix, iter_row_chunks
+from ..data.read import opened_backed
+from ..data.store import CSRWriter, begin_h5ad, write_elem
+from ..metrics import headline_values
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -43,45 +47,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["write_vars_h5", "write_duckdb", "evaluation_tables", "export_evaluation", "query_duckdb", "OBS_COLUMNS"]
+__all__ = ["write_vars_h5", "write_duckdb", "evaluation_tables", "export_evaluation", "query_duckdb"]
 
-#: the columns of table ``obs`` of ``obs.duckdb``, in order
-OBS_COLUMNS = (
-    "cell", "row", "split", "true_label", "scgpt_label", "scgpt_prediction", "scgpt_label_confidence",
-    "scgpt_unknown", "scgpt_over_clustering", "scgpt_majority_voting", "correct", "umap_1", "umap_2",
-)
 _TABLE_NAME = "^[a-z_][a-z0-9_]*$"
-
-
-def _temporary(path: Path) -> Path:
-    """A fresh, non-existent path beside ``path`` (for a write that is renamed into place)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".partial{path.suffix}")
-    os.close(fd)
-    os.unlink(tmp)
-    return Path(tmp)
-
-
-def _write_elem(group: Any, key: str, value: Any) -> None:
-    """anndata's writer of one element (``anndata.io`` from 0.11, ``anndata.experimental`` before)."""
-    import anndata
-
-    writer = getattr(getattr(anndata, "io", None), "write_elem", None)
-    if writer is None:  # anndata < 0.11
-        from anndata.experimental import write_elem as writer
-    writer(group, key, value)
-
-
-def _open(source: AnnData | str | Path) -> tuple[Any, bool]:
-    """``source`` as an AnnData (a path is opened backed, read-only); True when we opened it."""
-    if isinstance(source, (str, Path)):
-        import anndata as ad
-
-        if not Path(source).is_file():
-            msg = f"{source} does not exist; expected the .h5ad file whose expression vars.h5 exports."
-            raise FileNotFoundError(msg)
-        return ad.read_h5ad(source, backed="r"), True
-    return source, False
 
 
 def write_vars_h5(
@@ -102,7 +70,7 @@ def write_vars_h5(
     path
         Where to write (atomically: a reader never sees half a file).
     cells
-        Which cells, in the source's order: a boolean mask or obs names; None: all.
+        Which cells, in the source's order: a boolean mask, positions or obs names; None: all.
     layer
         Take the values from ``layers[layer]`` instead of ``X``.
     chunk_size
@@ -115,72 +83,31 @@ def write_vars_h5(
     pathlib.Path
     """
     import h5py
-    import scipy.sparse as sp
 
-    adata, opened = _open(source)
-    try:
-        n_obs = adata.n_obs
-        if cells is None:
-            mask = np.ones(n_obs, dtype=bool)
-        else:
-            values = np.asarray(cells)
-            if values.dtype == bool:
-                if values.shape != (n_obs,):
-                    raise ValueError(f"cells is a mask of shape {values.shape}; expected ({n_obs},).")
-                mask = values
-            else:
-                names = pd.Index(values.astype(str))
-                missing = names.difference(adata.obs_names)
-                if len(missing):
-                    msg = f"{len(missing)} of the cells are not in the source's obs_names, e.g. {list(missing[:3])}."
-                    raise KeyError(msg)
-                mask = adata.obs_names.isin(names)
-        matrix = adata.X if layer is None else adata.layers[layer]
-        n_vars = adata.n_vars
+    with opened_backed(source) as adata:
+        mask = cell_mask(adata, cells)
+        matrix = get_matrix(adata, layer)
         out = Path(path)
-        tmp = _temporary(out)
-        nnz = 0
-        try:
+        stored = {"cells": int(mask.sum()), "values": 0}
+
+        def write(tmp: Path) -> None:
             with h5py.File(tmp, "w") as f:
-                f.attrs["encoding-type"] = "anndata"
-                f.attrs["encoding-version"] = "0.1.0"
-                group = f.create_group("X")
-                group.attrs["encoding-type"] = "csr_matrix"
-                group.attrs["encoding-version"] = "0.1.0"
-                group.attrs["shape"] = np.array([int(mask.sum()), n_vars], dtype=np.int64)
-                opts = {"compression": "gzip", "compression_opts": 4, "chunks": True}
-                data = group.create_dataset("data", shape=(0,), maxshape=(None,), dtype=np.float32, **opts)
-                index_type = np.int32 if n_vars < 2**31 else np.int64
-                indices = group.create_dataset("indices", shape=(0,), maxshape=(None,), dtype=index_type, **opts)
-                indptr = [np.zeros(1, dtype=np.int64)]
-                for start in range(0, n_obs, chunk_size):
-                    keep = mask[start:start + chunk_size]
-                    if not keep.any():
-                        continue
-                    block = matrix[start:start + chunk_size]
-                    block = sp.csr_matrix(block.toarray() if hasattr(block, "toarray") and not sp.issparse(block)
-                                          else block, dtype=np.float32)[keep]
+                begin_h5ad(f)
+                writer = CSRWriter(f, "X", adata.n_vars, indptr_dtype=np.int64, value_chunks=True,
+                                   compression={"compression": "gzip", "compression_opts": 4})
+                for _, block in iter_row_chunks(matrix, chunk_size, rows=mask, dtype=np.float32):
                     block.sort_indices()
-                    n = block.nnz
-                    data.resize((nnz + n,))
-                    indices.resize((nnz + n,))
-                    data[nnz:] = block.data
-                    indices[nnz:] = block.indices.astype(index_type, copy=False)
-                    indptr.append(block.indptr[1:].astype(np.int64) + nnz)
-                    nnz += n
-                group.create_dataset("indptr", data=np.concatenate(indptr), **opts)
-                _write_elem(f, "obs", pd.DataFrame(index=pd.Index(adata.obs_names[mask].astype(str), name=None)))
+                    writer.append(block)
+                stored["values"] = writer.nnz
+                write_elem(f, "obs", pd.DataFrame(index=pd.Index(adata.obs_names[mask].astype(str), name=None)))
                 var = adata.var.copy()
                 var.index = var.index.astype(str)
-                _write_elem(f, "var", var)
-                _write_elem(f, "uns", {"values": description})
-            os.replace(tmp, out)
-        finally:
-            tmp.unlink(missing_ok=True)
-    finally:
-        if opened:
-            adata.file.close()
-    logger.info("wrote %s: %d cells x %d genes, %d stored values", out, int(mask.sum()), n_vars, nnz,
+                write_elem(f, "var", var)
+                write_elem(f, "uns", {"values": description})
+
+        atomic_write(out, write)
+        n_vars = adata.n_vars
+    logger.info("wrote %s: %d cells x %d genes, %d stored values", out, stored["cells"], n_vars, stored["values"],
                 extra=DETAIL)
     return out
 
@@ -201,8 +128,8 @@ def write_duckdb(path: str | Path, tables: Mapping[str, pd.DataFrame]) -> Path:
     import duckdb
 
     out = Path(path)
-    tmp = _temporary(out)
-    try:
+
+    def write(tmp: Path) -> None:
         con = duckdb.connect(str(tmp))
         try:
             for name, frame in tables.items():
@@ -214,18 +141,15 @@ def write_duckdb(path: str | Path, tables: Mapping[str, pd.DataFrame]) -> Path:
             con.execute("CHECKPOINT")
         finally:
             con.close()
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-        Path(f"{tmp}.wal").unlink(missing_ok=True)
+
+    atomic_write(out, write, fresh=True, sidecars=(".wal",))
     logger.info("wrote %s: tables %s", out, ", ".join(f"{k} ({len(v)} rows)" for k, v in tables.items()),
                 extra=DETAIL)
     return out
 
 
 def _metric_row(method: str, cells: str, metrics: Mapping[str, Any], coverage: float | None) -> dict[str, Any]:
-    row: dict[str, Any] = {"method": method, "cells": cells}
-    row.update({k: (None if metrics.get(k) is None else float(metrics[k])) for k in HEADLINE_METRICS})
+    row: dict[str, Any] = {"method": method, "cells": cells, **headline_values(metrics, missing=None)}
     row["n_cells"] = metrics.get("n_cells")
     row["coverage"] = coverage
     return row
@@ -250,27 +174,25 @@ def evaluation_tables(
         An AnnData of (a superset of) the evaluated cells with 2-D coordinates in ``obsm[basis]``
         (03's UMAP); cells without coordinates get NULL.
     """
-    from ..annotate.refine import COLUMNS
     from ..metrics import SCGPT_METHOD
 
     pred = result.predictions
     obs = pd.DataFrame({"cell": pred.index.astype(str), "row": np.arange(len(pred), dtype=np.int64)})
-    obs["split"] = pred["split"].astype(str).to_numpy() if "split" in pred else None
-    obs["true_label"] = pred["true_label"].astype(object).to_numpy()
-    for column in ("scgpt_label", "scgpt_prediction", "scgpt_label_confidence", "scgpt_unknown",
-                   "scgpt_over_clustering", "scgpt_majority_voting", "correct"):
+    obs[SPLIT] = pred[SPLIT].astype(str).to_numpy() if SPLIT in pred else None
+    obs[TRUE_LABEL] = pred[TRUE_LABEL].astype(object).to_numpy()
+    for column in (*COLUMNS.values(), CORRECT):
         if column in pred:
             values = pred[column]
             obs[column] = (values.astype(object).where(values.notna(), None).to_numpy()
-                           if column != "scgpt_label_confidence" else values.to_numpy(dtype=np.float64))
-    if "scgpt_prediction" not in obs:  # not refined: the call is the prediction, nothing abstained
-        obs["scgpt_prediction"] = obs["scgpt_label"]
-        obs["scgpt_unknown"] = False
+                           if column != COLUMNS["confidence"] else values.to_numpy(dtype=np.float64))
+    if COLUMNS["predicted"] not in obs:  # not refined: the call is the prediction, nothing abstained
+        obs[COLUMNS["predicted"]] = obs[COLUMNS["labels"]]
+        obs[COLUMNS["unknown"]] = False
     for column in (COLUMNS["over_clustering"], COLUMNS["majority_voting"]):
         if column not in obs:
             obs[column] = pd.Series([None] * len(obs), dtype=object)
-    obs["scgpt_unknown"] = obs["scgpt_unknown"].astype(bool)
-    obs["correct"] = pd.array(pred["correct"].to_numpy(), dtype="boolean")
+    obs[COLUMNS["unknown"]] = obs[COLUMNS["unknown"]].astype(bool)
+    obs[CORRECT] = pd.array(pred[CORRECT].to_numpy(), dtype="boolean")
     coords = np.full((len(pred), 2), np.nan)
     if embedding is not None:
         if basis not in embedding.obsm:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import numpy as np
 import pandas as pd
 
+from ..annotate.prediction import check_prediction
 from ..core.errors import format_keys
 from ..core.io import json_safe
 from ..core.log import DETAIL
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EvalResult", "evaluate_predictions", "annotate", "prediction_store", "STORE_OUTPUTS_CELLS", "write_results", "evaluate_query"]
+__all__ = ["EvalResult", "evaluate_predictions", "prediction_store", "STORE_OUTPUTS_CELLS", "write_results", "evaluate_query"]
 
 
 # -- scGPT predictions ----------------------------------------------------------------------
@@ -49,15 +50,6 @@ class EvalResult:
     confusion: pd.DataFrame  # row-normalised, rows = true labels
     predictions: pd.DataFrame  # one row per evaluated cell, index = obs_names
     method: str = SCGPT_METHOD
-
-
-def _check_prediction(adata: AnnData, prediction: Prediction) -> None:
-    if len(prediction.labels) != adata.n_obs:
-        msg = (
-            f"the prediction holds {len(prediction.labels)} cells but adata has {adata.n_obs}; pass the "
-            "same AnnData (same cells, same order) that predict() was called with."
-        )
-        raise ValueError(msg)
 
 
 def evaluate_predictions(
@@ -93,7 +85,7 @@ def evaluate_predictions(
         ``obs[split_key]`` exists) and ``correct`` (nullable boolean). Cells without a true label
         stay in the table (``correct`` is NA) but are left out of the metrics, with a note.
     """
-    _check_prediction(adata, prediction)
+    check_prediction(adata, prediction)
     if label_key not in adata.obs:
         msg = f"label_key={label_key!r} is not a column of adata.obs; columns: {format_keys(adata.obs.columns)}."
         raise KeyError(msg)
@@ -108,7 +100,8 @@ def evaluate_predictions(
     if not labelled.any():
         msg = f"none of the {int(mask.sum())} selected cells has a label in adata.obs[{label_key!r}]."
         raise ValueError(msg)
-    from ..annotate.refine import COLUMNS, UNKNOWN, as_refinement, refinement_metrics
+    from ..annotate.columns import COLUMNS, CORRECT, SPLIT, TRUE_LABEL
+    from ..annotate.refine import UNKNOWN, as_refinement, refinement_metrics
 
     categories = [str(c) for c in prediction.categories]
     refined = as_refinement(prediction)
@@ -117,17 +110,17 @@ def evaluate_predictions(
     label_categories = categories + ([UNKNOWN] if refined is not None and UNKNOWN not in categories else [])
     frame = pd.DataFrame(
         {
-            "true_label": true.where(true.isna(), true.astype(str)),
-            "scgpt_label": pd.Categorical(pred, categories=label_categories),
-            "scgpt_label_confidence": np.asarray(prediction.confidence, dtype=np.float32)[mask],
+            TRUE_LABEL: true.where(true.isna(), true.astype(str)),
+            COLUMNS["labels"]: pd.Categorical(pred, categories=label_categories),
+            COLUMNS["confidence"]: np.asarray(prediction.confidence, dtype=np.float32)[mask],
         },
         index=obs.index,
     )
     if split_key in obs:
-        frame["split"] = obs[split_key].to_numpy()
-    correct = pd.array(frame["true_label"].to_numpy() == pred, dtype="boolean")
+        frame[SPLIT] = obs[split_key].to_numpy()
+    correct = pd.array(frame[TRUE_LABEL].to_numpy() == pred, dtype="boolean")
     correct[~labelled] = pd.NA
-    frame["correct"] = correct
+    frame[CORRECT] = correct
     if refined is not None:  # abstention and majority voting (refine): the columns beside the call
         extra = refined.frame(index=obs.index).drop(columns=[COLUMNS["labels"], COLUMNS["confidence"]])
         extra[COLUMNS["predicted"]] = pd.Categorical(extra[COLUMNS["predicted"]].astype(str), categories=categories)
@@ -175,63 +168,6 @@ def prediction_store(layout: Any, n_cells: int, store_outputs: bool | None = Non
         return None
     logger.info("streaming probabilities and embeddings of %d cells to %s", n_cells, layout.prediction_store)
     return layout.prediction_store
-
-
-def annotate(
-    adata: AnnData,
-    prediction: Prediction,
-    *,
-    obs_key: str = "scgpt_label",
-    embedding_key: str | None = "X_scgpt",
-) -> None:
-    """Write a prediction into ``adata`` **in place** (like scanpy's ``tl`` functions).
-
-    Writes ``obs[obs_key]`` (categorical with the model's categories, so colours and orders stay
-    stable), ``obs[obs_key + "_confidence"]`` (float32 probability of the predicted class),
-    ``obs[obs_key + "_code"]`` (int64 index of the predicted class) and ``obsm[embedding_key]`` (the
-    fine-tuned ``<cls>`` embeddings; skipped when ``embedding_key`` is None; a prediction made with
-    ``predict(out=...)`` keeps them in its HDF5 store and ``uns[embedding_key + "_store"]`` names it).
-    A prediction refined by
-    :func:`~scgpt_protocol.refine.refine` also writes ``obs["scgpt_prediction"]`` (the class before
-    abstention; ``obs[obs_key]`` then holds ``"Unknown"`` below ``min_confidence``),
-    ``obs["scgpt_unknown"]``, ``obs["scgpt_over_clustering"]`` / ``obs["scgpt_majority_voting"]`` (with
-    majority voting) and ``uns["scgpt_annotation"]`` (the parameters); with another ``obs_key`` these
-    are named ``<obs_key>_predicted``, ``_unknown``, ``_over_clustering``, ``_majority_voting``.
-
-    Parameters
-    ----------
-    adata
-        The AnnData ``prediction`` was made on (same cells, same order).
-    prediction
-        The result of :func:`~scgpt_protocol.predict.predict`.
-    obs_key, embedding_key
-        Where to write.
-
-    Examples
-    --------
-    >>> annotate(adata, predict(model, adata, categories=cats))  # doctest: +SKIP
-    >>> sc.pl.umap(adata, color="scgpt_label")  # doctest: +SKIP
-    """
-    _check_prediction(adata, prediction)
-    from ..annotate.refine import COLUMNS, as_refinement, write_annotation
-
-    categories = [str(c) for c in prediction.categories]
-    refined = as_refinement(prediction)
-    if refined is not None:  # abstention / majority voting: the call, the prediction, the flag, the clusters
-        names = {"labels": obs_key, "confidence": f"{obs_key}_confidence"}
-        if obs_key != COLUMNS["labels"]:
-            names.update({k: f"{obs_key}_{k}" for k in ("predicted", "unknown", "over_clustering", "majority_voting")})
-        write_annotation(adata, refined, columns=names, categories=categories)
-    else:
-        labels = np.asarray(prediction.labels, dtype=object).astype(str)
-        adata.obs[obs_key] = pd.Categorical(labels, categories=categories)
-        adata.obs[f"{obs_key}_confidence"] = np.asarray(prediction.confidence, dtype=np.float32)
-    adata.obs[f"{obs_key}_code"] = np.asarray(prediction.codes, dtype=np.int64)
-    if embedding_key is not None and getattr(prediction, "store", None) is not None:
-        # predict(out=...): the embeddings stay in the store (all cells would not fit flat in memory)
-        adata.uns[f"{embedding_key}_store"] = str(prediction.store)
-    elif embedding_key is not None:
-        adata.obsm[embedding_key] = np.asarray(prediction.embeddings, dtype=np.float32)
 
 
 def evaluate_query(

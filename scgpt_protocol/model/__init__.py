@@ -5,6 +5,9 @@ from ..core.lazy import lazy_exports
 __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "bin_values": "binning",
     "bin_nonzero": "binning",
+    "CHECKPOINT_RECORD_KEYS": "checkpoint",
+    "checkpoint_record": "checkpoint",
+    "model_checkpoint_record": "checkpoint",
     "LoadReport": "checkpoint",
     "load_model": "checkpoint",
     "save_checkpoint": "checkpoint",

@@ -30,7 +30,7 @@ from .vocab import SPECIAL_TOKENS
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LoadReport", "load_model", "save_checkpoint", "make_tiny_checkpoint", "read_vocab", "write_manifest", "torch_save_atomic", "CHECKPOINT_FILES"]
+__all__ = ["CHECKPOINT_RECORD_KEYS", "checkpoint_record", "model_checkpoint_record", "LoadReport", "load_model", "save_checkpoint", "make_tiny_checkpoint", "read_vocab", "write_manifest", "torch_save_atomic", "CHECKPOINT_FILES"]
 
 CHECKPOINT_FILES = ("args.json", "vocab.json", "best_model.pt")
 #: keys of the released checkpoint that only pretraining used
@@ -215,6 +215,25 @@ def _normalise_keys(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.
 def _head_classes(state: Mapping[str, torch.Tensor]) -> int | None:
     weight = state.get("cls_decoder.out_layer.weight")
     return None if weight is None else int(weight.shape[0])
+
+
+#: the keys of a checkpoint record, in the order every file writes them
+CHECKPOINT_RECORD_KEYS = ("checkpoint", "kind", "sha256")
+
+
+def checkpoint_record(path: str | Path, kind: str | None = None) -> dict[str, Any]:
+    """The record of a pretrained checkpoint, the one shape that ``checkpoint.json``, the fine-tuned model's
+    ``manifest.json``, the run manifest and the annotation bundles write: ``{"checkpoint": folder, "kind":
+    "demo" / "released" / "folder" (None when unknown), "sha256": of best_model.pt (None when absent)}``."""
+    from ..core.io import sha256_file
+
+    weights = Path(path) / "best_model.pt"
+    return {"checkpoint": str(path), "kind": kind, "sha256": sha256_file(weights) if weights.is_file() else None}
+
+
+def model_checkpoint_record(model: ScGPT) -> dict[str, Any]:
+    """:func:`checkpoint_record` of the checkpoint ``model`` was loaded from (its load report; kind unknown)."""
+    return checkpoint_record(Path(getattr(model.load_report, "checkpoint_dir", "")))
 
 
 def locate_checkpoint(

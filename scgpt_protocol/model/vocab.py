@@ -1,4 +1,6 @@
-"""TODO docstring: model.vocab."""
+"""Token conventions and gene matching: the special tokens, the value ``<cls>`` carries in fine-tuning,
+and how a dataset's genes (symbols or Ensembl ids) meet the checkpoint's vocabulary (:func:`match_genes`,
+:func:`check_gene_overlap`)."""
 
 from __future__ import annotations
 

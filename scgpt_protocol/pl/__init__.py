@@ -3,6 +3,8 @@
 from ..core.lazy import lazy_exports
 
 __getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    "joint_embedding": "embedding",
+    "cells_for_plot": "embedding",
     "plot_embedding": "embedding",
     "compute_umap": "embedding",
     "SavedFigure": "figure",

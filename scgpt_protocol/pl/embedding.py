@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from ..annotate.columns import PREDICTION_COLUMNS
 from ..core.errors import format_keys
 from ..data.colors import NA_COLOR, category_colors, spare_colors
 from .figure import new_figure
@@ -24,8 +25,10 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
+    from ..annotate.zeroshot import ZeroShotResult
 
-__all__ = ["plot_embedding", "compute_umap"]
+
+__all__ = ["joint_embedding", "cells_for_plot", "plot_embedding", "compute_umap"]
 
 
 def _basis(adata: AnnData, basis: str) -> np.ndarray:
@@ -211,3 +214,120 @@ def compute_umap(
                     method=method)
     sc.tl.umap(light, random_state=seed)
     adata.obsm[key_added] = light.obsm["X_umap"].astype(np.float32)
+
+
+def cells_for_plot(adata: Any, cells: Any, *, max_cells: int | None = None, seed: int = 0,
+                   key: str = "X_scgpt", prediction: Any = None) -> Any:
+    """An in-memory AnnData of the chosen cells for a figure: their ``obs``, ``obsm[key]`` and ``uns``, no ``X``.
+
+    ``cells`` is a boolean mask; with more than ``max_cells`` of them a seeded random sample of
+    ``max_cells`` is kept (:func:`~scgpt_protocol.store.subsample`), so that a UMAP of an atlas costs
+    what one of ``max_cells`` cells does. The embedding comes from ``adata.obsm[key]`` or, for a
+    prediction made with ``predict(out=...)``, from its store (only these rows are read). Works on
+    backed AnnData (whose views cannot be copied).
+    """
+    import anndata
+
+    from ..data.store import embedding_rows, subsample
+
+    mask = subsample(np.asarray(cells, dtype=bool), max_cells, seed=seed)
+    emb = embedding_rows(adata, mask, key=key, stored=None if prediction is None else prediction.embeddings)
+    return anndata.AnnData(obs=adata.obs[mask].copy(), obsm={key: emb}, uns=dict(adata.uns))
+
+
+def joint_embedding(
+    reference: AnnData,
+    query: AnnData,
+    *,
+    label_key: str,
+    embedding_key: str = "X_scgpt",
+    result: ZeroShotResult | None = None,
+    max_cells: int | None = None,
+    seed: int = 0,
+) -> AnnData:
+    """Reference and query cells in one small AnnData, for a joint UMAP.
+
+    Parameters
+    ----------
+    reference, query
+        Both with ``obsm[embedding_key]`` (e.g. after :func:`zeroshot_annotate`).
+    label_key
+        ``obs`` column of the labels; cells without it get NaN in ``label``.
+    embedding_key
+        ``obsm`` key of the embeddings, kept under the same key.
+    result
+        The :class:`ZeroShotResult` of these two datasets; its majority labels fill ``predicted``
+        for the query cells (NaN for reference cells). Without it ``predicted`` is all NaN. Its
+        embeddings are used where a dataset has no ``obsm[embedding_key]`` (``zeroshot_annotate`` with
+        ``store_dir``: only the chosen rows are read from disk).
+    max_cells
+        At most this many cells (reference and query together; a seeded random sample,
+        :func:`~scgpt_protocol.store.subsample`), so that a UMAP of an atlas costs what one of
+        ``max_cells`` cells does. None: all cells.
+    seed
+        Seed of that sample.
+
+    Returns
+    -------
+    AnnData
+        ``n_vars = 0``; ``obs_names`` are the original names plus ``-reference`` / ``-query``;
+        ``obs`` has ``dataset`` (``"reference"`` / ``"query"``), ``label``, ``predicted`` and
+        ``cell`` (the original name); ``obsm[embedding_key]`` stacks the embeddings.
+
+    Examples
+    --------
+    >>> joint = joint_embedding(ref, query, label_key="cell_type", result=res)  # doctest: +SKIP
+    >>> sc.pp.neighbors(joint, use_rep="X_scgpt"); sc.tl.umap(joint)  # doctest: +SKIP
+    >>> sc.pl.umap(joint, color=["dataset", "label", "predicted"])  # doctest: +SKIP
+    """
+    import anndata as ad
+
+    from ..data.store import embedding_rows, subsample
+
+    n_ref, n_query = reference.n_obs, query.n_obs
+    keep = subsample(np.ones(n_ref + n_query, dtype=bool), max_cells, seed=seed)  # one sample of both
+    chosen = {"reference": keep[:n_ref], "query": keep[n_ref:]}
+    parts = [embedding_rows(adata, chosen[name], key=embedding_key, what=name,
+                            stored=None if result is None else getattr(result, f"{name}_embedding"))
+             for name, adata in (("reference", reference), ("query", query))]
+    if parts[0].shape[1] != parts[1].shape[1]:
+        msg = (
+            f"reference embeddings have {parts[0].shape[1]} dimensions but query embeddings "
+            f"{parts[1].shape[1]}; embed both with the same model."
+        )
+        raise ValueError(msg)
+
+    def labels(adata: AnnData, mask: np.ndarray) -> np.ndarray:
+        if label_key in adata.obs.columns:
+            return adata.obs[label_key].to_numpy(dtype=object)[mask]
+        return np.full(int(mask.sum()), np.nan, dtype=object)
+
+    predicted = np.full(n_query, np.nan, dtype=object)
+    if result is not None:
+        if len(result.predictions) != n_query:
+            msg = (
+                f"result has {len(result.predictions)} predictions but the query has {n_query} cells; "
+                "pass the result of zeroshot_annotate on this query."
+            )
+            raise ValueError(msg)
+        predicted = result.predictions[PREDICTION_COLUMNS[0]].to_numpy(dtype=object)
+    ref_names = np.asarray(reference.obs_names.astype(str))[chosen["reference"]]
+    query_names = np.asarray(query.obs_names.astype(str))[chosen["query"]]
+    n_r, n_q = len(ref_names), len(query_names)
+    names = [*(f"{n}-reference" for n in ref_names), *(f"{n}-query" for n in query_names)]
+    no_prediction = np.full(n_r, np.nan, dtype=object)
+    cells = np.concatenate([ref_names, query_names])
+    obs = pd.DataFrame(
+        {
+            "dataset": pd.Categorical(["reference"] * n_r + ["query"] * n_q, categories=["reference", "query"]),
+            "label": pd.Categorical(np.concatenate([labels(reference, chosen["reference"]),
+                                                    labels(query, chosen["query"])])),
+            "predicted": pd.Categorical(np.concatenate([no_prediction, predicted[chosen["query"]]])),
+            "cell": cells.astype(object),
+        },
+        index=pd.Index(names),
+    )
+    joint = ad.AnnData(obs=obs, var=pd.DataFrame(index=pd.Index([], dtype=str)))
+    joint.uns["dataset_colors"] = ["#b8b8b8", "#2b2b2b"]  # reference light, query dark: no cell-type colour
+    joint.obsm[embedding_key] = np.concatenate(parts).astype(np.float32, copy=False)
+    return joint

@@ -11,12 +11,13 @@ the caller's axes and their figure is returned. :func:`save_figure` writes a fig
 from __future__ import annotations
 
 import logging
-import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from ..core.io import atomic_write
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -135,12 +136,8 @@ def save_figure(fig: Figure, layout: RunLayout, name: str, *, pdf: bool = True) 
     png.parent.mkdir(parents=True, exist_ok=True)
     targets = [(png, "png")] + ([(png.with_suffix(".pdf"), "pdf")] if pdf else [])
     for path, fmt in targets:
-        tmp = path.with_name(f".{path.name}.partial")
-        try:
-            fig.savefig(tmp, format=fmt, dpi=SCREEN_DPI if fmt == "png" else PRINT_DPI, bbox_inches="tight")
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        atomic_write(path, lambda tmp, fmt=fmt: fig.savefig(
+            tmp, format=fmt, dpi=SCREEN_DPI if fmt == "png" else PRINT_DPI, bbox_inches="tight"))
     try:
         shown = png.resolve().relative_to(Path(layout.run_dir).resolve())
     except ValueError:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from ..metrics import BASELINE, SCGPT, ZEROSHOT
 from .figure import new_figure, two_axes
 
 if TYPE_CHECKING:
@@ -96,11 +97,13 @@ def plot_confusion(confusion_df: pd.DataFrame, *, ax: Axes | None = None, title:
 
 # -- metrics --------------------------------------------------------------------------------
 #: one colour per method in every figure (by the start of the method's name), others in order
+#: method name prefix -> colour (:data:`~scgpt_protocol.metrics.METHODS`; names such as
+#: "scGPT fine-tuned: lora" or "baseline: ..." take the colour of their method)
 METHOD_COLORS: dict[str, str] = {
-    "scGPT": "#1f77b4",
-    "logistic regression": "#ff7f0e",
-    "baseline": "#ff7f0e",
-    "zero-shot": "#2ca02c",
+    SCGPT.short: SCGPT.color,
+    "logistic regression": BASELINE.color,
+    BASELINE.short: BASELINE.color,
+    ZEROSHOT.short: ZEROSHOT.color,
 }
 _MORE_METHOD_COLORS = ("#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
 

@@ -2,7 +2,7 @@
 
 The functions here back the ``01_preprocess`` notebook::
 
-    adata = open_adata(params.adata_path)        # obs/var/uns in memory, the matrix on disk
+    adata = open_lazy(params.adata_path)        # obs/var/uns in memory, the matrix on disk
     ckpt = resolve_checkpoint(params.checkpoint, layout, gene_symbols(adata, params.gene_symbol_key))
     vocab = read_vocab(ckpt / "vocab.json")
     inspection = inspect_adata(adata, label_key=params.label_key, vocab=vocab, ...)
@@ -82,7 +82,7 @@ def plot_qc(adata: AnnData, *, layer: str | None = None, gene_symbol_key: str | 
     kind, _ = value_kind(matrix)
     where = f"layers[{layer!r}]" if layer else "X"
     mito = mito_mask(gene_symbols(adata, gene_symbol_key))
-    # per-cell numbers chunk by chunk: the matrix may be on disk (open_adata) or larger than a copy can be
+    # per-cell numbers chunk by chunk: the matrix may be on disk (open_lazy) or larger than a copy can be
     n_genes = np.zeros(adata.n_obs, dtype=np.int64)
     totals = np.zeros(adata.n_obs, dtype=np.float32)
     pct = np.zeros(adata.n_obs, dtype=np.float64)

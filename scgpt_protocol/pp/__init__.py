@@ -9,7 +9,7 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "Inspection": "inspect",
     "inspect_adata": "inspect",
     "write_inspection": "inspect",
-    "read_prepared_cells": "io",
+    "open_prepared_cells": "io",
     "resolve_checkpoint": "io",
     "read_checkpoint_record": "io",
     "write_prepared": "io",

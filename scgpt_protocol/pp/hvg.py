@@ -35,15 +35,9 @@ of imported libraries) and 0.7 GB chunked.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-
-if TYPE_CHECKING:
-
-    pass
 
 __all__ = ["seurat_hvg"]
 

@@ -2,7 +2,7 @@
 
 The functions here back the ``01_preprocess`` notebook::
 
-    adata = open_adata(params.adata_path)        # obs/var/uns in memory, the matrix on disk
+    adata = open_lazy(params.adata_path)        # obs/var/uns in memory, the matrix on disk
     ckpt = resolve_checkpoint(params.checkpoint, layout, gene_symbols(adata, params.gene_symbol_key))
     vocab = read_vocab(ckpt / "vocab.json")
     inspection = inspect_adata(adata, label_key=params.label_key, vocab=vocab, ...)
@@ -47,7 +47,7 @@ import pandas as pd
 
 from ..core.errors import InputDataError
 from ..core.log import DETAIL
-from ..data.labels import require_obs_key, missing_labels
+from ..data.labels import missing_labels, require_obs_key
 from ..data.matrix import check_expression, get_matrix, value_kind
 from ..model.vocab import match_genes
 from .stages import warn_user

@@ -2,7 +2,7 @@
 
 The functions here back the ``01_preprocess`` notebook::
 
-    adata = open_adata(params.adata_path)        # obs/var/uns in memory, the matrix on disk
+    adata = open_lazy(params.adata_path)        # obs/var/uns in memory, the matrix on disk
     ckpt = resolve_checkpoint(params.checkpoint, layout, gene_symbols(adata, params.gene_symbol_key))
     vocab = read_vocab(ckpt / "vocab.json")
     inspection = inspect_adata(adata, label_key=params.label_key, vocab=vocab, ...)
@@ -54,7 +54,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["read_prepared_cells", "resolve_checkpoint", "read_checkpoint_record", "write_prepared", "read_prepared", "read_labels"]
+__all__ = ["open_prepared_cells", "resolve_checkpoint", "read_checkpoint_record", "write_prepared", "read_prepared", "read_labels"]
 
 STEP = "01_preprocess"
 
@@ -88,8 +88,7 @@ def resolve_checkpoint(spec: str, layout: RunLayout, genes: Sequence[str]) -> Pa
     CheckpointError
         The checkpoint does not load (a truncated file, weights that do not match args.json).
     """
-    from ..core.io import sha256_file
-    from ..model.checkpoint import load_model, locate_checkpoint
+    from ..model.checkpoint import checkpoint_record, load_model, locate_checkpoint
 
     path, kind = locate_checkpoint(spec, demo_dir=layout.demo_checkpoint_dir, demo_genes=genes)
     if kind == "demo":
@@ -103,8 +102,7 @@ def resolve_checkpoint(spec: str, layout: RunLayout, genes: Sequence[str]) -> Pa
         logger.info("checkpoint %r (%s): %s", spec, kind, path)
         # load it once now: a truncated or mismatched checkpoint fails here, not after 01 has finished
         load_model(path, device="cpu")
-    record = {"checkpoint": str(path), "kind": kind, "sha256": sha256_file(path / "best_model.pt")}
-    layout.write_json(layout.checkpoint_record, record)
+    layout.write_json(layout.checkpoint_record, checkpoint_record(path, kind))
     return path
 
 
@@ -185,14 +183,14 @@ def read_prepared(layout: RunLayout, *, backed: bool = False) -> AnnData:
     return open_backed(path) if backed else anndata.read_h5ad(path)
 
 
-def read_prepared_cells(layout: RunLayout) -> Any:
+def open_prepared_cells(layout: RunLayout) -> Any:
     """The run's ``prepared.h5ad`` for fine-tuning, with ``X`` and ``obs`` left on disk
     (:class:`~scgpt_protocol.backed.BackedCells`; a clear error before step 01).
     :func:`~scgpt_protocol.train.finetune` reads its label and split columns and the cell names from the file
     by slices, so that its memory does not grow with the number of cells (benchmarks/bench_scale.py)."""
-    from ..data.backed import read_backed
+    from ..data.backed import open_cells
 
-    return read_backed(layout.require(layout.prepared_adata, step=STEP))
+    return open_cells(layout.require(layout.prepared_adata, step=STEP))
 
 
 def read_labels(layout: RunLayout) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 The functions here back the ``01_preprocess`` notebook::
 
-    adata = open_adata(params.adata_path)        # obs/var/uns in memory, the matrix on disk
+    adata = open_lazy(params.adata_path)        # obs/var/uns in memory, the matrix on disk
     ckpt = resolve_checkpoint(params.checkpoint, layout, gene_symbols(adata, params.gene_symbol_key))
     vocab = read_vocab(ckpt / "vocab.json")
     inspection = inspect_adata(adata, label_key=params.label_key, vocab=vocab, ...)
@@ -37,6 +37,7 @@ What :func:`prepare` leaves in the prepared AnnData
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -46,19 +47,19 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ..core.errors import InputDataError
+from ..core.io import json_safe
 from ..data.colors import label_palette
-from ..data.labels import SPLITS, require_obs_key, missing_labels
-from ..data.matrix import check_expression, get_matrix, value_kind
+from ..data.labels import SPLITS, missing_labels, require_obs_key
+from ..data.matrix import check_expression, get_matrix, log1p_cp10k, value_kind
 from ..model.vocab import gene_symbols
 from .stages import (
     check_cells_left,
-    h5ad_safe,
-    mito_mask,
-    warn_no_mito_genes,
     choose_normalisation,
+    mito_mask,
     percent_mito,
     split_cells,
     vocabulary_genes,
+    warn_no_mito_genes,
     warn_user,
 )
 
@@ -241,8 +242,10 @@ def prepare(adata: AnnData, params: PreprocessParams, vocab: dict[str, int]) -> 
     if is_counts:
         out.layers["counts"] = out.X.copy()
     if normalise:
-        sc.pp.normalize_total(out, target_sum=1e4)
-        sc.pp.log1p(out)
+        if (np.asarray(out.X.sum(axis=1)).ravel() == 0).any():
+            warnings.warn("Some cells have zero counts", UserWarning, stacklevel=2)  # as scanpy's own call said
+        out.X = log1p_cp10k(out.X)
+        out.uns["log1p"] = {"base": None}  # what sc.pp.log1p records
 
     # genes of the vocabulary
     out, match = vocabulary_genes(out, vocab, params, record)
@@ -338,7 +341,7 @@ def finish_prepared(out: AnnData, source: Any, params: PreprocessParams, log: li
     }
     previous = out.uns.get("scgpt_protocol")
     out.uns["scgpt_protocol"] = {**(dict(previous) if isinstance(previous, dict) else {}),
-                                 "preprocess": h5ad_safe(record_uns)}
+                                 "preprocess": json_safe(record_uns, h5ad=True)}
     colors = label_palette(categories, adata=source, label_key=label_key)  # the input's own colours when valid
     out.uns[f"{label_key}_colors"] = [colors[c] for c in categories]
     return PreparedData(adata=out, categories=categories, split_counts=split_counts,

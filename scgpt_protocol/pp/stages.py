@@ -1,4 +1,6 @@
-"""TODO docstring: pp.stages."""
+"""The stages of step 01 that the in-memory (:mod:`.prepare`) and streamed (:mod:`.stream`) paths share:
+mitochondrial share, the normalisation choice, the genes the vocabulary knows, the split, the checks that
+cells and genes are left, and the warnings collected for the report."""
 
 from __future__ import annotations
 
@@ -50,23 +52,6 @@ def percent_mito(matrix: Any, mito: np.ndarray, kind: str) -> np.ndarray:
     mt = np.asarray(x[:, np.flatnonzero(mito)].sum(axis=1)).ravel()
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(total > 0, 100.0 * mt / np.where(total > 0, total, 1.0), 0.0)
-
-
-def h5ad_safe(obj: Any) -> Any:
-    """JSON-like values that every anndata version writes (None becomes the string 'None')."""
-    if isinstance(obj, dict):
-        return {str(k): h5ad_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [h5ad_safe(v) for v in obj]
-    if obj is None:
-        return "None"
-    if isinstance(obj, (bool, np.bool_)):
-        return bool(obj)
-    if isinstance(obj, (int, np.integer)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        return float(obj)
-    return str(obj)
 
 
 def split_cells(
@@ -170,16 +155,3 @@ def vocabulary_genes(out: AnnData, vocab: dict[str, int], params: PreprocessPara
     record(f"kept the genes in the checkpoint vocabulary ({match.source}): "
            f"{before:,} -> {out.n_vars:,} genes ({match.fraction:.1%})")
     return out, match
-
-
-def normalise_log1p(x: sp.csr_matrix) -> sp.csr_matrix:
-    """``normalize_total(target_sum=1e4)`` + ``log1p`` of these rows, by scanpy (row by row operations)."""
-    import anndata
-    import scanpy as sc
-
-    a = anndata.AnnData(x.copy())  # normalize_total works in place; x may be the counts
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        sc.pp.normalize_total(a, target_sum=1e4)
-        sc.pp.log1p(a)
-    return a.X

@@ -44,11 +44,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import scipy.sparse as sp
 
-from ..data.matrix import read_row_chunks, select_cols, select_rows
-from ..data.read import RAW_FLAG, matrix_key, open_adata
-from ..data.store import CSRWriter
+from ..data.matrix import iter_row_chunks, log1p_cp10k, select_cols, select_rows
+from ..data.read import RAW_FLAG, matrix_key, open_lazy
+from ..data.store import CSRWriter, begin_h5ad
 from .hvg import GeneMoments, seurat_hvg
-from .stages import normalise_log1p
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -105,7 +104,7 @@ def choose_chunked(path: str | Path, layer: str | None = None, chunked: bool | N
         return False
     try:
         need, have = stored_matrix_bytes(path, layer), available_memory()
-    except OSError:  # not an HDF5 file: open_adata says so clearly
+    except OSError:  # not an HDF5 file: open_lazy says so clearly
         return False
     choice = need > have // 4
     logger.info("matrix %.2f GB, %.2f GB memory available: %s path", need / 1e9, have / 1e9,
@@ -179,7 +178,7 @@ def prepare_file(
         check_h5ad_path(params.adata_path)  # a clear error before anything else reads the file
     use_chunked = choose_chunked(params.adata_path, params.layer,
                                  params.chunked if chunked is None else chunked)
-    source = open_adata(params.adata_path, layer=params.layer, in_memory=not use_chunked)
+    source = open_lazy(params.adata_path, layer=params.layer, in_memory=not use_chunked)
     size = chunk_size if chunk_size is not None else params.chunk_size
     prepared = _prepare_source(source, params, vocab, layout, size)
     write_labels(prepared, layout, params.label_key)
@@ -193,17 +192,17 @@ def _prepare_source(source: AnnData, params: PreprocessParams, vocab: dict[str, 
     import scanpy as sc
 
     from ..core.io import atomic_write
-    from ..data.labels import require_obs_key, missing_labels
+    from ..data.labels import missing_labels, require_obs_key
     from ..data.matrix import check_expression, get_matrix, value_kind
     from ..model.vocab import gene_symbols
     from .prepare import finish_prepared
     from .stages import (
         check_cells_left,
-        mito_mask,
-        warn_no_mito_genes,
         choose_normalisation,
+        mito_mask,
         percent_mito,
         vocabulary_genes,
+        warn_no_mito_genes,
         warn_user,
     )
 
@@ -261,7 +260,7 @@ def _prepare_source(source: AnnData, params: PreprocessParams, vocab: dict[str, 
     pct_all = np.zeros(n_cells_in, dtype=np.float32) if mito_wanted else None
     mito_all = mito_mask(gene_symbols(meta, params.gene_symbol_key)) if mito_wanted else None
     if params.min_genes > 0 or params.min_cells > 0 or mito_in_pass1:
-        for start, x in read_row_chunks(matrix, size):
+        for start, x in iter_row_chunks(matrix, size, dtype=np.float32, canonical=True):
             rows = keep[start:start + x.shape[0]]
             x = select_rows(x, rows)
             idx = start + np.flatnonzero(rows)
@@ -302,7 +301,7 @@ def _prepare_source(source: AnnData, params: PreprocessParams, vocab: dict[str, 
             warn_no_mito_genes(params, log)
         else:
             if not mito_in_pass1:  # pass 2: the share over the genes left by filter_genes
-                for start, x in read_row_chunks(matrix, size):
+                for start, x in iter_row_chunks(matrix, size, dtype=np.float32, canonical=True):
                     rows = keep[start:start + x.shape[0]]
                     share = percent_mito(select_cols(select_rows(x, rows), genes), mito, kind)
                     pct_all[start + np.flatnonzero(rows)] = share
@@ -333,7 +332,7 @@ def _prepare_source(source: AnnData, params: PreprocessParams, vocab: dict[str, 
         rows = keep[start:start + x.shape[0]]
         x = select_cols(select_rows(x, rows), genes_after_filter)
         counts = x if is_counts else None
-        y = normalise_log1p(x) if normalise else x
+        y = log1p_cp10k(x, copy=True) if normalise else x  # x may be the counts
         return y[:, sel], (counts[:, sel] if counts is not None else None), start + np.flatnonzero(rows)
 
     # highly variable genes: pass 3 accumulates expm1(X) moments
@@ -345,12 +344,12 @@ def _prepare_source(source: AnnData, params: PreprocessParams, vocab: dict[str, 
             batches = None
             code = np.zeros(n_cells_in, dtype=np.int64)
             if batch_key is not None:
-                out._sanitize()  # as scanpy's highly_variable_genes does (strings to categoricals)
+                out.strings_to_categoricals()  # as scanpy's highly_variable_genes does
                 batch = out.obs[batch_key]
                 batches = list(batch.cat.categories)
                 code[cells] = batch.cat.codes.to_numpy()
             moments = GeneMoments(out.n_vars, 1 if batches is None else len(batches))
-            for start, x in read_row_chunks(matrix, size):
+            for start, x in iter_row_chunks(matrix, size, dtype=np.float32, canonical=True):
                 y, _, idx = rows_out(x, start)
                 moments.add(y, code[idx])
             df = seurat_hvg(moments, out.var_names, params.n_hvg, batches)
@@ -377,15 +376,14 @@ def _prepare_source(source: AnnData, params: PreprocessParams, vocab: dict[str, 
         from anndata.io import write_elem
 
         with h5py.File(tmp, "w") as f:
-            f.attrs["encoding-type"] = "anndata"
-            f.attrs["encoding-version"] = "0.1.0"
+            begin_h5ad(f)
             max_nnz = _stored_values(matrix)
             xw = CSRWriter(f, "X", n_genes_out, max_nnz)
             layers = f.create_group("layers")
             layers.attrs["encoding-type"] = "dict"
             layers.attrs["encoding-version"] = "0.1.0"
             cw = CSRWriter(layers, "counts", n_genes_out, max_nnz) if is_counts else None
-            for start, x in read_row_chunks(matrix, size):
+            for start, x in iter_row_chunks(matrix, size, dtype=np.float32, canonical=True):
                 y, counts, idx = rows_out(x, start)
                 full = np.diff(y.indptr) > 0
                 nonempty[idx[full]] = True

@@ -53,13 +53,12 @@ def _checkpoint_dir(checkpoint: str | Path) -> Path:
 
 
 def _checkpoint_record(checkpoint: str | Path) -> dict[str, Any]:
-    """``{"checkpoint", "sha256", "kind"}`` of a checkpoint (a clear error when it is not one)."""
-    from ..core.io import sha256_file
-    from ..model.checkpoint import locate_checkpoint
+    """The record of a checkpoint (a clear error when it is not one: its vocabulary is read)."""
+    from ..model.checkpoint import checkpoint_record, locate_checkpoint
 
     path, kind = locate_checkpoint(checkpoint)
     read_vocab(path)
-    return {"checkpoint": str(path), "sha256": sha256_file(path / "best_model.pt"), "kind": kind}
+    return checkpoint_record(path, kind)
 
 
 def inspect_annotation_data(
@@ -261,7 +260,7 @@ class AnnotationRunner:
         (the class before abstention), ``obs["scgpt_unknown"]``, ``obs["scgpt_over_clustering"]``,
         ``obs["scgpt_majority_voting"]`` and ``uns["scgpt_annotation"]`` (the parameters).
         """
-        from ..evaluate.scoring import annotate
+        from ..annotate.predict import annotate
 
         prediction = self.predict(adata, min_confidence=min_confidence, majority_voting=majority_voting,
                                   resolution=resolution)

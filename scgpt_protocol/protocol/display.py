@@ -1,8 +1,27 @@
-"""TODO docstring: protocol.display."""
+"""What the executed notebooks show a reader: banners, rounded tables, the closing summary.
+
+The notebooks end a cell with one of these; each returns an object that Jupyter displays richly
+(HTML, or a pandas ``Styler``) and that prints as plain text elsewhere:
+
+* :func:`checkpoint_banner` -- which pretrained model the run uses; a visible warning box for the
+  tiny random demo checkpoint (once per report);
+* :func:`metrics_display` -- headline metrics of several methods, 3 decimals, readable headers, the
+  reason for a missing value;
+* :func:`per_class_table` -- per class: scGPT F1, baseline F1 and support side by side, sorted by
+  support, classes with few test cells flagged;
+* :func:`run_summary` -- the closing ``## Summary`` of 03 and 04: scGPT fine-tuned, the baseline and
+  zero-shot kNN on the same cells, with a one-line verdict;
+* :func:`training_report` / :func:`settings_table` -- what 02 ran with and what its curve says.
+* :func:`refinement_table` / :func:`describe_refinement` -- abstention and majority voting in words and
+  numbers.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import html
+import json
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
@@ -10,13 +29,16 @@ import numpy as np
 import pandas as pd
 
 from ..annotate.refine import UNKNOWN
-
-if TYPE_CHECKING:
-
-    pass
-import html
-import json
-import math
+from ..metrics import (
+    BASELINE,
+    HEADERS,
+    HEADLINE_METRICS,
+    METHODS,
+    SCGPT,
+    SUMMARY_METRICS,
+    ZEROSHOT,
+    metrics_table,
+)
 
 if TYPE_CHECKING:
     from pandas.io.formats.style import Styler
@@ -102,21 +124,10 @@ def describe_refinement(params: Mapping[str, Any] | None) -> str:
     return "\n".join(lines)
 
 #: readable column headers of the metric names in ``metrics.json``
-HEADERS: dict[str, str] = {
-    "accuracy": "Accuracy",
-    "macro_f1": "Macro-F1",
-    "weighted_f1": "Weighted-F1",
-    "balanced_accuracy": "Balanced accuracy",
-    "cohen_kappa": "Cohen's kappa",
-    "macro_auroc": "Macro AUROC",
-    "n_cells": "n cells",
-}
 #: classes with fewer test cells than this are flagged in :func:`per_class_table`
 FEW_CELLS = 5
 #: the three methods of :func:`run_summary`, as a reader sees them
-SCGPT_NAME = "scGPT fine-tuned"
-BASELINE_NAME = "logistic-regression baseline"
-ZEROSHOT_NAME = "zero-shot kNN on pretrained scGPT"
+SCGPT_NAME, BASELINE_NAME, ZEROSHOT_NAME = SCGPT.label, BASELINE.label, ZEROSHOT.label
 DECIMALS = 3
 
 
@@ -180,19 +191,6 @@ def checkpoint_banner(record: Mapping[str, Any]) -> Banner:
 
 
 # -- metric tables --------------------------------------------------------------------------
-def _missing_reason(metrics: Mapping[str, Any], key: str) -> str | None:
-    """The note that explains why ``key`` is missing, shortened for a table."""
-    if metrics.get(key) is not None:
-        return None
-    for note in metrics.get("notes") or []:
-        if note.startswith(key):
-            reason = note.split(":", 1)[1].strip() if ":" in note else note
-            if "no predicted probabilities" in reason:
-                reason = "this method gives no class probabilities"
-            return f"{HEADERS.get(key, key)} n/a: {reason.rstrip('.')}"
-    return None
-
-
 def _styled(frame: pd.DataFrame, *, caption: str | None = None, integer: Sequence[str] = (),
             text: Sequence[str] = ()) -> Styler:
     numeric = [c for c in frame.columns if c not in integer and pd.api.types.is_float_dtype(frame[c])]
@@ -215,24 +213,7 @@ def _styled(frame: pd.DataFrame, *, caption: str | None = None, integer: Sequenc
 
 def metrics_table_frame(results: Mapping[str, Any], *, columns: Sequence[str] | None = None) -> pd.DataFrame:
     """Rounded headline metrics of several methods with readable headers (see :func:`metrics_display`)."""
-    if not results:
-        raise ValueError("results is empty; give at least one method name -> metrics dict.")
-    keys = list(columns or ("accuracy", "macro_f1", "weighted_f1", "balanced_accuracy", "cohen_kappa",
-                            "macro_auroc"))
-    rows, notes = {}, {}
-    for method, value in results.items():
-        metrics = _metrics(value)
-        rows[str(method)] = {HEADERS.get(k, k): (np.nan if metrics.get(k) is None else round(float(metrics[k]), DECIMALS))
-                             for k in keys}
-        rows[str(method)]["n cells"] = metrics.get("n_cells")
-        reasons = [r for k in keys if (r := _missing_reason(metrics, k))]
-        notes[str(method)] = "; ".join(reasons)
-    frame = pd.DataFrame.from_dict(rows, orient="index")
-    frame["n cells"] = frame["n cells"].astype("Int64")
-    if any(notes.values()):
-        frame["Note"] = pd.Series(notes)
-    frame.index.name = "Method"
-    return frame
+    return metrics_table(results, columns or HEADLINE_METRICS, decimals=DECIMALS, readable=True, notes=True)
 
 
 def metrics_display(results: Mapping[str, Any], *, caption: str | None = None) -> Styler:
@@ -258,9 +239,7 @@ def metrics_display(results: Mapping[str, Any], *, caption: str | None = None) -
 
 def _short(method: str) -> str:
     """``scGPT`` / ``baseline`` / ``zero-shot`` for the package's method names, else the name itself."""
-    from ..metrics import BASELINE_METHOD, SCGPT_METHOD
-
-    return {SCGPT_METHOD: "scGPT", BASELINE_METHOD: "baseline"}.get(str(method), str(method))
+    return {m.name: m.short for m in METHODS}.get(str(method), str(method))
 
 
 def per_class_frame(results: Mapping[str, Any], *, few: int = FEW_CELLS) -> pd.DataFrame:
@@ -366,26 +345,17 @@ def summary_of(
 
     The verdict compares macro-F1 (every cell type counts the same) of the methods that have it.
     """
-    table_rows, missing = {}, {}
-    for method, value in rows.items():
-        if isinstance(value, str):
-            table_rows[method] = {"Accuracy": np.nan, "Macro-F1": np.nan, "Weighted-F1": np.nan, "n cells": pd.NA,
-                                  "Note": value}
-            missing[method] = value
-            continue
-        table_rows[method] = {
-            "Accuracy": round(float(value["accuracy"]), DECIMALS),
-            "Macro-F1": round(float(value["macro_f1"]), DECIMALS),
-            "Weighted-F1": round(float(value["weighted_f1"]), DECIMALS),
-            "n cells": int(value["n_cells"]),
-            "Note": "",
-        }
-    table = pd.DataFrame.from_dict(table_rows, orient="index")
-    table["n cells"] = table["n cells"].astype("Int64")
+    numeric = {m: v for m, v in rows.items() if not isinstance(v, str)}
+    missing = {m: v for m, v in rows.items() if isinstance(v, str)}
+    headers = [HEADERS[k] for k in (*SUMMARY_METRICS, "n_cells")]
+    table = (metrics_table(numeric, SUMMARY_METRICS, decimals=DECIMALS, readable=True) if numeric
+             else pd.DataFrame(columns=headers, dtype=float))
+    table = table.reindex(list(rows))  # rows in the order given; a missing method's numbers are NaN
+    table[HEADERS["n_cells"]] = table[HEADERS["n_cells"]].astype("Int64")
+    if missing:
+        table["Note"] = pd.Series({m: missing.get(m, "") for m in rows})
     table.index.name = "Method"
-    if not table["Note"].astype(bool).any():
-        table = table.drop(columns="Note")
-    scored = {m: r["Macro-F1"] for m, r in table_rows.items() if not isinstance(rows[m], str)}
+    scored = {m: float(table.loc[m, HEADERS["macro_f1"]]) for m in numeric}
     verdict = _verdict(scored)
     caveat = ""
     if demo:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..adapt.ddp import start_process_group, barrier, world
+from ..adapt.ddp import barrier, start_process_group, world
 from ..core.errors import ScGPTProtocolError
 
 if TYPE_CHECKING:
@@ -44,7 +44,7 @@ def run_finetune_step(params: FinetuneParams) -> TrainResult:
     from ..core.layout import RunLayout
     from ..core.log import setup_logging
     from ..model.checkpoint import load_model
-    from ..pp.io import read_checkpoint_record, read_labels, read_prepared_cells
+    from ..pp.io import open_prepared_cells, read_checkpoint_record, read_labels
 
     device = start_process_group()
     try:
@@ -63,7 +63,7 @@ def run_finetune_step(params: FinetuneParams) -> TrainResult:
         if size > 1:
             logger.info("DistributedDataParallel: %d processes (%s), %s cells per step, about %d per process",
                         size, torch.distributed.get_backend(), params.batch_size, -(-params.batch_size // size))
-        adata = read_prepared_cells(layout)  # X and obs stay on disk
+        adata = open_prepared_cells(layout)  # X and obs stay on disk
         labels, record = read_labels(layout), read_checkpoint_record(layout)
         model = load_model(record["checkpoint"], n_classes=len(labels["categories"]), head_seed=params.seed,
                            device=params.device)

@@ -17,6 +17,8 @@ from typing import Any
 
 from ..core.layout import STEP_DEPENDS_ON, RunLayout
 from ..core.params import STEPS, ParamsError
+from ..metrics import SUMMARY_METRICS, ZEROSHOT_METHOD, headline_values
+from ..model.checkpoint import CHECKPOINT_RECORD_KEYS
 
 logger = logging.getLogger(__name__)
 
@@ -126,11 +128,11 @@ def read_last_finished_epoch(layout: RunLayout) -> int | None:
 
 
 def checkpoint_checksum(layout: RunLayout) -> dict[str, Any] | None:
-    """The pretrained checkpoint 01 recorded (its sha256 was taken there)."""
+    """The record of the pretrained checkpoint 01 wrote (its sha256 was taken there), None before 01."""
     if not layout.checkpoint_record.is_file():
         return None
     record = json.loads(layout.checkpoint_record.read_text())
-    return {"path": record.get("checkpoint"), "kind": record.get("kind"), "sha256": record.get("sha256")}
+    return {k: record.get(k) for k in CHECKPOINT_RECORD_KEYS}
 
 
 def headline_metrics(layout: RunLayout, steps: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -143,9 +145,9 @@ def headline_metrics(layout: RunLayout, steps: dict[str, Any] | None = None) -> 
     if done("03_evaluate") and layout.metrics.is_file():
         metrics = json.loads(layout.metrics.read_text())
         for method, values in (metrics.get("methods") or {}).items():
-            summary[method] = {k: values.get(k) for k in ("accuracy", "macro_f1", "weighted_f1") if k in values}
+            summary[method] = headline_values(values, SUMMARY_METRICS, missing=None)
     if done("04_zeroshot") and layout.zeroshot_metrics.is_file():
         zs = json.loads(layout.zeroshot_metrics.read_text())
         if zs.get("majority"):
-            summary["zero-shot kNN (majority)"] = {k: zs["majority"].get(k) for k in ("accuracy", "macro_f1", "weighted_f1")}
+            summary[ZEROSHOT_METHOD] = headline_values(zs["majority"], SUMMARY_METRICS, missing=None)
     return summary

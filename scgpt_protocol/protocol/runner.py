@@ -28,18 +28,18 @@ from .manifest import (
     checkpoint_checksum,
     headline_metrics,
     input_checksums,
+    inputs_of_step,
     read_last_finished_epoch,
     set_stale,
-    inputs_of_step,
     what_changed,
 )
 from .reports import (
     export_html_safely,
     mark_interrupted_report,
     notebook_error,
+    report_title,
     resume_command,
     set_report_aside,
-    report_title,
 )
 from .workspace import resolve_notebooks, resolve_scenario
 
