@@ -205,7 +205,7 @@ def test_hand_copied_files_get_checksums(
     for fname in FILES:
         (folder / fname).write_bytes(f"copied {fname}".encode())
 
-    with caplog.at_level("INFO", logger="scgpt_protocol.download"):
+    with caplog.at_level("INFO", logger="scgpt_protocol.model.download"):
         assert download_checkpoint(cache_dir=tmp_path) == folder
     assert "recorded checksums" in caplog.text
     record = json.loads((folder / "checksums.json").read_text())

@@ -61,6 +61,15 @@ def test_pyproject_maps_notebooks_and_every_scenario_into_the_package():
     assert sorted(p.name for p in (ROOT / "params").iterdir() if p.is_dir()) == sorted(BUILTIN_SCENARIOS)
 
 
+def test_pyproject_lists_every_subpackage_for_the_wheel():
+    """setuptools takes the packages as listed: a subpackage missing there would be missing from the wheel."""
+    tomllib = pytest.importorskip("tomllib")
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "scgpt_protocol").rglob("__init__.py")}
+    assert found - listed == set()
+    assert {p for p in listed if not p.startswith("scgpt_protocol._protocol")} == found
+
+
 def test_init_copies_byte_for_byte_and_refuses_to_overwrite(tmp_path):
     dest = tmp_path / "my-run"
     written = init_workspace(dest)

@@ -393,7 +393,7 @@ def test_read_before_step_01_says_which_step(tmp_path):
 def test_resolve_checkpoint_demo(demo, tmp_path, caplog):
     layout = RunLayout(tmp_path / "run")
     genes = gene_symbols(demo)
-    with caplog.at_level("WARNING", logger="scgpt_protocol.preprocess"):
+    with caplog.at_level("WARNING", logger="scgpt_protocol.pp.io"):
         path = pp.resolve_checkpoint("demo", layout, genes)
     assert "RANDOMLY INITIALISED" in caplog.text and "means nothing biologically" in caplog.text
     assert path == layout.demo_checkpoint_dir

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("scgpt_protocol")
 
 __all__ = ["progress", "progress_mode", "ensure_logging", "setup_logging", "DETAIL"]
 

@@ -23,8 +23,8 @@ BUILTIN_SCENARIOS = ("demo", "ci", "retina-example")
 #: what the notebooks' Colab set-up cell installs: the release these notebooks belong to
 COLAB_INSTALL = f"scgpt-protocol @ git+https://github.com/{REPOSITORY}@v{__version__}"
 
-_PACKAGED = Path(__file__).resolve().parent / "_protocol"
-_SOURCE_TREE = Path(__file__).resolve().parent.parent
+_PACKAGED = Path(__file__).resolve().parents[1] / "_protocol"  # scgpt_protocol/_protocol in a wheel
+_SOURCE_TREE = Path(__file__).resolve().parents[2]  # the clone, in an editable install
 
 
 class ProtocolNotFound(FileNotFoundError):
