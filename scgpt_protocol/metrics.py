@@ -195,43 +195,12 @@ def classification_metrics(
     >>> m["accuracy"], m["n_cells"]
     (0.75, 4)
     """
-    from sklearn.metrics import f1_score, precision_recall_fscore_support, recall_score, roc_auc_score
+    from sklearn.metrics import f1_score, precision_recall_fscore_support, recall_score
 
-    true = _as_labels(y_true, "y_true")
-    pred = _as_labels(y_pred, "y_pred")
-    if len(true) != len(pred):
-        msg = f"y_true has {len(true)} labels but y_pred has {len(pred)}; give one prediction per cell."
-        raise ValueError(msg)
-    if len(true) == 0:
-        raise ValueError("y_true is empty; there are no cells to evaluate.")
-    labels, extra = _label_order(categories, true, pred)
+    true, pred = _true_and_predicted(y_true, y_pred)
     notes: list[str] = []
-    true_set, pred_set = set(true.tolist()), set(pred.tolist())
-    n_unassigned = 0
-    if unassigned is not None:
-        if unassigned in true_set:
-            msg = (
-                f"{unassigned!r} is a true label of {int((true == unassigned).sum())} cells but also the label of "
-                "cells left unassigned; rename that class so that the two can be told apart."
-            )
-            raise ValueError(msg)
-        n_unassigned = int((pred == unassigned).sum())
-        if n_unassigned:
-            notes.append(f"{n_unassigned} cells are {unassigned!r} (no call); they count as errors.")
-        labels = [label for label in labels if label != unassigned]
-        extra = [label for label in extra if label != unassigned]
-        pred_set.discard(unassigned)
-    extra_true = [label for label in extra if label in true_set]
-    extra_pred = [label for label in extra if label in pred_set]
-    if extra_true:
-        n = int(np.isin(true, extra_true).sum())
-        notes.append(
-            f"{len(extra_true)} true label(s) are not among the model's categories: {extra_true} "
-            f"({n} cells); the model cannot predict them, so these cells always count as errors."
-        )
-    if extra_pred:
-        notes.append(f"{len(extra_pred)} predicted label(s) are not among the categories: {extra_pred}.")
-
+    labels, extra_true, pred_set, n_unassigned = _scored_labels(true, pred, categories, unassigned, notes)
+    true_set = set(true.tolist())
     present = [label for label in labels if label in true_set or label in pred_set]
     present_true = [label for label in labels if label in true_set]
     precision, recall, f1, support = precision_recall_fscore_support(
@@ -262,51 +231,104 @@ def classification_metrics(
     }
     if unassigned is not None:
         metrics["n_unassigned"] = n_unassigned
-
-    # -- AUROC --
-    if proba is None:
-        notes.append("macro_auroc not computed: no predicted probabilities were given (proba=None).")
-    else:
-        if categories is None:
-            msg = "proba needs categories: the label of each of its columns, in order."
-            raise ValueError(msg)
-        proba = np.asarray(proba, dtype=np.float64)
-        n_cats = len(categories)
-        if proba.shape != (len(true), n_cats):
-            msg = (
-                f"proba has shape {proba.shape}; expected ({len(true)}, {n_cats}): one row per cell and "
-                "one column per category."
-            )
-            raise ValueError(msg)
-        if not np.isfinite(proba).all():
-            n_bad = int((~np.isfinite(proba)).sum())
-            msg = f"proba holds {n_bad} NaN or infinite values; expected probabilities."
-            raise ValueError(msg)
-        cats = labels[:n_cats]
-        scored = [c for c in cats if c in true_set]
-        if len(true_set) < 2:
-            notes.append(
-                f"macro_auroc not computed: y_true holds a single class ({next(iter(true_set))!r}); "
-                "one-vs-rest AUROC needs cells of at least two classes."
-            )
-        elif not scored:
-            notes.append("macro_auroc not computed: none of the true labels is among the categories.")
-        else:
-            aurocs = [roc_auc_score(true == c, proba[:, cats.index(c)]) for c in scored]
-            metrics["macro_auroc"] = float(np.mean(aurocs))
-            absent = [c for c in cats if c not in true_set]
-            if absent:
-                notes.append(
-                    f"macro_auroc averages the {len(scored)} categories present in y_true; {len(absent)} "
-                    f"without true cells are left out: {absent}."
-                )
-            if extra_true:
-                notes.append(
-                    f"macro_auroc leaves out true labels without a probability column: {extra_true}."
-                )
+    metrics["macro_auroc"] = _macro_auroc(true, proba, categories, labels, extra_true, notes)
     metrics["per_class"] = per_class
     metrics["notes"] = notes
     return metrics
+
+
+def _true_and_predicted(y_true: Any, y_pred: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The labels as string arrays, one prediction per cell, at least one cell."""
+    true = _as_labels(y_true, "y_true")
+    pred = _as_labels(y_pred, "y_pred")
+    if len(true) != len(pred):
+        msg = f"y_true has {len(true)} labels but y_pred has {len(pred)}; give one prediction per cell."
+        raise ValueError(msg)
+    if len(true) == 0:
+        raise ValueError("y_true is empty; there are no cells to evaluate.")
+    return true, pred
+
+
+def _scored_labels(true: np.ndarray, pred: np.ndarray, categories: Sequence[str] | None, unassigned: str | None,
+                   notes: list[str]) -> tuple[list[str], list[str], set, int]:
+    """``(labels, true labels outside the categories, predicted classes, unassigned cells)`` of
+    :func:`classification_metrics`; the remarks on them go to ``notes``."""
+    labels, extra = _label_order(categories, true, pred)
+    true_set, pred_set = set(true.tolist()), set(pred.tolist())
+    n_unassigned = 0
+    if unassigned is not None:
+        if unassigned in true_set:
+            msg = (
+                f"{unassigned!r} is a true label of {int((true == unassigned).sum())} cells but also the label of "
+                "cells left unassigned; rename that class so that the two can be told apart."
+            )
+            raise ValueError(msg)
+        n_unassigned = int((pred == unassigned).sum())
+        if n_unassigned:
+            notes.append(f"{n_unassigned} cells are {unassigned!r} (no call); they count as errors.")
+        labels = [label for label in labels if label != unassigned]
+        extra = [label for label in extra if label != unassigned]
+        pred_set.discard(unassigned)
+    extra_true = [label for label in extra if label in true_set]
+    extra_pred = [label for label in extra if label in pred_set]
+    if extra_true:
+        n = int(np.isin(true, extra_true).sum())
+        notes.append(
+            f"{len(extra_true)} true label(s) are not among the model's categories: {extra_true} "
+            f"({n} cells); the model cannot predict them, so these cells always count as errors."
+        )
+    if extra_pred:
+        notes.append(f"{len(extra_pred)} predicted label(s) are not among the categories: {extra_pred}.")
+    return labels, extra_true, pred_set, n_unassigned
+
+
+def _macro_auroc(true: np.ndarray, proba: np.ndarray | None, categories: Sequence[str] | None, labels: list[str],
+                 extra_true: list[str], notes: list[str]) -> float | None:
+    """The ``macro_auroc`` of :func:`classification_metrics` (None, with a note saying why, when not computed)."""
+    from sklearn.metrics import roc_auc_score
+
+    if proba is None:
+        notes.append("macro_auroc not computed: no predicted probabilities were given (proba=None).")
+        return None
+    if categories is None:
+        msg = "proba needs categories: the label of each of its columns, in order."
+        raise ValueError(msg)
+    proba = np.asarray(proba, dtype=np.float64)
+    n_cats = len(categories)
+    if proba.shape != (len(true), n_cats):
+        msg = (
+            f"proba has shape {proba.shape}; expected ({len(true)}, {n_cats}): one row per cell and "
+            "one column per category."
+        )
+        raise ValueError(msg)
+    if not np.isfinite(proba).all():
+        n_bad = int((~np.isfinite(proba)).sum())
+        msg = f"proba holds {n_bad} NaN or infinite values; expected probabilities."
+        raise ValueError(msg)
+    true_set = set(true.tolist())
+    cats = labels[:n_cats]
+    scored = [c for c in cats if c in true_set]
+    if len(true_set) < 2:
+        notes.append(
+            f"macro_auroc not computed: y_true holds a single class ({next(iter(true_set))!r}); "
+            "one-vs-rest AUROC needs cells of at least two classes."
+        )
+        return None
+    if not scored:
+        notes.append("macro_auroc not computed: none of the true labels is among the categories.")
+        return None
+    aurocs = [roc_auc_score(true == c, proba[:, cats.index(c)]) for c in scored]
+    absent = [c for c in cats if c not in true_set]
+    if absent:
+        notes.append(
+            f"macro_auroc averages the {len(scored)} categories present in y_true; {len(absent)} "
+            f"without true cells are left out: {absent}."
+        )
+    if extra_true:
+        notes.append(
+            f"macro_auroc leaves out true labels without a probability column: {extra_true}."
+        )
+    return float(np.mean(aurocs))
 
 
 def headline_values(metrics: Mapping[str, Any], keys: Sequence[str] = HEADLINE_METRICS, *,

@@ -116,7 +116,7 @@ def test_data_fingerprint_hashed_by_slices_equals_the_whole_join():
 
     import pandas as pd
 
-    from scgpt_protocol.adapt.train import data_fingerprint
+    from scgpt_protocol.adapt.cells import data_fingerprint
     from scgpt_protocol.data.demo import make_toy_adata
 
     adata = make_toy_adata(n_cells=70_000, n_genes=5)  # more cells than one 65,536-cell slice

@@ -3,6 +3,8 @@
 from ..core.lazy import lazy_exports
 
 __getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    "codes_and_splits": "cells",
+    "data_fingerprint": "cells",
     "world": "ddp",
     "is_main": "ddp",
     "barrier": "ddp",
@@ -39,6 +41,5 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "TrainResult": "train",
     "finetune": "train",
     "strategy_config": "train",
-    "data_fingerprint": "train",
     "adam_eps": "train",
 })

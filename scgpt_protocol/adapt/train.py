@@ -44,15 +44,14 @@ import torch
 from torch import nn
 
 from ..core.device import PeakMemory, autocast, resolve_device, resolve_precision
-from ..core.errors import format_keys
 from ..core.layout import RunLayout
 from ..core.log import progress
 from ..core.params import FinetuneParams
 from ..data.matrix import check_expression
 from ..model.checkpoint import model_checkpoint_record, torch_save_atomic
 from ..model.scgpt import ProbeHead, ScGPT
-from ..model.tokenize import cell_keys
 from ..model.vocab import FINETUNE_CLS_VALUE, match_genes
+from .cells import _name_keys, codes_and_splits, data_fingerprint
 from .ddp import Classify, all_reduce_sum, barrier, world
 from .loader import CellGroups, ShardLoader, default_num_workers, eval_plan, make_loader, train_plan
 from .saved import cpu_copy, save_finetuned
@@ -62,7 +61,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TrainResult", "finetune", "strategy_config", "data_fingerprint", "adam_eps"]
+__all__ = ["TrainResult", "finetune", "strategy_config", "adam_eps"]
 
 #: parameters that may change between an interrupted run and its resumption
 _RESUMABLE_CHANGES = {"epochs", "resume", "device", "run_dir", "strategies", "mount_drive", "num_workers",
@@ -194,94 +193,11 @@ def _val_metrics(logits: np.ndarray, codes: np.ndarray, loss_fn: nn.Module) -> d
     }
 
 
-def data_fingerprint(adata: AnnData, label_key: str, categories: Sequence[str], split_key: str = "split",
-                     base_sha256: str | None = None) -> str:
-    """sha256 of what a model is trained on: genes, classes, train/val cells and their labels, base model.
-
-    A resumed or reused training must match it: after re-running 01 with another split, an old model
-    would otherwise be scored on cells it was trained on.
-    """
-    import hashlib
-
-    split = _as_categorical(_obs_column(adata, split_key))
-    fit = np.isin(split.codes, np.flatnonzero(split.categories.isin(["train", "val"])))
-    labels = _as_categorical(_obs_column(adata, label_key))
-    label_names = np.asarray(labels.categories.astype(str), dtype=object)
-    split_names = np.asarray(split.categories.astype(str), dtype=object)
-    names, step = adata.obs_names, 65536
-    slices = [(i, np.flatnonzero(fit[i : i + step])) for i in range(0, len(fit), step)]
-    slices = [(i, rows) for i, rows in slices if len(rows)]
-    per_cell = (
-        lambda i, rows: map(str, np.asarray(names[i : i + step])[rows]),  # names read by contiguous slices
-        lambda i, rows: split_names[split.codes[i + rows]],
-        lambda i, rows: label_names[labels.codes[i + rows]],
-    )
-    digest = hashlib.sha256()
-    # the bytes of "\x1f".join(part) for each part, hashed a slice of cells at a time (flat memory)
-    for part in ([map(str, adata.var_names)], [categories], *([fn(i, rows) for i, rows in slices] for fn in per_cell),
-                 [[str(base_sha256)]]):
-        first = True
-        for piece in part:
-            text = "\x1f".join(piece)
-            digest.update(("" if first else "\x1f").encode() + text.encode())
-            first = False
-        digest.update(b"\x1e")
-    return digest.hexdigest()
-
-
-def _obs_keys(adata: Any) -> list[str]:
-    return list(adata.obs_keys) if hasattr(adata, "obs_column") else list(adata.obs.columns)
-
-
-def _obs_column(adata: Any, key: str) -> pd.Series:
-    """``obs[key]`` of an AnnData, or read from the file for :class:`~scgpt_protocol.backed.BackedCells`."""
-    return adata.obs_column(key) if hasattr(adata, "obs_column") else adata.obs[key]
-
-
-def _name_keys(names: Any, step: int = 65536) -> np.ndarray:
-    """:func:`~scgpt_protocol.tokenize.cell_keys` of every cell, names read a slice at a time."""
-    return np.concatenate([cell_keys(names[i : i + step]) for i in range(0, len(names), step)] or
-                          [np.zeros(0, dtype=np.uint64)])
-
-
-def _as_categorical(column: pd.Series) -> pd.Categorical:
-    """``column`` as a Categorical (a categorical column as it is: no string per cell is made)."""
-    if isinstance(column.dtype, pd.CategoricalDtype):
-        return column.array
-    return pd.Categorical(column.astype(str))
-
-
 def _comparable(params: FinetuneParams, strategy: str, fingerprint: str) -> dict[str, Any]:
     out = {k: v for k, v in params.to_dict().items() if k not in _RESUMABLE_CHANGES}
     out["strategy"] = strategy
     out["data"] = fingerprint
     return out
-
-
-def _codes_and_splits(adata: AnnData, label_key: str, split_key: str, categories: list[str]) -> tuple:
-    for key in (label_key, split_key):
-        if key not in _obs_keys(adata):
-            msg = f"{key!r} not in adata.obs (columns: {format_keys(_obs_keys(adata))}); run 01_preprocess first."
-            raise KeyError(msg)
-    labels = _as_categorical(_obs_column(adata, label_key))
-    present = labels.categories[np.unique(labels.codes[labels.codes >= 0])].astype(str)
-    unknown = sorted(set(present) - set(categories)) + (["<missing>"] if (labels.codes < 0).any() else [])
-    if unknown:
-        msg = f"labels {unknown[:5]} of obs[{label_key!r}] are not among the run's categories {categories}."
-        raise ValueError(msg)
-    position = {c: i for i, c in enumerate(categories)}
-    lookup = np.array([position.get(c, -1) for c in labels.categories.astype(str)] or [0], dtype=np.int64)
-    codes = lookup[labels.codes]
-    split = _as_categorical(_obs_column(adata, split_key))
-    split_code = {str(c): i for i, c in enumerate(split.categories)}
-    train_rows = np.flatnonzero(split.codes == split_code.get("train", -2))
-    val_rows = np.flatnonzero(split.codes == split_code.get("val", -2))
-    if len(train_rows) == 0 or len(val_rows) == 0:
-        found = dict(zip(split.categories.astype(str), np.bincount(split.codes[split.codes >= 0],
-                                                                  minlength=len(split.categories))))
-        msg = f"obs[{split_key!r}] needs 'train' and 'val' cells; found {found}."
-        raise ValueError(msg)
-    return codes, train_rows, val_rows
 
 
 def _fit_probe(model: ScGPT, stream: _Stream, keys: np.ndarray, codes: np.ndarray, train_rows: np.ndarray,
@@ -364,7 +280,7 @@ def finetune(
     strategy = strategy or params.strategy
     base_checkpoint = base_checkpoint or model_checkpoint_record(model)
     categories = list(categories)
-    codes, train_rows, val_rows = _codes_and_splits(adata, label_key, split_key, categories)
+    codes, train_rows, val_rows = codes_and_splits(adata, label_key, split_key, categories)
     check_expression(adata)
     device = resolve_device(params.device)
     if model.cls_decoder is None or model.cls_decoder.out_layer.out_features != len(categories):
@@ -430,6 +346,48 @@ def finetune(
     return result
 
 
+@dataclass
+class _Training:
+    """One fine-tuning's epochs: what they read, how they optimise, and how far they got (saved and resumed)."""
+
+    model: ScGPT
+    stream: _Stream
+    keys: np.ndarray
+    params: FinetuneParams
+    strategy: str
+    codes: np.ndarray
+    train_rows: np.ndarray
+    val_rows: np.ndarray
+    val_loss_fn: nn.Module
+    device: torch.device
+    fingerprint: str
+    trainable: list[nn.Parameter]
+    precision: str  # autocast dtype; fp16 also gets a GradScaler
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: Any
+    loss_fn: nn.Module
+    weight_of: np.ndarray | None  # class weights, for the batch's denominator
+    classify: Callable[..., torch.Tensor]
+    # progress
+    history: list[dict[str, Any]]
+    best_epoch: int = 0
+    best_score: float = -1.0
+    best_state: Any = None
+    stale: int = 0
+    first_epoch: int = 1
+    resumed: int | None = None
+
+    def state(self, epoch: int) -> dict[str, Any]:
+        """What resuming after ``epoch`` needs."""
+        return {
+            "epoch": epoch, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "history": self.history,
+            "best_epoch": self.best_epoch, "best_score": self.best_score, "best_state": self.best_state,
+            "stale": self.stale, "params": _comparable(self.params, self.strategy, self.fingerprint),
+        }
+
+
 def _train_epochs(model: ScGPT, stream: _Stream, keys: np.ndarray, params: FinetuneParams, strategy: str,
                   codes: np.ndarray, train_rows: np.ndarray, val_rows: np.ndarray, weights: torch.Tensor | None,
                   val_loss_fn: nn.Module, device: torch.device, layout: RunLayout | None,
@@ -438,7 +396,37 @@ def _train_epochs(model: ScGPT, stream: _Stream, keys: np.ndarray, params: Finet
     """The epochs; ``layout`` (rank 0 only) receives the state and history, ``state_path`` is read to resume."""
     from . import strategies as st
 
-    rank, size = world()
+    rank, _ = world()
+    t = _start_training(model, stream, keys, params, strategy, codes, train_rows, val_rows, weights, val_loss_fn,
+                        device, fingerprint)
+    if state_path is not None and state_path.exists() and params.resume:
+        _resume(t, state_path)
+    barrier()  # every rank has read the state before rank 0 writes the next one
+    stopped_early = bool(t.history) and t.history[-1].get("stopped", False)
+
+    for epoch in range(t.first_epoch, params.epochs + 1):
+        if stopped_early:
+            break
+        row = _run_epoch(t, epoch)
+        if layout is not None and state_path is not None:
+            state_path.parent.mkdir(parents=True, exist_ok=True)
+            torch_save_atomic(t.state(epoch), state_path)
+            layout.write_csv(pd.DataFrame(t.history), layout.history, index=False)
+        if on_epoch_end is not None and rank == 0:
+            on_epoch_end(row)
+        if row["stopped"]:
+            logger.info("early stopping: no better validation macro-F1 for %d epochs", params.patience)
+            stopped_early = True
+    st.load_trainable_state(model, t.best_state)  # end with the best epoch's weights
+    return t.history, t.best_epoch, t.best_score, stopped_early, t.resumed
+
+
+def _start_training(model: ScGPT, stream: _Stream, keys: np.ndarray, params: FinetuneParams, strategy: str,
+                    codes: np.ndarray, train_rows: np.ndarray, val_rows: np.ndarray, weights: torch.Tensor | None,
+                    val_loss_fn: nn.Module, device: torch.device, fingerprint: str) -> _Training:
+    """The optimiser (AdamW), the schedule (linear warm-up, then StepLR per epoch), the loss and, with several
+    processes, the DDP wrapper: a training at epoch 1."""
+    _, size = world()
     trainable = [p for p in model.parameters() if p.requires_grad]
     precision = training_precision(params, device)  # autocast dtype; fp16 also gets a GradScaler
     optimizer = torch.optim.AdamW(trainable, lr=params.lr, weight_decay=params.weight_decay,
@@ -462,104 +450,103 @@ def _train_epochs(model: ScGPT, stream: _Stream, keys: np.ndarray, params: Finet
             Classify(model), device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=True,
         )
+    return _Training(model=model, stream=stream, keys=keys, params=params, strategy=strategy, codes=codes,
+                     train_rows=train_rows, val_rows=val_rows, val_loss_fn=val_loss_fn, device=device,
+                     fingerprint=fingerprint, trainable=trainable, precision=precision, optimizer=optimizer,
+                     scheduler=scheduler, scaler=scaler, loss_fn=loss_fn, weight_of=weight_of, classify=classify,
+                     history=[])
 
-    history: list[dict[str, Any]] = []
-    best_epoch, best_score, best_state, stale, first_epoch, resumed = 0, -1.0, None, 0, 1, None
-    if state_path is not None and state_path.exists() and params.resume:
-        state = torch.load(state_path, map_location="cpu", weights_only=False)
-        saved, now = state["params"], _comparable(params, strategy, fingerprint)
-        if saved != now:
-            diff = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v and k != "data"}
-            what = f"other parameters {diff} (saved, now)" if diff else (
-                "other data: the prepared cells, split, labels or base checkpoint changed (01 ran again?)")
-            msg = (
-                f"{state_path} holds a training with {what}; resume would mix them. Use a new run_dir, "
-                "or set resume=False to start this training over."
-            )
-            raise ValueError(msg)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if state["scaler"]:  # empty when saved without fp16 scaling (CPU, bf16)
-            scaler.load_state_dict(state["scaler"])
-        history, best_epoch, best_score = state["history"], state["best_epoch"], state["best_score"]
-        best_state, stale = state["best_state"], state["stale"]
-        first_epoch = resumed = state["epoch"] + 1
-        logger.info("resuming from %s: epoch %d done, best epoch %d (val macro-F1 %.4f)",
-                    state_path, state["epoch"], best_epoch, best_score)
-        del state
-    barrier()  # every rank has read the state before rank 0 writes the next one
-    stopped_early = bool(history) and history[-1].get("stopped", False)
 
-    for epoch in range(first_epoch, params.epochs + 1):
-        if stopped_early:
-            break
-        t0 = time.perf_counter()
-        torch.manual_seed(params.seed * 100_003 + epoch + 7_919 * rank)  # rank 0: as with one process
-        set_train_mode(model, strategy)
-        lr = optimizer.param_groups[0]["lr"]
-        total_loss, seen = 0.0, 0
-        plans = train_plan(train_rows, keys, seed=params.seed, epoch=epoch, batch_size=params.batch_size,
-                           steps_per_epoch=params.steps_per_epoch)
-        n_cells = sum(len(p.rows) for p in plans)
-        for shard in progress(stream.loader(plans), total=n_cells, desc=f"{strategy} epoch {epoch}/{params.epochs}",
-                              unit="cells", size=lambda sh: len(sh.global_index)):
-            batch = shard.batch.to(device)
-            target = torch.from_numpy(codes[batch.index]).to(device)
-            global_codes = codes[shard.global_index]
-            denom = float(weight_of[global_codes].sum()) if weight_of is not None else float(len(global_codes))
-            optimizer.zero_grad(set_to_none=True)
-            with autocast(device, precision):
-                logits = classify(batch.gene_ids, batch.values, batch.padding_mask).float()
-            loss = loss_fn(logits, target) * (size / max(denom, 1e-12))
-            if not shard.real:  # a rank without cells in this batch: it joins the exchange with a zero gradient
-                loss = loss * 0.0
-            value = loss.detach().clone()  # the global batch's loss, the same on every rank
-            if size > 1:
-                value = all_reduce_sum(value if device.type == "cuda" else value.cpu()) / size
-            if not torch.isfinite(value):
-                msg = f"the training loss became {value.item()} at epoch {epoch}; lower lr (now {params.lr})."
-                raise FloatingPointError(msg)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            if params.grad_clip > 0:
-                nn.utils.clip_grad_norm_(trainable, params.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            total_loss += value.item() * len(shard.global_index)
-            seen += len(shard.global_index)
-        row = {"epoch": epoch, "train_loss": total_loss / max(seen, 1), "lr": lr}
-        row.update(_val_metrics(_logits(model, stream, val_rows, keys, params, device), codes[val_rows],
-                                val_loss_fn))
-        improved = row["val_macro_f1"] > best_score
-        if improved:
-            best_epoch, best_score, stale = epoch, row["val_macro_f1"], 0
-            best_state = cpu_copy(st.trainable_state_dict(model))
-        else:
-            stale += 1
-        row["best"] = improved
-        row["seconds"] = round(time.perf_counter() - t0, 2)
-        row["stopped"] = params.patience > 0 and stale >= params.patience and epoch < params.epochs
-        history.append(row)
-        logger.info(
-            "%s epoch %d/%d  train_loss %.4f  val_loss %.4f  val_macro_f1 %.4f  val_accuracy %.4f  lr %.2e  (%.1f s)%s",
-            strategy, epoch, params.epochs, row["train_loss"], row["val_loss"], row["val_macro_f1"],
-            row["val_accuracy"], lr, row["seconds"], "  *best*" if improved else "",
+def _resume(t: _Training, state_path: Path) -> None:
+    """Continue from the state saved after an epoch; refuses a state saved with other parameters or data."""
+    state = torch.load(state_path, map_location="cpu", weights_only=False)
+    saved, now = state["params"], _comparable(t.params, t.strategy, t.fingerprint)
+    if saved != now:
+        diff = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v and k != "data"}
+        what = f"other parameters {diff} (saved, now)" if diff else (
+            "other data: the prepared cells, split, labels or base checkpoint changed (01 ran again?)")
+        msg = (
+            f"{state_path} holds a training with {what}; resume would mix them. Use a new run_dir, "
+            "or set resume=False to start this training over."
         )
-        if layout is not None and state_path is not None:
-            state_path.parent.mkdir(parents=True, exist_ok=True)
-            torch_save_atomic({
-                "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "history": history,
-                "best_epoch": best_epoch, "best_score": best_score, "best_state": best_state, "stale": stale,
-                "params": _comparable(params, strategy, fingerprint),
-            }, state_path)
-            layout.write_csv(pd.DataFrame(history), layout.history, index=False)
-        if on_epoch_end is not None and rank == 0:
-            on_epoch_end(row)
-        if row["stopped"]:
-            logger.info("early stopping: no better validation macro-F1 for %d epochs", params.patience)
-            stopped_early = True
-    st.load_trainable_state(model, best_state)  # end with the best epoch's weights
-    return history, best_epoch, best_score, stopped_early, resumed
+        raise ValueError(msg)
+    t.model.load_state_dict(state["model"])
+    t.optimizer.load_state_dict(state["optimizer"])
+    t.scheduler.load_state_dict(state["scheduler"])
+    if state["scaler"]:  # empty when saved without fp16 scaling (CPU, bf16)
+        t.scaler.load_state_dict(state["scaler"])
+    t.history, t.best_epoch, t.best_score = state["history"], state["best_epoch"], state["best_score"]
+    t.best_state, t.stale = state["best_state"], state["stale"]
+    t.first_epoch = t.resumed = state["epoch"] + 1
+    logger.info("resuming from %s: epoch %d done, best epoch %d (val macro-F1 %.4f)",
+                state_path, state["epoch"], t.best_epoch, t.best_score)
+    del state
+
+
+def _run_epoch(t: _Training, epoch: int) -> dict[str, Any]:
+    """Train one epoch, validate, keep the best weights; the epoch's row, appended to ``t.history``."""
+    from . import strategies as st
+
+    params = t.params
+    t0 = time.perf_counter()
+    lr = t.optimizer.param_groups[0]["lr"]
+    train_loss = _train_steps(t, epoch)
+    row = {"epoch": epoch, "train_loss": train_loss, "lr": lr}
+    row.update(_val_metrics(_logits(t.model, t.stream, t.val_rows, t.keys, params, t.device), t.codes[t.val_rows],
+                            t.val_loss_fn))
+    improved = row["val_macro_f1"] > t.best_score
+    if improved:
+        t.best_epoch, t.best_score, t.stale = epoch, row["val_macro_f1"], 0
+        t.best_state = cpu_copy(st.trainable_state_dict(t.model))
+    else:
+        t.stale += 1
+    row["best"] = improved
+    row["seconds"] = round(time.perf_counter() - t0, 2)
+    row["stopped"] = params.patience > 0 and t.stale >= params.patience and epoch < params.epochs
+    t.history.append(row)
+    logger.info(
+        "%s epoch %d/%d  train_loss %.4f  val_loss %.4f  val_macro_f1 %.4f  val_accuracy %.4f  lr %.2e  (%.1f s)%s",
+        t.strategy, epoch, params.epochs, row["train_loss"], row["val_loss"], row["val_macro_f1"],
+        row["val_accuracy"], lr, row["seconds"], "  *best*" if improved else "",
+    )
+    return row
+
+
+def _train_steps(t: _Training, epoch: int) -> float:
+    """The optimiser steps of one epoch; the mean training loss per cell."""
+    params, device = t.params, t.device
+    rank, size = world()
+    torch.manual_seed(params.seed * 100_003 + epoch + 7_919 * rank)  # rank 0: as with one process
+    set_train_mode(t.model, t.strategy)
+    total_loss, seen = 0.0, 0
+    plans = train_plan(t.train_rows, t.keys, seed=params.seed, epoch=epoch, batch_size=params.batch_size,
+                       steps_per_epoch=params.steps_per_epoch)
+    n_cells = sum(len(p.rows) for p in plans)
+    for shard in progress(t.stream.loader(plans), total=n_cells, desc=f"{t.strategy} epoch {epoch}/{params.epochs}",
+                          unit="cells", size=lambda sh: len(sh.global_index)):
+        batch = shard.batch.to(device)
+        target = torch.from_numpy(t.codes[batch.index]).to(device)
+        global_codes = t.codes[shard.global_index]
+        denom = float(t.weight_of[global_codes].sum()) if t.weight_of is not None else float(len(global_codes))
+        t.optimizer.zero_grad(set_to_none=True)
+        with autocast(device, t.precision):
+            logits = t.classify(batch.gene_ids, batch.values, batch.padding_mask).float()
+        loss = t.loss_fn(logits, target) * (size / max(denom, 1e-12))
+        if not shard.real:  # a rank without cells in this batch: it joins the exchange with a zero gradient
+            loss = loss * 0.0
+        value = loss.detach().clone()  # the global batch's loss, the same on every rank
+        if size > 1:
+            value = all_reduce_sum(value if device.type == "cuda" else value.cpu()) / size
+        if not torch.isfinite(value):
+            msg = f"the training loss became {value.item()} at epoch {epoch}; lower lr (now {params.lr})."
+            raise FloatingPointError(msg)
+        t.scaler.scale(loss).backward()
+        t.scaler.unscale_(t.optimizer)
+        if params.grad_clip > 0:
+            nn.utils.clip_grad_norm_(t.trainable, params.grad_clip)
+        t.scaler.step(t.optimizer)
+        t.scaler.update()
+        t.scheduler.step()
+        total_loss += value.item() * len(shard.global_index)
+        seen += len(shard.global_index)
+    return total_loss / max(seen, 1)

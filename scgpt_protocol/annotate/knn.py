@@ -179,6 +179,37 @@ def transfer_labels(
     """
     from sklearn.neighbors import NearestNeighbors
 
+    ref, query, categories, codes = _transfer_inputs(ref_emb, ref_labels, query_emb, k=k, normalize=normalize,
+                                                     eps=eps, chunk_size=chunk_size)
+    n_query = query.shape[0]
+    neighbors = np.zeros((n_query, k), dtype=np.int64)
+    distances = np.zeros((n_query, k), dtype=np.float64)
+    win_major = np.zeros(n_query, dtype=np.int64)
+    win_weight = np.zeros(n_query, dtype=np.int64)
+    conf_major = np.zeros(n_query, dtype=np.float64)
+    conf_weight = np.zeros(n_query, dtype=np.float64)
+    nn = NearestNeighbors(n_neighbors=k, algorithm="brute", metric="euclidean").fit(ref)
+    for start in range(0, n_query, chunk_size):
+        q = query[start : start + chunk_size]
+        sl = slice(start, start + q.shape[0])
+        (neighbors[sl], distances[sl], win_major[sl], win_weight[sl], conf_major[sl],
+         conf_weight[sl]) = _vote_chunk(nn, ref, q, codes, len(categories), k=k, eps=eps)
+    cats = np.asarray([str(c) for c in categories], dtype=object)
+    return LabelTransfer(
+        majority=cats[win_major] if n_query else np.empty(0, dtype=object),
+        weighted=cats[win_weight] if n_query else np.empty(0, dtype=object),
+        confidence_majority=conf_major,
+        confidence_weighted=conf_weight,
+        neighbors=neighbors,
+        distances=distances,
+        categories=cats.tolist(),
+    )
+
+
+def _transfer_inputs(ref_emb: Any, ref_labels: Sequence, query_emb: Any, *, k: Any, normalize: bool, eps: float,
+                     chunk_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The checked (and normalised) embeddings, the sorted distinct labels and each reference cell's code,
+    for :func:`transfer_labels` (which documents the errors)."""
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         msg = f"k must be a positive integer; got {k!r}. The scGPT tutorials use k=10."
         raise ValueError(msg)
@@ -220,49 +251,30 @@ def transfer_labels(
         )
         raise ValueError(msg)
     categories, codes = np.unique(labels_in.astype(str), return_inverse=True)
-    n_labels = len(categories)
+    return ref, query, categories, codes
 
-    n_query = query.shape[0]
-    neighbors = np.zeros((n_query, k), dtype=np.int64)
-    distances = np.zeros((n_query, k), dtype=np.float64)
-    win_major = np.zeros(n_query, dtype=np.int64)
-    win_weight = np.zeros(n_query, dtype=np.int64)
-    conf_major = np.zeros(n_query, dtype=np.float64)
-    conf_weight = np.zeros(n_query, dtype=np.float64)
-    nn = NearestNeighbors(n_neighbors=k, algorithm="brute", metric="euclidean").fit(ref)
-    for start in range(0, n_query, chunk_size):
-        q = query[start : start + chunk_size]
-        n = q.shape[0]
-        idx = nn.kneighbors(q, return_distance=False)
-        diff = ref[idx].astype(np.float64, copy=False) - q[:, None, :].astype(np.float64, copy=False)
-        dist = np.sqrt(np.einsum("nkd,nkd->nk", diff, diff))
-        order = np.argsort(dist, axis=1, kind="stable")
-        idx = np.take_along_axis(idx, order, axis=1)
-        dist = np.take_along_axis(dist, order, axis=1)
-        flat = (np.arange(n)[:, None] * n_labels + codes[idx]).ravel()
-        size = n * n_labels
-        counts = np.bincount(flat, minlength=size).reshape(n, n_labels).astype(np.float64)
-        dist_sum = np.bincount(flat, weights=dist.ravel(), minlength=size).reshape(n, n_labels)
-        weights = np.bincount(flat, weights=(1.0 / (dist + eps)).ravel(), minlength=size).reshape(n, n_labels)
-        present = counts > 0
-        rows = np.arange(n)
-        wm = _pick(counts, dist_sum, present)
-        ww = _pick(weights, dist_sum, present)
-        sl = slice(start, start + n)
-        neighbors[sl], distances[sl] = idx, dist
-        win_major[sl], win_weight[sl] = wm, ww
-        conf_major[sl] = counts[rows, wm] / k
-        conf_weight[sl] = weights[rows, ww] / weights.sum(axis=1)
-    cats = np.asarray([str(c) for c in categories], dtype=object)
-    return LabelTransfer(
-        majority=cats[win_major] if n_query else np.empty(0, dtype=object),
-        weighted=cats[win_weight] if n_query else np.empty(0, dtype=object),
-        confidence_majority=conf_major,
-        confidence_weighted=conf_weight,
-        neighbors=neighbors,
-        distances=distances,
-        categories=cats.tolist(),
-    )
+
+def _vote_chunk(nn: Any, ref: np.ndarray, q: np.ndarray, codes: np.ndarray, n_labels: int, *, k: int,
+                eps: float) -> tuple[np.ndarray, ...]:
+    """The ``k`` nearest reference cells of the query rows ``q`` (sorted by float64 distance) and their votes:
+    ``(neighbours, distances, majority code, weighted code, majority confidence, weighted confidence)``."""
+    n = q.shape[0]
+    idx = nn.kneighbors(q, return_distance=False)
+    diff = ref[idx].astype(np.float64, copy=False) - q[:, None, :].astype(np.float64, copy=False)
+    dist = np.sqrt(np.einsum("nkd,nkd->nk", diff, diff))
+    order = np.argsort(dist, axis=1, kind="stable")
+    idx = np.take_along_axis(idx, order, axis=1)
+    dist = np.take_along_axis(dist, order, axis=1)
+    flat = (np.arange(n)[:, None] * n_labels + codes[idx]).ravel()
+    size = n * n_labels
+    counts = np.bincount(flat, minlength=size).reshape(n, n_labels).astype(np.float64)
+    dist_sum = np.bincount(flat, weights=dist.ravel(), minlength=size).reshape(n, n_labels)
+    weights = np.bincount(flat, weights=(1.0 / (dist + eps)).ravel(), minlength=size).reshape(n, n_labels)
+    present = counts > 0
+    rows = np.arange(n)
+    wm = _pick(counts, dist_sum, present)
+    ww = _pick(weights, dist_sum, present)
+    return idx, dist, wm, ww, counts[rows, wm] / k, weights[rows, ww] / weights.sum(axis=1)
 
 
 def transfer_blocks(ref: np.ndarray, labels: np.ndarray, query: Any, *, k: int,

@@ -68,6 +68,40 @@ def predict(
         from .refine import check_min_confidence
 
         check_min_confidence(min_confidence)
+    n_classes = _head_classes(model, categories)
+    check_expression(adata, layer=layer)
+    device = next(model.parameters()).device
+    used = resolve_precision(precision, device)
+    cats = list(categories)
+    sink = _PredictionSink(adata.n_obs, n_classes, model.config.d_model, cats, used, out=out, chunk_size=chunk_size)
+    was_training = model.training
+    model.eval()
+    batches = iter_batches(adata, model, max_seq_len=max_seq_len, batch_size=batch_size, seed=seed,
+                           layer=layer, gene_symbol_key=gene_symbol_key, genes=genes, chunk_size=chunk_size)
+    try:
+        with torch.inference_mode(), autocast(device, used):
+            for batch in progress(batches, total=adata.n_obs, desc=desc, unit="cells", size=lambda b: len(b.index)):
+                batch = batch.to(device)
+                cell = model.cell_embedding(batch.gene_ids, batch.values, batch.padding_mask)
+                logits = model.cls_decoder(cell).float()
+                p = torch.softmax(logits, dim=1).cpu().numpy()
+                e = torch.nn.functional.normalize(cell.float(), dim=1).cpu().numpy()
+                sink.put(batch.index, p, e)
+    except BaseException:
+        sink.abort()
+        raise
+    finally:
+        model.train(was_training)
+    prediction = sink.prediction()
+    if min_confidence or majority_voting:
+        from .refine import refine
+
+        prediction = refine(prediction, min_confidence=min_confidence, majority_voting=majority_voting, seed=seed)
+    return prediction
+
+
+def _head_classes(model: ScGPT, categories: Sequence[str]) -> int:
+    """The classes of the model's classification head, one per category (else a clear error)."""
     if model.cls_decoder is None:
         msg = "the model has no classification head; fine-tune it first (02_finetune) or load a fine-tuned checkpoint."
         raise ValueError(msg)
@@ -75,71 +109,63 @@ def predict(
     if len(categories) != n_classes:
         msg = f"{len(categories)} categories given but the model's head has {n_classes} classes."
         raise ValueError(msg)
-    check_expression(adata, layer=layer)
-    device = next(model.parameters()).device
-    used = resolve_precision(precision, device)
-    n = adata.n_obs
-    codes = np.zeros(n, dtype=np.int64)
-    confidence = np.zeros(n, dtype=np.float32)
-    cats = list(categories)
-    writer = None
-    if out is None:
-        probs = np.zeros((n, n_classes), dtype=np.float32)
-        embs = np.zeros((n, model.config.d_model), dtype=np.float32)
-    else:
-        from ..data.store import create_store
+    return n_classes
 
-        writer = create_store(out, n, {"probabilities": n_classes, "embeddings": model.config.d_model},
-                              attrs={"categories": cats, "precision": used}, chunk_rows=chunk_size)
-    was_training = model.training
-    model.eval()
-    batches = iter_batches(adata, model, max_seq_len=max_seq_len, batch_size=batch_size, seed=seed,
-                           layer=layer, gene_symbol_key=gene_symbol_key, genes=genes, chunk_size=chunk_size)
-    try:
-        with torch.inference_mode(), autocast(device, used):
-            for batch in progress(batches, total=n, desc=desc, unit="cells", size=lambda b: len(b.index)):
-                batch = batch.to(device)
-                cell = model.cell_embedding(batch.gene_ids, batch.values, batch.padding_mask)
-                logits = model.cls_decoder(cell).float()
-                p = torch.softmax(logits, dim=1).cpu().numpy()
-                e = torch.nn.functional.normalize(cell.float(), dim=1).cpu().numpy()
-                index = batch.index
-                best = p.argmax(axis=1)
-                codes[index] = best
-                confidence[index] = p[np.arange(len(best)), best]
-                if writer is None:
-                    probs[index] = p
-                    embs[index] = e
-                else:
-                    writer.put(index, probabilities=p, embeddings=e)
-    except BaseException:
-        if writer is not None:
-            writer.abort()
-        raise
-    finally:
-        model.train(was_training)
-    store = None
-    if writer is not None:
-        from ..data.store import open_store
 
-        store = writer.close()
-        datasets, _ = open_store(store)
-        probs, embs = datasets["probabilities"], datasets["embeddings"]
-    prediction = Prediction(
-        labels=np.asarray(cats, dtype=object)[codes],
-        codes=codes,
-        confidence=confidence,
-        probabilities=probs,
-        embeddings=embs,
-        categories=cats,
-        precision=used,
-        store=store,
-    )
-    if min_confidence or majority_voting:
-        from .refine import refine
+class _PredictionSink:
+    """Where :func:`predict` puts each batch's results: codes and confidences in memory, probabilities and
+    embeddings in memory or in the HDF5 store ``out``."""
 
-        prediction = refine(prediction, min_confidence=min_confidence, majority_voting=majority_voting, seed=seed)
-    return prediction
+    def __init__(self, n: int, n_classes: int, d_model: int, cats: list[str], precision: str, *,
+                 out: str | Path | None, chunk_size: int) -> None:
+        self.cats, self.precision = cats, precision
+        self.codes = np.zeros(n, dtype=np.int64)
+        self.confidence = np.zeros(n, dtype=np.float32)
+        self.writer = None
+        if out is None:
+            self.probs = np.zeros((n, n_classes), dtype=np.float32)
+            self.embs = np.zeros((n, d_model), dtype=np.float32)
+        else:
+            from ..data.store import create_store
+
+            self.writer = create_store(out, n, {"probabilities": n_classes, "embeddings": d_model},
+                                       attrs={"categories": cats, "precision": precision}, chunk_rows=chunk_size)
+
+    def put(self, index: np.ndarray, p: np.ndarray, e: np.ndarray) -> None:
+        """One batch: class probabilities ``p`` and normalised embeddings ``e`` of the cells ``index``."""
+        best = p.argmax(axis=1)
+        self.codes[index] = best
+        self.confidence[index] = p[np.arange(len(best)), best]
+        if self.writer is None:
+            self.probs[index] = p
+            self.embs[index] = e
+        else:
+            self.writer.put(index, probabilities=p, embeddings=e)
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.abort()
+
+    def prediction(self) -> Prediction:
+        """The :class:`Prediction` of every cell (closing the store: its arrays are then datasets of it)."""
+        store = None
+        probs, embs = (self.probs, self.embs) if self.writer is None else (None, None)
+        if self.writer is not None:
+            from ..data.store import open_store
+
+            store = self.writer.close()
+            datasets, _ = open_store(store)
+            probs, embs = datasets["probabilities"], datasets["embeddings"]
+        return Prediction(
+            labels=np.asarray(self.cats, dtype=object)[self.codes],
+            codes=self.codes,
+            confidence=self.confidence,
+            probabilities=probs,
+            embeddings=embs,
+            categories=self.cats,
+            precision=self.precision,
+            store=store,
+        )
 
 
 def annotate(

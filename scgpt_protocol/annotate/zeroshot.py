@@ -239,6 +239,82 @@ def zeroshot_annotate(
     >>> res = zeroshot_annotate(ref, query, model, label_key="cell_type")  # doctest: +SKIP
     >>> res.metrics["majority"]["accuracy"]  # doctest: +SKIP
     """
+    settings = _ZeroShotSettings(
+        label_key=label_key, k=k, max_seq_len=max_seq_len, batch_size=batch_size, seed=seed, layer=layer,
+        gene_symbol_key=gene_symbol_key, embedding_key=embedding_key, reuse_embeddings=reuse_embeddings,
+        precision=precision, min_confidence=min_confidence, majority_voting=majority_voting,
+        resolution=resolution, store_dir=store_dir)
+    return _zeroshot(reference, query, model, settings)
+
+
+@dataclass(frozen=True)
+class _ZeroShotSettings:
+    """The keyword arguments of :func:`zeroshot_annotate` (documented there)."""
+
+    label_key: str
+    k: int
+    max_seq_len: int
+    batch_size: int
+    seed: int
+    layer: str | None
+    gene_symbol_key: str | None
+    embedding_key: str
+    reuse_embeddings: bool
+    precision: str
+    min_confidence: float
+    majority_voting: bool
+    resolution: float | None
+    store_dir: str | Path | None
+
+    @property
+    def folder(self) -> Path | None:
+        return None if self.store_dir is None else Path(self.store_dir)
+
+
+def _zeroshot(reference: AnnData, query: AnnData, model: ScGPT, s: _ZeroShotSettings) -> ZeroShotResult:
+    """:func:`zeroshot_annotate`: check, embed both datasets, vote, refine, score."""
+    from ..data.store import take_rows
+    from .refine import refine_labels
+
+    used, ref_str, distinct, notes = _voting_reference(reference, s.label_key, s.k)
+    _check_shared_genes(reference, query, model, s.gene_symbol_key)
+    ref_emb, ref_reused, ref_precision = _zeroshot_embedding(reference, model, "reference", s)
+    query_emb, query_reused, query_precision = _zeroshot_embedding(query, model, "query", s)
+    transfer = transfer_blocks(take_rows(ref_emb, used), ref_str, query_emb, k=s.k)
+    refined = refine_labels(transfer.majority, transfer.confidence_majority, query_emb,
+                            min_confidence=s.min_confidence, majority_voting=s.majority_voting,
+                            resolution=s.resolution, categories=distinct.tolist(), seed=s.seed)
+    predictions = _zeroshot_predictions(query, transfer, refined, distinct,
+                                        refining=bool(s.min_confidence) or bool(s.majority_voting))
+    metrics = _score_zeroshot(query, s, predictions, transfer, refined, distinct, notes)
+    folder, n_used = s.folder, int(used.sum())
+    params = {
+        "label_key": s.label_key, "k": int(s.k), "embedding_key": s.embedding_key,
+        "max_seq_len": s.max_seq_len, "seed": s.seed,
+        "n_reference": n_used, "n_reference_total": int(reference.n_obs), "n_query": int(query.n_obs),
+        "n_labels_reference": int(distinct.size), "vote_weights": "1 / (distance + 1e-6)",
+        "min_confidence": float(s.min_confidence), "majority_voting": bool(s.majority_voting),
+        "reused_embeddings": {"reference": ref_reused, "query": query_reused},
+        "checkpoint": str(getattr(getattr(model, "load_report", None), "checkpoint_dir", "")),
+        "precision": {"reference": ref_precision, "query": query_precision},
+        "store": None if folder is None else str(folder),
+    }
+    if metrics is not None:
+        logger.info("zero-shot (k=%d): %d query cells, majority accuracy %.3f, macro F1 %.3f", s.k,
+                    query.n_obs, metrics["majority"]["accuracy"], metrics["majority"]["macro_f1"])
+    else:
+        logger.info("zero-shot (k=%d): annotated %d query cells (no true labels to score)", s.k, query.n_obs)
+    return ZeroShotResult(
+        predictions=predictions, metrics=metrics, reference_embedding=ref_emb, query_embedding=query_emb,
+        transfer=transfer, reference_used=used, notes=notes, params=params,
+    )
+
+
+def _voting_reference(reference: AnnData, label_key: str, k: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray,
+                                                                            list[str]]:
+    """``(used, labels of the used cells, distinct labels, notes)``: the labelled reference cells, which vote.
+
+    Checks ``k`` against them; warns about reference cells without a label."""
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         msg = f"k must be a positive integer; got {k!r}. The scGPT tutorials use k=10."
         raise ValueError(msg)
@@ -252,7 +328,7 @@ def zeroshot_annotate(
             "'nan', '' or 'None'); "
             "they are embedded but do not vote. Fill or drop them to silence this warning."
         )
-        warnings.warn(msg, UserWarning, stacklevel=2)
+        warnings.warn(msg, UserWarning, stacklevel=4)  # the caller of zeroshot_annotate
         notes.append(f"{n_dropped} reference cells without a label were left out of the vote")
     ref_str = ref_labels.to_numpy(dtype=object)[used].astype(str)
     distinct = np.unique(ref_str)
@@ -270,26 +346,22 @@ def zeroshot_annotate(
             f"k <= {n_used} or a larger reference."
         )
         raise ValueError(msg)
+    return used, ref_str, distinct, notes
 
-    _check_shared_genes(reference, query, model, gene_symbol_key)
-    embed_kwargs = dict(max_seq_len=max_seq_len, batch_size=batch_size, seed=seed, layer=layer,
-                        gene_symbol_key=gene_symbol_key, precision=precision)
-    folder = None if store_dir is None else Path(store_dir)
-    ref_emb, ref_reused, ref_precision = _get_embedding(
-        reference, model, "reference", reuse=reuse_embeddings, embedding_key=embedding_key,
-        embed_kwargs=embed_kwargs, out=None if folder is None else folder / "reference_embeddings.h5")
-    query_emb, query_reused, query_precision = _get_embedding(
-        query, model, "query", reuse=reuse_embeddings, embedding_key=embedding_key,
-        embed_kwargs=embed_kwargs, out=None if folder is None else folder / "query_embeddings.h5")
-    from ..data.store import take_rows
 
-    transfer = transfer_blocks(take_rows(ref_emb, used), ref_str, query_emb, k=k)
-    from .refine import refine_labels, refinement_metrics, write_annotation
+def _zeroshot_embedding(adata: AnnData, model: ScGPT, what: str, s: _ZeroShotSettings) -> tuple[Any, bool, str | None]:
+    """:func:`_get_embedding` of the reference or the query (``what``) with the settings of the run."""
+    embed_kwargs = dict(max_seq_len=s.max_seq_len, batch_size=s.batch_size, seed=s.seed, layer=s.layer,
+                        gene_symbol_key=s.gene_symbol_key, precision=s.precision)
+    folder = s.folder
+    return _get_embedding(adata, model, what, reuse=s.reuse_embeddings, embedding_key=s.embedding_key,
+                          embed_kwargs=embed_kwargs, out=None if folder is None else folder / f"{what}_embeddings.h5")
 
-    refined = refine_labels(transfer.majority, transfer.confidence_majority, query_emb,
-                            min_confidence=min_confidence, majority_voting=majority_voting,
-                            resolution=resolution, categories=distinct.tolist(), seed=seed)
-    refining = bool(min_confidence) or bool(majority_voting)
+
+def _zeroshot_predictions(query: AnnData, transfer: LabelTransfer, refined: Any, distinct: np.ndarray, *,
+                          refining: bool) -> pd.DataFrame:
+    """One row per query cell: the votes and, when refining, the refinement columns (also written to the query)."""
+    from .refine import write_annotation
 
     predictions = pd.DataFrame(
         {
@@ -308,54 +380,42 @@ def zeroshot_annotate(
         if not (query.is_view and query.isbacked):  # a backed view's obs cannot be written
             write_annotation(query, refined, columns=ZEROSHOT_COLUMNS, categories=distinct.tolist(),
                              uns_key="scgpt_zeroshot_annotation")
-    metrics: dict[str, Any] | None = None
-    if label_key in query.obs.columns:
-        truth = query.obs[label_key].to_numpy(dtype=object)
-        labelled = ~missing_labels(truth)
-        predictions[label_key] = truth
-        if not labelled.all():
-            notes.append(f"{int((~labelled).sum())} query cells without a true label were not scored")
-        y_true = truth[labelled].astype(str)
-        unknown = pd.Series(y_true[~np.isin(y_true, distinct)]).value_counts()
-        if len(unknown):
-            listed = ", ".join(f"{lab!r} ({n} cells)" for lab, n in unknown.items())
-            notes.append(f"query labels absent from the reference, counted as errors: {listed}")
-            logger.warning("query labels absent from the reference (counted as errors): %s", listed)
-        if labelled.any():
-            from .refine import UNKNOWN
+    return predictions
 
-            metrics = {
-                "majority": classification_metrics(y_true, refined.labels[labelled],
-                                                   unassigned=UNKNOWN if min_confidence else None),
-                "weighted": classification_metrics(y_true, transfer.weighted[labelled]),
-                "refinement": refinement_metrics(y_true, refined.subset(labelled)),
-                "notes": notes,
-            }
-        else:
-            notes.append(f"no query cell has a {label_key!r} label: no metrics")
-    else:
+
+def _score_zeroshot(query: AnnData, s: _ZeroShotSettings, predictions: pd.DataFrame, transfer: LabelTransfer,
+                    refined: Any, distinct: np.ndarray, notes: list[str]) -> dict[str, Any] | None:
+    """Metrics against the query's true labels (None without any); adds them to ``predictions``, remarks to
+    ``notes`` (which the metrics hold too)."""
+    from .refine import refinement_metrics
+
+    label_key = s.label_key
+    if label_key not in query.obs.columns:
         notes.append(f"the query has no {label_key!r} column: no metrics")
+        return None
+    truth = query.obs[label_key].to_numpy(dtype=object)
+    labelled = ~missing_labels(truth)
+    predictions[label_key] = truth
+    if not labelled.all():
+        notes.append(f"{int((~labelled).sum())} query cells without a true label were not scored")
+    y_true = truth[labelled].astype(str)
+    unknown = pd.Series(y_true[~np.isin(y_true, distinct)]).value_counts()
+    if len(unknown):
+        listed = ", ".join(f"{lab!r} ({n} cells)" for lab, n in unknown.items())
+        notes.append(f"query labels absent from the reference, counted as errors: {listed}")
+        logger.warning("query labels absent from the reference (counted as errors): %s", listed)
+    if not labelled.any():
+        notes.append(f"no query cell has a {label_key!r} label: no metrics")
+        return None
+    from .refine import UNKNOWN
 
-    params = {
-        "label_key": label_key, "k": int(k), "embedding_key": embedding_key,
-        "max_seq_len": max_seq_len, "seed": seed,
-        "n_reference": n_used, "n_reference_total": int(reference.n_obs), "n_query": int(query.n_obs),
-        "n_labels_reference": int(distinct.size), "vote_weights": "1 / (distance + 1e-6)",
-        "min_confidence": float(min_confidence), "majority_voting": bool(majority_voting),
-        "reused_embeddings": {"reference": ref_reused, "query": query_reused},
-        "checkpoint": str(getattr(getattr(model, "load_report", None), "checkpoint_dir", "")),
-        "precision": {"reference": ref_precision, "query": query_precision},
-        "store": None if folder is None else str(folder),
+    return {
+        "majority": classification_metrics(y_true, refined.labels[labelled],
+                                           unassigned=UNKNOWN if s.min_confidence else None),
+        "weighted": classification_metrics(y_true, transfer.weighted[labelled]),
+        "refinement": refinement_metrics(y_true, refined.subset(labelled)),
+        "notes": notes,
     }
-    if metrics is not None:
-        logger.info("zero-shot (k=%d): %d query cells, majority accuracy %.3f, macro F1 %.3f", k,
-                    query.n_obs, metrics["majority"]["accuracy"], metrics["majority"]["macro_f1"])
-    else:
-        logger.info("zero-shot (k=%d): annotated %d query cells (no true labels to score)", k, query.n_obs)
-    return ZeroShotResult(
-        predictions=predictions, metrics=metrics, reference_embedding=ref_emb, query_embedding=query_emb,
-        transfer=transfer, reference_used=used, notes=notes, params=params,
-    )
 
 
 def write_zeroshot(layout: RunLayout, result: ZeroShotResult) -> dict[str, Path]:

@@ -128,17 +128,36 @@ def logistic_regression_baseline(
     InputDataError
         Negative or NaN expression values.
     """
-    import anndata as ad
-    import scanpy as sc
-    import scipy.sparse as sp
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
-
-    from ..data.matrix import check_expression, get_matrix, value_kind
-    from ..model.vocab import check_gene_overlap
+    from ..data.matrix import check_expression
 
     if class_weight not in (None, "balanced"):
         raise ValueError(f"class_weight must be None or 'balanced'; got {class_weight!r}.")
+    is_train, is_test, train_labels = _baseline_cells(adata, label_key=label_key, split_key=split_key,
+                                                      train=train, test=test, n_hvg=n_hvg)
+    labels = adata.obs[label_key]
+    check_expression(adata, layer=layer)
+    X_train, X_test, normalised = _baseline_matrices(adata, layer, is_train, is_test)
+    model = _fit_baseline(X_train, train_labels, labels, np.asarray(adata.var_names.astype(str)), n_hvg=n_hvg,
+                          seed=seed, class_weight=class_weight, normalised=normalised)
+    del X_train
+    predicted, proba, metrics = model.score(X_test[:, model.keep], adata.obs_names[is_test], labels[is_test],
+                                            f"test (obs[{label_key!r}])")
+    logger.info(
+        "baseline: %d train cells, %d genes, %d classes%s -> test accuracy %.3f, macro F1 %.3f",
+        model.n_train, int(model.keep.sum()), len(model.order), ", balanced class weights" if class_weight else "",
+        metrics["accuracy"], metrics["macro_f1"],
+    )
+    query_result = None
+    if query is not None:
+        query_result = _baseline_on_query(model, query, query_label_key or label_key, layer)
+    return model.result(predicted, proba, metrics, query=query_result)
+
+
+def _baseline_cells(adata: AnnData, *, label_key: str, split_key: str, train: str, test: str,
+                    n_hvg: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(is_train, is_test, train labels)`` of :func:`logistic_regression_baseline`; the checks of its arguments."""
+    from ..data.labels import missing_labels
+
     for key, what in ((label_key, "label_key"), (split_key, "split_key")):
         if key not in adata.obs:
             msg = f"{what}={key!r} is not a column of adata.obs; columns: {format_keys(adata.obs.columns)}."
@@ -147,8 +166,6 @@ def logistic_regression_baseline(
         raise ValueError(f"n_hvg must be a positive integer; got {n_hvg}.")
     split = adata.obs[split_key].astype(object)
     labels = adata.obs[label_key]
-    from ..data.labels import missing_labels
-
     is_train = (split == train).to_numpy() & ~missing_labels(labels)
     is_test = (split == test).to_numpy()
     for name, mask, value in (("train", is_train, train), ("test", is_test, test)):
@@ -163,7 +180,13 @@ def logistic_regression_baseline(
     if len(set(train_labels)) < 2:
         msg = f"the train cells hold a single class ({train_labels[0]!r}); a classifier needs at least two."
         raise ValueError(msg)
-    check_expression(adata, layer=layer)
+    return is_train, is_test, train_labels
+
+
+def _baseline_matrices(adata: AnnData, layer: str | None, is_train: np.ndarray,
+                       is_test: np.ndarray) -> tuple[Any, Any, bool]:
+    """The train and test rows as float32 CSR, log1p-CP10k normalised when they look like counts (and whether)."""
+    from ..data.matrix import get_matrix, value_kind
 
     matrix = get_matrix(adata, layer)
     rows = np.flatnonzero(is_train | is_test)
@@ -175,44 +198,38 @@ def logistic_regression_baseline(
     else:
         logger.info("baseline: values are not whole numbers -> used as log-normalised expression")
     in_train = is_train[rows]
-    X_train, X_test = X[in_train], X[is_test[rows]]
-    del X
+    return X[in_train], X[is_test[rows]], normalised
 
-    genes = np.asarray(adata.var_names.astype(str))
-    if n_hvg < adata.n_vars:
-        hvg = sc.pp.highly_variable_genes(
-            ad.AnnData(X_train, var=pd.DataFrame(index=genes)),
-            flavor="seurat", n_top_genes=n_hvg, inplace=False,
-        )
-        keep = np.asarray(hvg["highly_variable"], dtype=bool)
-    else:
-        keep = np.ones(adata.n_vars, dtype=bool)
-    X_train, X_test = X_train[:, keep], X_test[:, keep]
 
-    # sparse-aware scaling: unit variance without centring (the data stay sparse; with lbfgs the intercept
-    # is not penalised, so centring would only shift it), values clipped at 10
-    scaler = StandardScaler(with_mean=False)
+@dataclass
+class _BaselineModel:
+    """The baseline fitted on the train cells; it scores test and query cells alike."""
 
-    def scaled(part: Any, fit: bool = False) -> Any:
-        values = scaler.fit_transform(part) if fit else scaler.transform(part)
+    keep: np.ndarray  # mask over the input genes: those the classifier uses
+    genes: list[str]  # their names
+    scaler: Any  # StandardScaler(with_mean=False) fitted on the train cells
+    clf: Any  # the fitted LogisticRegression
+    order: list[str]  # the classes, in the label column's order when it has one
+    column: list[int]  # columns of clf.predict_proba in that order
+    normalised: bool
+    n_train: int
+    class_weight: str | None
+
+    def scaled(self, part: Any, fit: bool = False) -> Any:
+        """Unit variance without centring (the data stay sparse), float32, values clipped at 10."""
+        import scipy.sparse as sp
+
+        values = self.scaler.fit_transform(part) if fit else self.scaler.transform(part)
         values = sp.csr_matrix(values, dtype=np.float32)
         np.minimum(values.data, 10, out=values.data)
         return values
 
-    X_train, X_test = scaled(X_train, fit=True), scaled(X_test)
+    def score(self, X_part: Any, names: pd.Index, part_labels: pd.Series, what: str) -> tuple:
+        """``(predicted, probabilities, metrics)`` of cells with the classifier's genes (``X_part``, unscaled)."""
+        from ..data.labels import missing_labels
 
-    clf = LogisticRegression(C=1.0, max_iter=1000, random_state=seed, class_weight=class_weight)
-    clf.fit(X_train, train_labels)
-    classes = [str(c) for c in clf.classes_]
-    # the label column's own order when it has one (so that confusion matrices line up with scGPT's)
-    if isinstance(labels.dtype, pd.CategoricalDtype):
-        order = [str(c) for c in labels.cat.categories if str(c) in set(classes)]
-    else:
-        order = classes
-    column = [classes.index(c) for c in order]
-
-    def scored(X_part: Any, names: pd.Index, part_labels: pd.Series, what: str) -> tuple:
-        proba = clf.predict_proba(X_part)[:, column].astype(np.float32)
+        order = self.order
+        proba = self.clf.predict_proba(self.scaled(X_part))[:, self.column].astype(np.float32)
         predicted = pd.Series(
             pd.Categorical(np.asarray(order, dtype=object)[proba.argmax(axis=1)], categories=order),
             index=names, name="baseline_label",
@@ -228,48 +245,80 @@ def logistic_regression_baseline(
             metrics["notes"].append(f"{int((~labelled).sum())} {what} cells without a label were left out.")
         return predicted, proba, metrics
 
-    predicted, proba, metrics = scored(X_test, adata.obs_names[is_test], labels[is_test],
-                                       f"test (obs[{label_key!r}])")
-    logger.info(
-        "baseline: %d train cells, %d genes, %d classes%s -> test accuracy %.3f, macro F1 %.3f",
-        int(is_train.sum()), int(keep.sum()), len(order), ", balanced class weights" if class_weight else "",
-        metrics["accuracy"], metrics["macro_f1"],
-    )
-    genes_used = genes[keep].tolist()
-    query_result = None
-    if query is not None:
-        query_key = query_label_key or label_key
-        if query_key not in query.obs:
-            msg = f"query_label_key={query_key!r} is not a column of the query's obs; columns: {format_keys(query.obs.columns)}."
-            raise KeyError(msg)
-        check_expression(query, layer=layer)
-        query_genes = pd.Index(np.asarray(query.var_names.astype(str)))
-        check_gene_overlap(query_genes, genes_used, what="the query", against="the baseline's genes")
-        Xq = read_rows(get_matrix(query, layer), np.arange(query.n_obs))
-        if value_kind(Xq)[0] == "counts":
-            Xq = log1p_cp10k(Xq)
-        position = query_genes.get_indexer(genes_used)  # -1: the query lacks the gene -> zeros
-        present = position >= 0
-        aligned = sp.csr_matrix(Xq[:, np.where(present, position, 0)] @ sp.diags(present.astype(np.float32)))
-        q_pred, q_proba, q_metrics = scored(scaled(aligned), query.obs_names, query.obs[query_key], "query")
-        if not present.all():
-            q_metrics["notes"].append(f"{int((~present).sum())} of the baseline's {len(genes_used)} genes are "
-                                      "missing from the query and were set to 0.")
-        query_result = BaselineResult(
-            predictions=q_pred, probabilities=q_proba, categories=order, metrics=q_metrics, n_genes=int(keep.sum()),
-            genes=genes_used, normalised=normalised, n_train=int(is_train.sum()), class_weight=class_weight,
+    def result(self, predicted: pd.Series, proba: np.ndarray, metrics: dict[str, Any],
+               query: BaselineResult | None = None) -> BaselineResult:
+        return BaselineResult(
+            predictions=predicted,
+            probabilities=proba,
+            categories=self.order,
+            metrics=metrics,
+            n_genes=int(self.keep.sum()),
+            genes=self.genes,
+            normalised=self.normalised,
+            n_train=self.n_train,
+            class_weight=self.class_weight,
+            query=query,
         )
-        logger.info("baseline on the query: %d cells -> accuracy %.3f, macro F1 %.3f",
-                    query.n_obs, q_metrics["accuracy"], q_metrics["macro_f1"])
-    return BaselineResult(
-        predictions=predicted,
-        probabilities=proba,
-        categories=order,
-        metrics=metrics,
-        n_genes=int(keep.sum()),
-        genes=genes_used,
-        normalised=normalised,
-        n_train=int(is_train.sum()),
-        class_weight=class_weight,
-        query=query_result,
-    )
+
+
+def _fit_baseline(X_train: Any, train_labels: np.ndarray, labels: pd.Series, genes: np.ndarray, *, n_hvg: int,
+                  seed: int, class_weight: str | None, normalised: bool) -> _BaselineModel:
+    """Highly variable genes of the train cells, the scaler and the logistic regression fitted on them."""
+    import anndata as ad
+    import scanpy as sc
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    if n_hvg < len(genes):
+        hvg = sc.pp.highly_variable_genes(
+            ad.AnnData(X_train, var=pd.DataFrame(index=genes)),
+            flavor="seurat", n_top_genes=n_hvg, inplace=False,
+        )
+        keep = np.asarray(hvg["highly_variable"], dtype=bool)
+    else:
+        keep = np.ones(len(genes), dtype=bool)
+    # sparse-aware scaling: unit variance without centring (the data stay sparse; with lbfgs the intercept
+    # is not penalised, so centring would only shift it), values clipped at 10
+    model = _BaselineModel(keep=keep, genes=genes[keep].tolist(), scaler=StandardScaler(with_mean=False),
+                           clf=LogisticRegression(C=1.0, max_iter=1000, random_state=seed, class_weight=class_weight),
+                           order=[], column=[], normalised=normalised, n_train=len(train_labels),
+                           class_weight=class_weight)
+    model.clf.fit(model.scaled(X_train[:, keep], fit=True), train_labels)
+    classes = [str(c) for c in model.clf.classes_]
+    # the label column's own order when it has one (so that confusion matrices line up with scGPT's)
+    if isinstance(labels.dtype, pd.CategoricalDtype):
+        model.order = [str(c) for c in labels.cat.categories if str(c) in set(classes)]
+    else:
+        model.order = classes
+    model.column = [classes.index(c) for c in model.order]
+    return model
+
+
+def _baseline_on_query(model: _BaselineModel, query: AnnData, query_key: str, layer: str | None) -> BaselineResult:
+    """The fitted baseline on an external query: same normalisation, genes by name (missing ones 0), scaler."""
+    import scipy.sparse as sp
+
+    from ..data.matrix import check_expression, get_matrix, value_kind
+    from ..model.vocab import check_gene_overlap
+
+    if query_key not in query.obs:
+        msg = f"query_label_key={query_key!r} is not a column of the query's obs; columns: {format_keys(query.obs.columns)}."
+        raise KeyError(msg)
+    check_expression(query, layer=layer)
+    genes_used = model.genes
+    query_genes = pd.Index(np.asarray(query.var_names.astype(str)))
+    check_gene_overlap(query_genes, genes_used, what="the query", against="the baseline's genes")
+    Xq = read_rows(get_matrix(query, layer), np.arange(query.n_obs))
+    if value_kind(Xq)[0] == "counts":
+        Xq = log1p_cp10k(Xq)
+    position = query_genes.get_indexer(genes_used)  # -1: the query lacks the gene -> zeros
+    present = position >= 0
+    aligned = sp.csr_matrix(Xq[:, np.where(present, position, 0)] @ sp.diags(present.astype(np.float32)))
+    q_pred, q_proba, q_metrics = model.score(aligned, query.obs_names, query.obs[query_key], "query")
+    if not present.all():
+        q_metrics["notes"].append(f"{int((~present).sum())} of the baseline's {len(genes_used)} genes are "
+                                  "missing from the query and were set to 0.")
+    query_result = model.result(q_pred, q_proba, q_metrics)
+    logger.info("baseline on the query: %d cells -> accuracy %.3f, macro F1 %.3f",
+                query.n_obs, q_metrics["accuracy"], q_metrics["macro_f1"])
+    return query_result

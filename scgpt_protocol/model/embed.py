@@ -169,41 +169,66 @@ def embed(
     was_training = model.training
     model.eval()
     shape = (adata.n_obs, model.config.d_model)
-    writer = None
-    if out is None:
-        result = np.zeros(shape, dtype=np.float32)
-    else:
-        from ..data.store import create_store
-
-        writer = create_store(out, shape[0], {key_added: shape[1]}, attrs={"precision": used},
-                              chunk_rows=chunk_size)
+    sink = _EmbeddingSink(shape, key_added, used, out=out, chunk_size=chunk_size)
     stats: dict = {}
     batches = iter_batches(
         adata, model, max_seq_len=max_seq_len, batch_size=batch_size, seed=seed, layer=layer,
         gene_symbol_key=gene_symbol_key, chunk_size=chunk_size, max_tokens=max_tokens, stats=stats,
     )
-    try:
-        with torch.inference_mode(), autocast(device, used):
-            for batch in progress(batches, total=adata.n_obs, desc="embedding cells", unit="cells",
-                                  size=lambda b: len(b.index)):
-                batch = batch.to(device)
-                emb = model.cell_embedding(batch.gene_ids, batch.values, batch.padding_mask).float()
-                values = torch.nn.functional.normalize(emb, dim=1).cpu().numpy()
-                if writer is None:
-                    result[batch.index] = values
-                else:
-                    writer.put(batch.index, **{key_added: values})
-    except BaseException:
-        if writer is not None:
-            writer.abort()
-        raise
-    finally:
-        model.train(was_training)
+    _embed_batches(model, batches, sink, n_obs=adata.n_obs, device=device, precision=used, was_training=was_training)
     params = {
         "max_seq_len": max_seq_len, "seed": seed, "layer": layer or "X",
         "genes_matched": stats["genes"].n_matched, "genes_total": stats["genes"].n_total,
         "checkpoint": getattr(model.load_report, "checkpoint_dir", ""), "precision": used,
     }
+    return _finish_embedding(adata, sink, params, stats)
+
+
+class _EmbeddingSink:
+    """Where :func:`embed` puts the embeddings: an in-memory array, or the HDF5 store ``out``."""
+
+    def __init__(self, shape: tuple[int, int], key_added: str, precision: str, *, out: str | Path | None,
+                 chunk_size: int) -> None:
+        self.shape, self.key_added, self.precision = shape, key_added, precision
+        self.writer = None
+        self.result = None
+        if out is None:
+            self.result = np.zeros(shape, dtype=np.float32)
+        else:
+            from ..data.store import create_store
+
+            self.writer = create_store(out, shape[0], {key_added: shape[1]}, attrs={"precision": precision},
+                                       chunk_rows=chunk_size)
+
+    def put(self, index: np.ndarray, values: np.ndarray) -> None:
+        if self.writer is None:
+            self.result[index] = values
+        else:
+            self.writer.put(index, **{self.key_added: values})
+
+
+def _embed_batches(model: ScGPT, batches: Iterator[Batch], sink: _EmbeddingSink, *, n_obs: int,
+                   device: torch.device, precision: str, was_training: bool) -> None:
+    """The normalised ``<cls>`` embedding of every batch into ``sink``; the store is aborted on failure and the
+    model goes back to its training mode in any case."""
+    try:
+        with torch.inference_mode(), autocast(device, precision):
+            for batch in progress(batches, total=n_obs, desc="embedding cells", unit="cells",
+                                  size=lambda b: len(b.index)):
+                batch = batch.to(device)
+                emb = model.cell_embedding(batch.gene_ids, batch.values, batch.padding_mask).float()
+                sink.put(batch.index, torch.nn.functional.normalize(emb, dim=1).cpu().numpy())
+    except BaseException:
+        if sink.writer is not None:
+            sink.writer.abort()
+        raise
+    finally:
+        model.train(was_training)
+
+
+def _finish_embedding(adata: AnnData, sink: _EmbeddingSink, params: dict, stats: dict) -> Path | None:
+    """Close the store or fill ``obsm``, record ``params`` in ``uns``, warn about cells without a gene; the store."""
+    key_added, used, writer = sink.key_added, sink.precision, sink.writer
     store = None
     if writer is not None:
         writer.handle.attrs["params"] = json.dumps(params, default=str)
@@ -214,14 +239,14 @@ def embed(
             f"{stats['n_empty']:,} cells express none of the matched genes; their embedding is that of "
             "<cls> alone. Consider filtering them (sc.pp.filter_cells(adata, min_genes=...)).",
             UserWarning,
-            stacklevel=2,
+            stacklevel=3,  # the caller of embed
         )
     if store is None:
-        adata.obsm[key_added] = result
+        adata.obsm[key_added] = sink.result
     if store is None or not adata.is_view:  # a view would be made real (a backed one read whole) by writing uns
         adata.uns[f"{key_added}_params"] = params
     pad_share = 1 - stats["n_tokens"] / max(stats["n_padded"], 1)
     logger.info("added %s (%d x %d, %s); %.1f%% of computed tokens were padding",
-                f"obsm[{key_added!r}]" if store is None else f"{key_added!r} to {store}", *shape, used,
+                f"obsm[{key_added!r}]" if store is None else f"{key_added!r} to {store}", *sink.shape, used,
                 100 * pad_share)
     return store

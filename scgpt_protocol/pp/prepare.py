@@ -164,7 +164,6 @@ def prepare(adata: AnnData, params: PreprocessParams, vocab: dict[str, int]) -> 
     GeneMatchError
         Fewer than 10% of the genes are in the vocabulary.
     """
-    import scanpy as sc
 
     log: list[str] = []
 
@@ -179,18 +178,56 @@ def prepare(adata: AnnData, params: PreprocessParams, vocab: dict[str, int]) -> 
     get_matrix(adata, params.layer)
     check_expression(adata, layer=params.layer)
     n_cells_in, n_genes_in = int(adata.n_obs), int(adata.n_vars)
+    out, where = _labelled_expression(adata, params, log, record)
+    kind, vmax = value_kind(out.X)
+    record(f"values look like {kind} (max {vmax:.4g} in a sample of cells)")
 
-    # labels; the metadata is copied without the matrices (the chosen one is copied once below, the
-    # other layers and .raw not at all)
+    # filters
+    out = _filter_cells_genes(out, params, record)
+    if params.max_pct_mito is not None:
+        mito = mito_mask(gene_symbols(out, params.gene_symbol_key))
+        if not mito.any():
+            warn_no_mito_genes(params, log)
+        else:
+            out = _filter_mito(out, params, mito, kind, record)
+    check_cells_left(out.n_obs, out.n_vars, params)
+
+    # normalisation
+    is_counts, normalise = choose_normalisation(params, kind, vmax, record)
+    if is_counts:
+        out.layers["counts"] = out.X.copy()
+    if normalise:
+        if (np.asarray(out.X.sum(axis=1)).ravel() == 0).any():
+            warnings.warn("Some cells have zero counts", UserWarning, stacklevel=2)  # as scanpy\'s own call said
+        out.X = log1p_cp10k(out.X)
+        out.uns["log1p"] = {"base": None}  # what sc.pp.log1p records
+
+    # genes of the vocabulary, highly variable genes, cells with nothing left for the model
+    out, match = vocabulary_genes(out, vocab, params, record)
+    if params.n_hvg is not None:
+        out = _highly_variable(out, params, record)
+    out = _drop_empty_cells(out, log)
+
+    return finish_prepared(out, adata, params, log, record, input_record={"n_cells": n_cells_in, "n_genes": n_genes_in,
+                   "matrix": where, "value_kind": kind, "value_max": vmax}, normalise=normalise,
+                   is_counts=is_counts, match_fraction=match.fraction)
+
+
+def _labelled_expression(adata: AnnData, params: PreprocessParams, log: list[str],
+                         record: Any) -> tuple[AnnData, str]:
+    """The labelled cells with the chosen matrix as float32 CSR in ``X`` (other layers and .raw dropped), and
+    where the matrix came from. The metadata is copied without the matrices; the chosen one is copied once."""
     import anndata
 
+    label_key = params.label_key
+    n_cells_in = int(adata.n_obs)
     meta = anndata.AnnData(obs=adata.obs, var=adata.var, uns=adata.uns, obsm=dict(adata.obsm),
                            varm=dict(adata.varm), obsp=dict(adata.obsp), varp=dict(adata.varp))
     missing = missing_labels(adata.obs[label_key])
     if missing.any():
         out = meta[~missing].copy()
         warn_user(f"dropped {int(missing.sum()):,} cells without a label in obs[{label_key!r}]: "
-              f"{n_cells_in:,} -> {out.n_obs:,} cells")
+              f"{n_cells_in:,} -> {out.n_obs:,} cells", stacklevel=4)  # points at prepare's caller
         log.append(f"dropped cells without a label: {n_cells_in:,} -> {out.n_obs:,} cells")
         matrix = get_matrix(adata, params.layer)[np.flatnonzero(~missing)]  # a new matrix of these rows
     else:
@@ -198,7 +235,6 @@ def prepare(adata: AnnData, params: PreprocessParams, vocab: dict[str, int]) -> 
         matrix = get_matrix(adata, params.layer)
     del meta
 
-    # matrix
     where = f"adata.layers[{params.layer!r}]" if params.layer else "adata.X"
     x = sp.csr_matrix(matrix, dtype=np.float32)
     if x is matrix or (sp.issparse(matrix) and any(
@@ -212,10 +248,13 @@ def prepare(adata: AnnData, params: PreprocessParams, vocab: dict[str, int]) -> 
     out.X = x
     record(f"expression from {where} as float32 CSR"
            + (f" (dropped {', '.join(dropped)})" if dropped else ""))
-    kind, vmax = value_kind(out.X)
-    record(f"values look like {kind} (max {vmax:.4g} in a sample of cells)")
+    return out, where
 
-    # filters
+
+def _filter_cells_genes(out: AnnData, params: PreprocessParams, record: Any) -> AnnData:
+    """``sc.pp.filter_cells(min_genes)`` and ``sc.pp.filter_genes(min_cells)``, where set."""
+    import scanpy as sc
+
     if params.min_genes > 0:
         before = out.n_obs
         sc.pp.filter_cells(out, min_genes=params.min_genes)
@@ -224,55 +263,46 @@ def prepare(adata: AnnData, params: PreprocessParams, vocab: dict[str, int]) -> 
         before = out.n_vars
         sc.pp.filter_genes(out, min_cells=params.min_cells)
         record(f"filter_genes(min_cells={params.min_cells}): {before:,} -> {out.n_vars:,} genes")
-    if params.max_pct_mito is not None:
-        mito = mito_mask(gene_symbols(out, params.gene_symbol_key))
-        if not mito.any():
-            warn_no_mito_genes(params, log)
-        else:
-            pct = percent_mito(out.X, mito, kind)
-            before = out.n_obs
-            out.obs["pct_mito"] = pct.astype(np.float32)
-            out = out[pct <= params.max_pct_mito].copy()
-            record(f"max_pct_mito={params.max_pct_mito} ({int(mito.sum())} MT- genes): "
-                   f"{before:,} -> {out.n_obs:,} cells")
-    check_cells_left(out.n_obs, out.n_vars, params)
+    return out
 
-    # normalisation
-    is_counts, normalise = choose_normalisation(params, kind, vmax, record)
-    if is_counts:
-        out.layers["counts"] = out.X.copy()
-    if normalise:
-        if (np.asarray(out.X.sum(axis=1)).ravel() == 0).any():
-            warnings.warn("Some cells have zero counts", UserWarning, stacklevel=2)  # as scanpy's own call said
-        out.X = log1p_cp10k(out.X)
-        out.uns["log1p"] = {"base": None}  # what sc.pp.log1p records
 
-    # genes of the vocabulary
-    out, match = vocabulary_genes(out, vocab, params, record)
+def _filter_mito(out: AnnData, params: PreprocessParams, mito: np.ndarray, kind: str, record: Any) -> AnnData:
+    """The cells with at most ``max_pct_mito`` % of their expression in the genes ``mito``."""
+    pct = percent_mito(out.X, mito, kind)
+    before = out.n_obs
+    out.obs["pct_mito"] = pct.astype(np.float32)
+    out = out[pct <= params.max_pct_mito].copy()
+    record(f"max_pct_mito={params.max_pct_mito} ({int(mito.sum())} MT- genes): "
+           f"{before:,} -> {out.n_obs:,} cells")
+    return out
 
-    # highly variable genes
-    if params.n_hvg is not None:
-        if params.n_hvg >= out.n_vars:
-            record(f"n_hvg={params.n_hvg} >= {out.n_vars:,} genes: no highly-variable-gene selection")
-        else:
-            before = out.n_vars
-            sc.pp.highly_variable_genes(out, n_top_genes=params.n_hvg, batch_key=batch_key, flavor="seurat")
-            out = out[:, out.var["highly_variable"].to_numpy()].copy()
-            per = f", per batch of obs[{batch_key!r}]" if batch_key else ""
-            record(f"highly variable genes (seurat{per}): {before:,} -> {out.n_vars:,} genes")
 
-    # cells with nothing left for the model
+def _highly_variable(out: AnnData, params: PreprocessParams, record: Any) -> AnnData:
+    """The ``n_hvg`` highly variable genes (seurat flavour, per batch with ``batch_key``); all when not fewer."""
+    import scanpy as sc
+
+    batch_key = params.batch_key
+    if params.n_hvg >= out.n_vars:
+        record(f"n_hvg={params.n_hvg} >= {out.n_vars:,} genes: no highly-variable-gene selection")
+        return out
+    before = out.n_vars
+    sc.pp.highly_variable_genes(out, n_top_genes=params.n_hvg, batch_key=batch_key, flavor="seurat")
+    out = out[:, out.var["highly_variable"].to_numpy()].copy()
+    per = f", per batch of obs[{batch_key!r}]" if batch_key else ""
+    record(f"highly variable genes (seurat{per}): {before:,} -> {out.n_vars:,} genes")
+    return out
+
+
+def _drop_empty_cells(out: AnnData, log: list[str]) -> AnnData:
+    """Without the cells that have no expressed gene left for the model (warns)."""
     empty = np.asarray(out.X.getnnz(axis=1) == 0)
     if empty.any():
         before = out.n_obs
         out = out[~empty].copy()
         warn_user(f"dropped {int(empty.sum()):,} cells with no expressed gene among the {out.n_vars:,} selected "
-              f"genes: {before:,} -> {out.n_obs:,} cells")
+              f"genes: {before:,} -> {out.n_obs:,} cells", stacklevel=4)  # points at prepare's caller
         log.append(f"dropped cells with no expressed selected gene: {before:,} -> {out.n_obs:,} cells")
-
-    return finish_prepared(out, adata, params, log, record, input_record={"n_cells": n_cells_in, "n_genes": n_genes_in,
-                   "matrix": where, "value_kind": kind, "value_max": vmax}, normalise=normalise,
-                   is_counts=is_counts, match_fraction=match.fraction)
+    return out
 
 
 def finish_prepared(out: AnnData, source: Any, params: PreprocessParams, log: list[str], record: Any, *,

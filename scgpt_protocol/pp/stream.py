@@ -38,6 +38,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -186,56 +187,60 @@ def prepare_file(
     return prepared
 
 
-def _prepare_source(source: AnnData, params: PreprocessParams, vocab: dict[str, int], layout: RunLayout,
-                    chunk_size: int | None) -> PreparedData:
+@dataclass
+class _Stream:
+    """The streamed prepare's state: the input matrix, the rows and columns still in, and the kept metadata."""
+
+    matrix: Any
+    size: int  # cells per chunk
+    out: AnnData  # obs / var / uns ... of the cells and genes still in (no X)
+    keep: np.ndarray  # over input rows: still in
+    cells: np.ndarray  # input rows still in, in order
+    kind: str
+    vmax: float
+    genes: np.ndarray | None = None  # input columns left by filter_genes (None: all)
+    sel: np.ndarray | None = None  # columns of the filtered matrix kept (vocabulary, then HVG)
+    is_counts: bool = False
+    normalise: bool = False
+
+    def drop_cells(self, passed: np.ndarray) -> None:
+        """Keep the cells of ``out`` where ``passed`` (a mask over ``cells``)."""
+        self.out = self.out[passed].copy()
+        self.keep[self.cells[~passed]] = False
+        self.cells = self.cells[passed]
+
+    def rows_out(self, x: sp.csr_matrix, start: int) -> tuple[sp.csr_matrix, sp.csr_matrix | None, np.ndarray]:
+        """The model rows and counts rows of this chunk's kept cells, and their input row numbers."""
+        rows = self.keep[start:start + x.shape[0]]
+        x = select_cols(select_rows(x, rows), self.genes)
+        counts = x if self.is_counts else None
+        y = log1p_cp10k(x, copy=True) if self.normalise else x  # x may be the counts
+        sel = self.sel
+        return y[:, sel], (counts[:, sel] if counts is not None else None), start + np.flatnonzero(rows)
+
+
+def _labelled_stream(source: AnnData, matrix: Any, size: int, params: PreprocessParams, where: str,
+                     log: list[str], record: Any) -> _Stream:
+    """The metadata of the labelled cells (without X) and the kind of values, from a sample of them."""
     import anndata
-    import scanpy as sc
 
-    from ..core.io import atomic_write
-    from ..data.labels import missing_labels, require_obs_key
-    from ..data.matrix import check_expression, get_matrix, value_kind
-    from ..model.vocab import gene_symbols
-    from .prepare import finish_prepared
-    from .stages import (
-        check_cells_left,
-        choose_normalisation,
-        mito_mask,
-        percent_mito,
-        vocabulary_genes,
-        warn_no_mito_genes,
-        warn_user,
-    )
+    from ..data.labels import missing_labels
+    from ..data.matrix import value_kind
+    from .stages import warn_user
 
-    log: list[str] = []
-
-    def record(message: str) -> None:
-        log.append(message)
-        logger.info("%s", message)
-
-    label_key, batch_key = params.label_key, params.batch_key
-    require_obs_key(source, label_key, "label_key")
-    if batch_key is not None:
-        require_obs_key(source, batch_key, "batch_key")
-    matrix = get_matrix(source, params.layer)
-    check_expression(source, layer=params.layer)
-    n_cells_in, n_genes_in = int(source.n_obs), int(source.n_vars)
-    size = int(chunk_size) if chunk_size else _default_chunk_size(matrix)
-
+    label_key, n_cells_in = params.label_key, int(source.n_obs)
     has_raw = source.raw is not None or bool(source.uns.get(RAW_FLAG, False))
     uns = {k: v for k, v in source.uns.items() if k != RAW_FLAG}
     # the metadata goes through the same AnnData operations as in prepare(), without X
     meta = anndata.AnnData(obs=source.obs, var=source.var, uns=uns, obsm=dict(source.obsm),
                            varm=dict(source.varm), obsp=dict(source.obsp), varp=dict(source.varp))
-
-    # labels
     missing = missing_labels(meta.obs[label_key])
     cells = np.flatnonzero(~missing)  # input rows still in, in order
     if missing.any():
         warn_user(f"dropped {int(missing.sum()):,} cells without a label in obs[{label_key!r}]: "
-              f"{n_cells_in:,} -> {len(cells):,} cells")
+              f"{n_cells_in:,} -> {len(cells):,} cells", stacklevel=4)  # points at prepare_file's call
         log.append(f"dropped cells without a label: {n_cells_in:,} -> {len(cells):,} cells")
     out = meta[cells].copy()
-    where = f"adata.layers[{params.layer!r}]" if params.layer else "adata.X"
     dropped = [f"layers[{k!r}]" for k in source.layers.keys()] + (["raw"] if has_raw else [])
     record(f"expression from {where} as float32 CSR"
            + (f" (dropped {', '.join(dropped)})" if dropped else ""))
@@ -247,161 +252,214 @@ def _prepare_source(source: AnnData, params: PreprocessParams, vocab: dict[str, 
     kind, vmax = value_kind(block, n_rows=block.shape[0])
     del block
     record(f"values look like {kind} (max {vmax:.4g} in a sample of cells)")
+    return _Stream(matrix=matrix, size=size, out=out, keep=~missing, cells=cells, kind=kind, vmax=vmax)
 
-    n_genes_all = n_genes_in
-    keep = ~missing  # over input rows
-    genes = None  # input columns still in (None: all)
 
-    # pass 1: genes per cell (filter_cells), cells per gene (filter_genes), % mitochondrial when possible
-    mito_wanted = params.max_pct_mito is not None
-    mito_in_pass1 = mito_wanted and params.min_cells == 0
+def _count_pass(s: _Stream, params: PreprocessParams, mito_all: np.ndarray | None,
+                pct_all: np.ndarray | None) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Pass 1: genes per cell (filter_cells), cells per gene (filter_genes), and, when no gene is filtered,
+    the % mitochondrial into ``pct_all``. Returns ``(genes per input cell, cells per input gene)`` (None: not
+    counted)."""
+    import scanpy as sc
+
+    from .stages import percent_mito
+
+    mito_in_pass1 = params.max_pct_mito is not None and params.min_cells == 0
     number_cells = None
     number_genes = None
-    pct_all = np.zeros(n_cells_in, dtype=np.float32) if mito_wanted else None
-    mito_all = mito_mask(gene_symbols(meta, params.gene_symbol_key)) if mito_wanted else None
-    if params.min_genes > 0 or params.min_cells > 0 or mito_in_pass1:
-        for start, x in iter_row_chunks(matrix, size, dtype=np.float32, canonical=True):
-            rows = keep[start:start + x.shape[0]]
-            x = select_rows(x, rows)
-            idx = start + np.flatnonzero(rows)
-            ok = np.ones(x.shape[0], dtype=bool)
-            if params.min_genes > 0:
-                ok, number = sc.pp.filter_cells(x, min_genes=params.min_genes, inplace=False)
-                if number_cells is None:
-                    number_cells = np.zeros(n_cells_in, dtype=np.asarray(number).dtype)
-                number_cells[idx] = number
-            if params.min_cells > 0:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    _, number = sc.pp.filter_genes(select_rows(x, ok), min_cells=1, inplace=False)
-                number = np.asarray(number)
-                number_genes = number.copy() if number_genes is None else number_genes + number
-            if mito_in_pass1 and mito_all.any():
-                pct_all[idx] = percent_mito(x, mito_all, kind)
+    if not (params.min_genes > 0 or params.min_cells > 0 or mito_in_pass1):
+        return number_cells, number_genes
+    n_cells_in = s.keep.shape[0]
+    for start, x in iter_row_chunks(s.matrix, s.size, dtype=np.float32, canonical=True):
+        rows = s.keep[start:start + x.shape[0]]
+        x = select_rows(x, rows)
+        idx = start + np.flatnonzero(rows)
+        ok = np.ones(x.shape[0], dtype=bool)
+        if params.min_genes > 0:
+            ok, number = sc.pp.filter_cells(x, min_genes=params.min_genes, inplace=False)
+            if number_cells is None:
+                number_cells = np.zeros(n_cells_in, dtype=np.asarray(number).dtype)
+            number_cells[idx] = number
+        if params.min_cells > 0:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                _, number = sc.pp.filter_genes(select_rows(x, ok), min_cells=1, inplace=False)
+            number = np.asarray(number)
+            number_genes = number.copy() if number_genes is None else number_genes + number
+        if mito_in_pass1 and mito_all.any():
+            pct_all[idx] = percent_mito(x, mito_all, s.kind)
+    return number_cells, number_genes
+
+
+def _filter_cells_genes(s: _Stream, params: PreprocessParams, number_cells: np.ndarray | None,
+                        number_genes: np.ndarray | None, n_genes_all: int, record: Any) -> None:
+    """``filter_cells(min_genes)`` and ``filter_genes(min_cells)`` from the counts of pass 1."""
     if params.min_genes > 0:
-        before = len(cells)
-        out.obs["n_genes"] = number_cells[cells]
-        passed = number_cells[cells] >= params.min_genes
-        out = out[passed].copy()
-        keep[cells[~passed]] = False
-        cells = cells[passed]
-        record(f"filter_cells(min_genes={params.min_genes}): {before:,} -> {len(cells):,} cells")
+        before = len(s.cells)
+        s.out.obs["n_genes"] = number_cells[s.cells]
+        s.drop_cells(number_cells[s.cells] >= params.min_genes)
+        record(f"filter_cells(min_genes={params.min_genes}): {before:,} -> {len(s.cells):,} cells")
     if params.min_cells > 0:
-        before = out.n_vars
+        before = s.out.n_vars
         if number_genes is None:
             number_genes = np.zeros(n_genes_all, dtype=np.int64)
-        out.var["n_cells"] = number_genes
+        s.out.var["n_cells"] = number_genes
         passed = number_genes >= params.min_cells
-        out = out[:, passed].copy()
-        genes = np.flatnonzero(passed)
-        record(f"filter_genes(min_cells={params.min_cells}): {before:,} -> {out.n_vars:,} genes")
-    if mito_wanted:
-        mito = mito_mask(gene_symbols(out, params.gene_symbol_key))
-        if not mito.any():
-            warn_no_mito_genes(params, log)
-        else:
-            if not mito_in_pass1:  # pass 2: the share over the genes left by filter_genes
-                for start, x in iter_row_chunks(matrix, size, dtype=np.float32, canonical=True):
-                    rows = keep[start:start + x.shape[0]]
-                    share = percent_mito(select_cols(select_rows(x, rows), genes), mito, kind)
-                    pct_all[start + np.flatnonzero(rows)] = share
-            pct = pct_all[cells]
-            before = len(cells)
-            out.obs["pct_mito"] = pct.astype(np.float32)
-            passed = pct <= params.max_pct_mito
-            out = out[passed].copy()
-            keep[cells[~passed]] = False
-            cells = cells[passed]
-            record(f"max_pct_mito={params.max_pct_mito} ({int(mito.sum())} MT- genes): "
-                   f"{before:,} -> {len(cells):,} cells")
-    check_cells_left(out.n_obs, out.n_vars, params)
+        s.out = s.out[:, passed].copy()
+        s.genes = np.flatnonzero(passed)
+        record(f"filter_genes(min_cells={params.min_cells}): {before:,} -> {s.out.n_vars:,} genes")
 
-    # normalisation (done chunk by chunk below)
-    is_counts, normalise = choose_normalisation(params, kind, vmax, record)
-    if normalise:
-        out.uns["log1p"] = {"base": None}
 
-    # genes of the vocabulary
-    out, match = vocabulary_genes(out, vocab, params, record)
-    cols = match.columns
-    genes_after_filter = genes
-    sel = np.asarray(cols)  # columns of the filtered matrix kept (vocabulary, then HVG)
+def _filter_mito(s: _Stream, params: PreprocessParams, mito: np.ndarray, pct_all: np.ndarray,
+                 record: Any) -> None:
+    """The mitochondrial filter; pass 2 (the share over the genes left by filter_genes) unless pass 1 did it."""
+    from .stages import percent_mito
 
-    def rows_out(x: sp.csr_matrix, start: int) -> tuple[sp.csr_matrix, sp.csr_matrix | None, np.ndarray]:
-        """The model rows and counts rows of this chunk's kept cells, and their input row numbers."""
-        rows = keep[start:start + x.shape[0]]
-        x = select_cols(select_rows(x, rows), genes_after_filter)
-        counts = x if is_counts else None
-        y = log1p_cp10k(x, copy=True) if normalise else x  # x may be the counts
-        return y[:, sel], (counts[:, sel] if counts is not None else None), start + np.flatnonzero(rows)
+    if params.min_cells != 0:  # pass 1 did not count it
+        for start, x in iter_row_chunks(s.matrix, s.size, dtype=np.float32, canonical=True):
+            rows = s.keep[start:start + x.shape[0]]
+            share = percent_mito(select_cols(select_rows(x, rows), s.genes), mito, s.kind)
+            pct_all[start + np.flatnonzero(rows)] = share
+    pct = pct_all[s.cells]
+    before = len(s.cells)
+    s.out.obs["pct_mito"] = pct.astype(np.float32)
+    s.drop_cells(pct <= params.max_pct_mito)
+    record(f"max_pct_mito={params.max_pct_mito} ({int(mito.sum())} MT- genes): "
+           f"{before:,} -> {len(s.cells):,} cells")
 
-    # highly variable genes: pass 3 accumulates expm1(X) moments
-    if params.n_hvg is not None:
-        if params.n_hvg >= out.n_vars:
-            record(f"n_hvg={params.n_hvg} >= {out.n_vars:,} genes: no highly-variable-gene selection")
-        else:
-            before = out.n_vars
-            batches = None
-            code = np.zeros(n_cells_in, dtype=np.int64)
-            if batch_key is not None:
-                out.strings_to_categoricals()  # as scanpy's highly_variable_genes does
-                batch = out.obs[batch_key]
-                batches = list(batch.cat.categories)
-                code[cells] = batch.cat.codes.to_numpy()
-            moments = GeneMoments(out.n_vars, 1 if batches is None else len(batches))
-            for start, x in iter_row_chunks(matrix, size, dtype=np.float32, canonical=True):
-                y, _, idx = rows_out(x, start)
-                moments.add(y, code[idx])
-            df = seurat_hvg(moments, out.var_names, params.n_hvg, batches)
-            out.uns["hvg"] = {"flavor": "seurat"}
-            out.var["highly_variable"] = df["highly_variable"].to_numpy()
-            out.var["means"] = df["means"].to_numpy()
-            out.var["dispersions"] = df["dispersions"].to_numpy()
-            out.var["dispersions_norm"] = df["dispersions_norm"].to_numpy().astype(np.float32)
-            if batches is not None:
-                out.var["highly_variable_nbatches"] = df["highly_variable_nbatches"].to_numpy()
-                out.var["highly_variable_intersection"] = df["highly_variable_intersection"].to_numpy()
-            hv = out.var["highly_variable"].to_numpy()
-            out = out[:, hv].copy()
-            sel = sel[hv]
-            per = f", per batch of obs[{batch_key!r}]" if batch_key else ""
-            record(f"highly variable genes (seurat{per}): {before:,} -> {out.n_vars:,} genes")
 
-    # pass 4: write the rows, dropping cells with no expressed gene left
-    n_genes_out = out.n_vars
-    nonempty = np.zeros(n_cells_in, dtype=bool)
+def _select_hvg(s: _Stream, params: PreprocessParams, record: Any) -> None:
+    """Highly variable genes (seurat flavour): pass 3 accumulates the moments of expm1(X) per gene (and batch)."""
+    if params.n_hvg >= s.out.n_vars:
+        record(f"n_hvg={params.n_hvg} >= {s.out.n_vars:,} genes: no highly-variable-gene selection")
+        return
+    batch_key, out = params.batch_key, s.out
+    before = out.n_vars
+    batches = None
+    code = np.zeros(s.keep.shape[0], dtype=np.int64)
+    if batch_key is not None:
+        out.strings_to_categoricals()  # as scanpy's highly_variable_genes does
+        batch = out.obs[batch_key]
+        batches = list(batch.cat.categories)
+        code[s.cells] = batch.cat.codes.to_numpy()
+    moments = GeneMoments(out.n_vars, 1 if batches is None else len(batches))
+    for start, x in iter_row_chunks(s.matrix, s.size, dtype=np.float32, canonical=True):
+        y, _, idx = s.rows_out(x, start)
+        moments.add(y, code[idx])
+    df = seurat_hvg(moments, out.var_names, params.n_hvg, batches)
+    out.uns["hvg"] = {"flavor": "seurat"}
+    out.var["highly_variable"] = df["highly_variable"].to_numpy()
+    out.var["means"] = df["means"].to_numpy()
+    out.var["dispersions"] = df["dispersions"].to_numpy()
+    out.var["dispersions_norm"] = df["dispersions_norm"].to_numpy().astype(np.float32)
+    if batches is not None:
+        out.var["highly_variable_nbatches"] = df["highly_variable_nbatches"].to_numpy()
+        out.var["highly_variable_intersection"] = df["highly_variable_intersection"].to_numpy()
+    hv = out.var["highly_variable"].to_numpy()
+    s.out = out[:, hv].copy()
+    s.sel = s.sel[hv]
+    per = f", per batch of obs[{batch_key!r}]" if batch_key else ""
+    record(f"highly variable genes (seurat{per}): {before:,} -> {s.out.n_vars:,} genes")
 
-    def write_matrices(tmp: Path) -> None:
+
+class _PreparedWriter:
+    """Pass 4, the ``write`` given to :func:`atomic_write`: appends the rows of the cells with an expressed
+    gene left to ``X`` (and ``layers["counts"]``), then writes obs, var, uns ...; the result is ``prepared``."""
+
+    def __init__(self, s: _Stream, finish: Any) -> None:
+        self.s, self.finish = s, finish  # finish(full_mask) -> PreparedData
+        self.prepared: PreparedData | None = None
+
+    def write(self, tmp: Path) -> None:
         import h5py
         from anndata.io import write_elem
 
+        s = self.s
+        n_genes_out = s.out.n_vars
+        nonempty = np.zeros(s.keep.shape[0], dtype=bool)
         with h5py.File(tmp, "w") as f:
             begin_h5ad(f)
-            max_nnz = _stored_values(matrix)
+            max_nnz = _stored_values(s.matrix)
             xw = CSRWriter(f, "X", n_genes_out, max_nnz)
             layers = f.create_group("layers")
             layers.attrs["encoding-type"] = "dict"
             layers.attrs["encoding-version"] = "0.1.0"
-            cw = CSRWriter(layers, "counts", n_genes_out, max_nnz) if is_counts else None
-            for start, x in iter_row_chunks(matrix, size, dtype=np.float32, canonical=True):
-                y, counts, idx = rows_out(x, start)
+            cw = CSRWriter(layers, "counts", n_genes_out, max_nnz) if s.is_counts else None
+            for start, x in iter_row_chunks(s.matrix, s.size, dtype=np.float32, canonical=True):
+                y, counts, idx = s.rows_out(x, start)
                 full = np.diff(y.indptr) > 0
                 nonempty[idx[full]] = True
                 xw.append(select_rows(y, full))
                 if cw is not None:
                     cw.append(select_rows(counts, full))
-            final = finish(full_mask=nonempty)
+            final = self.finish(nonempty)
             a = final.adata
             for key, value in (("obs", a.obs), ("var", a.var), ("uns", dict(a.uns)), ("obsm", dict(a.obsm)),
                                ("varm", dict(a.varm)), ("obsp", dict(a.obsp)), ("varp", dict(a.varp))):
                 write_elem(f, key, value)
-            result.append(final)
+            self.prepared = final
 
-    result: list[PreparedData] = []
+
+def _prepare_source(source: AnnData, params: PreprocessParams, vocab: dict[str, int], layout: RunLayout,
+                    chunk_size: int | None) -> PreparedData:
+    from ..core.io import atomic_write
+    from ..data.labels import require_obs_key
+    from ..data.matrix import check_expression, get_matrix
+    from ..model.vocab import gene_symbols
+    from .prepare import finish_prepared
+    from .stages import (
+        check_cells_left,
+        choose_normalisation,
+        mito_mask,
+        vocabulary_genes,
+        warn_no_mito_genes,
+        warn_user,
+    )
+
+    log: list[str] = []
+
+    def record(message: str) -> None:
+        log.append(message)
+        logger.info("%s", message)
+
+    require_obs_key(source, params.label_key, "label_key")
+    if params.batch_key is not None:
+        require_obs_key(source, params.batch_key, "batch_key")
+    matrix = get_matrix(source, params.layer)
+    check_expression(source, layer=params.layer)
+    n_cells_in, n_genes_in = int(source.n_obs), int(source.n_vars)
+    size = int(chunk_size) if chunk_size else _default_chunk_size(matrix)
+    where = f"adata.layers[{params.layer!r}]" if params.layer else "adata.X"
+    s = _labelled_stream(source, matrix, size, params, where, log, record)
+
+    # pass 1 (and 2): filter_cells, filter_genes, % mitochondrial
+    mito_wanted = params.max_pct_mito is not None
+    pct_all = np.zeros(n_cells_in, dtype=np.float32) if mito_wanted else None
+    mito_all = mito_mask(gene_symbols(s.out, params.gene_symbol_key)) if mito_wanted else None
+    number_cells, number_genes = _count_pass(s, params, mito_all, pct_all)
+    _filter_cells_genes(s, params, number_cells, number_genes, n_genes_in, record)
+    if mito_wanted:
+        mito = mito_mask(gene_symbols(s.out, params.gene_symbol_key))
+        if not mito.any():
+            warn_no_mito_genes(params, log)
+        else:
+            _filter_mito(s, params, mito, pct_all, record)
+    check_cells_left(s.out.n_obs, s.out.n_vars, params)
+
+    # normalisation (done chunk by chunk), genes of the vocabulary, highly variable genes (pass 3)
+    s.is_counts, s.normalise = choose_normalisation(params, s.kind, s.vmax, record)
+    if s.normalise:
+        s.out.uns["log1p"] = {"base": None}
+    s.out, match = vocabulary_genes(s.out, vocab, params, record)
+    s.sel = np.asarray(match.columns)
+    if params.n_hvg is not None:
+        _select_hvg(s, params, record)
+    n_genes_out = s.out.n_vars
 
     def finish(full_mask: np.ndarray) -> PreparedData:
-        nonlocal out
-        empty = ~full_mask[cells]
+        """Drops the cells with no expressed gene left, then classes, split and record (preprocess._finish)."""
+        out = s.out
+        empty = ~full_mask[s.cells]
         if empty.any():
             before = out.n_obs
             out = out[~empty].copy()
@@ -410,9 +468,11 @@ def _prepare_source(source: AnnData, params: PreprocessParams, vocab: dict[str, 
             log.append(f"dropped cells with no expressed selected gene: {before:,} -> {out.n_obs:,} cells")
         return finish_prepared(out, source, params, log, record,
                        input_record={"n_cells": n_cells_in, "n_genes": n_genes_in, "matrix": where,
-                                     "value_kind": kind, "value_max": vmax},
-                       normalise=normalise, is_counts=is_counts, match_fraction=match.fraction)
+                                     "value_kind": s.kind, "value_max": s.vmax},
+                       normalise=s.normalise, is_counts=s.is_counts, match_fraction=match.fraction)
 
-    path = atomic_write(layout.prepared_adata, write_matrices)
-    logger.info("wrote %s (%s cells x %s genes)", path, f"{result[0].adata.n_obs:,}", f"{n_genes_out:,}")
-    return result[0]
+    # pass 4: write the rows, dropping cells with no expressed gene left
+    writer = _PreparedWriter(s, finish)
+    path = atomic_write(layout.prepared_adata, writer.write)
+    logger.info("wrote %s (%s cells x %s genes)", path, f"{writer.prepared.adata.n_obs:,}", f"{n_genes_out:,}")
+    return writer.prepared

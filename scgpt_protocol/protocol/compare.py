@@ -22,8 +22,9 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from ..adapt.cells import data_fingerprint
 from ..adapt.saved import load_finetuned, save_finetuned
-from ..adapt.train import TrainResult, data_fingerprint, finetune, strategy_config
+from ..adapt.train import TrainResult, finetune, strategy_config
 from ..annotate.predict import predict
 from ..annotate.prediction import Prediction
 from ..core.io import atomic_write

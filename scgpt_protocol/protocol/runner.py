@@ -216,8 +216,59 @@ def run_protocol(
         time and (02) the last finished epoch; the report says so on top; the message gives the command
         that resumes the run.
     """
-    import papermill
+    import papermill  # noqa: F401  (missing: fail before anything is checked or written)
 
+    run = _start_run(params_dir, run_dir, steps, force, kernel_name=kernel_name, html=html, notebooks=notebooks)
+    env_before = os.environ.get("SCGPT_PROTOCOL_PROGRESS")
+    os.environ["SCGPT_PROTOCOL_PROGRESS"] = "text"  # widget bars render badly in executed reports
+    sigterm_before = _install_sigterm_handler()
+    run.step, run.t0 = run.chosen[0], time.perf_counter()
+    try:
+        for step in run.chosen:
+            _run_step(run, step)
+    except KeyboardInterrupt as err:
+        _interrupted(err, run.layout, run.manifest, run.result, run.step, run.chosen, run.overrides, run.params_dir,
+                     round(time.perf_counter() - run.t0, 1), html=html,
+                     notebooks=run.notebook_dir if notebooks is not None else None)
+    except DiskFullError as err:  # the runner's own writes (HTML copy, manifest) after the notebook ran
+        manifest, step = run.manifest, run.step
+        if manifest["steps"].get(step, {}).get("status") != "failed":
+            manifest["steps"][step] = {**manifest["steps"].get(step, {}), "status": "failed", "error": str(err),
+                                       "error_type": "DiskFullError"}
+            manifest["status"] = "failed"
+            _write_manifest_best_effort(run.layout, manifest)
+        raise
+    finally:
+        _restore_sigterm_handler(sigterm_before)
+        if env_before is None:
+            os.environ.pop("SCGPT_PROTOCOL_PROGRESS", None)
+        else:
+            os.environ["SCGPT_PROTOCOL_PROGRESS"] = env_before
+    return _finish_run(run)
+
+
+@dataclass
+class _Run:
+    """One :func:`run_protocol` call: what it runs, where, its manifest and result, and the step in progress."""
+
+    layout: RunLayout
+    params_dir: Path
+    notebook_dir: Path
+    chosen: list[str]
+    overrides: dict[str, dict[str, Any]]
+    inputs: dict[str, Any]
+    manifest: dict[str, Any]
+    result: RunResult
+    cwd: Path
+    kernel_name: str | None
+    html: bool
+    step: str = ""  # the step running (or about to)
+    t0: float = 0.0  # when it started (perf_counter)
+
+
+def _start_run(params_dir: str | Path, run_dir: str | Path, steps: Sequence[str] | None, force: bool, *,
+               kernel_name: str | None, html: bool, notebooks: str | Path | None) -> _Run:
+    """Check the scenario, the steps, the notebooks and the run folder; write the manifest ("running")."""
     cwd = Path.cwd()
     params_dir = resolve_scenario(params_dir)
     layout = RunLayout(Path(run_dir).resolve())
@@ -239,73 +290,65 @@ def run_protocol(
         "steps": (previous or {}).get("steps", {}),
     }
     layout.write_json(layout.manifest, manifest)
-    result = RunResult(run_dir=layout.run_dir)
-    env_before = os.environ.get("SCGPT_PROTOCOL_PROGRESS")
-    os.environ["SCGPT_PROTOCOL_PROGRESS"] = "text"  # widget bars render badly in executed reports
-    sigterm_before = _install_sigterm_handler()
-    step, t0 = chosen[0], time.perf_counter()
+    return _Run(layout=layout, params_dir=params_dir, notebook_dir=notebook_dir, chosen=chosen, overrides=overrides,
+                inputs=inputs, manifest=manifest, result=RunResult(run_dir=layout.run_dir), cwd=cwd,
+                kernel_name=kernel_name, html=html)
+
+
+def _run_step(run: _Run, step: str) -> None:
+    """Run one step's notebook: mark what it makes stale, record it in the manifest, execute, record the end."""
+    import papermill
+
+    layout, manifest, result = run.layout, run.manifest, run.result
+    run.step = step
+    notebook = run.notebook_dir / f"{step}.ipynb"
+    report = layout.step_report(step)
+    changes = what_changed(step, manifest["steps"].get(step), run.overrides[step], run.inputs[step])
+    if changes:
+        marked = set_stale(layout, manifest, step, changes)
+        result.stale.extend(s for s in marked if s not in result.stale)
+    record = {"report": str(report), "status": "running", "started": _now(), "params": run.overrides[step],
+              "inputs": run.inputs[step]}
+    manifest["steps"][step] = record
+    layout.write_json(layout.manifest, manifest)
+    logger.info("running %s -> %s", notebook.name, report)
+    run.t0 = time.perf_counter()
     try:
-        for step in chosen:
-            notebook = notebook_dir / f"{step}.ipynb"
-            report = layout.step_report(step)
-            changes = what_changed(step, manifest["steps"].get(step), overrides[step], inputs[step])
-            if changes:
-                marked = set_stale(layout, manifest, step, changes)
-                result.stale.extend(s for s in marked if s not in result.stale)
-            record = {"report": str(report), "status": "running", "started": _now(), "params": overrides[step],
-                      "inputs": inputs[step]}
-            manifest["steps"][step] = record
-            layout.write_json(layout.manifest, manifest)
-            logger.info("running %s -> %s", notebook.name, report)
-            t0 = time.perf_counter()
-            try:
-                papermill.execute_notebook(
-                    str(notebook), str(report), parameters=overrides[step], kernel_name=kernel_name,
-                    cwd=str(cwd), progress_bar=False, log_output=False,
-                )
-            except KeyboardInterrupt:
-                raise
-            except Exception as err:  # papermill wraps every notebook error; report where it failed
-                if getattr(err, "ename", None) == "KeyboardInterrupt":  # the kernel itself was interrupted
-                    raise KeyboardInterrupt from err
-                seconds = round(time.perf_counter() - t0, 1)
-                _step_failed(err, layout, manifest, result, step, report, record, seconds, html=html)
-            seconds = round(time.perf_counter() - t0, 1)
-            if html:
-                export_html_safely(report, report_title(step, layout.run_dir))
-            result.steps.append(StepOutcome(step, report, seconds))
-            manifest["steps"][step] = {**record, "seconds": seconds, "status": "finished",
-                                       "finished": _now()}
-            manifest["checksums"] = {**input_checksums(inputs), "checkpoint": checkpoint_checksum(layout)}
-            layout.write_json(layout.manifest, manifest)
-            logger.info("%s finished in %.1f s", step, seconds)
-    except KeyboardInterrupt as err:
-        _interrupted(err, layout, manifest, result, step, chosen, overrides, params_dir,
-                     round(time.perf_counter() - t0, 1), html=html,
-                     notebooks=notebook_dir if notebooks is not None else None)
-    except DiskFullError as err:  # the runner's own writes (HTML copy, manifest) after the notebook ran
-        if manifest["steps"].get(step, {}).get("status") != "failed":
-            manifest["steps"][step] = {**manifest["steps"].get(step, {}), "status": "failed", "error": str(err),
-                                       "error_type": "DiskFullError"}
-            manifest["status"] = "failed"
-            _write_manifest_best_effort(layout, manifest)
+        papermill.execute_notebook(
+            str(notebook), str(report), parameters=run.overrides[step], kernel_name=run.kernel_name,
+            cwd=str(run.cwd), progress_bar=False, log_output=False,
+        )
+    except KeyboardInterrupt:
         raise
-    finally:
-        _restore_sigterm_handler(sigterm_before)
-        if env_before is None:
-            os.environ.pop("SCGPT_PROTOCOL_PROGRESS", None)
-        else:
-            os.environ["SCGPT_PROTOCOL_PROGRESS"] = env_before
+    except Exception as err:  # papermill wraps every notebook error; report where it failed
+        if getattr(err, "ename", None) == "KeyboardInterrupt":  # the kernel itself was interrupted
+            raise KeyboardInterrupt from err
+        seconds = round(time.perf_counter() - run.t0, 1)
+        _step_failed(err, layout, manifest, result, step, report, record, seconds, html=run.html)
+    seconds = round(time.perf_counter() - run.t0, 1)
+    if run.html:
+        export_html_safely(report, report_title(step, layout.run_dir))
+    result.steps.append(StepOutcome(step, report, seconds))
+    manifest["steps"][step] = {**record, "seconds": seconds, "status": "finished",
+                               "finished": _now()}
+    manifest["checksums"] = {**input_checksums(run.inputs), "checkpoint": checkpoint_checksum(layout)}
+    layout.write_json(layout.manifest, manifest)
+    logger.info("%s finished in %.1f s", step, seconds)
+
+
+def _finish_run(run: _Run) -> RunResult:
+    """The run's status ("finished" or "partial") and headline in the manifest; a warning about stale steps."""
+    layout, manifest = run.layout, run.manifest
     all_done = all(manifest["steps"].get(s, {}).get("status") == "finished" for s in STEPS)
     manifest["status"] = "finished" if all_done else "partial"
     manifest["finished"] = _now()
-    manifest["headline"] = result.summary = headline_metrics(layout, manifest["steps"])
+    manifest["headline"] = run.result.summary = headline_metrics(layout, manifest["steps"])
     layout.write_json(layout.manifest, manifest)
     stale = [s for s in STEPS if manifest["steps"].get(s, {}).get("status") == "stale"]
     if stale:
         logger.warning("stale (a step they depend on re-ran with other parameters or inputs; run them again): %s; "
                        "their old files are under %s", ", ".join(stale), layout.stale_dir)
-    return result
+    return run.result
 
 
 def _now() -> str:
