@@ -3,6 +3,7 @@
 from ..core.lazy import lazy_exports
 
 __getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    "cell_name_keys": "cells",
     "codes_and_splits": "cells",
     "data_fingerprint": "cells",
     "world": "ddp",

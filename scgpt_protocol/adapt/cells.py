@@ -16,7 +16,7 @@ from ..model.tokenize import cell_keys
 if TYPE_CHECKING:
     from anndata import AnnData
 
-__all__ = ["codes_and_splits", "data_fingerprint"]
+__all__ = ["cell_name_keys", "codes_and_splits", "data_fingerprint"]
 
 
 def _obs_keys(adata: Any) -> list[str]:
@@ -28,7 +28,7 @@ def _obs_column(adata: Any, key: str) -> pd.Series:
     return adata.obs_column(key) if hasattr(adata, "obs_column") else adata.obs[key]
 
 
-def _name_keys(names: Any, step: int = 65536) -> np.ndarray:
+def cell_name_keys(names: Any, step: int = 65536) -> np.ndarray:
     """:func:`~scgpt_protocol.tokenize.cell_keys` of every cell, names read a slice at a time."""
     return np.concatenate([cell_keys(names[i : i + step]) for i in range(0, len(names), step)] or
                           [np.zeros(0, dtype=np.uint64)])

@@ -51,7 +51,7 @@ from ..data.matrix import check_expression
 from ..model.checkpoint import model_checkpoint_record, torch_save_atomic
 from ..model.scgpt import ProbeHead, ScGPT
 from ..model.vocab import FINETUNE_CLS_VALUE, match_genes
-from .cells import _name_keys, codes_and_splits, data_fingerprint
+from .cells import cell_name_keys, codes_and_splits, data_fingerprint
 from .ddp import Classify, all_reduce_sum, barrier, world
 from .loader import CellGroups, ShardLoader, default_num_workers, eval_plan, make_loader, train_plan
 from .saved import cpu_copy, save_finetuned
@@ -159,7 +159,7 @@ def _stream(adata: AnnData, model: ScGPT, params: FinetuneParams, device: torch.
     )
     workers = params.num_workers if params.num_workers is not None else default_num_workers(
         n_cells, processes_per_node=int(os.environ.get("LOCAL_WORLD_SIZE", size)))
-    return _Stream(make_loader(dataset, num_workers=workers, device=device), n_classes), _name_keys(adata.obs_names)
+    return _Stream(make_loader(dataset, num_workers=workers, device=device), n_classes), cell_name_keys(adata.obs_names)
 
 
 def _logits(model: ScGPT, stream: _Stream, rows: np.ndarray, keys: np.ndarray, params: FinetuneParams,
