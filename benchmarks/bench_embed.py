@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Throughput and memory of ``scgpt_protocol.embedding.embed`` at the released model size.
+"""Throughput and memory of ``scgpt_protocol.model.embed.embed`` at the released model size.
 
 The model comes from ``make_tiny_checkpoint`` with the released architecture (d_model 512, 12 layers,
 8 heads, d_hid 512) and the real 60,697-token vocabulary: the released 51,330,049 parameters, random

@@ -1,6 +1,6 @@
 """scgpt-protocol: fine-tune and use the scGPT single-cell foundation model from notebooks.
 
-The package is layered; imports run one way only (``docs/architecture.md``)::
+The package is layered; imports run one way only (README, "Architecture")::
 
     core < data < metrics < model < pp | adapt | annotate < evaluate < pl < protocol
 
@@ -12,9 +12,7 @@ stays fast.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
+from .core.lazy import lazy_exports
 from .core.version import REPOSITORY, __version__
 
 #: top-level name -> the module (below this package) that defines it
@@ -46,17 +44,8 @@ _EXPORTS = {
 #: the scanpy-style namespaces and the other subpackages, imported on first use
 _SUBPACKAGES = ("pp", "tl", "pl", "metrics", "core", "data", "model", "adapt", "annotate", "evaluate", "protocol")
 
-__all__ = ["__version__", "REPOSITORY", *_EXPORTS, "pp", "tl", "pl"]
-
-
-def __getattr__(name: str) -> Any:
-    if name in _SUBPACKAGES:
-        return importlib.import_module(f".{name}", __name__)
-    module = _EXPORTS.get(name)
-    if module is None:
-        msg = f"module 'scgpt_protocol' has no attribute {name!r}"
-        raise AttributeError(msg)
-    return getattr(importlib.import_module(f".{module}", __name__), name)
+__getattr__, _, _names = lazy_exports(__name__, _EXPORTS, submodules=_SUBPACKAGES)
+__all__ = ["__version__", "REPOSITORY", *_names, "pp", "tl", "pl"]
 
 
 def __dir__() -> list[str]:

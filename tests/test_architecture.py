@@ -1,7 +1,7 @@
 """The package's import structure: layers that import one way only, no circles, no private names across
 modules, and size limits that keep every module and function readable.
 
-The layer order is written once, here, and drawn in docs/architecture.md.
+The layer order is written once, here, and drawn in the README ("Architecture").
 """
 
 from __future__ import annotations

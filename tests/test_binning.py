@@ -1,4 +1,4 @@
-"""Tests of :mod:`scgpt_protocol.binning` against the official scGPT binning.
+"""Tests of :mod:`scgpt_protocol.model.binning` against the official scGPT binning.
 
 The fixture ``tests/fixtures/scgpt_official_tiny/reference.npz`` holds outputs of the official code:
 ``binning_input``/``binning_output`` (no ties, deterministic) and ``tied_input`` with the official

@@ -1,4 +1,4 @@
-"""Tests of scgpt_protocol.download, with gdown mocked (no network)."""
+"""Tests of scgpt_protocol.model.download, with gdown mocked (no network)."""
 
 from __future__ import annotations
 

@@ -339,7 +339,7 @@ def test_torch_enforce_fail_and_h5py_errors_are_disk_full(tmp_path, monkeypatch)
 def test_disk_full_inside_a_notebook_fails_the_step_with_a_typed_error(tmp_path, monkeypatch):
     run = tmp_path / "run"
     folder = _fake_notebooks(tmp_path / "nb", [
-        "from pathlib import Path\nfrom scgpt_protocol.layout import atomic_write",
+        "from pathlib import Path\nfrom scgpt_protocol.core.io import atomic_write",
         f"atomic_write(Path({str(run)!r}) / 'model' / 'best_model.pt', lambda p: (p.write_bytes(b'x' * 3000), "
         "(_ for _ in ()).throw(OSError(28, 'No space left on device'))))",
         "print('never')",

@@ -279,6 +279,34 @@ def test_unlabelled_reference_cells_are_dropped_with_a_warning(annotated):
     assert any("5 reference cells without a label" in note for note in out.metrics["notes"])
 
 
+@pytest.mark.parametrize("placeholder", ["nan", "", "None", " NA "])
+def test_placeholder_reference_labels_are_missing_as_in_01_and_03(annotated, placeholder):
+    """04 follows the one missing-label rule of 01 and 03: a label 'nan' (a column converted to text) is no class."""
+    reference, query, model, _, _ = annotated
+    ref = reference.copy()
+    labels = ref.obs["bulk_labels"].astype(str).to_numpy(dtype=object)
+    labels[:4] = placeholder
+    ref.obs["bulk_labels"] = labels
+    with pytest.warns(UserWarning, match=rf"4 of {ref.n_obs} reference cells have no 'bulk_labels' label"):
+        out = zeroshot_annotate(ref, query, model, label_key="bulk_labels", reuse_embeddings=True)
+    assert out.params["n_reference"] == ref.n_obs - 4 and not out.reference_used[:4].any()
+    assert placeholder not in set(out.predictions["scgpt_zeroshot_label"])
+    assert placeholder not in out.transfer.categories
+    with pytest.raises(ValueError, match="ref_labels has 4 missing values"):
+        transfer_labels(np.asarray(ref.obsm["X_scgpt"]), labels, np.asarray(query.obsm["X_scgpt"])[:2], k=3)
+
+
+def test_placeholder_query_labels_are_not_scored(annotated):
+    reference, query, model, _, _ = annotated
+    q = query.copy()
+    labels = q.obs["bulk_labels"].astype(str).to_numpy(dtype=object)
+    labels[:3] = "nan"
+    q.obs["bulk_labels"] = labels
+    out = zeroshot_annotate(reference, q, model, label_key="bulk_labels", reuse_embeddings=True)
+    assert out.metrics["majority"]["n_cells"] == q.n_obs - 3
+    assert any("3 query cells without a true label were not scored" in note for note in out.metrics["notes"])
+
+
 def test_query_labels_absent_from_the_reference_are_errors_and_noted(annotated):
     reference, query, model, res, _ = annotated
     q = query.copy()

@@ -24,12 +24,12 @@ def _obs_keys(adata: Any) -> list[str]:
 
 
 def _obs_column(adata: Any, key: str) -> pd.Series:
-    """``obs[key]`` of an AnnData, or read from the file for :class:`~scgpt_protocol.backed.BackedCells`."""
+    """``obs[key]`` of an AnnData, or read from the file for :class:`~scgpt_protocol.data.backed.BackedCells`."""
     return adata.obs_column(key) if hasattr(adata, "obs_column") else adata.obs[key]
 
 
 def cell_name_keys(names: Any, step: int = 65536) -> np.ndarray:
-    """:func:`~scgpt_protocol.tokenize.cell_keys` of every cell, names read a slice at a time."""
+    """:func:`~scgpt_protocol.model.tokenize.cell_keys` of every cell, names read a slice at a time."""
     return np.concatenate([cell_keys(names[i : i + step]) for i in range(0, len(names), step)] or
                           [np.zeros(0, dtype=np.uint64)])
 

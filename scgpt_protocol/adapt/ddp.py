@@ -1,10 +1,12 @@
-"""Fine-tuning on many GPUs (or CPU processes) with ``torchrun`` and PyTorch DistributedDataParallel.
+"""The process-group primitives of fine-tuning on many GPUs (or CPU processes) with DistributedDataParallel.
+
+The launcher (``torchrun`` and the notebook's) is :mod:`scgpt_protocol.protocol.launch`.
 
 ``torchrun --nproc_per_node=N -m scgpt_protocol finetune params/<scenario> --run-dir runs/<name>`` runs
 step 02 in N processes (:func:`run_finetune_step`); the notebook does the same when
 ``nproc_per_node`` > 1 (:func:`launch_finetune`). Every rank plans the same global batch from
 ``(seed, epoch)`` and trains on its shard; the loss is scaled so that DDP's averaged gradient equals the
-one-process gradient (:mod:`scgpt_protocol.train`). Rank 0 alone writes files and logs.
+one-process gradient (:mod:`scgpt_protocol.adapt.train`). Rank 0 alone writes files and logs.
 """
 
 from __future__ import annotations

@@ -1,31 +1,6 @@
-"""Fine-tuning for cell-type annotation: the published recipe by default, and what it lacked.
-
-Follows the official annotation tutorial (and the published fine-tuning protocol): cross-entropy on the
-``<cls>`` classifier only, ``<cls>`` fed with the value 0 as the official fine-tuning tokeniser does
-(:data:`~scgpt_protocol.tokenize.FINETUNE_CLS_VALUE`), Adam at lr 1e-4 with ``eps=1e-4`` whenever ``amp``
-is set (the default; on every device, as the official loop does), StepLR gamma 0.9 per epoch, gradient
-clipping 1.0, batch 32, mixed precision on GPU, no layer frozen (strategy ``full``).
-
-The protocol's choice: genes are resampled every epoch for cells with more than ``max_seq_len - 1``
-expressed genes (the published protocol's collator resamples every batch; the tutorial samples once).
-
-Ours (off or neutral by default unless said): every adaptation strategy of
-:mod:`scgpt_protocol.strategies`; optional weight decay, learning-rate warm-up and class-weighted loss;
-the best epoch chosen by validation macro-F1 (the published code keeps the lowest validation loss) with
-early stopping after ``patience`` epochs without improvement (on by default, 3); a resumable state after
-every epoch (a Colab disconnect costs at most one epoch); curves.
-
-Determinism: the data order of epoch ``e`` depends only on ``(seed, e)``, each cell's gene sampling on
-``(seed, e, cell name)``, new modules (the head included) are initialised from ``seed``, and the torch
-RNG is re-seeded at each epoch start, so an interrupted and resumed run ends where an uninterrupted one does.
-The number of data-loading workers does not change the result.
-
-Scale: the data stream from the prepared file (:mod:`scgpt_protocol.loader`: read it with
-``read_prepared(layout, backed=True)``); memory holds per-cell labels and keys, not the matrix.
-``steps_per_epoch`` bounds an epoch on an atlas. Under torchrun (:mod:`scgpt_protocol.distributed`) each
-of the ``world_size`` processes trains on its shard of every global batch of ``batch_size`` cells; the
-loss of a shard is its sum times ``world_size`` over the global batch's cell count (or class-weight sum),
-so DDP's averaged gradient is the one-process gradient. Rank 0 alone writes.
+"""Saving and loading a fine-tuned model: only what was trained (the full weights, or the adapter's),
+the base checkpoint's record and sha256 so that the base is found and checked on loading, and the
+settings a later step needs (:func:`trained_max_seq_len`, :func:`trained_class_weight`).
 """
 
 from __future__ import annotations
@@ -104,7 +79,7 @@ def save_finetuned(
     ``full``: a whole checkpoint in the released layout (loads here and in the official code). Every
     other strategy: only the trained weights (``trainable.pt``: the head, adapters, prefixes, LoRA / IA3
     weights), with the base checkpoint recorded by path and sha256. (A ``head`` model also exports to
-    the released layout with :func:`~scgpt_protocol.checkpoint.save_checkpoint`.)
+    the released layout with :func:`~scgpt_protocol.model.checkpoint.save_checkpoint`.)
     """
     from . import strategies as st
 

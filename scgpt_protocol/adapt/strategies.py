@@ -271,7 +271,7 @@ class PrefixKV(nn.Module):
     0.02. Unlike LoRA and adapters, prefixes change the model from the start: every position can attend
     to them (they take attention mass in proportion to ``exp(q . k_prefix)``).
 
-    Called by :class:`~scgpt_protocol.model.SelfAttention` as ``k, v, attn_mask = prefix(k, v, attn_mask)``
+    Called by :class:`~scgpt_protocol.model.scgpt.SelfAttention` as ``k, v, attn_mask = prefix(k, v, attn_mask)``
     with ``k, v`` of shape ``[B, H, L, d_head]``; returns ``[B, H, n_prefix + L, d_head]`` (prefix
     first) and the mask extended with "may attend" at the prefix positions (True for a boolean mask,
     0 for an additive float one). A mask of None stays None.
@@ -374,7 +374,7 @@ def apply_strategy(
     Parameters
     ----------
     model
-        A loaded :class:`~scgpt_protocol.model.ScGPT` with a classification head (load it with
+        A loaded :class:`~scgpt_protocol.model.scgpt.ScGPT` with a classification head (load it with
         ``n_classes=``); ``probe`` alone does not need one. A model to which a strategy that injects
         modules (lora, ia3, adapter, prefix_tuning) was already applied is refused.
     strategy

@@ -2,7 +2,7 @@
 
 Follows the official annotation tutorial (and the published fine-tuning protocol): cross-entropy on the
 ``<cls>`` classifier only, ``<cls>`` fed with the value 0 as the official fine-tuning tokeniser does
-(:data:`~scgpt_protocol.tokenize.FINETUNE_CLS_VALUE`), Adam at lr 1e-4 with ``eps=1e-4`` whenever ``amp``
+(:data:`~scgpt_protocol.model.vocab.FINETUNE_CLS_VALUE`), Adam at lr 1e-4 with ``eps=1e-4`` whenever ``amp``
 is set (the default; on every device, as the official loop does), StepLR gamma 0.9 per epoch, gradient
 clipping 1.0, batch 32, mixed precision on GPU, no layer frozen (strategy ``full``).
 
@@ -10,7 +10,7 @@ The protocol's choice: genes are resampled every epoch for cells with more than 
 expressed genes (the published protocol's collator resamples every batch; the tutorial samples once).
 
 Ours (off or neutral by default unless said): every adaptation strategy of
-:mod:`scgpt_protocol.strategies`; optional weight decay, learning-rate warm-up and class-weighted loss;
+:mod:`scgpt_protocol.adapt.strategies`; optional weight decay, learning-rate warm-up and class-weighted loss;
 the best epoch chosen by validation macro-F1 (the published code keeps the lowest validation loss) with
 early stopping after ``patience`` epochs without improvement (on by default, 3); a resumable state after
 every epoch (a Colab disconnect costs at most one epoch); curves.
@@ -20,9 +20,9 @@ Determinism: the data order of epoch ``e`` depends only on ``(seed, e)``, each c
 RNG is re-seeded at each epoch start, so an interrupted and resumed run ends where an uninterrupted one does.
 The number of data-loading workers does not change the result.
 
-Scale: the data stream from the prepared file (:mod:`scgpt_protocol.loader`: read it with
+Scale: the data stream from the prepared file (:mod:`scgpt_protocol.adapt.loader`: read it with
 ``read_prepared(layout, backed=True)``); memory holds per-cell labels and keys, not the matrix.
-``steps_per_epoch`` bounds an epoch on an atlas. Under torchrun (:mod:`scgpt_protocol.distributed`) each
+``steps_per_epoch`` bounds an epoch on an atlas. Under torchrun (:mod:`scgpt_protocol.adapt.ddp`) each
 of the ``world_size`` processes trains on its shard of every global batch of ``batch_size`` cells; the
 loss of a shard is its sum times ``world_size`` over the global batch's cell count (or class-weight sum),
 so DDP's averaged gradient is the one-process gradient. Rank 0 alone writes.
@@ -260,7 +260,7 @@ def finetune(
         Prepared data (01_preprocess): non-negative values in ``X``, labels in ``obs[label_key]``,
         ``obs[split_key]`` with ``train`` and ``val`` cells.
     params
-        :class:`~scgpt_protocol.params.FinetuneParams` (training settings and strategy options).
+        :class:`~scgpt_protocol.core.params.FinetuneParams` (training settings and strategy options).
     categories
         Class names; class ``i`` is ``categories[i]``.
     layout

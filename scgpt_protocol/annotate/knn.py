@@ -1,21 +1,6 @@
-"""Zero-shot reference mapping: label query cells by their nearest reference cells.
-
-This is the scGPT reference-mapping recipe without fine-tuning: embed the reference and the query
-with the pretrained model, L2-normalise, find the ``k`` nearest reference cells of every query cell
-(``k = 10`` in the official tutorials) and take the majority label. The tutorials use faiss
-``IndexFlatL2``; this module uses exact brute-force neighbours from scikit-learn, which give the
-same neighbours. On L2-normalised vectors Euclidean and cosine neighbours are the same, since
-``|a - b|^2 = 2 - 2 cos(a, b)``.
-
-Two votes are reported for every query cell:
-
-``majority``
-    The label most frequent among the ``k`` neighbours (the tutorials' answer). Ties are broken by
-    the smaller summed distance of the tied labels' neighbours, then alphabetically.
-``weighted``
-    Every neighbour votes with weight ``1 / (d + eps)`` (``d``: its Euclidean distance to the
-    query cell, ``eps = 1e-6``), so a few very close neighbours can outvote more distant ones.
-    Ties (weight sums equal to 1e-9 relative) are broken the same way.
+"""Label transfer by the nearest reference cells: the ``k`` nearest neighbours of every query cell on
+L2-normalised embeddings (exact, scikit-learn; on such vectors Euclidean and cosine neighbours are the
+same), a majority and a distance-weighted vote (:func:`transfer_labels`), read by blocks of query cells.
 """
 
 from __future__ import annotations
@@ -135,7 +120,7 @@ def transfer_labels(
     k
         Number of neighbours (10 in the scGPT tutorials); at most ``n_ref``.
     normalize
-        L2-normalise both embeddings first (again: :func:`~scgpt_protocol.embedding.embed` already
+        L2-normalise both embeddings first (again: :func:`~scgpt_protocol.model.embed.embed` already
         does). With ``False`` the vectors are used as given.
     eps
         Added to the distances of the weighted vote, ``weight = 1 / (d + eps)``: an exact duplicate

@@ -1,4 +1,6 @@
-"""Class predictions of a fine-tuned model."""
+"""Class predictions of a fine-tuned model for every cell (:func:`predict`, chunk by chunk, optionally to
+an on-disk store) and writing them into an AnnData in place (:func:`annotate`, like scanpy's ``tl``).
+"""
 
 from __future__ import annotations
 
@@ -44,22 +46,22 @@ def predict(
 
     ``categories[i]`` is the label of class ``i`` (saved with the fine-tuned model). ``genes`` (the
     model's training genes, ``manifest["genes"]``) keeps the input to the genes it was trained on; data
-    holding less than half of them is refused (:class:`~scgpt_protocol.errors.GeneMatchError`). ``<cls>``
+    holding less than half of them is refused (:class:`~scgpt_protocol.core.errors.GeneMatchError`). ``<cls>``
     carries ``model.cls_value``, the value the classifier was fine-tuned with (0, as published; set by
-    :func:`~scgpt_protocol.train.load_finetuned` and :func:`~scgpt_protocol.load_model`).
+    :func:`~scgpt_protocol.adapt.saved.load_finetuned` and :func:`~scgpt_protocol.load_model`).
     ``precision`` is ``"auto"``, ``"fp32"``, ``"bf16"`` or ``"fp16"``
-    (:func:`~scgpt_protocol.device.resolve_precision`); the one used is ``Prediction.precision``.
+    (:func:`~scgpt_protocol.core.device.resolve_precision`); the one used is ``Prediction.precision``.
 
-    ``min_confidence`` > 0 or ``majority_voting`` applies :func:`~scgpt_protocol.refine.refine` to all
+    ``min_confidence`` > 0 or ``majority_voting`` applies :func:`~scgpt_protocol.annotate.refine.refine` to all
     the cells of ``adata``: cells whose probability is below ``min_confidence`` get the label
     ``"Unknown"``; majority voting over-clusters the fine-tuned embeddings and fills
     ``majority_voting``.
 
     ``out`` (a path): the per-cell matrices that grow with the number of cells, ``probabilities``
     ``[n, C]`` and ``embeddings`` ``[n, d]``, are written to this HDF5 file chunk by chunk
-    (:mod:`~scgpt_protocol.store`; datasets ``probabilities`` and ``embeddings``, attribute
+    (:mod:`~scgpt_protocol.data.store`; datasets ``probabilities`` and ``embeddings``, attribute
     ``categories``) and the returned fields are read-only h5py datasets of it (rows by
-    :func:`~scgpt_protocol.store.take_rows`); only ``labels``, ``codes`` and ``confidence`` are in memory,
+    :func:`~scgpt_protocol.data.store.take_rows`); only ``labels``, ``codes`` and ``confidence`` are in memory,
     so the memory of predicting every cell of a backed AnnData (``read_h5ad(path, backed="r")``) does not
     grow with the number of cells beyond these vectors. The numbers are the same as without ``out``.
     ``chunk_size``: cells tokenised at a time (and rows written at a time).
@@ -183,7 +185,7 @@ def annotate(
     fine-tuned ``<cls>`` embeddings; skipped when ``embedding_key`` is None; a prediction made with
     ``predict(out=...)`` keeps them in its HDF5 store and ``uns[embedding_key + "_store"]`` names it).
     A prediction refined by
-    :func:`~scgpt_protocol.refine.refine` also writes ``obs["scgpt_prediction"]`` (the class before
+    :func:`~scgpt_protocol.annotate.refine.refine` also writes ``obs["scgpt_prediction"]`` (the class before
     abstention; ``obs[obs_key]`` then holds ``"Unknown"`` below ``min_confidence``),
     ``obs["scgpt_unknown"]``, ``obs["scgpt_over_clustering"]`` / ``obs["scgpt_majority_voting"]`` (with
     majority voting) and ``uns["scgpt_annotation"]`` (the parameters); with another ``obs_key`` these
@@ -194,7 +196,7 @@ def annotate(
     adata
         The AnnData ``prediction`` was made on (same cells, same order).
     prediction
-        The result of :func:`~scgpt_protocol.predict.predict`.
+        The result of :func:`~scgpt_protocol.annotate.predict.predict`.
     obs_key, embedding_key
         Where to write.
 

@@ -308,7 +308,7 @@ def refine_labels(
         Of the over-clustering graph and Leiden.
     max_cluster_cells
         A group with more cells is over-clustered on a seeded random sample of this many cells
-        (:func:`~scgpt_protocol.store.subsample`; the resolution follows the group's size all the
+        (:func:`~scgpt_protocol.data.store.subsample`; the resolution follows the group's size all the
         same); every other cell joins the cluster of its nearest sampled cell (Euclidean on the
         embedding, read in blocks), so that the graph, Leiden and the embedding in memory stay
         bounded at atlas scale. None: every cell is in the graph. Groups at or below the cap (the
@@ -390,7 +390,7 @@ def refine(
     seed: int = 0,
     max_cluster_cells: int | None = MAX_CLUSTER_CELLS,
 ) -> Prediction:
-    """A :class:`~scgpt_protocol.predict.Prediction` with abstention and majority voting applied.
+    """A :class:`~scgpt_protocol.annotate.prediction.Prediction` with abstention and majority voting applied.
 
     Returns a new prediction (the input is left as it is) whose ``labels`` are the per-cell calls
     (:data:`UNKNOWN` below ``min_confidence``, the softmax probability of the predicted class);
@@ -445,7 +445,7 @@ def refinement_metrics(
     refinement
         :func:`refine_labels` (or ``Refinement.subset``) of the same cells.
     categories, proba
-        As for :func:`~scgpt_protocol.evaluate.classification_metrics`; ``proba`` (rows of the same
+        As for :func:`~scgpt_protocol.metrics.classification_metrics`; ``proba`` (rows of the same
         cells) adds the macro AUROC of the assigned cells.
 
     Returns

@@ -100,7 +100,7 @@ def _get_embedding(
     out: Path | None = None,
 ) -> tuple[Any, bool, str | None]:
     """``(embedding, reused, precision)``: an in-memory array, or with ``out`` the on-disk (h5py) dataset
-    that :func:`~scgpt_protocol.embedding.embed` streamed to that file."""
+    that :func:`~scgpt_protocol.model.embed.embed` streamed to that file."""
     from ..model.embed import embed
 
     d_model = model.config.d_model
@@ -162,7 +162,7 @@ def zeroshot_annotate(
 ) -> ZeroShotResult:
     """Annotate ``query`` from ``reference`` with the pretrained model, without fine-tuning.
 
-    Both datasets are embedded with :func:`~scgpt_protocol.embedding.embed`, then every query cell
+    Both datasets are embedded with :func:`~scgpt_protocol.model.embed.embed`, then every query cell
     receives the labels of :func:`transfer_labels` (majority and distance-weighted vote of its
     ``k`` nearest reference cells).
 
@@ -190,7 +190,7 @@ def zeroshot_annotate(
     k
         Number of nearest reference cells that vote (10 in the scGPT tutorials).
     max_seq_len, batch_size, seed, layer, gene_symbol_key, precision
-        Passed to :func:`~scgpt_protocol.embedding.embed`, identically for both datasets.
+        Passed to :func:`~scgpt_protocol.model.embed.embed`, identically for both datasets.
     embedding_key
         ``obsm`` key the embeddings are written to (and read from with ``reuse_embeddings``).
     reuse_embeddings
@@ -198,7 +198,7 @@ def zeroshot_annotate(
         use it for embeddings computed by the same model with the same settings: this is not checked
         beyond the dimension.
     min_confidence
-        Abstention (:mod:`scgpt_protocol.refine`): a query cell where fewer than this share of the
+        Abstention (:mod:`scgpt_protocol.annotate.refine`): a query cell where fewer than this share of the
         ``k`` neighbours vote for the majority label is ``"Unknown"`` in ``scgpt_zeroshot_label``
         (the kNN label stays in ``scgpt_zeroshot_prediction``). 0: off. The weighted vote is left as
         it is.
@@ -207,7 +207,7 @@ def zeroshot_annotate(
         is given) and give every cell its cluster's majority call: ``scgpt_majority_voting``.
     store_dir
         A folder: the embeddings are streamed to ``reference_embeddings.h5`` and ``query_embeddings.h5``
-        there (:func:`~scgpt_protocol.embedding.embed` with ``out=``) instead of ``obsm``, so that
+        there (:func:`~scgpt_protocol.model.embed.embed` with ``out=``) instead of ``obsm``, so that
         ``reference`` and ``query`` may be backed AnnData (views of ``read_h5ad(path, backed="r")``) of any
         size. Memory then holds the labelled reference embeddings (``n_ref x d`` float32, what the
         neighbour search needs) and one block of 65,536 query cells at a time; ``query_embedding`` and
@@ -234,7 +234,7 @@ def zeroshot_annotate(
     Examples
     --------
     >>> import scgpt_protocol as sp  # doctest: +SKIP
-    >>> from scgpt_protocol.zeroshot import zeroshot_annotate  # doctest: +SKIP
+    >>> from scgpt_protocol.annotate.zeroshot import zeroshot_annotate  # doctest: +SKIP
     >>> model = sp.load_model("whole-human")  # doctest: +SKIP
     >>> res = zeroshot_annotate(ref, query, model, label_key="cell_type")  # doctest: +SKIP
     >>> res.metrics["majority"]["accuracy"]  # doctest: +SKIP

@@ -117,7 +117,7 @@ def _free_bytes(path: Path) -> int | None:
 
 def disk_full_error(path: str | Path, *, needed: int | None, cause: BaseException | None = None,
                     note: str = "") -> Any:
-    """A :class:`~scgpt_protocol.errors.DiskFullError` for ``path``: the space needed and the space free."""
+    """A :class:`~scgpt_protocol.core.errors.DiskFullError` for ``path``: the space needed and the space free."""
 
     path = Path(path)
     return DiskFullError(path, needed=needed, free=_free_bytes(path.parent), cause=cause, note=note)
@@ -141,7 +141,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], Any], *, size_hint: i
 
     A reader never sees half a file, and a failed write leaves nothing behind. The file gets the mode
     a plain ``open()`` would give it (``0o666`` less the umask), not ``mkstemp``'s private ``0o600``.
-    A full disk (or quota) raises :class:`~scgpt_protocol.errors.DiskFullError` naming ``path``, the
+    A full disk (or quota) raises :class:`~scgpt_protocol.core.errors.DiskFullError` naming ``path``, the
     space needed (at least what was written before the failure, or ``size_hint``) and the space free.
     The one atomic write of the package: files, figures, HDF5 and DuckDB artifacts all go through it.
 

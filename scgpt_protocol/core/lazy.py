@@ -4,16 +4,20 @@ package (``scgpt_protocol.core.errors``) does not import its heavy neighbours (t
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 
-def lazy_exports(package: str, exports: dict[str, str]) -> tuple[Callable[[str], Any], Callable[[], list[str]], list[str]]:
+def lazy_exports(package: str, exports: dict[str, str], *, submodules: Sequence[str] = (),
+                 ) -> tuple[Callable[[str], Any], Callable[[], list[str]], list[str]]:
     """``__getattr__``, ``__dir__`` and ``__all__`` for a package whose public names live in its modules.
 
-    ``exports`` maps each public name to the module (relative to ``package``) that defines it.
+    ``exports`` maps each public name to the module (relative to ``package``) that defines it;
+    ``submodules`` are imported on first access as attributes (``scgpt_protocol.pp``).
     """
 
     def __getattr__(name: str) -> Any:
+        if name in submodules:
+            return importlib.import_module(f".{name}", package)
         module = exports.get(name)
         if module is None:
             msg = f"module {package!r} has no attribute {name!r}"

@@ -20,7 +20,7 @@ import yaml
 __all__ = ["StepParams", "PreprocessParams", "FinetuneParams", "EvaluateParams", "ZeroshotParams", "STEPS", "load_params_file", "parameters_cell"]
 
 
-#: the adaptation strategies (scgpt_protocol.strategies implements them)
+#: the adaptation strategies (scgpt_protocol.adapt.strategies implements them)
 STRATEGY_NAMES = ("probe", "head", "full", "lora", "adapter", "prefix_tuning", "ia3")
 
 
@@ -60,7 +60,7 @@ def _coerce_number(value: Any, base: type) -> Any:
     return number
 
 
-#: the values of every ``precision`` parameter (scgpt_protocol.device.PRECISIONS; no torch import here)
+#: the values of every ``precision`` parameter (scgpt_protocol.core.device.PRECISIONS; no torch import here)
 PRECISION_NAMES = ("auto", "fp32", "bf16", "fp16")
 
 

@@ -1,11 +1,5 @@
-"""Figures of the protocol: confusion matrix, embeddings, per-class F1, training curves.
-
-Every ``plot_*`` function draws with matplotlib's object API and returns the
-:class:`~matplotlib.figure.Figure`; none calls ``plt.show()`` or saves. Without ``ax`` a new
-figure is made that pyplot does not track (so Jupyter shows it once, as the cell's value, and
-tests can make many without the "too many open figures" warning); with ``ax`` the plot goes into
-the caller's axes and their figure is returned. :func:`save_figure` writes a figure to the run's
-``figures/`` folder.
+"""One colour per class for a whole run: palettes stored once in ``adata.uns[f"{label_key}_colors"]`` and
+``labels.json``, reused by every figure and notebook (:func:`label_palette`, :func:`run_palette`).
 """
 
 from __future__ import annotations

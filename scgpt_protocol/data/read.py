@@ -47,7 +47,7 @@ def read_adata(path: str) -> AnnData:
     ----------
     path : str
         An ``.h5ad`` file, or ``"demo"`` for scanpy's bundled ``pbmc68k_reduced``
-        (:func:`scgpt_protocol.data.load_demo`).
+        (:func:`scgpt_protocol.data.demo.load_demo`).
 
     Returns
     -------
@@ -182,7 +182,7 @@ def open_lazy(path: str | Path, *, layer: str | None = None, in_memory: bool = F
     Parameters
     ----------
     path : str or Path
-        The file (checked as :func:`scgpt_protocol.preprocess.read_adata` checks it), or ``"demo"``.
+        The file (checked as :func:`scgpt_protocol.data.read.read_adata` checks it), or ``"demo"``.
     layer : str, optional
         With ``in_memory``: the one matrix read into memory (None: ``X``); the others stay out.
     in_memory : bool

@@ -1,15 +1,6 @@
-"""Metrics, a logistic-regression baseline and result files of the evaluation step (03_evaluate).
-
-Everything here works on plain label arrays and on AnnData ``obs`` columns:
-
-* :func:`classification_metrics` -- accuracy, macro / support-weighted F1, balanced accuracy,
-  Cohen's kappa, one-vs-rest macro AUROC and a per-class table, as JSON-ready numbers;
-* :func:`confusion` -- a row-normalised confusion matrix as a DataFrame;
-* :func:`logistic_regression_baseline` -- a CellTypist-style baseline fitted on the same split;
-* :func:`evaluate_predictions` / :func:`annotate` -- score a :class:`~scgpt_protocol.predict.Prediction`
-  and write it into ``adata``;
-* :func:`metrics_table` -- scGPT beside the baseline, one row per method;
-* :func:`write_results` -- ``predictions.csv`` and ``metrics.json`` of a run.
+"""The logistic-regression baseline of step 03 (CellTypist's recipe): log1p-CP10k when the values are
+counts, highly variable genes of the training cells, a sparse-aware scaler, fitted on the train split
+and scored on the same test cells as scGPT (and on an external query).
 """
 
 from __future__ import annotations
@@ -112,7 +103,7 @@ def logistic_regression_baseline(
     query, query_label_key
         An external labelled AnnData to predict as well (``BaselineResult.query``); its label column
         (default ``label_key``). It must hold at least half of the classifier's genes
-        (:func:`~scgpt_protocol.tokenize.check_gene_overlap`).
+        (:func:`~scgpt_protocol.model.vocab.check_gene_overlap`).
 
     Returns
     -------

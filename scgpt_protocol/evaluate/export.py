@@ -16,7 +16,7 @@
     Query it with SQL: ``duckdb.connect("export/obs.duckdb", read_only=True).sql("select ...")``.
 
 ``require_artifacts=True`` (the default, CyteType's contract): a failure stops the step with an
-:class:`~scgpt_protocol.errors.ArtifactError`; ``False``: a warning, and the step goes on.
+:class:`~scgpt_protocol.core.errors.ArtifactError`; ``False``: a warning, and the step goes on.
 """
 
 from __future__ import annotations
@@ -167,7 +167,7 @@ def evaluation_tables(
     Parameters
     ----------
     result
-        :func:`~scgpt_protocol.evaluate.evaluate_predictions` (refined or not).
+        :func:`~scgpt_protocol.evaluate.scoring.evaluate_predictions` (refined or not).
     methods
         Method name -> metrics (e.g. scGPT and the baseline, as in ``metrics.json``); None: scGPT only.
     embedding
@@ -242,13 +242,13 @@ def export_evaluation(
     Parameters
     ----------
     layout
-        The run's :class:`~scgpt_protocol.layout.RunLayout` (paths ``layout.vars_h5``, ``layout.obs_duckdb``).
+        The run's :class:`~scgpt_protocol.core.layout.RunLayout` (paths ``layout.vars_h5``, ``layout.obs_duckdb``).
     result, methods, embedding, basis
         See :func:`evaluation_tables`.
     source
         The expression to export (default: ``layout.prepared_adata``, read in backed mode).
     require
-        True: a failure raises :class:`~scgpt_protocol.errors.ArtifactError`. False: it is a warning
+        True: a failure raises :class:`~scgpt_protocol.core.errors.ArtifactError`. False: it is a warning
         and the artifacts that could be written are returned.
 
     Returns

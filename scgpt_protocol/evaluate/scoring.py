@@ -1,15 +1,7 @@
-"""Metrics, a logistic-regression baseline and result files of the evaluation step (03_evaluate).
-
-Everything here works on plain label arrays and on AnnData ``obs`` columns:
-
-* :func:`classification_metrics` -- accuracy, macro / support-weighted F1, balanced accuracy,
-  Cohen's kappa, one-vs-rest macro AUROC and a per-class table, as JSON-ready numbers;
-* :func:`confusion` -- a row-normalised confusion matrix as a DataFrame;
-* :func:`logistic_regression_baseline` -- a CellTypist-style baseline fitted on the same split;
-* :func:`evaluate_predictions` / :func:`annotate` -- score a :class:`~scgpt_protocol.predict.Prediction`
-  and write it into ``adata``;
-* :func:`metrics_table` -- scGPT beside the baseline, one row per method;
-* :func:`write_results` -- ``predictions.csv`` and ``metrics.json`` of a run.
+"""Step 03's scoring: a :class:`~scgpt_protocol.annotate.prediction.Prediction` against the true labels
+(:func:`evaluate_predictions`, :func:`evaluate_query`), the per-cell outputs kept in a store above
+:data:`STORE_OUTPUTS_CELLS` cells, and the run's ``predictions.csv`` and ``metrics.json``
+(:func:`write_results`). The metrics themselves are :mod:`scgpt_protocol.metrics`.
 """
 
 from __future__ import annotations
@@ -67,7 +59,7 @@ def evaluate_predictions(
     adata
         The AnnData ``prediction`` was made on (same cells, same order), with ``obs[label_key]``.
     prediction
-        The result of :func:`~scgpt_protocol.predict.predict`.
+        The result of :func:`~scgpt_protocol.annotate.predict.predict`.
     label_key
         ``obs`` column with the true labels.
     cells
@@ -154,7 +146,7 @@ STORE_OUTPUTS_CELLS = 200_000
 
 
 def prediction_store(layout: Any, n_cells: int, store_outputs: bool | None = None) -> Path | None:
-    """Where 03's :func:`~scgpt_protocol.predict.predict` writes its per-cell outputs: ``out=`` or None.
+    """Where 03's :func:`~scgpt_protocol.annotate.predict.predict` writes its per-cell outputs: ``out=`` or None.
 
     ``store_outputs`` True: ``layout.prediction_store`` (``data/predictions.h5``): probabilities and
     embeddings are streamed there and read back by rows (evaluation, refinement, the UMAP's sample), so
@@ -189,7 +181,7 @@ def evaluate_query(
     Parameters
     ----------
     model, manifest
-        The fine-tuned model and its manifest (:func:`~scgpt_protocol.train.load_finetuned`).
+        The fine-tuned model and its manifest (:func:`~scgpt_protocol.adapt.saved.load_finetuned`).
     query
         A labelled AnnData; its genes must cover half the model's training genes.
     label_key
@@ -197,7 +189,7 @@ def evaluate_query(
     baseline
         A :func:`logistic_regression_baseline` fitted with ``query=`` (its ``.query`` row is added).
     min_confidence, majority_voting
-        Abstention and majority voting on the query's cells (:func:`~scgpt_protocol.refine.refine`,
+        Abstention and majority voting on the query's cells (:func:`~scgpt_protocol.annotate.refine.refine`,
         the query over-clustered on its own).
 
     Returns
@@ -244,7 +236,7 @@ def write_results(
     Parameters
     ----------
     layout
-        The run's :class:`~scgpt_protocol.layout.RunLayout`.
+        The run's :class:`~scgpt_protocol.core.layout.RunLayout`.
     predictions
         Per-cell table (e.g. ``EvalResult.predictions``), written with its index (``obs_names``).
     metrics

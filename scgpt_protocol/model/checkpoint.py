@@ -246,7 +246,7 @@ def locate_checkpoint(
     spec
         ``"demo"``: a tiny randomly initialised checkpoint over ``demo_genes`` written to ``demo_dir``
         (kind ``"demo"``); an existing folder (kind ``"folder"``); a name of
-        :data:`~scgpt_protocol.download.KNOWN_CHECKPOINTS` such as ``"whole-human"``, downloaded once
+        :data:`~scgpt_protocol.model.download.KNOWN_CHECKPOINTS` such as ``"whole-human"``, downloaded once
         into the cache (kind ``"released"``). A folder of that name in the working directory wins.
 
     Raises
@@ -292,7 +292,7 @@ def load_model(
     device: str | torch.device = "auto",
     head_seed: int = 0,
 ) -> ScGPT:
-    """Load an scGPT checkpoint folder into an :class:`~scgpt_protocol.model.ScGPT` in eval mode.
+    """Load an scGPT checkpoint folder into an :class:`~scgpt_protocol.model.scgpt.ScGPT` in eval mode.
 
     Parameters
     ----------

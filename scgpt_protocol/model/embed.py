@@ -53,7 +53,7 @@ def iter_batches(
     Each batch's ``index`` gives the row numbers of its cells. ``stats`` (if given) receives
     ``n_empty`` (cells with no expressed matched gene) and ``n_tokens`` / ``n_padded``. ``genes``
     restricts the input to these gene symbols (a fine-tuned model's training genes); data holding
-    too few of them is refused (:func:`~scgpt_protocol.tokenize.check_gene_overlap`). ``<cls>``
+    too few of them is refused (:func:`~scgpt_protocol.model.vocab.check_gene_overlap`). ``<cls>``
     carries ``cls_value`` (None: the model's own, :attr:`ScGPT.cls_value`).
     """
     match = match_genes(adata, model.vocab, gene_symbol_key=gene_symbol_key)
@@ -131,15 +131,15 @@ def embed(
         Where the expression values and the gene symbols are (default ``X`` and ``var_names``).
     precision
         ``"auto"`` (bf16 autocast on GPUs and on CPUs with bf16 units, else fp32), ``"fp32"``, ``"bf16"``
-        or ``"fp16"`` (:func:`~scgpt_protocol.device.resolve_precision`). The precision used is recorded
+        or ``"fp16"`` (:func:`~scgpt_protocol.core.device.resolve_precision`). The precision used is recorded
         in ``uns[key_added + "_params"]["precision"]``.
     out
         A path: the embeddings go to this HDF5 file (dataset ``key_added``, float32 ``[n_obs, d_model]``,
-        rows in the order of ``obs_names``), written chunk by chunk (:mod:`~scgpt_protocol.store`), and
+        rows in the order of ``obs_names``), written chunk by chunk (:mod:`~scgpt_protocol.data.store`), and
         ``obsm`` is left alone; the path is returned and recorded in ``uns[key_added + "_params"]["store"]``.
         With a backed AnnData (``read_h5ad(path, backed="r")``) memory then stays flat in the number of
-        cells. Read rows back with :func:`~scgpt_protocol.store.open_store` /
-        :func:`~scgpt_protocol.store.take_rows`. The values are the same as in ``obsm`` without ``out``.
+        cells. Read rows back with :func:`~scgpt_protocol.data.store.open_store` /
+        :func:`~scgpt_protocol.data.store.take_rows`. The values are the same as in ``obsm`` without ``out``.
 
     Returns
     -------

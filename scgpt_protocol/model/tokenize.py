@@ -1,4 +1,4 @@
-"""From an expression matrix to model inputs: gene matching, binning, sampling, padding.
+"""From an expression matrix to model inputs: binning, sampling, padding (gene matching: :mod:`.vocab`).
 
 A cell becomes ``<cls>`` followed by its expressed genes that the vocabulary knows, each with its
 per-cell bin (1..n_bins-1). ``<cls>`` carries ``pad_value`` (-2) for pretrained embeddings, as in

@@ -1,11 +1,6 @@
-"""Figures of the protocol: confusion matrix, embeddings, per-class F1, training curves.
-
-Every ``plot_*`` function draws with matplotlib's object API and returns the
-:class:`~matplotlib.figure.Figure`; none calls ``plt.show()`` or saves. Without ``ax`` a new
-figure is made that pyplot does not track (so Jupyter shows it once, as the cell's value, and
-tests can make many without the "too many open figures" warning); with ``ax`` the plot goes into
-the caller's axes and their figure is returned. :func:`save_figure` writes a figure to the run's
-``figures/`` folder.
+"""Embeddings in two dimensions: :func:`compute_umap`, :func:`plot_embedding`, and the sampled AnnData a
+figure draws (:func:`cells_for_plot` for one dataset, :func:`joint_embedding` for reference and query in
+one sample), so that a UMAP of an atlas costs what one of ``max_cells`` cells does.
 """
 
 from __future__ import annotations
@@ -183,7 +178,7 @@ def compute_umap(
     ----------
     adata
         Cells with the representation in ``obsm[use_rep]`` (e.g. from
-        :func:`~scgpt_protocol.evaluate.annotate` or :func:`~scgpt_protocol.embedding.embed`).
+        :func:`~scgpt_protocol.annotate.predict.annotate` or :func:`~scgpt_protocol.model.embed.embed`).
     use_rep
         ``obsm`` key of the representation.
     key_added
@@ -221,7 +216,7 @@ def cells_for_plot(adata: Any, cells: Any, *, max_cells: int | None = None, seed
     """An in-memory AnnData of the chosen cells for a figure: their ``obs``, ``obsm[key]`` and ``uns``, no ``X``.
 
     ``cells`` is a boolean mask; with more than ``max_cells`` of them a seeded random sample of
-    ``max_cells`` is kept (:func:`~scgpt_protocol.store.subsample`), so that a UMAP of an atlas costs
+    ``max_cells`` is kept (:func:`~scgpt_protocol.data.store.subsample`), so that a UMAP of an atlas costs
     what one of ``max_cells`` cells does. The embedding comes from ``adata.obsm[key]`` or, for a
     prediction made with ``predict(out=...)``, from its store (only these rows are read). Works on
     backed AnnData (whose views cannot be copied).
@@ -262,7 +257,7 @@ def joint_embedding(
         ``store_dir``: only the chosen rows are read from disk).
     max_cells
         At most this many cells (reference and query together; a seeded random sample,
-        :func:`~scgpt_protocol.store.subsample`), so that a UMAP of an atlas costs what one of
+        :func:`~scgpt_protocol.data.store.subsample`), so that a UMAP of an atlas costs what one of
         ``max_cells`` cells does. None: all cells.
     seed
         Seed of that sample.

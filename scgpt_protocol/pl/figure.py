@@ -1,4 +1,4 @@
-"""Figures of the protocol: confusion matrix, embeddings, per-class F1, training curves.
+"""Figures of the protocol: one style, and saving (PNG for reports, PDF for print; atomic).
 
 Every ``plot_*`` function draws with matplotlib's object API and returns the
 :class:`~matplotlib.figure.Figure`; none calls ``plt.show()`` or saves. Without ``ax`` a new
@@ -114,7 +114,7 @@ def save_figure(fig: Figure, layout: RunLayout, name: str, *, pdf: bool = True) 
     fig
         The figure.
     layout
-        The run's :class:`~scgpt_protocol.layout.RunLayout`; ``figures/`` is created.
+        The run's :class:`~scgpt_protocol.core.layout.RunLayout`; ``figures/`` is created.
     name
         File stem, e.g. ``"confusion_test"`` (letters, digits, ``._-``).
     pdf

@@ -1,11 +1,5 @@
-"""Figures of the protocol: confusion matrix, embeddings, per-class F1, training curves.
-
-Every ``plot_*`` function draws with matplotlib's object API and returns the
-:class:`~matplotlib.figure.Figure`; none calls ``plt.show()`` or saves. Without ``ax`` a new
-figure is made that pyplot does not track (so Jupyter shows it once, as the cell's value, and
-tests can make many without the "too many open figures" warning); with ``ax`` the plot goes into
-the caller's axes and their figure is returned. :func:`save_figure` writes a figure to the run's
-``figures/`` folder.
+"""Figures of scores: the confusion matrix, per-class F1 of several methods side by side, and the
+coverage curve of abstention; each method keeps its colour (:data:`METHOD_COLORS`).
 """
 
 from __future__ import annotations
@@ -36,7 +30,7 @@ def plot_confusion(confusion_df: pd.DataFrame, *, ax: Axes | None = None, title:
     Parameters
     ----------
     confusion_df
-        The result of :func:`~scgpt_protocol.evaluate.confusion` (row-normalised: each row sums
+        The result of :func:`~scgpt_protocol.metrics.confusion` (row-normalised: each row sums
         to 1; NaN rows -- labels without true cells -- are drawn grey). When it carries
         ``attrs["support"]`` the number of true cells is added to each row name.
     ax
@@ -124,7 +118,7 @@ def plot_per_class_f1(
     Parameters
     ----------
     metrics_by_method
-        Method name -> metrics dict of :func:`~scgpt_protocol.evaluate.classification_metrics`
+        Method name -> metrics dict of :func:`~scgpt_protocol.metrics.classification_metrics`
         (or an object with ``.metrics``). Classes with true cells in any method's test set are
         shown, largest first, each with its number of test cells; the legend (right of the plot)
         gives each method's macro F1. An F1 of 0 is marked so that it is not mistaken for a
@@ -208,7 +202,7 @@ def plot_coverage_curve(
     Parameters
     ----------
     curves
-        :func:`~scgpt_protocol.refine.coverage_curve` (a DataFrame or its list of rows), or a
+        :func:`~scgpt_protocol.metrics.coverage_curve` (a DataFrame or its list of rows), or a
         mapping name -> curve to draw several (e.g. the fine-tuned model and the zero-shot vote).
     min_confidence
         The threshold in use, marked on both panels.

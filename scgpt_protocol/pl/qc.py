@@ -1,37 +1,5 @@
-"""Step 01: load, inspect, filter, normalise, select genes and split the cells.
-
-The functions here back the ``01_preprocess`` notebook::
-
-    adata = open_lazy(params.adata_path)        # obs/var/uns in memory, the matrix on disk
-    ckpt = resolve_checkpoint(params.checkpoint, layout, gene_symbols(adata, params.gene_symbol_key))
-    vocab = read_vocab(ckpt / "vocab.json")
-    inspection = inspect_adata(adata, label_key=params.label_key, vocab=vocab, ...)
-    write_inspection(inspection, layout)
-    fig = plot_qc(adata)                         # per-cell numbers, chunk by chunk
-    prepared = prepare_file(params, vocab, layout)   # writes prepared.h5ad and labels.json
-
-:func:`prepare_file` (in :mod:`scgpt_protocol.preprocess_stream`) streams the matrix in row chunks with
-bounded memory, in memory or from the file; :func:`prepare` + :func:`write_prepared` do the same on an
-AnnData held in memory (for scripts and small data; they copy it). Both give the same ``prepared.h5ad``.
-
-Every step function takes an AnnData and returns a new one; the input is never modified.
-
-What :func:`prepare` leaves in the prepared AnnData
-----------------------------------------------------
-``X``
-    float32 CSR, log-normalised values of the genes the checkpoint knows (the model input).
-``layers["counts"]``
-    the raw counts, only when the input held counts.
-``var["scgpt_token_id"]``
-    the vocabulary id of each gene.
-``obs[label_key]``
-    the labels as a categorical of strings (categories sorted).
-``obs["scgpt_label_code"]``
-    the integer class of each cell (index into ``categories``).
-``obs["split"]``
-    ``"train"``, ``"val"`` or ``"test"`` (categorical, in that order).
-``uns["scgpt_protocol"]["preprocess"]``
-    the parameters and a record of what was done.
+"""Step 01's figures: quality control per cell (genes, counts, mitochondrial share; read chunk by chunk)
+and class sizes per split.
 """
 
 from __future__ import annotations
@@ -74,7 +42,7 @@ def plot_qc(adata: AnnData, *, layer: str | None = None, gene_symbol_key: str | 
     -------
     matplotlib.figure.Figure
         Not attached to pyplot: display it as the last expression of a cell (or ``display(fig)``),
-        save it with :func:`scgpt_protocol.plotting.save_figure`.
+        save it with :func:`scgpt_protocol.pl.figure.save_figure`.
     """
     from matplotlib.figure import Figure
 

@@ -1,11 +1,4 @@
-"""Figures of the protocol: confusion matrix, embeddings, per-class F1, training curves.
-
-Every ``plot_*`` function draws with matplotlib's object API and returns the
-:class:`~matplotlib.figure.Figure`; none calls ``plt.show()`` or saves. Without ``ax`` a new
-figure is made that pyplot does not track (so Jupyter shows it once, as the cell's value, and
-tests can make many without the "too many open figures" warning); with ``ax`` the plot goes into
-the caller's axes and their figure is returned. :func:`save_figure` writes a figure to the run's
-``figures/`` folder.
+"""The training curves of step 02: losses and validation metrics per epoch, the best epoch marked.
 """
 
 from __future__ import annotations

@@ -1,36 +1,5 @@
-"""Step 01 with bounded memory: :func:`prepare_file` streams the expression matrix in row chunks.
-
-:func:`scgpt_protocol.preprocess.prepare` works on an AnnData held in memory and copies it along
-the way (several times the size of ``X`` at its peak). :func:`prepare_file` gives the same
-``prepared.h5ad`` (same ``X``, ``layers["counts"]``, ``obs``, ``var``, ``uns``; see the tests) while
-holding at most the input matrix plus one chunk:
-
-* the matrix is either read into memory once (the *in-memory* path) or read from the ``.h5ad`` chunk
-  by chunk (the *chunked* path, for data larger than memory); ``obs``, ``var``, ``uns``, ``obsm`` ...
-  are always read whole;
-* every row operation of :func:`prepare` (float32, duplicates summed, zeros dropped,
-  ``filter_cells``, the mitochondrial share, ``normalize_total(1e4)``, ``log1p``) is applied to each
-  chunk of rows with the same scanpy / scipy calls, so the values are the same bits;
-* per-gene quantities are accumulated over the chunks: the cells per gene of ``filter_genes`` (exact
-  integers), and the sums and sums of squares of ``expm1(X)`` per gene (and per batch) for the
-  ``flavor="seurat"`` highly-variable genes, whose binning and dispersion normalisation are then
-  done as scanpy does them (the means and variances agree with scanpy's to rounding, so the genes
-  selected are the same unless two normalised dispersions tie at the cut-off);
-* the prepared rows are appended to ``X`` and ``layers["counts"]`` of the output file as they are
-  made; ``obs``, ``var`` and ``uns`` are written at the end (anndata's ``write_elem``).
-
-scanpy itself has no chunked path for these steps without dask, which is not a dependency here.
-
-The path is chosen by size (:func:`choose_chunked`): the chunked path when the stored matrix is
-larger than a quarter of the memory available now; ``PreprocessParams.chunked`` forces either.
-
-Limits: the chunked path reads rows of a CSR matrix; a CSC matrix on disk is read by rows too, but
-each chunk then reads the whole file (convert it to CSR once: ``adata.X = adata.X.tocsr()``), and a
-dense matrix on disk is read into memory whole.
-
-Measured (synthetic counts, 20,000 genes, 1,000 expressed per cell, 2 CPU cores): 200k cells
-(1.6 GB of CSR) take about 40 s at a peak of 2.3 GB RSS in memory (1.4x the CSR, including 0.45 GB
-of imported libraries) and 0.7 GB chunked.
+"""Highly variable genes by scanpy's ``flavor="seurat"`` from per-gene moments accumulated chunk by chunk
+(per batch with ``batch_key``), so that the streamed step 01 selects the genes scanpy selects in memory.
 """
 
 from __future__ import annotations

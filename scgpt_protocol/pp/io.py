@@ -1,37 +1,7 @@
-"""Step 01: load, inspect, filter, normalise, select genes and split the cells.
-
-The functions here back the ``01_preprocess`` notebook::
-
-    adata = open_lazy(params.adata_path)        # obs/var/uns in memory, the matrix on disk
-    ckpt = resolve_checkpoint(params.checkpoint, layout, gene_symbols(adata, params.gene_symbol_key))
-    vocab = read_vocab(ckpt / "vocab.json")
-    inspection = inspect_adata(adata, label_key=params.label_key, vocab=vocab, ...)
-    write_inspection(inspection, layout)
-    fig = plot_qc(adata)                         # per-cell numbers, chunk by chunk
-    prepared = prepare_file(params, vocab, layout)   # writes prepared.h5ad and labels.json
-
-:func:`prepare_file` (in :mod:`scgpt_protocol.preprocess_stream`) streams the matrix in row chunks with
-bounded memory, in memory or from the file; :func:`prepare` + :func:`write_prepared` do the same on an
-AnnData held in memory (for scripts and small data; they copy it). Both give the same ``prepared.h5ad``.
-
-Every step function takes an AnnData and returns a new one; the input is never modified.
-
-What :func:`prepare` leaves in the prepared AnnData
-----------------------------------------------------
-``X``
-    float32 CSR, log-normalised values of the genes the checkpoint knows (the model input).
-``layers["counts"]``
-    the raw counts, only when the input held counts.
-``var["scgpt_token_id"]``
-    the vocabulary id of each gene.
-``obs[label_key]``
-    the labels as a categorical of strings (categories sorted).
-``obs["scgpt_label_code"]``
-    the integer class of each cell (index into ``categories``).
-``obs["split"]``
-    ``"train"``, ``"val"`` or ``"test"`` (categorical, in that order).
-``uns["scgpt_protocol"]["preprocess"]``
-    the parameters and a record of what was done.
+"""The files of step 01: the pretrained checkpoint a run uses (:func:`resolve_checkpoint` records it in
+``checkpoint.json``), ``prepared.h5ad`` and ``labels.json`` (:func:`write_prepared`), and their readers for
+the later steps (:func:`read_prepared`, :func:`open_prepared_cells`, :func:`read_labels`,
+:func:`read_checkpoint_record`), each with a clear error when 01 has not run.
 """
 
 from __future__ import annotations
@@ -56,7 +26,9 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["open_prepared_cells", "resolve_checkpoint", "read_checkpoint_record", "write_prepared", "read_prepared", "read_labels"]
 
-STEP = "01_preprocess"
+#: the notebook that writes the files read here (named in the error when they are missing); the step's
+#: parameters call it ``PreprocessParams.STEP`` ("preprocess")
+WRITER = "01_preprocess"
 
 
 # -- checkpoint -----------------------------------------------------------------------------
@@ -69,7 +41,7 @@ def resolve_checkpoint(spec: str, layout: RunLayout, genes: Sequence[str]) -> Pa
         ``"demo"``: a tiny randomly initialised checkpoint whose vocabulary is ``genes``, written to
         ``layout.demo_checkpoint_dir`` (for trying the protocol out; its results mean nothing);
         ``"whole-human"`` (or another name of
-        :data:`~scgpt_protocol.download.KNOWN_CHECKPOINTS`): the released model, downloaded once
+        :data:`~scgpt_protocol.model.download.KNOWN_CHECKPOINTS`): the released model, downloaded once
         into the cache; anything else: a checkpoint folder.
     layout : RunLayout
         The run; the record goes to ``layout.checkpoint_record``.
@@ -114,7 +86,7 @@ def read_checkpoint_record(layout: RunLayout) -> dict[str, Any]:
     FileNotFoundError
         Step ``01_preprocess`` has not run with this ``run_dir``.
     """
-    return layout.read_json(layout.checkpoint_record, step=STEP)
+    return layout.read_json(layout.checkpoint_record, step=WRITER)
 
 
 def describe_checkpoint(record: dict[str, Any]) -> str:
@@ -179,20 +151,20 @@ def read_prepared(layout: RunLayout, *, backed: bool = False) -> AnnData:
     with ``X`` and ``layers`` left on disk (:func:`open_backed`), for data larger than memory."""
     import anndata
 
-    path = layout.require(layout.prepared_adata, step=STEP)
+    path = layout.require(layout.prepared_adata, step=WRITER)
     return open_backed(path) if backed else anndata.read_h5ad(path)
 
 
 def open_prepared_cells(layout: RunLayout) -> Any:
     """The run's ``prepared.h5ad`` for fine-tuning, with ``X`` and ``obs`` left on disk
-    (:class:`~scgpt_protocol.backed.BackedCells`; a clear error before step 01).
-    :func:`~scgpt_protocol.train.finetune` reads its label and split columns and the cell names from the file
+    (:class:`~scgpt_protocol.data.backed.BackedCells`; a clear error before step 01).
+    :func:`~scgpt_protocol.adapt.train.finetune` reads its label and split columns and the cell names from the file
     by slices, so that its memory does not grow with the number of cells (benchmarks/bench_scale.py)."""
     from ..data.backed import open_cells
 
-    return open_cells(layout.require(layout.prepared_adata, step=STEP))
+    return open_cells(layout.require(layout.prepared_adata, step=WRITER))
 
 
 def read_labels(layout: RunLayout) -> dict[str, Any]:
     """Read ``layout.labels`` (a clear error if step 01 has not run)."""
-    return layout.read_json(layout.labels, step=STEP)
+    return layout.read_json(layout.labels, step=WRITER)

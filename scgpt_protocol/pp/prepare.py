@@ -10,7 +10,7 @@ The functions here back the ``01_preprocess`` notebook::
     fig = plot_qc(adata)                         # per-cell numbers, chunk by chunk
     prepared = prepare_file(params, vocab, layout)   # writes prepared.h5ad and labels.json
 
-:func:`prepare_file` (in :mod:`scgpt_protocol.preprocess_stream`) streams the matrix in row chunks with
+:func:`prepare_file` (in :mod:`scgpt_protocol.pp.stream`) streams the matrix in row chunks with
 bounded memory, in memory or from the file; :func:`prepare` + :func:`write_prepared` do the same on an
 AnnData held in memory (for scripts and small data; they copy it). Both give the same ``prepared.h5ad``.
 
@@ -94,7 +94,7 @@ class PreparedData:
     files : dict of str to Path
         What :func:`prepare_file` wrote: ``{"prepared_adata": ..., "labels": ...}`` (empty after :func:`prepare`).
     colors : dict of str to str
-        The run's colour of each class (:func:`~scgpt_protocol.plotting.label_palette`), also in
+        The run's colour of each class (:func:`~scgpt_protocol.data.colors.label_palette`), also in
         ``adata.uns[f"{label_key}_colors"]`` and ``labels.json``: every figure of every step uses it.
     """
 

@@ -142,7 +142,7 @@ def choose_normalisation(params: PreprocessParams, kind: str, vmax: float, recor
 def vocabulary_genes(out: AnnData, vocab: dict[str, int], params: PreprocessParams,
                       record: Any) -> tuple[AnnData, Any]:
     """``out`` restricted to the genes of the vocabulary (token ids in ``var``), and the gene match
-    (:func:`~scgpt_protocol.tokenize.match_genes`; ``match.columns`` are the columns kept)."""
+    (:func:`~scgpt_protocol.model.vocab.match_genes`; ``match.columns`` are the columns kept)."""
     before = out.n_vars
     match = match_genes(out, vocab, gene_symbol_key=params.gene_symbol_key)
     cols = match.columns

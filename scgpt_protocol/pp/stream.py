@@ -1,6 +1,6 @@
 """Step 01 with bounded memory: :func:`prepare_file` streams the expression matrix in row chunks.
 
-:func:`scgpt_protocol.preprocess.prepare` works on an AnnData held in memory and copies it along
+:func:`scgpt_protocol.pp.prepare.prepare` works on an AnnData held in memory and copies it along
 the way (several times the size of ``X`` at its peak). :func:`prepare_file` gives the same
 ``prepared.h5ad`` (same ``X``, ``layers["counts"]``, ``obs``, ``var``, ``uns``; see the tests) while
 holding at most the input matrix plus one chunk:
@@ -143,7 +143,7 @@ def prepare_file(
     Parameters
     ----------
     params : PreprocessParams
-        As for :func:`~scgpt_protocol.preprocess.prepare`; ``adata_path`` is the input file (or ``"demo"``),
+        As for :func:`~scgpt_protocol.pp.prepare.prepare`; ``adata_path`` is the input file (or ``"demo"``),
         ``chunked`` and ``chunk_size`` choose the path.
     vocab : dict of str to int
         The checkpoint's vocabulary.
@@ -158,7 +158,7 @@ def prepare_file(
     Returns
     -------
     PreparedData
-        As :func:`~scgpt_protocol.preprocess.prepare` returns, except that ``adata`` holds no ``X``:
+        As :func:`~scgpt_protocol.pp.prepare.prepare` returns, except that ``adata`` holds no ``X``:
         ``obs``, ``var`` and ``uns`` of the prepared data (the matrices are in the file).
 
     Notes
@@ -170,7 +170,7 @@ def prepare_file(
 
     Raises
     ------
-    As :func:`~scgpt_protocol.preprocess.prepare` and :func:`~scgpt_protocol.preprocess.read_adata`.
+    As :func:`~scgpt_protocol.pp.prepare.prepare` and :func:`~scgpt_protocol.data.read.read_adata`.
     """
     from ..data.read import check_h5ad_path
     from .io import write_labels

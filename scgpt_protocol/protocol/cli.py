@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..core.version import __version__
 
-logger = logging.getLogger("scgpt_protocol.cli")
+logger = logging.getLogger("scgpt_protocol.protocol.cli")
 
 __all__ = ["main"]
 

@@ -6,7 +6,7 @@ validation macro-F1, keeps the best, and writes a bundle: a comparison table (CS
 test metrics, trainable parameters, training time, peak memory and saved size per strategy, beside a
 logistic-regression baseline; the best model's confusion matrix; plots.
 
-Strategies (:mod:`scgpt_protocol.strategies`): ``probe``, ``head``, ``full`` (ours, plain PyTorch),
+Strategies (:mod:`scgpt_protocol.adapt.strategies`): ``probe``, ``head``, ``full`` (ours, plain PyTorch),
 ``lora`` and ``ia3`` (through ``peft``), ``adapter`` and ``prefix_tuning`` (small modules of ours,
 since ``peft`` has no such method for a custom model).
 """
@@ -236,11 +236,11 @@ class AnnotationRunner:
                 resolution: float | None = None) -> Prediction:
         """Labels, confidences and fine-tuned embeddings of the best model for ``adata``.
 
-        Data holding less than :data:`~scgpt_protocol.tokenize.MIN_GENE_OVERLAP` of the model's training
-        genes is refused with a :class:`~scgpt_protocol.errors.GeneMatchError` (the rule of every step).
+        Data holding less than :data:`~scgpt_protocol.model.vocab.MIN_GENE_OVERLAP` of the model's training
+        genes is refused with a :class:`~scgpt_protocol.core.errors.GeneMatchError` (the rule of every step).
         ``min_confidence`` (cells whose predicted-class probability is below it are ``"Unknown"``) and
         ``majority_voting`` (the majority label of each over-cluster of the fine-tuned embedding, at
-        ``resolution`` or CellTypist's rule) apply :func:`~scgpt_protocol.refine.refine`.
+        ``resolution`` or CellTypist's rule) apply :func:`~scgpt_protocol.annotate.refine.refine`.
         """
         model = self._require_model()
         genes = self.manifest.get("genes") or list(self.adata.var_names)
@@ -351,8 +351,8 @@ def adapt_annotation(
     output_dir
         The bundle: ``comparison.csv``/``.md``, figures, ``strategies/<name>/`` and ``model/`` (the best).
     **overrides
-        Fields of :class:`~scgpt_protocol.params.PreprocessParams` (``n_hvg``, ``test_size``,
-        ``batch_key``...) and :class:`~scgpt_protocol.params.FinetuneParams` (``epochs``, ``lr``,
+        Fields of :class:`~scgpt_protocol.core.params.PreprocessParams` (``n_hvg``, ``test_size``,
+        ``batch_key``...) and :class:`~scgpt_protocol.core.params.FinetuneParams` (``epochs``, ``lr``,
         ``weight_decay``, ``warmup_ratio``, ``batch_size``, ``class_weighted``, ``lora_r``...).
 
     Returns

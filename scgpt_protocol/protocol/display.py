@@ -56,7 +56,7 @@ def refinement_table(metrics: Mapping[str, Any], refined: Mapping[str, Any] | No
     Parameters
     ----------
     metrics
-        :func:`~scgpt_protocol.evaluate.classification_metrics` of the per-cell calls on all cells
+        :func:`~scgpt_protocol.metrics.classification_metrics` of the per-cell calls on all cells
         (``EvalResult.metrics``), holding the record of :func:`refinement_metrics` under
         ``"refinement"`` unless ``refined`` is given.
     method
@@ -65,7 +65,7 @@ def refinement_table(metrics: Mapping[str, Any], refined: Mapping[str, Any] | No
     Returns
     -------
     pandas.DataFrame
-        :func:`~scgpt_protocol.evaluate.metrics_table` with a ``coverage`` column.
+        :func:`~scgpt_protocol.metrics.metrics_table` with a ``coverage`` column.
     """
     from ..metrics import metrics_table
 
@@ -222,7 +222,7 @@ def metrics_display(results: Mapping[str, Any], *, caption: str | None = None) -
     Parameters
     ----------
     results
-        Method name -> metrics dict of :func:`~scgpt_protocol.evaluate.classification_metrics`
+        Method name -> metrics dict of :func:`~scgpt_protocol.metrics.classification_metrics`
         (or an object with ``.metrics``).
     caption
         Table caption (e.g. which cells).
@@ -271,7 +271,7 @@ def per_class_table(results: Mapping[str, Any], *, few: int = FEW_CELLS) -> Styl
     Parameters
     ----------
     results
-        Method name -> metrics dict with ``per_class`` (:func:`~scgpt_protocol.evaluate.classification_metrics`).
+        Method name -> metrics dict with ``per_class`` (:func:`~scgpt_protocol.metrics.classification_metrics`).
     few
         Classes with fewer true test cells are flagged (their F1 rests on a handful of cells).
 
@@ -432,7 +432,7 @@ def settings_table(params: StepParams, *, keys: Sequence[str] | None = None) -> 
     Parameters
     ----------
     params
-        The step's parameters (e.g. :class:`~scgpt_protocol.params.FinetuneParams`).
+        The step's parameters (e.g. :class:`~scgpt_protocol.core.params.FinetuneParams`).
     keys
         Which fields (default: every field except ``run_dir``, ``mount_drive`` and ``device``).
 

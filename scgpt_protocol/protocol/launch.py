@@ -1,10 +1,7 @@
-"""Fine-tuning on many GPUs (or CPU processes) with ``torchrun`` and PyTorch DistributedDataParallel.
-
-``torchrun --nproc_per_node=N -m scgpt_protocol finetune params/<scenario> --run-dir runs/<name>`` runs
-step 02 in N processes (:func:`run_finetune_step`); the notebook does the same when
-``nproc_per_node`` > 1 (:func:`launch_finetune`). Every rank plans the same global batch from
-``(seed, epoch)`` and trains on its shard; the loss is scaled so that DDP's averaged gradient equals the
-one-process gradient (:mod:`scgpt_protocol.train`). Rank 0 alone writes files and logs.
+"""Step 02 in many processes: ``torchrun --nproc_per_node=N -m scgpt_protocol finetune ...`` runs
+:func:`run_finetune_step` in each; the notebook launches the same when ``nproc_per_node`` > 1
+(:func:`launch_finetune`). The process-group primitives the training loop uses are in
+:mod:`scgpt_protocol.adapt.ddp`.
 """
 
 from __future__ import annotations
@@ -37,7 +34,7 @@ class DistributedRunError(ScGPTProtocolError, RuntimeError):
 
 def run_finetune_step(params: FinetuneParams) -> TrainResult:
     """Step 02 from its run folder, as the notebook does it: the prepared data read backed, the 01 checkpoint,
-    :func:`~scgpt_protocol.train.finetune` with the run's layout. Under torchrun (``WORLD_SIZE`` > 1) each
+    :func:`~scgpt_protocol.adapt.train.finetune` with the run's layout. Under torchrun (``WORLD_SIZE`` > 1) each
     process joins the process group first, trains on ``cuda:LOCAL_RANK`` (or the CPU with gloo), and only
     rank 0 writes logs and artifacts."""
     from ..adapt.train import finetune

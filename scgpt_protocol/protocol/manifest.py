@@ -1,9 +1,5 @@
-"""Run the protocol notebooks headless with papermill, leaving executed reports.
-
-``scgpt-protocol run params/demo --run-dir runs/demo`` executes ``notebooks/01..04`` in order with
-the YAML files of a scenario folder (``params/<scenario>/<notebook-stem>.yaml``), writes each
-executed notebook to ``run_dir/reports/`` (and HTML beside it), records a run manifest
-(parameters, versions, checksums, timings) and prints the headline metrics.
+"""The run manifest's content: the inputs of each step and their checksums, what changed since the last
+run (:func:`what_changed`), the steps set aside as stale, the checkpoint record and the headline metrics.
 """
 
 from __future__ import annotations

@@ -1,9 +1,6 @@
-"""Run the protocol notebooks headless with papermill, leaving executed reports.
-
-``scgpt-protocol run params/demo --run-dir runs/demo`` executes ``notebooks/01..04`` in order with
-the YAML files of a scenario folder (``params/<scenario>/<notebook-stem>.yaml``), writes each
-executed notebook to ``run_dir/reports/`` (and HTML beside it), records a run manifest
-(parameters, versions, checksums, timings) and prints the headline metrics.
+"""The executed notebooks as reports: HTML beside each ``.ipynb``, the title, an interrupted report marked
+on top with the command that resumes it, a report set aside when its step reruns, and the failing cell
+named when a step fails.
 """
 
 from __future__ import annotations

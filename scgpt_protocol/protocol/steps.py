@@ -1,21 +1,5 @@
-"""Zero-shot reference mapping: label query cells by their nearest reference cells.
-
-This is the scGPT reference-mapping recipe without fine-tuning: embed the reference and the query
-with the pretrained model, L2-normalise, find the ``k`` nearest reference cells of every query cell
-(``k = 10`` in the official tutorials) and take the majority label. The tutorials use faiss
-``IndexFlatL2``; this module uses exact brute-force neighbours from scikit-learn, which give the
-same neighbours. On L2-normalised vectors Euclidean and cosine neighbours are the same, since
-``|a - b|^2 = 2 - 2 cos(a, b)``.
-
-Two votes are reported for every query cell:
-
-``majority``
-    The label most frequent among the ``k`` neighbours (the tutorials' answer). Ties are broken by
-    the smaller summed distance of the tied labels' neighbours, then alphabetically.
-``weighted``
-    Every neighbour votes with weight ``1 / (d + eps)`` (``d``: its Euclidean distance to the
-    query cell, ``eps = 1e-6``), so a few very close neighbours can outvote more distant ones.
-    Ties (weight sums equal to 1e-9 relative) are broken the same way.
+"""Glue of the notebooks to the run's files that belongs to no lower layer: which reference and query
+step 04 maps (:func:`zeroshot_inputs`).
 """
 
 from __future__ import annotations
@@ -35,7 +19,7 @@ __all__ = ["zeroshot_inputs"]
 
 
 def zeroshot_inputs(layout: RunLayout, params: Any) -> tuple[AnnData, AnnData, str]:
-    """Reference, query and label key of step 04 (:class:`~scgpt_protocol.params.ZeroshotParams`).
+    """Reference, query and label key of step 04 (:class:`~scgpt_protocol.core.params.ZeroshotParams`).
 
     Without paths, the reference is the train + validation cells of the run's prepared data and the
     query its test cells, so zero-shot and fine-tuned results are measured on the same cells. The
