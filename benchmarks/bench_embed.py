@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Throughput and memory of ``scgpt_protocol.model.embed.embed`` at the released model size.
+"""Throughput and memory of ``scgpt_protocol.model.embedding.embed`` at the released model size.
 
 The model comes from ``make_tiny_checkpoint`` with the released architecture (d_model 512, 12 layers,
 8 heads, d_hid 512) and the real 60,697-token vocabulary: the released 51,330,049 parameters, random
@@ -42,11 +42,16 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
-from scgpt_protocol.model.vocab import SPECIAL_TOKENS
+from scgpt_protocol.core.device import (
+    autocast,
+    cpu_has_native_bf16,
+    precision_dtype,
+    resolve_device,
+    resolve_precision,
+)
 from scgpt_protocol.model.checkpoint import load_model, make_tiny_checkpoint
-from scgpt_protocol.core.device import autocast, cpu_has_native_bf16, precision_dtype, resolve_device
-from scgpt_protocol.core.device import resolve_precision
-from scgpt_protocol.model.embed import default_max_tokens, embed, iter_batches
+from scgpt_protocol.model.embedding import default_max_tokens, embed, iter_batches
+from scgpt_protocol.model.vocab import SPECIAL_TOKENS
 
 # embed()'s own batching defaults, so that iter_batches here makes the very batches embed runs
 _EMBED_PARAMS = inspect.signature(embed).parameters

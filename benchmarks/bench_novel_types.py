@@ -38,13 +38,13 @@ import pandas as pd
 from sklearn.metrics import roc_auc_score
 
 from scgpt_protocol import make_tiny_checkpoint
-from scgpt_protocol.protocol.compare import AnnotationRunner, _checkpoint_record
-from scgpt_protocol.model.checkpoint import load_model, read_vocab
-from scgpt_protocol.evaluate.baseline import logistic_regression_baseline
-from scgpt_protocol.core.params import FinetuneParams, PreprocessParams
-from scgpt_protocol.pp.prepare import prepare
-from scgpt_protocol.annotate.refine import UNKNOWN, refine_labels
+from scgpt_protocol.annotate.refinement import UNKNOWN, refine_labels
 from scgpt_protocol.annotate.zeroshot import zeroshot_annotate
+from scgpt_protocol.core.params import FinetuneParams, PreprocessParams
+from scgpt_protocol.evaluate.baseline import logistic_regression_baseline
+from scgpt_protocol.model.checkpoint import load_model, read_vocab
+from scgpt_protocol.pp.in_memory import prepare
+from scgpt_protocol.protocol.compare import AnnotationRunner, _checkpoint_record
 
 ROOT = Path(__file__).resolve().parent.parent
 THRESHOLDS = {"softmax": (0.0, 0.2, 0.3, 0.5, 0.7, 0.9), "kNN share": (0.0, 0.3, 0.5, 0.7, 0.9)}

@@ -122,9 +122,9 @@ def _peak_rss_bytes() -> int:
 
 
 def _step_01(args: argparse.Namespace, work: Path) -> dict:
-    from scgpt_protocol.model.checkpoint import read_vocab
     from scgpt_protocol.core.layout import RunLayout
     from scgpt_protocol.core.params import PreprocessParams
+    from scgpt_protocol.model.checkpoint import read_vocab
     from scgpt_protocol.pp.stream import choose_chunked, prepare_file
 
     source = work / "input.h5ad"
@@ -138,9 +138,9 @@ def _step_01(args: argparse.Namespace, work: Path) -> dict:
 
 def _step_02(args: argparse.Namespace, work: Path) -> dict:
     from scgpt_protocol import load_model
-    from scgpt_protocol.data.backed import open_cells
-    from scgpt_protocol.core.params import FinetuneParams
     from scgpt_protocol.adapt.train import finetune
+    from scgpt_protocol.core.params import FinetuneParams
+    from scgpt_protocol.data.backed import open_cells
 
     adata = open_cells(work / "run" / "data" / "prepared.h5ad")  # as 02 reads it: X and obs stay on disk
     categories = json.loads((work / "run" / "data" / "labels.json").read_text())["categories"]
@@ -156,9 +156,9 @@ def _step_02(args: argparse.Namespace, work: Path) -> dict:
 
 
 def _step_03(args: argparse.Namespace, work: Path) -> dict:
-    from scgpt_protocol.data.backed import open_cells
-    from scgpt_protocol.annotate.predict import predict
     from scgpt_protocol.adapt.saved import load_finetuned
+    from scgpt_protocol.annotate.classify import predict
+    from scgpt_protocol.data.backed import open_cells
 
     cells = open_cells(work / "run" / "data" / "prepared.h5ad")  # X and obs stay on disk
     model, manifest = load_finetuned(work / "model", device="cpu")
@@ -171,7 +171,7 @@ def _step_03(args: argparse.Namespace, work: Path) -> dict:
 def _step_04(args: argparse.Namespace, work: Path) -> dict:
     from scgpt_protocol import load_model
     from scgpt_protocol.data.backed import open_cells
-    from scgpt_protocol.model.embed import embed
+    from scgpt_protocol.model.embedding import embed
 
     model = load_model(work / "checkpoint", device="cpu")
     embed(open_cells(work / "run" / "data" / "prepared.h5ad"), model, max_seq_len=args.max_seq_len,

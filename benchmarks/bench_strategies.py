@@ -46,10 +46,10 @@ def worker(a: argparse.Namespace) -> dict:
     import torch
 
     from scgpt_protocol import load_model
-    from scgpt_protocol.core.device import resolve_device
-    from scgpt_protocol.model.embed import iter_batches
     from scgpt_protocol.adapt.strategies import apply_strategy, count_parameters
     from scgpt_protocol.adapt.train import set_train_mode
+    from scgpt_protocol.core.device import resolve_device
+    from scgpt_protocol.model.embedding import iter_batches
 
     warnings.simplefilter("ignore")
     torch.set_num_threads(a.threads)
@@ -123,8 +123,8 @@ def main() -> None:
     for path, flag in ((a.vocab, "--vocab"), (a.data, "--data")):
         if not Path(path).is_file():
             sys.exit(f"{path} not found; pass {flag} (the files are in the project's shared/data folder).")
-    from scgpt_protocol.model.vocab import SPECIAL_TOKENS
     from scgpt_protocol.model.checkpoint import make_tiny_checkpoint
+    from scgpt_protocol.model.vocab import SPECIAL_TOKENS
 
     vocab = json.loads(Path(a.vocab).read_text())
     genes = [g for g, _ in sorted(vocab.items(), key=lambda kv: kv[1]) if g not in SPECIAL_TOKENS]

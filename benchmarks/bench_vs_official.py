@@ -43,10 +43,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
-from scgpt_protocol.model.vocab import SPECIAL_TOKENS
-from scgpt_protocol.model.checkpoint import load_model, make_tiny_checkpoint
 from scgpt_protocol.core.device import resolve_precision
-from scgpt_protocol.model.embed import embed
+from scgpt_protocol.model.checkpoint import load_model, make_tiny_checkpoint
+from scgpt_protocol.model.embedding import embed
+from scgpt_protocol.model.vocab import SPECIAL_TOKENS
 
 ARCH = {"d_model": 512, "nlayers": 12, "nheads": 8, "d_hid": 512}
 MIB = 2**20

@@ -43,14 +43,14 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
+from scgpt_protocol.adapt.train import finetune
+from scgpt_protocol.annotate.classify import predict
 from scgpt_protocol.core import device as dev
-from scgpt_protocol.model.checkpoint import load_model, make_tiny_checkpoint
-from scgpt_protocol.data.demo import make_toy_adata
-from scgpt_protocol.model.embed import embed
 from scgpt_protocol.core.layout import RunLayout
 from scgpt_protocol.core.params import STRATEGY_NAMES, FinetuneParams
-from scgpt_protocol.annotate.predict import predict
-from scgpt_protocol.adapt.train import finetune
+from scgpt_protocol.data.demo import make_toy_adata
+from scgpt_protocol.model.checkpoint import load_model, make_tiny_checkpoint
+from scgpt_protocol.model.embedding import embed
 
 FIXTURE = REPO / "tests" / "fixtures" / "scgpt_official_tiny"
 MIB = 2**20
@@ -188,7 +188,7 @@ def sdpa_kernels(model: torch.nn.Module, batch, device: torch.device, precision:
 
 
 def attention_kernel(device: torch.device, precision: str) -> None:
-    from scgpt_protocol.model.embed import iter_batches
+    from scgpt_protocol.model.embedding import iter_batches
 
     adata = make_toy_adata(n_cells=8, n_genes=400, seed=1)
     with tempfile.TemporaryDirectory() as tmp:
@@ -268,7 +268,7 @@ def full_size(device: torch.device, precisions: list[str]) -> None:
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         scaler = torch.amp.GradScaler(device.type if train_precision == "fp16" else "cuda",
                                       enabled=train_precision == "fp16")
-        from scgpt_protocol.model.embed import iter_batches
+        from scgpt_protocol.model.embedding import iter_batches
 
         codes = torch.tensor(adata.obs["cell_type"].cat.codes.to_numpy(), dtype=torch.long)
         batches = iter(iter_batches(adata, model, max_seq_len=max_len, batch_size=train_batch, max_tokens=10**9))

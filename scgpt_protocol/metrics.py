@@ -19,7 +19,9 @@ if TYPE_CHECKING:
 
     pass
 
-__all__ = ["Method", "METHODS", "SCGPT", "BASELINE", "ZEROSHOT", "METRIC_DESCRIPTIONS", "HEADLINE_METRICS", "SUMMARY_METRICS", "HEADERS", "SCGPT_METHOD", "BASELINE_METHOD", "ZEROSHOT_METHOD", "headline_values", "missing_reason", "classification_metrics", "metrics_table", "confusion", "coverage_curve"]
+__all__ = ["Method", "METHODS", "SCGPT", "BASELINE", "ZEROSHOT", "METRIC_DESCRIPTIONS", "HEADLINE_METRICS",
+    "SUMMARY_METRICS", "HEADERS", "SCGPT_METHOD", "BASELINE_METHOD", "ZEROSHOT_METHOD", "headline_values",
+    "missing_reason", "classification_metrics", "metrics_table", "confusion", "coverage_curve"]
 
 @dataclass(frozen=True)
 class Method:

@@ -7,6 +7,7 @@ The layer order is written once, here, and drawn in the README ("Architecture").
 from __future__ import annotations
 
 import ast
+import types
 from pathlib import Path
 
 import pytest
@@ -166,6 +167,25 @@ def test_modules_and_functions_stay_readable():
                 if length > MAX_FUNCTION_LINES and f"{module}.{node.name}" not in LONG_FUNCTIONS:
                     too_long.append(f"{module}.{node.name}: {length} lines")
     assert too_long == []
+
+
+def test_no_package_exports_a_name_of_its_own_modules():
+    """A module named like a function its package exports (pp/prepare.py and pp.prepare) would shadow the
+    function as soon as the module is imported: ``scgpt_protocol.pp.prepare`` would then be the module."""
+    import importlib
+
+    clashes = []
+    for module, path in MODULES.items():
+        if path.name != "__init__.py":
+            continue
+        package = importlib.import_module(module)
+        submodules = {p.stem for p in path.parent.glob("*.py")} | {p.parent.name for p in path.parent.glob("*/__init__.py")}
+        for name in set(getattr(package, "__all__", [])) & submodules:
+            # what the package's lazy export gives for the name, whether or not the module was imported
+            value = package.__getattr__(name) if hasattr(package, "__getattr__") else getattr(package, name)
+            if not isinstance(value, types.ModuleType):  # a subpackage exported as such (scgpt_protocol.pp) is fine
+                clashes.append(f"{module}.{name}")
+    assert clashes == []
 
 
 @pytest.mark.parametrize("rule", ["cycle", "upward", "private"])

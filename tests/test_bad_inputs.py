@@ -16,7 +16,7 @@ import yaml
 from scgpt_protocol import load_model
 from scgpt_protocol.adapt.saved import load_finetuned, trained_class_weight, trained_max_seq_len
 from scgpt_protocol.adapt.train import finetune
-from scgpt_protocol.annotate.predict import predict
+from scgpt_protocol.annotate.classify import predict
 from scgpt_protocol.core.errors import CheckpointError, GeneMatchError, InputDataError
 from scgpt_protocol.core.layout import RunLayout
 from scgpt_protocol.core.params import (
@@ -30,7 +30,7 @@ from scgpt_protocol.data.matrix import check_expression
 from scgpt_protocol.evaluate.baseline import logistic_regression_baseline
 from scgpt_protocol.evaluate.scoring import evaluate_query, write_results
 from scgpt_protocol.metrics import BASELINE_METHOD, SCGPT_METHOD
-from scgpt_protocol.model.embed import iter_batches
+from scgpt_protocol.model.embedding import iter_batches
 from scgpt_protocol.model.vocab import FINETUNE_CLS_VALUE
 
 FAST = dict(batch_size=16, max_seq_len=32, lr=1e-3, patience=0, epochs=1)
@@ -221,7 +221,7 @@ def test_labels_are_drawn_literally(tmp_path):
     from scgpt_protocol.data.demo import make_toy_adata
     from scgpt_protocol.pl.figure import save_figure
     from scgpt_protocol.pl.qc import plot_class_counts
-    from scgpt_protocol.pp.prepare import prepare
+    from scgpt_protocol.pp.in_memory import prepare
 
     adata = make_toy_adata(n_cells=120, n_genes=40, n_labels=3)
     adata.obs["cell_type"] = adata.obs["cell_type"].astype(str).replace({"type_0": r"Mono $\q$"})
@@ -262,7 +262,7 @@ def test_truncated_checkpoint_fails_in_01(tiny_checkpoint, tmp_path):
 
 def test_placeholder_label_strings_are_missing_labels():
     from scgpt_protocol.data.demo import make_toy_adata
-    from scgpt_protocol.pp.prepare import prepare
+    from scgpt_protocol.pp.in_memory import prepare
 
     adata = make_toy_adata(n_cells=150, n_genes=40, n_labels=3)
     labels = adata.obs["cell_type"].astype(str).to_numpy().copy()

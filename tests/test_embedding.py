@@ -8,7 +8,7 @@ import pytest
 import scanpy as sc
 
 from scgpt_protocol.core.errors import GeneMatchError, InputDataError
-from scgpt_protocol.model.embed import embed
+from scgpt_protocol.model.embedding import embed
 
 
 @pytest.fixture(scope="module")

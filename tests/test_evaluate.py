@@ -10,7 +10,7 @@ import pytest
 from matplotlib.figure import Figure
 from sklearn.metrics import cohen_kappa_score, f1_score, roc_auc_score
 
-from scgpt_protocol.annotate.predict import annotate
+from scgpt_protocol.annotate.classify import annotate
 from scgpt_protocol.core.layout import RunLayout
 from scgpt_protocol.evaluate.baseline import logistic_regression_baseline
 from scgpt_protocol.evaluate.scoring import evaluate_predictions, write_results
@@ -67,7 +67,7 @@ def test_cells(demo):
 @pytest.fixture(scope="module")
 def prediction(test_cells, tiny_checkpoint, categories):
     """A tiny random-weight model with a fresh 10-class head: random-ish but well-formed predictions."""
-    from scgpt_protocol.annotate.predict import predict
+    from scgpt_protocol.annotate.classify import predict
     from scgpt_protocol.model.checkpoint import load_model
 
     model = load_model(tiny_checkpoint, n_classes=len(categories), device="cpu")

@@ -10,7 +10,7 @@ import pytest
 import scipy.sparse as sp
 
 from scgpt_protocol.annotate.columns import OBS_COLUMNS
-from scgpt_protocol.annotate.refine import refine
+from scgpt_protocol.annotate.refinement import refine
 from scgpt_protocol.core.errors import ArtifactError
 from scgpt_protocol.core.layout import RunLayout
 from scgpt_protocol.evaluate.export import export_evaluation, query_duckdb, write_vars_h5
@@ -23,7 +23,7 @@ def run(pbmc, tiny_checkpoint, tmp_path_factory):
     """A run folder with data/prepared.h5ad (sparse X) and a refined evaluation of its test cells."""
     import scanpy as sc
 
-    from scgpt_protocol.annotate.predict import predict
+    from scgpt_protocol.annotate.classify import predict
     from scgpt_protocol.model.checkpoint import load_model
 
     layout = RunLayout(tmp_path_factory.mktemp("export") / "run").make_dirs()

@@ -133,7 +133,7 @@ def test_prepare_file_leaves_input_and_chooses_path(tmp_path, monkeypatch):
     monkeypatch.setattr(ps, "available_memory", lambda: 4 * ps.stored_matrix_bytes(path) - 4)
     assert ps.choose_chunked(path)
     layout = RunLayout(tmp_path / "run").make_dirs()
-    opened = pp.open_adata(str(path))  # the notebook keeps its handle open while prepare_file reads the file
+    opened = pp.open_lazy(str(path))  # the notebook keeps its handle open while prepare_file reads the file
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pp.prepare_file(PreprocessParams(adata_path=str(path), label_key="cell_type", min_cells_per_class=3),
@@ -165,7 +165,7 @@ def test_seurat_hvg_matches_scanpy(batch_key):
 
 def test_qc_plot_on_backed_data(tmp_path):
     path, toy = _toy_file(tmp_path)
-    backed = pp.open_adata(str(path))
+    backed = pp.open_lazy(str(path))
     assert not isinstance(backed.X, np.ndarray) and not sp.issparse(backed.X)  # rows read on demand
     fig = pl.plot_qc(backed)
     assert len(fig.axes) == 3 and fig.axes[0].patches

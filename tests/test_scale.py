@@ -8,13 +8,13 @@ import pytest
 import scipy.sparse as sp
 
 from scgpt_protocol import load_model
-from scgpt_protocol.annotate.predict import predict
+from scgpt_protocol.annotate.classify import predict
 from scgpt_protocol.data.backed import open_cells
 from scgpt_protocol.data.matrix import BackedRows, get_matrix
 from scgpt_protocol.data.store import create_store, open_store, subsample, take_rows
 from scgpt_protocol.evaluate.baseline import logistic_regression_baseline
 from scgpt_protocol.evaluate.scoring import evaluate_predictions
-from scgpt_protocol.model.embed import embed
+from scgpt_protocol.model.embedding import embed
 
 CATS = ["a", "b", "c"]
 
@@ -168,7 +168,7 @@ def test_baseline_backed_equals_in_memory(labelled_split, tmp_path):
 
 
 def test_refine_majority_voting_on_stored_embeddings(written, tiny_checkpoint, tmp_path):
-    from scgpt_protocol.annotate.refine import refine
+    from scgpt_protocol.annotate.refinement import refine
 
     adata, path = written
     model = load_model(tiny_checkpoint, n_classes=len(CATS), device="cpu")
@@ -184,7 +184,7 @@ def test_refine_majority_voting_on_stored_embeddings(written, tiny_checkpoint, t
 
 
 def test_cells_for_plot_caps_and_reads_the_store(written, tiny_checkpoint, tmp_path):
-    from scgpt_protocol.annotate.predict import annotate
+    from scgpt_protocol.annotate.classify import annotate
     from scgpt_protocol.pl.embedding import cells_for_plot
 
     adata, path = written

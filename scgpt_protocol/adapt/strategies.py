@@ -47,7 +47,10 @@ from ..model.scgpt import ScGPT
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["STRATEGIES", "STRATEGY_INFO", "STRATEGY_CONFIGS", "LINEAR_TARGETS", "LoRAConfig", "IA3Config", "AdapterConfig", "PrefixTuningConfig", "StrategyConfig", "Adapter", "PrefixKV", "default_config", "apply_strategy", "trainable_names", "expected_trainable", "trainable_state_dict", "load_trainable_state", "count_parameters"]
+__all__ = ["STRATEGIES", "STRATEGY_INFO", "STRATEGY_CONFIGS", "LINEAR_TARGETS", "LoRAConfig", "IA3Config",
+    "AdapterConfig", "PrefixTuningConfig", "StrategyConfig", "Adapter", "PrefixKV", "default_config",
+    "apply_strategy", "trainable_names", "expected_trainable", "trainable_state_dict", "load_trainable_state",
+    "count_parameters"]
 
 STRATEGIES = STRATEGY_NAMES  # one list, kept in params (no torch import there)
 

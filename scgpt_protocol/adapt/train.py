@@ -310,11 +310,12 @@ def finetune(
         model.to(device)
         with PeakMemory(device) as memory:
             fingerprint = data_fingerprint(adata, label_key, categories, split_key, base_checkpoint.get("sha256"))
-            history, best_epoch, best_score, stopped_early, resumed = _train_epochs(
-                model, stream, keys, params, strategy, codes, train_rows, val_rows, weights, val_loss_fn,
-                device, layout if rank == 0 else None, on_epoch_end, fingerprint,
-                state_path=layout.train_state if layout is not None else None,
-            )
+            t = _start_training(model, stream, keys, params, strategy, codes, train_rows, val_rows, weights,
+                                val_loss_fn, device, fingerprint)
+            _train_epochs(t, layout=layout if rank == 0 else None, on_epoch_end=on_epoch_end,
+                          state_path=layout.train_state if layout is not None else None)
+        history, best_epoch, best_score, stopped_early, resumed = (t.history, t.best_epoch, t.best_score,
+                                                                   t.stopped_early, t.resumed)
     n_trainable, n_total = st.count_parameters(model)
     if strategy == "probe":
         n_trainable = sum(p.numel() for p in model.cls_decoder.parameters())
@@ -377,6 +378,7 @@ class _Training:
     stale: int = 0
     first_epoch: int = 1
     resumed: int | None = None
+    stopped_early: bool = False
 
     def state(self, epoch: int) -> dict[str, Any]:
         """What resuming after ``epoch`` needs."""
@@ -388,24 +390,21 @@ class _Training:
         }
 
 
-def _train_epochs(model: ScGPT, stream: _Stream, keys: np.ndarray, params: FinetuneParams, strategy: str,
-                  codes: np.ndarray, train_rows: np.ndarray, val_rows: np.ndarray, weights: torch.Tensor | None,
-                  val_loss_fn: nn.Module, device: torch.device, layout: RunLayout | None,
-                  on_epoch_end: Callable[[dict[str, Any]], None] | None, fingerprint: str,
-                  state_path: Path | None) -> tuple:
-    """The epochs; ``layout`` (rank 0 only) receives the state and history, ``state_path`` is read to resume."""
+def _train_epochs(t: _Training, *, layout: RunLayout | None, on_epoch_end: Callable[[dict[str, Any]], None] | None,
+                  state_path: Path | None) -> None:
+    """Run the epochs of ``t`` (resumed from ``state_path`` when it holds a state); ``layout`` (rank 0 only)
+    receives the state and history after every epoch. Ends with the best epoch's weights in the model."""
     from . import strategies as st
 
     rank, _ = world()
-    t = _start_training(model, stream, keys, params, strategy, codes, train_rows, val_rows, weights, val_loss_fn,
-                        device, fingerprint)
+    params = t.params
     if state_path is not None and state_path.exists() and params.resume:
         _resume(t, state_path)
     barrier()  # every rank has read the state before rank 0 writes the next one
-    stopped_early = bool(t.history) and t.history[-1].get("stopped", False)
+    t.stopped_early = bool(t.history) and t.history[-1].get("stopped", False)
 
     for epoch in range(t.first_epoch, params.epochs + 1):
-        if stopped_early:
+        if t.stopped_early:
             break
         row = _run_epoch(t, epoch)
         if layout is not None and state_path is not None:
@@ -416,9 +415,8 @@ def _train_epochs(model: ScGPT, stream: _Stream, keys: np.ndarray, params: Finet
             on_epoch_end(row)
         if row["stopped"]:
             logger.info("early stopping: no better validation macro-F1 for %d epochs", params.patience)
-            stopped_early = True
-    st.load_trainable_state(model, t.best_state)  # end with the best epoch's weights
-    return t.history, t.best_epoch, t.best_score, stopped_early, t.resumed
+            t.stopped_early = True
+    st.load_trainable_state(t.model, t.best_state)  # end with the best epoch's weights
 
 
 def _start_training(model: ScGPT, stream: _Stream, keys: np.ndarray, params: FinetuneParams, strategy: str,

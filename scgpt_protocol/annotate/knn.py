@@ -120,7 +120,7 @@ def transfer_labels(
     k
         Number of neighbours (10 in the scGPT tutorials); at most ``n_ref``.
     normalize
-        L2-normalise both embeddings first (again: :func:`~scgpt_protocol.model.embed.embed` already
+        L2-normalise both embeddings first (again: :func:`~scgpt_protocol.model.embedding.embed` already
         does). With ``False`` the vectors are used as given.
     eps
         Added to the distances of the weighted vote, ``weight = 1 / (d + eps)``: an exact duplicate

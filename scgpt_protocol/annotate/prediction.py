@@ -1,4 +1,4 @@
-"""What :func:`~scgpt_protocol.annotate.predict.predict` returns: per-cell labels, codes, confidence,
+"""What :func:`~scgpt_protocol.annotate.classify.predict` returns: per-cell labels, codes, confidence,
 probabilities and embeddings (:class:`Prediction`), in the order of ``adata.obs_names``.
 """
 
@@ -20,7 +20,7 @@ __all__ = ["Prediction", "check_prediction"]
 class Prediction:
     """Per-cell results of :func:`predict`, in the order of ``adata.obs_names``.
 
-    After :func:`~scgpt_protocol.annotate.refine.refine` (``min_confidence`` / ``majority_voting``), ``labels``
+    After :func:`~scgpt_protocol.annotate.refinement.refine` (``min_confidence`` / ``majority_voting``), ``labels``
     is the per-cell call (``"Unknown"`` below ``min_confidence``) and the fields below it are filled;
     ``codes`` and ``confidence`` always describe the model's predicted class.
     """

@@ -100,8 +100,8 @@ def _get_embedding(
     out: Path | None = None,
 ) -> tuple[Any, bool, str | None]:
     """``(embedding, reused, precision)``: an in-memory array, or with ``out`` the on-disk (h5py) dataset
-    that :func:`~scgpt_protocol.model.embed.embed` streamed to that file."""
-    from ..model.embed import embed
+    that :func:`~scgpt_protocol.model.embedding.embed` streamed to that file."""
+    from ..model.embedding import embed
 
     d_model = model.config.d_model
     if reuse and embedding_key in adata.obsm:
@@ -162,7 +162,7 @@ def zeroshot_annotate(
 ) -> ZeroShotResult:
     """Annotate ``query`` from ``reference`` with the pretrained model, without fine-tuning.
 
-    Both datasets are embedded with :func:`~scgpt_protocol.model.embed.embed`, then every query cell
+    Both datasets are embedded with :func:`~scgpt_protocol.model.embedding.embed`, then every query cell
     receives the labels of :func:`transfer_labels` (majority and distance-weighted vote of its
     ``k`` nearest reference cells).
 
@@ -190,7 +190,7 @@ def zeroshot_annotate(
     k
         Number of nearest reference cells that vote (10 in the scGPT tutorials).
     max_seq_len, batch_size, seed, layer, gene_symbol_key, precision
-        Passed to :func:`~scgpt_protocol.model.embed.embed`, identically for both datasets.
+        Passed to :func:`~scgpt_protocol.model.embedding.embed`, identically for both datasets.
     embedding_key
         ``obsm`` key the embeddings are written to (and read from with ``reuse_embeddings``).
     reuse_embeddings
@@ -198,7 +198,7 @@ def zeroshot_annotate(
         use it for embeddings computed by the same model with the same settings: this is not checked
         beyond the dimension.
     min_confidence
-        Abstention (:mod:`scgpt_protocol.annotate.refine`): a query cell where fewer than this share of the
+        Abstention (:mod:`scgpt_protocol.annotate.refinement`): a query cell where fewer than this share of the
         ``k`` neighbours vote for the majority label is ``"Unknown"`` in ``scgpt_zeroshot_label``
         (the kNN label stays in ``scgpt_zeroshot_prediction``). 0: off. The weighted vote is left as
         it is.
@@ -207,7 +207,7 @@ def zeroshot_annotate(
         is given) and give every cell its cluster's majority call: ``scgpt_majority_voting``.
     store_dir
         A folder: the embeddings are streamed to ``reference_embeddings.h5`` and ``query_embeddings.h5``
-        there (:func:`~scgpt_protocol.model.embed.embed` with ``out=``) instead of ``obsm``, so that
+        there (:func:`~scgpt_protocol.model.embedding.embed` with ``out=``) instead of ``obsm``, so that
         ``reference`` and ``query`` may be backed AnnData (views of ``read_h5ad(path, backed="r")``) of any
         size. Memory then holds the labelled reference embeddings (``n_ref x d`` float32, what the
         neighbour search needs) and one block of 65,536 query cells at a time; ``query_embedding`` and
@@ -274,7 +274,7 @@ class _ZeroShotSettings:
 def _zeroshot(reference: AnnData, query: AnnData, model: ScGPT, s: _ZeroShotSettings) -> ZeroShotResult:
     """:func:`zeroshot_annotate`: check, embed both datasets, vote, refine, score."""
     from ..data.store import take_rows
-    from .refine import refine_labels
+    from .refinement import refine_labels
 
     used, ref_str, distinct, notes = _voting_reference(reference, s.label_key, s.k)
     _check_shared_genes(reference, query, model, s.gene_symbol_key)
@@ -361,7 +361,7 @@ def _zeroshot_embedding(adata: AnnData, model: ScGPT, what: str, s: _ZeroShotSet
 def _zeroshot_predictions(query: AnnData, transfer: LabelTransfer, refined: Any, distinct: np.ndarray, *,
                           refining: bool) -> pd.DataFrame:
     """One row per query cell: the votes and, when refining, the refinement columns (also written to the query)."""
-    from .refine import write_annotation
+    from .refinement import write_annotation
 
     predictions = pd.DataFrame(
         {
@@ -387,7 +387,7 @@ def _score_zeroshot(query: AnnData, s: _ZeroShotSettings, predictions: pd.DataFr
                     refined: Any, distinct: np.ndarray, notes: list[str]) -> dict[str, Any] | None:
     """Metrics against the query's true labels (None without any); adds them to ``predictions``, remarks to
     ``notes`` (which the metrics hold too)."""
-    from .refine import refinement_metrics
+    from .refinement import refinement_metrics
 
     label_key = s.label_key
     if label_key not in query.obs.columns:
@@ -407,7 +407,7 @@ def _score_zeroshot(query: AnnData, s: _ZeroShotSettings, predictions: pd.DataFr
     if not labelled.any():
         notes.append(f"no query cell has a {label_key!r} label: no metrics")
         return None
-    from .refine import UNKNOWN
+    from .refinement import UNKNOWN
 
     return {
         "majority": classification_metrics(y_true, refined.labels[labelled],

@@ -23,7 +23,8 @@ from typing import Any, Iterator, Literal
 
 import torch
 
-__all__ = ["PRECISIONS", "Precision", "resolve_device", "resolve_precision", "precision_dtype", "cpu_has_native_bf16", "autocast", "amp_dtype", "PeakMemory"]
+__all__ = ["PRECISIONS", "Precision", "resolve_device", "resolve_precision", "precision_dtype",
+    "cpu_has_native_bf16", "autocast", "amp_dtype", "PeakMemory"]
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 #: the values of every ``precision`` parameter

@@ -6,7 +6,8 @@ from the builtin a caller would catch (``ValueError``, ``FileNotFoundError``, ..
 
 from __future__ import annotations
 
-__all__ = ["ScGPTProtocolError", "CheckpointError", "CheckpointNotFoundError", "DownloadError", "ChecksumMismatchError", "InputDataError", "GeneMatchError", "ArtifactError", "format_keys"]
+__all__ = ["ScGPTProtocolError", "CheckpointError", "CheckpointNotFoundError", "DownloadError",
+    "ChecksumMismatchError", "InputDataError", "GeneMatchError", "ArtifactError", "format_keys"]
 
 
 def format_keys(keys: object, limit: int = 10) -> str:

@@ -17,7 +17,8 @@ from typing import Any, ClassVar, Mapping, Optional
 
 import yaml
 
-__all__ = ["StepParams", "PreprocessParams", "FinetuneParams", "EvaluateParams", "ZeroshotParams", "STEPS", "load_params_file", "parameters_cell"]
+__all__ = ["StepParams", "PreprocessParams", "FinetuneParams", "EvaluateParams", "ZeroshotParams", "STEPS",
+    "load_params_file", "parameters_cell"]
 
 
 #: the adaptation strategies (scgpt_protocol.adapt.strategies implements them)

@@ -1,7 +1,7 @@
 """Per-cell outputs of prediction and embedding written to an HDF5 file chunk by chunk.
 
 At atlas scale the per-cell matrices (class probabilities ``n x C``, embeddings ``n x d``) grow with the
-number of cells; :func:`~scgpt_protocol.annotate.predict.predict` and :func:`~scgpt_protocol.model.embed.embed`
+number of cells; :func:`~scgpt_protocol.annotate.classify.predict` and :func:`~scgpt_protocol.model.embedding.embed`
 given ``out=`` write them here one chunk of cells at a time and keep in memory only the small per-cell
 vectors (codes, confidence). The file is a plain HDF5 file (``h5py``), one dataset per output, rows in the
 order of ``adata.obs_names``. It is not memory-mapped: reading rows back reads them from disk
@@ -19,7 +19,8 @@ from typing import Any, Mapping
 import numpy as np
 import scipy.sparse as sp
 
-__all__ = ["CSRWriter", "begin_h5ad", "write_elem", "RowWriter", "create_store", "open_store", "take_rows", "embedding_rows", "subsample"]
+__all__ = ["CSRWriter", "begin_h5ad", "write_elem", "RowWriter", "create_store", "open_store", "take_rows",
+    "embedding_rows", "subsample"]
 
 
 # -- writing ------------------------------------------------------------------------------------
@@ -127,7 +128,7 @@ class RowWriter:
     """Buffers rows of a window of ``chunk_rows`` cells and writes each window as one contiguous block.
 
     Rows must arrive window by window (any order within a window), as
-    :func:`~scgpt_protocol.model.embed.iter_batches` yields them for the same ``chunk_size``.
+    :func:`~scgpt_protocol.model.embedding.iter_batches` yields them for the same ``chunk_size``.
     """
 
     def __init__(self, handle: Any, datasets: dict[str, Any], n_rows: int, chunk_rows: int) -> None:

@@ -30,7 +30,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EvalResult", "evaluate_predictions", "prediction_store", "STORE_OUTPUTS_CELLS", "write_results", "evaluate_query"]
+__all__ = ["EvalResult", "evaluate_predictions", "prediction_store", "STORE_OUTPUTS_CELLS", "write_results",
+    "evaluate_query"]
 
 
 # -- scGPT predictions ----------------------------------------------------------------------
@@ -59,7 +60,7 @@ def evaluate_predictions(
     adata
         The AnnData ``prediction`` was made on (same cells, same order), with ``obs[label_key]``.
     prediction
-        The result of :func:`~scgpt_protocol.annotate.predict.predict`.
+        The result of :func:`~scgpt_protocol.annotate.classify.predict`.
     label_key
         ``obs`` column with the true labels.
     cells
@@ -93,7 +94,7 @@ def evaluate_predictions(
         msg = f"none of the {int(mask.sum())} selected cells has a label in adata.obs[{label_key!r}]."
         raise ValueError(msg)
     from ..annotate.columns import COLUMNS, CORRECT, SPLIT, TRUE_LABEL
-    from ..annotate.refine import UNKNOWN, as_refinement, refinement_metrics
+    from ..annotate.refinement import UNKNOWN, as_refinement, refinement_metrics
 
     categories = [str(c) for c in prediction.categories]
     refined = as_refinement(prediction)
@@ -146,7 +147,7 @@ STORE_OUTPUTS_CELLS = 200_000
 
 
 def prediction_store(layout: Any, n_cells: int, store_outputs: bool | None = None) -> Path | None:
-    """Where 03's :func:`~scgpt_protocol.annotate.predict.predict` writes its per-cell outputs: ``out=`` or None.
+    """Where 03's :func:`~scgpt_protocol.annotate.classify.predict` writes its per-cell outputs: ``out=`` or None.
 
     ``store_outputs`` True: ``layout.prediction_store`` (``data/predictions.h5``): probabilities and
     embeddings are streamed there and read back by rows (evaluation, refinement, the UMAP's sample), so
@@ -189,7 +190,7 @@ def evaluate_query(
     baseline
         A :func:`logistic_regression_baseline` fitted with ``query=`` (its ``.query`` row is added).
     min_confidence, majority_voting
-        Abstention and majority voting on the query's cells (:func:`~scgpt_protocol.annotate.refine.refine`,
+        Abstention and majority voting on the query's cells (:func:`~scgpt_protocol.annotate.refinement.refine`,
         the query over-clustered on its own).
 
     Returns
@@ -197,7 +198,7 @@ def evaluate_query(
     dict
         ``{"label_key", "n_cells", "methods": {method: metrics}, "predictions": DataFrame}``.
     """
-    from ..annotate.predict import predict
+    from ..annotate.classify import predict
 
     key = label_key or manifest["label_key"]
     if key not in query.obs:
@@ -205,7 +206,7 @@ def evaluate_query(
         raise KeyError(msg)
     prediction = predict(model, query, categories=manifest["categories"], genes=manifest["genes"],
                          batch_size=batch_size, max_seq_len=max_seq_len, seed=seed, desc="query", precision=precision)
-    from ..annotate.refine import refine
+    from ..annotate.refinement import refine
 
     prediction = refine(prediction, min_confidence=min_confidence, majority_voting=majority_voting, seed=seed)
     result = evaluate_predictions(query, prediction, label_key=key)

@@ -30,7 +30,9 @@ from .vocab import SPECIAL_TOKENS
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CHECKPOINT_RECORD_KEYS", "checkpoint_record", "model_checkpoint_record", "LoadReport", "load_model", "save_checkpoint", "make_tiny_checkpoint", "read_vocab", "write_manifest", "torch_save_atomic", "CHECKPOINT_FILES"]
+__all__ = ["CHECKPOINT_RECORD_KEYS", "checkpoint_record", "model_checkpoint_record", "LoadReport",
+    "load_model", "save_checkpoint", "make_tiny_checkpoint", "read_vocab", "write_manifest",
+    "torch_save_atomic", "CHECKPOINT_FILES"]
 
 CHECKPOINT_FILES = ("args.json", "vocab.json", "best_model.pt")
 #: keys of the released checkpoint that only pretraining used

@@ -21,7 +21,8 @@ import torch
 
 from .binning import bin_nonzero
 
-__all__ = ["TokenizedCell", "Batch", "cell_rng", "cell_keys", "tokenize_rows", "collate", "length_sorted_batches"]
+__all__ = ["TokenizedCell", "Batch", "cell_rng", "cell_keys", "tokenize_rows", "collate",
+    "length_sorted_batches"]
 
 
 

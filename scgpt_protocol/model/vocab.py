@@ -20,7 +20,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SPECIAL_TOKENS", "GeneMatch", "gene_symbols", "match_genes", "FINETUNE_CLS_VALUE", "check_gene_overlap", "MIN_GENE_OVERLAP"]
+__all__ = ["SPECIAL_TOKENS", "GeneMatch", "gene_symbols", "match_genes", "FINETUNE_CLS_VALUE",
+    "check_gene_overlap", "MIN_GENE_OVERLAP"]
 
 SPECIAL_TOKENS = ("<pad>", "<cls>", "<eoc>")
 

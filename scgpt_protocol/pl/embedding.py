@@ -178,7 +178,7 @@ def compute_umap(
     ----------
     adata
         Cells with the representation in ``obsm[use_rep]`` (e.g. from
-        :func:`~scgpt_protocol.annotate.predict.annotate` or :func:`~scgpt_protocol.model.embed.embed`).
+        :func:`~scgpt_protocol.annotate.classify.annotate` or :func:`~scgpt_protocol.model.embedding.embed`).
     use_rep
         ``obsm`` key of the representation.
     key_added

@@ -13,7 +13,7 @@ from ..data.colors import mark_categories
 from ..data.labels import SPLITS
 from ..data.matrix import get_matrix, iter_row_chunks, value_kind
 from ..model.vocab import gene_symbols
-from ..pp.prepare import PreparedData
+from ..pp.in_memory import PreparedData
 from ..pp.stages import mito_mask, percent_mito
 
 if TYPE_CHECKING:

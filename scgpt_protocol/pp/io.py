@@ -14,7 +14,7 @@ from ..core.log import DETAIL
 from ..data.colors import label_palette
 from ..data.labels import SPLITS
 from ..data.read import open_backed
-from .prepare import PreparedData
+from .in_memory import PreparedData
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["open_prepared_cells", "resolve_checkpoint", "read_checkpoint_record", "write_prepared", "read_prepared", "read_labels"]
+__all__ = ["open_prepared_cells", "resolve_checkpoint", "read_checkpoint_record", "write_prepared",
+    "read_prepared", "read_labels"]
 
 #: the notebook that writes the files read here (named in the error when they are missing); the step's
 #: parameters call it ``PreprocessParams.STEP`` ("preprocess")

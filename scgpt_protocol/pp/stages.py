@@ -1,4 +1,4 @@
-"""The stages of step 01 that the in-memory (:mod:`.prepare`) and streamed (:mod:`.stream`) paths share:
+"""The stages of step 01 that the in-memory (:mod:`.in_memory`) and streamed (:mod:`.stream`) paths share:
 mitochondrial share, the normalisation choice, the genes the vocabulary knows, the split, the checks that
 cells and genes are left, and the warnings collected for the report."""
 

@@ -1,6 +1,6 @@
 """Step 01 with bounded memory: :func:`prepare_file` streams the expression matrix in row chunks.
 
-:func:`scgpt_protocol.pp.prepare.prepare` works on an AnnData held in memory and copies it along
+:func:`scgpt_protocol.pp.in_memory.prepare` works on an AnnData held in memory and copies it along
 the way (several times the size of ``X`` at its peak). :func:`prepare_file` gives the same
 ``prepared.h5ad`` (same ``X``, ``layers["counts"]``, ``obs``, ``var``, ``uns``; see the tests) while
 holding at most the input matrix plus one chunk:
@@ -55,7 +55,7 @@ if TYPE_CHECKING:
 
     from ..core.layout import RunLayout
     from ..core.params import PreprocessParams
-    from .prepare import PreparedData
+    from .in_memory import PreparedData
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ def prepare_file(
     Parameters
     ----------
     params : PreprocessParams
-        As for :func:`~scgpt_protocol.pp.prepare.prepare`; ``adata_path`` is the input file (or ``"demo"``),
+        As for :func:`~scgpt_protocol.pp.in_memory.prepare`; ``adata_path`` is the input file (or ``"demo"``),
         ``chunked`` and ``chunk_size`` choose the path.
     vocab : dict of str to int
         The checkpoint's vocabulary.
@@ -158,7 +158,7 @@ def prepare_file(
     Returns
     -------
     PreparedData
-        As :func:`~scgpt_protocol.pp.prepare.prepare` returns, except that ``adata`` holds no ``X``:
+        As :func:`~scgpt_protocol.pp.in_memory.prepare` returns, except that ``adata`` holds no ``X``:
         ``obs``, ``var`` and ``uns`` of the prepared data (the matrices are in the file).
 
     Notes
@@ -170,7 +170,7 @@ def prepare_file(
 
     Raises
     ------
-    As :func:`~scgpt_protocol.pp.prepare.prepare` and :func:`~scgpt_protocol.data.read.read_adata`.
+    As :func:`~scgpt_protocol.pp.in_memory.prepare` and :func:`~scgpt_protocol.data.read.read_adata`.
     """
     from ..data.read import check_h5ad_path
     from .io import write_labels
@@ -406,7 +406,7 @@ def _prepare_source(source: AnnData, params: PreprocessParams, vocab: dict[str, 
     from ..data.labels import require_obs_key
     from ..data.matrix import check_expression, get_matrix
     from ..model.vocab import gene_symbols
-    from .prepare import finish_prepared
+    from .in_memory import finish_prepared
     from .stages import (
         check_cells_left,
         choose_normalisation,

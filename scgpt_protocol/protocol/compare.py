@@ -25,7 +25,7 @@ import pandas as pd
 from ..adapt.cells import data_fingerprint
 from ..adapt.saved import load_finetuned, save_finetuned
 from ..adapt.train import TrainResult, finetune, strategy_config
-from ..annotate.predict import predict
+from ..annotate.classify import predict
 from ..annotate.prediction import Prediction
 from ..core.io import atomic_write
 from ..core.layout import RunLayout
@@ -240,13 +240,13 @@ class AnnotationRunner:
         genes is refused with a :class:`~scgpt_protocol.core.errors.GeneMatchError` (the rule of every step).
         ``min_confidence`` (cells whose predicted-class probability is below it are ``"Unknown"``) and
         ``majority_voting`` (the majority label of each over-cluster of the fine-tuned embedding, at
-        ``resolution`` or CellTypist's rule) apply :func:`~scgpt_protocol.annotate.refine.refine`.
+        ``resolution`` or CellTypist's rule) apply :func:`~scgpt_protocol.annotate.refinement.refine`.
         """
         model = self._require_model()
         genes = self.manifest.get("genes") or list(self.adata.var_names)
         prediction = self._predict_with(model, adata, genes=genes)
         if min_confidence or majority_voting:
-            from ..annotate.refine import refine
+            from ..annotate.refinement import refine
 
             prediction = refine(prediction, min_confidence=min_confidence, majority_voting=majority_voting,
                                 resolution=resolution, seed=self.params.seed)
@@ -261,7 +261,7 @@ class AnnotationRunner:
         (the class before abstention), ``obs["scgpt_unknown"]``, ``obs["scgpt_over_clustering"]``,
         ``obs["scgpt_majority_voting"]`` and ``uns["scgpt_annotation"]`` (the parameters).
         """
-        from ..annotate.predict import annotate
+        from ..annotate.classify import annotate
 
         prediction = self.predict(adata, min_confidence=min_confidence, majority_voting=majority_voting,
                                   resolution=resolution)
@@ -360,7 +360,7 @@ def adapt_annotation(
     AnnotationRunner
         ``.comparison`` (a DataFrame), ``.best_strategy``, ``.predict(adata)``, ``.annotate_adata(adata)``.
     """
-    from ..pp.prepare import prepare
+    from ..pp.in_memory import prepare
 
     fixed = {"run_dir", "mount_drive", "label_key", "checkpoint"}  # set by the arguments above
     pre_fields, ft_fields = set(PreprocessParams.field_names()) - fixed, set(FinetuneParams.field_names()) - fixed

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from ..annotate.refine import UNKNOWN
+from ..annotate.refinement import UNKNOWN
 from ..metrics import (
     BASELINE,
     HEADERS,
@@ -46,7 +46,9 @@ if TYPE_CHECKING:
     from ..core.layout import RunLayout
     from ..core.params import StepParams
 
-__all__ = ["refinement_table", "refinement_display", "describe_refinement", "HEADERS", "FEW_CELLS", "Banner", "Summary", "checkpoint_banner", "metrics_display", "per_class_table", "run_summary", "summary_of", "training_report", "settings_table", "files_table"]
+__all__ = ["refinement_table", "refinement_display", "describe_refinement", "HEADERS", "FEW_CELLS", "Banner",
+    "Summary", "checkpoint_banner", "metrics_display", "per_class_table", "run_summary", "summary_of",
+    "training_report", "settings_table", "files_table"]
 
 
 def refinement_table(metrics: Mapping[str, Any], refined: Mapping[str, Any] | None = None,

@@ -16,7 +16,9 @@ from pathlib import Path
 from ..core.params import STEPS
 from ..core.version import REPOSITORY, __version__
 
-__all__ = ["BUILTIN_SCENARIOS", "COLAB_INSTALL", "ProtocolNotFound", "WorkspaceExists", "protocol_root", "notebooks_dir", "params_root", "resolve_scenario", "resolve_notebooks", "scenario_summary", "step_summary", "init_workspace"]
+__all__ = ["BUILTIN_SCENARIOS", "COLAB_INSTALL", "ProtocolNotFound", "WorkspaceExists", "protocol_root",
+    "notebooks_dir", "params_root", "resolve_scenario", "resolve_notebooks", "scenario_summary",
+    "step_summary", "init_workspace"]
 
 #: the scenarios shipped with the package (``scgpt-protocol run NAME``)
 BUILTIN_SCENARIOS = ("demo", "ci", "retina-example")

@@ -9,13 +9,13 @@ only names them.
 from ..core.lazy import lazy_exports
 
 __getattr__, __dir__, __all__ = lazy_exports(__name__, {
-    "embed": ".model.embed",
+    "embed": ".model.embedding",
     "finetune": ".adapt.train",
     "load_finetuned": ".adapt.saved",
     "save_finetuned": ".adapt.saved",
     "apply_strategy": ".adapt.strategies",
-    "predict": ".annotate.predict",
-    "refine": ".annotate.refine",
+    "predict": ".annotate.classify",
+    "refine": ".annotate.refinement",
     "transfer_labels": ".annotate.knn",
     "zeroshot_annotate": ".annotate.zeroshot",
     "compute_umap": ".pl.embedding",

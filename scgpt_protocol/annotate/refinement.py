@@ -47,7 +47,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["UNKNOWN", "Refinement", "overclustering_resolution", "abstain", "over_cluster", "majority_vote", "refine_labels", "refine", "as_refinement", "refinement_metrics", "write_annotation"]
+__all__ = ["UNKNOWN", "Refinement", "overclustering_resolution", "abstain", "over_cluster", "majority_vote",
+    "refine_labels", "refine", "as_refinement", "refinement_metrics", "write_annotation"]
 
 #: the label of a cell whose confidence is below ``min_confidence``
 UNKNOWN = "Unknown"

@@ -14,7 +14,7 @@ import torch
 from ..core.device import autocast, resolve_precision
 from ..core.log import progress
 from ..data.matrix import check_expression
-from ..model.embed import iter_batches
+from ..model.embedding import iter_batches
 from ..model.scgpt import ScGPT
 from .prediction import Prediction, check_prediction
 
@@ -52,7 +52,7 @@ def predict(
     ``precision`` is ``"auto"``, ``"fp32"``, ``"bf16"`` or ``"fp16"``
     (:func:`~scgpt_protocol.core.device.resolve_precision`); the one used is ``Prediction.precision``.
 
-    ``min_confidence`` > 0 or ``majority_voting`` applies :func:`~scgpt_protocol.annotate.refine.refine` to all
+    ``min_confidence`` > 0 or ``majority_voting`` applies :func:`~scgpt_protocol.annotate.refinement.refine` to all
     the cells of ``adata``: cells whose probability is below ``min_confidence`` get the label
     ``"Unknown"``; majority voting over-clusters the fine-tuned embeddings and fills
     ``majority_voting``.
@@ -67,7 +67,7 @@ def predict(
     ``chunk_size``: cells tokenised at a time (and rows written at a time).
     """
     if min_confidence:
-        from .refine import check_min_confidence
+        from .refinement import check_min_confidence
 
         check_min_confidence(min_confidence)
     n_classes = _head_classes(model, categories)
@@ -96,7 +96,7 @@ def predict(
         model.train(was_training)
     prediction = sink.prediction()
     if min_confidence or majority_voting:
-        from .refine import refine
+        from .refinement import refine
 
         prediction = refine(prediction, min_confidence=min_confidence, majority_voting=majority_voting, seed=seed)
     return prediction
@@ -185,7 +185,7 @@ def annotate(
     fine-tuned ``<cls>`` embeddings; skipped when ``embedding_key`` is None; a prediction made with
     ``predict(out=...)`` keeps them in its HDF5 store and ``uns[embedding_key + "_store"]`` names it).
     A prediction refined by
-    :func:`~scgpt_protocol.annotate.refine.refine` also writes ``obs["scgpt_prediction"]`` (the class before
+    :func:`~scgpt_protocol.annotate.refinement.refine` also writes ``obs["scgpt_prediction"]`` (the class before
     abstention; ``obs[obs_key]`` then holds ``"Unknown"`` below ``min_confidence``),
     ``obs["scgpt_unknown"]``, ``obs["scgpt_over_clustering"]`` / ``obs["scgpt_majority_voting"]`` (with
     majority voting) and ``uns["scgpt_annotation"]`` (the parameters); with another ``obs_key`` these
@@ -196,7 +196,7 @@ def annotate(
     adata
         The AnnData ``prediction`` was made on (same cells, same order).
     prediction
-        The result of :func:`~scgpt_protocol.annotate.predict.predict`.
+        The result of :func:`~scgpt_protocol.annotate.classify.predict`.
     obs_key, embedding_key
         Where to write.
 
@@ -207,7 +207,7 @@ def annotate(
     """
     check_prediction(adata, prediction)
     from ..annotate.columns import columns_for
-    from ..annotate.refine import as_refinement, write_annotation
+    from ..annotate.refinement import as_refinement, write_annotation
 
     categories = [str(c) for c in prediction.categories]
     refined = as_refinement(prediction)
