@@ -4,7 +4,7 @@ from ..core.lazy import lazy_exports
 
 __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "read_adata": ".data.read",
-    "open_adata": ".data.read",
+    "open_lazy": ".data.read",
     "seurat_hvg": "hvg",
     "PreparedData": "in_memory",
     "prepare": "in_memory",
