@@ -70,6 +70,15 @@ def test_pyproject_lists_every_subpackage_for_the_wheel():
     assert {p for p in listed if not p.startswith("scgpt_protocol._protocol")} == found
 
 
+def test_console_script_points_at_the_cli():
+    tomllib = pytest.importorskip("tomllib")
+    import importlib
+
+    target = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]["scgpt-protocol"]
+    module, _, name = target.partition(":")
+    assert callable(getattr(importlib.import_module(module), name))
+
+
 def test_init_copies_byte_for_byte_and_refuses_to_overwrite(tmp_path):
     dest = tmp_path / "my-run"
     written = init_workspace(dest)
