@@ -109,11 +109,11 @@ class CellGroups(torch.utils.data.Dataset):
             return self._matrix
         if self._handle is None or self._pid != os.getpid():  # first use in this process: open our own handle
             import h5py
-            from anndata.io import sparse_dataset
+
+            from ..data.matrix import disk_matrix
 
             self._handle, self._pid = h5py.File(self.path, "r"), os.getpid()
-            x = self._handle["X"]
-            self._matrix = sparse_dataset(x) if isinstance(x, h5py.Group) else x
+            self._matrix = disk_matrix(self._handle["X"])
         return self._matrix
 
     def read(self, rows: np.ndarray) -> sp.csr_matrix:

@@ -11,6 +11,7 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "load_demo": "demo",
     "make_toy_adata": "demo",
     "SPLITS": "labels",
+    "disk_matrix": "matrix",
     "iter_row_chunks": "matrix",
     "read_rows": "matrix",
     "log1p_cp10k": "matrix",

@@ -55,12 +55,13 @@ class BackedCells:
 
     def __init__(self, path: str | Path) -> None:
         import h5py
-        from anndata.io import read_elem, sparse_dataset
+        from anndata.io import read_elem
+
+        from .matrix import disk_matrix
 
         self.filename = Path(path)
         self.file = h5py.File(self.filename, "r")
-        source = self.file["X"]
-        self.X = sparse_dataset(source) if isinstance(source, h5py.Group) else source
+        self.X = disk_matrix(self.file["X"])
         self.var = read_elem(self.file["var"])
         obs = self.file["obs"]
         self._obs = obs

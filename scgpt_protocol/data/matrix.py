@@ -23,7 +23,7 @@ from ..core.errors import InputDataError, format_keys
 if TYPE_CHECKING:
     from anndata import AnnData
 
-__all__ = ["iter_row_chunks", "read_rows", "log1p_cp10k", "get_matrix", "check_expression", "value_kind"]
+__all__ = ["disk_matrix", "iter_row_chunks", "read_rows", "log1p_cp10k", "get_matrix", "check_expression", "value_kind"]
 
 
 def log1p_cp10k(matrix: Any, *, copy: bool = False, chunk_size: int = 8192) -> sp.csr_matrix:
@@ -70,6 +70,15 @@ def select_cols(x: sp.csr_matrix, cols: np.ndarray | None) -> sp.csr_matrix:
 LOG_MAX = 50.0
 
 
+def disk_matrix(elem: Any) -> Any:
+    """An HDF5 matrix element read lazily: anndata's sparse dataset for a CSR / CSC group, the h5py dataset
+    itself when dense (rows are read when indexed)."""
+    import h5py
+    from anndata.io import sparse_dataset
+
+    return sparse_dataset(elem) if isinstance(elem, h5py.Group) else elem
+
+
 # -- matrices -------------------------------------------------------------------------------
 class BackedRows:
     """The rows of a backed AnnData view, read from the file only when indexed.
@@ -80,11 +89,8 @@ class BackedRows:
     """
 
     def __init__(self, adata: AnnData) -> None:
-        from anndata.io import sparse_dataset
-
         parent = adata._adata_ref  # the backed AnnData the view was taken from
-        source = parent.file["X"]
-        self.source = sparse_dataset(source) if hasattr(source, "keys") else source
+        self.source = disk_matrix(parent.file["X"])
         self.rows = np.arange(parent.n_obs)[adata._oidx]
         cols = np.arange(parent.n_vars)[adata._vidx]
         self.cols = None if len(cols) == parent.n_vars and np.array_equal(cols, np.arange(parent.n_vars)) else cols

@@ -199,8 +199,6 @@ def open_lazy(path: str | Path, *, layer: str | None = None, in_memory: bool = F
     import h5py
     from anndata.io import read_elem, sparse_dataset
 
-    pass
-
     if str(path) == "demo":
         return read_adata("demo")
     file = check_h5ad_path(path)

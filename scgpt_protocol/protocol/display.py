@@ -94,8 +94,6 @@ def refinement_table(metrics: Mapping[str, Any], refined: Mapping[str, Any] | No
 def refinement_display(metrics: Mapping[str, Any], refined: Mapping[str, Any] | None = None, *,
                        method: str = "scGPT", caption: str | None = None) -> Any:
     """:func:`refinement_table` for a report: rounded, readable headers, a coverage column (a Styler)."""
-    pass
-
     table = refinement_table(metrics, refined, method=method)
     frame = table.drop(columns=["n_cells", "coverage"]).round(3)
     frame.columns = [c.replace("_", " ").replace("macro auroc", "macro AUROC") for c in frame.columns]
