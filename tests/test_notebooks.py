@@ -160,6 +160,7 @@ def test_failure_names_the_report_and_the_cell(tmp_path):
     assert manifest["status"] == "failed" and manifest["steps"]["01_preprocess"]["status"] == "failed"
 
 
+@pytest.mark.slow  # 90 s: the four notebooks once more, in one kernel each (CI runs it with --slow)
 def test_notebooks_run_interactively_cell_by_cell(tmp_path):
     """As a person in JupyterLab would: open each notebook, edit the parameters cell, run all cells."""
     from nbclient import NotebookClient

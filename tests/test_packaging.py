@@ -210,4 +210,5 @@ def test_wheel_carries_the_protocol_byte_for_byte(tmp_path):
     assert sorted(packaged) == _protocol_files()
     for rel, data in packaged.items():
         assert data == (ROOT / rel).read_bytes(), f"{rel} in the wheel differs from the repository"
-    assert {f"scgpt_protocol/{p.name}" for p in (ROOT / "scgpt_protocol").glob("*.py")} == modules
+    # every module of every subpackage, nothing else
+    assert {p.relative_to(ROOT).as_posix() for p in (ROOT / "scgpt_protocol").rglob("*.py")} == modules
