@@ -130,29 +130,40 @@ def test_no_import_circles():
     assert _cycles(_graph()) == []
 
 
-def test_imports_run_downward_only():
-    upward = []
-    for module in MODULES:
+def _upward(imports: dict[str, list[tuple[str, str, int]]]) -> list[str]:
+    """Imports of a package of the same or a higher layer (a sibling, or upward)."""
+    found = []
+    for module, targets in imports.items():
         here = _package(module)
-        for target, name, line in _imports(module):
+        for target, name, line in targets:
             there = _package(target)
-            if there == here:
-                continue
-            if RANK[there] >= RANK[here]:
-                upward.append(f"{module}:{line} imports {target} {name}".rstrip())
-    assert upward == []
+            if there != here and RANK[there] >= RANK[here]:
+                found.append(f"{module}:{line} imports {target} {name}".rstrip())
+    return found
+
+
+def _private(imports: dict[str, list[tuple[str, str, int]]]) -> list[str]:
+    """Private names imported from another module, and private modules imported from another package."""
+    found = []
+    for module, targets in imports.items():
+        for target, name, line in targets:
+            if name.startswith("_") and not name.startswith("__") and target != module:
+                found.append(f"{module}:{line} imports {target}.{name}")
+            private_module = any(p.startswith("_") and not p.startswith("__") for p in target.split(".")[1:])
+            if private_module and _package(target) != _package(module):
+                found.append(f"{module}:{line} imports the private module {target}")
+    return found
+
+
+IMPORTS = {m: _imports(m) for m in MODULES}
+
+
+def test_imports_run_downward_only():
+    assert _upward(IMPORTS) == []
 
 
 def test_no_private_names_across_modules():
-    private = []
-    for module in MODULES:
-        for target, name, line in _imports(module):
-            if name.startswith("_") and not name.startswith("__") and target != module:
-                private.append(f"{module}:{line} imports {target}.{name}")
-            if any(p.startswith("_") and not p.startswith("__") for p in target.split(".")[1:]):
-                if _package(target) != _package(module):
-                    private.append(f"{module}:{line} imports the private module {target}")
-    assert private == []
+    assert _private(IMPORTS) == []
 
 
 def test_modules_and_functions_stay_readable():
@@ -179,11 +190,12 @@ def test_no_package_exports_a_name_of_its_own_modules():
         if path.name != "__init__.py":
             continue
         package = importlib.import_module(module)
-        submodules = {p.stem for p in path.parent.glob("*.py")} | {p.parent.name for p in path.parent.glob("*/__init__.py")}
+        submodules = {p.stem for p in path.parent.glob("*.py")}
+        submodules |= {p.parent.name for p in path.parent.glob("*/__init__.py")}
         for name in set(getattr(package, "__all__", [])) & submodules:
             # what the package's lazy export gives for the name, whether or not the module was imported
             value = package.__getattr__(name) if hasattr(package, "__getattr__") else getattr(package, name)
-            if not isinstance(value, types.ModuleType):  # a subpackage exported as such (scgpt_protocol.pp) is fine
+            if not isinstance(value, types.ModuleType):  # a subpackage exported as such (sp.pp) is fine
                 clashes.append(f"{module}.{name}")
     assert clashes == []
 
@@ -202,12 +214,19 @@ def test_every_exported_name_resolves():
 
 @pytest.mark.parametrize("rule", ["cycle", "upward", "private"])
 def test_the_checks_catch_what_they_are_for(rule):
-    """The rules above fail on a made-up graph that breaks them (so a passing run means something)."""
+    """The rules above fail on made-up imports that break them (so a passing run means something)."""
+    p = NAME
     if rule == "cycle":
         assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     elif rule == "upward":
-        assert RANK["core"] < RANK["model"] < RANK["evaluate"] < RANK["protocol"]
-        assert RANK["pp"] == RANK["adapt"] == RANK["annotate"]
+        made_up = {
+            f"{p}.core.io": [(f"{p}.model.scgpt", "ScGPT", 3), (f"{p}.core.errors", "DiskFullError", 4)],
+            f"{p}.pp.stream": [(f"{p}.adapt.train", "finetune", 5), (f"{p}.data.read", "open_lazy", 6)],
+        }
+        assert _upward(made_up) == [f"{p}.core.io:3 imports {p}.model.scgpt ScGPT",
+                                    f"{p}.pp.stream:5 imports {p}.adapt.train finetune"]
     else:
-        imports = _imports(f"{NAME}.core.io")
-        assert all(t.startswith(f"{NAME}.core") for t, _, _ in imports)
+        made_up = {f"{p}.pp.stream": [(f"{p}.pp.stages", "_warn", 7), (f"{p}.pp.stages", "warn_user", 8),
+                                      (f"{p}.data._h5", "read", 9)]}
+        assert _private(made_up) == [f"{p}.pp.stream:7 imports {p}.pp.stages._warn",
+                                     f"{p}.pp.stream:9 imports the private module {p}.data._h5"]
