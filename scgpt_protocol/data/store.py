@@ -24,6 +24,11 @@ __all__ = ["CSRWriter", "begin_h5ad", "write_elem", "RowWriter", "create_store",
 
 
 # -- writing ------------------------------------------------------------------------------------
+def _hdf5_chunks(size: int | bool) -> int | bool | tuple[int]:
+    """h5py's ``chunks=`` for a 1-d dataset: a length, or True for h5py's guess."""
+    return size if isinstance(size, bool) else (size,)
+
+
 class CSRWriter:
     """An appendable CSR matrix in an HDF5 group, in anndata's ``csr_matrix`` encoding: the one chunked CSR
     writer (``prepared.h5ad``'s ``X`` and ``layers["counts"]``, ``export/vars.h5``).
@@ -52,7 +57,6 @@ class CSRWriter:
                 raise ValueError(msg)
             indptr_dtype = np.int32 if max_nnz < np.iinfo(np.int32).max else np.int64
         opts = dict(compression or {})
-        chunks = lambda size: size if isinstance(size, bool) else (size,)  # noqa: E731
         g = parent.create_group(name)
         g.attrs["encoding-type"] = "csr_matrix"
         g.attrs["encoding-version"] = "0.1.0"
@@ -60,11 +64,12 @@ class CSRWriter:
         self.group, self.n_cols, self.n_rows, self.nnz = g, n_cols, 0, 0
         self.index_dtype = np.int32 if n_cols < 2**31 else np.int64
         self.indptr_dtype = np.dtype(indptr_dtype)
-        g.create_dataset("data", shape=(0,), maxshape=(None,), dtype=np.float32, chunks=chunks(value_chunks), **opts)
+        g.create_dataset("data", shape=(0,), maxshape=(None,), dtype=np.float32,
+                         chunks=_hdf5_chunks(value_chunks), **opts)
         g.create_dataset("indices", shape=(0,), maxshape=(None,), dtype=self.index_dtype,
-                         chunks=chunks(value_chunks), **opts)
+                         chunks=_hdf5_chunks(value_chunks), **opts)
         g.create_dataset("indptr", shape=(1,), maxshape=(None,), dtype=self.indptr_dtype,
-                         chunks=chunks(indptr_chunks), data=np.zeros(1, dtype=self.indptr_dtype), **opts)
+                         chunks=_hdf5_chunks(indptr_chunks), data=np.zeros(1, dtype=self.indptr_dtype), **opts)
 
     def append(self, x: sp.csr_matrix) -> None:
         """Append the rows of ``x`` as they are (sort or canonicalise them first where the file must be)."""

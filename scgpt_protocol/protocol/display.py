@@ -69,8 +69,6 @@ def refinement_table(metrics: Mapping[str, Any], refined: Mapping[str, Any] | No
     pandas.DataFrame
         :func:`~scgpt_protocol.metrics.metrics_table` with a ``coverage`` column.
     """
-    from ..metrics import metrics_table
-
     refined = refined if refined is not None else metrics.get("refinement")
     if not refined:
         msg = "these metrics hold no refinement; evaluate a prediction made with refine(...) first."
