@@ -40,13 +40,13 @@ class Method:
 
 SCGPT = Method("scGPT (fine-tuned)", "scGPT fine-tuned", "scGPT", "#1f77b4")
 BASELINE = Method("logistic regression (log1p-CP10k HVG)", "logistic-regression baseline", "baseline", "#ff7f0e")
-ZEROSHOT = Method("zero-shot kNN (majority)", "zero-shot kNN on pretrained scGPT", "zero-shot", "#2ca02c")
+ZEROSHOT = Method("zero-shot kNN vote", "zero-shot kNN on pretrained scGPT", "zero-shot", "#2ca02c")
 METHODS = (SCGPT, BASELINE, ZEROSHOT)
 #: row name of the fine-tuned model in :func:`metrics_table`
 SCGPT_METHOD = SCGPT.name
 #: row name of :func:`logistic_regression_baseline` in :func:`metrics_table`
 BASELINE_METHOD = BASELINE.name
-#: name of zero-shot kNN (the majority vote) in the run manifest's headline
+#: name of zero-shot kNN (the vote of the k nearest reference cells) in the run manifest's headline
 ZEROSHOT_METHOD = ZEROSHOT.name
 
 #: the columns of :func:`metrics_table`, in order

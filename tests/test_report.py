@@ -14,7 +14,7 @@ from matplotlib.colors import to_hex
 
 from scgpt_protocol.core.layout import RunLayout
 from scgpt_protocol.metrics import BASELINE_METHOD, SCGPT_METHOD, classification_metrics
-from scgpt_protocol.protocol.display import (
+from scgpt_protocol.protocol import (
     checkpoint_banner,
     files_table,
     metrics_display,
@@ -82,7 +82,7 @@ def test_run_summary_reads_the_run_and_puts_zero_shot_beside_only_on_the_same_ce
 
     zero = classification_metrics(TRUE, POOR)
     layout.zeroshot_dir.mkdir()
-    layout.write_json(layout.zeroshot_metrics, {"majority": zero, "weighted": zero})
+    layout.write_json(layout.zeroshot_metrics, {"knn_vote": zero, "knn_weighted": zero})
     layout.write_csv(pd.DataFrame({"x": 1}, index=pd.Index(cells, name="cell")), layout.zeroshot_predictions)
     summary = run_summary(layout)
     assert summary.table.loc["zero-shot kNN on pretrained scGPT", "Macro-F1"] == round(zero["macro_f1"], 3)

@@ -201,16 +201,16 @@ def test_zeroshot_annotate_on_the_demo(annotated):
     votes = pred["scgpt_zeroshot_confidence"] * 10  # a share of k=10 neighbours
     np.testing.assert_allclose(votes, np.round(votes))
 
-    assert set(res.metrics) == {"majority", "weighted", "refinement", "notes"}
+    assert set(res.metrics) == {"knn_vote", "knn_weighted", "refinement", "notes"}
     assert res.metrics["refinement"]["coverage"] == 1.0  # min_confidence=0: every cell keeps its label
-    for vote, column in (("majority", "scgpt_zeroshot_label"), ("weighted", "scgpt_zeroshot_label_weighted")):
+    for vote, column in (("knn_vote", "scgpt_zeroshot_label"), ("knn_weighted", "scgpt_zeroshot_label_weighted")):
         m = res.metrics[vote]
         assert {"accuracy", "macro_f1", "weighted_f1", "balanced_accuracy", "cohen_kappa", "n_cells"} <= set(m)
         assert {row["label"] for row in m["per_class"]} >= set(pred["bulk_labels"])
         assert m["n_cells"] == query.n_obs
         assert all(0 <= m[key] <= 1 for key in ("accuracy", "macro_f1", "weighted_f1", "balanced_accuracy"))
         assert m["accuracy"] == pytest.approx((pred[column] == pred["bulk_labels"].astype(str)).mean())
-    assert res.metrics["majority"]["accuracy"] > 0  # a random model: low, but not nothing
+    assert res.metrics["knn_vote"]["accuracy"] > 0  # a random model: low, but not nothing
 
     assert res.reference_embedding.shape == (reference.n_obs, model.config.d_model)
     assert res.query_embedding.shape == (query.n_obs, model.config.d_model)
@@ -239,7 +239,7 @@ def test_zeroshot_abstention_and_majority_voting(annotated):
     # scanpy-style keys in the query
     assert {"scgpt_zeroshot_label", "scgpt_zeroshot_unknown", "scgpt_over_clustering", "scgpt_majority_voting"} <= set(q.obs)
     assert q.uns["scgpt_zeroshot_annotation"]["min_confidence"] == 0.6
-    m, r = out.metrics["majority"], out.metrics["refinement"]
+    m, r = out.metrics["knn_vote"], out.metrics["refinement"]
     truth = pred["bulk_labels"].astype(str)
     assert m["accuracy"] == pytest.approx((pred["scgpt_zeroshot_label"] == truth).mean())  # Unknown counted wrong
     assert r["coverage"] == pytest.approx(1 - below.mean())
@@ -303,7 +303,7 @@ def test_placeholder_query_labels_are_not_scored(annotated):
     labels[:3] = "nan"
     q.obs["bulk_labels"] = labels
     out = zeroshot_annotate(reference, q, model, label_key="bulk_labels", reuse_embeddings=True)
-    assert out.metrics["majority"]["n_cells"] == q.n_obs - 3
+    assert out.metrics["knn_vote"]["n_cells"] == q.n_obs - 3
     assert any("3 query cells without a true label were not scored" in note for note in out.metrics["notes"])
 
 
@@ -360,7 +360,7 @@ def test_write_zeroshot_round_trip(annotated, tmp_path):
     assert back.index.tolist() == res.predictions.index.tolist()
     pd.testing.assert_frame_equal(back, res.predictions.astype({"bulk_labels": str}), check_names=False)
     record = json.loads(paths["metrics"].read_text())
-    assert record["majority"] == res.metrics["majority"] and record["weighted"] == res.metrics["weighted"]
+    assert record["knn_vote"] == res.metrics["knn_vote"] and record["knn_weighted"] == res.metrics["knn_weighted"]
     assert record["params"]["k"] == 10 and record["params"]["label_key"] == "bulk_labels"
     assert not list(layout.zeroshot_dir.glob(".*partial"))
 

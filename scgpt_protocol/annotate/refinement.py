@@ -453,7 +453,8 @@ def refinement_metrics(
     -------
     dict
         ``min_confidence``, ``coverage`` (share of the labelled cells assigned), ``n_cells``,
-        ``n_assigned``, ``n_unknown``; ``assigned``: :func:`classification_metrics` of the
+        ``n_assigned``, ``n_unknown``; ``argmax``: :func:`classification_metrics` of the predicted class of
+        every cell (no abstention); ``unknown_by_class``: abstained cells per true label; ``assigned``: :func:`classification_metrics` of the
         assigned cells (None when none is); ``majority_voting``: of the majority-voted labels on all
         cells (``Unknown`` counted as an error; with ``coverage`` and ``n_clusters``, the
         over-clusters these cells fall in; None without majority voting); ``curve``:
@@ -473,6 +474,11 @@ def refinement_metrics(
         "coverage": n_assigned / len(true) if len(true) else None,
         "n_cells": int(len(true)), "n_assigned": n_assigned, "n_unknown": int(len(true) - n_assigned),
         "assigned": None, "majority_voting": None,
+        # every cell labelled with its predicted class: the same cells without the abstention rule
+        "argmax": classification_metrics(true, refinement.predicted, categories=categories, proba=proba),
+        # abstained cells per true class (the per-class table tells abstained from misclassified)
+        "unknown_by_class": {str(k): int(v) for k, v in
+                             pd.Series(true[refinement.unknown]).value_counts(sort=False).items()},
     }
     if n_assigned:
         out["assigned"] = classification_metrics(

@@ -9,10 +9,10 @@ same neighbours. On L2-normalised vectors Euclidean and cosine neighbours are th
 
 Two votes are reported for every query cell:
 
-``majority``
+``knn_vote``
     The label most frequent among the ``k`` neighbours (the tutorials' answer). Ties are broken by
     the smaller summed distance of the tied labels' neighbours, then alphabetically.
-``weighted``
+``knn_weighted``
     Every neighbour votes with weight ``1 / (d + eps)`` (``d``: its Euclidean distance to the
     query cell, ``eps = 1e-6``), so a few very close neighbours can outvote more distant ones.
     Ties (weight sums equal to 1e-9 relative) are broken the same way.
@@ -58,7 +58,7 @@ class ZeroShotResult:
         Indexed by the query's ``obs_names``; columns :data:`PREDICTION_COLUMNS` and, when the
         query has it, the true label column ``label_key``.
     metrics
-        ``{"majority": {...}, "weighted": {...}, "notes": [...]}`` with ``accuracy``, ``macro_f1``,
+        ``{"knn_vote": {...}, "knn_weighted": {...}, "notes": [...]}`` with ``accuracy``, ``macro_f1``,
         ``weighted_f1``, ``balanced_accuracy`` and ``n_cells`` each; ``None`` when the query has no
         ``label_key`` column (or no labelled cell).
     reference_embedding, query_embedding
@@ -237,7 +237,7 @@ def zeroshot_annotate(
     >>> from scgpt_protocol.annotate.zeroshot import zeroshot_annotate  # doctest: +SKIP
     >>> model = sp.load_model("whole-human")  # doctest: +SKIP
     >>> res = zeroshot_annotate(ref, query, model, label_key="cell_type")  # doctest: +SKIP
-    >>> res.metrics["majority"]["accuracy"]  # doctest: +SKIP
+    >>> res.metrics["knn_vote"]["accuracy"]  # doctest: +SKIP
     """
     settings = _ZeroShotSettings(
         label_key=label_key, k=k, max_seq_len=max_seq_len, batch_size=batch_size, seed=seed, layer=layer,
@@ -300,8 +300,8 @@ def _zeroshot(reference: AnnData, query: AnnData, model: ScGPT, s: _ZeroShotSett
         "store": None if folder is None else str(folder),
     }
     if metrics is not None:
-        logger.info("zero-shot (k=%d): %d query cells, majority accuracy %.3f, macro F1 %.3f", s.k,
-                    query.n_obs, metrics["majority"]["accuracy"], metrics["majority"]["macro_f1"])
+        logger.info("zero-shot (k=%d): %d query cells, kNN vote accuracy %.3f, macro F1 %.3f", s.k,
+                    query.n_obs, metrics["knn_vote"]["accuracy"], metrics["knn_vote"]["macro_f1"])
     else:
         logger.info("zero-shot (k=%d): annotated %d query cells (no true labels to score)", s.k, query.n_obs)
     return ZeroShotResult(
@@ -410,9 +410,9 @@ def _score_zeroshot(query: AnnData, s: _ZeroShotSettings, predictions: pd.DataFr
     from .refinement import UNKNOWN
 
     return {
-        "majority": classification_metrics(y_true, refined.labels[labelled],
+        "knn_vote": classification_metrics(y_true, refined.labels[labelled],
                                            unassigned=UNKNOWN if s.min_confidence else None),
-        "weighted": classification_metrics(y_true, transfer.weighted[labelled]),
+        "knn_weighted": classification_metrics(y_true, transfer.weighted[labelled]),
         "refinement": refinement_metrics(y_true, refined.subset(labelled)),
         "notes": notes,
     }
@@ -422,7 +422,8 @@ def write_zeroshot(layout: RunLayout, result: ZeroShotResult) -> dict[str, Path]
     """Write ``zeroshot/predictions.csv`` and ``zeroshot/metrics.json`` of a run, atomically.
 
     The CSV is ``result.predictions`` with the index column ``cell``. The JSON holds ``params``,
-    ``notes`` and ``majority`` / ``weighted`` (``null`` without true labels).
+    ``notes`` and ``knn_vote`` / ``knn_weighted`` (``null`` without true labels): the vote of the ``k``
+    neighbours, plain and distance-weighted (not "majority voting", which is the over-cluster vote).
 
     Returns
     -------
@@ -434,8 +435,8 @@ def write_zeroshot(layout: RunLayout, result: ZeroShotResult) -> dict[str, Path]
     record = {
         "params": result.params,
         "notes": result.notes,
-        "majority": metrics.get("majority"),
-        "weighted": metrics.get("weighted"),
+        "knn_vote": metrics.get("knn_vote"),
+        "knn_weighted": metrics.get("knn_weighted"),
         "refinement": metrics.get("refinement"),
     }
     metrics_path = layout.write_json(layout.zeroshot_metrics, record)

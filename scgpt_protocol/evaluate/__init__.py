@@ -16,4 +16,5 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "STORE_OUTPUTS_CELLS": "scoring",
     "write_results": "scoring",
     "evaluate_query": "scoring",
+    "like_for_like": "scoring",
 })

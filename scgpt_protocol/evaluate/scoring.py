@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 __all__ = ["EvalResult", "evaluate_predictions", "prediction_store", "STORE_OUTPUTS_CELLS", "write_results",
-    "evaluate_query"]
+    "evaluate_query", "like_for_like"]
 
 
 # -- scGPT predictions ----------------------------------------------------------------------
@@ -142,6 +142,60 @@ def evaluate_predictions(
     return EvalResult(metrics=metrics, confusion=confusion(true_l, pred_l, categories), predictions=frame)
 
 
+def like_for_like(baseline: BaselineResult, scgpt: EvalResult) -> dict[str, Any]:
+    """The baseline's metrics under the rule scGPT's calls were scored with, on the same cells.
+
+    The baseline's confidence is the probability of its predicted class; cells below scGPT's
+    ``min_confidence`` become ``Unknown`` (and count as wrong in the headline), and where scGPT has
+    majority voting the baseline's calls are voted over **the same over-clusters** (so the two
+    differ only in the per-cell classifier). The result has the shape of ``scgpt.metrics``: the
+    headline metrics, and under ``"refinement"`` the argmax, assigned-cells and majority-voting
+    metrics (:func:`~scgpt_protocol.annotate.refinement.refinement_metrics`). Without a refinement
+    on scGPT's side the baseline's metrics are returned as they are.
+
+    Parameters
+    ----------
+    baseline
+        :func:`~scgpt_protocol.evaluate.baseline.logistic_regression_baseline` (or its ``.query``).
+    scgpt
+        :func:`evaluate_predictions` of the same cells (its ``predictions`` hold the true labels and,
+        with majority voting, the over-clusters).
+    """
+    from ..annotate.columns import COLUMNS, TRUE_LABEL
+    from ..annotate.refinement import UNKNOWN, majority_vote, refine_labels, refinement_metrics
+    from ..data.labels import missing_labels
+
+    refined = scgpt.metrics.get("refinement")
+    if not refined:
+        return baseline.metrics
+    names = baseline.predictions.index
+    frame = scgpt.predictions
+    if not frame.index.equals(names):
+        if not set(names).issubset(frame.index) or frame.index.has_duplicates:
+            msg = (f"the baseline predicted {len(names):,} cells that are not the {len(frame):,} cells scGPT was "
+                   "scored on; give both the same cells (the test split, or the same query).")
+            raise ValueError(msg)
+        frame = frame.loc[names]
+    threshold = float(refined.get("min_confidence") or 0.0)
+    proba = np.asarray(baseline.probabilities, dtype=np.float32)
+    confidence = proba.max(axis=1) if proba.size else np.zeros(len(names))
+    calls = refine_labels(baseline.predictions.astype(str).to_numpy(), confidence, min_confidence=threshold,
+                          categories=baseline.categories)
+    clusters = frame.get(COLUMNS["over_clustering"])
+    if clusters is not None:  # scGPT's over-clusters: the vote differs only by the per-cell calls
+        calls.over_clustering = clusters.astype(str).to_numpy(dtype=object)
+        calls.majority_voting = majority_vote(calls.labels, calls.over_clustering, confidence)
+        calls.params.update({"majority_voting": True, "over_clusters": "scGPT's"})
+    truth = frame[TRUE_LABEL]
+    labelled = ~np.asarray(missing_labels(truth), dtype=bool)
+    true = truth[labelled].astype(str).to_numpy()
+    metrics = classification_metrics(true, calls.labels[labelled], categories=baseline.categories,
+                                     proba=proba[labelled], unassigned=UNKNOWN if threshold else None)
+    metrics["refinement"] = refinement_metrics(true, calls.subset(labelled), categories=baseline.categories,
+                                               proba=proba[labelled])
+    return metrics
+
+
 #: above this many cells 03 streams probabilities and embeddings to a store (EvaluateParams.store_outputs=None)
 STORE_OUTPUTS_CELLS = 200_000
 
@@ -212,7 +266,7 @@ def evaluate_query(
     result = evaluate_predictions(query, prediction, label_key=key)
     methods = {SCGPT_METHOD: result.metrics}
     if baseline is not None and baseline.query is not None:
-        methods[BASELINE_METHOD] = baseline.query.metrics
+        methods[BASELINE_METHOD] = like_for_like(baseline.query, result)
     return {"label_key": key, "n_cells": int(query.n_obs), "methods": methods, "predictions": result.predictions}
 
 

@@ -1,19 +1,16 @@
-"""What the executed notebooks show a reader: banners, rounded tables, the closing summary.
+"""What the executed notebooks show a reader: banners, the closing summary, 02's settings and curve.
 
 The notebooks end a cell with one of these; each returns an object that Jupyter displays richly
-(HTML, or a pandas ``Styler``) and that prints as plain text elsewhere:
+(HTML, or a pandas ``Styler``) and that prints as plain text elsewhere (the tables themselves are
+:mod:`scgpt_protocol.protocol.tables`):
 
 * :func:`checkpoint_banner` -- which pretrained model the run uses; a visible warning box for the
   tiny random demo checkpoint (once per report);
-* :func:`metrics_display` -- headline metrics of several methods, 3 decimals, readable headers, the
-  reason for a missing value;
-* :func:`per_class_table` -- per class: scGPT F1, baseline F1 and support side by side, sorted by
-  support, classes with few test cells flagged;
 * :func:`run_summary` -- the closing ``## Summary`` of 03 and 04: scGPT fine-tuned, the baseline and
-  zero-shot kNN on the same cells, with a one-line verdict;
-* :func:`training_report` / :func:`settings_table` -- what 02 ran with and what its curve says.
-* :func:`refinement_table` / :func:`describe_refinement` -- abstention and majority voting in words and
-  numbers.
+  zero-shot kNN on the same cells under the same rule, with a one-line verdict;
+* :func:`training_report` / :func:`settings_table` -- what 02 ran with and what its curve says;
+* :func:`describe_refinement` -- abstention and majority voting in words;
+* :func:`next_steps` -- the closing "Next" of a report: what to run or change next.
 """
 
 from __future__ import annotations
@@ -29,16 +26,8 @@ import numpy as np
 import pandas as pd
 
 from ..annotate.refinement import UNKNOWN
-from ..metrics import (
-    BASELINE,
-    HEADERS,
-    HEADLINE_METRICS,
-    METHODS,
-    SCGPT,
-    SUMMARY_METRICS,
-    ZEROSHOT,
-    metrics_table,
-)
+from ..metrics import BASELINE, HEADERS, SCGPT, SUMMARY_METRICS, ZEROSHOT, metrics_table
+from .tables import DECIMALS, styled
 
 if TYPE_CHECKING:
     from pandas.io.formats.style import Styler
@@ -46,59 +35,8 @@ if TYPE_CHECKING:
     from ..core.layout import RunLayout
     from ..core.params import StepParams
 
-__all__ = ["refinement_table", "refinement_display", "describe_refinement", "HEADERS", "FEW_CELLS", "Banner",
-    "Summary", "checkpoint_banner", "metrics_display", "per_class_table", "run_summary", "summary_of",
-    "training_report", "settings_table", "files_table"]
-
-
-def refinement_table(metrics: Mapping[str, Any], refined: Mapping[str, Any] | None = None,
-                     *, method: str = "scGPT") -> pd.DataFrame:
-    """Headline metrics of the per-cell call, the assigned cells and the majority vote, side by side.
-
-    Parameters
-    ----------
-    metrics
-        :func:`~scgpt_protocol.metrics.classification_metrics` of the per-cell calls on all cells
-        (``EvalResult.metrics``), holding the record of :func:`refinement_metrics` under
-        ``"refinement"`` unless ``refined`` is given.
-    method
-        Name at the start of each row.
-
-    Returns
-    -------
-    pandas.DataFrame
-        :func:`~scgpt_protocol.metrics.metrics_table` with a ``coverage`` column.
-    """
-    refined = refined if refined is not None else metrics.get("refinement")
-    if not refined:
-        msg = "these metrics hold no refinement; evaluate a prediction made with refine(...) first."
-        raise ValueError(msg)
-    t = refined["min_confidence"]
-    rows: dict[str, Any] = {}
-    coverage: dict[str, Any] = {}
-    name = f"{method} per cell" + (f", all (Unknown<{t:g} wrong)" if t else "")
-    rows[name], coverage[name] = metrics, refined["coverage"]
-    if t and refined["assigned"] is not None:
-        name = f"{method} per cell, assigned only"
-        rows[name], coverage[name] = refined["assigned"], refined["coverage"]
-    if refined["majority_voting"] is not None:
-        name = f"{method} majority vote ({refined['majority_voting'].get('n_clusters')} clusters)"
-        rows[name], coverage[name] = refined["majority_voting"], refined["majority_voting"].get("coverage")
-    table = metrics_table(rows)
-    table["coverage"] = [coverage[m] for m in table.index]
-    return table
-
-
-def refinement_display(metrics: Mapping[str, Any], refined: Mapping[str, Any] | None = None, *,
-                       method: str = "scGPT", caption: str | None = None) -> Any:
-    """:func:`refinement_table` for a report: rounded, readable headers, a coverage column (a Styler)."""
-    table = refinement_table(metrics, refined, method=method)
-    frame = table.drop(columns=["n_cells", "coverage"]).round(3)
-    frame.columns = [c.replace("_", " ").replace("macro auroc", "macro AUROC") for c in frame.columns]
-    frame["n cells"] = table["n_cells"].astype("Int64")
-    frame["coverage"] = table["coverage"].astype(float).round(3)
-    frame.index.name = "Method"
-    return _styled(frame, caption=caption, integer=["n cells"])
+__all__ = ["describe_refinement", "HEADERS", "Banner", "Summary", "checkpoint_banner", "run_summary", "summary_of",
+    "training_report", "settings_table", "next_steps"]
 
 
 def describe_refinement(params: Mapping[str, Any] | None) -> str:
@@ -121,12 +59,8 @@ def describe_refinement(params: Mapping[str, Any] | None) -> str:
         lines.append("majority voting off")
     return "\n".join(lines)
 
-#: readable column headers of the metric names in ``metrics.json``
-#: classes with fewer test cells than this are flagged in :func:`per_class_table`
-FEW_CELLS = 5
 #: the three methods of :func:`run_summary`, as a reader sees them
 SCGPT_NAME, BASELINE_NAME, ZEROSHOT_NAME = SCGPT.label, BASELINE.label, ZEROSHOT.label
-DECIMALS = 3
 
 
 def _fmt(value: Any) -> str:
@@ -135,14 +69,6 @@ def _fmt(value: Any) -> str:
     if isinstance(value, (int, np.integer)):
         return f"{int(value):,}"
     return f"{float(value):.{DECIMALS}f}"
-
-
-def _metrics(value: Any) -> Mapping[str, Any]:
-    metrics = getattr(value, "metrics", value)
-    if not isinstance(metrics, Mapping):
-        msg = f"expected a metrics dict (or an object with .metrics); got {type(value).__name__}."
-        raise TypeError(msg)
-    return metrics
 
 
 # -- banner ---------------------------------------------------------------------------------
@@ -167,7 +93,8 @@ class Banner:
         return f"<div style='{style}'>{title}{html.escape(self.text)}</div>"
 
     def _repr_markdown_(self) -> str:
-        return f"> **{self.title}** {self.text}" if self.title else f"> {self.text}"
+        text = html.escape(self.text)
+        return f"> **{html.escape(self.title)}** {text}" if self.title else f"> {text}"
 
 
 def checkpoint_banner(record: Mapping[str, Any]) -> Banner:
@@ -189,104 +116,16 @@ def checkpoint_banner(record: Mapping[str, Any]) -> Banner:
 
 
 # -- metric tables --------------------------------------------------------------------------
-def _styled(frame: pd.DataFrame, *, caption: str | None = None, integer: Sequence[str] = (),
-            text: Sequence[str] = ()) -> Styler:
-    numeric = [c for c in frame.columns if c not in integer and pd.api.types.is_float_dtype(frame[c])]
-    styler = frame.style.format(precision=DECIMALS, na_rep="n/a", subset=numeric)
-    if integer:
-        styler = styler.format(lambda v: "n/a" if pd.isna(v) else f"{int(v):,}", subset=list(integer))
-    styler = styler.set_table_styles(
-        [{"selector": "th", "props": "text-align:left; padding:2px 8px"},
-         {"selector": "td", "props": "padding:2px 8px"},
-         {"selector": "caption", "props": "caption-side:top; text-align:left; font-weight:bold"}]
-    )
-    text = [c for c in text if c in frame.columns]
-    if text:
-        styler = styler.set_properties(subset=text, **{"text-align": "left", "white-space": "nowrap"})
-    styler = styler.set_table_styles([{"selector": "th.row_heading", "props": "text-align:left"}], overwrite=False)
-    if caption:
-        styler = styler.set_caption(caption)
-    return styler
 
 
-def metrics_table_frame(results: Mapping[str, Any], *, columns: Sequence[str] | None = None) -> pd.DataFrame:
-    """Rounded headline metrics of several methods with readable headers (see :func:`metrics_display`)."""
-    return metrics_table(results, columns or HEADLINE_METRICS, decimals=DECIMALS, readable=True, notes=True)
 
 
-def metrics_display(results: Mapping[str, Any], *, caption: str | None = None) -> Styler:
-    """Headline metrics of several methods side by side, for a report.
-
-    Parameters
-    ----------
-    results
-        Method name -> metrics dict of :func:`~scgpt_protocol.metrics.classification_metrics`
-        (or an object with ``.metrics``).
-    caption
-        Table caption (e.g. which cells).
-
-    Returns
-    -------
-    pandas.io.formats.style.Styler
-        3 decimals, readable headers (:data:`HEADERS`), ``n/a`` for a missing value and a ``Note``
-        column giving the reason (e.g. why the macro AUROC could not be computed). ``.data`` is the
-        rounded DataFrame.
-    """
-    return _styled(metrics_table_frame(results), caption=caption, integer=["n cells"], text=["Note"])
 
 
-def _short(method: str) -> str:
-    """``scGPT`` / ``baseline`` / ``zero-shot`` for the package's method names, else the name itself."""
-    return {m.name: m.short for m in METHODS}.get(str(method), str(method))
 
 
-def per_class_frame(results: Mapping[str, Any], *, few: int = FEW_CELLS) -> pd.DataFrame:
-    """Per-class F1 of each method side by side, with support; see :func:`per_class_table`."""
-    if not results:
-        raise ValueError("results is empty; give at least one method name -> metrics dict.")
-    support: dict[str, int] = {}
-    columns: dict[str, dict[str, float]] = {}
-    for method, value in results.items():
-        rows = _metrics(value).get("per_class")
-        if rows is None:
-            msg = f"metrics of {method!r} have no 'per_class' entry; pass the dicts of classification_metrics()."
-            raise ValueError(msg)
-        columns[f"{_short(method)} F1"] = {str(r["label"]): float(r["f1"]) for r in rows}
-        for r in rows:
-            support[str(r["label"])] = max(support.get(str(r["label"]), 0), int(r["support"]))
-    frame = pd.DataFrame(columns).round(DECIMALS)
-    frame["Support (test cells)"] = pd.Series(support)
-    frame = frame[frame["Support (test cells)"] > 0]
-    frame = frame.sort_values("Support (test cells)", ascending=False, kind="stable")
-    frame["Flag"] = np.where(frame["Support (test cells)"] < few, f"fewer than {few} cells", "")
-    frame.index.name = "Cell type"
-    return frame
 
 
-def per_class_table(results: Mapping[str, Any], *, few: int = FEW_CELLS) -> Styler:
-    """Per class: the F1 of each method (e.g. scGPT and the baseline) and the support, for a report.
-
-    Parameters
-    ----------
-    results
-        Method name -> metrics dict with ``per_class`` (:func:`~scgpt_protocol.metrics.classification_metrics`).
-    few
-        Classes with fewer true test cells are flagged (their F1 rests on a handful of cells).
-
-    Returns
-    -------
-    pandas.io.formats.style.Styler
-        One row per class with true cells, sorted by support (largest first); columns
-        ``<method> F1``, ``Support (test cells)`` and ``Flag``; flagged rows in grey italics.
-        ``.data`` is the DataFrame.
-    """
-    frame = per_class_frame(results, few=few)
-    styler = _styled(frame, integer=["Support (test cells)"], text=["Flag"])
-
-    def grey(row: pd.Series) -> list[str]:
-        return ["color:#777;font-style:italic" if row["Flag"] else "" for _ in row]
-
-    return styler.apply(grey, axis=1)
 
 
 # -- closing summary ------------------------------------------------------------------------
@@ -315,7 +154,7 @@ class Summary:
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:
-        table = _styled(self._text_table(), text=[c for c in ("Note",) if c in self.table.columns]).to_html()
+        table = styled(self._text_table(), text=[c for c in ("Note",) if c in self.table.columns]).to_html()
         caption = f"<p style='margin:2px 0'><i>{html.escape(self.cells)}</i></p>" if self.cells else ""
         caveat = (f"<p style='margin:4px 0;color:#7a5200'><b>Caveat:</b> {html.escape(self.caveat)}</p>"
                   if self.caveat else "")
@@ -382,13 +221,30 @@ def _verdict(scored: Mapping[str, float]) -> str:
             f"{second} ({runner_up:.3f}){rest}.")
 
 
-def run_summary(layout: RunLayout) -> Summary:
+def _rule(methods: Mapping[str, Any]) -> str:
+    """The rule every row of a summary is scored with, in words."""
+    from ..metrics import SCGPT_METHOD
+
+    refined = (methods.get(SCGPT_METHOD) or {}).get("refinement") or {}
+    t = float(refined.get("min_confidence") or 0.0)
+    return (f"the same rule for every method: {UNKNOWN!r} below a confidence of {t:g} counted wrong" if t
+            else "every cell labelled with its most likely class")
+
+
+def run_summary(layout: RunLayout, *, step: str | None = None) -> Summary:
     """The closing summary of a run: scGPT fine-tuned (03), the baseline (03) and zero-shot kNN (04).
 
     Reads ``metrics.json``, ``predictions.csv``, ``zeroshot/metrics.json``, ``zeroshot/predictions.csv``
     and ``checkpoint.json`` of the run. Methods are put side by side only when they were measured on
-    the same cells (the run's test split); a method that has not run, or ran on other cells, gets a
-    row that says so instead of numbers.
+    the same cells (the run's test split) under the same rule (03 scores the baseline with scGPT's
+    ``min_confidence``; 04 the kNN vote with its own); a method that has not run, or ran on other cells, gets
+    a row that says so instead of numbers.
+
+    Parameters
+    ----------
+    step
+        The step whose report shows the summary (``"03_evaluate"``): a later step that has not run yet is
+        then said to run after this one, with a pointer to the run summary ``reports/index.html``.
 
     Returns
     -------
@@ -409,18 +265,56 @@ def run_summary(layout: RunLayout) -> Summary:
     rows[BASELINE_NAME] = methods.get(BASELINE_METHOD) or (
         "not run yet: run 03_evaluate" if not methods else "not computed (baseline=False in 03)")
     if not zs:
-        rows[ZEROSHOT_NAME] = "not run yet: run 04_zeroshot"
-    elif not zs.get("majority"):
+        rows[ZEROSHOT_NAME] = ("04_zeroshot runs after this notebook: the run summary reports/index.html shows it "
+                               "beside these" if step == "03_evaluate" else "not run yet: run 04_zeroshot")
+    elif not zs.get("knn_vote"):
         rows[ZEROSHOT_NAME] = "the zero-shot query has no labels: no metrics"
     elif eval_cells is not None and zs_cells is not None and eval_cells != zs_cells:
         rows[ZEROSHOT_NAME] = (f"measured on other cells ({len(zs_cells):,} query cells, not the "
                                f"{len(eval_cells):,} test cells of 03): see 04")
     else:
-        rows[ZEROSHOT_NAME] = zs["majority"]
+        rows[ZEROSHOT_NAME] = zs["knn_vote"]
     n = next((int(v["n_cells"]) for v in rows.values() if not isinstance(v, str)), None)
     where = f"the {n:,} test cells of this run" if n is not None else "the test cells of this run"
+    k = (zs.get("params") or {}).get("k", 10)
     return summary_of(rows, demo=record.get("kind") == "demo",
-                      cells=f"All methods on {where} (majority vote for zero-shot)")
+                      cells=f"All methods on {where}, {_rule(methods)} (zero-shot: the vote of the k={k} "
+                            "nearest reference cells)")
+
+
+def next_steps(layout: RunLayout, step: str) -> Banner:
+    """The closing "Next" of a step's report: the notebook to run next and the parameter to change, read
+    from what the run wrote (the best epoch, scGPT against the baseline, the coverage of abstention)."""
+    from ..metrics import BASELINE_METHOD, SCGPT_METHOD
+
+    tips: list[str] = []
+    demo = (_read(layout.checkpoint_record) or {}).get("kind") == "demo"
+    if step == "01_preprocess":
+        tips.append("run 02_finetune with the same run_dir to fine-tune on the train split.")
+    elif step == "02_finetune":
+        summary = _read(layout.train_summary) or {}
+        best, run = summary.get("best_epoch"), summary.get("epochs_run")
+        if best is not None and best == run and (run or 0) > 1:
+            tips.append(f"the best epoch is the last one ({best}): raise epochs and run 02 again with the same "
+                        "run_dir (training continues), or go on.")
+        tips.append("run 03_evaluate with the same run_dir to score the model on the test split.")
+    elif step in ("03_evaluate", "04_zeroshot"):
+        methods = (_read(layout.metrics) or {}).get("methods") or {}
+        scgpt, base = methods.get(SCGPT_METHOD) or {}, methods.get(BASELINE_METHOD) or {}
+        refined = scgpt.get("refinement") or {}
+        if refined.get("min_confidence") and (refined.get("coverage") or 1.0) < 0.7:
+            tips.append(f"only {refined['coverage']:.0%} of the test cells got a cell type: read the coverage "
+                        "curve and lower min_confidence in 03 if the assigned cells' accuracy allows it.")
+        if scgpt and base and (scgpt.get("macro_f1") or 0) < (base.get("macro_f1") or 0):
+            tips.append("the baseline beats scGPT on macro-F1: " + (
+                "expected with the random demo checkpoint; set checkpoint='whole-human' in 01." if demo else
+                "try more epochs or another strategy in 02 (e.g. strategy='lora'), or class_weighted=True."))
+        tips.append("run 04_zeroshot with the same run_dir for label transfer without fine-tuning."
+                    if step == "03_evaluate" else
+                    "open reports/index.html in the run folder: every step's headline and figures on one page.")
+    if demo and step != "03_evaluate":
+        tips.append("for real results set checkpoint='whole-human' in 01 and run the four notebooks again.")
+    return Banner("Next:", " ".join(f"({i}) {t}" for i, t in enumerate(tips, 1)), level="info")
 
 
 # -- 02 fine-tuning -------------------------------------------------------------------------
@@ -449,7 +343,7 @@ def settings_table(params: StepParams, *, keys: Sequence[str] | None = None) -> 
         rows.append({"Parameter": name, "This run": repr(value), "Default": repr(default),
                      "Changed": "yes" if value != default else "", "What it is": fields[name].metadata.get("help", "")})
     frame = pd.DataFrame(rows).set_index("Parameter").sort_values("Changed", ascending=False, kind="stable")
-    return _styled(frame, text=list(frame.columns))
+    return styled(frame, text=list(frame.columns))
 
 
 def training_report(summary: Mapping[str, Any], history: pd.DataFrame | None = None) -> Banner:
@@ -476,20 +370,3 @@ def training_report(summary: Mapping[str, Any], history: pd.DataFrame | None = N
 
 
 # -- files ----------------------------------------------------------------------------------
-def files_table(written: Mapping[str, Any], layout: RunLayout | None = None) -> Styler:
-    """What a step wrote, one row per file, paths relative to ``run_dir`` when inside it (``.data``: the DataFrame)."""
-    from pathlib import Path
-
-    rows = {}
-    for name, path in written.items():
-        path = Path(path)
-        if layout is not None:
-            try:
-                path = path.resolve().relative_to(Path(layout.run_dir).resolve())
-            except ValueError:
-                pass
-        rows[str(name)] = str(path)
-    where = f"File (in {layout.run_dir})" if layout is not None else "File"
-    frame = pd.DataFrame({where: pd.Series(rows)})
-    frame.index.name = "Written"
-    return _styled(frame, text=[where])

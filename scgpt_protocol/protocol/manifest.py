@@ -144,6 +144,6 @@ def headline_metrics(layout: RunLayout, steps: dict[str, Any] | None = None) -> 
             summary[method] = headline_values(values, SUMMARY_METRICS, missing=None)
     if done("04_zeroshot") and layout.zeroshot_metrics.is_file():
         zs = json.loads(layout.zeroshot_metrics.read_text())
-        if zs.get("majority"):
-            summary[ZEROSHOT_METHOD] = headline_values(zs["majority"], SUMMARY_METRICS, missing=None)
+        if zs.get("knn_vote"):
+            summary[ZEROSHOT_METHOD] = headline_values(zs["knn_vote"], SUMMARY_METRICS, missing=None)
     return summary

@@ -93,6 +93,10 @@ _REPORT_CSS = """<style>
 """
 
 
+#: cells whose code the HTML report leaves out (their output stays): papermill's parameters and the set-up
+COLLAPSED_TAGS = ("parameters", "injected-parameters", "setup")
+
+
 def report_title(step: str, run_dir: Path) -> str:
     """The ``<title>`` of a report: its step and the run's name (one browser tab each)."""
     return f"{step} · {Path(run_dir).name} · scgpt-protocol"
@@ -102,11 +106,15 @@ def _export_html(report: Path, title: str | None = None) -> Path | None:
     try:
         import nbformat
         from nbconvert import HTMLExporter
+        from nbconvert.preprocessors import TagRemovePreprocessor
     except ImportError:  # nbconvert comes with jupyter; without it the .ipynb report stays
         return None
     nb = nbformat.read(report, as_version=4)
     nb.metadata["title"] = title or report.stem  # nbconvert's <title>; default: "Notebook"
-    body, _ = HTMLExporter().from_notebook_node(nb)
+    exporter = HTMLExporter()
+    # set-up and parameter code is hidden in the HTML (the report shows the parameters as a table)
+    exporter.register_preprocessor(TagRemovePreprocessor(remove_input_tags=set(COLLAPSED_TAGS)), enabled=True)
+    body, _ = exporter.from_notebook_node(nb)
     body = body.replace("</head>", _REPORT_CSS + "</head>", 1)
     html = report.with_suffix(".html")
     html.write_text(body, encoding="utf-8")

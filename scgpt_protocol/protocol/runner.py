@@ -24,6 +24,7 @@ from ..core.io import disk_full_error, is_disk_full, package_versions
 from ..core.layout import RunLayout
 from ..core.params import STEPS, ParamsError, load_params_file
 from ..model.download import KNOWN_CHECKPOINTS
+from .index import write_index_safely
 from .manifest import (
     checkpoint_checksum,
     headline_metrics,
@@ -333,6 +334,7 @@ def _run_step(run: _Run, step: str) -> None:
                                "finished": _now()}
     manifest["checksums"] = {**input_checksums(run.inputs), "checkpoint": checkpoint_checksum(layout)}
     layout.write_json(layout.manifest, manifest)
+    write_index_safely(layout, manifest)
     logger.info("%s finished in %.1f s", step, seconds)
 
 
@@ -344,6 +346,7 @@ def _finish_run(run: _Run) -> RunResult:
     manifest["finished"] = _now()
     manifest["headline"] = run.result.summary = headline_metrics(layout, manifest["steps"])
     layout.write_json(layout.manifest, manifest)
+    write_index_safely(layout, manifest)
     stale = [s for s in STEPS if manifest["steps"].get(s, {}).get("status") == "stale"]
     if stale:
         logger.warning("stale (a step they depend on re-ran with other parameters or inputs; run them again): %s; "
@@ -400,6 +403,7 @@ def _step_failed(err: Exception, layout: RunLayout, manifest: dict[str, Any], re
     manifest["steps"][step] = {**record, "seconds": seconds, "status": "failed", "error": error, "error_type": ename}
     manifest["status"] = "failed"
     manifest_note = _write_manifest_best_effort(layout, manifest)
+    write_index_safely(layout, manifest)
     if html and report.is_file() and not aside:
         try:
             export_html_safely(report, report_title(step, layout.run_dir))
