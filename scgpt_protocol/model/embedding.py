@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..core.device import autocast, resolve_precision
-from ..core.log import progress
+from ..core.log import DETAIL, progress
 from ..data.matrix import check_expression, get_matrix, iter_row_chunks
 from .scgpt import ScGPT
 from .tokenize import Batch, cell_keys, collate, length_sorted_batches, tokenize_rows
@@ -246,7 +246,8 @@ def _finish_embedding(adata: AnnData, sink: _EmbeddingSink, params: dict, stats:
     if store is None or not adata.is_view:  # a view would be made real (a backed one read whole) by writing uns
         adata.uns[f"{key_added}_params"] = params
     pad_share = 1 - stats["n_tokens"] / max(stats["n_padded"], 1)
-    logger.info("added %s (%d x %d, %s); %.1f%% of computed tokens were padding",
-                f"obsm[{key_added!r}]" if store is None else f"{key_added!r} to {store}", *sink.shape, used,
-                100 * pad_share)
+    logger.info("embedded %d cells (%d numbers each) -> %s", sink.shape[0], sink.shape[1],
+                f"obsm[{key_added!r}]" if store is None else store)
+    logger.info("embedding precision %s; %.1f%% of the computed tokens were padding (shorter cells)", used,
+                100 * pad_share, extra=DETAIL)
     return store

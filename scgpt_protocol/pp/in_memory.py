@@ -246,7 +246,7 @@ def _labelled_expression(adata: AnnData, params: PreprocessParams, log: list[str
     x.eliminate_zeros()
     dropped = [f"layers[{k!r}]" for k in adata.layers.keys()] + (["raw"] if adata.raw is not None else [])
     out.X = x
-    record(f"expression from {where} as float32 CSR"
+    record(f"expression read from {where} (kept sparse, 32-bit)"
            + (f" (dropped {', '.join(dropped)})" if dropped else ""))
     return out, where
 

@@ -242,7 +242,7 @@ def _labelled_stream(source: AnnData, matrix: Any, size: int, params: Preprocess
         log.append(f"dropped cells without a label: {n_cells_in:,} -> {len(cells):,} cells")
     out = meta[cells].copy()
     dropped = [f"layers[{k!r}]" for k in source.layers.keys()] + (["raw"] if has_raw else [])
-    record(f"expression from {where} as float32 CSR"
+    record(f"expression read from {where} (kept sparse, 32-bit)"
            + (f" (dropped {', '.join(dropped)})" if dropped else ""))
     sample = cells if len(cells) <= 2000 else \
         cells[np.sort(np.random.default_rng(0).choice(len(cells), 2000, replace=False))]

@@ -46,8 +46,9 @@ def describe_refinement(params: Mapping[str, Any] | None) -> str:
     lines = []
     t = params.get("min_confidence") or 0.0
     if t:
-        lines.append(f"abstention: {params['n_unknown']:,} of {params['n_cells']:,} cells have a confidence below "
-                     f"min_confidence={t:g} and are {UNKNOWN!r} (coverage {params['coverage']:.3f})")
+        lines.append(f"abstention: {params['n_unknown']:,} of the {params['n_cells']:,} cells of all splits have a "
+                     f"confidence below min_confidence={t:g} and are {UNKNOWN!r} (coverage {params['coverage']:.3f}); "
+                     "the test split's counts are in the next table")
     else:
         lines.append("abstention off (min_confidence=0): every cell keeps its predicted class")
     if params.get("majority_voting"):
