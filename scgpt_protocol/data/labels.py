@@ -13,14 +13,12 @@ from ..core.errors import format_keys
 if TYPE_CHECKING:
     from anndata import AnnData
 
-from typing import TYPE_CHECKING
+__all__ = ["SPLITS", "UNKNOWN", "UNKNOWN_COLOR"]
 
-if TYPE_CHECKING:
-    from anndata import AnnData
-
-# the bounded-memory path (prepare_file) and its reader live in preprocess_stream
-
-__all__ = ["SPLITS"]
+#: the label of a cell whose confidence is below ``min_confidence`` (abstention: "no call")
+UNKNOWN = "Unknown"
+#: the one neutral grey of "no call" in every figure: :data:`UNKNOWN` cells and cells without a label
+UNKNOWN_COLOR = "#9e9e9e"
 
 
 def cell_mask(adata: AnnData, cells: Any) -> np.ndarray:

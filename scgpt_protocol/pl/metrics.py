@@ -99,7 +99,7 @@ METHOD_COLORS: dict[str, str] = {
     BASELINE.short: BASELINE.color,
     ZEROSHOT.short: ZEROSHOT.color,
 }
-_MORE_METHOD_COLORS = ("#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
+_MORE_METHOD_COLORS = ("#54278f", "#67000d", "#7a0177", "#014636")  # dark: no cell-type colour
 
 
 def _method_colors(methods: Sequence[str]) -> list[str]:
