@@ -51,3 +51,81 @@ def test_method_colours_are_no_cell_type_colours():
     method_colours = {to_hex(m.color) for m in METHODS} | {to_hex(c) for c in METHOD_COLORS.values()}
     assert len({m.color for m in METHODS}) == len(METHODS)
     assert not method_colours & cell_type_colours
+
+
+def _renderer(fig):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    return FigureCanvasAgg(fig).get_renderer()
+
+
+def _legend_font_sizes(fig) -> list[float]:
+    legends = list(fig.legends) + [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
+    return [text.get_fontsize() for legend in legends for text in legend.get_texts()]
+
+
+# -- scores ---------------------------------------------------------------------------------
+def test_confusion_drops_rows_without_true_cells_and_follows_the_order():
+    from scgpt_protocol.metrics import confusion
+    from scgpt_protocol.pl.metrics import plot_confusion
+
+    true = ["B"] * 3 + ["T"] * 5 + ["NK"] * 2
+    pred = ["B", "B", UNKNOWN, "T", "T", "T", UNKNOWN, "B", "NK", UNKNOWN]
+    matrix = confusion(true, pred, ["B", "NK", "T", UNKNOWN])
+    assert UNKNOWN in matrix.index  # the empty row the figure leaves out
+    ax = plot_confusion(matrix, order=[UNKNOWN, "T", "B", "NK"]).axes[0]
+    rows = [t.get_text().split(" (n=")[0] for t in ax.get_yticklabels()]
+    assert rows == ["T", "B", "NK"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["T", "B", "NK", UNKNOWN]  # Unknown column last
+
+
+def test_coverage_curve_labels_do_not_overprint_and_every_axis_has_a_title():
+    from scgpt_protocol.metrics import coverage_curve
+    from scgpt_protocol.pl.metrics import plot_coverage_curve
+
+    rng = np.random.default_rng(0)
+    true = rng.choice(["a", "b", "c"], 300)
+    confidence = rng.uniform(0.3, 1.0, 300)
+    pred = np.where(rng.uniform(size=300) < confidence, true, "a")
+    curve = coverage_curve(true, pred, confidence)
+    fig = plot_coverage_curve(curve, min_confidence=0.5)
+    left, right = fig.axes[:2]
+    renderer = _renderer(fig)
+    labels = [t for t in left.texts if t.get_text()]
+    assert labels
+    boxes = [t.get_window_extent(renderer) for t in labels]
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    assert all(ax.get_xlabel() and ax.get_ylabel() for ax in (left, right))
+    lines = right.get_lines()[:3]
+    assert len({to_hex(line.get_color()) for line in lines}) == 3
+    assert len({line.get_linestyle() for line in lines}) == 3
+    assert right.get_legend() is not None and min(_legend_font_sizes(fig)) >= 8
+    two = plot_coverage_curve({"scGPT": curve, "zero-shot": curve})
+    assert len({to_hex(line.get_color()) for line in two.axes[1].get_lines()}) == 2  # one colour per curve
+
+
+def test_per_class_f1_is_horizontal_in_the_given_order_with_method_colours():
+    from scgpt_protocol.metrics import BASELINE, SCGPT, classification_metrics
+    from scgpt_protocol.pl.metrics import plot_per_class_f1
+
+    true = ["T"] * 10 + ["B"] * 6 + ["NK"] * 3
+    methods = {SCGPT.name: classification_metrics(true, true), BASELINE.name: classification_metrics(true, ["T"] * 19)}
+    fig = plot_per_class_f1(methods, order=["NK", "B", "T"], palette={"NK": "#ff0000", "B": "#00ff00", "T": "#0000ff"})
+    ax = fig.axes[0]
+    assert [t.get_text().split(" (")[0] for t in ax.get_yticklabels()] == ["NK", "B", "T"]
+    bar_colours = {to_hex(p.get_facecolor()) for p in ax.patches}
+    assert bar_colours == {to_hex(SCGPT.color), to_hex(BASELINE.color)}
+    assert min(_legend_font_sizes(fig)) >= 8 and min(t.get_fontsize() for t in ax.get_yticklabels()) >= 8
+
+
+def test_best_epoch_note_stays_inside_the_axes():
+    from scgpt_protocol.pl.training import plot_training_curves
+
+    history = pd.DataFrame({"epoch": range(1, 11), "train_loss": np.linspace(2, 1, 10),
+                            "val_macro_f1": np.linspace(0.1, 0.5, 10), "best": [False] * 9 + [True]})
+    fig = plot_training_curves(history)
+    renderer = _renderer(fig)
+    note = next(t for t in fig.axes[1].texts if t.get_text().startswith("best epoch"))
+    inside = fig.axes[1].get_window_extent(renderer)
+    box = note.get_window_extent(renderer)
+    assert inside.x0 <= box.x0 and box.x1 <= inside.x1

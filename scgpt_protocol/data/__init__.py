@@ -16,6 +16,7 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "SPLITS": "labels",
     "UNKNOWN": "labels",
     "UNKNOWN_COLOR": "labels",
+    "class_order": "labels",
     "disk_matrix": "matrix",
     "iter_row_chunks": "matrix",
     "read_rows": "matrix",
