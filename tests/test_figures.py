@@ -129,3 +129,49 @@ def test_best_epoch_note_stays_inside_the_axes():
     inside = fig.axes[1].get_window_extent(renderer)
     box = note.get_window_extent(renderer)
     assert inside.x0 <= box.x0 and box.x1 <= inside.x1
+
+
+# -- embeddings -----------------------------------------------------------------------------
+def _legend(ax) -> dict[str, str]:
+    legend = ax.get_legend()
+    return {t.get_text(): to_hex(h.get_markerfacecolor()) for t, h in zip(legend.get_texts(), legend.legend_handles)}
+
+
+def test_embedding_draws_no_call_grey_shortens_long_labels_and_shows_confidence():
+    from scgpt_protocol.data.colors import label_palette
+    from scgpt_protocol.pl.embedding import plot_embedding
+
+    rng = np.random.default_rng(0)
+    long = "a cell type whose name is much longer than forty characters"
+    labels = rng.choice(["B", "T", UNKNOWN, long], 80)
+    with_missing = pd.Categorical(np.where(np.arange(80) < 5, None, labels))
+    adata = ad.AnnData(obs=pd.DataFrame({"call": with_missing, "confidence": rng.uniform(0, 1, 80)},
+                                        index=[f"c{i}" for i in range(80)]))
+    adata.obsm["X_umap"] = rng.normal(size=(80, 2))
+    fig = plot_embedding(adata, color=["call", "confidence"], palette=label_palette(["B", "T", long]),
+                         order=[UNKNOWN, "T", "B", long])
+    legend = _legend(fig.axes[0])
+    names = list(legend)
+    assert names[:2] == ["T", "B"] and names[-2:] == [UNKNOWN, "no label"]  # the greys last
+    assert legend[UNKNOWN] == legend["no label"] == UNKNOWN_COLOR
+    shortened = names[2]
+    assert shortened.endswith("\u2026") and len(shortened) <= 40 and long.startswith(shortened[:-1])
+    assert min(t.get_fontsize() for t in fig.axes[0].get_legend().get_texts()) >= 8
+    colorbar = [ax for ax in fig.axes if ax.get_ylabel() == "confidence"]
+    assert colorbar and colorbar[0].get_ylim() == (0.0, 1.0)
+
+
+def test_joint_embedding_names_the_reference_cells():
+    from scgpt_protocol.data.colors import REFERENCE, REFERENCE_COLOR, label_palette
+    from scgpt_protocol.pl.embedding import joint_embedding, plot_embedding
+
+    rng = np.random.default_rng(1)
+    ref = ad.AnnData(obs=pd.DataFrame({"ct": rng.choice(["A", "B"], 30)}, index=[f"r{i}" for i in range(30)]))
+    query = ad.AnnData(obs=pd.DataFrame({"ct": rng.choice(["A", "B"], 10)}, index=[f"q{i}" for i in range(10)]))
+    ref.obsm["X_scgpt"], query.obsm["X_scgpt"] = rng.normal(size=(30, 4)), rng.normal(size=(10, 4))
+    joint = joint_embedding(ref, query, label_key="ct")
+    assert (joint.obs["predicted"][joint.obs["dataset"] == "reference"] == REFERENCE).all()
+    joint.obs["predicted"] = pd.Categorical(np.r_[np.full(30, REFERENCE), rng.choice(["A", UNKNOWN], 10)])
+    joint.obsm["X_umap"] = rng.normal(size=(40, 2))
+    legend = _legend(plot_embedding(joint, color="predicted", palette=label_palette(["A", "B"])).axes[0])
+    assert "NA" not in legend and legend[REFERENCE] == REFERENCE_COLOR and legend[UNKNOWN] == UNKNOWN_COLOR
