@@ -175,3 +175,48 @@ def test_joint_embedding_names_the_reference_cells():
     joint.obsm["X_umap"] = rng.normal(size=(40, 2))
     legend = _legend(plot_embedding(joint, color="predicted", palette=label_palette(["A", "B"])).axes[0])
     assert "NA" not in legend and legend[REFERENCE] == REFERENCE_COLOR and legend[UNKNOWN] == UNKNOWN_COLOR
+
+
+# -- evidence -------------------------------------------------------------------------------
+def _planted(n_per_type: int = 40, seed: int = 0) -> ad.AnnData:
+    """Counts of three types, each with one planted marker gene (``mark_<type>``), and a few noise genes."""
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(seed)
+    types = ["alpha", "beta", "gamma"]
+    genes = [f"mark_{t}" for t in types] + [f"noise_{i}" for i in range(12)]
+    labels = np.repeat(types, n_per_type)
+    counts = rng.poisson(2.0, size=(len(labels), len(genes))).astype(np.float32)
+    for j, t in enumerate(types):
+        counts[labels == t, j] += rng.poisson(30.0, size=int((labels == t).sum()))
+    obs = pd.DataFrame({"cell_type": pd.Categorical(labels), "split": np.where(np.arange(len(labels)) % 4, "train", "test")},
+                       index=[f"cell{i}" for i in range(len(labels))])
+    return ad.AnnData(sp.csr_matrix(counts), obs=obs, var=pd.DataFrame(index=genes))
+
+
+@pytest.mark.parametrize("backed", [False, True])
+def test_marker_genes_finds_the_planted_marker_of_each_type(tmp_path, backed):
+    from scgpt_protocol.evaluate.markers import marker_genes
+
+    adata = _planted()
+    adata.obs.loc[adata.obs_names[:1], "cell_type"] = np.nan  # an unlabelled cell is left out
+    if backed:
+        adata.write_h5ad(tmp_path / "planted.h5ad")
+        adata = ad.read_h5ad(tmp_path / "planted.h5ad", backed="r")
+    train = (adata.obs["split"] == "train").to_numpy()
+    markers = marker_genes(adata, label_key="cell_type", cells=train, n_genes=2, max_cells=60, seed=0)
+    assert set(markers) == {"alpha", "beta", "gamma"}
+    for cell_type, genes in markers.items():
+        assert genes[0] == f"mark_{cell_type}" and len(genes) == 2
+    assert len({g for genes in markers.values() for g in genes}) == 6  # unique across types
+    assert marker_genes(adata, label_key="cell_type", cells=np.flatnonzero(train)[:1]) == {}  # one type: nothing
+
+
+def test_marker_genes_skips_types_with_one_cell():
+    from scgpt_protocol.evaluate.markers import marker_genes
+
+    adata = _planted(n_per_type=10)
+    labels = adata.obs["cell_type"].astype(str).to_numpy()
+    labels[0] = "lonely"
+    adata.obs["cell_type"] = pd.Categorical(labels)
+    assert "lonely" not in marker_genes(adata, label_key="cell_type", method="t-test")
