@@ -220,3 +220,93 @@ def test_marker_genes_skips_types_with_one_cell():
     labels[0] = "lonely"
     adata.obs["cell_type"] = pd.Categorical(labels)
     assert "lonely" not in marker_genes(adata, label_key="cell_type", method="t-test")
+
+
+def test_marker_dotplot_rows_by_call_markers_by_type_and_saved(tmp_path):
+    from scgpt_protocol.pl.evidence import plot_marker_dotplot
+    from scgpt_protocol.pl.figure import save_figure
+
+    adata = _planted()
+    adata.write_h5ad(tmp_path / "planted.h5ad")
+    backed = ad.read_h5ad(tmp_path / "planted.h5ad", backed="r")
+    called = adata.obs["cell_type"].astype(str).to_numpy().copy()
+    called[::7] = UNKNOWN
+    markers = {"alpha": ["mark_alpha", "noise_0"], "beta": ["mark_beta"], "gamma": ["mark_gamma"]}
+    fig = plot_marker_dotplot(backed, markers, groupby=called, order=[UNKNOWN, "gamma", "beta", "alpha"],
+                              cells=(adata.obs["split"] == "test").to_numpy(), title="markers")
+    ax = fig.axes[0]
+    rows = [t.get_text().split(" (n=")[0] for t in ax.get_yticklabels()]
+    assert rows == ["gamma", "beta", "alpha", UNKNOWN]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["mark_gamma", "mark_beta", "mark_alpha", "noise_0"]
+    assert [t.get_text() for t in ax.texts] == ["gamma", "beta", "alpha"]  # the type above its markers
+    sizes = ax.collections[0].get_sizes().reshape(len(rows), 4)
+    assert sizes[0, 0] > sizes[1, 0] and sizes[1, 1] > sizes[0, 1]  # each call carries its own marker
+    png = save_figure(fig, RunLayout(tmp_path / "run"), "marker_dotplot", pdf=False)
+    assert png.is_file() and png.stat().st_size > 0
+
+
+def test_confidence_by_type_rows_axis_and_threshold():
+    from scgpt_protocol.pl.evidence import CONFIDENCE_AXIS, plot_confidence_by_type
+
+    rng = np.random.default_rng(0)
+    labels = rng.choice(["a", "b", "c"], 90, p=[0.5, 0.3, 0.2])
+    confidence = rng.uniform(0, 1, 90)
+    fig = plot_confidence_by_type(labels, confidence, threshold=0.4)
+    ax = fig.axes[0]
+    assert [t.get_text().split(" (n=")[0] for t in ax.get_yticklabels()] == ["a", "b", "c"]
+    assert ax.get_xlabel() == CONFIDENCE_AXIS
+    vertical = [line for line in ax.get_lines() if list(line.get_xdata()) == [0.4, 0.4]]
+    assert vertical
+    no_line = plot_confidence_by_type(labels, confidence, threshold=0, order=["c", "a", "b"]).axes[0]
+    assert not [line for line in no_line.get_lines() if list(line.get_xdata()) == [0, 0]]
+    assert [t.get_text().split(" (n=")[0] for t in no_line.get_yticklabels()] == ["c", "a", "b"]
+
+
+def test_call_umaps_three_panels_and_majority_voting_off(tmp_path):
+    from scgpt_protocol.annotate.columns import COLUMNS
+    from scgpt_protocol.pl.evidence import plot_call_umaps
+    from scgpt_protocol.pl.figure import save_figure
+
+    rng = np.random.default_rng(0)
+    obs = pd.DataFrame({COLUMNS["labels"]: pd.Categorical(rng.choice(["a", "b", UNKNOWN], 50)),
+                        COLUMNS["majority_voting"]: pd.Categorical(rng.choice(["a", "b"], 50)),
+                        COLUMNS["confidence"]: rng.uniform(0, 1, 50)}, index=[f"c{i}" for i in range(50)])
+    adata = ad.AnnData(obs=obs, obsm={"X_umap_scgpt": rng.normal(size=(50, 2))})
+    fig = plot_call_umaps(adata, basis="X_umap_scgpt")
+    titles = [ax.get_title() for ax in fig.axes[:3]]
+    assert titles[0] == "predicted label" and titles[1].startswith("majority voting") and "confidence" in titles[2]
+    assert _legend(fig.axes[0])[UNKNOWN] == UNKNOWN_COLOR
+    assert save_figure(fig, RunLayout(tmp_path / "run"), "call_umaps", pdf=False).is_file()
+    no_vote = ad.AnnData(obs=obs.drop(columns=COLUMNS["majority_voting"]), obsm={"X_umap_scgpt": adata.obsm["X_umap_scgpt"]})
+    off = plot_call_umaps(no_vote, basis="X_umap_scgpt")
+    assert any(t.get_text() == "majority voting off" for t in off.axes[1].texts)
+
+
+def test_mt_caveat_below_five_mt_genes():
+    from scgpt_protocol.pl.qc import plot_qc
+    from scgpt_protocol.pp.inspect import MIN_MT_GENES, mt_gene_count
+
+    adata = _planted(n_per_type=5)
+    adata.var_names = ["MT-CO1", *adata.var_names[1:]]
+    assert mt_gene_count(adata) == 1 < MIN_MT_GENES
+    assert "not meaningful" in plot_qc(adata).axes[2].get_title()
+    adata.var_names = [f"MT-{i}" for i in range(6)] + list(adata.var_names[6:])
+    assert mt_gene_count(adata) == 6
+    assert "not meaningful" not in plot_qc(adata).axes[2].get_title()
+
+
+@pytest.mark.slow
+def test_overview_umap_on_a_seeded_sample(tmp_path):
+    from scgpt_protocol.pl.figure import save_figure
+    from scgpt_protocol.pl.qc import plot_overview_umap
+
+    adata = _planted()
+    adata.write_h5ad(tmp_path / "planted.h5ad")
+    backed = ad.read_h5ad(tmp_path / "planted.h5ad", backed="r")
+    fig = plot_overview_umap(backed, label_key="cell_type", max_cells=60, seed=0)
+    ax = fig.axes[0]
+    assert "60 of 120 cells" in ax.get_title()
+    assert set(_legend(ax)) <= {"alpha", "beta", "gamma"}
+    again = plot_overview_umap(backed, label_key="cell_type", max_cells=60, seed=0)
+    np.testing.assert_array_equal(ax.collections[0].get_offsets(), again.axes[0].collections[0].get_offsets())
+    assert save_figure(fig, RunLayout(tmp_path / "run"), "overview_umap", pdf=False).is_file()

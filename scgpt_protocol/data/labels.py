@@ -72,7 +72,7 @@ def class_order(labels: Any, categories: Sequence[Any] | None = None) -> list[st
     values = pd.Series(labels.to_numpy() if isinstance(labels, (pd.Series, pd.Index)) else
                        np.asarray(list(labels), dtype=object), dtype=object)
     counts = values[~missing_labels(values)].astype(str).value_counts()
-    order = sorted(counts.index, key=lambda c: (-int(counts[c]), c))
+    order = sorted((str(c) for c in counts.index), key=lambda c: (-int(counts[c]), c))
     order += [str(c) for c in categories or () if str(c) not in set(order)]
     return [c for c in order if c != UNKNOWN] + ([UNKNOWN] if UNKNOWN in order else [])
 

@@ -61,7 +61,7 @@ def short_label(text: Any, limit: int = LEGEND_MAX_CHARS) -> str:
     return text if len(text) <= limit else text[: limit - 1].rstrip() + "\u2026"
 
 
-def _draw_continuous(values: np.ndarray, coords: np.ndarray, key: str, ax: Axes, size: float) -> None:
+def _draw_continuous(values: np.ndarray, coords: np.ndarray, name: str, ax: Axes, size: float) -> None:
     finite = values[np.isfinite(values)]
     unit = finite.size and finite.min() >= 0 and finite.max() <= 1  # a share or a probability: 0..1
     order = np.argsort(np.nan_to_num(values, nan=-np.inf), kind="stable")  # high values on top
@@ -72,17 +72,18 @@ def _draw_continuous(values: np.ndarray, coords: np.ndarray, key: str, ax: Axes,
                         linewidths=0, plotnonfinite=True, vmin=0 if unit else None, vmax=1 if unit else None,
                         rasterized=len(coords) > 2000)
     colorbar = ax.figure.colorbar(points, ax=ax, shrink=0.7)
-    colorbar.set_label(key, fontsize=9)
+    colorbar.set_label(name, fontsize=9)
     colorbar.ax.tick_params(labelsize=8)
 
 
 def _draw_embedding(adata: AnnData, coords: np.ndarray, key: str, ax: Axes, size: float,
-                    palette: Mapping[str, str] | None = None, order: Sequence[Any] | None = None) -> None:
+                    palette: Mapping[str, str] | None = None, order: Sequence[Any] | None = None,
+                    name: str | None = None) -> None:
     from matplotlib.lines import Line2D
 
     column = adata.obs[key]
     if pd.api.types.is_numeric_dtype(column.dtype) and not pd.api.types.is_bool_dtype(column.dtype):
-        _draw_continuous(column.to_numpy(dtype=np.float64), coords, key, ax, size)
+        _draw_continuous(column.to_numpy(dtype=np.float64), coords, name or key, ax, size)
         return
     is_categorical = isinstance(column.dtype, pd.CategoricalDtype)
     cat = column if is_categorical else column.astype("category")
@@ -179,7 +180,7 @@ def plot_embedding(
     size = float(np.clip(120_000 / max(adata.n_obs, 1), 1.0, 40.0))
     axis_name = basis.removeprefix("X_").split("_")[0].upper()  # X_umap_scgpt -> UMAP
     for key, panel, panel_title in zip(keys, axes, titles):
-        _draw_embedding(adata, coords, key, panel, size, palette, order)
+        _draw_embedding(adata, coords, key, panel, size, palette, order, name=panel_title)
         panel.set_title(panel_title)
         panel.set_xticks([])
         panel.set_yticks([])
