@@ -38,9 +38,9 @@ class Method:
     color: str
 
 
-SCGPT = Method("scGPT (fine-tuned)", "scGPT fine-tuned", "scGPT", "#1f77b4")
-BASELINE = Method("logistic regression (log1p-CP10k HVG)", "logistic-regression baseline", "baseline", "#ff7f0e")
-ZEROSHOT = Method("zero-shot kNN vote", "zero-shot kNN on pretrained scGPT", "zero-shot", "#2ca02c")
+SCGPT = Method("scGPT (fine-tuned)", "scGPT fine-tuned", "scGPT", "#08306b")
+BASELINE = Method("logistic regression (log1p-CP10k HVG)", "logistic-regression baseline", "baseline", "#a63603")
+ZEROSHOT = Method("zero-shot kNN vote", "zero-shot kNN on pretrained scGPT", "zero-shot", "#00441b")
 METHODS = (SCGPT, BASELINE, ZEROSHOT)
 #: row name of the fine-tuned model in :func:`metrics_table`
 SCGPT_METHOD = SCGPT.name

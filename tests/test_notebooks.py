@@ -121,7 +121,7 @@ def test_one_palette_for_the_run(ci_run):
     layout, _ = ci_run
     labels = json.loads(layout.labels.read_text())
     colors = labels["colors"]
-    assert list(colors) == labels["categories"] and len(set(colors.values())) == len(colors)
+    assert list(colors) == [*labels["categories"], "Unknown"] and len(set(colors.values())) == len(colors)
     evaluated = ad.read_h5ad(layout.evaluated_adata)
     key = labels["label_key"]
     assert list(evaluated.uns[f"{key}_colors"]) == [colors[c] for c in evaluated.obs[key].cat.categories]

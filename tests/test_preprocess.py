@@ -343,6 +343,19 @@ def test_prepare_filters(toy, toy_vocab):
 
 
 # -- writing --------------------------------------------------------------------------------
+def test_labels_json_records_grey_unknown(prepared_demo, tmp_path):
+    from scgpt_protocol.data.colors import run_palette
+    from scgpt_protocol.data.labels import UNKNOWN, UNKNOWN_COLOR
+
+    layout = RunLayout(tmp_path / "run")
+    pp.write_prepared(prepared_demo, layout, "bulk_labels")
+    colors = json.loads(layout.labels.read_text())["colors"]
+    assert colors[UNKNOWN] == UNKNOWN_COLOR
+    assert set(colors) == set(prepared_demo.categories) | {UNKNOWN}
+    assert UNKNOWN_COLOR not in {colors[c] for c in prepared_demo.categories}
+    assert run_palette(layout)[UNKNOWN] == UNKNOWN_COLOR
+
+
 def test_write_prepared_round_trip(prepared_demo, tmp_path):
     layout = RunLayout(tmp_path / "run")
     paths = pp.write_prepared(prepared_demo, layout, "bulk_labels")

@@ -194,14 +194,15 @@ def test_per_class_figure_marks_zero_f1_and_keeps_the_legend_off_the_title(metho
 
     fig = plot_per_class_f1(methods)
     ax = fig.axes[0]
-    markers = [line for line in ax.get_lines() if line.get_marker() == "v"]
-    assert markers and len(markers[0].get_xdata()) == 2  # the baseline's two F1 = 0 bars
-    assert [t.get_text().split(" (")[0] for t in ax.get_xticklabels()] == ["T", "B", "NK"]
-    assert ax.get_xticklabels()[2].get_text().endswith("*")
+    markers = [line for line in ax.get_lines() if line.get_marker() == "<"]
+    assert markers and len(markers[0].get_ydata()) == 2  # the baseline's two F1 = 0 bars
+    assert [t.get_text().split(" (")[0] for t in ax.get_yticklabels()] == ["T", "B", "NK"]  # largest on top
+    assert ax.get_ylim()[0] > ax.get_ylim()[1]
+    assert ax.get_yticklabels()[2].get_text().endswith("*")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     renderer = FigureCanvasAgg(fig).get_renderer()
-    legend_box = ax.get_legend().get_window_extent(renderer)
+    legend_box = fig.legends[0].get_window_extent(renderer)
     title_box = ax.title.get_window_extent(renderer)
     assert not legend_box.overlaps(title_box)
 

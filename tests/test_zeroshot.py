@@ -339,7 +339,7 @@ def test_joint_embedding(annotated):
     counts = joint.obs["dataset"].value_counts().to_dict()
     assert counts == {"reference": reference.n_obs, "query": query.n_obs}
     is_query = (joint.obs["dataset"] == "query").to_numpy()
-    assert joint.obs["predicted"][~is_query].isna().all()
+    assert (joint.obs["predicted"][~is_query] == "reference").all()  # drawn grey, named in legends
     predicted = joint.obs["predicted"][is_query].astype(str).tolist()
     assert predicted == res.predictions["scgpt_zeroshot_label"].tolist()
     assert joint.obs["label"].astype(str).tolist() == [

@@ -37,6 +37,7 @@ import numpy as np
 import pandas as pd
 
 from ..core.log import DETAIL
+from ..data.labels import UNKNOWN
 from ..metrics import coverage_curve
 from .columns import COLUMNS
 
@@ -50,8 +51,6 @@ logger = logging.getLogger(__name__)
 __all__ = ["UNKNOWN", "Refinement", "overclustering_resolution", "abstain", "over_cluster", "majority_vote",
     "refine_labels", "refine", "as_refinement", "refinement_metrics", "write_annotation"]
 
-#: the label of a cell whose confidence is below ``min_confidence``
-UNKNOWN = "Unknown"
 #: (cells below, resolution): CellTypist's documented default resolution of its over-clustering
 _RESOLUTION_STEPS = ((5_000, 5.0), (20_000, 10.0), (40_000, 15.0), (100_000, 20.0), (200_000, 25.0))
 _RESOLUTION_MAX = 30.0

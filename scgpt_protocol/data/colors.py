@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 import pandas as pd
 
+from .labels import UNKNOWN, UNKNOWN_COLOR
+
 if TYPE_CHECKING:
     from anndata import AnnData
     from matplotlib.axes import Axes
@@ -18,10 +20,27 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["label_palette", "run_palette", "mark_categories"]
+__all__ = ["label_palette", "run_palette", "mark_categories", "REFERENCE", "REFERENCE_COLOR", "fixed_color"]
 
-#: colour of cells without a value (e.g. reference cells in a panel of query predictions)
-NA_COLOR = "#e3e3e3"
+#: colour of cells without a value: the grey of "no call" (:data:`~scgpt_protocol.data.labels.UNKNOWN_COLOR`)
+NA_COLOR = UNKNOWN_COLOR
+#: the name of reference cells in a panel of query predictions (04's joint UMAP), and their light grey
+REFERENCE, REFERENCE_COLOR = "reference", "#d4d4d4"
+#: categories that never take a class colour: "no call" and the reference background
+FIXED_COLORS = {UNKNOWN: UNKNOWN_COLOR, REFERENCE: REFERENCE_COLOR}
+
+
+def fixed_color(category: Any) -> str | None:
+    """The fixed grey of :data:`~scgpt_protocol.data.labels.UNKNOWN` (and of :data:`REFERENCE`), else None."""
+    return FIXED_COLORS.get(str(category))
+
+
+def is_grey(color: str, tolerance: float = 0.06) -> bool:
+    """Whether ``color`` is (nearly) achromatic: such colours are kept for "no call", never given to a class."""
+    from matplotlib.colors import to_rgb
+
+    rgb = to_rgb(color)
+    return max(rgb) - min(rgb) <= tolerance
 
 
 # -- embeddings -----------------------------------------------------------------------------
@@ -70,16 +89,18 @@ def label_palette(
     -------
     dict
         ``{category: colour}``; categories without a stored colour get scanpy's default palette
-        (in order, skipping colours already taken).
+        (in order, skipping colours already taken, and greys). :data:`~scgpt_protocol.data.labels.UNKNOWN`
+        is always there, last, in :data:`~scgpt_protocol.data.labels.UNKNOWN_COLOR`: no class has its grey.
     """
     names = [str(c) for c in categories]
     known = _stored_colors(adata, label_key) if adata is not None and label_key else {}
-    out = {c: known[c] for c in names if c in known}
-    taken = set(out.values())
-    spare = iter(c for c in spare_colors(len(names)) if c not in taken)
+    out = {c: known[c] for c in names if c in known and c != UNKNOWN and known[c].lower() != UNKNOWN_COLOR}
+    taken = {c.lower() for c in out.values()}
+    spare = iter(c for c in spare_colors(len(names)) if c.lower() not in taken)
     for c in names:
-        if c not in out:
-            out[c] = next(spare, "grey")
+        if c not in out and c != UNKNOWN:
+            out[c] = next(spare, "#000000")
+    out[UNKNOWN] = UNKNOWN_COLOR
     return out
 
 
@@ -88,17 +109,18 @@ def spare_colors(n: int) -> list[str]:
     from scanpy.plotting import palettes
 
     seen: dict[str, None] = dict.fromkeys(_default_palette(n) + list(palettes.default_102))
-    return list(seen)
+    return [c for c in seen if not is_grey(c)]  # greys mean "no call"
 
 
 def run_palette(layout: RunLayout) -> dict[str, str]:
     """The run's ``{class: colour}``, written by 01 into ``data/labels.json`` (every step's figures use it).
 
-    Runs prepared before colours were stored get :func:`label_palette` of their categories.
+    Runs prepared before colours were stored get :func:`label_palette` of their categories; ``Unknown``
+    is always grey (:data:`~scgpt_protocol.data.labels.UNKNOWN_COLOR`), also in runs written before it was.
     """
     labels = layout.read_json(layout.labels, step="01_preprocess")
     colors = labels.get("colors")
-    return dict(colors) if colors else label_palette(labels["categories"])
+    return {**colors, UNKNOWN: UNKNOWN_COLOR} if colors else label_palette(labels["categories"])
 
 
 def mark_categories(ax: Axes, colors: Sequence[str | None], *, axis: str = "y") -> None:
@@ -132,10 +154,11 @@ def category_colors(adata: AnnData, key: str, categories: Sequence[Any], store: 
     if stored is not None:
         stored = list(np.asarray(stored).tolist())
         if len(stored) >= len(categories) and all(is_color_like(c) for c in stored[: len(categories)]):
-            return [str(c) for c in stored[: len(categories)]]
+            return [fixed_color(c) or str(s) for c, s in zip(categories, stored)]
         logger.info("adata.uns[%r] has %d colours for %d categories; using the default palette",
                     uns_key, len(stored), len(categories))
-    colors = _default_palette(len(categories))
+    spare = iter(c for c in spare_colors(len(categories)))
+    colors = [fixed_color(c) or next(spare, "#000000") for c in categories]
     if store:
         adata.uns[uns_key] = list(colors)
     return colors

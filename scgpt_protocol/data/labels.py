@@ -13,14 +13,12 @@ from ..core.errors import format_keys
 if TYPE_CHECKING:
     from anndata import AnnData
 
-from typing import TYPE_CHECKING
+__all__ = ["SPLITS", "UNKNOWN", "UNKNOWN_COLOR", "class_order"]
 
-if TYPE_CHECKING:
-    from anndata import AnnData
-
-# the bounded-memory path (prepare_file) and its reader live in preprocess_stream
-
-__all__ = ["SPLITS"]
+#: the label of a cell whose confidence is below ``min_confidence`` (abstention: "no call")
+UNKNOWN = "Unknown"
+#: the one neutral grey of "no call" in every figure: :data:`UNKNOWN` cells and cells without a label
+UNKNOWN_COLOR = "#9e9e9e"
 
 
 def cell_mask(adata: AnnData, cells: Any) -> np.ndarray:
@@ -64,6 +62,30 @@ def subset_split(adata: AnnData, split: str | Sequence[str], *, split_key: str =
     if bad:
         raise ValueError(f"unknown split(s) {bad}; splits are {list(SPLITS)}.")
     return adata[adata.obs[split_key].isin(wanted).to_numpy()].copy()
+
+
+def class_order(labels: Any, categories: Sequence[Any] | None = None) -> list[str]:
+    """One class order for every figure and table: by number of cells in ``labels`` (e.g. the true labels
+    of the test cells), largest first, ties by name; then the ``categories`` without such cells (in their
+    order); :data:`UNKNOWN` last. Missing labels (:func:`missing_labels`) are not counted.
+    """
+    values = pd.Series(labels.to_numpy() if isinstance(labels, (pd.Series, pd.Index)) else
+                       np.asarray(list(labels), dtype=object), dtype=object)
+    counts = values[~missing_labels(values)].astype(str).value_counts()
+    order = sorted((str(c) for c in counts.index), key=lambda c: (-int(counts[c]), c))
+    order += [str(c) for c in categories or () if str(c) not in set(order)]
+    return [c for c in order if c != UNKNOWN] + ([UNKNOWN] if UNKNOWN in order else [])
+
+
+def ordered(names: Sequence[Any], order: Sequence[Any] | None, *, unknown_last: bool = True) -> list[str]:
+    """``names`` as text in ``order`` (those of ``order`` first, the others after in their own order);
+    :data:`UNKNOWN` last when ``unknown_last``."""
+    names = [str(n) for n in names]
+    rank = {str(c): i for i, c in enumerate(order or ())}
+    out = sorted(names, key=lambda n: (rank.get(n, len(rank)), names.index(n)))
+    if unknown_last and UNKNOWN in out:
+        out = [n for n in out if n != UNKNOWN] + [UNKNOWN]
+    return out
 
 
 # -- inspection -----------------------------------------------------------------------------

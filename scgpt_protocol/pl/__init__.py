@@ -7,6 +7,10 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "cells_for_plot": "embedding",
     "plot_embedding": "embedding",
     "compute_umap": "embedding",
+    "plot_marker_dotplot": "evidence",
+    "plot_confidence_by_type": "evidence",
+    "plot_call_umaps": "evidence",
+    "dotplot_table": "evidence",
     "SavedFigure": "figure",
     "set_style": "figure",
     "save_figure": "figure",
@@ -16,5 +20,6 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "plot_coverage_curve": "metrics",
     "plot_qc": "qc",
     "plot_class_counts": "qc",
+    "plot_overview_umap": "qc",
     "plot_training_curves": "training",
 })

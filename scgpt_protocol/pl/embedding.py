@@ -12,7 +12,8 @@ import pandas as pd
 
 from ..annotate.columns import PREDICTION_COLUMNS
 from ..core.errors import format_keys
-from ..data.colors import NA_COLOR, category_colors, spare_colors
+from ..data.colors import NA_COLOR, REFERENCE, category_colors, fixed_color, spare_colors
+from ..data.labels import ordered
 from .figure import new_figure
 
 if TYPE_CHECKING:
@@ -42,24 +43,47 @@ def _basis(adata: AnnData, basis: str) -> np.ndarray:
 
 
 def _palette_colors(categories: Sequence[Any], palette: Mapping[str, str]) -> list[str]:
-    """Colours of ``categories`` from ``palette``; others get default colours the palette does not use."""
+    """Colours of ``categories`` from ``palette``; others get default colours the palette does not use;
+    ``Unknown`` and ``reference`` their fixed greys."""
     used = set(palette.values())
     spare = iter(c for c in spare_colors(len(categories)) if c not in used)
-    return [palette[str(c)] if str(c) in palette else next(spare, "grey") for c in categories]
+    return [fixed_color(c) or (palette[str(c)] if str(c) in palette else next(spare, "#000000"))
+            for c in categories]
+
+
+#: legend entries longer than this are shortened with an ellipsis
+LEGEND_MAX_CHARS = 40
+
+
+def short_label(text: Any, limit: int = LEGEND_MAX_CHARS) -> str:
+    """``text`` cut to ``limit`` characters with an ellipsis (legends stay beside the plot, not over it)."""
+    text = str(text)
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "\u2026"
+
+
+def _draw_continuous(values: np.ndarray, coords: np.ndarray, name: str, ax: Axes, size: float) -> None:
+    finite = values[np.isfinite(values)]
+    unit = finite.size and finite.min() >= 0 and finite.max() <= 1  # a share or a probability: 0..1
+    order = np.argsort(np.nan_to_num(values, nan=-np.inf), kind="stable")  # high values on top
+    import matplotlib as mpl
+
+    cmap = mpl.colormaps["viridis"].with_extremes(bad=NA_COLOR)  # cells without a value: the grey of no call
+    points = ax.scatter(coords[order, 0], coords[order, 1], c=values[order], s=size, cmap=cmap,
+                        linewidths=0, plotnonfinite=True, vmin=0 if unit else None, vmax=1 if unit else None,
+                        rasterized=len(coords) > 2000)
+    colorbar = ax.figure.colorbar(points, ax=ax, shrink=0.7)
+    colorbar.set_label(name, fontsize=9)
+    colorbar.ax.tick_params(labelsize=8)
 
 
 def _draw_embedding(adata: AnnData, coords: np.ndarray, key: str, ax: Axes, size: float,
-                    palette: Mapping[str, str] | None = None) -> None:
+                    palette: Mapping[str, str] | None = None, order: Sequence[Any] | None = None,
+                    name: str | None = None) -> None:
     from matplotlib.lines import Line2D
 
     column = adata.obs[key]
-    fig = ax.figure
     if pd.api.types.is_numeric_dtype(column.dtype) and not pd.api.types.is_bool_dtype(column.dtype):
-        values = column.to_numpy(dtype=np.float64)
-        order = np.argsort(np.nan_to_num(values, nan=-np.inf), kind="stable")  # high values on top
-        points = ax.scatter(coords[order, 0], coords[order, 1], c=values[order], s=size, cmap="viridis",
-                            linewidths=0, plotnonfinite=True)
-        fig.colorbar(points, ax=ax, shrink=0.7, label=key)
+        _draw_continuous(column.to_numpy(dtype=np.float64), coords, name or key, ax, size)
         return
     is_categorical = isinstance(column.dtype, pd.CategoricalDtype)
     cat = column if is_categorical else column.astype("category")
@@ -69,20 +93,21 @@ def _draw_embedding(adata: AnnData, coords: np.ndarray, key: str, ax: Axes, size
     else:
         colors = category_colors(adata, key, categories, store=is_categorical)
     codes = cat.cat.codes.to_numpy()
-    lut = np.asarray(colors + [NA_COLOR], dtype=object)  # code -1 (NaN) -> light grey
-    order = np.argsort(codes != -1, kind="stable")  # cells without a value underneath the others
-    ax.scatter(coords[order, 0], coords[order, 1], c=list(lut[codes[order]]), s=size, linewidths=0,
+    lut = np.asarray(colors + [NA_COLOR], dtype=object)  # code -1 (NaN) -> the grey of "no call"
+    background = np.array([fixed_color(c) is not None for c in categories] + [True])
+    draw = np.argsort(~background[codes], kind="stable")  # no call / reference underneath the others
+    ax.scatter(coords[draw, 0], coords[draw, 1], c=list(lut[codes[draw]]), s=size, linewidths=0,
                rasterized=len(coords) > 2000)
     present = set(codes.tolist())
-    handles = [
-        Line2D([], [], marker="o", linestyle="", markersize=6, markerfacecolor=colors[i], markeredgewidth=0,
-               label=str(c))
-        for i, c in enumerate(categories) if i in present
-    ]
+    shown = ordered([c for i, c in enumerate(categories) if i in present], order)
+    shown = [c for c in shown if fixed_color(c) is None] + [c for c in shown if fixed_color(c) is not None]
+    index = {str(c): i for i, c in enumerate(categories)}
+    handles = [Line2D([], [], marker="o", linestyle="", markersize=6, markerfacecolor=colors[index[c]],
+                      markeredgewidth=0, label=short_label(c)) for c in shown]
     if -1 in present:
         handles.append(Line2D([], [], marker="o", linestyle="", markersize=6, markerfacecolor=NA_COLOR,
-                              markeredgewidth=0, label="NA"))
-    ax.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, fontsize="small",
+                              markeredgewidth=0, label="no label"))
+    ax.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, fontsize=9,
               ncol=1 if len(handles) <= 14 else 2, handletextpad=0.2, borderaxespad=0.5)
 
 
@@ -94,13 +119,15 @@ def plot_embedding(
     ax: Axes | Sequence[Axes] | None = None,
     title: str | list[str] | None = None,
     palette: Mapping[str, str] | None = None,
+    order: Sequence[Any] | None = None,
 ) -> Figure:
     """Scatter plot of a 2-D embedding coloured by one or more ``obs`` columns, side by side.
 
     Categorical columns use the colours in ``adata.uns[f"{key}_colors"]`` when present (the ones
     scanpy uses), else scanpy's default palette, which is then **stored there** so that later plots
     (and ``sc.pl.umap``) agree; string columns that are not categorical get the palette without
-    storing it. Numeric columns use ``viridis`` with a colour bar. The legend is outside the axes.
+    storing it. Numeric columns (e.g. the confidence) use ``viridis`` with a colour bar (0 to 1 when the
+    values lie there). The legend is outside the axes.
 
     Parameters
     ----------
@@ -119,7 +146,11 @@ def plot_embedding(
         ``{category: colour}`` for every categorical panel that holds any of these categories
         (e.g. the run's :func:`label_palette`, so that the true and the predicted label of a cell
         type have the same colour in every panel, whatever categories each column has). Other
-        categories of such a panel get colours the palette does not use.
+        categories of such a panel get colours the palette does not use. ``Unknown`` (no call), cells
+        without a value and ``reference`` cells (04) are grey whatever the palette, drawn underneath.
+    order
+        The class order of the legends (e.g. :func:`~scgpt_protocol.data.labels.class_order`); the greys last.
+        Legend entries longer than 40 characters are shortened with an ellipsis.
 
     Returns
     -------
@@ -149,7 +180,7 @@ def plot_embedding(
     size = float(np.clip(120_000 / max(adata.n_obs, 1), 1.0, 40.0))
     axis_name = basis.removeprefix("X_").split("_")[0].upper()  # X_umap_scgpt -> UMAP
     for key, panel, panel_title in zip(keys, axes, titles):
-        _draw_embedding(adata, coords, key, panel, size, palette)
+        _draw_embedding(adata, coords, key, panel, size, palette, order, name=panel_title)
         panel.set_title(panel_title)
         panel.set_xticks([])
         panel.set_yticks([])
@@ -252,7 +283,8 @@ def joint_embedding(
         ``obsm`` key of the embeddings, kept under the same key.
     result
         The :class:`ZeroShotResult` of these two datasets; its majority labels fill ``predicted``
-        for the query cells (NaN for reference cells). Without it ``predicted`` is all NaN. Its
+        for the query cells (``"reference"`` for reference cells, drawn grey). Without it the query cells'
+        ``predicted`` is NaN. Its
         embeddings are used where a dataset has no ``obsm[embedding_key]`` (``zeroshot_annotate`` with
         ``store_dir``: only the chosen rows are read from disk).
     max_cells
@@ -310,14 +342,17 @@ def joint_embedding(
     query_names = np.asarray(query.obs_names.astype(str))[chosen["query"]]
     n_r, n_q = len(ref_names), len(query_names)
     names = [*(f"{n}-reference" for n in ref_names), *(f"{n}-query" for n in query_names)]
-    no_prediction = np.full(n_r, np.nan, dtype=object)
+    query_predicted = np.asarray([v if pd.isna(v) else str(v) for v in predicted[chosen["query"]]], dtype=object)
+    called = sorted({v for v in query_predicted if not pd.isna(v)})
+    no_prediction = np.full(n_r, REFERENCE, dtype=object)  # drawn grey, named "reference" in legends
     cells = np.concatenate([ref_names, query_names])
     obs = pd.DataFrame(
         {
             "dataset": pd.Categorical(["reference"] * n_r + ["query"] * n_q, categories=["reference", "query"]),
             "label": pd.Categorical(np.concatenate([labels(reference, chosen["reference"]),
                                                     labels(query, chosen["query"])])),
-            "predicted": pd.Categorical(np.concatenate([no_prediction, predicted[chosen["query"]]])),
+            "predicted": pd.Categorical(np.concatenate([no_prediction, query_predicted]),
+                                        categories=list(dict.fromkeys([*called, REFERENCE]))),
             "cell": cells.astype(object),
         },
         index=pd.Index(names),

@@ -4,9 +4,10 @@ and class sizes per split.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 
 from ..data.colors import mark_categories
@@ -14,6 +15,7 @@ from ..data.labels import SPLITS
 from ..data.matrix import get_matrix, iter_row_chunks, value_kind
 from ..model.vocab import gene_symbols
 from ..pp.in_memory import PreparedData
+from ..pp.inspect import MIN_MT_GENES
 from ..pp.stages import mito_mask, percent_mito
 
 if TYPE_CHECKING:
@@ -22,12 +24,16 @@ if TYPE_CHECKING:
 
 # the bounded-memory path (prepare_file) and its reader live in preprocess_stream
 
-__all__ = ["plot_qc", "plot_class_counts"]
+__all__ = ["plot_qc", "plot_class_counts", "plot_overview_umap"]
 
 
 # -- plots ----------------------------------------------------------------------------------
 def plot_qc(adata: AnnData, *, layer: str | None = None, gene_symbol_key: str | None = None) -> Figure:
     """Histograms of genes per cell, total counts per cell and (when MT- genes exist) % mitochondrial.
+
+    With fewer than :data:`~scgpt_protocol.pp.inspect.MIN_MT_GENES` ``MT-`` genes (a targeted panel) the last
+    panel's title says the percentage is not meaningful; :func:`~scgpt_protocol.pp.inspect.mt_gene_count` gives
+    the number for a report's warning.
 
     Parameters
     ----------
@@ -67,7 +73,10 @@ def plot_qc(adata: AnnData, *, layer: str | None = None, gene_symbol_key: str | 
          "counts" if kind == "counts" else "sum of values"),
     ]
     if mito.any():
-        panels.append((pct, f"% mitochondrial ({int(mito.sum())} MT- genes)", "%"))
+        n_mt = int(mito.sum())
+        title = (f"% mitochondrial ({n_mt} MT- genes)" if n_mt >= MIN_MT_GENES else
+                 f"% mito: only {n_mt} MT- gene{'s' if n_mt > 1 else ''} measured,\nnot meaningful")
+        panels.append((pct, title, "%"))
     fig = Figure(figsize=(4.0 * len(panels), 3.2), layout="constrained")
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (values, title, xlabel) in zip(axes, panels):
@@ -104,4 +113,61 @@ def plot_class_counts(prepared: PreparedData) -> Figure:
     ax.set_xlabel("cells")
     ax.set_title(f"cells per class and split ({len(counts)} classes)", fontsize=10)
     ax.legend(loc="lower right", fontsize=8)
+    return fig
+
+
+def plot_overview_umap(adata: AnnData, *, label_key: str, max_cells: int = 20000, seed: int = 0,
+                       palette: Mapping[str, str] | None = None, layer: str | None = None,
+                       order: Sequence[Any] | None = None) -> Figure:
+    """A UMAP of the input's expression coloured by label: a first look at how well the types separate.
+
+    Computed on a seeded random sample of at most ``max_cells`` cells (only those rows are read, so ``adata``
+    may be backed): values that look like counts are log-normalised (log1p CP10k), then PCA, neighbours and
+    UMAP with scanpy, all seeded (same seed, same picture).
+
+    Parameters
+    ----------
+    adata
+        The input (or prepared) data, labels in ``obs[label_key]``; cells without a label are drawn grey.
+    label_key
+        ``obs`` column of the labels.
+    max_cells, seed
+        Size and seed of the sample.
+    palette, order
+        The run's palette and class order (legend).
+    layer
+        The layer of expression values (None: ``X``).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    import warnings
+
+    import anndata as ad
+    import scanpy as sc
+
+    from ..data.store import subsample
+    from ..evaluate.markers import expression_rows
+    from .embedding import plot_embedding
+
+    if label_key not in adata.obs.columns:
+        raise KeyError(f"label_key {label_key!r} not in adata.obs; set it to the column of cell types.")
+    if adata.n_obs < 3:
+        raise ValueError(f"a UMAP needs at least 3 cells; adata has {adata.n_obs}.")
+    rows = subsample(np.ones(adata.n_obs, dtype=bool), max_cells, seed=seed)
+    labels = adata.obs[label_key].to_numpy(dtype=object)[rows]
+    sample = ad.AnnData(expression_rows(adata, rows, layer=layer),
+                        obs=pd.DataFrame({"label": pd.Categorical(labels)},
+                                         index=pd.Index([str(i) for i in range(len(labels))])))
+    n_comps = int(min(50, sample.n_obs - 1, sample.n_vars - 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sc.pp.pca(sample, n_comps=n_comps, random_state=seed)
+        sc.pp.neighbors(sample, n_neighbors=min(15, sample.n_obs - 1), random_state=seed)
+        sc.tl.umap(sample, random_state=seed)
+    what = f"{sample.n_obs:,} of {adata.n_obs:,} cells (a seeded sample)" if sample.n_obs < adata.n_obs else (
+        f"all {adata.n_obs:,} cells")
+    fig = plot_embedding(sample, basis="X_umap", color="label", palette=palette, order=order,
+                         title=f"input by {label_key}: {what}")
     return fig

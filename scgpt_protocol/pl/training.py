@@ -62,7 +62,7 @@ def plot_training_curves(history: pd.DataFrame, *, ax: Sequence[Axes] | None = N
         panel.set_xlabel("epoch")
         panel.set_ylabel(ylabel)
         if columns:
-            panel.legend(frameon=False, fontsize="small")
+            panel.legend(frameon=False, fontsize=9)
     axes[0].set_title("loss")
     axes[1].set_title("validation metrics")
     if scores:
@@ -73,9 +73,12 @@ def plot_training_curves(history: pd.DataFrame, *, ax: Sequence[Axes] | None = N
             best_epoch = epochs[np.flatnonzero(best)[-1]]
             for panel in axes:
                 panel.axvline(best_epoch, color="0.4", linestyle="--", linewidth=1)
-            axes[1].annotate(
-                f"best epoch {best_epoch}", xy=(best_epoch, 0.02), xycoords=("data", "axes fraction"),
-                xytext=(3, 0), textcoords="offset points", fontsize="small", color="0.3",
+            low, high = float(np.min(epochs)), float(np.max(epochs))
+            right_half = high > low and (best_epoch - low) / (high - low) > 0.5
+            axes[1].annotate(  # written on the side of the line that lies inside the axes
+                f"best epoch {best_epoch}", xy=(best_epoch, 0.03), xycoords=("data", "axes fraction"),
+                xytext=(-4 if right_half else 4, 0), textcoords="offset points", fontsize=8, color="0.3",
+                ha="right" if right_half else "left", annotation_clip=True,
             )
     if len(epochs) and np.allclose(epochs, np.round(epochs)):
         from matplotlib.ticker import MaxNLocator

@@ -11,6 +11,8 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "Inspection": "inspect",
     "inspect_adata": "inspect",
     "write_inspection": "inspect",
+    "mt_gene_count": "inspect",
+    "MIN_MT_GENES": "inspect",
     "open_prepared_cells": "io",
     "resolve_checkpoint": "io",
     "read_checkpoint_record": "io",

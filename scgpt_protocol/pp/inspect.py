@@ -17,8 +17,8 @@ from ..core.errors import InputDataError
 from ..core.log import DETAIL
 from ..data.labels import missing_labels, require_obs_key
 from ..data.matrix import check_expression, get_matrix, value_kind
-from ..model.vocab import match_genes
-from .stages import warn_user
+from ..model.vocab import gene_symbols, match_genes
+from .stages import mito_mask, warn_user
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -28,7 +28,16 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Inspection", "inspect_adata", "write_inspection"]
+__all__ = ["Inspection", "inspect_adata", "write_inspection", "mt_gene_count", "MIN_MT_GENES"]
+
+#: fewer measured ``MT-`` genes than this make the % mitochondrial of a cell meaningless (a targeted panel)
+MIN_MT_GENES = 5
+
+
+def mt_gene_count(adata: AnnData, gene_symbol_key: str | None = None) -> int:
+    """How many ``MT-`` (mitochondrial) genes ``adata`` measures. Below :data:`MIN_MT_GENES` the % mitochondrial
+    of a cell rests on too few genes to flag damaged cells (01's QC figure and report say so)."""
+    return int(mito_mask(gene_symbols(adata, gene_symbol_key)).sum())
 
 
 @dataclass
