@@ -10,6 +10,8 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "evaluation_tables": "export",
     "export_evaluation": "export",
     "query_duckdb": "export",
+    "split_novel": "novel",
+    "crosstab": "novel",
     "EvalResult": "scoring",
     "evaluate_predictions": "scoring",
     "prediction_store": "scoring",
