@@ -86,7 +86,7 @@ def test_calibrated_probabilities_drive_unknown():
     raw = _softmax(over)
     cal = calibrated(raw, t)
     labels = np.array(["a", "b", "c", "d"], dtype=object)[raw.argmax(axis=1)]
-    raw_calls, raw_unknown = abstain(labels, raw.max(axis=1), 0.5)
+    _, raw_unknown = abstain(labels, raw.max(axis=1), 0.5)
     cal_calls, cal_unknown = abstain(labels, cal.max(axis=1), 0.5)
     assert cal_unknown.sum() > raw_unknown.sum() + 100  # softened: many more cells below 0.5
     assert raw_unknown[cal_unknown].sum() == raw_unknown.sum()  # every raw Unknown stays Unknown
@@ -156,9 +156,8 @@ def test_reliability_diagram_draws_every_curve_and_saves(tmp_path):
     ax = fig.axes[0]
     legend = [t.get_text() for t in ax.get_legend().get_texts()]
     assert legend[0] == "perfectly calibrated"
-    for name, table in tables.items():
-        ece = expected_calibration_error(*_confidence_correct(
-            {"scGPT before": over, "scGPT after": after, "baseline": _softmax(logits)}[name], y))
+    for name, p in (("scGPT before", over), ("scGPT after", after), ("baseline", _softmax(logits))):
+        ece = expected_calibration_error(*_confidence_correct(p, y))
         assert f"{name} (ECE {ece:.3f})" in legend
     assert len(ax.get_lines()) == 4  # the diagonal + one line per curve
     assert ax.get_lines()[1].get_xdata().size == int((tables["scGPT before"]["n"] > 0).sum())
