@@ -3,6 +3,15 @@
 from ..core.lazy import lazy_exports
 
 __getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    "TEMPERATURE_BOUNDS": "calibration",
+    "ECE_BINS": "calibration",
+    "fit_temperature": "calibration",
+    "calibrated": "calibration",
+    "negative_log_likelihood": "calibration",
+    "expected_calibration_error": "calibration",
+    "reliability_table": "calibration",
+    "table_ece": "calibration",
+    "calibration_record": "calibration",
     "annotate": "classify",
     "predict": "classify",
     "TRUE_LABEL": "columns",

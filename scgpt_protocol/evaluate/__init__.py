@@ -12,6 +12,8 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "query_duckdb": "export",
     "marker_genes": "markers",
     "expression_rows": "markers",
+    "split_novel": "novel",
+    "crosstab": "novel",
     "EvalResult": "scoring",
     "evaluate_predictions": "scoring",
     "prediction_store": "scoring",

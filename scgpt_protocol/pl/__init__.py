@@ -3,6 +3,7 @@
 from ..core.lazy import lazy_exports
 
 __getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    "plot_reliability": "calibration",
     "joint_embedding": "embedding",
     "cells_for_plot": "embedding",
     "plot_embedding": "embedding",

@@ -1,0 +1,105 @@
+"""Scoring a query that holds types the model never saw: shared types, novel types, all cells, the cross-tab.
+
+After a label map (:func:`~scgpt_protocol.data.label_map.apply_label_map`) a query's cells fall in three groups:
+dropped (no label to score), **shared** types (a class of the model) and **novel** types (labels the model
+does not have). :func:`split_novel` scores them apart:
+
+* ``shared``: :func:`~scgpt_protocol.metrics.classification_metrics` on the shared-type cells only, ``Unknown``
+  counted as an error (``unassigned``);
+* ``novel``: for each novel type, its cells, the share called ``Unknown`` and what the others were called;
+* ``all_cells``: accuracy over every labelled cell, where a novel cell counts as right only when it is
+  ``Unknown`` (the best a model can do with a type it never saw).
+
+:func:`crosstab` counts query label -> predicted label, the table a report shows for the query.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+from ..data.labels import missing_labels
+from ..metrics import classification_metrics
+
+__all__ = ["split_novel", "crosstab"]
+
+
+def _labels(values: Any, name: str) -> np.ndarray:
+    array = values.to_numpy(dtype=object) if isinstance(values, (pd.Series, pd.Index)) else np.asarray(
+        values, dtype=object)
+    if array.ndim != 1:
+        raise ValueError(f"{name} must be one label per cell (one-dimensional); got shape {array.shape}.")
+    return array
+
+
+def split_novel(y_true: Any, y_pred: Any, model_classes: Sequence[str], unknown: str = "Unknown") -> dict[str, Any]:
+    """Shared-type metrics, each novel type apart, and an "all cells" accuracy.
+
+    Parameters
+    ----------
+    y_true
+        The query's labels in the model's names (after a label map); NaN / missing = dropped, not scored.
+    y_pred
+        The calls (``Unknown`` where the model abstained).
+    model_classes
+        The classes the model predicts; a true label outside them is a novel type.
+    unknown
+        The label of an abstained cell.
+
+    Returns
+    -------
+    dict
+        ``shared_mask`` (bool array over the input cells: labelled cells of a shared type), ``shared``
+        (classification metrics of those cells; None when there are none), ``novel`` (novel type ->
+        ``{"n_cells", "unknown_rate", "called": {predicted label: cells}}``, most frequent call first),
+        ``all_cells`` (``{"accuracy", "n_cells", "n_shared", "n_novel"}``) and ``n_dropped`` (cells without a
+        label).
+    """
+    true, pred = _labels(y_true, "y_true"), _labels(y_pred, "y_pred")
+    if true.shape != pred.shape:
+        msg = f"y_true has {len(true)} labels but y_pred has {len(pred)}; give one prediction per cell."
+        raise ValueError(msg)
+    labelled = ~missing_labels(true)
+    if not labelled.any():
+        raise ValueError(f"none of the {len(true)} cells has a label to score (all missing or dropped by the map).")
+    classes = [str(c).strip() for c in model_classes]
+    if unknown in classes:
+        raise ValueError(f"{unknown!r} is one of the model's classes; pass another unknown= label for abstention.")
+    text = np.array([str(v).strip() if ok else "" for v, ok in zip(true, labelled)], dtype=object)
+    calls = np.asarray([str(v) for v in pred], dtype=object)
+    shared = labelled & np.isin(text, classes)
+    novel_mask = labelled & ~shared
+    right = np.where(shared, text == calls, calls == unknown) & labelled
+    novel: dict[str, Any] = {}
+    for label in sorted(set(text[novel_mask])):
+        cells = novel_mask & (text == label)
+        called = pd.Series(calls[cells]).value_counts()
+        novel[label] = {"n_cells": int(cells.sum()), "unknown_rate": float((calls[cells] == unknown).mean()),
+                        "called": {str(k): int(v) for k, v in called.items()}}
+    shared_metrics = (classification_metrics(text[shared], calls[shared], categories=classes, unassigned=unknown)
+                      if shared.any() else None)
+    return {
+        "shared_mask": shared,
+        "shared": shared_metrics,
+        "novel": novel,
+        "all_cells": {"accuracy": float(right[labelled].mean()), "n_cells": int(labelled.sum()),
+                      "n_shared": int(shared.sum()), "n_novel": int(novel_mask.sum())},
+        "n_dropped": int((~labelled).sum()),
+    }
+
+
+def crosstab(y_true: Any, y_pred: Any) -> pd.DataFrame:
+    """Cells per query label (rows) and predicted label (columns); cells without a label are left out.
+
+    Rows and columns are sorted, every count is an int, and the frame is named ``query label`` x ``predicted``.
+    """
+    true, pred = _labels(y_true, "y_true"), _labels(y_pred, "y_pred")
+    if true.shape != pred.shape:
+        msg = f"y_true has {len(true)} labels but y_pred has {len(pred)}; give one prediction per cell."
+        raise ValueError(msg)
+    keep = ~missing_labels(true)
+    table = pd.crosstab(pd.Series([str(v).strip() for v in true[keep]], name="query label"),
+                        pd.Series([str(v) for v in pred[keep]], name="predicted"))
+    return table.sort_index().sort_index(axis=1).astype(int)
