@@ -3,8 +3,6 @@ order, legible text, and the evidence figures (markers, confidence, three-panel 
 
 from __future__ import annotations
 
-import json
-
 import anndata as ad
 import numpy as np
 import pandas as pd
