@@ -40,7 +40,7 @@ class Method:
 
 SCGPT = Method("scGPT (fine-tuned)", "scGPT fine-tuned", "scGPT", "#08306b")
 BASELINE = Method("logistic regression (log1p-CP10k HVG)", "logistic-regression baseline", "baseline", "#a63603")
-ZEROSHOT = Method("zero-shot kNN vote", "zero-shot kNN on pretrained scGPT", "zero-shot", "#00441b")
+ZEROSHOT = Method("zero-shot kNN vote", "zero-shot kNN on pretrained scGPT", "zero-shot", "#7a0177")
 METHODS = (SCGPT, BASELINE, ZEROSHOT)
 #: row name of the fine-tuned model in :func:`metrics_table`
 SCGPT_METHOD = SCGPT.name

@@ -3,8 +3,6 @@ order, legible text, and the evidence figures (markers, confidence, three-panel 
 
 from __future__ import annotations
 
-import json
-
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -310,3 +308,12 @@ def test_overview_umap_on_a_seeded_sample(tmp_path):
     again = plot_overview_umap(backed, label_key="cell_type", max_cells=60, seed=0)
     np.testing.assert_array_equal(ax.collections[0].get_offsets(), again.axes[0].collections[0].get_offsets())
     assert save_figure(fig, RunLayout(tmp_path / "run"), "overview_umap", pdf=False).is_file()
+
+
+def test_an_input_grey_class_colour_is_replaced():
+    from scgpt_protocol.data.colors import is_grey, label_palette
+
+    adata = ad.AnnData(obs=pd.DataFrame({"ct": pd.Categorical(["a", "b"])}, index=["c1", "c2"]))
+    adata.uns["ct_colors"] = ["#123456", "#7f7f7f"]  # b grey in the input: it would read as "no call"
+    palette = label_palette(["a", "b"], adata=adata, label_key="ct")
+    assert palette["a"] == "#123456" and not is_grey(palette["b"])

@@ -36,11 +36,12 @@ def fixed_color(category: Any) -> str | None:
 
 
 def is_grey(color: str, tolerance: float = 0.06) -> bool:
-    """Whether ``color`` is (nearly) achromatic: such colours are kept for "no call", never given to a class."""
+    """Whether ``color`` is a (nearly) achromatic grey, neither near black nor near white: such colours are kept
+    for "no call" (:data:`~scgpt_protocol.data.labels.UNKNOWN_COLOR`), never given to a class."""
     from matplotlib.colors import to_rgb
 
     rgb = to_rgb(color)
-    return max(rgb) - min(rgb) <= tolerance
+    return max(rgb) - min(rgb) <= tolerance and 0.25 <= sum(rgb) / 3 <= 0.95
 
 
 # -- embeddings -----------------------------------------------------------------------------
@@ -83,7 +84,7 @@ def label_palette(
         The classes, in their order.
     adata, label_key
         Data whose ``uns[f"{label_key}_colors"]`` (scanpy's convention) holds colours for the
-        categorical ``obs[label_key]``: those colours are kept, matched by category name.
+        categorical ``obs[label_key]``: those colours are kept, matched by category name, except greys.
 
     Returns
     -------
@@ -94,7 +95,7 @@ def label_palette(
     """
     names = [str(c) for c in categories]
     known = _stored_colors(adata, label_key) if adata is not None and label_key else {}
-    out = {c: known[c] for c in names if c in known and c != UNKNOWN and known[c].lower() != UNKNOWN_COLOR}
+    out = {c: known[c] for c in names if c in known and c != UNKNOWN and not is_grey(known[c])}  # greys: no call
     taken = {c.lower() for c in out.values()}
     spare = iter(c for c in spare_colors(len(names)) if c.lower() not in taken)
     for c in names:

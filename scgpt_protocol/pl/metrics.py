@@ -112,7 +112,7 @@ METHOD_COLORS: dict[str, str] = {
     BASELINE.short: BASELINE.color,
     ZEROSHOT.short: ZEROSHOT.color,
 }
-_MORE_METHOD_COLORS = ("#54278f", "#67000d", "#7a0177", "#014636")  # dark: no cell-type colour
+_MORE_METHOD_COLORS = ("#00441b", "#67000d", "#54278f", "#014636")  # dark: no cell-type colour
 
 
 def _method_colors(methods: Sequence[str]) -> list[str]:

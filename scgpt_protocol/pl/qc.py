@@ -11,7 +11,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ..data.colors import mark_categories
-from ..data.labels import SPLITS
+from ..data.labels import SPLITS, ordered
 from ..data.matrix import get_matrix, iter_row_chunks, value_kind
 from ..model.vocab import gene_symbols
 from ..pp.in_memory import PreparedData
@@ -88,8 +88,11 @@ def plot_qc(adata: AnnData, *, layer: str | None = None, gene_symbol_key: str | 
     return fig
 
 
-def plot_class_counts(prepared: PreparedData) -> Figure:
+def plot_class_counts(prepared: PreparedData, *, order: Sequence[Any] | None = None) -> Figure:
     """Horizontal bars: cells per class, stacked by split (rare classes marked "train only").
+
+    ``order``: the classes top to bottom (e.g. :func:`~scgpt_protocol.data.labels.class_order` of the test
+    cells, the order of every figure of the run); default: the most cells on top.
 
     Returns
     -------
@@ -100,6 +103,8 @@ def plot_class_counts(prepared: PreparedData) -> Figure:
 
     counts = prepared.split_counts.reindex(columns=list(SPLITS), fill_value=0)
     counts = counts.loc[counts.sum(axis=1).sort_values(ascending=True).index]
+    if order is not None:  # bars are drawn bottom up: the first class of the order on top
+        counts = counts.loc[ordered(counts.index, order)[::-1]]
     names = [f"{c} (train only)" if c in prepared.rare_classes else str(c) for c in counts.index]
     fig = Figure(figsize=(7.0, max(2.5, 0.35 * len(counts) + 1.2)), layout="constrained")
     ax = fig.subplots()

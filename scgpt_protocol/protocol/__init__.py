@@ -41,7 +41,6 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "refinement_table": "tables",
     "refinement_display": "tables",
     "files_table": "tables",
-    "class_order": "tables",
     "FEW_CELLS": "tables",
     "DECIMALS": "tables",
     "BUILTIN_SCENARIOS": "workspace",

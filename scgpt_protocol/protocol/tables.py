@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from ..core.layout import RunLayout
 
 __all__ = ["styled", "comparison_table", "comparison_display", "metrics_display", "per_class_frame",
-    "per_class_table", "rule_metrics", "refinement_table", "refinement_display", "files_table", "class_order", "FEW_CELLS",
+    "per_class_table", "rule_metrics", "refinement_table", "refinement_display", "files_table", "FEW_CELLS",
     "DECIMALS"]
 
 #: classes with fewer test cells than this are flagged in :func:`per_class_table`
@@ -184,18 +184,11 @@ def per_class_frame(results: Mapping[str, Any], *, few: int = FEW_CELLS, cells: 
     frame = pd.DataFrame(columns).round(DECIMALS)
     frame[support_name] = pd.Series(support)
     frame = frame[frame[support_name] > 0]
-    frame = frame.sort_values(support_name, ascending=False, kind="stable")
+    # the one class order of the report (data.labels.class_order): by support, largest first, ties by name
+    frame = frame.loc[sorted(frame.index, key=lambda label: (-int(frame.loc[label, support_name]), str(label)))]
     frame["Flag"] = np.where(frame[support_name] < few, f"fewer than {few} cells", "")
     frame.index.name = "Cell type"
     return frame
-
-
-def class_order(metrics: Mapping[str, Any]) -> list[str]:
-    """The classes by number of true cells, largest first (ties: the order of ``per_class``): the one order of
-    every table and figure of a report. Classes without true cells follow, ``Unknown`` never appears."""
-    rows = [r for r in _metrics(metrics).get("per_class") or [] if str(r["label"]) != UNKNOWN]
-    ranked = sorted(range(len(rows)), key=lambda i: (-int(rows[i]["support"]), i))
-    return [str(rows[i]["label"]) for i in ranked]
 
 
 #: the rules of :func:`comparison_table`, in order: (key, row name)
