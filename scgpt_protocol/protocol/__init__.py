@@ -43,4 +43,6 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "scenario_summary": "workspace",
     "step_summary": "workspace",
     "init_workspace": "workspace",
+    "step_file": "workspace",
+    "scenario_files": "workspace",
 })
