@@ -54,10 +54,12 @@ from ..data.matrix import check_expression, get_matrix, log1p_cp10k, value_kind
 from ..model.vocab import gene_symbols
 from .stages import (
     check_cells_left,
+    checked_labels,
     choose_normalisation,
     mito_mask,
     percent_mito,
     split_cells,
+    unique_cell_names,
     vocabulary_genes,
     warn_no_mito_genes,
     warn_user,
@@ -312,8 +314,8 @@ def finish_prepared(out: AnnData, source: Any, params: PreprocessParams, log: li
     ``out`` holds the filtered cells and genes (``X`` may be absent); ``source`` is the input, for its colours.
     """
     label_key = params.label_key
-    # classes and split
-    labels = out.obs[label_key].astype(str).to_numpy()
+    unique_cell_names(out, log)
+    labels = checked_labels(out.obs, label_key, log)
     class_counts = pd.Series(labels).value_counts()
     if len(class_counts) < 2:
         msg = (
@@ -327,7 +329,8 @@ def finish_prepared(out: AnnData, source: Any, params: PreprocessParams, log: li
     if len(rare_counts) == len(class_counts):
         msg = (
             f"every class of obs[{label_key!r}] has fewer than "
-            f"min_cells_per_class={params.min_cells_per_class} cells ({dict(class_counts)}); nothing "
+            f"min_cells_per_class={params.min_cells_per_class} cells ({len(class_counts):,} classes, "
+            f"e.g. {', '.join(f'{k!r} ({v})' for k, v in class_counts.head(5).items())}); nothing "
             "could be evaluated. Lower min_cells_per_class."
         )
         raise InputDataError(msg)

@@ -327,6 +327,8 @@ def _run_step(run: _Run, step: str) -> None:
     run.step = step
     notebook = run.notebook_dir / f"{step}.ipynb"
     report = layout.step_report(step)
+    if step == "02_finetune":
+        _check_unknown_class(run)
     changes = what_changed(step, manifest["steps"].get(step), run.overrides[step], run.inputs[step])
     if changes:
         marked = set_stale(layout, manifest, step, changes)
@@ -364,6 +366,28 @@ def _run_step(run: _Run, step: str) -> None:
     manifest["checksums"] = {**input_checksums(run.inputs), "checkpoint": checkpoint_checksum(layout)}
     layout.write_json(layout.manifest, manifest)
     logger.info("%s finished in %.1f s", step, seconds)
+
+
+def _check_unknown_class(run: _Run) -> None:
+    """Before training: a class named like the abstention label while 03 will abstain is refused now, not
+    after 02 has trained (03 would refuse it then)."""
+    from ..annotate.refinement import UNKNOWN
+
+    layout = run.layout
+    evaluate = run.overrides.get("03_evaluate")
+    if evaluate is None or not evaluate.get("min_confidence") or not layout.labels.is_file():
+        return
+    categories = json.loads(layout.labels.read_text()).get("categories") or []
+    if UNKNOWN not in categories:
+        return
+    msg = (f"the training labels (data/labels.json of step 01) have a class named {UNKNOWN!r}, and 03_evaluate "
+           f"has min_confidence={evaluate['min_confidence']}: abstention calls unsure cells {UNKNOWN!r}, so 03 "
+           "would refuse the model after 02 had trained it. Rename that class in the input (or set it to NaN if "
+           "it means 'no label') and run 01 again, or set min_confidence: 0 in the 03 file.")
+    run.manifest["status"] = "failed"
+    run.manifest["error"] = msg
+    _write_manifest_best_effort(layout, run.manifest)
+    raise ParamsError(msg)
 
 
 #: steps whose earlier results are set aside while they run again, so that a failure leaves none looking current
