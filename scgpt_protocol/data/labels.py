@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 # the bounded-memory path (prepare_file) and its reader live in preprocess_stream
 
 __all__ = ["SPLITS", "clean_labels", "trimmed_labels", "case_only_groups", "describe_case_groups",
-    "check_label_column"]
+    "check_label_column", "case_matches"]
 
 
 def cell_mask(adata: AnnData, cells: Any) -> np.ndarray:
@@ -161,3 +161,11 @@ def check_label_column(obs: pd.DataFrame, key: str, *, name: str = "label_key") 
         f"types; columns of text with a few distinct values: {format_keys(candidates)}."
     )
     raise InputDataError(msg)
+
+
+def case_matches(labels: Any, categories: Any) -> dict[str, str]:
+    """Labels absent from ``categories`` that match one of them when case is ignored: ``{'t cell': 'T cell'}``."""
+    known = {str(c) for c in categories}
+    folded = {c.casefold(): c for c in known}
+    return {str(v): folded[str(v).casefold()] for v in pd.unique(pd.Series(labels, dtype=object).astype(str))
+            if str(v) not in known and str(v).casefold() in folded}

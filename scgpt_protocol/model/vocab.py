@@ -164,7 +164,7 @@ def case_hint(names: Sequence[str], vocab: Any) -> str:
     known = set(vocab)
     as_is = sum(n in known for n in names)
     upper = [n for n in names if n not in known and n.upper() in known]
-    if len(upper) < max(10, as_is) and len(upper) < len(names) // 2:
+    if not upper or (len(upper) < max(10, as_is) and len(upper) < len(names) // 2):
         return ""
     return (f" {len(upper):,} more genes match when upper-cased (e.g. {upper[0]!r} -> {upper[0].upper()!r}): the "
             "vocabulary's symbols are upper case (human). For human genes written in lower case, upper-case them "
@@ -200,7 +200,8 @@ def check_gene_overlap(
         msg = (
             f"{what} holds {shared:,} of the {len(expected_set):,} genes of {against} ({share:.0%}); need at "
             f"least {min_overlap:.0%}. Predictions on so few shared genes are not trustworthy. Use data with the "
-            "same gene symbols (for Ensembl ids, pass gene_symbol_key= or set var_names to a symbol column), or "
+            "same gene symbols (for Ensembl ids, name the var column with symbols: query_gene_symbol_key in 03, "
+            "gene_symbol_key in 01 and 04; or set var_names to a symbol column), or "
             "restrict the reference to the genes both share."
         ) + case_hint(list(map(str, found)), expected_set)
         raise GeneMatchError(msg)

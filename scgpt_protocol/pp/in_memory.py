@@ -344,6 +344,11 @@ def finish_prepared(out: AnnData, source: Any, params: PreprocessParams, log: li
     for note in notes:
         record(note)
     out.obs["split"] = pd.Categorical(split, categories=list(SPLITS))
+    test_classes = sorted({str(v) for v in labels[split == "test"]})
+    if len(test_classes) == 1:
+        warn_user(f"the test split holds one class only ({test_classes[0]!r}; the others have fewer than "
+                  f"min_cells_per_class={params.min_cells_per_class} cells and stay in train): 03's scores will "
+                  "say nothing about telling cell types apart. Lower min_cells_per_class or add cells.", log)
 
     categories = sorted(class_counts.index.astype(str))
     out.obs[label_key] = pd.Categorical(labels, categories=categories)

@@ -31,6 +31,8 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "RunDirInUse": "runner",
     "RunInterrupted": "runner",
     "zeroshot_inputs": "steps",
+    "training_overlap": "steps",
+    "read_with_symbols": "steps",
     "BUILTIN_SCENARIOS": "workspace",
     "COLAB_INSTALL": "workspace",
     "ProtocolNotFound": "workspace",
