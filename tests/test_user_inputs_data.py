@@ -139,3 +139,31 @@ def test_lower_case_human_symbols_get_the_hint_to_upper_case_them():
         inspect_adata(adata, label_key="cell_type", vocab=VOCAB)
     adata.var_names = adata.var_names.str.upper()
     assert match_genes(adata, VOCAB).n_matched == 40
+
+
+def test_long_and_cjk_labels_are_shortened_in_figures_with_a_note_for_missing_glyphs(tmp_path, caplog):
+    from PIL import Image
+
+    from scgpt_protocol.pl.figure import missing_glyphs, save_figure, short_label
+    from scgpt_protocol.pl.metrics import plot_confusion
+    from scgpt_protocol.pl.qc import plot_class_counts
+
+    long = ("T cell " * 94 + "x")[:660]
+    adata = _toy()
+    adata.obs["cell_type"] = adata.obs["cell_type"].astype(str).replace({"type_0": "细胞 \U0001F9EC", "type_1": long})
+    prepared = prepare(adata, PreprocessParams(label_key="cell_type"), VOCAB)
+    assert long in prepared.categories  # the full name stays in the data and the tables
+    assert len(short_label(long)) == 40 and short_label(long).endswith("\u2026") and short_label("B") == "B"
+    fig = plot_class_counts(prepared)
+    saved = save_figure(fig, RunLayout(tmp_path), "class_counts")
+    with Image.open(saved) as image:
+        assert image.size[0] < 1200  # not 5,900 px wide
+    assert "U+7EC6" in caplog.text and "no glyph in the font" in caplog.text
+    assert any("no glyph" in t.get_text() for t in fig.texts)
+    import pandas as pd
+
+    frame = pd.DataFrame([[1.0, 0.0], [0.0, 1.0]], index=[long, "B"], columns=[long, "B"])
+    saved = save_figure(plot_confusion(frame), RunLayout(tmp_path), "confusion")
+    with Image.open(saved) as image:
+        assert max(image.size) < 1200
+    assert missing_glyphs(plot_confusion(frame))[0] == ""

@@ -13,7 +13,7 @@ import pandas as pd
 from ..annotate.columns import PREDICTION_COLUMNS
 from ..core.errors import format_keys
 from ..data.colors import NA_COLOR, category_colors, spare_colors
-from .figure import new_figure
+from .figure import new_figure, short_label
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -76,7 +76,7 @@ def _draw_embedding(adata: AnnData, coords: np.ndarray, key: str, ax: Axes, size
     present = set(codes.tolist())
     handles = [
         Line2D([], [], marker="o", linestyle="", markersize=6, markerfacecolor=colors[i], markeredgewidth=0,
-               label=str(c))
+               label=short_label(c))
         for i, c in enumerate(categories) if i in present
     ]
     if -1 in present:

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from ..metrics import BASELINE, SCGPT, ZEROSHOT
-from .figure import new_figure, two_axes
+from .figure import new_figure, short_label, two_axes
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -65,8 +65,8 @@ def plot_confusion(confusion_df: pd.DataFrame, *, ax: Axes | None = None, title:
     colorbar.set_label("share of the true class" if normalised else "cells")
 
     support = confusion_df.attrs.get("support") or {}
-    row_names = [f"{r} (n={support[r]})" if r in support else str(r) for r in confusion_df.index]
-    ax.set_xticks(np.arange(n_cols), labels=[str(c) for c in confusion_df.columns], rotation=45, ha="right",
+    row_names = [f"{short_label(r)} (n={support[r]})" if r in support else short_label(r) for r in confusion_df.index]
+    ax.set_xticks(np.arange(n_cols), labels=[short_label(c) for c in confusion_df.columns], rotation=45, ha="right",
                   rotation_mode="anchor")
     ax.set_yticks(np.arange(n_rows), labels=row_names)
     ax.set_xlabel("predicted label")
@@ -170,7 +170,7 @@ def plot_per_class_f1(
         if zero.size:  # a bar of height 0 is invisible: mark it on the axis
             ax.plot(offset[zero], np.full(zero.size, 0.012), linestyle="", marker="v", markersize=5,
                     color=color, markeredgecolor="black", markeredgewidth=0.5, clip_on=False)
-    names = [f"{c} (n={support[c]}){' *' if support[c] < few else ''}" for c in classes]
+    names = [f"{short_label(c)} (n={support[c]}){' *' if support[c] < few else ''}" for c in classes]
     ax.set_xticks(x, labels=names, rotation=45, ha="right", rotation_mode="anchor")
     ax.set_xlim(-0.6, len(classes) - 0.4)
     ax.set_ylim(0, 1.05)

@@ -15,6 +15,7 @@ from ..data.matrix import get_matrix, iter_row_chunks, value_kind
 from ..model.vocab import gene_symbols
 from ..pp.in_memory import PreparedData
 from ..pp.stages import mito_mask, percent_mito
+from .figure import short_label
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -104,7 +105,7 @@ def plot_class_counts(prepared: PreparedData) -> Figure:
 
     counts = prepared.split_counts.reindex(columns=list(SPLITS), fill_value=0)
     counts = counts.loc[counts.sum(axis=1).sort_values(ascending=True).index]
-    names = [f"{c} (train only)" if c in prepared.rare_classes else str(c) for c in counts.index]
+    names = [f"{short_label(c)} (train only)" if c in prepared.rare_classes else short_label(c) for c in counts.index]
     fig = Figure(figsize=(7.0, max(2.5, 0.35 * len(counts) + 1.2)), layout="constrained")
     ax = fig.subplots()
     left = np.zeros(len(counts))
