@@ -142,9 +142,10 @@ def test_the_closing_table_says_which_cells_each_row_was_measured_on(tmp_path, c
     layout = RunLayout(tmp_path)
     layout.zeroshot_metrics.parent.mkdir(parents=True)
     layout.metrics.write_text(json.dumps({"split": "test", "methods": {"scGPT": {"accuracy": 0.9, "n_cells": 140}}}))
-    layout.zeroshot_metrics.write_text(json.dumps({"majority": {"accuracy": 1.0, "n_cells": 240}}))
+    layout.zeroshot_metrics.write_text(json.dumps({"majority": {"accuracy": 1.0, "n_cells": 240},
+                                                   "overlap": {"n_cells": 240}}))
     steps = {"03_evaluate": {"status": "finished"},
              "04_zeroshot": {"status": "finished", "params": {"query_path": "/data/query.h5ad"}}}
     summary = headline_metrics(layout, steps)
     assert summary["scGPT"]["cells"] == "03 test split, 140 cells"
-    assert summary[ZEROSHOT_METHOD]["cells"] == "04 query query.h5ad, 240 cells"
+    assert summary[ZEROSHOT_METHOD]["cells"] == "04 query query.h5ad, 240 cells (240 also in the reference!)"

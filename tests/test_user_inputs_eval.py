@@ -129,6 +129,11 @@ def test_04_reference_equal_to_its_query_is_warned_and_scored_apart(run, split_p
     assert result.metrics["overlap"]["n_cells"] == 80
     assert result.metrics["overlap"]["methods"]["seen cells"]["majority"]["n_cells"] == 80
     assert any("scored apart" in n for n in result.metrics["notes"])
+    from scgpt_protocol.annotate.zeroshot import write_zeroshot
+
+    write_zeroshot(RunLayout(tmp_path), result)
+    saved = json.loads(RunLayout(tmp_path).zeroshot_metrics.read_text())
+    assert saved["overlap"]["n_cells"] == 80 and "seen cells" in saved["overlap"]["methods"]
 
 
 def test_gene_symbol_key_for_the_query_and_the_reference_in_03_and_04(run, split_pbmc, tmp_path):

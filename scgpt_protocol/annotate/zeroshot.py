@@ -473,6 +473,8 @@ def write_zeroshot(layout: RunLayout, result: ZeroShotResult) -> dict[str, Path]
         "weighted": metrics.get("weighted"),
         "refinement": metrics.get("refinement"),
     }
+    if metrics.get("overlap"):  # query cells that are also reference cells, scored apart
+        record["overlap"] = metrics["overlap"]
     metrics_path = layout.write_json(layout.zeroshot_metrics, record)
     logger.info("wrote %s and %s", pred_path, metrics_path, extra=DETAIL)  # the notebook shows report.files_table
     return {"predictions": pred_path, "metrics": metrics_path}

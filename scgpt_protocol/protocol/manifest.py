@@ -148,8 +148,10 @@ def headline_metrics(layout: RunLayout, steps: dict[str, Any] | None = None) -> 
         if zs.get("majority"):
             query = ((steps or {}).get("04_zeroshot") or {}).get("params", {}).get("query_path")
             where = f"query {Path(query).name}" if query else "test split"
+            seen = (zs.get("overlap") or {}).get("n_cells")
             summary[ZEROSHOT_METHOD] = {**headline_values(zs["majority"], SUMMARY_METRICS, missing=None),
-                                        "cells": _cells_measured("04", where, zs["majority"])}
+                                        "cells": _cells_measured("04", where, zs["majority"])
+                                        + (f" ({seen:,} also in the reference!)" if seen else "")}
     return summary
 
 
