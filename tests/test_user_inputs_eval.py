@@ -157,3 +157,15 @@ def test_gene_symbol_key_for_the_query_and_the_reference_in_03_and_04(run, split
     with pytest.warns(UserWarning, match="same file"):
         reference, query, _ = zeroshot_inputs(layout, params)
     assert list(reference.var_names) == list(query.var_names) == list(split_pbmc.var_names)
+
+
+def test_04_query_labels_in_another_case_get_a_hint(pbmc, tiny_model):
+    from scgpt_protocol.annotate.zeroshot import zeroshot_annotate
+
+    reference = pbmc[:60, :300].copy()
+    reference.obs["label"] = np.where(np.arange(60) % 2, "T cell", "B cell")
+    query = pbmc[60:80, :300].copy()
+    query.obs["label"] = np.where(np.arange(20) % 2, "t cell", "B cell ")  # another case; a trailing space
+    result = zeroshot_annotate(reference, query, tiny_model, label_key="label", k=5, max_seq_len=32)
+    note = next(n for n in result.notes if "absent from the reference" in n)
+    assert "'t cell' ~ 'T cell'" in note and "'B cell '" not in note  # trimmed, 'B cell ' is a reference label
