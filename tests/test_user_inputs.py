@@ -149,3 +149,18 @@ def test_the_closing_table_says_which_cells_each_row_was_measured_on(tmp_path, c
     summary = headline_metrics(layout, steps)
     assert summary["scGPT"]["cells"] == "03 test split, 140 cells"
     assert summary[ZEROSHOT_METHOD]["cells"] == "04 query query.h5ad, 240 cells (240 also in the reference!)"
+
+
+def test_the_cli_closing_table_prints_the_cells_of_each_row(tmp_path, fake_papermill, caplog):
+    from scgpt_protocol.protocol.cli import main
+
+    def evaluate(notebook, report, parameters, layout):
+        _papermill_like_report(notebook, report, parameters)
+        layout.metrics.write_text(json.dumps({"split": "test", "methods": {"scGPT": {"accuracy": 0.5, "n_cells": 140}}}))
+
+    fake_papermill.plan = {"03_evaluate": evaluate}
+    with caplog.at_level(logging.INFO):
+        assert main(["run", str(CI), "--run-dir", str(tmp_path / "run"), "--no-html"]) == 0
+    assert "measured on" in caplog.text and "headline metrics (test split)" not in caplog.text
+    row = next(line for line in caplog.text.splitlines() if "scGPT" in line and "0.500" in line)
+    assert row.rstrip().endswith("03 test split, 140 cells")
