@@ -212,6 +212,12 @@ def classification_metrics(
         {"label": label, "precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
         for label, p, r, f, s in zip(labels, precision, recall, f1, support)
     ]
+    if len(true_set) == 1:
+        notes.append(
+            f"single class: every scored cell is {next(iter(true_set))!r}, so accuracy and F1 only say how often "
+            "that class was predicted, not whether cell types are told apart. Score on cells of several classes "
+            "(with 01: more cells per class, or a lower min_cells_per_class)."
+        )
     cm = _count_matrix(true, pred, labels + ([unassigned] if n_unassigned else []))
     kappa = _kappa(cm)
     if kappa is None:

@@ -278,8 +278,8 @@ def test_zeroshot_takes_label_key_from_the_run_with_both_paths(tmp_path, pbmc):
 
     layout = RunLayout(tmp_path / "run").make_dirs()
     layout.write_json(layout.labels, {"label_key": "bulk_labels", "categories": ["a", "b"]})
-    for name in ("ref", "query"):
-        pbmc[:20].copy().write_h5ad(tmp_path / f"{name}.h5ad")
+    for name, cells in (("ref", slice(0, 20)), ("query", slice(20, 40))):  # two files (the same one is warned about)
+        pbmc[cells].copy().write_h5ad(tmp_path / f"{name}.h5ad")
     params = ZeroshotParams(run_dir=str(layout.run_dir), reference_path=str(tmp_path / "ref.h5ad"),
                             query_path=str(tmp_path / "query.h5ad"))
     _, _, label_key = zeroshot_inputs(layout, params)

@@ -287,6 +287,7 @@ def _zeroshot(reference: AnnData, query: AnnData, model: ScGPT, s: _ZeroShotSett
     predictions = _zeroshot_predictions(query, transfer, refined, distinct,
                                         refining=bool(s.min_confidence) or bool(s.majority_voting))
     metrics = _score_zeroshot(query, s, predictions, transfer, refined, distinct, notes)
+    _score_overlap(reference, query, used, s, refined, metrics, notes)
     folder, n_used = s.folder, int(used.sum())
     params = {
         "label_key": s.label_key, "k": int(s.k), "embedding_key": s.embedding_key,
@@ -398,12 +399,18 @@ def _score_zeroshot(query: AnnData, s: _ZeroShotSettings, predictions: pd.DataFr
     predictions[label_key] = truth
     if not labelled.all():
         notes.append(f"{int((~labelled).sum())} query cells without a true label were not scored")
-    y_true = truth[labelled].astype(str)
+    y_true = np.array([str(v).strip() for v in truth[labelled]], dtype=object).astype(str)  # trimmed, as in 01
     unknown = pd.Series(y_true[~np.isin(y_true, distinct)]).value_counts()
     if len(unknown):
+        from ..data.labels import case_matches
+
         listed = ", ".join(f"{lab!r} ({n} cells)" for lab, n in unknown.items())
-        notes.append(f"query labels absent from the reference, counted as errors: {listed}")
-        logger.warning("query labels absent from the reference (counted as errors): %s", listed)
+        pairs = case_matches(unknown.index, distinct)
+        hint = ("; these are reference labels in another case: "
+                + ", ".join(f"{q!r} ~ {c!r}" for q, c in list(pairs.items())[:5])
+                + " (write them as the reference does to score them)") if pairs else ""
+        notes.append(f"query labels absent from the reference, counted as errors: {listed}{hint}")
+        logger.warning("query labels absent from the reference (counted as errors): %s%s", listed, hint)
     if not labelled.any():
         notes.append(f"no query cell has a {label_key!r} label: no metrics")
         return None
@@ -416,6 +423,34 @@ def _score_zeroshot(query: AnnData, s: _ZeroShotSettings, predictions: pd.DataFr
         "refinement": refinement_metrics(y_true, refined.subset(labelled)),
         "notes": notes,
     }
+
+
+def _score_overlap(reference: AnnData, query: AnnData, used: np.ndarray, s: _ZeroShotSettings, refined: Any,
+                   metrics: dict[str, Any] | None, notes: list[str]) -> None:
+    """Query cells that are also voting reference cells (by name): a warning, and their majority-vote metrics
+    apart from the others' in ``metrics["overlap"]`` (a cell's nearest neighbour is then itself)."""
+    from ..data.overlap import find_overlap, scored_apart
+    from .refinement import UNKNOWN
+
+    overlap = find_overlap(query.obs_names, np.asarray(reference.obs_names)[used], what="the query",
+                           against="the voting reference cells")
+    if not overlap:
+        return
+    overlap.warn()
+    notes.append(overlap.message())
+    if metrics is None:
+        return
+    truth = query.obs[s.label_key].to_numpy(dtype=object)
+    labelled = ~missing_labels(truth)
+    calls = np.asarray(refined.labels, dtype=object)
+
+    def score(mask: np.ndarray) -> dict[str, Any] | None:
+        cells = mask & labelled
+        return {"majority": classification_metrics(truth[cells].astype(str), calls[cells],
+                                                   unassigned=UNKNOWN if s.min_confidence else None)} \
+            if cells.any() else None
+
+    metrics["overlap"] = {**overlap.to_dict(), "methods": scored_apart(score, overlap)}
 
 
 def write_zeroshot(layout: RunLayout, result: ZeroShotResult) -> dict[str, Path]:
@@ -439,6 +474,8 @@ def write_zeroshot(layout: RunLayout, result: ZeroShotResult) -> dict[str, Path]
         "knn_weighted": metrics.get("knn_weighted"),
         "refinement": metrics.get("refinement"),
     }
+    if metrics.get("overlap"):  # query cells that are also reference cells, scored apart
+        record["overlap"] = metrics["overlap"]
     metrics_path = layout.write_json(layout.zeroshot_metrics, record)
     logger.info("wrote %s and %s", pred_path, metrics_path, extra=DETAIL)  # the notebook shows report.files_table
     return {"predictions": pred_path, "metrics": metrics_path}

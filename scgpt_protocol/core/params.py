@@ -296,6 +296,7 @@ class EvaluateParams(StepParams):
 
     query_path: Optional[str] = _f(None, "an extra labelled .h5ad to evaluate on (None: test split only)")
     query_label_key: Optional[str] = _f(None, "label column of the query (None: the run's label_key)")
+    query_gene_symbol_key: Optional[str] = _f(None, "var column of the query with gene symbols (None: var_names)")
     batch_size: int = _f(64, "cells per forward pass", min=1, advanced=True)
     max_seq_len: Optional[int] = _f(None, "tokens per cell including <cls> (None: the length the model was trained with)",
                                     min=2, advanced=True)
@@ -325,6 +326,7 @@ class ZeroshotParams(StepParams):
     reference_path: Optional[str] = _f(None, "labelled reference .h5ad (None: the run's train+val cells)")
     query_path: Optional[str] = _f(None, "query .h5ad (None: test cells of the prepared data)")
     label_key: Optional[str] = _f(None, "label column in reference/query (None: the run's label_key)")
+    gene_symbol_key: Optional[str] = _f(None, "var column with gene symbols in those files (None: var_names)")
     k: int = _f(10, "neighbours for the vote", min=1, advanced=True)
     batch_size: int = _f(64, "cells per forward pass", min=1, advanced=True)
     max_seq_len: int = _max_seq_len()

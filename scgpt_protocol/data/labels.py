@@ -13,12 +13,13 @@ from ..core.errors import format_keys
 if TYPE_CHECKING:
     from anndata import AnnData
 
-__all__ = ["SPLITS", "UNKNOWN", "UNKNOWN_COLOR", "class_order"]
-
 #: the label of a cell whose confidence is below ``min_confidence`` (abstention: "no call")
 UNKNOWN = "Unknown"
 #: the one neutral grey of "no call" in every figure: :data:`UNKNOWN` cells and cells without a label
 UNKNOWN_COLOR = "#9e9e9e"
+
+__all__ = ["SPLITS", "UNKNOWN", "UNKNOWN_COLOR", "class_order", "clean_labels", "trimmed_labels", "case_only_groups",
+    "describe_case_groups", "check_label_column", "case_matches"]
 
 
 def cell_mask(adata: AnnData, cells: Any) -> np.ndarray:
@@ -120,3 +121,73 @@ def require_obs_key(adata: AnnData, key: str, name: str) -> None:
             f"Set {name} in the parameters cell or YAML."
         )
         raise KeyError(msg)
+
+
+def clean_labels(labels: Any) -> np.ndarray:
+    """Labels as text without surrounding spaces (``'T cell '`` and ``'T cell'`` are one class): the one
+    way every step compares labels. Missing labels (:func:`missing_labels`) are left to the caller."""
+    values = labels.to_numpy(dtype=object) if isinstance(labels, (pd.Series, pd.Index)) else (
+        np.asarray(labels if isinstance(labels, np.ndarray) else list(labels), dtype=object))
+    return np.array([str(v).strip() for v in values], dtype=object)
+
+
+def trimmed_labels(labels: Any) -> list[str]:
+    """The distinct labels that have spaces around them (``repr`` shows them in a message)."""
+    values = pd.unique(pd.Series(labels, dtype=object).astype(str))
+    return [v for v in values if v != v.strip()]
+
+
+def case_only_groups(labels: Any) -> list[list[str]]:
+    """Groups of distinct labels that differ only by upper / lower case (``['T cell', 't cell']``)."""
+    distinct = sorted({str(v) for v in labels})
+    groups: dict[str, list[str]] = {}
+    for label in distinct:
+        groups.setdefault(label.casefold(), []).append(label)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def describe_case_groups(groups: list[list[str]], limit: int = 5) -> str:
+    """``'T cell' / 't cell'; 'B' / 'b'`` for a message (the first ``limit`` groups)."""
+    shown = "; ".join(" / ".join(repr(v) for v in g) for g in groups[:limit])
+    return shown + (f"; and {len(groups) - limit} more" if len(groups) > limit else "")
+
+
+def check_label_column(obs: pd.DataFrame, key: str, *, name: str = "label_key") -> None:
+    """Refuse a label column of measurements (floats, or integers nearly all distinct) with a short message
+    that names the columns that could hold cell types.
+
+    Raises
+    ------
+    InputDataError
+        ``obs[key]`` is numeric and looks continuous.
+    """
+    from ..core.errors import InputDataError
+
+    column = obs[key]
+    if isinstance(column.dtype, pd.CategoricalDtype) or not pd.api.types.is_numeric_dtype(column.dtype) \
+            or pd.api.types.is_bool_dtype(column.dtype):
+        return
+    values = pd.to_numeric(column, errors="coerce").dropna().to_numpy()
+    if values.size == 0:
+        return
+    n_distinct = len(np.unique(values))
+    fractional = bool(np.any(values != np.round(values)))
+    if not fractional and n_distinct <= max(100, values.size // 2):
+        return  # integer codes such as cluster numbers are labels
+    examples = ", ".join(f"{v:g}" for v in np.unique(values)[:3])
+    candidates = [str(c) for c in obs.columns if c != key and not pd.api.types.is_numeric_dtype(obs[c].dtype)
+                  and 2 <= obs[c].nunique() <= 200]
+    msg = (
+        f"{name} {key!r}: obs[{key!r}] holds numbers ({column.dtype}, {n_distinct:,} distinct values, e.g. "
+        f"{examples}), a measurement rather than cell-type labels. Set {name} to the column with the cell "
+        f"types; columns of text with a few distinct values: {format_keys(candidates)}."
+    )
+    raise InputDataError(msg)
+
+
+def case_matches(labels: Any, categories: Any) -> dict[str, str]:
+    """Labels absent from ``categories`` that match one of them when case is ignored: ``{'t cell': 'T cell'}``."""
+    known = {str(c) for c in categories}
+    folded = {c.casefold(): c for c in known}
+    return {str(v): folded[str(v).casefold()] for v in pd.unique(pd.Series(labels, dtype=object).astype(str))
+            if str(v) not in known and str(v).casefold() in folded}

@@ -27,7 +27,6 @@ from ..core.errors import InputDataError
 if TYPE_CHECKING:
     from anndata import AnnData
 
-# the bounded-memory path (prepare_file) and its reader live in preprocess_stream
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:

@@ -217,7 +217,7 @@ class _BaselineModel:
 
     def score(self, X_part: Any, names: pd.Index, part_labels: pd.Series, what: str) -> tuple:
         """``(predicted, probabilities, metrics)`` of cells with the classifier's genes (``X_part``, unscaled)."""
-        from ..data.labels import missing_labels
+        from ..data.labels import clean_labels, missing_labels
 
         order = self.order
         proba = self.clf.predict_proba(self.scaled(X_part))[:, self.column].astype(np.float32)
@@ -229,9 +229,8 @@ class _BaselineModel:
         if not labelled.any():
             msg = f"none of the {len(names)} {what} cells has a label."
             raise ValueError(msg)
-        metrics = classification_metrics(
-            part_labels[labelled], predicted[labelled], categories=order, proba=proba[labelled]
-        )
+        truth = clean_labels(part_labels[labelled])  # 'T cell ' is 'T cell', as in 01
+        metrics = classification_metrics(truth, predicted[labelled], categories=order, proba=proba[labelled])
         if not labelled.all():
             metrics["notes"].append(f"{int((~labelled).sum())} {what} cells without a label were left out.")
         return predicted, proba, metrics

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
@@ -20,6 +21,8 @@ from ..core.io import json_safe
 from ..core.log import DETAIL
 from ..data.labels import cell_mask
 from ..metrics import BASELINE_METHOD, METRIC_DESCRIPTIONS, SCGPT_METHOD, classification_metrics, confusion
+from ..annotate.columns import COLUMNS, TRUE_LABEL
+from ..data.overlap import Overlap
 from .baseline import BaselineResult
 
 if TYPE_CHECKING:
@@ -89,6 +92,7 @@ def evaluate_predictions(
     from ..data.labels import missing_labels
 
     true = obs[label_key].astype(object)
+    true = true.where(true.isna(), true.astype(str).str.strip())  # 'T cell ' is 'T cell', as in 01
     labelled = ~missing_labels(true)  # NaN, and text such as 'nan' or '' (a column converted to str)
     if not labelled.any():
         msg = f"none of the {int(mask.sum())} selected cells has a label in adata.obs[{label_key!r}]."
@@ -139,6 +143,10 @@ def evaluate_predictions(
         "scGPT on %d cells: accuracy %.3f, macro F1 %.3f",
         metrics["n_cells"], metrics["accuracy"], metrics["macro_f1"],
     )
+    single = [n for n in metrics["notes"] if n.startswith("single class")]
+    if single:
+        logger.warning("%s", single[0])
+        warnings.warn(single[0], UserWarning, stacklevel=2)
     return EvalResult(metrics=metrics, confusion=confusion(true_l, pred_l, categories), predictions=frame)
 
 
@@ -230,6 +238,7 @@ def evaluate_query(
     precision: str = "auto",
     min_confidence: float = 0.0,
     majority_voting: bool = False,
+    overlap: Overlap | None = None,
 ) -> dict[str, Any]:
     """scGPT (and the baseline, when given) on an external labelled query, as the ``query`` record.
 
@@ -246,11 +255,16 @@ def evaluate_query(
     min_confidence, majority_voting
         Abstention and majority voting on the query's cells (:func:`~scgpt_protocol.annotate.refinement.refine`,
         the query over-clustered on its own).
+    overlap
+        Which query cells trained the model (:func:`~scgpt_protocol.data.overlap.find_overlap` against the
+        run's train and validation cells): when any, a warning, and ``"overlap"`` in the record with the
+        metrics of the seen and the unseen cells apart.
 
     Returns
     -------
     dict
-        ``{"label_key", "n_cells", "methods": {method: metrics}, "predictions": DataFrame}``.
+        ``{"label_key", "n_cells", "methods": {method: metrics}, "predictions": DataFrame}``, with
+        ``"overlap"`` and ``"warnings"`` when there is something to say.
     """
     from ..annotate.classify import predict
 
@@ -267,7 +281,56 @@ def evaluate_query(
     methods = {SCGPT_METHOD: result.metrics}
     if baseline is not None and baseline.query is not None:
         methods[BASELINE_METHOD] = like_for_like(baseline.query, result)
-    return {"label_key": key, "n_cells": int(query.n_obs), "methods": methods, "predictions": result.predictions}
+    record = {"label_key": key, "n_cells": int(query.n_obs), "methods": methods, "predictions": result.predictions,
+              "warnings": _label_case_warnings(result.predictions[TRUE_LABEL], manifest["categories"])}
+    if overlap:
+        overlap.warn()
+        record["warnings"].append(overlap.message())
+        record["overlap"] = {**overlap.to_dict(), "methods": _overlap_methods(result.predictions, baseline, overlap,
+                                                                              min_confidence)}
+    return record
+
+
+def _label_case_warnings(truth: pd.Series, categories: Any) -> list[str]:
+    """A warning for query labels that are training classes written in another case (they score 0)."""
+    from ..data.labels import case_matches, missing_labels
+
+    pairs = case_matches(truth[~missing_labels(truth)], categories)
+    if not pairs:
+        return []
+    listed = ", ".join(f"{q!r} ~ {c!r}" for q, c in list(pairs.items())[:5])
+    msg = (f"query labels that are training classes only when case is ignored: {listed}; they count as errors. "
+           "Write them as the training labels are written (or map them) to score them.")
+    logger.warning("%s", msg)
+    warnings.warn(msg, UserWarning, stacklevel=3)
+    return [msg]
+
+
+def _overlap_methods(frame: pd.DataFrame, baseline: BaselineResult | None, overlap: Overlap,
+                     min_confidence: float) -> dict[str, Any]:
+    """scGPT's (and the baseline's) query metrics on the seen and on the unseen cells, apart."""
+    from ..annotate.refinement import UNKNOWN
+    from ..data.labels import missing_labels
+    from ..data.overlap import scored_apart
+
+    truth = frame[TRUE_LABEL]
+    labelled = ~missing_labels(truth)
+    preds = {SCGPT_METHOD: frame[COLUMNS["labels"]].astype(str).to_numpy()}
+    if baseline is not None and baseline.query is not None:
+        base = baseline.query.predictions
+        if len(base) == len(frame):  # one per query cell, in order (names may repeat in a query)
+            preds[BASELINE_METHOD] = base.astype(str).to_numpy()
+
+    def score(mask: np.ndarray) -> dict[str, Any] | None:
+        cells = mask & labelled
+        if not cells.any():
+            return None
+        unassigned = UNKNOWN if min_confidence else None
+        return {method: classification_metrics(truth[cells].astype(str).to_numpy(), pred[cells],
+                                               unassigned=unassigned if method == SCGPT_METHOD else None)
+                for method, pred in preds.items()}
+
+    return scored_apart(score, overlap)
 
 
 # -- files ----------------------------------------------------------------------------------

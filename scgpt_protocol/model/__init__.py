@@ -40,5 +40,6 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "match_genes": "vocab",
     "FINETUNE_CLS_VALUE": "vocab",
     "check_gene_overlap": "vocab",
+    "case_hint": "vocab",
     "MIN_GENE_OVERLAP": "vocab",
 })

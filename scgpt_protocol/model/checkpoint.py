@@ -172,6 +172,12 @@ def _config_from_args(args: Any, vocab: dict[str, int], path: Path) -> ScGPTConf
     if pad_token not in vocab:
         msg = f"pad token {pad_token!r} from {path} is not in vocab.json next to it."
         raise CheckpointError(msg)
+    if "<cls>" not in vocab:
+        specials = [t for t in vocab if t.startswith("<") and t.endswith(">")]
+        msg = (f"vocab.json next to {path} has no '<cls>' token (special tokens there: {specials or 'none'}); "
+               "scGPT reads each cell's embedding at <cls>, so fine-tuning and zero-shot need it. Use the "
+               "vocab.json released with this checkpoint (it has <pad>, <cls> and <eoc>).")
+        raise CheckpointError(msg)
     extra = {k: v for k, v in args.items() if k not in _ARCH_KEYS}
     vocab_size = max(vocab.values()) + 1
     try:

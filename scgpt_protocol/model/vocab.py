@@ -8,7 +8,7 @@ import logging
 import re
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 __all__ = ["SPECIAL_TOKENS", "GeneMatch", "gene_symbols", "match_genes", "FINETUNE_CLS_VALUE",
-    "check_gene_overlap", "MIN_GENE_OVERLAP"]
+    "check_gene_overlap", "case_hint", "MIN_GENE_OVERLAP"]
 
 SPECIAL_TOKENS = ("<pad>", "<cls>", "<eoc>")
 
@@ -149,13 +149,28 @@ def match_genes(
             f"gene symbols (columns: {format_keys(adata.var.columns)})."
             if n_ensembl > min(len(names), 1000) // 2
             else " Are var_names gene symbols (e.g. 'CD3E', 'MS4A1') of the checkpoint's species?"
-        )
+        ) + case_hint(names, vocab)
         msg = (
             f"only {match.n_matched:,}/{match.n_total:,} genes of {source} are in the checkpoint vocabulary "
             f"(need at least {min_genes:,} and {min_overlap:.0%}).{hint}"
         )
         raise GeneMatchError(msg)
     return match
+
+def case_hint(names: Sequence[str], vocab: Any) -> str:
+    """A sentence for a gene-match message when upper-casing the names matches far more genes (human symbols
+    are upper case: ``'cd3e'`` is ``'CD3E'``); ``""`` otherwise."""
+    names = [str(n) for n in names]
+    known = set(vocab)
+    as_is = sum(n in known for n in names)
+    upper = [n for n in names if n not in known and n.upper() in known]
+    if not upper or (len(upper) < max(10, as_is) and len(upper) < len(names) // 2):
+        return ""
+    return (f" {len(upper):,} more genes match when upper-cased (e.g. {upper[0]!r} -> {upper[0].upper()!r}): the "
+            "vocabulary's symbols are upper case (human). For human genes written in lower case, upper-case them "
+            "(adata.var_names = adata.var_names.str.upper()); mouse symbols ('Cd3e') need a mouse checkpoint or "
+            "an ortholog mapping.")
+
 
 #: the share of a model's genes (a fine-tuned model's training genes, a zero-shot reference's genes)
 #: that data must hold to be predicted or mapped with it
@@ -185,8 +200,9 @@ def check_gene_overlap(
         msg = (
             f"{what} holds {shared:,} of the {len(expected_set):,} genes of {against} ({share:.0%}); need at "
             f"least {min_overlap:.0%}. Predictions on so few shared genes are not trustworthy. Use data with the "
-            "same gene symbols (for Ensembl ids, pass gene_symbol_key= or set var_names to a symbol column), or "
+            "same gene symbols (for Ensembl ids, name the var column with symbols: query_gene_symbol_key in 03, "
+            "gene_symbol_key in 01 and 04; or set var_names to a symbol column), or "
             "restrict the reference to the genes both share."
-        )
+        ) + case_hint(list(map(str, found)), expected_set)
         raise GeneMatchError(msg)
     return shared

@@ -15,6 +15,8 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "SavedFigure": "figure",
     "set_style": "figure",
     "save_figure": "figure",
+    "short_label": "figure",
+    "LABEL_WIDTH": "figure",
     "METHOD_COLORS": "metrics",
     "plot_confusion": "metrics",
     "plot_per_class_f1": "metrics",

@@ -14,7 +14,7 @@ from ..annotate.columns import PREDICTION_COLUMNS
 from ..core.errors import format_keys
 from ..data.colors import NA_COLOR, REFERENCE, category_colors, fixed_color, spare_colors
 from ..data.labels import ordered
-from .figure import new_figure
+from .figure import new_figure, short_label
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -49,16 +49,6 @@ def _palette_colors(categories: Sequence[Any], palette: Mapping[str, str]) -> li
     spare = iter(c for c in spare_colors(len(categories)) if c not in used)
     return [fixed_color(c) or (palette[str(c)] if str(c) in palette else next(spare, "#000000"))
             for c in categories]
-
-
-#: legend entries longer than this are shortened with an ellipsis
-LEGEND_MAX_CHARS = 40
-
-
-def short_label(text: Any, limit: int = LEGEND_MAX_CHARS) -> str:
-    """``text`` cut to ``limit`` characters with an ellipsis (legends stay beside the plot, not over it)."""
-    text = str(text)
-    return text if len(text) <= limit else text[: limit - 1].rstrip() + "\u2026"
 
 
 def _draw_continuous(values: np.ndarray, coords: np.ndarray, name: str, ax: Axes, size: float) -> None:

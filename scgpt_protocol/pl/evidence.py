@@ -16,7 +16,8 @@ from ..data.colors import label_palette
 from ..data.labels import cell_mask, missing_labels, ordered
 from ..data.store import subsample
 from ..evaluate.markers import expression_rows
-from .embedding import plot_embedding, short_label
+from .embedding import plot_embedding
+from .figure import short_label
 from .figure import new_figure
 
 if TYPE_CHECKING:

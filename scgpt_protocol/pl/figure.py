@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import re
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +28,53 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SavedFigure", "set_style", "save_figure"]
+__all__ = ["SavedFigure", "set_style", "save_figure", "short_label", "LABEL_WIDTH"]
+
+#: the most characters of a class name a figure shows (tick labels, legends); tables keep the full name
+LABEL_WIDTH = 40
+
+
+def short_label(text: object, width: int = LABEL_WIDTH) -> str:
+    """``text`` cut to ``width`` characters with an ellipsis, for figures: a 660-character class name would
+    make a figure thousands of pixels wide. Tables and files keep the full name."""
+    text = str(text)
+    return text if len(text) <= width else text[: width - 1].rstrip() + "\u2026"
+
+
+def missing_glyphs(fig: Figure) -> tuple[str, str]:
+    """``(characters, font)``: the characters of the figure's texts that its font cannot draw (CJK, emoji with
+    matplotlib's default DejaVu Sans); ``("", font)`` when every character has a glyph."""
+    from matplotlib.font_manager import findfont, get_font
+    from matplotlib.text import Text
+
+    missing: dict[str, None] = {}
+    font_name = ""
+    charmaps: dict[str, set[int]] = {}
+    for text in fig.findobj(Text):
+        content = text.get_text()
+        if not content or content.isascii():
+            continue
+        path = findfont(text.get_fontproperties())
+        if path not in charmaps:
+            font = get_font(path)
+            charmaps[path] = set(font.get_charmap())
+            font_name = font.family_name
+        for char in content:
+            if not char.isspace() and ord(char) not in charmaps[path]:
+                missing[char] = None
+    return "".join(missing), font_name
+
+
+def _note_missing_glyphs(fig: Figure) -> None:
+    """A note on the figure (and in the log) when label characters would draw as boxes."""
+    chars, font = missing_glyphs(fig)
+    if not chars:
+        return
+    shown = ", ".join(f"U+{ord(c):04X}" for c in chars[:6]) + (", ..." if len(chars) > 6 else "")
+    note = (f"Some characters of the labels ({shown}) have no glyph in the font {font} and show as boxes; "
+            "the tables hold the full names.")
+    logger.warning("%s Install a font with them (e.g. Noto Sans CJK) for figures that show them.", note)
+    fig.text(0.0, 0.0, note, fontsize=7, color="0.35", ha="left", va="top", wrap=True)
 
 
 def set_style() -> None:
@@ -135,9 +182,13 @@ def save_figure(fig: Figure, layout: RunLayout, name: str, *, pdf: bool = True) 
     png = layout.figure(name)
     png.parent.mkdir(parents=True, exist_ok=True)
     targets = [(png, "png")] + ([(png.with_suffix(".pdf"), "pdf")] if pdf else [])
-    for path, fmt in targets:
-        atomic_write(path, lambda tmp, fmt=fmt: fig.savefig(
-            tmp, format=fmt, dpi=SCREEN_DPI if fmt == "png" else PRINT_DPI, bbox_inches="tight"))
+    with warnings.catch_warnings():  # noted on the figure itself (_note_missing_glyphs)
+        warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from font")
+        fig.draw_without_rendering()  # makes the tick labels, to check their characters
+        _note_missing_glyphs(fig)
+        for path, fmt in targets:
+            atomic_write(path, lambda tmp, fmt=fmt: fig.savefig(
+                tmp, format=fmt, dpi=SCREEN_DPI if fmt == "png" else PRINT_DPI, bbox_inches="tight"))
     try:
         shown = png.resolve().relative_to(Path(layout.run_dir).resolve())
     except ValueError:

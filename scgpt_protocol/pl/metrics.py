@@ -12,7 +12,7 @@ import pandas as pd
 from ..data.colors import mark_categories
 from ..data.labels import ordered
 from ..metrics import BASELINE, SCGPT, ZEROSHOT
-from .figure import new_figure, two_axes
+from .figure import new_figure, short_label, two_axes
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -78,8 +78,8 @@ def plot_confusion(confusion_df: pd.DataFrame, *, ax: Axes | None = None, title:
     colorbar = fig.colorbar(image, ax=ax, shrink=0.8)
     colorbar.set_label("share of the true class" if normalised else "cells")
 
-    row_names = [f"{r} (n={support[r]})" if r in support else str(r) for r in frame.index]
-    ax.set_xticks(np.arange(n_cols), labels=[str(c) for c in frame.columns], rotation=45, ha="right",
+    row_names = [f"{short_label(r)} (n={support[r]})" if r in support else short_label(r) for r in frame.index]
+    ax.set_xticks(np.arange(n_cols), labels=[short_label(c) for c in frame.columns], rotation=45, ha="right",
                   rotation_mode="anchor")
     ax.set_yticks(np.arange(n_rows), labels=row_names)
     ax.set_xlabel("predicted label")
@@ -193,7 +193,7 @@ def plot_per_class_f1(
         if zero.size:  # a bar of length 0 is invisible: mark it on the axis
             ax.plot(np.full(zero.size, 0.012), offset[zero], linestyle="", marker="<", markersize=5,
                     color=color, markeredgecolor="black", markeredgewidth=0.5, clip_on=False)
-    names = [f"{c} (n={support[c]}){' *' if support[c] < few else ''}" for c in classes]
+    names = [f"{short_label(c)} (n={support[c]}){' *' if support[c] < few else ''}" for c in classes]
     ax.set_yticks(y, labels=names)
     ax.set_ylim(len(classes) - 0.5, -0.5)  # the first class on top
     ax.set_xlim(0, 1.02)

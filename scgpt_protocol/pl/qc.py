@@ -17,12 +17,11 @@ from ..model.vocab import gene_symbols
 from ..pp.in_memory import PreparedData
 from ..pp.inspect import MIN_MT_GENES
 from ..pp.stages import mito_mask, percent_mito
+from .figure import short_label
 
 if TYPE_CHECKING:
     from anndata import AnnData
     from matplotlib.figure import Figure
-
-# the bounded-memory path (prepare_file) and its reader live in preprocess_stream
 
 __all__ = ["plot_qc", "plot_class_counts", "plot_overview_umap"]
 
@@ -80,12 +79,25 @@ def plot_qc(adata: AnnData, *, layer: str | None = None, gene_symbol_key: str | 
     fig = Figure(figsize=(4.0 * len(panels), 3.2), layout="constrained")
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (values, title, xlabel) in zip(axes, panels):
-        ax.hist(values, bins=50, color="#4c72b0")
-        ax.set_title(title, fontsize=10)
+        note = _histogram(ax, values)
+        ax.set_title(title + (f"\n{note}" if note else ""), fontsize=10)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("cells")
     fig.suptitle(f"{adata.n_obs:,} cells x {adata.n_vars:,} genes", fontsize=11)
     return fig
+
+
+def _histogram(ax: object, values: np.ndarray, bins: int = 50) -> str | None:
+    """A histogram of ``values``; values all (nearly) equal, such as per-cell totals of CPM data (1e6 in every
+    cell up to float rounding), get one bar and a note instead of numpy's "too many bins" error."""
+    values = np.asarray(values, dtype=np.float64)
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if high - low > 1e-6 * max(abs(low), abs(high), 1.0):
+        ax.hist(values, bins=bins, color="#4c72b0")
+        return None
+    middle = (low + high) / 2
+    ax.hist(values, bins=1, range=(middle - 0.5, middle + 0.5), color="#4c72b0")
+    return f"all cells {middle:.6g} (normalised per cell?)"
 
 
 def plot_class_counts(prepared: PreparedData, *, order: Sequence[Any] | None = None) -> Figure:
@@ -105,7 +117,7 @@ def plot_class_counts(prepared: PreparedData, *, order: Sequence[Any] | None = N
     counts = counts.loc[counts.sum(axis=1).sort_values(ascending=True).index]
     if order is not None:  # bars are drawn bottom up: the first class of the order on top
         counts = counts.loc[ordered(counts.index, order)[::-1]]
-    names = [f"{c} (train only)" if c in prepared.rare_classes else str(c) for c in counts.index]
+    names = [f"{short_label(c)} (train only)" if c in prepared.rare_classes else short_label(c) for c in counts.index]
     fig = Figure(figsize=(7.0, max(2.5, 0.35 * len(counts) + 1.2)), layout="constrained")
     ax = fig.subplots()
     left = np.zeros(len(counts))

@@ -54,10 +54,12 @@ from ..data.matrix import check_expression, get_matrix, log1p_cp10k, value_kind
 from ..model.vocab import gene_symbols
 from .stages import (
     check_cells_left,
+    checked_labels,
     choose_normalisation,
     mito_mask,
     percent_mito,
     split_cells,
+    unique_cell_names,
     vocabulary_genes,
     warn_no_mito_genes,
     warn_user,
@@ -67,8 +69,6 @@ if TYPE_CHECKING:
     from anndata import AnnData
 
     from ..core.params import PreprocessParams
-# the bounded-memory path (prepare_file) and its reader live in preprocess_stream
-
 logger = logging.getLogger(__name__)
 
 __all__ = ["PreparedData", "prepare"]
@@ -312,8 +312,8 @@ def finish_prepared(out: AnnData, source: Any, params: PreprocessParams, log: li
     ``out`` holds the filtered cells and genes (``X`` may be absent); ``source`` is the input, for its colours.
     """
     label_key = params.label_key
-    # classes and split
-    labels = out.obs[label_key].astype(str).to_numpy()
+    unique_cell_names(out, log)
+    labels = checked_labels(out.obs, label_key, log)
     class_counts = pd.Series(labels).value_counts()
     if len(class_counts) < 2:
         msg = (
@@ -327,7 +327,8 @@ def finish_prepared(out: AnnData, source: Any, params: PreprocessParams, log: li
     if len(rare_counts) == len(class_counts):
         msg = (
             f"every class of obs[{label_key!r}] has fewer than "
-            f"min_cells_per_class={params.min_cells_per_class} cells ({dict(class_counts)}); nothing "
+            f"min_cells_per_class={params.min_cells_per_class} cells ({len(class_counts):,} classes, "
+            f"e.g. {', '.join(f'{k!r} ({v})' for k, v in class_counts.head(5).items())}); nothing "
             "could be evaluated. Lower min_cells_per_class."
         )
         raise InputDataError(msg)
@@ -341,6 +342,11 @@ def finish_prepared(out: AnnData, source: Any, params: PreprocessParams, log: li
     for note in notes:
         record(note)
     out.obs["split"] = pd.Categorical(split, categories=list(SPLITS))
+    test_classes = sorted({str(v) for v in labels[split == "test"]})
+    if len(test_classes) == 1:
+        warn_user(f"the test split holds one class only ({test_classes[0]!r}; the others have fewer than "
+                  f"min_cells_per_class={params.min_cells_per_class} cells and stay in train): 03's scores will "
+                  "say nothing about telling cell types apart. Lower min_cells_per_class or add cells.", log)
 
     categories = sorted(class_counts.index.astype(str))
     out.obs[label_key] = pd.Categorical(labels, categories=categories)

@@ -17,15 +17,13 @@ from ..core.errors import InputDataError
 from ..core.log import DETAIL
 from ..data.labels import missing_labels, require_obs_key
 from ..data.matrix import check_expression, get_matrix, value_kind
-from ..model.vocab import gene_symbols, match_genes
-from .stages import mito_mask, warn_user
+from ..model.vocab import case_hint, gene_symbols, match_genes
+from .stages import checked_labels, mito_mask, repeated_names_message, warn_user
 
 if TYPE_CHECKING:
     from anndata import AnnData
 
     from ..core.layout import RunLayout
-# the bounded-memory path (prepare_file) and its reader live in preprocess_stream
-
 logger = logging.getLogger(__name__)
 
 __all__ = ["Inspection", "inspect_adata", "write_inspection", "mt_gene_count", "MIN_MT_GENES"]
@@ -180,7 +178,12 @@ def inspect_adata(
 
     labels = adata.obs[label_key]
     missing = missing_labels(labels)
-    class_counts = labels[~missing].astype(str).value_counts().sort_values(ascending=False)
+    repeated = repeated_names_message(adata.obs_names)
+    if repeated:
+        warn_user(f"{repeated}; prepare makes them unique by appending '-1', '-2', ... If the names matter (to "
+                  "match cells to another table), make them unique in the input file first.", found)
+    class_counts = pd.Series(checked_labels(adata.obs[~missing], label_key, found)).value_counts()
+    class_counts = class_counts.sort_values(ascending=False)
     class_counts.name = "cells"
     if len(class_counts) < 2:
         msg = (
@@ -207,7 +210,7 @@ def inspect_adata(
     if match.fraction < 0.1 or match.n_matched == 0:
         warn_user(f"only {match.n_matched:,}/{match.n_total:,} genes of {match.source} are in the checkpoint "
               "vocabulary (prepare needs at least 10%). Are these gene symbols of the checkpoint's species? "
-              "For Ensembl ids set gene_symbol_key.", found)
+              "For Ensembl ids set gene_symbol_key." + case_hint(gene_symbols(adata, gene_symbol_key), vocab), found)
 
     rare = class_counts[class_counts < min_cells_per_class]
     if len(rare):

@@ -20,8 +20,6 @@ if TYPE_CHECKING:
     from anndata import AnnData
 
     from ..core.layout import RunLayout
-# the bounded-memory path (prepare_file) and its reader live in preprocess_stream
-
 logger = logging.getLogger(__name__)
 
 __all__ = ["open_prepared_cells", "resolve_checkpoint", "read_checkpoint_record", "write_prepared",

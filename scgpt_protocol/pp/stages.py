@@ -13,14 +13,20 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ..core.errors import InputDataError
-from ..data.labels import SPLITS
+from ..data.labels import (
+    SPLITS,
+    case_only_groups,
+    check_label_column,
+    clean_labels,
+    describe_case_groups,
+    trimmed_labels,
+)
 from ..model.vocab import gene_symbols, match_genes
 
 if TYPE_CHECKING:
     from anndata import AnnData
 
     from ..core.params import PreprocessParams
-# the bounded-memory path (prepare_file) and its reader live in preprocess_stream
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -155,3 +161,49 @@ def vocabulary_genes(out: AnnData, vocab: dict[str, int], params: PreprocessPara
     record(f"kept the genes in the checkpoint vocabulary ({match.source}): "
            f"{before:,} -> {out.n_vars:,} genes ({match.fraction:.1%})")
     return out, match
+
+
+def repeated_names_message(names: Any) -> str | None:
+    """``"3 cell name(s) in obs_names repeat an earlier one (e.g. 'A', 'B')"``, or None when all are unique."""
+    names = pd.Index(names)
+    if names.is_unique:
+        return None
+    examples = ", ".join(repr(n) for n in pd.unique(names[names.duplicated(keep=False)])[:3])
+    return f"{int(names.duplicated().sum()):,} cell name(s) in obs_names repeat an earlier one (e.g. {examples})"
+
+
+def unique_cell_names(out: AnnData, log: list[str] | None = None) -> bool:
+    """Make repeated ``obs_names`` unique in place (anndata's ``-1``, ``-2`` ... suffixes), with a warning kept in
+    ``log``: 03 matches predictions, exports and queries to cells by name. Returns whether any repeated."""
+    message = repeated_names_message(out.obs_names)
+    if message is None:
+        return False
+    out.obs_names_make_unique()
+    warn_user(f"{message}; they were made unique by appending '-1', '-2', ... If the names matter (to match "
+              "cells to another table), make them unique in the input file first, e.g. with "
+              "adata.obs_names_make_unique() or by joining a sample column to them.", log, stacklevel=4)
+    return True
+
+
+def checked_labels(obs: pd.DataFrame, label_key: str, log: list[str] | None = None) -> np.ndarray:
+    """``obs[label_key]`` as text without surrounding spaces; refuses a continuous column, warns (into ``log``)
+    about labels trimmed and labels that differ only by case (they stay apart)."""
+    check_label_column(obs, label_key)
+    trimmed = trimmed_labels(obs[label_key])
+    labels = clean_labels(obs[label_key])
+    if trimmed:
+        warn_user(f"{len(trimmed)} label(s) of obs[{label_key!r}] had spaces around them and were trimmed "
+                  f"(so they join the label without them): {', '.join(repr(t) for t in trimmed[:5])}"
+                  + (" ..." if len(trimmed) > 5 else ""), log, stacklevel=4)
+    groups = case_only_groups(labels)
+    if groups:
+        warn_user(f"labels of obs[{label_key!r}] that differ only by upper / lower case stay separate classes: "
+                  f"{describe_case_groups(groups)}. If they are one cell type, write them the same way in the "
+                  "input.", log, stacklevel=4)
+    unknown = sorted({v for v in labels if v.casefold() == "unknown"})
+    if unknown:
+        warn_user(f"obs[{label_key!r}] has a class named {unknown[0]!r}: 03 and 04 call cells they abstain on "
+                  "(min_confidence > 0) 'Unknown', so with min_confidence set they refuse this class. If it "
+                  "means 'no label', set these labels to NaN (prepare drops them); else rename the class.",
+                  log, stacklevel=4)
+    return labels.astype(str)

@@ -31,6 +31,8 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "RunDirInUse": "runner",
     "RunInterrupted": "runner",
     "zeroshot_inputs": "steps",
+    "training_overlap": "steps",
+    "read_with_symbols": "steps",
     "styled": "tables",
     "comparison_table": "tables",
     "comparison_display": "tables",
@@ -55,4 +57,6 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "scenario_summary": "workspace",
     "step_summary": "workspace",
     "init_workspace": "workspace",
+    "step_file": "workspace",
+    "scenario_files": "workspace",
 })

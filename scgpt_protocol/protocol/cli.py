@@ -39,12 +39,12 @@ def _run(args: argparse.Namespace) -> int:
     for outcome in result.steps:
         logger.info("  %-14s %6.1f s  %s", outcome.step, outcome.seconds, outcome.report)
     if result.summary:
-        logger.info("headline metrics (test split):")
-        logger.info("  %-44s %9s %9s %11s", "method", "accuracy", "macro-F1", "weighted-F1")
+        logger.info("headline metrics (each row on the cells it names):")
+        logger.info("  %-40s %9s %9s %11s  %s", "method", "accuracy", "macro-F1", "weighted-F1", "measured on")
         for method, values in result.summary.items():
             cells = [f"{values.get(k):.3f}" if isinstance(values.get(k), (int, float)) else "-"
                      for k in ("accuracy", "macro_f1", "weighted_f1")]
-            logger.info("  %-44s %9s %9s %11s", method, *cells)
+            logger.info("  %-40s %9s %9s %11s  %s", method, *cells, values.get("cells", "-"))
     logger.info("reports: %s", result.run_dir / "reports")
     return 0
 
@@ -85,9 +85,11 @@ def _list(args: argparse.Namespace) -> int:
 def _finetune(args: argparse.Namespace) -> int:
     from ..core.params import FinetuneParams, load_params_file
     from .launch import run_finetune_step
+    from .workspace import step_file
 
     source = Path(args.params)
-    path = source / Path(FinetuneParams.NOTEBOOK).with_suffix(".yaml").name if source.is_dir() else source
+    path = ((step_file(source, "02_finetune") or source / Path(FinetuneParams.NOTEBOOK).with_suffix(".yaml").name)
+            if source.is_dir() else source)
     if not path.is_file():
         msg = (f"{path} does not exist: pass the 02 parameters YAML (e.g. runs/demo/params/finetune.yaml) or a "
                "scenario folder holding 02_finetune.yaml (e.g. params/demo).")

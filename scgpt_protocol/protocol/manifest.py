@@ -141,9 +141,21 @@ def headline_metrics(layout: RunLayout, steps: dict[str, Any] | None = None) -> 
     if done("03_evaluate") and layout.metrics.is_file():
         metrics = json.loads(layout.metrics.read_text())
         for method, values in (metrics.get("methods") or {}).items():
-            summary[method] = headline_values(values, SUMMARY_METRICS, missing=None)
+            summary[method] = {**headline_values(values, SUMMARY_METRICS, missing=None),
+                               "cells": _cells_measured("03", f"{metrics.get('split', 'test')} split", values)}
     if done("04_zeroshot") and layout.zeroshot_metrics.is_file():
         zs = json.loads(layout.zeroshot_metrics.read_text())
         if zs.get("knn_vote"):
-            summary[ZEROSHOT_METHOD] = headline_values(zs["knn_vote"], SUMMARY_METRICS, missing=None)
+            query = ((steps or {}).get("04_zeroshot") or {}).get("params", {}).get("query_path")
+            where = f"query {Path(query).name}" if query else "test split"
+            seen = (zs.get("overlap") or {}).get("n_cells")
+            summary[ZEROSHOT_METHOD] = {**headline_values(zs["knn_vote"], SUMMARY_METRICS, missing=None),
+                                        "cells": _cells_measured("04", where, zs["knn_vote"])
+                                        + (f" ({seen:,} also in the reference!)" if seen else "")}
     return summary
+
+
+def _cells_measured(step: str, where: str, values: dict[str, Any]) -> str:
+    """Which cells a headline row was measured on, e.g. ``"03 test split, 140 cells"``."""
+    n = values.get("n_cells")
+    return f"{step} {where}" + (f", {n:,} cells" if isinstance(n, int) else "")

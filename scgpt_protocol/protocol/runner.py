@@ -12,6 +12,7 @@ import datetime as _dt
 import json
 import logging
 import os
+import shutil
 import signal
 import threading
 import time
@@ -42,7 +43,7 @@ from .reports import (
     resume_command,
     set_report_aside,
 )
-from .workspace import resolve_notebooks, resolve_scenario
+from .workspace import resolve_notebooks, resolve_scenario, scenario_files, step_file
 
 logger = logging.getLogger(__name__)
 
@@ -121,9 +122,13 @@ def _load_overrides(params_dir: Path, steps: list[str], run_dir: Path, cwd: Path
         msg = f"parameter folder {params_dir} does not exist; built-in scenarios: demo, ci, retina-example."
         raise FileNotFoundError(msg)
     out = {}
+    files = {step: step_file(params_dir, step) for step in steps}
     for step in steps:
-        path = params_dir / f"{step}.yaml"
-        values = load_params_file(path, STEPS[step]) if path.is_file() else {}
+        path = files[step]
+        if path is None:
+            continue
+        values = load_params_file(path, STEPS[step])
+        _warn_defaults(step, path, values)
         for key in _PATH_PARAMS:
             value = values.get(key)
             if isinstance(value, str) and value not in {"demo", *KNOWN_CHECKPOINTS}:
@@ -131,11 +136,30 @@ def _load_overrides(params_dir: Path, steps: list[str], run_dir: Path, cwd: Path
         values["run_dir"] = str(run_dir)
         STEPS[step].from_mapping(values, source=str(path))  # values checked before any notebook runs
         out[step] = values
+    scenario_files(params_dir, steps)  # a missing file is an error, never "all defaults" (the demo data)
     return out
+
+
+def _warn_defaults(step: str, path: Path, values: dict[str, Any]) -> None:
+    """Say before anything runs which defaults a step file leaves in place where they change what runs."""
+    if not values:
+        logger.warning("%s is empty: step %s runs with all its defaults.", path, step)
+    if step == "01_preprocess":
+        for key, what in (("adata_path", "the built-in demo data (scanpy's pbmc68k_reduced), not yours"),
+                          ("checkpoint", "a tiny random checkpoint (the demo one), not a pretrained model")):
+            if key not in values:
+                logger.warning("%s does not set %s: step 01 uses %s. Set %s in that file (%s: demo to mean it).",
+                               path, key, what, key, key)
 
 
 def _check_run_dir(layout: RunLayout, force: bool, params_dir: Path) -> dict[str, Any] | None:
     """Refuse a run_dir with a finished run or foreign files; return an unfinished run's manifest."""
+    for folder in (layout.run_dir, *layout.run_dir.parents):
+        if folder.exists() and not folder.is_dir():
+            what = "is a file" if folder == layout.run_dir else f"lies inside {folder}, which is a file"
+            msg = (f"run_dir {layout.run_dir} {what}, not a folder. Choose a --run-dir that is a folder (or does "
+                   "not exist yet; it is made).")
+            raise RunDirInUse(msg)
     if not layout.run_dir.exists() or not any(layout.run_dir.iterdir()):
         return None
     if not layout.manifest.is_file():
@@ -304,12 +328,17 @@ def _run_step(run: _Run, step: str) -> None:
     run.step = step
     notebook = run.notebook_dir / f"{step}.ipynb"
     report = layout.step_report(step)
+    if step == "02_finetune":
+        _check_unknown_class(run)
     changes = what_changed(step, manifest["steps"].get(step), run.overrides[step], run.inputs[step])
     if changes:
         marked = set_stale(layout, manifest, step, changes)
         result.stale.extend(s for s in marked if s not in result.stale)
     record = {"report": str(report), "status": "running", "started": _now(), "params": run.overrides[step],
               "inputs": run.inputs[step]}
+    previous = _set_previous_aside(layout, step)
+    if previous is not None:
+        record["previous_results"] = str(previous.relative_to(layout.run_dir))
     manifest["steps"][step] = record
     layout.write_json(layout.manifest, manifest)
     logger.info("running %s -> %s", notebook.name, report)
@@ -327,6 +356,9 @@ def _run_step(run: _Run, step: str) -> None:
         seconds = round(time.perf_counter() - run.t0, 1)
         _step_failed(err, layout, manifest, result, step, report, record, seconds, html=run.html)
     seconds = round(time.perf_counter() - run.t0, 1)
+    if previous is not None:  # the new results replace them, as a plain overwrite would have
+        shutil.rmtree(previous, ignore_errors=True)
+        record.pop("previous_results", None)
     if run.html:
         export_html_safely(report, report_title(step, layout.run_dir))
     result.steps.append(StepOutcome(step, report, seconds))
@@ -336,6 +368,48 @@ def _run_step(run: _Run, step: str) -> None:
     layout.write_json(layout.manifest, manifest)
     write_index_safely(layout, manifest)
     logger.info("%s finished in %.1f s", step, seconds)
+
+
+def _check_unknown_class(run: _Run) -> None:
+    """Before training: a class named like the abstention label while 03 will abstain is refused now, not
+    after 02 has trained (03 would refuse it then)."""
+    from ..annotate.refinement import UNKNOWN
+
+    layout = run.layout
+    evaluate = run.overrides.get("03_evaluate")
+    if evaluate is None or not evaluate.get("min_confidence") or not layout.labels.is_file():
+        return
+    categories = json.loads(layout.labels.read_text()).get("categories") or []
+    if UNKNOWN not in categories:
+        return
+    msg = (f"the training labels (data/labels.json of step 01) have a class named {UNKNOWN!r}, and 03_evaluate "
+           f"has min_confidence={evaluate['min_confidence']}: abstention calls unsure cells {UNKNOWN!r}, so 03 "
+           "would refuse the model after 02 had trained it. Rename that class in the input (or set it to NaN if "
+           "it means 'no label') and run 01 again, or set min_confidence: 0 in the 03 file.")
+    run.manifest["status"] = "failed"
+    run.manifest["error"] = msg
+    _write_manifest_best_effort(layout, run.manifest)
+    raise ParamsError(msg)
+
+
+#: steps whose earlier results are set aside while they run again, so that a failure leaves none looking current
+_REPLACED_ON_RERUN = ("03_evaluate", "04_zeroshot")
+
+
+def _set_previous_aside(layout: RunLayout, step: str) -> Path | None:
+    """Move an earlier run's results of 03 / 04 to ``stale/<step>-previous-<time>/`` before the step runs again.
+
+    When the step finishes they are deleted (its new files replace them); when it fails they stay there, and
+    no ``metrics.json``, ``predictions.csv`` or ``zeroshot/*`` of the earlier run sits beside the new parameters.
+    """
+    if step not in _REPLACED_ON_RERUN:
+        return None
+    stamp = "previous-" + _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    folder, moved = layout.set_aside(step, stamp)
+    if not moved:
+        return None
+    logger.info("%s ran here before: its earlier results are set aside in %s while it runs again", step, folder)
+    return folder
 
 
 def _finish_run(run: _Run) -> RunResult:
@@ -397,6 +471,8 @@ def _step_failed(err: Exception, layout: RunLayout, manifest: dict[str, Any], re
     error = str(full) if full is not None else _failure_message(err, report)
     if aside:
         error += f" ({aside})"
+    if record.get("previous_results"):
+        error += f" (the results of its earlier run were set aside in {record['previous_results']})"
     outcome = StepOutcome(step, report, seconds, "failed", error)
     result.steps.append(outcome)
     ename = "DiskFullError" if disk_full_here else getattr(err, "ename", type(err).__name__)

@@ -13,12 +13,13 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..core.errors import format_keys
 from ..core.params import STEPS
 from ..core.version import REPOSITORY, __version__
 
 __all__ = ["BUILTIN_SCENARIOS", "COLAB_INSTALL", "ProtocolNotFound", "WorkspaceExists", "protocol_root",
     "notebooks_dir", "params_root", "resolve_scenario", "resolve_notebooks", "scenario_summary",
-    "step_summary", "init_workspace"]
+    "step_summary", "init_workspace", "step_file", "scenario_files"]
 
 #: the scenarios shipped with the package (``scgpt-protocol run NAME``)
 BUILTIN_SCENARIOS = ("demo", "ci", "retina-example")
@@ -85,6 +86,46 @@ def resolve_scenario(scenario: str | Path) -> Path:
         f"{', '.join(BUILTIN_SCENARIOS)} (`scgpt-protocol list` shows them)."
     )
     raise FileNotFoundError(msg)
+
+
+def _step_file_names(step: str) -> list[str]:
+    """The names a step's file may have: ``01_preprocess.yaml`` (a scenario), ``preprocess.yaml`` (a run's
+    ``params/``), each also with ``.yml``."""
+    short = step.split("_", 1)[1]
+    return [f"{step}.yaml", f"{step}.yml", f"{short}.yaml", f"{short}.yml"]
+
+
+def step_file(params_dir: Path, step: str) -> Path | None:
+    """The parameter file of ``step`` in a scenario folder (or a finished run's ``params/``), None if absent.
+
+    Two files for one step (``01_preprocess.yaml`` and ``preprocess.yaml``) are refused: which one counts
+    would be a guess.
+    """
+    from ..core.params import ParamsError
+
+    found = [params_dir / n for n in _step_file_names(step) if (params_dir / n).is_file()]
+    if len(found) > 1:
+        msg = (f"{params_dir} holds {len(found)} files for step {step}: {', '.join(f.name for f in found)}; "
+               "keep one of them (delete or rename the others).")
+        raise ParamsError(msg)
+    return found[0] if found else None
+
+
+def scenario_files(params_dir: Path, steps: list[str]) -> dict[str, Path]:
+    """Every step's parameter file; a clear error naming those missing (a missing file is never read as
+    "all defaults": with no 01 file, the run would prepare the built-in demo data)."""
+    files = {step: step_file(params_dir, step) for step in steps}
+    missing = [step for step, path in files.items() if path is None]
+    if missing:
+        others = sorted(p.name for p in params_dir.iterdir() if p.is_file()) if params_dir.is_dir() else []
+        msg = (
+            f"scenario folder {params_dir} has no parameter file for step(s) {', '.join(missing)}: expected "
+            f"{' or '.join(_step_file_names(missing[0])[:1] + _step_file_names(missing[0])[2:3])} (.yml also "
+            f"works) for {missing[0]}, one file per step to run. Files there: {format_keys(others)}. Add the "
+            "missing file(s) (an empty one runs the step with its defaults), or pass --steps to run fewer steps."
+        )
+        raise FileNotFoundError(msg)
+    return {step: path for step, path in files.items() if path is not None}
 
 
 def resolve_notebooks(notebooks: str | Path | None, steps: list[str] | tuple[str, ...] = tuple(STEPS)) -> Path:
