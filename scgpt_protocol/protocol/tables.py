@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from ..annotate.refinement import UNKNOWN
 from ..metrics import HEADERS, HEADLINE_METRICS, METHODS, metrics_table
 
 if TYPE_CHECKING:
