@@ -142,7 +142,7 @@ def test_the_closing_table_says_which_cells_each_row_was_measured_on(tmp_path, c
     layout = RunLayout(tmp_path)
     layout.zeroshot_metrics.parent.mkdir(parents=True)
     layout.metrics.write_text(json.dumps({"split": "test", "methods": {"scGPT": {"accuracy": 0.9, "n_cells": 140}}}))
-    layout.zeroshot_metrics.write_text(json.dumps({"majority": {"accuracy": 1.0, "n_cells": 240},
+    layout.zeroshot_metrics.write_text(json.dumps({"knn_vote": {"accuracy": 1.0, "n_cells": 240},
                                                    "overlap": {"n_cells": 240}}))
     steps = {"03_evaluate": {"status": "finished"},
              "04_zeroshot": {"status": "finished", "params": {"query_path": "/data/query.h5ad"}}}

@@ -127,7 +127,7 @@ def test_04_reference_equal_to_its_query_is_warned_and_scored_apart(run, split_p
     with pytest.warns(UserWarning, match="80 of 80 cells of the query are also cells of the voting reference cells"):
         result = zeroshot_annotate(reference, query, tiny_model, label_key=label_key, k=5, max_seq_len=32)
     assert result.metrics["overlap"]["n_cells"] == 80
-    assert result.metrics["overlap"]["methods"]["seen cells"]["majority"]["n_cells"] == 80
+    assert result.metrics["overlap"]["methods"]["seen cells"]["knn_vote"]["n_cells"] == 80
     assert any("scored apart" in n for n in result.metrics["notes"])
     from scgpt_protocol.annotate.zeroshot import write_zeroshot
 

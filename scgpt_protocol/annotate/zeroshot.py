@@ -446,7 +446,7 @@ def _score_overlap(reference: AnnData, query: AnnData, used: np.ndarray, s: _Zer
 
     def score(mask: np.ndarray) -> dict[str, Any] | None:
         cells = mask & labelled
-        return {"majority": classification_metrics(truth[cells].astype(str), calls[cells],
+        return {"knn_vote": classification_metrics(truth[cells].astype(str), calls[cells],
                                                    unassigned=UNKNOWN if s.min_confidence else None)} \
             if cells.any() else None
 
