@@ -147,3 +147,17 @@ def headline_metrics(layout: RunLayout, steps: dict[str, Any] | None = None) -> 
         if zs.get("majority"):
             summary[ZEROSHOT_METHOD] = headline_values(zs["majority"], SUMMARY_METRICS, missing=None)
     return summary
+
+
+def effective_params(layout: RunLayout, step: str) -> dict[str, Any] | None:
+    """The parameters ``step`` ran with, as its notebook recorded them in ``run_dir/params/<step>.yaml``: the
+    values it was given with the recipe for the run's checkpoint filled in (``recipe`` says which, when any)."""
+    import yaml
+
+    path = layout.step_params(step.split("_", 1)[1])
+    if not path.is_file():
+        return None
+    text = path.read_text()
+    values = yaml.safe_load(text) or {}
+    note = next((line[2:].strip() for line in text.splitlines() if line.startswith("# recipe for")), None)
+    return {"values": values, "recipe": note}
