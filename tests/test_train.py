@@ -152,6 +152,7 @@ def test_the_same_training_again_resumes_or_says_there_is_nothing_to_do(split_pb
     again, _ = _run(split_pbmc, categories, tiny_checkpoint, tmp_path, epochs=3)
     assert "already trained: nothing to do (3 of 3 epochs done" in caplog.text and "full epoch" not in caplog.text
     assert again.history.equals(more.history)
+    assert again.seconds == round(sum(more.history["seconds"]), 1)  # its epochs' time, not this call's
 
 
 def test_parameters_left_at_none_take_the_recipe_of_the_checkpoint(split_pbmc, categories, tiny_checkpoint, tmp_path):

@@ -352,7 +352,9 @@ def finetune(
     result = TrainResult(
         strategy=strategy, history=pd.DataFrame(history), best_epoch=best_epoch, best_val_macro_f1=best_score,
         epochs_run=len(history), stopped_early=stopped_early, resumed_from_epoch=resumed,
-        seconds=round(time.perf_counter() - start_time, 1), peak_memory_bytes=int(memory.peak),
+        seconds=round(time.perf_counter() - start_time if resumed is None  # resumed: all its epochs' time
+                      else sum(float(row.get("seconds", 0)) for row in history), 1),
+        peak_memory_bytes=int(memory.peak),
         trainable_parameters=n_trainable, total_parameters=n_total, precision=training_precision(params, device),
         world_size=size, per_device_batch_size=-(-params.batch_size // size), num_workers=stream.loader.num_workers,
     )
