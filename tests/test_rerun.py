@@ -59,3 +59,27 @@ def test_02_again_with_a_changed_parameter_trains_anew_and_unchanged_trains_noth
     assert len(list(layout.stale_dir.glob("02_finetune-*"))) == 1 and layout.history.read_text() == new_history
 
     # raising epochs resumes ("resumed from epoch N"): tests/test_train.py
+
+
+def test_a_relative_run_dir_is_the_same_folder_for_the_notebooks_and_the_runner(tmp_path):
+    from scgpt_protocol.core.params import resolve_run_dir
+
+    workspace = tmp_path / "protocol"
+    (workspace / "notebooks").mkdir(parents=True)
+    (workspace / "params").mkdir()
+    # JupyterLab runs a kernel in the notebook's folder; make demo and scgpt-protocol run start in the one above
+    assert resolve_run_dir("runs/demo", workspace / "notebooks") == workspace / "runs" / "demo"
+    assert resolve_run_dir("runs/demo", workspace) == workspace / "runs" / "demo"
+    assert resolve_run_dir("runs/demo", tmp_path) == tmp_path / "runs" / "demo"  # elsewhere (Colab): the cwd
+    assert resolve_run_dir(str(tmp_path / "abs"), workspace / "notebooks") == tmp_path / "abs"
+
+
+def test_the_manifest_records_the_parameters_each_step_ran_with(ci_run):
+    manifest = json.loads(ci_run[0].manifest.read_text())
+    finetune = manifest["steps"]["02_finetune"]["effective_params"]
+    assert finetune["recipe"] == "recipe for the demo checkpoint: every value set by hand"  # params/ci sets them
+    assert finetune["values"]["max_seq_len"] == 64 and finetune["values"]["class_weighted"] is False
+    assert finetune["values"]["run_dir"] == str(ci_run[0].run_dir)
+    zeroshot = manifest["steps"]["04_zeroshot"]["effective_params"]
+    assert zeroshot["values"]["min_confidence"] == 0.3 and zeroshot["recipe"].startswith("recipe for the demo")
+    assert manifest["steps"]["01_preprocess"]["effective_params"]["recipe"] is None  # 01 has no recipe parameters

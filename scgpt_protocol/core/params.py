@@ -4,6 +4,10 @@ A notebook's ``parameters`` cell and every ``params/<scenario>/<notebook-stem>.y
 (a subset of) these fields; ``tests/test_notebook_structure.py`` keeps the three in line.
 :meth:`StepParams.from_namespace` reads the cell's variables, type-, range- and choice-checks them,
 and writes ``run_dir/params/<step>.yaml``. An unknown key in a YAML file is an error.
+
+A field whose default is None "(None: recipe)" takes its value from :data:`RECIPES` for the kind of checkpoint
+01 recorded (:meth:`StepParams.with_recipe`): the published values for a pretrained checkpoint, the demo's for
+the demo checkpoint. The notebooks' defaults, ``params/demo`` and ``make demo`` therefore run the same demo.
 """
 
 from __future__ import annotations
@@ -296,7 +300,7 @@ class StepParams:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         info = getattr(self, "recipe", None)
-        head = f"# {self.recipe_note()} (these were None)\n" if info else ""
+        head = f"# {self.recipe_note()}{' (these were None)' if info['set'] else ''}\n" if info else ""
         text = head + yaml.safe_dump(self.to_dict(), sort_keys=False)
         return atomic_write(path, lambda tmp: tmp.write_text(text))
 
