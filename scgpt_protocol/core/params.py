@@ -126,7 +126,7 @@ def resolve_run_dir(run_dir: str | Path, cwd: str | Path | None = None) -> Path:
     """
     path = Path(run_dir).expanduser()
     if path.is_absolute():
-        return path
+        return path.resolve()
     base = Path(cwd) if cwd is not None else Path.cwd()
     if base.name == "notebooks" and (base.parent / "params").is_dir():
         base = base.parent
