@@ -82,3 +82,24 @@ def test_readme_has_the_colab_badges():
     readme = (ROOT / "README.md").read_text()
     for step in STEPS:
         assert f"colab.research.google.com/github/{REPOSITORY}/blob/main/notebooks/{step}.ipynb" in readme
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_opening_in_jupyterlab_changes_nothing(step):
+    """JupyterLab writes the kernel's kernelspec and language_info into a notebook it opens; when they differ from
+    what is saved, the notebook is marked modified before anyone touched it (seen in headless Chromium)."""
+    from ipykernel.ipkernel import IPythonKernel
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    nb = _nb(step)
+    spec = KernelSpecManager().get_kernel_spec("python3")
+    assert nb.metadata.kernelspec == {"display_name": spec.display_name, "language": spec.language, "name": "python3"}
+    expected = {k: v for k, v in IPythonKernel.language_info.items() if k != "version"}
+    assert {k: v for k, v in nb.metadata.language_info.items() if k != "version"} == expected
+    assert nb.nbformat == 4 and nb.nbformat_minor == 5 and all(c.get("id") for c in nb.cells)  # ids: no upgrade
+    assert set(nb.metadata) == {"kernelspec", "language_info"}  # no widget state, no signature
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_setup_cell_fits_the_page(step):
+    assert all(len(line) <= 100 for line in _code(_nb(step))[1].source.splitlines())

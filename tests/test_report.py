@@ -103,9 +103,24 @@ def test_training_report_says_when_the_best_epoch_is_the_last():
 def test_settings_table_lists_changed_values_first():
     from scgpt_protocol.core.params import FinetuneParams
 
-    table = settings_table(FinetuneParams(lr=1e-3, class_weighted=True)).data
-    assert list(table.index[:2]) == ["lr", "class_weighted"] and (table["Changed"][:2] == "yes").all()
-    assert table.loc["lr", "Default"] == "0.0001" and table.loc["epochs", "Changed"] == ""
+    table = settings_table(FinetuneParams(lr=1e-3, class_weighted=True, epochs=5)).data
+    assert set(table.index[:3]) == {"lr", "class_weighted", "epochs"} and (table["Changed"][:3] == "yes").all()
+    assert table.loc["lr", "Default"] == "None" and table.loc["patience", "Changed"] == ""
+
+
+def test_settings_table_shows_what_the_recipe_set_beside_the_default():
+    from scgpt_protocol.core.params import FinetuneParams
+
+    params = FinetuneParams(lr=3e-4).with_recipe("demo")  # lr set by hand; the rest of the recipe from the demo's
+    table = settings_table(params).data
+    assert table.index[0] == "lr" and table.loc["lr", "Changed"] == "yes" and table.loc["lr", "This run"] == "0.0003"
+    recipe = table.index[table["Changed"] == "recipe"]
+    assert set(recipe) == {"adam_eps", "batch_size", "max_seq_len", "class_weighted"}
+    assert list(table.index[1:5]) == list(recipe)  # right after the changed ones
+    assert table.loc["max_seq_len", "This run"] == "256" and table.loc["max_seq_len", "Default"] == "None: demo recipe"
+    pretrained = settings_table(FinetuneParams().with_recipe("released")).data
+    assert pretrained.loc["lr", "This run"] == "0.0001" and pretrained.loc["adam_eps", "This run"] == "0.0001"
+    assert pretrained.loc["lr", "Default"] == "None: pretrained recipe"
 
 
 def test_checkpoint_banner_is_a_visible_box_for_the_demo_only():

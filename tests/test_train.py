@@ -135,3 +135,39 @@ def test_data_fingerprint_hashed_by_slices_equals_the_whole_join():
     adata.obs.loc[adata.obs_names[np.flatnonzero(fit)[-1]], "cell_type"] = categories[0] + "x"
     assert data_fingerprint(adata, "cell_type", categories + [categories[0] + "x"], base_sha256="abc") != \
         digest.hexdigest()
+
+
+def test_the_same_training_again_resumes_or_says_there_is_nothing_to_do(split_pbmc, categories, tiny_checkpoint,
+                                                                        tmp_path, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="scgpt_protocol")
+    first, _ = _run(split_pbmc, categories, tiny_checkpoint, tmp_path, epochs=2)
+    assert "resumed from" not in caplog.text and "already trained" not in caplog.text
+    caplog.clear()
+    more, _ = _run(split_pbmc, categories, tiny_checkpoint, tmp_path, epochs=3)  # raising epochs continues
+    assert "resumed from epoch 2: epochs 3-3 to go" in caplog.text and list(more.history["epoch"]) == [1, 2, 3]
+    assert more.resumed_from_epoch == 3 and "full epoch 3/3" in caplog.text and "full epoch 1/3" not in caplog.text
+    caplog.clear()
+    again, _ = _run(split_pbmc, categories, tiny_checkpoint, tmp_path, epochs=3)
+    assert "already trained: nothing to do (3 of 3 epochs done" in caplog.text and "full epoch" not in caplog.text
+    assert again.history.equals(more.history)
+    assert again.seconds == round(sum(more.history["seconds"]), 1)  # its epochs' time, not this call's
+
+
+def test_parameters_left_at_none_take_the_recipe_of_the_checkpoint(split_pbmc, categories, tiny_checkpoint, tmp_path):
+    from scgpt_protocol.core.params import RECIPES
+
+    params = FinetuneParams(run_dir=str(tmp_path), epochs=1, max_seq_len=48)  # lr, batch_size... left at None
+    model = load_model(tiny_checkpoint, n_classes=len(categories), device="cpu")
+    finetune(model, split_pbmc, params, label_key="label", categories=categories, layout=RunLayout(tmp_path),
+             base_checkpoint={"checkpoint": str(tiny_checkpoint), "kind": "demo", "sha256": None})
+    _, manifest = load_finetuned(RunLayout(tmp_path).model_dir, device="cpu")
+    trained = manifest["training"]
+    demo = RECIPES["demo"]["finetune"]
+    assert trained["max_seq_len"] == 48  # set by hand: kept
+    assert {k: trained[k] for k in ("lr", "adam_eps", "batch_size", "class_weighted")} == {
+        k: demo[k] for k in ("lr", "adam_eps", "batch_size", "class_weighted")}
+    pretrained = params.with_recipe("released")  # a released or folder checkpoint: the published values
+    assert (pretrained.lr, pretrained.adam_eps, pretrained.batch_size, pretrained.class_weighted) == (1e-4, 1e-4, 32, False)
+    assert params.with_recipe("folder").max_seq_len == 48 and FinetuneParams(amp=False).with_recipe(None).adam_eps == 1e-8

@@ -43,4 +43,7 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "finetune": "train",
     "strategy_config": "train",
     "adam_eps": "train",
+    "training_key": "train",
+    "saved_training_key": "train",
+    "training_changes": "train",
 })

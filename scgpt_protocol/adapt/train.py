@@ -30,6 +30,7 @@ so DDP's averaged gradient is the one-process gradient. Rank 0 alone writes.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -45,8 +46,8 @@ from torch import nn
 
 from ..core.device import PeakMemory, autocast, resolve_device, resolve_precision
 from ..core.layout import RunLayout
-from ..core.log import progress
-from ..core.params import FinetuneParams
+from ..core.log import DETAIL, progress
+from ..core.params import FinetuneParams, published_adam_eps
 from ..data.matrix import check_expression
 from ..model.checkpoint import model_checkpoint_record, torch_save_atomic
 from ..model.scgpt import ProbeHead, ScGPT
@@ -61,7 +62,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TrainResult", "finetune", "strategy_config", "adam_eps"]
+__all__ = ["TrainResult", "finetune", "strategy_config", "adam_eps", "training_key", "saved_training_key",
+    "training_changes"]
 
 #: parameters that may change between an interrupted run and its resumption
 _RESUMABLE_CHANGES = {"epochs", "resume", "device", "run_dir", "strategies", "mount_drive", "num_workers",
@@ -112,10 +114,10 @@ def strategy_config(params: FinetuneParams, strategy: str | None = None) -> Any:
 def adam_eps(amp: bool, eps: float | None = None) -> float:
     """Adam's eps: ``eps`` when given, else as the official fine-tuning loop sets it: 1e-4 whenever ``amp``
     is on, on every device (so a result does not depend on the GPU generation or on running on the CPU),
-    else PyTorch's 1e-8."""
+    else PyTorch's 1e-8 (:func:`~scgpt_protocol.core.params.published_adam_eps`)."""
     if eps is not None:
         return float(eps)
-    return 1e-4 if amp else 1e-8
+    return published_adam_eps(amp)
 
 
 def training_precision(params: FinetuneParams, device: torch.device) -> str:
@@ -200,6 +202,33 @@ def _comparable(params: FinetuneParams, strategy: str, fingerprint: str) -> dict
     return out
 
 
+def training_key(params: FinetuneParams, fingerprint: str) -> dict[str, Any]:
+    """What a saved training must match to be continued: the parameters (recipe resolved) except those that may
+    change on resume (``epochs``, ``device``...), the strategies compared, and the data's fingerprint
+    (:func:`~scgpt_protocol.adapt.cells.data_fingerprint`)."""
+    return {**_comparable(params, params.strategy, fingerprint), "strategies": params.strategies}
+
+
+def saved_training_key(layout: RunLayout) -> dict[str, Any] | None:
+    """The :func:`training_key` of the training saved in ``layout.train_dir`` (``training.json``, else the
+    resumable state's), or None when there is none."""
+    record = layout.train_dir / "training.json"
+    if record.is_file():
+        return json.loads(record.read_text())["key"]
+    if layout.train_state.is_file():  # a run from before training.json: the state carries the same key
+        return torch.load(layout.train_state, map_location="cpu", weights_only=False)["params"]
+    return None
+
+
+def training_changes(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
+    """How a training with key ``now`` differs from the saved one (``name: saved -> now``; [] when the same)."""
+    changes = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now))
+               if k != "data" and k in saved and saved.get(k) != now.get(k)]
+    if saved.get("data") != now.get("data"):
+        changes.append("the prepared data (cells, split, labels or base checkpoint) changed: 01 ran again")
+    return changes
+
+
 def _fit_probe(model: ScGPT, stream: _Stream, keys: np.ndarray, codes: np.ndarray, train_rows: np.ndarray,
                params: FinetuneParams, n_classes: int) -> dict[str, float]:
     """Logistic regression on frozen, L2-normalised ``<cls>`` embeddings, installed as a ProbeHead."""
@@ -279,6 +308,7 @@ def finetune(
     start_time = time.perf_counter()
     strategy = strategy or params.strategy
     base_checkpoint = base_checkpoint or model_checkpoint_record(model)
+    params = params.with_recipe(base_checkpoint.get("kind"))  # parameters left at None: the checkpoint's recipe
     categories = list(categories)
     codes, train_rows, val_rows = codes_and_splits(adata, label_key, split_key, categories)
     check_expression(adata)
@@ -322,7 +352,9 @@ def finetune(
     result = TrainResult(
         strategy=strategy, history=pd.DataFrame(history), best_epoch=best_epoch, best_val_macro_f1=best_score,
         epochs_run=len(history), stopped_early=stopped_early, resumed_from_epoch=resumed,
-        seconds=round(time.perf_counter() - start_time, 1), peak_memory_bytes=int(memory.peak),
+        seconds=round(time.perf_counter() - start_time if resumed is None  # resumed: all its epochs' time
+                      else sum(float(row.get("seconds", 0)) for row in history), 1),
+        peak_memory_bytes=int(memory.peak),
         trainable_parameters=n_trainable, total_parameters=n_total, precision=training_precision(params, device),
         world_size=size, per_device_batch_size=-(-params.batch_size // size), num_workers=stream.loader.num_workers,
     )
@@ -402,6 +434,15 @@ def _train_epochs(t: _Training, *, layout: RunLayout | None, on_epoch_end: Calla
         _resume(t, state_path)
     barrier()  # every rank has read the state before rank 0 writes the next one
     t.stopped_early = bool(t.history) and t.history[-1].get("stopped", False)
+    if t.resumed is not None:
+        done = t.resumed - 1
+        if t.stopped_early or done >= params.epochs:
+            why = f"stopped early after epoch {done}" if t.stopped_early else f"{done} of {params.epochs} epochs done"
+            logger.info("already trained: nothing to do (%s; best epoch %d, validation macro-F1 %.4f). Raise epochs "
+                        "to train on, or change a parameter to start a new training.", why, t.best_epoch, t.best_score)
+        else:
+            logger.info("resumed from epoch %d: epochs %d-%d to go (best so far: epoch %d, validation macro-F1 %.4f)",
+                        done, t.resumed, params.epochs, t.best_epoch, t.best_score)
 
     for epoch in range(t.first_epoch, params.epochs + 1):
         if t.stopped_early:
@@ -465,7 +506,8 @@ def _resume(t: _Training, state_path: Path) -> None:
             "other data: the prepared cells, split, labels or base checkpoint changed (01 ran again?)")
         msg = (
             f"{state_path} holds a training with {what}; resume would mix them. Use a new run_dir, "
-            "or set resume=False to start this training over."
+            "or set resume=False to start this training over (the 02 notebook sets the old training aside "
+            "and starts a new one itself)."
         )
         raise ValueError(msg)
     t.model.load_state_dict(state["model"])
@@ -476,8 +518,7 @@ def _resume(t: _Training, state_path: Path) -> None:
     t.history, t.best_epoch, t.best_score = state["history"], state["best_epoch"], state["best_score"]
     t.best_state, t.stale = state["best_state"], state["stale"]
     t.first_epoch = t.resumed = state["epoch"] + 1
-    logger.info("resuming from %s: epoch %d done, best epoch %d (val macro-F1 %.4f)",
-                state_path, state["epoch"], t.best_epoch, t.best_score)
+    logger.info("resuming from %s: epoch %d done", state_path, state["epoch"], extra=DETAIL)
     del state
 
 

@@ -40,4 +40,8 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "STEPS": "params",
     "load_params_file": "params",
     "parameters_cell": "params",
+    "RECIPES": "params",
+    "recipe_kind": "params",
+    "published_adam_eps": "params",
+    "resolve_run_dir": "params",
 })

@@ -192,9 +192,10 @@ class RunLayout:
         "04_zeroshot": ("zeroshot_umap", "zeroshot_coverage_curve"),
     }
 
-    def step_artifacts(self, step: str) -> list[Path]:
+    def step_artifacts(self, step: str, *, outputs_only: bool = False) -> list[Path]:
         """Every file or folder ``step`` (``"02_finetune"``...) writes: its outputs, figures, report
-        (.ipynb/.html), log and parameters."""
+        (.ipynb/.html), log and parameters; with ``outputs_only`` its outputs and figures (what a notebook
+        running that step again sets aside while its report, log and parameters are being written)."""
         outputs = {
             "01_preprocess": [self.prepared_adata, self.labels, self.inspection, self.checkpoint_record,
                               self.demo_checkpoint_dir],
@@ -210,6 +211,8 @@ class RunLayout:
         report, name = self.step_report(step), step.split("_", 1)[1]  # logs and params use "preprocess" etc.
         figures = [self.figure(figure).with_suffix(suffix) for figure in self.STEP_FIGURES[step]
                    for suffix in (".png", ".pdf")]  # save_figure writes a PDF beside each PNG
+        if outputs_only:
+            return [*outputs[step], *figures]
         return [*outputs[step], *figures, report,
                 report.with_suffix(".html"), report.with_name(report.name + ".incomplete"), self.step_log(name),
                 self.step_params(name)]
@@ -218,8 +221,9 @@ class RunLayout:
     def stale_dir(self) -> Path:
         return self.run_dir / "stale"
 
-    def set_aside(self, step: str, stamp: str) -> tuple[Path, list[Path]]:
-        """Move what ``step`` wrote to ``stale/<step>-<stamp>/``, keeping paths relative to ``run_dir``.
+    def set_aside(self, step: str, stamp: str, *, outputs_only: bool = False) -> tuple[Path, list[Path]]:
+        """Move what ``step`` wrote (:meth:`step_artifacts`) to ``stale/<step>-<stamp>/``, keeping paths
+        relative to ``run_dir``.
 
         Nothing is deleted. Returns the folder and the moved paths (relative); the folder is not created
         when there is nothing to move.
@@ -230,7 +234,7 @@ class RunLayout:
             n += 1
             target = self.stale_dir / f"{step}-{stamp}-{n}"
         moved = []
-        for path in self.step_artifacts(step):
+        for path in self.step_artifacts(step, outputs_only=outputs_only):
             if not (path.exists() or path.is_symlink()):
                 continue
             rel = path.relative_to(self.run_dir)

@@ -4,11 +4,17 @@ A notebook's ``parameters`` cell and every ``params/<scenario>/<notebook-stem>.y
 (a subset of) these fields; ``tests/test_notebook_structure.py`` keeps the three in line.
 :meth:`StepParams.from_namespace` reads the cell's variables, type-, range- and choice-checks them,
 and writes ``run_dir/params/<step>.yaml``. An unknown key in a YAML file is an error.
+
+A field whose default is None "(None: recipe)" takes its value from :data:`RECIPES` for the kind of checkpoint
+01 recorded (:meth:`StepParams.with_recipe`): the published values for a pretrained checkpoint, the demo's for
+the demo checkpoint. The notebooks' defaults, ``params/demo`` and ``make demo`` therefore run the same demo.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 import re
 import typing
 from dataclasses import dataclass, field
@@ -18,11 +24,14 @@ from typing import Any, ClassVar, Mapping, Optional
 import yaml
 
 __all__ = ["StepParams", "PreprocessParams", "FinetuneParams", "EvaluateParams", "ZeroshotParams", "STEPS",
-    "load_params_file", "parameters_cell"]
+    "load_params_file", "parameters_cell", "RECIPES", "recipe_kind", "published_adam_eps", "resolve_run_dir"]
 
 
 #: the adaptation strategies (scgpt_protocol.adapt.strategies implements them)
 STRATEGY_NAMES = ("probe", "head", "full", "lora", "adapter", "prefix_tuning", "ia3")
+
+
+logger = logging.getLogger(__name__)
 
 
 class ParamsError(ValueError):
@@ -70,8 +79,58 @@ def _precision(what: str) -> Any:
               choices=PRECISION_NAMES, advanced=True)
 
 
-def _max_seq_len() -> Any:
-    return _f(1200, "tokens per cell including <cls>", min=2, advanced=True)
+#: what a parameter left at None (its default) means, for each kind of checkpoint 01 recorded: the published
+#: fine-tuning recipe for a pretrained checkpoint; for the tiny random demo checkpoint, values it can learn with
+#: from scratch on 2 CPU cores (a 10x higher lr, Adam eps 1e-8: with 1e-4 it stays at chance; a class-weighted
+#: loss for the rare populations; shorter sequences) and abstention + majority voting shown in 03 and 04.
+#: The one source of the demo: the notebooks' defaults, params/demo and ``make demo`` all resolve through it.
+RECIPES: dict[str, dict[str, dict[str, Any]]] = {
+    "pretrained": {
+        "finetune": {"lr": 1e-4, "adam_eps": "published", "batch_size": 32, "max_seq_len": 1200,
+                     "class_weighted": False},
+        "evaluate": {"min_confidence": 0.0, "majority_voting": False},
+        "zeroshot": {"max_seq_len": 1200, "min_confidence": 0.0, "majority_voting": False},
+    },
+    "demo": {
+        "finetune": {"lr": 1e-3, "adam_eps": 1e-8, "batch_size": 16, "max_seq_len": 256, "class_weighted": True},
+        "evaluate": {"min_confidence": 0.5, "majority_voting": True},
+        "zeroshot": {"max_seq_len": 256, "min_confidence": 0.5, "majority_voting": True},
+    },
+}
+
+
+def recipe_kind(checkpoint_kind: str | None) -> str:
+    """The recipe for a checkpoint of this kind (``checkpoint.json``'s ``kind``): ``demo`` or ``pretrained``."""
+    return "demo" if checkpoint_kind == "demo" else "pretrained"
+
+
+def published_adam_eps(amp: bool) -> float:
+    """Adam's eps as the official fine-tuning loop sets it: 1e-4 whenever ``amp`` is on (on every device, so a
+    result does not depend on the GPU generation), else PyTorch's 1e-8."""
+    return 1e-4 if amp else 1e-8
+
+
+def _recipe(step: str, name: str, what: str, *, advanced: bool = True, **checks: Any) -> Any:
+    """A parameter whose default (None) is the recipe for the run's checkpoint (:data:`RECIPES`)."""
+    assert all(name in RECIPES[kind][step] for kind in RECIPES), name
+    return _f(None, f"{what} (None: recipe)", advanced=advanced, **checks)
+
+
+def resolve_run_dir(run_dir: str | Path, cwd: str | Path | None = None) -> Path:
+    """The absolute run folder, the same for a notebook and the headless runner.
+
+    A relative ``run_dir`` is taken from the protocol folder (the one holding ``notebooks/`` and ``params/``:
+    a clone or ``scgpt-protocol init``) when the working directory is its ``notebooks/`` folder, as in
+    JupyterLab; else from the working directory. So ``runs/demo`` is ``<protocol>/runs/demo`` from
+    ``make demo`` and from a notebook opened in ``<protocol>/notebooks/`` alike.
+    """
+    path = Path(run_dir).expanduser()
+    if path.is_absolute():
+        return path.resolve()
+    base = Path(cwd) if cwd is not None else Path.cwd()
+    if base.name == "notebooks" and (base.parent / "params").is_dir():
+        base = base.parent
+    return (base / path).resolve()
 
 
 @dataclass
@@ -164,11 +223,48 @@ class StepParams:
             msg = f"the parameters cell of {cls.NOTEBOOK} lacks {missing}; restore them from the package's notebook."
             raise ParamsError(msg)
         params = cls(**{n: namespace[n] for n in cls.field_names()})
+        params.run_dir = str(resolve_run_dir(params.run_dir))
+        if cls.RECIPE_FIELDS:
+            params = params.with_recipe(_checkpoint_kind(params.run_dir, cls.NOTEBOOK))
+        from .log import ensure_logging
+
+        ensure_logging()
+        logger.info("run_dir: %s%s", params.run_dir, f"; {params.recipe_note()}" if cls.RECIPE_FIELDS else "")
         if write:
             from .layout import RunLayout
 
             params.to_yaml(RunLayout(params.run_dir).step_params(params.STEP))
         return params
+
+    # -- the recipe --
+    #: fields whose default (None) is the recipe for the run's checkpoint (:data:`RECIPES`)
+    RECIPE_FIELDS: ClassVar[tuple[str, ...]] = ()
+
+    def with_recipe(self, checkpoint_kind: str | None) -> StepParams:
+        """A copy with every recipe field left at None set from :data:`RECIPES` for a checkpoint of this kind
+        (``"demo"``, ``"released"``, ``"folder"``...). ``.recipe`` records the recipe and what it set. Already
+        resolved parameters come back as they are."""
+        if getattr(self, "recipe", None) is not None:
+            return self
+        kind = recipe_kind(checkpoint_kind)
+        recipe = RECIPES[kind].get(self.STEP, {})
+        values = {}
+        for name in self.RECIPE_FIELDS:
+            if getattr(self, name) is None:
+                value = recipe[name]
+                values[name] = published_adam_eps(getattr(self, "amp", True)) if value == "published" else value
+        out = dataclasses.replace(self, **values)
+        out.recipe = {"kind": kind, "set": values}
+        return out
+
+    def recipe_note(self) -> str:
+        """One line: which recipe the parameters left at None took, and their values."""
+        info = getattr(self, "recipe", None)
+        if not info:
+            return "recipe not resolved"
+        where = "the demo checkpoint" if info["kind"] == "demo" else "a pretrained checkpoint"
+        values = ", ".join(f"{k}={v!r}" for k, v in info["set"].items())
+        return f"recipe for {where}: {values}" if values else f"recipe for {where}: every value set by hand"
 
     @classmethod
     def _check_injected(cls, namespace: Mapping[str, Any]) -> None:
@@ -198,10 +294,15 @@ class StepParams:
         return dataclasses.asdict(self)
 
     def to_yaml(self, path: str | Path) -> Path:
+        """The parameters as run (the recipe's values filled in; a comment says which came from it)."""
+        from .io import atomic_write
+
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-        return path
+        info = getattr(self, "recipe", None)
+        head = f"# {self.recipe_note()}{' (these were None)' if info['set'] else ''}\n" if info else ""
+        text = head + yaml.safe_dump(self.to_dict(), sort_keys=False)
+        return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 @dataclass
@@ -242,24 +343,26 @@ class FinetuneParams(StepParams):
 
     STEP: ClassVar[str] = "finetune"
     NOTEBOOK: ClassVar[str] = "02_finetune.ipynb"
+    RECIPE_FIELDS: ClassVar[tuple[str, ...]] = tuple(RECIPES["demo"]["finetune"])
 
     strategy: str = _f("full", "what to train: probe, head, full, lora, adapter, prefix_tuning or ia3",
                        choices=STRATEGY_NAMES)
     strategies: Optional[list] = _f(None, "compare these on one split, keep the best (None: only strategy)")
     epochs: int = _f(10, "maximum number of epochs", min=1)
-    lr: float = _f(1e-4, "Adam learning rate", min=0.0, advanced=True)
+    lr: Optional[float] = _recipe("finetune", "lr", "Adam learning rate", min=0.0)
     lr_gamma: float = _f(0.9, "StepLR decay per epoch", min=0.0, max=1.0, advanced=True)
     weight_decay: float = _f(0.0, "AdamW weight decay (0: plain Adam, as published)", min=0.0, advanced=True)
     warmup_ratio: float = _f(0.0, "share of all training steps with a linear learning-rate warm-up", min=0.0, max=0.5, advanced=True)
-    batch_size: int = _f(32, "cells per training step", min=1, advanced=True)
-    max_seq_len: int = _max_seq_len()
+    batch_size: Optional[int] = _recipe("finetune", "batch_size", "cells per training step", min=1)
+    max_seq_len: Optional[int] = _recipe("finetune", "max_seq_len", "tokens per cell including <cls>", min=2)
     grad_clip: float = _f(1.0, "gradient norm clipping", min=0.0, advanced=True)
-    class_weighted: bool = _f(False, "weight the loss by inverse class frequency")
+    class_weighted: Optional[bool] = _recipe("finetune", "class_weighted", "weight the loss by inverse class frequency",
+                                             advanced=False)
     patience: int = _f(3, "stop after this many epochs without a better validation macro-F1 (0: never)", min=0, advanced=True)
-    amp: bool = _f(True, "mixed precision as precision says (False: fp32); also Adam eps 1e-4, as published", advanced=True)
-    adam_eps: Optional[float] = _f(None, "Adam eps (None: 1e-4 when amp is on, as published; else 1e-8)", min=0.0,
-                                   advanced=True)
-    resume: bool = _f(True, "continue from the last finished epoch if a previous run was interrupted", advanced=True)
+    amp: bool = _f(True, "mixed precision as precision says (False: fp32)", advanced=True)
+    adam_eps: Optional[float] = _recipe("finetune", "adam_eps", "Adam eps", min=0.0)  # published: 1e-8 without amp
+    resume: bool = _f(True, "same parameters: go on after the last finished epoch (False: set it aside, start over)",
+                      advanced=True)
     device: str = _device()
     precision: str = _precision("training")
     lora_r: int = _f(8, "lora: rank of the low-rank updates", min=1, advanced=True)
@@ -293,6 +396,7 @@ class EvaluateParams(StepParams):
 
     STEP: ClassVar[str] = "evaluate"
     NOTEBOOK: ClassVar[str] = "03_evaluate.ipynb"
+    RECIPE_FIELDS: ClassVar[tuple[str, ...]] = tuple(RECIPES["demo"]["evaluate"])
 
     query_path: Optional[str] = _f(None, "an extra labelled .h5ad to evaluate on (None: test split only)")
     query_label_key: Optional[str] = _f(None, "label column of the query (None: the run's label_key)")
@@ -303,9 +407,12 @@ class EvaluateParams(StepParams):
     baseline: bool = _f(True, "also fit a logistic-regression baseline on the same split (and the query)")
     device: str = _device()
     precision: str = _precision("prediction")
-    min_confidence: float = _f(0.0, "cells whose predicted-class probability is below this are 'Unknown' (0: off)",
-                               min=0.0, max=1.0)
-    majority_voting: bool = _f(False, "also label each over-cluster of the embedding by its majority (CellTypist)")
+    min_confidence: Optional[float] = _recipe(
+        "evaluate", "min_confidence", "cells below this class probability are 'Unknown' (0: off)",
+        advanced=False, min=0.0, max=1.0)
+    majority_voting: Optional[bool] = _recipe(
+        "evaluate", "majority_voting", "also label each over-cluster by its majority",
+        advanced=False)
     export: bool = _f(True, "write export/vars.h5 (expression) and export/obs.duckdb (cells, metrics; SQL)",
                       advanced=True)
     require_artifacts: bool = _f(True, "a failure to write the export stops the step (False: warn and go on)",
@@ -322,6 +429,7 @@ class ZeroshotParams(StepParams):
 
     STEP: ClassVar[str] = "zeroshot"
     NOTEBOOK: ClassVar[str] = "04_zeroshot.ipynb"
+    RECIPE_FIELDS: ClassVar[tuple[str, ...]] = tuple(RECIPES["demo"]["zeroshot"])
 
     reference_path: Optional[str] = _f(None, "labelled reference .h5ad (None: the run's train+val cells)")
     query_path: Optional[str] = _f(None, "query .h5ad (None: test cells of the prepared data)")
@@ -329,14 +437,30 @@ class ZeroshotParams(StepParams):
     gene_symbol_key: Optional[str] = _f(None, "var column with gene symbols in those files (None: var_names)")
     k: int = _f(10, "neighbours for the vote", min=1, advanced=True)
     batch_size: int = _f(64, "cells per forward pass", min=1, advanced=True)
-    max_seq_len: int = _max_seq_len()
+    max_seq_len: Optional[int] = _recipe("zeroshot", "max_seq_len", "tokens per cell including <cls>", min=2)
     device: str = _device()
     precision: str = _precision("embedding")
-    min_confidence: float = _f(0.0, "cells where fewer than this share of the k neighbours agree are 'Unknown' (0: off)",
-                               min=0.0, max=1.0)
-    majority_voting: bool = _f(False, "also label each over-cluster of the query's embedding by its majority (CellTypist)")
+    min_confidence: Optional[float] = _recipe(
+        "zeroshot", "min_confidence", "share of the k neighbours that must agree, else 'Unknown'",
+        advanced=False, min=0.0, max=1.0)
+    majority_voting: Optional[bool] = _recipe(
+        "zeroshot", "majority_voting", "also label each over-cluster of the query by its majority",
+        advanced=False)
     max_plot_cells: int = _f(50000, "UMAP of at most this many reference + query cells (a seeded random sample when more)",
                              min=1, advanced=True)
+
+
+def _checkpoint_kind(run_dir: str, notebook: str) -> str | None:
+    """``kind`` of the checkpoint 01 recorded in ``run_dir/checkpoint.json`` (the recipe depends on it)."""
+    from .layout import RunLayout
+
+    layout = RunLayout(run_dir)
+    try:
+        return json.loads(layout.checkpoint_record.read_text()).get("kind")
+    except FileNotFoundError:
+        msg = (f"{layout.checkpoint_record} does not exist: run step '01_preprocess' first with the same run_dir "
+               f"({run_dir}); {notebook} takes the recipe for the checkpoint 01 chose.")
+        raise FileNotFoundError(msg) from None
 
 
 STEPS: dict[str, type[StepParams]] = {
@@ -365,6 +489,8 @@ def parameters_cell(cls: type[StepParams]) -> str:
     hints = typing.get_type_hints(cls)
     lines = [
         "# Parameters: the defaults run the interactive demo.",
+        *(["# None (recipe): the value for the checkpoint 01 chose, pretrained or demo; the first output lists them."]
+          if cls.RECIPE_FIELDS else []),
         f"# Headless: scgpt-protocol run params/<scenario> (papermill: -f params/<scenario>/{Path(cls.NOTEBOOK).stem}.yaml)",
         "# --- change these ---",
     ]

@@ -26,6 +26,7 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "run_finetune_step": "launch",
     "launch_finetune": "launch",
     "DistributedRunError": "launch",
+    "begin_training": "retrain",
     "run_protocol": "runner",
     "RunFailed": "runner",
     "RunDirInUse": "runner",

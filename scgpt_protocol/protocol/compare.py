@@ -106,6 +106,9 @@ class AnnotationRunner:
     manifest: dict[str, Any] = field(default_factory=dict)
     baseline: dict[str, Any] | None = None
 
+    def __post_init__(self) -> None:  # parameters left at None: the recipe for the base checkpoint
+        self.params = self.params.with_recipe(self.base_checkpoint.get("kind"))
+
     # -- training --
     def fit(self, strategies: Sequence[str], *, output_dir: str | Path | None = None) -> pd.DataFrame:
         """Train each strategy on the same split; keep the best by validation macro-F1.

@@ -320,7 +320,7 @@ def next_steps(layout: RunLayout, step: str) -> Banner:
 
 # -- 02 fine-tuning -------------------------------------------------------------------------
 def settings_table(params: StepParams, *, keys: Sequence[str] | None = None) -> Styler:
-    """The values this run uses beside the defaults, changed ones first.
+    """The values this run uses beside the defaults, changed ones first, then those the recipe set.
 
     Parameters
     ----------
@@ -332,17 +332,19 @@ def settings_table(params: StepParams, *, keys: Sequence[str] | None = None) -> 
     Returns
     -------
     pandas.io.formats.style.Styler
-        ``.data``: index ``Parameter``; columns ``This run``, ``Default``, ``Changed`` (yes / empty) and
-        ``What it is`` (the help text).
+        ``.data``: index ``Parameter``; columns ``This run``, ``Default``, ``Changed`` (yes; recipe: a None
+        default set from the checkpoint's recipe; empty) and ``What it is`` (the help text).
     """
 
     fields = {f.name: f for f in dataclasses.fields(params)}
     names = list(keys) if keys is not None else [n for n in fields if n not in {"run_dir", "mount_drive", "device"}]
-    rows = []
+    rows, recipe = [], getattr(params, "recipe", None) or {"set": {}}  # with_recipe: what None became
     for name in names:
         value, default = getattr(params, name), fields[name].default
-        rows.append({"Parameter": name, "This run": repr(value), "Default": repr(default),
-                     "Changed": "yes" if value != default else "", "What it is": fields[name].metadata.get("help", "")})
+        shown = f"None: {recipe['kind']} recipe" if name in recipe["set"] else repr(default)
+        rows.append({"Parameter": name, "This run": repr(value), "Default": shown,
+                     "Changed": "recipe" if name in recipe["set"] else "yes" if value != default else "",
+                     "What it is": fields[name].metadata.get("help", "")})
     frame = pd.DataFrame(rows).set_index("Parameter").sort_values("Changed", ascending=False, kind="stable")
     return styled(frame, text=list(frame.columns))
 

@@ -51,6 +51,7 @@ def run_finetune_step(params: FinetuneParams) -> TrainResult:
         elif size > 1:
             params = dataclasses.replace(params, device="cpu")
         layout = RunLayout(params.run_dir)
+        params = params.with_recipe(read_checkpoint_record(layout).get("kind"))  # None: the checkpoint's recipe
         if rank == 0:
             layout.make_dirs()
             setup_logging(layout, params.STEP)

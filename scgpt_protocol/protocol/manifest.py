@@ -159,3 +159,17 @@ def _cells_measured(step: str, where: str, values: dict[str, Any]) -> str:
     """Which cells a headline row was measured on, e.g. ``"03 test split, 140 cells"``."""
     n = values.get("n_cells")
     return f"{step} {where}" + (f", {n:,} cells" if isinstance(n, int) else "")
+
+
+def effective_params(layout: RunLayout, step: str) -> dict[str, Any] | None:
+    """The parameters ``step`` ran with, as its notebook recorded them in ``run_dir/params/<step>.yaml``: the
+    values it was given with the recipe for the run's checkpoint filled in (``recipe`` says which, when any)."""
+    import yaml
+
+    path = layout.step_params(step.split("_", 1)[1])
+    if not path.is_file():
+        return None
+    text = path.read_text()
+    values = yaml.safe_load(text) or {}
+    note = next((line[2:].strip() for line in text.splitlines() if line.startswith("# recipe for")), None)
+    return {"values": values, "recipe": note}

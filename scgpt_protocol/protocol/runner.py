@@ -23,11 +23,12 @@ from typing import Any, Sequence
 from ..core.errors import DiskFullError
 from ..core.io import disk_full_error, is_disk_full, package_versions
 from ..core.layout import RunLayout
-from ..core.params import STEPS, ParamsError, load_params_file
+from ..core.params import STEPS, ParamsError, load_params_file, resolve_run_dir
 from ..model.download import KNOWN_CHECKPOINTS
 from .index import write_index_safely
 from .manifest import (
     checkpoint_checksum,
+    effective_params,
     headline_metrics,
     input_checksums,
     inputs_of_step,
@@ -296,7 +297,7 @@ def _start_run(params_dir: str | Path, run_dir: str | Path, steps: Sequence[str]
     """Check the scenario, the steps, the notebooks and the run folder; write the manifest ("running")."""
     cwd = Path.cwd()
     params_dir = resolve_scenario(params_dir)
-    layout = RunLayout(Path(run_dir).resolve())
+    layout = RunLayout(resolve_run_dir(run_dir, cwd))  # as a notebook resolves it
     chosen = _select_steps(steps)
     notebook_dir = resolve_notebooks(notebooks, chosen)
     overrides = _load_overrides(params_dir, chosen, layout.run_dir, cwd)
@@ -363,7 +364,7 @@ def _run_step(run: _Run, step: str) -> None:
         export_html_safely(report, report_title(step, layout.run_dir))
     result.steps.append(StepOutcome(step, report, seconds))
     manifest["steps"][step] = {**record, "seconds": seconds, "status": "finished",
-                               "finished": _now()}
+                               "finished": _now(), "effective_params": effective_params(layout, step)}
     manifest["checksums"] = {**input_checksums(run.inputs), "checkpoint": checkpoint_checksum(layout)}
     layout.write_json(layout.manifest, manifest)
     write_index_safely(layout, manifest)
