@@ -103,7 +103,7 @@ def run_celltypist(python: str, train, test, feature_selection: bool) -> dict:
         test.write_h5ad(Path(tmp) / "test.h5ad")
         cmd = [python, __file__, "--_celltypist", tmp] + (["--celltypist-feature-selection"] if feature_selection
                                                          else [])
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
             raise SystemExit(f"CellTypist failed (exit {proc.returncode}); is --celltypist-python right?")
@@ -133,7 +133,7 @@ def celltypist_child(tmp: str, feature_selection: bool) -> None:
     seconds = time.perf_counter() - t0
     peak = tracemalloc.get_traced_memory()[1]
     out = {"predicted": predicted.astype(str).tolist(), "seconds": seconds, "peak": peak,
-           "n_genes": int(len(model.features)), "version": celltypist.__version__}
+           "n_genes": len(model.features), "version": celltypist.__version__}
     (Path(tmp) / "out.json").write_text(json.dumps(out))
 
 
@@ -173,13 +173,14 @@ def main() -> None:
     for name in args.pairs.split(","):
         train, test = make_pair(data, name)
         truth = test.obs["label"].astype(str).to_numpy()
-        runs = {"ours": lambda: run_ours(train, test)}
+        runs = {"ours": None}
         if not args.no_celltypist:
-            runs["CellTypist default"] = lambda: run_celltypist(args.celltypist_python, train, test, False)
+            runs["CellTypist default"] = False
             if args.celltypist_feature_selection:
-                runs["CellTypist feature_sel."] = lambda: run_celltypist(args.celltypist_python, train, test, True)
-        for method, run in runs.items():
-            out = run()
+                runs["CellTypist feature_sel."] = True
+        for method, feature_selection in runs.items():
+            out = (run_ours(train, test) if feature_selection is None
+                   else run_celltypist(args.celltypist_python, train, test, feature_selection))
             m = classification_metrics(truth, out["predicted"])
             row = {"pair": name, "method": method, "n_train": train.n_obs, "n_test": test.n_obs,
                    "genes_shared": train.n_vars, "genes_used": out["n_genes"], "accuracy": m["accuracy"],

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-__all__ = ["GeneStats", "standardise", "CentredLogisticOvR"]
+__all__ = ["CentredLogisticOvR", "GeneStats", "standardise"]
 
 #: centred standardised values above this are clipped (CellTypist's ``indata[indata > 10] = 10``)
 CLIP = 10.0
