@@ -30,13 +30,13 @@ class GeneStats:
     mean and scale (population standard deviation, 1 where it is 0) from them."""
 
     n_genes: int
-    n: int = 0
-    s1: np.ndarray = field(default=None)  # type: ignore[assignment]
-    s2: np.ndarray = field(default=None)  # type: ignore[assignment]
+    n: int = 0  # cells added
+    s1: np.ndarray = field(init=False)  # per gene: sum of the values
+    s2: np.ndarray = field(init=False)  # per gene: sum of the squared values
 
     def __post_init__(self) -> None:
-        self.s1 = np.zeros(self.n_genes) if self.s1 is None else self.s1
-        self.s2 = np.zeros(self.n_genes) if self.s2 is None else self.s2
+        self.s1 = np.zeros(self.n_genes)
+        self.s2 = np.zeros(self.n_genes)
 
     def add(self, x: sp.csr_matrix) -> None:
         """Add the rows of a CSR chunk (explicit entries only: sparse zeros add nothing to the sums)."""
