@@ -11,7 +11,9 @@ it needs little memory. It then runs, each in a fresh Python process (so that it
 - ``02``: one epoch of ``head`` fine-tuning of --steps steps (batches drawn from the whole train split of
   the backed ``prepared.h5ad``) and the validation of that epoch (every val cell);
 - ``03``: prediction of every cell of ``prepared.h5ad`` with the fine-tuned model;
-- ``04``: the zero-shot embedding of every cell with the pretrained checkpoint.
+- ``04``: the zero-shot embedding of every cell with the pretrained checkpoint;
+- ``bl``: 03's logistic-regression baseline (``logistic_regression_baseline``) on the backed ``prepared.h5ad``:
+  fitted on the train split, scored on the test split.
 
 The checkpoint is ``make_tiny_checkpoint`` over the synthetic genes: the demo checkpoint's shape (d_model
 64, 2 layers, 4 heads), random weights. --max-seq-len is short (64) so that the figures measure the data
@@ -179,7 +181,18 @@ def _step_04(args: argparse.Namespace, work: Path) -> dict:
     return {}
 
 
-STEPS = {"01": _step_01, "02": _step_02, "03": _step_03, "04": _step_04}
+def _step_bl(args: argparse.Namespace, work: Path) -> dict:
+    from scgpt_protocol.core.layout import RunLayout
+    from scgpt_protocol.evaluate.baseline import logistic_regression_baseline
+    from scgpt_protocol.pp.io import read_prepared
+
+    adata = read_prepared(RunLayout(work / "run"), backed=True)  # as 03 reads it: X stays on disk
+    result = logistic_regression_baseline(adata, label_key="cell_type", seed=0)
+    return {"n_train": result.n_train, "n_fit": getattr(result, "n_fit", result.n_train), "n_genes": result.n_genes,
+            "accuracy": round(float(result.metrics["accuracy"]), 4)}
+
+
+STEPS = {"01": _step_01, "02": _step_02, "03": _step_03, "04": _step_04, "bl": _step_bl}
 
 
 def run_step_here(args: argparse.Namespace) -> None:
@@ -222,7 +235,8 @@ def main() -> None:
     parser.add_argument("--cells", default="50000,200000,1000000", help="comma-separated N (default 50k,200k,1M)")
     parser.add_argument("--genes", type=int, default=20_000)
     parser.add_argument("--genes-per-cell", type=int, default=1000)
-    parser.add_argument("--steps-to-run", default="01,02,03,04", help="comma-separated subset of 01,02,03,04")
+    parser.add_argument("--steps-to-run", default="01,02,03,04,bl",
+                        help="comma-separated subset of 01,02,03,04,bl (bl: 03's logistic-regression baseline)")
     parser.add_argument("--path01", choices=("auto", "in-memory", "chunked"), default="auto",
                         help="01's path (default: what the protocol picks by size)")
     parser.add_argument("--steps", type=int, default=50, help="training steps of 02 (batches of 32 cells)")

@@ -274,6 +274,94 @@ def test_baseline_errors_say_what_to_fix(demo):
         logistic_regression_baseline(demo, label_key="bulk_labels", test="holdout")
 
 
+def _sparse_counts(n_cells, n_genes, seed):
+    """Sparse non-negative values with a few large ones (so that the clip at 10 bites) and 3 classes."""
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(seed)
+    X = sp.random(n_cells, n_genes, density=0.3, random_state=seed, format="csr", dtype=np.float64,
+                  data_rvs=lambda k: rng.gamma(1.0, 1.0, k))
+    y = rng.integers(0, 3, n_cells)
+    X = sp.csr_matrix(X + sp.csr_matrix((np.full(n_cells, 4.0), (np.arange(n_cells), y)), shape=X.shape))
+    X.data[rng.random(X.nnz) < 0.01] *= 60  # outliers: centred values above 10
+    return X, np.asarray(["a", "b", "c"])[y]
+
+
+@pytest.mark.parametrize("n_classes, class_weight", [(3, None), (3, "balanced"), (2, None)])
+def test_centring_folded_into_the_model_equals_dense_standardisation(n_classes, class_weight):
+    """CentredLogisticOvR on sparse S = X / sd (clipped) has the decision function of scikit-learn's one-vs-rest
+    logistic regression on the dense standardised matrix, clipped at 10 (CellTypist's recipe)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.multiclass import OneVsRestClassifier
+    from sklearn.preprocessing import StandardScaler
+
+    from scgpt_protocol.evaluate.linear import CentredLogisticOvR, GeneStats, standardise
+
+    X, y = _sparse_counts(300, 40, seed=n_classes)
+    keep = np.isin(y, ["a", "b", "c"][:n_classes])
+    X, y = X[keep], y[keep]
+    train, test = X[:200], X[200:]
+    stats = GeneStats(X.shape[1])
+    stats.add(train[:77])
+    stats.add(train[77:])  # two chunks: the same sums
+    mean, scale = stats.mean_scale()
+    scaler = StandardScaler().fit(train.toarray())
+    np.testing.assert_allclose(mean, scaler.mean_, rtol=1e-10)
+    np.testing.assert_allclose(scale, scaler.scale_, rtol=1e-10)
+    Z, Zt = scaler.transform(train.toarray()), scaler.transform(test.toarray())
+    assert (Z > 10).any()  # the clip matters here
+    Z[Z > 10], Zt[Zt > 10] = 10, 10
+    reference = OneVsRestClassifier(LogisticRegression(C=1.0, max_iter=1000, class_weight=class_weight)).fit(Z, y[:200])
+
+    S, St = standardise(train, mean, scale), standardise(test, mean, scale)
+    assert S.nnz == train.nnz and St.nnz == test.nnz  # still sparse, same pattern
+    offset = mean / scale
+    np.testing.assert_allclose(S.toarray() - offset, Z, atol=1e-12)  # clip at 10 of the centred value
+    model = CentredLogisticOvR(class_weight=class_weight).fit(S, y[:200], offset)
+    assert list(model.classes_) == list(reference.classes_)
+    np.testing.assert_allclose(model.decision_function(St, offset).squeeze(), reference.decision_function(Zt),
+                               atol=1e-6)
+    np.testing.assert_allclose(model.predict_proba(St, offset), reference.predict_proba(Zt), atol=1e-7)
+
+    # a gene the data lack counts as its training mean (standardised 0): CellTypist drops it from the model
+    present = np.arange(X.shape[1]) % 5 != 0
+    Zt_missing = Zt.copy()
+    Zt_missing[:, ~present] = 0.0
+    np.testing.assert_allclose(model.decision_function(standardise(test[:, present], mean[present], scale[present]),
+                                                       offset, present).squeeze(),
+                               reference.decision_function(Zt_missing), atol=1e-6)
+
+
+def test_fit_sample_is_stratified_and_keeps_rare_classes():
+    from scgpt_protocol.evaluate.baseline import fit_sample
+
+    labels = np.repeat(np.array(["big", "mid", "rare"]), [9000, 900, 30])
+    assert np.array_equal(fit_sample(labels, 10_000, seed=0), np.arange(len(labels)))
+    picked = fit_sample(labels, 1000, seed=0)
+    assert np.all(np.diff(picked) > 0)
+    counts = pd.Series(labels[picked]).value_counts()
+    assert counts["big"] == 906 and counts["mid"] == 100 and counts["rare"] == 30  # proportional, floor 100 / all
+    assert not np.array_equal(picked, fit_sample(labels, 1000, seed=1))
+
+
+def test_baseline_streams_chunks_and_caps_the_fitted_cells(demo, baseline):
+    import scanpy as sc
+
+    chunked = logistic_regression_baseline(demo, label_key="bulk_labels", seed=0, chunk_size=97)
+    np.testing.assert_allclose(chunked.probabilities, baseline.probabilities, atol=1e-6)
+    assert baseline.n_fit == baseline.n_train == 560
+
+    capped = logistic_regression_baseline(demo, label_key="bulk_labels", seed=0, max_fit_cells=200)
+    assert capped.n_train == 560 and 200 <= capped.n_fit < 560  # every class keeps min(100, all) cells
+    assert capped.categories == baseline.categories and capped.metrics["accuracy"] > 0.7
+
+    # the highly variable genes, from moments read chunk by chunk, are scanpy's on the train cells
+    hvg300 = logistic_regression_baseline(demo, label_key="bulk_labels", n_hvg=300, chunk_size=101)
+    train = demo[demo.obs["split"] == "train"]
+    expected = sc.pp.highly_variable_genes(train.copy(), flavor="seurat", n_top_genes=300, inplace=False)
+    assert hvg300.genes == list(train.var_names[expected["highly_variable"].to_numpy()])
+
+
 # -- scGPT predictions ----------------------------------------------------------------------
 def test_prediction_of_a_tiny_model_is_well_formed(prediction, test_cells, categories):
     n = test_cells.n_obs

@@ -1,6 +1,9 @@
 """The logistic-regression baseline of step 03 (CellTypist's recipe): log1p-CP10k when the values are
-counts, highly variable genes of the training cells, a sparse-aware scaler, fitted on the train split
-and scored on the same test cells as scGPT (and on an external query).
+counts, highly variable genes of the training cells, genes standardised (centred and scaled, the centring
+carried by the model so that the matrix stays sparse) and clipped at 10, a one-vs-rest L2 logistic
+regression fitted on the train split and scored on the same test cells as scGPT (and on an external query).
+Cells are read chunk by chunk; the classifier is fitted on at most ``max_fit_cells`` train cells, so that
+memory does not grow with the number of cells.
 """
 
 from __future__ import annotations
@@ -13,8 +16,9 @@ import numpy as np
 import pandas as pd
 
 from ..core.errors import format_keys
-from ..data.matrix import log1p_cp10k, read_rows
+from ..data.matrix import iter_row_chunks, log1p_cp10k, read_rows
 from ..metrics import BASELINE_METHOD, classification_metrics
+from .linear import CentredLogisticOvR, GeneStats, standardise
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -23,6 +27,11 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 __all__ = ["BaselineResult", "logistic_regression_baseline"]
+
+#: train cells above which the classifier is fitted on a stratified sample of this many (memory flat in cells)
+MAX_FIT_CELLS = 50_000
+#: a class keeps at least this many of its train cells (all, if it has fewer) in that sample
+MIN_FIT_CELLS_PER_CLASS = 100
 
 
 # -- baseline -------------------------------------------------------------------------------
@@ -41,6 +50,7 @@ class BaselineResult:
     method: str = BASELINE_METHOD
     class_weight: str | None = None  # "balanced" when scGPT was trained with a class-weighted loss
     query: BaselineResult | None = None  # the same classifier on an external query, when one is given
+    n_fit: int = 0  # train cells the classifier was fitted on (n_train, or a stratified sample above max_fit_cells)
 
 
 def logistic_regression_baseline(
@@ -56,32 +66,41 @@ def logistic_regression_baseline(
     class_weight: str | None = None,
     query: AnnData | None = None,
     query_label_key: str | None = None,
+    max_fit_cells: int = MAX_FIT_CELLS,
+    chunk_size: int = 8192,
 ) -> BaselineResult:
     """Fit a CellTypist-style logistic regression on the train cells and predict the test cells.
 
-    The yardstick scGPT should beat: the same split, a simple linear model on log-normalised
+    The yardstick scGPT should beat: the same split, CellTypist's default linear model on log-normalised
     highly variable genes.
 
-    1. Expression comes from ``adata.X`` (or ``layer``). If every value is a whole number it is
-       taken as raw counts and normalised per cell to 10,000 counts, then ``log1p``; otherwise it
-       is taken as already log-normalised and used as is. Negative values (scaled data) are refused.
-    2. ``n_hvg`` highly variable genes are selected on the **train cells only**
-       (``scanpy.pp.highly_variable_genes``, flavor ``"seurat"``); all genes when there are no more
-       than ``n_hvg``.
-    3. Genes are scaled to unit variance with a ``StandardScaler(with_mean=False)`` fitted on the train
-       cells and clipped at 10. The matrix is never densified: without centring it stays sparse, and with
-       ``lbfgs`` the intercept is not penalised, so centring would give the same linear model up to the clip.
-    4. ``LogisticRegression(C=1.0, max_iter=1000, random_state=seed, class_weight=class_weight)`` is
-       fitted on the train cells (float32 CSR, which ``lbfgs`` takes without a float64 copy). Pass
-       ``class_weight="balanced"`` when scGPT was fine-tuned with a class-weighted loss, so that both see
-       the classes weighted alike.
-    5. With a ``query``, the same fitted normalisation, genes (by name; a gene the query lacks is 0),
-       scaler and classifier predict its cells, scored against ``query.obs[query_label_key]``.
+    1. Expression comes from ``adata.X`` (or ``layer``). If every value of a sample of the train and test
+       cells is a whole number it is taken as raw counts and normalised per cell to 10,000 counts, then
+       ``log1p``; otherwise it is taken as already log-normalised and used as is. Negative values (scaled
+       data) are refused.
+    2. ``n_hvg`` highly variable genes are selected on the **train cells only** (scanpy's
+       ``highly_variable_genes(flavor="seurat")``, from per-gene moments read chunk by chunk); all genes when
+       there are no more than ``n_hvg``. CellTypist uses every gene expressed in the train cells.
+    3. Each gene is standardised with the mean and standard deviation of the train cells (as
+       ``StandardScaler``), and standardised values above 10 are clipped at 10, as CellTypist does. The
+       matrix is never densified: it keeps the division by the standard deviation, and the centring is
+       folded into the model (:class:`~scgpt_protocol.evaluate.linear.CentredLogisticOvR`), which gives the
+       decision function of the dense standardised matrix.
+    4. A one-vs-rest L2 logistic regression (``C=1``, L-BFGS, ``max_iter=1000``, ``tol=1e-4``, zero start:
+       what CellTypist's ``LogisticRegression(multi_class="ovr")`` solves) is fitted on the train cells; above
+       ``max_fit_cells`` train cells, on a stratified random sample of that many (each class keeps at least
+       100 cells, or all it has; seeded by ``seed``). CellTypist fits on every cell (with the ``sag`` solver
+       above 50,000). Pass ``class_weight="balanced"`` when scGPT was fine-tuned with a class-weighted loss,
+       so that both see the classes weighted alike (each one-vs-rest problem weighs its two sides by their
+       inverse frequency). Probabilities are the one-vs-rest sigmoids normalised to sum 1.
+    5. With a ``query``, the same fitted normalisation, genes (by name), scaler and classifier predict its
+       cells, scored against ``query.obs[query_label_key]``. A gene the query lacks is left out of the
+       decision function (it counts as its training mean), as CellTypist does.
 
     Test cells are not used before prediction, so their labels and expression cannot change the
-    model. Cells without a label are left out of fitting and of the metrics. Only the train and test rows
-    are read, chunk by chunk, into one float32 CSR matrix (works on backed AnnData); memory is that CSR
-    and its HVG columns, never a dense or float64 copy.
+    model. Cells without a label are left out of fitting and of the metrics. Rows are read ``chunk_size``
+    at a time (works on backed AnnData): memory holds the fitted cells' selected genes as CSR, one chunk,
+    and the test cells' probabilities -- never a dense matrix of cells x genes, never all the cells.
 
     Parameters
     ----------
@@ -95,7 +114,7 @@ def logistic_regression_baseline(
     n_hvg
         Number of highly variable genes.
     seed
-        Seed of the classifier.
+        Seed of the sample of train cells above ``max_fit_cells`` (the fit itself is deterministic).
     layer
         ``adata.layers`` key with the expression (None: ``X``).
     class_weight
@@ -104,6 +123,10 @@ def logistic_regression_baseline(
         An external labelled AnnData to predict as well (``BaselineResult.query``); its label column
         (default ``label_key``). It must hold at least half of the classifier's genes
         (:func:`~scgpt_protocol.model.vocab.check_gene_overlap`).
+    max_fit_cells
+        Most train cells the classifier is fitted on.
+    chunk_size
+        Rows read at a time.
 
     Returns
     -------
@@ -119,28 +142,35 @@ def logistic_regression_baseline(
     InputDataError
         Negative or NaN expression values.
     """
-    from ..data.matrix import check_expression
+    from ..data.matrix import check_expression, get_matrix
 
     if class_weight not in (None, "balanced"):
         raise ValueError(f"class_weight must be None or 'balanced'; got {class_weight!r}.")
+    if max_fit_cells < 2:
+        raise ValueError(f"max_fit_cells must be at least 2; got {max_fit_cells}.")
     is_train, is_test, train_labels = _baseline_cells(adata, label_key=label_key, split_key=split_key,
                                                       train=train, test=test, n_hvg=n_hvg)
     labels = adata.obs[label_key]
     check_expression(adata, layer=layer)
-    X_train, X_test, normalised = _baseline_matrices(adata, layer, is_train, is_test)
-    model = _fit_baseline(X_train, train_labels, labels, np.asarray(adata.var_names.astype(str)), n_hvg=n_hvg,
-                          seed=seed, class_weight=class_weight, normalised=normalised)
-    del X_train
-    predicted, proba, metrics = model.score(X_test[:, model.keep], adata.obs_names[is_test], labels[is_test],
-                                            f"test (obs[{label_key!r}])")
+    matrix = get_matrix(adata, layer)
+    normalised = _looks_like_counts(matrix, np.flatnonzero(is_train | is_test))
+    logger.info("baseline: %s", "values look like raw counts -> normalised to 10,000 per cell + log1p" if normalised
+                else "values are not whole numbers -> used as log-normalised expression")
+    reader = _Reader(matrix, normalised, chunk_size)
+    model = _fit_baseline(reader, np.flatnonzero(is_train), train_labels, labels,
+                          np.asarray(adata.var_names.astype(str)), n_hvg=n_hvg, seed=seed, class_weight=class_weight,
+                          max_fit_cells=max_fit_cells)
+    model.normalised = normalised
+    predicted, proba, metrics = model.score(reader, np.flatnonzero(is_test), adata.obs_names[is_test],
+                                            labels[is_test], f"test (obs[{label_key!r}])")
     logger.info(
-        "baseline: %d train cells, %d genes, %d classes%s -> test accuracy %.3f, macro F1 %.3f",
-        model.n_train, int(model.keep.sum()), len(model.order), ", balanced class weights" if class_weight else "",
-        metrics["accuracy"], metrics["macro_f1"],
+        "baseline: %d train cells (%d fitted), %d genes, %d classes%s -> test accuracy %.3f, macro F1 %.3f",
+        model.n_train, model.n_fit, int(model.keep.sum()), len(model.order),
+        ", balanced class weights" if class_weight else "", metrics["accuracy"], metrics["macro_f1"],
     )
     query_result = None
     if query is not None:
-        query_result = _baseline_on_query(model, query, query_label_key or label_key, layer)
+        query_result = _baseline_on_query(model, query, query_label_key or label_key, layer, chunk_size)
     return model.result(predicted, proba, metrics, query=query_result)
 
 
@@ -174,22 +204,29 @@ def _baseline_cells(adata: AnnData, *, label_key: str, split_key: str, train: st
     return is_train, is_test, train_labels
 
 
-def _baseline_matrices(adata: AnnData, layer: str | None, is_train: np.ndarray,
-                       is_test: np.ndarray) -> tuple[Any, Any, bool]:
-    """The train and test rows as float32 CSR, log1p-CP10k normalised when they look like counts (and whether)."""
-    from ..data.matrix import get_matrix, value_kind
+def _looks_like_counts(matrix: Any, rows: np.ndarray, n_rows: int = 2000) -> bool:
+    """Whether a seeded sample of ``n_rows`` of ``rows`` holds whole numbers only (raw counts)."""
+    from ..data.matrix import value_kind
 
-    matrix = get_matrix(adata, layer)
-    rows = np.flatnonzero(is_train | is_test)
-    X = read_rows(matrix, rows)  # float32 CSR of the train + test cells only (backed data: read by chunks)
-    normalised = value_kind(X)[0] == "counts"
-    if normalised:
-        X = log1p_cp10k(X)
-        logger.info("baseline: values look like raw counts -> normalised to 10,000 per cell + log1p")
-    else:
-        logger.info("baseline: values are not whole numbers -> used as log-normalised expression")
-    in_train = is_train[rows]
-    return X[in_train], X[is_test[rows]], normalised
+    if len(rows) > n_rows:
+        rows = rows[np.sort(np.random.default_rng(0).choice(len(rows), n_rows, replace=False))]
+    return value_kind(read_rows(matrix, rows))[0] == "counts"
+
+
+@dataclass
+class _Reader:
+    """Rows of the expression matrix chunk by chunk: float32 CSR, log1p-CP10k when they are counts (per cell,
+    over all its genes), then only the columns asked for."""
+
+    matrix: Any
+    normalised: bool
+    chunk_size: int
+
+    def chunks(self, rows: np.ndarray | None, cols: np.ndarray | None = None):
+        for _, x in iter_row_chunks(self.matrix, self.chunk_size, rows=rows, dtype=np.float32):
+            if self.normalised:
+                x = log1p_cp10k(x)  # a fresh chunk: normalised in place
+            yield x if cols is None else x[:, cols]
 
 
 @dataclass
@@ -198,29 +235,29 @@ class _BaselineModel:
 
     keep: np.ndarray  # mask over the input genes: those the classifier uses
     genes: list[str]  # their names
-    scaler: Any  # StandardScaler(with_mean=False) fitted on the train cells
-    clf: Any  # the fitted LogisticRegression
-    order: list[str]  # the classes, in the label column's order when it has one
-    column: list[int]  # columns of clf.predict_proba in that order
-    normalised: bool
-    n_train: int
-    class_weight: str | None
+    mean: np.ndarray  # per kept gene: mean and scale of the train cells (StandardScaler's)
+    scale: np.ndarray
+    clf: CentredLogisticOvR
+    order: list[str] = field(default_factory=list)  # the classes, in the label column's order when it has one
+    column: list[int] = field(default_factory=list)  # columns of clf.predict_proba in that order
+    normalised: bool = False
+    n_train: int = 0
+    n_fit: int = 0
+    class_weight: str | None = None
 
-    def scaled(self, part: Any, fit: bool = False) -> Any:
-        """Unit variance without centring (the data stay sparse), float32, values clipped at 10."""
-        import scipy.sparse as sp
-
-        values = self.scaler.fit_transform(part) if fit else self.scaler.transform(part)
-        values = sp.csr_matrix(values, dtype=np.float32)
-        np.minimum(values.data, 10, out=values.data)
-        return values
-
-    def score(self, X_part: Any, names: pd.Index, part_labels: pd.Series, what: str) -> tuple:
-        """``(predicted, probabilities, metrics)`` of cells with the classifier's genes (``X_part``, unscaled)."""
+    def score(self, reader: _Reader, rows: np.ndarray | None, names: pd.Index, part_labels: pd.Series, what: str,
+              cols: np.ndarray | None = None, present: np.ndarray | None = None) -> tuple:
+        """``(predicted, probabilities, metrics)`` of the cells ``rows``, read by chunks; ``cols``: their columns
+        of the classifier's genes (default: ``keep``); ``present``: which of those genes they have (default: all)."""
         from ..data.labels import clean_labels, missing_labels
 
+        cols = np.flatnonzero(self.keep) if cols is None else cols
+        mean, scale = (self.mean, self.scale) if present is None else (self.mean[present], self.scale[present])
+        offset = self.mean / self.scale
+        blocks = [self.clf.predict_proba(standardise(x, mean, scale), offset, present)
+                  for x in reader.chunks(rows, cols)]
+        proba = np.vstack(blocks)[:, self.column].astype(np.float32)
         order = self.order
-        proba = self.clf.predict_proba(self.scaled(X_part))[:, self.column].astype(np.float32)
         predicted = pd.Series(
             pd.Categorical(np.asarray(order, dtype=object)[proba.argmax(axis=1)], categories=order),
             index=names, name="baseline_label",
@@ -248,32 +285,63 @@ class _BaselineModel:
             n_train=self.n_train,
             class_weight=self.class_weight,
             query=query,
+            n_fit=self.n_fit,
         )
 
 
-def _fit_baseline(X_train: Any, train_labels: np.ndarray, labels: pd.Series, genes: np.ndarray, *, n_hvg: int,
-                  seed: int, class_weight: str | None, normalised: bool) -> _BaselineModel:
-    """Highly variable genes of the train cells, the scaler and the logistic regression fitted on them."""
-    import anndata as ad
-    import scanpy as sc
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
+def fit_sample(labels: np.ndarray, max_cells: int, seed: int, min_per_class: int = MIN_FIT_CELLS_PER_CLASS) -> np.ndarray:
+    """Ascending positions of the cells to fit on: all when there are at most ``max_cells``, else a stratified
+    random sample of about ``max_cells`` (classes in proportion, each keeping ``min_per_class`` cells or all)."""
+    n = len(labels)
+    if n <= max_cells:
+        return np.arange(n)
+    rng = np.random.default_rng(seed)
+    _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    quota = np.minimum(counts, np.maximum(np.round(counts * (max_cells / n)).astype(np.int64), min_per_class))
+    picks = [rng.choice(np.flatnonzero(inverse == k), quota[k], replace=False) for k in range(len(counts))]
+    return np.sort(np.concatenate(picks))
 
-    if n_hvg < len(genes):
-        hvg = sc.pp.highly_variable_genes(
-            ad.AnnData(X_train, var=pd.DataFrame(index=genes)),
-            flavor="seurat", n_top_genes=n_hvg, inplace=False,
-        )
-        keep = np.asarray(hvg["highly_variable"], dtype=bool)
-    else:
-        keep = np.ones(len(genes), dtype=bool)
-    # sparse-aware scaling: unit variance without centring (the data stay sparse; with lbfgs the intercept
-    # is not penalised, so centring would only shift it), values clipped at 10
-    model = _BaselineModel(keep=keep, genes=genes[keep].tolist(), scaler=StandardScaler(with_mean=False),
-                           clf=LogisticRegression(C=1.0, max_iter=1000, random_state=seed, class_weight=class_weight),
-                           order=[], column=[], normalised=normalised, n_train=len(train_labels),
-                           class_weight=class_weight)
-    model.clf.fit(model.scaled(X_train[:, keep], fit=True), train_labels)
+
+def _select_genes(reader: _Reader, train_rows: np.ndarray, genes: np.ndarray,
+                  n_hvg: int) -> tuple[np.ndarray, GeneStats]:
+    """One pass over the train cells: the mask of highly variable genes (all when ``n_hvg`` covers them) and
+    the per-gene sums of the scaler."""
+    from ..pp.hvg import GeneMoments, seurat_hvg
+
+    stats = GeneStats(len(genes))
+    moments = GeneMoments(len(genes), 1) if n_hvg < len(genes) else None
+    one_batch = np.zeros(0, dtype=np.int64)
+    for x in reader.chunks(train_rows):
+        stats.add(x)
+        if moments is not None:
+            if len(one_batch) != x.shape[0]:
+                one_batch = np.zeros(x.shape[0], dtype=np.int64)
+            moments.add(x, one_batch)
+    if moments is None:
+        return np.ones(len(genes), dtype=bool), stats
+    hvg = seurat_hvg(moments, pd.Index(genes), n_hvg, None)
+    return np.asarray(hvg["highly_variable"], dtype=bool), stats
+
+
+def _fit_baseline(reader: _Reader, train_rows: np.ndarray, train_labels: np.ndarray, labels: pd.Series,
+                  genes: np.ndarray, *, n_hvg: int, seed: int, class_weight: str | None,
+                  max_fit_cells: int) -> _BaselineModel:
+    """Highly variable genes and scaler of the train cells, the classifier fitted on (a sample of) them."""
+    import scipy.sparse as sp
+
+    keep, stats = _select_genes(reader, train_rows, genes, n_hvg)
+    mean, scale = stats.mean_scale(keep)
+    model = _BaselineModel(keep=keep, genes=genes[keep].tolist(), mean=mean, scale=scale,
+                           clf=CentredLogisticOvR(C=1.0, max_iter=1000, tol=1e-4, class_weight=class_weight),
+                           n_train=len(train_labels), class_weight=class_weight)
+    picked = fit_sample(train_labels, max_fit_cells, seed)
+    model.n_fit = len(picked)
+    S = sp.vstack([standardise(x, mean, scale) for x in reader.chunks(train_rows[picked], np.flatnonzero(keep))],
+                  format="csr")
+    model.clf.fit(S, train_labels[picked], mean / scale)
+    del S
+    if not model.clf.converged_:
+        logger.warning("baseline: the logistic regression did not converge in %d iterations", model.clf.max_iter)
     classes = [str(c) for c in model.clf.classes_]
     # the label column's own order when it has one (so that confusion matrices line up with scGPT's)
     if isinstance(labels.dtype, pd.CategoricalDtype):
@@ -284,11 +352,11 @@ def _fit_baseline(X_train: Any, train_labels: np.ndarray, labels: pd.Series, gen
     return model
 
 
-def _baseline_on_query(model: _BaselineModel, query: AnnData, query_key: str, layer: str | None) -> BaselineResult:
-    """The fitted baseline on an external query: same normalisation, genes by name (missing ones 0), scaler."""
-    import scipy.sparse as sp
-
-    from ..data.matrix import check_expression, get_matrix, value_kind
+def _baseline_on_query(model: _BaselineModel, query: AnnData, query_key: str, layer: str | None,
+                       chunk_size: int) -> BaselineResult:
+    """The fitted baseline on an external query: same normalisation, genes by name (missing ones left out of the
+    decision function: they count as their training mean), scaler."""
+    from ..data.matrix import check_expression, get_matrix
     from ..model.vocab import check_gene_overlap
 
     if query_key not in query.obs:
@@ -298,16 +366,15 @@ def _baseline_on_query(model: _BaselineModel, query: AnnData, query_key: str, la
     genes_used = model.genes
     query_genes = pd.Index(np.asarray(query.var_names.astype(str)))
     check_gene_overlap(query_genes, genes_used, what="the query", against="the baseline's genes")
-    Xq = read_rows(get_matrix(query, layer), np.arange(query.n_obs))
-    if value_kind(Xq)[0] == "counts":
-        Xq = log1p_cp10k(Xq)
-    position = query_genes.get_indexer(genes_used)  # -1: the query lacks the gene -> zeros
+    matrix = get_matrix(query, layer)
+    reader = _Reader(matrix, _looks_like_counts(matrix, np.arange(query.n_obs)), chunk_size)
+    position = query_genes.get_indexer(genes_used)  # -1: the query lacks the gene
     present = position >= 0
-    aligned = sp.csr_matrix(Xq[:, np.where(present, position, 0)] @ sp.diags(present.astype(np.float32)))
-    q_pred, q_proba, q_metrics = model.score(aligned, query.obs_names, query.obs[query_key], "query")
+    q_pred, q_proba, q_metrics = model.score(reader, None, query.obs_names, query.obs[query_key], "query",
+                                             cols=position[present], present=None if present.all() else present)
     if not present.all():
         q_metrics["notes"].append(f"{int((~present).sum())} of the baseline's {len(genes_used)} genes are "
-                                  "missing from the query and were set to 0.")
+                                  "missing from the query and were left out of the classifier (as CellTypist does).")
     query_result = model.result(q_pred, q_proba, q_metrics)
     logger.info("baseline on the query: %d cells -> accuracy %.3f, macro F1 %.3f",
                 query.n_obs, q_metrics["accuracy"], q_metrics["macro_f1"])

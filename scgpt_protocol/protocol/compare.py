@@ -184,7 +184,7 @@ class AnnotationRunner:
                        precision=self.params.precision if self.params.amp else "fp32")
 
     def fit_baseline(self) -> dict[str, Any]:
-        """Logistic regression on log1p-CP10k HVGs of the same split (the row every comparison shows)."""
+        """CellTypist-style logistic regression on log1p-CP10k HVGs of the same split (the row every comparison shows)."""
         result = logistic_regression_baseline(self.adata, label_key=self.label_key, seed=self.params.seed)
         self.baseline = {"metrics": result.metrics, "n_genes": result.n_genes, "n_classes": len(result.categories)}
         return self.baseline
