@@ -101,8 +101,9 @@ def label_palette(
     for c in names:
         if c not in out and c != UNKNOWN:
             out[c] = next(spare, "#000000")
-    out[UNKNOWN] = UNKNOWN_COLOR
-    return out
+    ordered = {c: out[c] for c in names if c != UNKNOWN}  # in the categories' order, whichever got a new colour
+    ordered[UNKNOWN] = UNKNOWN_COLOR
+    return ordered
 
 
 def spare_colors(n: int) -> list[str]:
