@@ -283,9 +283,10 @@ def run_summary(layout: RunLayout, *, step: str | None = None) -> Summary:
                             "nearest reference cells)")
 
 
-def next_steps(layout: RunLayout, step: str) -> Banner:
+def next_steps(layout: RunLayout, step: str, *, summary_page: bool = False) -> Banner:
     """The closing "Next" of a step's report: the notebook to run next and the parameter to change, read
-    from what the run wrote (the best epoch, scGPT against the baseline, the coverage of abstention)."""
+    from what the run wrote (the best epoch, scGPT against the baseline, the coverage of abstention).
+    ``summary_page``: for ``reports/index.html`` itself (no pointer to it)."""
     from ..metrics import BASELINE_METHOD, SCGPT_METHOD
 
     tips: list[str] = []
@@ -310,10 +311,11 @@ def next_steps(layout: RunLayout, step: str) -> Banner:
             tips.append("the baseline beats scGPT on macro-F1: " + (
                 "expected with the random demo checkpoint; set checkpoint='whole-human' in 01." if demo else
                 "try more epochs or another strategy in 02 (e.g. strategy='lora'), or class_weighted=True."))
-        tips.append("run 04_zeroshot with the same run_dir for label transfer without fine-tuning."
-                    if step == "03_evaluate" else
-                    "open reports/index.html in the run folder: every step's headline and figures on one page.")
-    if demo and step != "03_evaluate":
+        if step == "03_evaluate":
+            tips.append("run 04_zeroshot with the same run_dir for label transfer without fine-tuning.")
+        elif not summary_page:
+            tips.append("open reports/index.html in the run folder: every step's headline and figures on one page.")
+    if demo and not any("whole-human" in t for t in tips):
         tips.append("for real results set checkpoint='whole-human' in 01 and run the four notebooks again.")
     return Banner("Next:", " ".join(f"({i}) {t}" for i, t in enumerate(tips, 1)), level="info")
 

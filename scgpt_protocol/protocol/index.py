@@ -115,7 +115,7 @@ def run_index_html(layout: RunLayout, manifest: Mapping[str, Any] | None = None)
     banner = checkpoint_banner(record)._repr_html_() if record else ""
     done = [s for s in STEPS if ((manifest.get("steps") or {}).get(s) or {}).get("status") == "finished"]
     last = done[-1] if done else STEPS[0]
-    nxt = next_steps(layout, last)._repr_html_() if done else ""
+    nxt = next_steps(layout, last, summary_page=True)._repr_html_() if done else ""
     now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     title = f"Run summary: {Path(layout.run_dir).name}"
     style = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:20px auto;padding:0 16px;color:#222}"
