@@ -167,8 +167,11 @@ def test_every_step_of_a_run_leaves_the_summary_and_each_report_ends_with_next(c
     for step in STEPS:
         assert f"href='{step}.html'" in page
         assert re.search(rf"{step}</a></td><td[^>]*>finished", page), step
-    for name in ("zero-shot kNN vote", "logistic regression", "assigned cells only", "../figures/confusion.png"):
+    for name in ("zero-shot kNN vote", "logistic regression", "assigned cells only", "../figures/confusion.png",
+                 "../figures/call_umaps.png", "../figures/marker_dotplot.png", "../figures/overview_umap.png"):
         assert name in page, name
+    for figure in ("call_umaps", "marker_dotplot", "confidence_by_type", "overview_umap"):  # the evidence, saved
+        assert layout.figure(figure).is_file() and layout.figure(figure).with_suffix(".pdf").is_file(), figure
     metrics = json.loads(layout.metrics.read_text())["methods"]
     assert metrics[BASELINE_METHOD]["refinement"]["min_confidence"] == 0.2  # params/ci: the baseline's rule too
     for step in STEPS:
@@ -180,3 +183,17 @@ def test_every_step_of_a_run_leaves_the_summary_and_each_report_ends_with_next(c
         assert "from scgpt_protocol" not in html_report.split("Step 1")[0], step  # the set-up code is hidden
     zs = json.loads(layout.zeroshot_metrics.read_text())
     assert {"knn_vote", "knn_weighted"} <= set(zs) and "majority" not in zs  # one meaning per word
+
+
+def test_the_runner_writes_the_summary_after_the_first_step_already(tmp_path):
+    from pathlib import Path
+
+    from scgpt_protocol.protocol.runner import run_protocol
+
+    params = Path(__file__).resolve().parent.parent / "params" / "ci"
+    run_protocol(params, tmp_path / "run", steps=["01"], html=False)
+    page = (tmp_path / "run" / "reports" / "index.html").read_text()
+    assert re.search(r"01_preprocess</td><td[^>]*>finished", page)
+    for step in ("02_finetune", "03_evaluate", "04_zeroshot"):
+        assert re.search(rf"{step}</td><td[^>]*>not run", page), step
+    assert "run 02_finetune with the same run_dir" in page and "../figures/overview_umap.png" in page
