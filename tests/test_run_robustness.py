@@ -414,7 +414,7 @@ def test_step_artifacts_name_every_figure_the_notebooks_save():
     layout = RunLayout("/r")
     for step in STEPS:
         source = "\n".join(c.source for c in nbformat.read(ROOT / "notebooks" / f"{step}.ipynb", as_version=4).cells)
-        saved = set(re.findall(r'layout, "(\w+)"\)', source))
+        saved = set(re.findall(r'layout,\s*"(\w+)"\)', source)) - set(STEPS)  # next_steps(layout, "<step>") is no figure
         assert saved and saved == set(RunLayout.STEP_FIGURES[step]), step
         assert layout.step_report(step) in layout.step_artifacts(step)
         for name in saved:  # save_figure writes a PDF beside each PNG: both are set aside when stale
@@ -425,7 +425,7 @@ def test_step_artifacts_name_every_figure_the_notebooks_save():
 def test_what_changed_ignores_defaults_and_where_it_runs_but_not_the_data():
     record = {"params": {"run_dir": "/a", "epochs": 2, "device": "cpu"},
               "inputs": {"adata_path": {"path": "/d.h5ad", "sha256": "aaa"}}}
-    same = {"run_dir": "/b", "epochs": 2, "lr": 1e-4, "device": "cuda"}  # lr given at its default
+    same = {"run_dir": "/b", "epochs": 2, "patience": 3, "device": "cuda"}  # patience given at its default
     assert manifest.what_changed("02_finetune", record, same, {"adata_path": {"path": "/d.h5ad", "sha256": "aaa"}}) == []
     assert manifest.what_changed("02_finetune", record, {**same, "epochs": 3}, record["inputs"]) == ["epochs: 2 -> 3"]
     changed = manifest.what_changed("02_finetune", record, same, {"adata_path": {"path": "/d.h5ad", "sha256": "bbb"}})

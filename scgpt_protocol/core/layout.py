@@ -186,9 +186,10 @@ class RunLayout:
 
     #: the figures each step saves (``save_figure(fig, layout, name)`` in its notebook)
     STEP_FIGURES: dict[str, tuple[str, ...]] = {
-        "01_preprocess": ("qc", "class_counts"),
+        "01_preprocess": ("qc", "class_counts", "overview_umap"),
         "02_finetune": ("training_curves",),
-        "03_evaluate": ("per_class_f1", "confusion", "umap", "coverage_curve"),
+        "03_evaluate": ("per_class_f1", "confusion", "umap", "call_umaps", "confidence_by_type", "marker_dotplot",
+                        "coverage_curve"),
         "04_zeroshot": ("zeroshot_umap", "zeroshot_coverage_curve"),
     }
 
