@@ -360,6 +360,8 @@ def _run_step(run: _Run, step: str) -> None:
     if previous is not None:  # the new results replace them, as a plain overwrite would have
         shutil.rmtree(previous, ignore_errors=True)
         record.pop("previous_results", None)
+        if layout.stale_dir.is_dir() and not any(layout.stale_dir.iterdir()):
+            layout.stale_dir.rmdir()  # no stale/ left behind when nothing in it is stale
     if run.html:
         export_html_safely(report, report_title(step, layout.run_dir))
     result.steps.append(StepOutcome(step, report, seconds))
