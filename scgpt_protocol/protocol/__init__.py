@@ -18,6 +18,7 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "training_report": "display",
     "settings_table": "display",
     "next_steps": "display",
+    "read_json_if_present": "display",
     "INDEX_NAME": "index",
     "MAIN_FIGURES": "index",
     "write_run_index": "index",

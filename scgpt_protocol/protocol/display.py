@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from ..core.params import StepParams
 
 __all__ = ["describe_refinement", "HEADERS", "Banner", "Summary", "checkpoint_banner", "run_summary", "summary_of",
-    "training_report", "settings_table", "next_steps"]
+    "training_report", "settings_table", "next_steps", "read_json_if_present"]
 
 
 def describe_refinement(params: Mapping[str, Any] | None) -> str:
@@ -163,7 +163,8 @@ class Summary:
                 f"{html.escape(self.verdict)}</p>{caveat}</div>")
 
 
-def _read(path: Any) -> Any:
+def read_json_if_present(path: Any) -> Any:
+    """A run's JSON record (``metrics.json``, ``checkpoint.json``...), or None when the step has not written it."""
     return json.loads(path.read_text()) if path.is_file() else None
 
 
@@ -253,14 +254,14 @@ def run_summary(layout: RunLayout, *, step: str | None = None) -> Summary:
         ``.table`` (Accuracy, Macro-F1, Weighted-F1 rounded to 3 decimals, n cells, Note), ``.verdict``
         (which wins on macro-F1 and by how much) and ``.caveat`` (the demo checkpoint, small numbers).
     """
-    record = _read(layout.checkpoint_record) or {}
-    metrics = _read(layout.metrics) or {}
+    record = read_json_if_present(layout.checkpoint_record) or {}
+    metrics = read_json_if_present(layout.metrics) or {}
     methods = metrics.get("methods") or {}
     from ..metrics import BASELINE_METHOD, SCGPT_METHOD
 
     eval_cells = _cells(layout.predictions)
     zs_cells = _cells(layout.zeroshot_predictions)
-    zs = _read(layout.zeroshot_metrics) or {}
+    zs = read_json_if_present(layout.zeroshot_metrics) or {}
     rows: dict[str, Mapping[str, Any] | str] = {}
     rows[SCGPT_NAME] = methods.get(SCGPT_METHOD) or "not run yet: run 03_evaluate"
     rows[BASELINE_NAME] = methods.get(BASELINE_METHOD) or (
@@ -290,18 +291,18 @@ def next_steps(layout: RunLayout, step: str, *, summary_page: bool = False) -> B
     from ..metrics import BASELINE_METHOD, SCGPT_METHOD
 
     tips: list[str] = []
-    demo = (_read(layout.checkpoint_record) or {}).get("kind") == "demo"
+    demo = (read_json_if_present(layout.checkpoint_record) or {}).get("kind") == "demo"
     if step == "01_preprocess":
         tips.append("run 02_finetune with the same run_dir to fine-tune on the train split.")
     elif step == "02_finetune":
-        summary = _read(layout.train_summary) or {}
+        summary = read_json_if_present(layout.train_summary) or {}
         best, run = summary.get("best_epoch"), summary.get("epochs_run")
         if best is not None and best == run and (run or 0) > 1:
             tips.append(f"the best epoch is the last one ({best}): raise epochs and run 02 again with the same "
                         "run_dir (training continues), or go on.")
         tips.append("run 03_evaluate with the same run_dir to score the model on the test split.")
     elif step in ("03_evaluate", "04_zeroshot"):
-        methods = (_read(layout.metrics) or {}).get("methods") or {}
+        methods = (read_json_if_present(layout.metrics) or {}).get("methods") or {}
         scgpt, base = methods.get(SCGPT_METHOD) or {}, methods.get(BASELINE_METHOD) or {}
         refined = scgpt.get("refinement") or {}
         if refined.get("min_confidence") and (refined.get("coverage") or 1.0) < 0.7:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import html
-import json
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
@@ -20,7 +19,7 @@ import pandas as pd
 from ..core.io import atomic_write
 from ..core.params import STEPS
 from ..metrics import BASELINE_METHOD, HEADERS, SCGPT_METHOD, ZEROSHOT, ZEROSHOT_METHOD
-from .display import checkpoint_banner, next_steps, run_summary
+from .display import checkpoint_banner, next_steps, read_json_if_present, run_summary
 from .tables import comparison_display
 
 if TYPE_CHECKING:
@@ -48,8 +47,9 @@ _STATUS_COLOR = {"finished": "#2e7d32", "failed": "#c62828", "interrupted": "#c6
 
 
 def _read(path: Path) -> Any:
+    """:func:`read_json_if_present`, None for a file that cannot be read (the summary never fails a step)."""
     try:
-        return json.loads(path.read_text()) if path.is_file() else None
+        return read_json_if_present(path)
     except (OSError, ValueError):
         return None
 
