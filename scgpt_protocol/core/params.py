@@ -19,7 +19,7 @@ import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Mapping, Optional
+from typing import Any, ClassVar, Mapping, Optional, Union
 
 import yaml
 
@@ -43,6 +43,15 @@ def _f(default: Any, help: str, *, choices: tuple | None = None, min: float | No
     """A parameter: default, help text, checks; ``advanced`` ones come last in the notebook's cell."""
     return field(default=default, metadata={"help": help, "choices": choices, "min": min, "max": max,
                                             "advanced": advanced})
+
+
+def _field_types(kind: Any) -> tuple[bool, tuple[type, ...]]:
+    """``(optional, the types a value may have)`` of a field's annotation: ``Optional[int]`` -> ``(True, (int,))``,
+    ``Optional[Union[str, dict]]`` -> ``(True, (str, dict))``, ``bool`` -> ``(False, (bool,))``."""
+    if typing.get_origin(kind) is not typing.Union:
+        return False, (kind,)
+    args = typing.get_args(kind)
+    return type(None) in args, tuple(a for a in args if a is not type(None))
 
 
 def _device() -> Any:
@@ -133,6 +142,10 @@ def resolve_run_dir(run_dir: str | Path, cwd: str | Path | None = None) -> Path:
     return (base / path).resolve()
 
 
+#: help of every ``label_map`` parameter (scgpt_protocol.data.label_map reads it)
+_LABEL_MAP_HELP = "{what} in the model's names: a CSV (label, model label) or a mapping (None: as they are)"
+
+
 @dataclass
 class StepParams:
     """Fields shared by every step."""
@@ -153,12 +166,17 @@ class StepParams:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             kind = hints[f.name]
-            optional = typing.get_origin(kind) is typing.Union and type(None) in typing.get_args(kind)
-            base = next(a for a in typing.get_args(kind) if a is not type(None)) if optional else kind
+            optional, bases = _field_types(kind)
+            base = bases[0]
             if value is None:
                 if optional:
                     continue
                 self._fail(f.name, value, f"a {base.__name__}")
+            if len(bases) > 1:  # e.g. a label map: a CSV path or an inline mapping
+                if not isinstance(value, bases):
+                    self._fail(f.name, value, " or ".join(f"a {b.__name__}" for b in bases)
+                               + (" or None" if optional else ""))
+                continue
             coerced = _coerce_number(value, base)
             if coerced is not value:
                 value = coerced
@@ -317,6 +335,7 @@ class PreprocessParams(StepParams):
     batch_key: Optional[str] = _f(None, "adata.obs column with batches (batch-aware HVG selection)")
     layer: Optional[str] = _f(None, "adata.layers key with counts or log-normalised values (None: X)")
     gene_symbol_key: Optional[str] = _f(None, "adata.var column with gene symbols (None: var_names)")
+    label_map: Optional[Union[str, dict]] = _f(None, _LABEL_MAP_HELP.format(what="label_key's labels"))
     checkpoint: str = _f("demo", "'demo' (tiny random checkpoint), 'whole-human' (download) or a folder")
     min_genes: int = _f(0, "drop cells with fewer expressed genes", min=0, advanced=True)
     min_cells: int = _f(0, "drop genes expressed in fewer cells", min=0, advanced=True)
@@ -401,6 +420,8 @@ class EvaluateParams(StepParams):
     query_path: Optional[str] = _f(None, "an extra labelled .h5ad to evaluate on (None: test split only)")
     query_label_key: Optional[str] = _f(None, "label column of the query (None: the run's label_key)")
     query_gene_symbol_key: Optional[str] = _f(None, "var column of the query with gene symbols (None: var_names)")
+    query_label_map: Optional[Union[str, dict]] = _f(None, _LABEL_MAP_HELP.format(what="the query's labels"))
+    calibrate: bool = _f(True, "temperature-scale the probabilities on the validation cells (False: raw softmax)")
     batch_size: int = _f(64, "cells per forward pass", min=1, advanced=True)
     max_seq_len: Optional[int] = _f(None, "tokens per cell including <cls> (None: the length the model was trained with)",
                                     min=2, advanced=True)
@@ -435,6 +456,8 @@ class ZeroshotParams(StepParams):
     query_path: Optional[str] = _f(None, "query .h5ad (None: test cells of the prepared data)")
     label_key: Optional[str] = _f(None, "label column in reference/query (None: the run's label_key)")
     gene_symbol_key: Optional[str] = _f(None, "var column with gene symbols in those files (None: var_names)")
+    label_map: Optional[Union[str, dict]] = _f(None, "reference and query labels in common names: a CSV (label, common "
+                                               "name) or a mapping (None: as they are)")
     k: int = _f(10, "neighbours for the vote", min=1, advanced=True)
     batch_size: int = _f(64, "cells per forward pass", min=1, advanced=True)
     max_seq_len: Optional[int] = _recipe("zeroshot", "max_seq_len", "tokens per cell including <cls>", min=2)
@@ -501,10 +524,11 @@ def parameters_cell(cls: type[StepParams]) -> str:
         if f is (advanced[0] if advanced else None):
             lines.append("# --- advanced: the defaults suit most data ---")
         kind = hints[f.name]
-        optional = typing.get_origin(kind) is typing.Union
-        if optional:
-            base = next(a for a in typing.get_args(kind) if a is not type(None)).__name__
-            lines.append(f"{f.name} = {f.default!r}  # type: Optional[{base}] {f.metadata['help']}")
+        optional, bases = _field_types(kind)
+        if optional or len(bases) > 1:
+            names = ", ".join(b.__name__ for b in bases)
+            shown = f"Union[{names}]" if len(bases) > 1 else names
+            lines.append(f"{f.name} = {f.default!r}  # type: Optional[{shown}] {f.metadata['help']}")
         else:
             lines.append(f"{f.name}: {kind.__name__} = {f.default!r}  # {f.metadata['help']}")
     return "\n".join(lines)

@@ -19,6 +19,8 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "read_label_map": "label_map",
     "apply_label_map": "label_map",
     "novel_types": "label_map",
+    "map_obs_labels": "label_map",
+    "describe_label_map": "label_map",
     "SPLITS": "labels",
     "UNKNOWN": "labels",
     "UNKNOWN_COLOR": "labels",

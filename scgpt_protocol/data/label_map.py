@@ -29,7 +29,7 @@ from ..core.errors import ScGPTProtocolError, format_keys
 from .labels import missing_labels
 
 __all__ = ["LabelMapError", "LabelMapNotFoundError", "LabelMapResult", "read_label_map", "apply_label_map",
-           "novel_types"]
+           "novel_types", "map_obs_labels", "describe_label_map"]
 
 #: header cells recognised (lower case) in the first and second column of a label-map CSV
 SOURCE_HEADERS = frozenset({"label", "labels", "source", "from", "dataset", "dataset_label", "query",
@@ -228,3 +228,42 @@ def novel_types(true_labels: Any, model_classes: Sequence[str]) -> list[str]:
     text, missing = _trimmed(true_labels)
     known = {str(c).strip() for c in model_classes}
     return sorted({str(v) for v in text[~missing]} - known)
+
+
+def map_obs_labels(adata: Any, label_key: str, mapping: str | Path | Mapping[str, Any] | None, *,
+                   model_classes: Sequence[str] | None = None, what: str = "the data") -> LabelMapResult | None:
+    """Apply a label map to ``adata.obs[label_key]`` **in place**; the labels as given stay in
+    ``obs[label_key + "_original"]``. None (no map): nothing changes and None is returned.
+
+    Cells whose label is mapped to nothing get a missing label (NaN), so that they are left out of training
+    and of scoring; the result counts them (``dropped``). ``model_classes``: see :func:`apply_label_map`
+    (a class the model lacks, or no shared label, is a :class:`LabelMapError`).
+    """
+    if mapping is None:
+        return None
+    if label_key not in adata.obs:
+        msg = (f"label column {label_key!r} is not in the obs of {what} (columns: "
+               f"{format_keys(list(adata.obs.columns))}); the label map translates that column.")
+        raise KeyError(msg)
+    result = apply_label_map(adata.obs[label_key], mapping, model_classes=model_classes)
+    original = adata.obs[label_key]
+    adata.obs[f"{label_key}_original"] = original.to_numpy()
+    adata.obs[label_key] = pd.Categorical(result.labels.to_numpy(dtype=object))
+    return result
+
+
+def describe_label_map(result: LabelMapResult | None, what: str = "the data") -> str:
+    """One paragraph for a report: what the map did to ``what``'s labels (mapped, dropped, unmapped, novel)."""
+    if result is None:
+        return f"No label map: {what}'s labels are used as they are."
+    used = {k: v for k, v in result.mapping.items() if v is not None}
+    parts = [f"Label map on {what}: {len(used)} label(s) renamed"]
+    if result.dropped:
+        shown = ", ".join(f"{k!r} ({n:,})" for k, n in sorted(result.dropped.items()))
+        parts.append(f"{result.n_dropped:,} cells dropped from scoring (mapped to nothing: {shown})")
+    if result.unmapped:
+        parts.append(f"{len(result.unmapped)} label(s) not in the map kept as they are "
+                     f"({format_keys(result.unmapped, limit=8)})")
+    if result.novel:
+        parts.append(f"novel types (none of the model's classes; scored apart): {format_keys(result.novel, limit=8)}")
+    return "; ".join(parts) + "."

@@ -17,6 +17,7 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "expression_rows": "markers",
     "split_novel": "novel",
     "crosstab": "novel",
+    "novel_record": "novel",
     "EvalResult": "scoring",
     "evaluate_predictions": "scoring",
     "prediction_store": "scoring",

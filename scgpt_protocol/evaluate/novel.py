@@ -15,15 +15,16 @@ does not have). :func:`split_novel` scores them apart:
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
+from ..data.label_map import novel_types
 from ..data.labels import missing_labels
 from ..metrics import classification_metrics
 
-__all__ = ["split_novel", "crosstab"]
+__all__ = ["split_novel", "crosstab", "novel_record"]
 
 
 def _labels(values: Any, name: str) -> np.ndarray:
@@ -103,3 +104,27 @@ def crosstab(y_true: Any, y_pred: Any) -> pd.DataFrame:
     table = pd.crosstab(pd.Series([str(v).strip() for v in true[keep]], name="query label"),
                         pd.Series([str(v) for v in pred[keep]], name="predicted"))
     return table.sort_index().sort_index(axis=1).astype(int)
+
+
+def novel_record(y_true: Any, calls: Mapping[str, Any], model_classes: Sequence[str],
+                 unknown: str = "Unknown") -> dict[str, Any] | None:
+    """The ``novel`` entry of a query's metrics: for each method, its novel types and its "all cells" accuracy.
+
+    ``calls``: method -> one call per cell (``Unknown`` where it abstained). None when the query holds no
+    novel type (every labelled cell is of a class the model has): nothing to score apart.
+
+    Returns
+    -------
+    dict
+        ``{"types": [novel labels], "n_cells": novel cells, "methods": {method: {"novel": ..., "all_cells": ...}}}``
+        (the entries of :func:`split_novel`).
+    """
+    types = novel_types(y_true, model_classes)
+    if not types:
+        return None
+    methods = {}
+    for method, pred in calls.items():
+        scored = split_novel(y_true, pred, model_classes, unknown=unknown)
+        methods[method] = {"novel": scored["novel"], "all_cells": scored["all_cells"]}
+    first = next(iter(methods.values()))
+    return {"types": types, "n_cells": int(first["all_cells"]["n_novel"]), "methods": methods}
