@@ -21,6 +21,8 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "load_finetuned": "saved",
     "trained_max_seq_len": "saved",
     "trained_class_weight": "saved",
+    "manifest_temperature": "saved",
+    "record_calibration": "saved",
     "STRATEGIES": "strategies",
     "STRATEGY_INFO": "strategies",
     "STRATEGY_CONFIGS": "strategies",

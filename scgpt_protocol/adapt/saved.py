@@ -26,7 +26,8 @@ from ..model.scgpt import ProbeHead, ScGPT
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["save_finetuned", "load_finetuned", "trained_max_seq_len", "trained_class_weight"]
+__all__ = ["save_finetuned", "load_finetuned", "trained_max_seq_len", "trained_class_weight", "manifest_temperature",
+           "record_calibration"]
 
 #: strategies whose saved model is a whole checkpoint in the released layout (the others save what they trained)
 _FULL_CHECKPOINT = ("full",)
@@ -150,7 +151,9 @@ def load_finetuned(directory: str | Path, *, device: str | torch.device = "auto"
         raise CheckpointError(msg)
     n_classes = len(manifest["categories"])
     if strategy in _FULL_CHECKPOINT:
-        return load_model(directory, device=device), manifest
+        model = load_model(directory, device=device)
+        model.temperature = manifest_temperature(manifest)
+        return model, manifest
     base = _resolve_base(manifest["base_checkpoint"], directory)
     model = load_model(base, n_classes=n_classes, device="cpu")
     state = torch.load(directory / TRAINABLE_FILE, map_location="cpu", weights_only=True)
@@ -165,4 +168,25 @@ def load_finetuned(directory: str | Path, *, device: str | torch.device = "auto"
         st.load_trainable_state(model, state)
     # a model of ours saved before the value was recorded was trained with pad_value (None)
     model.cls_value = manifest.get("cls_value")
+    model.temperature = manifest_temperature(manifest)
     return model.to(resolve_device(device)).eval(), manifest
+
+
+def manifest_temperature(manifest: Mapping[str, Any]) -> float | None:
+    """The calibration temperature recorded in a fine-tuned model's manifest (None: the model has none)."""
+    value = (manifest.get("calibration") or {}).get("temperature")
+    return float(value) if value is not None else None
+
+
+def record_calibration(directory: str | Path, record: Mapping[str, Any]) -> Path:
+    """Add the ``calibration`` record (the temperature fitted on the validation cells) to a fine-tuned model's
+    ``manifest.json``, atomically; the weights are not touched."""
+    from ..core.io import atomic_write
+
+    path = Path(directory) / "manifest.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: {directory} holds no fine-tuned model; run 02_finetune first.")
+    manifest = json.loads(path.read_text())
+    manifest["calibration"] = dict(record)
+    atomic_write(path, lambda p: p.write_text(json.dumps(manifest, indent=2, default=str) + "\n"))
+    return path

@@ -11,7 +11,9 @@ cells (minimising their negative log-likelihood): ``T > 1`` softens over-confide
   keeps) or to logits;
 * :func:`expected_calibration_error` and :func:`reliability_table` measure calibration over equal-width
   confidence bins (15 by default), before and after;
-* :func:`calibration_record` is the ``calibration`` entry of ``metrics.json``.
+* :func:`calibration_record` is the ``calibration`` entry of ``metrics.json``;
+* :func:`fit_model_temperature` predicts a fine-tuned model's validation cells and fits its temperature (02
+  records it in the model's manifest; :func:`~scgpt_protocol.annotate.classify.predict` then applies it).
 
 Probabilities and logits give the same result: softmax is unchanged by adding a constant to every logit
 of a cell, and ``log softmax(z) = z - logsumexp(z)``, so ``softmax(log p / T) = softmax(z / T)`` when
@@ -21,13 +23,13 @@ of a cell, and ``log softmax(z) = z - logsumexp(z)``, so ``softmax(log p / T) = 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
 
 __all__ = ["TEMPERATURE_BOUNDS", "ECE_BINS", "fit_temperature", "calibrated", "negative_log_likelihood",
-           "expected_calibration_error", "reliability_table", "table_ece", "calibration_record"]
+           "expected_calibration_error", "reliability_table", "table_ece", "calibration_record", "fit_model_temperature"]
 
 #: the range searched by :func:`fit_temperature`
 TEMPERATURE_BOUNDS = (0.05, 20.0)
@@ -241,3 +243,65 @@ def calibration_record(temperature: float, ece_before: float, ece_after: float, 
             raise ValueError(f"{name}={value!r}; expected a finite number.")
     return {"temperature": float(temperature), "ece_before": float(ece_before), "ece_after": float(ece_after),
             "n_cells": int(n_cells), "split": str(split), "n_bins": int(n_bins)}
+
+
+#: at most this many validation cells (a seeded sample) are predicted to fit the temperature
+MAX_FIT_CELLS = 20_000
+
+
+def fit_model_temperature(model: Any, adata: Any, *, categories: Sequence[str], label_key: str, cells: Any,
+                          genes: Sequence[str] | None = None, max_seq_len: int = 1200, batch_size: int = 64,
+                          seed: int = 0, precision: str = "auto", max_cells: int = MAX_FIT_CELLS) -> dict[str, Any]:
+    """Fit a fine-tuned model's temperature on its validation cells: predict them (raw softmax), minimise NLL.
+
+    Parameters
+    ----------
+    model, categories, genes
+        The fine-tuned model, its classes and training genes (the manifest's ``categories`` / ``genes``).
+    adata, label_key, cells
+        The cells to fit on (``cells``: a boolean mask over ``adata``, e.g. ``obs["split"] == "val"``) and their
+        labels; cells without a label or of a class the model lacks are left out. Above ``max_cells`` of them,
+        a seeded random sample of that many (a single number is fitted: a few thousand cells pin it).
+
+    Returns
+    -------
+    dict
+        :func:`calibration_record` of the fit (``split="val"``) plus ``nll_before`` / ``nll_after``: the
+        temperature, and the ECE of the fitted cells before and after.
+
+    Raises
+    ------
+    ValueError
+        No fit cell with a label the model knows (the run has no validation split?).
+    """
+    from ..data.labels import missing_labels
+    from .classify import predict
+
+    mask = np.asarray(cells, dtype=bool)
+    classes = [str(c) for c in categories]
+    truth = adata.obs[label_key].astype(object).to_numpy()
+    known = ~np.asarray(missing_labels(pd.Series(truth)), dtype=bool)
+    code = np.full(len(truth), -1, dtype=np.int64)
+    position = {c: i for i, c in enumerate(classes)}
+    code[known] = [position.get(str(v).strip(), -1) for v in truth[known]]
+    rows = np.flatnonzero(mask & (code >= 0))
+    if len(rows) == 0:
+        msg = (f"no validation cell with a label the model knows ({int(mask.sum())} cells selected); the temperature "
+               "is fitted on the validation split of 01. Rerun 01 (val_size > 0), or set calibrate=False.")
+        raise ValueError(msg)
+    if len(rows) > max_cells:
+        rows = np.sort(np.random.default_rng(seed).choice(rows, max_cells, replace=False))
+    subset = adata[rows]
+    subset = subset.to_memory() if getattr(subset, "isbacked", False) else subset
+    prediction = predict(model, subset, categories=classes, genes=genes, batch_size=batch_size,
+                         max_seq_len=max_seq_len, seed=seed, precision=precision, desc="calibrating",
+                         temperature=None)
+    probabilities = np.asarray(prediction.probabilities, dtype=np.float64)
+    log_p, y = np.log(np.clip(probabilities, _TINY, None)), code[rows]
+    temperature = fit_temperature(log_p, y)
+    after = calibrated(probabilities, temperature)
+    right = after.argmax(axis=1) == y
+    record = calibration_record(temperature, expected_calibration_error(probabilities.max(axis=1), right),
+                                expected_calibration_error(after.max(axis=1), right), n_cells=len(rows), split="val")
+    record.update(nll_before=negative_log_likelihood(log_p, y), nll_after=negative_log_likelihood(log_p, y, temperature))
+    return record

@@ -41,6 +41,7 @@ def predict(
     majority_voting: bool = False,
     out: str | Path | None = None,
     chunk_size: int = 4096,
+    temperature: float | str | None = "auto",
 ) -> Prediction:
     """Predict cell types with a model that has a classification head.
 
@@ -65,17 +66,26 @@ def predict(
     so the memory of predicting every cell of a backed AnnData (``read_h5ad(path, backed="r")``) does not
     grow with the number of cells beyond these vectors. The numbers are the same as without ``out``.
     ``chunk_size``: cells tokenised at a time (and rows written at a time).
+
+    ``temperature``: calibration (:mod:`~scgpt_protocol.annotate.calibration`). ``"auto"``: the temperature
+    fitted on the validation cells after fine-tuning (``model.temperature``, which
+    :func:`~scgpt_protocol.adapt.saved.load_finetuned` sets from the manifest), none when the model has none;
+    a number: that one; None: the raw softmax. The probabilities, ``confidence`` and so ``min_confidence`` are
+    then ``softmax(logits / T)``; ``raw_confidence`` keeps the raw softmax's probability of the predicted
+    class, which a temperature never changes.
     """
     if min_confidence:
         from .refinement import check_min_confidence
 
         check_min_confidence(min_confidence)
     n_classes = _head_classes(model, categories)
+    temperature = _temperature(model, temperature)
     check_expression(adata, layer=layer)
     device = next(model.parameters()).device
     used = resolve_precision(precision, device)
     cats = list(categories)
-    sink = _PredictionSink(adata.n_obs, n_classes, model.config.d_model, cats, used, out=out, chunk_size=chunk_size)
+    sink = _PredictionSink(adata.n_obs, n_classes, model.config.d_model, cats, used, out=out, chunk_size=chunk_size,
+                           temperature=temperature)
     was_training = model.training
     model.eval()
     batches = iter_batches(adata, model, max_seq_len=max_seq_len, batch_size=batch_size, seed=seed,
@@ -86,9 +96,10 @@ def predict(
                 batch = batch.to(device)
                 cell = model.cell_embedding(batch.gene_ids, batch.values, batch.padding_mask)
                 logits = model.cls_decoder(cell).float()
-                p = torch.softmax(logits, dim=1).cpu().numpy()
+                raw = torch.softmax(logits, dim=1).cpu().numpy()
+                p = raw if temperature is None else torch.softmax(logits / temperature, dim=1).cpu().numpy()
                 e = torch.nn.functional.normalize(cell.float(), dim=1).cpu().numpy()
-                sink.put(batch.index, p, e)
+                sink.put(batch.index, p, e, raw)
     except BaseException:
         sink.abort()
         raise
@@ -100,6 +111,21 @@ def predict(
 
         prediction = refine(prediction, min_confidence=min_confidence, majority_voting=majority_voting, seed=seed)
     return prediction
+
+
+def _temperature(model: ScGPT, temperature: float | str | None) -> float | None:
+    """The temperature :func:`predict` divides the logits by (None: none), checked."""
+    if isinstance(temperature, str):
+        if temperature != "auto":
+            msg = f"temperature={temperature!r}; expected 'auto' (the model's own), a positive number or None (raw)."
+            raise ValueError(msg)
+        temperature = getattr(model, "temperature", None)
+    if temperature is None:
+        return None
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+        msg = f"temperature={temperature!r}; expected a positive number (from fit_temperature), 'auto' or None."
+        raise ValueError(msg)
+    return float(temperature)
 
 
 def _head_classes(model: ScGPT, categories: Sequence[str]) -> int:
@@ -119,10 +145,11 @@ class _PredictionSink:
     embeddings in memory or in the HDF5 store ``out``."""
 
     def __init__(self, n: int, n_classes: int, d_model: int, cats: list[str], precision: str, *,
-                 out: str | Path | None, chunk_size: int) -> None:
-        self.cats, self.precision = cats, precision
+                 out: str | Path | None, chunk_size: int, temperature: float | None = None) -> None:
+        self.cats, self.precision, self.temperature = cats, precision, temperature
         self.codes = np.zeros(n, dtype=np.int64)
         self.confidence = np.zeros(n, dtype=np.float32)
+        self.raw = np.zeros(n, dtype=np.float32) if temperature is not None else None
         self.writer = None
         if out is None:
             self.probs = np.zeros((n, n_classes), dtype=np.float32)
@@ -133,11 +160,14 @@ class _PredictionSink:
             self.writer = create_store(out, n, {"probabilities": n_classes, "embeddings": d_model},
                                        attrs={"categories": cats, "precision": precision}, chunk_rows=chunk_size)
 
-    def put(self, index: np.ndarray, p: np.ndarray, e: np.ndarray) -> None:
-        """One batch: class probabilities ``p`` and normalised embeddings ``e`` of the cells ``index``."""
-        best = p.argmax(axis=1)
+    def put(self, index: np.ndarray, p: np.ndarray, e: np.ndarray, raw: np.ndarray | None = None) -> None:
+        """One batch: class probabilities ``p`` (calibrated, with a temperature; ``raw``: the raw softmax) and
+        normalised embeddings ``e`` of the cells ``index``."""
+        best = (raw if raw is not None else p).argmax(axis=1)  # a temperature never changes the call
         self.codes[index] = best
         self.confidence[index] = p[np.arange(len(best)), best]
+        if self.raw is not None and raw is not None:
+            self.raw[index] = raw[np.arange(len(best)), best]
         if self.writer is None:
             self.probs[index] = p
             self.embs[index] = e
@@ -167,6 +197,8 @@ class _PredictionSink:
             categories=self.cats,
             precision=self.precision,
             store=store,
+            temperature=self.temperature,
+            raw_confidence=self.raw,
         )
 
 
@@ -180,7 +212,8 @@ def annotate(
     """Write a prediction into ``adata`` **in place** (like scanpy's ``tl`` functions).
 
     Writes ``obs[obs_key]`` (categorical with the model's categories, so colours and orders stay
-    stable), ``obs[obs_key + "_confidence"]`` (float32 probability of the predicted class),
+    stable), ``obs[obs_key + "_confidence"]`` (float32 probability of the predicted class; calibrated when the
+    prediction is, the raw one then in ``obs[obs_key + "_confidence_raw"]``),
     ``obs[obs_key + "_code"]`` (int64 index of the predicted class) and ``obsm[embedding_key]`` (the
     fine-tuned ``<cls>`` embeddings; skipped when ``embedding_key`` is None; a prediction made with
     ``predict(out=...)`` keeps them in its HDF5 store and ``uns[embedding_key + "_store"]`` names it).
@@ -217,6 +250,8 @@ def annotate(
         labels = np.asarray(prediction.labels, dtype=object).astype(str)
         adata.obs[obs_key] = pd.Categorical(labels, categories=categories)
         adata.obs[f"{obs_key}_confidence"] = np.asarray(prediction.confidence, dtype=np.float32)
+    if prediction.raw_confidence is not None:  # calibrated: the raw softmax's probability beside it
+        adata.obs[f"{obs_key}_confidence_raw"] = np.asarray(prediction.raw_confidence, dtype=np.float32)
     adata.obs[f"{obs_key}_code"] = np.asarray(prediction.codes, dtype=np.int64)
     if embedding_key is not None and getattr(prediction, "store", None) is not None:
         # predict(out=...): the embeddings stay in the store (all cells would not fit flat in memory)

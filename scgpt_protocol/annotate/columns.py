@@ -4,7 +4,7 @@ from here."""
 
 from __future__ import annotations
 
-__all__ = ["TRUE_LABEL", "SPLIT", "CORRECT", "COLUMNS", "ZEROSHOT_COLUMNS", "PREDICTION_COLUMNS", "OBS_COLUMNS",
+__all__ = ["TRUE_LABEL", "SPLIT", "CORRECT", "RAW_CONFIDENCE", "COLUMNS", "ZEROSHOT_COLUMNS", "PREDICTION_COLUMNS", "OBS_COLUMNS",
            "columns_for"]
 
 #: the known label of a scored cell, its split, and whether the call was right
@@ -15,6 +15,8 @@ COLUMNS = {
     "labels": "scgpt_label", "predicted": "scgpt_prediction", "confidence": "scgpt_label_confidence",
     "unknown": "scgpt_unknown", "over_clustering": "scgpt_over_clustering", "majority_voting": "scgpt_majority_voting",
 }
+#: the raw (uncalibrated) softmax probability of scGPT's predicted class, beside the calibrated confidence
+RAW_CONFIDENCE = "scgpt_label_confidence_raw"
 #: the same for 04's zero-shot calls (over-clustering and majority vote keep their names)
 ZEROSHOT_COLUMNS = {
     **COLUMNS, "labels": "scgpt_zeroshot_label", "predicted": "scgpt_zeroshot_prediction",
@@ -28,7 +30,7 @@ PREDICTION_COLUMNS = (
     f"{ZEROSHOT_COLUMNS['confidence']}_weighted",
 )
 #: the columns of table ``obs`` of ``obs.duckdb``, in order
-OBS_COLUMNS = ("cell", "row", SPLIT, TRUE_LABEL, *COLUMNS.values(), CORRECT, "umap_1", "umap_2")
+OBS_COLUMNS = ("cell", "row", SPLIT, TRUE_LABEL, *COLUMNS.values(), RAW_CONFIDENCE, CORRECT, "umap_1", "umap_2")
 
 
 def columns_for(obs_key: str) -> dict[str, str]:

@@ -22,7 +22,9 @@ class Prediction:
 
     After :func:`~scgpt_protocol.annotate.refinement.refine` (``min_confidence`` / ``majority_voting``), ``labels``
     is the per-cell call (``"Unknown"`` below ``min_confidence``) and the fields below it are filled;
-    ``codes`` and ``confidence`` always describe the model's predicted class.
+    ``codes`` and ``confidence`` always describe the model's predicted class. With a calibration
+    ``temperature`` (:mod:`~scgpt_protocol.annotate.calibration`), ``probabilities`` and ``confidence`` are the
+    calibrated ones -- what ``min_confidence`` thresholds -- and ``raw_confidence`` keeps the raw softmax's.
     """
 
     labels: np.ndarray  # str [n]
@@ -38,6 +40,8 @@ class Prediction:
     majority_voting: np.ndarray | None = None  # str [n], the over-cluster's majority label (refine)
     refinement: dict[str, Any] | None = None  # parameters of refine (min_confidence, resolution...)
     store: Path | None = None  # the HDF5 file holding probabilities and embeddings (predict(out=...))
+    temperature: float | None = None  # the calibration temperature applied (None: raw softmax)
+    raw_confidence: np.ndarray | None = None  # float32 [n], the raw softmax probability of the predicted class
 
 
 def check_prediction(adata: AnnData, prediction: Prediction) -> None:

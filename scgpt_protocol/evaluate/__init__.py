@@ -5,6 +5,8 @@ from ..core.lazy import lazy_exports
 __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "BaselineResult": "baseline",
     "logistic_regression_baseline": "baseline",
+    "CalibrationReport": "calibration",
+    "calibration_report": "calibration",
     "write_vars_h5": "export",
     "write_duckdb": "export",
     "evaluation_tables": "export",

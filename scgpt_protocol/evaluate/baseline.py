@@ -51,6 +51,9 @@ class BaselineResult:
     class_weight: str | None = None  # "balanced" when scGPT was trained with a class-weighted loss
     query: BaselineResult | None = None  # the same classifier on an external query, when one is given
     n_fit: int = 0  # train cells the classifier was fitted on (n_train, or a stratified sample above max_fit_cells)
+    temperature: float | None = None  # calibration temperature fitted on the validation cells (calibrate=True)
+    raw_confidence: np.ndarray | None = None  # float32 [n]: the uncalibrated probability of the predicted class
+    calibration: dict[str, Any] | None = None  # the fit's record (annotate.calibration.calibration_record)
 
 
 def logistic_regression_baseline(
@@ -68,6 +71,8 @@ def logistic_regression_baseline(
     query_label_key: str | None = None,
     max_fit_cells: int = MAX_FIT_CELLS,
     chunk_size: int = 8192,
+    calibrate: bool = False,
+    validation: str = "val",
 ) -> BaselineResult:
     """Fit a CellTypist-style logistic regression on the train cells and predict the test cells.
 
@@ -97,10 +102,8 @@ def logistic_regression_baseline(
        cells, scored against ``query.obs[query_label_key]``. A gene the query lacks is left out of the
        decision function (it counts as its training mean), as CellTypist does.
 
-    Test cells are not used before prediction, so their labels and expression cannot change the
-    model. Cells without a label are left out of fitting and of the metrics. Rows are read ``chunk_size``
-    at a time (works on backed AnnData): memory holds the fitted cells' selected genes as CSR, one chunk,
-    and the test cells' probabilities -- never a dense matrix of cells x genes, never all the cells.
+    Test cells are not used before prediction; cells without a label are not fitted or scored. Rows are read
+    by chunks: memory holds the fitted cells' selected genes as CSR, one chunk, the test cells' probabilities.
 
     Parameters
     ----------
@@ -109,24 +112,21 @@ def logistic_regression_baseline(
     label_key
         ``obs`` column with the cell-type labels.
     split_key, train, test
-        ``obs`` column and its values marking the train and test cells (``"validation"`` or other
-        cells are ignored).
-    n_hvg
-        Number of highly variable genes.
-    seed
-        Seed of the sample of train cells above ``max_fit_cells`` (the fit itself is deterministic).
-    layer
-        ``adata.layers`` key with the expression (None: ``X``).
-    class_weight
-        ``None`` or ``"balanced"`` (inverse class frequency, as ``class_weighted=True`` in 02).
+        ``obs`` column and its values marking the train and test cells (other cells are not scored).
+    n_hvg, layer
+        Number of highly variable genes; ``adata.layers`` key with the expression (None: ``X``).
+    seed, class_weight
+        Seed of the sample of train cells above ``max_fit_cells`` (the fit is deterministic); ``None`` or
+        ``"balanced"`` (inverse class frequency, as ``class_weighted=True`` in 02).
     query, query_label_key
         An external labelled AnnData to predict as well (``BaselineResult.query``); its label column
         (default ``label_key``). It must hold at least half of the classifier's genes
         (:func:`~scgpt_protocol.model.vocab.check_gene_overlap`).
-    max_fit_cells
-        Most train cells the classifier is fitted on.
-    chunk_size
-        Rows read at a time.
+    max_fit_cells, chunk_size
+        Most train cells the classifier is fitted on; rows read at a time.
+    calibrate, validation
+        Fit a temperature on the ``validation`` cells (as for scGPT); the test and query probabilities are then
+        calibrated (``raw_confidence``: the predicted class's before). No labelled validation cell: raw.
 
     Returns
     -------
@@ -171,7 +171,43 @@ def logistic_regression_baseline(
     query_result = None
     if query is not None:
         query_result = _baseline_on_query(model, query, query_label_key or label_key, layer, chunk_size)
-    return model.result(predicted, proba, metrics, query=query_result)
+    result = model.result(predicted, proba, metrics, query=query_result)
+    if calibrate:
+        _calibrate(result, model, reader, (adata.obs[split_key].astype(object) == validation).to_numpy(), labels)
+    return result
+
+
+def _calibrate(result: BaselineResult, model: _BaselineModel, reader: _Reader, is_val: np.ndarray,
+               labels: pd.Series) -> None:
+    """Fit the baseline's temperature on the validation cells; calibrate the test (and query) probabilities in place."""
+    from ..annotate.calibration import calibrated, calibration_record, expected_calibration_error, fit_temperature
+    from ..data.labels import clean_labels, missing_labels
+
+    is_val = is_val & ~missing_labels(labels)
+    val_rows, val_labels = np.flatnonzero(is_val), labels[is_val]
+
+    position = {c: i for i, c in enumerate(model.order)}
+    y = np.array([position.get(str(v), -1) for v in clean_labels(val_labels)], dtype=np.int64) if len(val_rows) else \
+        np.zeros(0, dtype=np.int64)
+    keep = y >= 0
+    if not keep.any():
+        logger.warning("baseline: no labelled validation cell of a trained class: its probabilities stay uncalibrated")
+        return
+    _, val_proba, _ = model.score(reader, val_rows[keep], pd.Index(np.arange(int(keep.sum())).astype(str)),
+                                  val_labels[keep], "validation")
+    y = y[keep]
+    temperature = fit_temperature(np.log(np.clip(val_proba, 1e-12, None)), y)
+    after = calibrated(val_proba, temperature)
+    right = val_proba.argmax(axis=1) == y
+    result.calibration = calibration_record(temperature, expected_calibration_error(val_proba.max(axis=1), right),
+                                            expected_calibration_error(after.max(axis=1), right), n_cells=len(y),
+                                            split="val")
+    for part in (result, result.query):
+        if part is not None:
+            part.raw_confidence = part.probabilities.max(axis=1).astype(np.float32)
+            part.probabilities = calibrated(part.probabilities, temperature)
+            part.temperature = temperature
+    logger.info("baseline: temperature %.3f fitted on %d validation cells", temperature, len(y))
 
 
 def _baseline_cells(adata: AnnData, *, label_key: str, split_key: str, train: str, test: str,

@@ -11,7 +11,8 @@
     A DuckDB database: table ``obs`` (one row per evaluated cell: ``cell``, ``row`` -- its row in
     ``vars.h5`` --, ``split``, ``true_label``, the call ``scgpt_label``, ``scgpt_prediction``,
     ``scgpt_label_confidence``, ``scgpt_unknown``, ``scgpt_over_clustering``,
-    ``scgpt_majority_voting``, ``correct``, ``umap_1``, ``umap_2``), table ``metrics`` (one row per
+    ``scgpt_majority_voting``, ``scgpt_label_confidence_raw`` -- the uncalibrated probability, the same as
+    the confidence when calibration is off --, ``correct``, ``umap_1``, ``umap_2``), table ``metrics`` (one row per
     method and set of cells), ``per_class`` and ``coverage`` (the coverage-vs-accuracy curve).
     Query it with SQL: ``duckdb.connect("export/obs.duckdb", read_only=True).sql("select ...")``.
 
@@ -29,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import numpy as np
 import pandas as pd
 
-from ..annotate.columns import COLUMNS, CORRECT, OBS_COLUMNS, SPLIT, TRUE_LABEL
+from ..annotate.columns import COLUMNS, CORRECT, OBS_COLUMNS, RAW_CONFIDENCE, SPLIT, TRUE_LABEL
 from ..core.errors import ArtifactError
 from ..core.io import atomic_write
 from ..core.log import DETAIL
@@ -185,6 +186,8 @@ def evaluation_tables(
             values = pred[column]
             obs[column] = (values.astype(object).where(values.notna(), None).to_numpy()
                            if column != COLUMNS["confidence"] else values.to_numpy(dtype=np.float64))
+    raw = pred[RAW_CONFIDENCE] if RAW_CONFIDENCE in pred else pred[COLUMNS["confidence"]]  # uncalibrated: the same
+    obs[RAW_CONFIDENCE] = raw.to_numpy(dtype=np.float64)
     if COLUMNS["predicted"] not in obs:  # not refined: the call is the prediction, nothing abstained
         obs[COLUMNS["predicted"]] = obs[COLUMNS["labels"]]
         obs[COLUMNS["unknown"]] = False

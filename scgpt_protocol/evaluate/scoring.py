@@ -77,7 +77,8 @@ def evaluate_predictions(
     EvalResult
         ``metrics`` (:func:`classification_metrics` with the probabilities), ``confusion`` (row-
         normalised) and ``predictions``: one row per evaluated cell, indexed by ``obs_names``, with
-        columns ``true_label``, ``scgpt_label``, ``scgpt_label_confidence``, ``split`` (when
+        columns ``true_label``, ``scgpt_label``, ``scgpt_label_confidence`` (calibrated when the prediction
+        is; then also ``scgpt_label_confidence_raw``), ``split`` (when
         ``obs[split_key]`` exists) and ``correct`` (nullable boolean). Cells without a true label
         stay in the table (``correct`` is NA) but are left out of the metrics, with a note.
     """
@@ -97,7 +98,7 @@ def evaluate_predictions(
     if not labelled.any():
         msg = f"none of the {int(mask.sum())} selected cells has a label in adata.obs[{label_key!r}]."
         raise ValueError(msg)
-    from ..annotate.columns import COLUMNS, CORRECT, SPLIT, TRUE_LABEL
+    from ..annotate.columns import COLUMNS, CORRECT, RAW_CONFIDENCE, SPLIT, TRUE_LABEL
     from ..annotate.refinement import UNKNOWN, as_refinement, refinement_metrics
 
     categories = [str(c) for c in prediction.categories]
@@ -113,6 +114,8 @@ def evaluate_predictions(
         },
         index=obs.index,
     )
+    if prediction.raw_confidence is not None:  # calibrated: the raw softmax's probability beside it
+        frame[RAW_CONFIDENCE] = np.asarray(prediction.raw_confidence, dtype=np.float32)[mask]
     if split_key in obs:
         frame[SPLIT] = obs[split_key].to_numpy()
     correct = pd.array(frame[TRUE_LABEL].to_numpy() == pred, dtype="boolean")
@@ -239,6 +242,8 @@ def evaluate_query(
     min_confidence: float = 0.0,
     majority_voting: bool = False,
     overlap: Overlap | None = None,
+    temperature: float | str | None = "auto",
+    label_map: Any = None,
 ) -> dict[str, Any]:
     """scGPT (and the baseline, when given) on an external labelled query, as the ``query`` record.
 
@@ -259,11 +264,19 @@ def evaluate_query(
         Which query cells trained the model (:func:`~scgpt_protocol.data.overlap.find_overlap` against the
         run's train and validation cells): when any, a warning, and ``"overlap"`` in the record with the
         metrics of the seen and the unseen cells apart.
+    temperature
+        Calibration (:func:`~scgpt_protocol.annotate.classify.predict`): ``"auto"`` the model's, a number, None.
+    label_map
+        What :func:`~scgpt_protocol.data.label_map.map_obs_labels` did to the query's labels (its result), kept
+        in the record. Query labels that are none of the model's classes are **novel types**: ``methods`` then
+        holds the shared-type metrics, and ``"novel"`` (:func:`~scgpt_protocol.evaluate.novel.novel_record`)
+        each novel type's cells, share ``Unknown`` and calls, with every method's "all cells" accuracy.
 
     Returns
     -------
     dict
-        ``{"label_key", "n_cells", "methods": {method: metrics}, "predictions": DataFrame}``, with
+        ``{"label_key", "n_cells", "methods": {method: metrics}, "predictions": DataFrame, "crosstab": DataFrame}``
+        (cells per query label -- as given, before a map -- and scGPT's call), with ``"novel"``, ``"label_map"``,
         ``"overlap"`` and ``"warnings"`` when there is something to say.
     """
     from ..annotate.classify import predict
@@ -273,22 +286,75 @@ def evaluate_query(
         msg = f"query_label_key={key!r} is not a column of the query's obs; columns: {format_keys(query.obs.columns)}."
         raise KeyError(msg)
     prediction = predict(model, query, categories=manifest["categories"], genes=manifest["genes"],
-                         batch_size=batch_size, max_seq_len=max_seq_len, seed=seed, desc="query", precision=precision)
+                         batch_size=batch_size, max_seq_len=max_seq_len, seed=seed, desc="query", precision=precision,
+                         temperature=temperature)
     from ..annotate.refinement import refine
 
     prediction = refine(prediction, min_confidence=min_confidence, majority_voting=majority_voting, seed=seed)
     result = evaluate_predictions(query, prediction, label_key=key)
-    methods = {SCGPT_METHOD: result.metrics}
-    if baseline is not None and baseline.query is not None:
-        methods[BASELINE_METHOD] = like_for_like(baseline.query, result)
+    shared = _shared_types(result.predictions[TRUE_LABEL], manifest["categories"])
+    scored = result if shared is None else evaluate_predictions(query, prediction, label_key=key, cells=shared)
+    base = baseline.query if baseline is not None else None
+    methods = {SCGPT_METHOD: scored.metrics}
+    if base is not None:
+        methods[BASELINE_METHOD] = like_for_like(base if shared is None else _baseline_cells(base, shared), scored)
     record = {"label_key": key, "n_cells": int(query.n_obs), "methods": methods, "predictions": result.predictions,
               "warnings": _label_case_warnings(result.predictions[TRUE_LABEL], manifest["categories"])}
+    record.update(_novel_entries(query, key, result, base, manifest["categories"], min_confidence, label_map))
     if overlap:
         overlap.warn()
         record["warnings"].append(overlap.message())
         record["overlap"] = {**overlap.to_dict(), "methods": _overlap_methods(result.predictions, baseline, overlap,
                                                                               min_confidence)}
     return record
+
+
+def _shared_types(truth: pd.Series, categories: Any) -> np.ndarray | None:
+    """Mask of the query cells whose label is one of the model's classes; None when no labelled cell is novel."""
+    from ..data.labels import missing_labels
+
+    labelled = ~np.asarray(missing_labels(truth), dtype=bool)
+    shared = labelled & truth.astype(str).isin([str(c) for c in categories]).to_numpy()
+    if (shared == labelled).all():
+        return None
+    if not shared.any():
+        msg = (f"no query cell has a label the model knows: query labels {format_keys(sorted(set(truth[labelled])))}, "
+               f"model classes {format_keys(categories)}. Map the query's labels to the model's names "
+               "(query_label_map: a CSV 'query label,model label' or an inline mapping).")
+        raise ValueError(msg)
+    return shared
+
+
+def _baseline_cells(result: BaselineResult, mask: np.ndarray) -> BaselineResult:
+    """The baseline's result on the cells ``mask`` (in order) only."""
+    import dataclasses
+
+    raw = result.raw_confidence[mask] if result.raw_confidence is not None else None
+    return dataclasses.replace(result, predictions=result.predictions[mask],
+                               probabilities=np.asarray(result.probabilities)[mask], raw_confidence=raw)
+
+
+def _novel_entries(query: AnnData, key: str, result: EvalResult, baseline: BaselineResult | None, categories: Any,
+                   min_confidence: float, label_map: Any) -> dict[str, Any]:
+    """The query record's ``crosstab`` (labels as given -> scGPT's call), ``novel`` and ``label_map`` entries."""
+    from ..annotate.refinement import refine_labels
+    from .novel import crosstab, novel_record
+
+    frame = result.predictions
+    calls = {SCGPT_METHOD: frame[COLUMNS["labels"]].astype(str).to_numpy()}
+    if baseline is not None and len(baseline.predictions) == len(frame):
+        confidence = np.asarray(baseline.probabilities).max(axis=1)
+        calls[BASELINE_METHOD] = refine_labels(baseline.predictions.astype(str).to_numpy(), confidence,
+                                               min_confidence=min_confidence, categories=baseline.categories).labels
+    given = query.obs[f"{key}_original"] if label_map is not None and f"{key}_original" in query.obs else frame[TRUE_LABEL]
+    entries: dict[str, Any] = {"crosstab": crosstab(np.asarray(given, dtype=object), calls[SCGPT_METHOD])}
+    novel = novel_record(frame[TRUE_LABEL], calls, categories)
+    if novel is not None:
+        entries["novel"] = novel
+    if label_map is not None:
+        entries["label_map"] = {"dropped": label_map.dropped, "n_dropped": label_map.n_dropped,
+                                "unmapped": label_map.unmapped, "novel": label_map.novel}
+    return entries
 
 
 def _label_case_warnings(truth: pd.Series, categories: Any) -> list[str]:
@@ -372,8 +438,11 @@ def write_results(
     written = {"predictions": layout.write_csv(predictions, layout.predictions)}
     record = dict(metrics)
     if query is not None:
-        record["query"] = {k: v for k, v in query.items() if k != "predictions"}
+        record["query"] = {k: v for k, v in query.items() if k not in ("predictions", "crosstab")}
         written["query_predictions"] = layout.write_csv(query["predictions"], layout.query_predictions)
+        if query.get("crosstab") is not None:  # query label x call
+            written["query_crosstab"] = layout.write_csv(query["crosstab"],
+                                                         layout.query_predictions.with_name("query_crosstab.csv"))
     plain = json_safe(record)
     plain["descriptions"] = {k: v for k, v in METRIC_DESCRIPTIONS.items() if k in _metric_names(record)}
     written["metrics"] = layout.write_json(layout.metrics, plain)

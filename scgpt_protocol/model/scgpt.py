@@ -288,6 +288,9 @@ class ScGPT(nn.Module):
         # The value <cls> carries in this model's input: None = pad_value (pretraining, zero-shot
         # embeddings); 0.0 for a classifier fine-tuned as published (set by fine-tuning and loading).
         self.cls_value: float | None = None
+        # The calibration temperature fitted on the validation cells after fine-tuning (None: none); predict()
+        # divides the logits by it (set by load_finetuned from the manifest).
+        self.temperature: float | None = None
         self.init_weights()
 
     def init_weights(self) -> None:

@@ -3,6 +3,10 @@
 from ..core.lazy import lazy_exports
 
 __getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    "record_temperature": "calibrate",
+    "model_temperature": "calibrate",
+    "calibration_display": "calibrate",
+    "calibration_frame": "calibrate",
     "main": "cli",
     "AnnotationRunner": "compare",
     "adapt_annotation": "compare",
@@ -31,6 +35,7 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "novel_display": "novel",
     "all_cells_frame": "novel",
     "crosstab_display": "novel",
+    "read_query": "query",
     "begin_training": "retrain",
     "run_protocol": "runner",
     "RunFailed": "runner",
