@@ -144,8 +144,7 @@ def test_the_baseline_is_calibrated_on_the_validation_cells_and_03_reports_ece(r
     assert rec["temperature"] == 1.7 and rec["n_cells"] == int(test.sum()) and rec["split"] == "test"
     b_right = base.predictions.astype(str).to_numpy() == truth
     assert rec["baseline"]["ece_after"] == pytest.approx(expected_calibration_error(base.probabilities.max(1), b_right))
-    assert set(report.tables) == {f"{SCGPT_METHOD} before", f"{SCGPT_METHOD} after", f"{BASELINE_METHOD} before",
-                                  f"{BASELINE_METHOD} after"}
+    assert set(report.tables) == {"scGPT raw", "scGPT calibrated", "baseline raw", "baseline calibrated"}
     uncalibrated = calibration_report(evaluate_predictions(split_pbmc, _predict(model, manifest, split_pbmc,
                                                                                 temperature=None),
                                                            label_key="label", cells=test))

@@ -18,7 +18,6 @@ import pandas as pd
 from ..annotate.calibration import ECE_BINS, reliability_table, table_ece
 from ..annotate.columns import COLUMNS, RAW_CONFIDENCE, TRUE_LABEL
 from ..data.labels import missing_labels
-from ..metrics import BASELINE_METHOD, SCGPT_METHOD
 
 if TYPE_CHECKING:
     from .baseline import BaselineResult
@@ -30,7 +29,8 @@ __all__ = ["CalibrationReport", "calibration_report"]
 @dataclass
 class CalibrationReport:
     """What :func:`calibration_report` measured: ``record`` (``metrics.json["calibration"]``) and ``tables``
-    (curve name -> reliability table, for :func:`~scgpt_protocol.pl.plot_reliability`)."""
+    (curve name -> reliability table, for :func:`~scgpt_protocol.pl.plot_reliability`: ``"scGPT raw"``,
+    ``"scGPT calibrated"``, ``"baseline raw"``, ``"baseline calibrated"``)."""
 
     record: dict[str, Any]
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
@@ -41,11 +41,11 @@ def _entry(confidence_raw: np.ndarray, confidence: np.ndarray, right: np.ndarray
     before = reliability_table(confidence_raw, right, n_bins)
     entry: dict[str, Any] = {"temperature": temperature, "ece_before": table_ece(before), "ece_after": None,
                              "n_cells": int(len(right)), "accuracy": float(np.mean(right))}
-    tables = {"before": before}
+    tables = {"raw": before}
     if temperature is not None:
         after = reliability_table(confidence, right, n_bins)
         entry["ece_after"] = table_ece(after)
-        tables["after"] = after
+        tables["calibrated"] = after
     if fitted:
         entry["fitted_on"] = {k: fitted[k] for k in ("split", "n_cells", "source") if k in fitted}
     return entry, tables
@@ -86,7 +86,7 @@ def calibration_report(scgpt: EvalResult, baseline: BaselineResult | None = None
     temperature = float(fitted["temperature"]) if calibrated_on and fitted else None
     record, curves = _entry(raw, confidence, right, temperature, fitted if calibrated_on else None, n_bins)
     record.update(split="test", n_bins=int(n_bins))
-    tables = {f"{SCGPT_METHOD} {when}": table for when, table in curves.items()}
+    tables = {f"scGPT {when}": table for when, table in curves.items()}
     if baseline is not None:
         names = frame.index[labelled]
         position = baseline.predictions.index.get_indexer(names)
@@ -98,5 +98,5 @@ def calibration_report(scgpt: EvalResult, baseline: BaselineResult | None = None
                  if baseline.raw_confidence is not None else proba.max(axis=1))
         entry, curves = _entry(b_raw, proba.max(axis=1), b_right, baseline.temperature, baseline.calibration, n_bins)
         record["baseline"] = entry
-        tables.update({f"{BASELINE_METHOD} {when}": table for when, table in curves.items()})
+        tables.update({f"baseline {when}": table for when, table in curves.items()})
     return CalibrationReport(record=record, tables=tables)

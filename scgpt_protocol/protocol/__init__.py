@@ -7,6 +7,7 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "model_temperature": "calibrate",
     "calibration_display": "calibrate",
     "calibration_frame": "calibrate",
+    "temperature_meaning": "calibrate",
     "main": "cli",
     "AnnotationRunner": "compare",
     "adapt_annotation": "compare",

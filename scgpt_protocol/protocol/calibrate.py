@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["record_temperature", "model_temperature", "calibration_display", "calibration_frame"]
+__all__ = ["record_temperature", "model_temperature", "calibration_display", "calibration_frame", "temperature_meaning"]
 
 #: where a temperature came from
 FROM_MANIFEST, FITTED_HERE = "model manifest (02)", "fitted in 03"
@@ -64,9 +64,17 @@ def model_temperature(layout: RunLayout, model: Any, manifest: Mapping[str, Any]
     else:
         record = {**_fit(model, manifest, adata, params, max_seq_len), "source": FITTED_HERE}
     print(f"Calibration: temperature {record['temperature']:.3f} ({record['source']}, {record['n_cells']:,} "
-          f"validation cells); {'>' if record['temperature'] > 1 else '<='} 1: the raw softmax was "
-          f"{'over' if record['temperature'] > 1 else 'under'}-confident.")
+          f"validation cells): {temperature_meaning(record['temperature'])}")
     return record
+
+
+def temperature_meaning(temperature: float) -> str:
+    """What a fitted temperature says of the raw softmax, in words."""
+    if temperature > 1:
+        return f"T > 1: the raw softmax was over-confident; the probabilities are softened (logits / {temperature:.2f})."
+    if temperature < 1:
+        return f"T < 1: the raw softmax was under-confident; the probabilities are sharpened (logits / {temperature:.2f})."
+    return "T = 1: the raw softmax was as calibrated as a temperature can make it; the probabilities are unchanged."
 
 
 def calibration_frame(record: Mapping[str, Any]) -> pd.DataFrame:
