@@ -56,8 +56,10 @@ def test_runner_annotates_and_reloads_with_identical_predictions(bundle, demo):
     cells = demo[:60].copy()
     runner.annotate_adata(cells)
     assert {"scgpt_label", "scgpt_label_confidence", "scgpt_label_code"} <= set(cells.obs) and "X_scgpt" in cells.obsm
+    assert "scgpt_label_confidence_raw" in cells.obs  # calibrated on the validation cells after fit()
     reloaded = AnnotationRunner.load(out / "model", device="cpu")
     assert reloaded.best_strategy == runner.best_strategy
+    assert reloaded.model.temperature == runner.model.temperature == runner.manifest["calibration"]["temperature"]
     np.testing.assert_allclose(reloaded.predict(cells).probabilities, runner.predict(cells).probabilities, atol=1e-6)
 
 

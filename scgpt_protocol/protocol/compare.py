@@ -133,7 +133,24 @@ class AnnotationRunner:
         self.model = self.model.cpu() if self.model is not None else None
         self.manifest = self._manifest(self.best_strategy)
         logger.info("best strategy by validation macro-F1: %s", self.best_strategy)
+        self._calibrate()
         return self.comparison
+
+    def _calibrate(self) -> None:
+        """The best model's temperature, fitted on the validation cells: :meth:`predict` then gives calibrated
+        probabilities, and :meth:`save` records it."""
+        from ..annotate.calibration import fit_model_temperature
+
+        val = (self.adata.obs["split"] == "val").to_numpy()
+        if self.model is None or not val.any():
+            logger.warning("no validation cells: the best model's probabilities stay uncalibrated")
+            return
+        record = fit_model_temperature(self._require_model(), self.adata, categories=self.categories,
+                                       label_key=self.label_key, cells=val, max_seq_len=self.params.max_seq_len,
+                                       batch_size=self.params.batch_size * 2, seed=self.params.seed,
+                                       precision=self.params.precision if self.params.amp else "fp32")
+        self.model.temperature = record["temperature"]
+        self.manifest["calibration"] = record
 
     def _fit_one(self, strategy: str, test: AnnData, output_dir: Path | None) -> tuple[StrategyOutcome, ScGPT]:
         directory = output_dir / "strategies" / strategy if output_dir else None
@@ -278,7 +295,7 @@ class AnnotationRunner:
         config = strategy_config(self.params, m["strategy"])
         return save_finetuned(model, directory, strategy=m["strategy"], config=config, label_key=m["label_key"],
                               categories=m["categories"], genes=m["genes"], base_checkpoint=m["base_checkpoint"],
-                              extra={k: m[k] for k in ("training", "split_seed")})
+                              extra={k: m[k] for k in ("training", "split_seed", "calibration") if k in m})
 
     @classmethod
     def load(cls, directory: str | Path, device: str = "auto") -> AnnotationRunner:
