@@ -30,11 +30,11 @@ import anndata
 import numpy as np
 import pandas as pd
 
-from scgpt_protocol.annotate.calibration import calibrated, expected_calibration_error, fit_temperature
-from scgpt_protocol.annotate.refinement import abstain
-from scgpt_protocol.data.label_map import apply_label_map, read_label_map
+from scgpt_protocol.annotate.calibration import expected_calibration_error
+from scgpt_protocol.annotate.refinement import refine_labels
+from scgpt_protocol.data.label_map import apply_label_map, describe_label_map, map_obs_labels
 from scgpt_protocol.data.matrix import log1p_cp10k
-from scgpt_protocol.evaluate.novel import crosstab, split_novel
+from scgpt_protocol.evaluate.novel import crosstab, novel_record, split_novel
 
 ROOT = Path(__file__).resolve().parent.parent
 FILE = "pbmc_3tech_symphony_small.h5ad"
@@ -47,13 +47,10 @@ def coarse_map(data: Path) -> dict[str, str]:
     return dict(zip(rows["label"].str.strip(), rows["coarse"].str.strip()))
 
 
-def scores(name: str, categories: list[str], val_proba: np.ndarray, val_truth: np.ndarray, q_proba: np.ndarray,
-           q_truth: pd.Series, min_confidence: float) -> tuple[dict, pd.DataFrame]:
-    """One row of the table: temperature, ECE before/after, shared-type and novel-type figures."""
-    val_y = np.array([categories.index(t) for t in val_truth])
-    t = fit_temperature(np.log(np.clip(val_proba, 1e-12, 1)), val_y)
-    val_cal = calibrated(val_proba, t)
-    q_cal = calibrated(q_proba, t)
+def scores(name: str, categories: list[str], fit: dict, q_proba: np.ndarray, q_raw: np.ndarray, q_truth: pd.Series,
+           min_confidence: float) -> tuple[dict, pd.DataFrame]:
+    """One column of the table, from what the product computed: the temperature and validation ECE of its fit
+    (``fit``: the calibration record), the query's calibrated probabilities and raw confidence."""
     cats = np.asarray(categories, dtype=object)
     q_pred = cats[q_proba.argmax(axis=1)]
     truth = q_truth.to_numpy(dtype=object)
@@ -62,22 +59,22 @@ def scores(name: str, categories: list[str], val_proba: np.ndarray, val_truth: n
     right = q_pred[shared] == truth[shared]
     row = {
         "method": name,
-        "temperature": t,
-        "val ECE before": expected_calibration_error(val_proba.max(axis=1), val_proba.argmax(axis=1) == val_y),
-        "val ECE after": expected_calibration_error(val_cal.max(axis=1), val_cal.argmax(axis=1) == val_y),
-        "query ECE before": expected_calibration_error(q_proba[shared].max(axis=1), right),
-        "query ECE after": expected_calibration_error(q_cal[shared].max(axis=1), right),
+        "temperature": fit["temperature"],
+        "val ECE before": fit["ece_before"],
+        "val ECE after": fit["ece_after"],
+        "query ECE before": expected_calibration_error(q_raw[shared], right),
+        "query ECE after": expected_calibration_error(q_proba[shared].max(axis=1), right),
         "shared accuracy": plain["shared"]["accuracy"],
         "shared macro-F1": plain["shared"]["macro_f1"],
     }
-    for kind, proba in (("raw", q_proba), ("calibrated", q_cal)):
-        calls, unknown = abstain(q_pred, proba.max(axis=1), min_confidence)
-        out = split_novel(truth, calls, categories)
-        novel_cells = sum(v["n_cells"] for v in out["novel"].values())
-        novel_unknown = sum(v["unknown_rate"] * v["n_cells"] for v in out["novel"].values())
-        row[f"novel -> Unknown ({kind})"] = novel_unknown / novel_cells if novel_cells else np.nan
-        row[f"shared -> Unknown ({kind})"] = float(unknown[shared].mean())
-        row[f"all-cells accuracy ({kind})"] = out["all_cells"]["accuracy"]
+    for kind, confidence in (("raw", q_raw), ("calibrated", q_proba.max(axis=1))):
+        calls = refine_labels(q_pred, confidence, min_confidence=min_confidence, categories=categories).labels
+        record = novel_record(truth, {name: calls}, categories)["methods"][name]
+        novel = record["novel"]
+        n_novel = sum(v["n_cells"] for v in novel.values())
+        row[f"novel -> Unknown ({kind})"] = sum(v["unknown_rate"] * v["n_cells"] for v in novel.values()) / n_novel
+        row[f"shared -> Unknown ({kind})"] = float((calls[shared] == "Unknown").mean())
+        row[f"all-cells accuracy ({kind})"] = record["all_cells"]["accuracy"]
         if kind == "calibrated":
             table = crosstab(truth, calls)
     return row, table
@@ -104,15 +101,15 @@ def load(a: argparse.Namespace) -> tuple[anndata.AnnData, anndata.AnnData, dict[
     return train, query, to_coarse, Path(a.out)
 
 
-def query_labels(query: anndata.AnnData, to_coarse: dict[str, str], categories: list[str], out: Path) -> pd.Series:
-    """The query's own labels through a label-map CSV that only names the model's classes."""
+def query_labels(query: anndata.AnnData, to_coarse: dict[str, str], categories: list[str], out: Path) -> None:
+    """The query's own labels mapped in place (``obs["cell_type"]``; as 03's ``query_label_map`` does) through a
+    label-map CSV that only names the model's classes."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / "query_label_map.csv"
     rows = [(k, v) for k, v in to_coarse.items() if v in categories]
     path.write_text("label,model\n" + "".join(f"{k},{v}\n" for k, v in rows))
-    result = apply_label_map(query.obs["cell_type"], read_label_map(path), model_classes=categories)
-    print(f"query label map ({path}): {dict(rows)}; novel types: {result.novel}; dropped: {result.dropped}")
-    return result.labels
+    result = map_obs_labels(query, "cell_type", str(path), model_classes=categories, what="the query")
+    print(f"query label map ({path}): {dict(rows)}\n{describe_label_map(result, 'the query')}")
 
 
 def main() -> None:
@@ -145,18 +142,16 @@ def main() -> None:
     print(f"train: {a.train_tech}, {int((split == 'train').sum())} train / {int((split == 'val').sum())} validation "
           f"cells of {categories} (held out: {a.held_out!r}); query: {query.n_obs} cells of "
           f"{sorted(set(query.obs['technology'].astype(str)))}")
-    q_truth = query_labels(query, to_coarse, categories, out)
-    val = prepared[(split == "val").to_numpy()].copy()
-    val_truth = val.obs["coarse"].to_numpy(dtype=object)
+    query_labels(query, to_coarse, categories, out)
+    q_truth = query.obs["cell_type"].astype(object)
     rows, tables = [], {}
 
     from scgpt_protocol.evaluate.baseline import logistic_regression_baseline
 
-    base = logistic_regression_baseline(prepared, label_key="coarse", test="val", seed=a.seed, query=query,
-                                        query_label_key="cell_type")
-    base_cats = list(base.categories)
-    row, tables["baseline"] = scores("logistic regression", base_cats, base.probabilities, val_truth,
-                                     base.query.probabilities, q_truth, a.min_confidence)
+    base = logistic_regression_baseline(prepared, label_key="coarse", seed=a.seed, query=query,
+                                        query_label_key="cell_type", calibrate=True)  # T fitted on the val cells
+    row, tables["baseline"] = scores("logistic regression", list(base.categories), base.calibration,
+                                     base.query.probabilities, base.query.raw_confidence, q_truth, a.min_confidence)
     rows.append(row)
     if not a.skip_scgpt:
         from scgpt_protocol.core.params import FinetuneParams
@@ -166,11 +161,11 @@ def main() -> None:
                                 class_weighted=True, patience=0, device="cpu", seed=a.seed)
         runner = AnnotationRunner(prepared, label_key="coarse", categories=categories,
                                   base_checkpoint=_checkpoint_record(ckpt), params=params)
-        runner.fit(["full"])
-        pv, pq = runner.predict(val), runner.predict(query)
-        row, tables["scGPT"] = scores("scGPT fine-tuned (demo checkpoint)", list(pv.categories),
-                                      np.asarray(pv.probabilities), val_truth, np.asarray(pq.probabilities), q_truth,
-                                      a.min_confidence)
+        runner.fit(["full"])  # ends with the temperature fitted on the validation cells (runner.manifest)
+        pq = runner.predict(query)  # calibrated probabilities; raw_confidence: the raw softmax's
+        row, tables["scGPT"] = scores("scGPT fine-tuned (demo checkpoint)", list(pq.categories),
+                                      runner.manifest["calibration"], np.asarray(pq.probabilities), pq.raw_confidence,
+                                      q_truth, a.min_confidence)
         rows.append(row)
     pd.set_option("display.width", 250)
     table = pd.DataFrame(rows).set_index("method").T
