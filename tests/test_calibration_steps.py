@@ -250,3 +250,15 @@ def test_each_bad_query_map_gives_its_error(run, split_pbmc, tmp_path):
     for spec, message in cases:
         with pytest.raises((LabelMapError, FileNotFoundError), match=message):
             read_query(_query_params(layout, tmp_path / "q.h5ad", spec), manifest)
+
+
+def test_03_next_points_to_the_reliability_diagram_when_the_confidence_is_off(tmp_path):
+    from scgpt_protocol.protocol.display import next_steps
+
+    layout = RunLayout(tmp_path).make_dirs()
+    for ece_after, expected in ((0.25, True), (0.03, False)):
+        layout.write_json(layout.metrics, {"methods": {}, "calibration": {"temperature": 1.4, "ece_before": 0.3,
+                                                                          "ece_after": ece_after}})
+        text = next_steps(layout, "03_evaluate").text
+        assert ("reliability.png" in text) is expected, text
+    assert "0.25" not in text

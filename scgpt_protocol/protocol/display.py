@@ -284,6 +284,10 @@ def run_summary(layout: RunLayout, *, step: str | None = None) -> Summary:
                             "nearest reference cells)")
 
 
+#: above this expected calibration error on the test cells, 03's Next points to the reliability diagram
+CALIBRATION_TIP_ECE = 0.1
+
+
 def next_steps(layout: RunLayout, step: str, *, summary_page: bool = False) -> Banner:
     """The closing "Next" of a step's report: the notebook to run next and the parameter to change, read
     from what the run wrote (the best epoch, scGPT against the baseline, the coverage of abstention).
@@ -302,8 +306,17 @@ def next_steps(layout: RunLayout, step: str, *, summary_page: bool = False) -> B
                         "run_dir (training continues), or go on.")
         tips.append("run 03_evaluate with the same run_dir to score the model on the test split.")
     elif step in ("03_evaluate", "04_zeroshot"):
-        methods = (read_json_if_present(layout.metrics) or {}).get("methods") or {}
+        evaluated = read_json_if_present(layout.metrics) or {}
+        methods = evaluated.get("methods") or {}
         scgpt, base = methods.get(SCGPT_METHOD) or {}, methods.get(BASELINE_METHOD) or {}
+        calibration = evaluated.get("calibration") or {}
+        ece = calibration.get("ece_after", calibration.get("ece_before"))
+        if step == "03_evaluate" and ece is not None and ece > CALIBRATION_TIP_ECE:
+            tips.append(f"scGPT's confidence is off by {ece:.2f} on average (ECE on the test cells, "
+                        f"{'calibrated' if calibration.get('ece_after') is not None else 'raw: calibrate=False'}): "
+                        "read reliability.png before choosing min_confidence" + (
+                            "; more validation cells (val_size in 01) pin the temperature better." if
+                            calibration.get("ece_after") is not None else "; set calibrate=True."))
         refined = scgpt.get("refinement") or {}
         if refined.get("min_confidence") and (refined.get("coverage") or 1.0) < 0.7:
             tips.append(f"only {refined['coverage']:.0%} of the test cells got a cell type: read the coverage "
