@@ -16,7 +16,7 @@ abstention), and at ``min_confidence`` 0.5 the share of novel-type and of shared
 (raw and calibrated probabilities) and the "all cells" accuracy (a novel cell right only when ``Unknown``).
 
     python benchmarks/bench_calibration_labels.py [--data ../shared/data] [--train-tech 3pv2] [--held-out B]
-        [--epochs 10] [--max-seq-len 128] [--skip-scgpt] [--out runs/bench_calibration_labels]
+        [--epochs 40] [--max-seq-len 256] [--skip-scgpt] [--out runs/bench_calibration_labels]
 """
 
 from __future__ import annotations
@@ -118,8 +118,8 @@ def main() -> None:
     p.add_argument("--train-tech", default="3pv2")
     p.add_argument("--held-out", default="B", help="the coarse type left out of training")
     p.add_argument("--min-confidence", type=float, default=0.5)
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--max-seq-len", type=int, default=128)
+    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--max-seq-len", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-scgpt", action="store_true", help="the baseline only")
     p.add_argument("--out", default="runs/bench_calibration_labels")
