@@ -29,7 +29,7 @@ from ..core.errors import ScGPTProtocolError, format_keys
 from .labels import missing_labels
 
 __all__ = ["LabelMapError", "LabelMapNotFoundError", "LabelMapResult", "read_label_map", "apply_label_map",
-           "novel_types", "map_obs_labels", "describe_label_map"]
+           "novel_types", "map_obs_labels", "describe_label_map", "label_map_record"]
 
 #: header cells recognised (lower case) in the first and second column of a label-map CSV
 SOURCE_HEADERS = frozenset({"label", "labels", "source", "from", "dataset", "dataset_label", "query",
@@ -267,3 +267,16 @@ def describe_label_map(result: LabelMapResult | None, what: str = "the data") ->
     if result.novel:
         parts.append(f"novel types (none of the model's classes; scored apart): {format_keys(result.novel, limit=8)}")
     return "; ".join(parts) + "."
+
+
+def label_map_record(result: LabelMapResult | None) -> dict[str, Any] | None:
+    """What a map did, for a run's JSON records (``labels.json``, ``zeroshot/metrics.json``); None without a map.
+
+    ``{"map": {label: model label or None}, "dropped": {label: cells}, "n_dropped", "unmapped": [labels of
+    the data not in the map, kept as they are], "novel": [labels none of the model's classes], "n_missing":
+    cells without a label in the input}``.
+    """
+    if result is None:
+        return None
+    return {"map": dict(result.mapping), "dropped": dict(result.dropped), "n_dropped": result.n_dropped,
+            "unmapped": list(result.unmapped), "novel": list(result.novel), "n_missing": int(result.n_missing)}
