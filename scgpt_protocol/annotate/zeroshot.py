@@ -303,8 +303,9 @@ def _zeroshot(reference: AnnData, query: AnnData, model: ScGPT, s: _ZeroShotSett
         "store": None if folder is None else str(folder),
     }
     if metrics is not None:
-        logger.info("zero-shot (k=%d): %d query cells, kNN vote accuracy %.3f, macro F1 %.3f", s.k,
-                    query.n_obs, metrics["knn_vote"]["accuracy"], metrics["knn_vote"]["macro_f1"])
+        logger.info("zero-shot (k=%d): %d query cells, kNN vote accuracy %.3f, macro F1 %.3f (%d cells of the "
+                    "reference's types scored)", s.k, query.n_obs, metrics["knn_vote"]["accuracy"],
+                    metrics["knn_vote"]["macro_f1"], metrics["knn_vote"]["n_cells"])
     else:
         logger.info("zero-shot (k=%d): annotated %d query cells (no true labels to score)", s.k, query.n_obs)
     return ZeroShotResult(
