@@ -282,7 +282,7 @@ def test_zeroshot_takes_label_key_from_the_run_with_both_paths(tmp_path, pbmc):
         pbmc[cells].copy().write_h5ad(tmp_path / f"{name}.h5ad")
     params = ZeroshotParams(run_dir=str(layout.run_dir), reference_path=str(tmp_path / "ref.h5ad"),
                             query_path=str(tmp_path / "query.h5ad"))
-    _, _, label_key = zeroshot_inputs(layout, params)
+    _, _, label_key, _ = zeroshot_inputs(layout, params)
     assert label_key == "bulk_labels"
 
 

@@ -122,7 +122,7 @@ def test_04_reference_equal_to_its_query_is_warned_and_scored_apart(run, split_p
     params = ZeroshotParams(run_dir=str(layout.run_dir), reference_path=str(source), query_path=str(source),
                             label_key="label")
     with pytest.warns(UserWarning, match="reference_path and query_path are the same file"):
-        reference, query, label_key = zeroshot_inputs(layout, params)
+        reference, query, label_key, _ = zeroshot_inputs(layout, params)
     reference, query = reference[:80].copy(), query[:80].copy()
     with pytest.warns(UserWarning, match="80 of 80 cells of the query are also cells of the voting reference cells"):
         result = zeroshot_annotate(reference, query, tiny_model, label_key=label_key, k=5, max_seq_len=32)
@@ -155,7 +155,7 @@ def test_gene_symbol_key_for_the_query_and_the_reference_in_03_and_04(run, split
     params = ZeroshotParams(run_dir=str(layout.run_dir), query_path=str(path), reference_path=str(path),
                             gene_symbol_key="symbol", label_key="label")
     with pytest.warns(UserWarning, match="same file"):
-        reference, query, _ = zeroshot_inputs(layout, params)
+        reference, query, _, _ = zeroshot_inputs(layout, params)
     assert list(reference.var_names) == list(query.var_names) == list(split_pbmc.var_names)
 
 

@@ -59,8 +59,10 @@ class ZeroShotResult:
         query has it, the true label column ``label_key``.
     metrics
         ``{"knn_vote": {...}, "knn_weighted": {...}, "notes": [...]}`` with ``accuracy``, ``macro_f1``,
-        ``weighted_f1``, ``balanced_accuracy`` and ``n_cells`` each; ``None`` when the query has no
-        ``label_key`` column (or no labelled cell).
+        ``weighted_f1``, ``balanced_accuracy`` and ``n_cells`` each, over the labelled query cells of a
+        type the reference has (the **shared types**: cells of a query label the reference lacks, a novel
+        type, are left out and noted); ``None`` when the query has no ``label_key`` column, no labelled cell
+        or no cell of a shared type.
     reference_embedding, query_embedding
         The embeddings used: every reference cell (also unlabelled ones) and every query cell, in
         ``obs_names`` order.
@@ -287,7 +289,7 @@ def _zeroshot(reference: AnnData, query: AnnData, model: ScGPT, s: _ZeroShotSett
     predictions = _zeroshot_predictions(query, transfer, refined, distinct,
                                         refining=bool(s.min_confidence) or bool(s.majority_voting))
     metrics = _score_zeroshot(query, s, predictions, transfer, refined, distinct, notes)
-    _score_overlap(reference, query, used, s, refined, metrics, notes)
+    _score_overlap(reference, query, used, s, refined, metrics, notes, distinct)
     folder, n_used = s.folder, int(used.sum())
     params = {
         "label_key": s.label_key, "k": int(s.k), "embedding_key": s.embedding_key,
@@ -301,8 +303,9 @@ def _zeroshot(reference: AnnData, query: AnnData, model: ScGPT, s: _ZeroShotSett
         "store": None if folder is None else str(folder),
     }
     if metrics is not None:
-        logger.info("zero-shot (k=%d): %d query cells, kNN vote accuracy %.3f, macro F1 %.3f", s.k,
-                    query.n_obs, metrics["knn_vote"]["accuracy"], metrics["knn_vote"]["macro_f1"])
+        logger.info("zero-shot (k=%d): %d query cells, kNN vote accuracy %.3f, macro F1 %.3f (%d cells of the "
+                    "reference's types scored)", s.k, query.n_obs, metrics["knn_vote"]["accuracy"],
+                    metrics["knn_vote"]["macro_f1"], metrics["knn_vote"]["n_cells"])
     else:
         logger.info("zero-shot (k=%d): annotated %d query cells (no true labels to score)", s.k, query.n_obs)
     return ZeroShotResult(
@@ -386,47 +389,64 @@ def _zeroshot_predictions(query: AnnData, transfer: LabelTransfer, refined: Any,
 
 def _score_zeroshot(query: AnnData, s: _ZeroShotSettings, predictions: pd.DataFrame, transfer: LabelTransfer,
                     refined: Any, distinct: np.ndarray, notes: list[str]) -> dict[str, Any] | None:
-    """Metrics against the query's true labels (None without any); adds them to ``predictions``, remarks to
-    ``notes`` (which the metrics hold too)."""
-    from .refinement import refinement_metrics
+    """Metrics of the shared types against the query's true labels (None without any); adds the truth to
+    ``predictions``, remarks to ``notes`` (which the metrics hold too).
+
+    A query label that is no reference label is a **novel type**: the reference has no cell to vote for it, so
+    its cells are left out of these metrics (noted; :func:`~scgpt_protocol.protocol.steps.zeroshot_novel` scores
+    them apart)."""
+    from .refinement import UNKNOWN, refinement_metrics
 
     label_key = s.label_key
     if label_key not in query.obs.columns:
         notes.append(f"the query has no {label_key!r} column: no metrics")
         return None
     truth = query.obs[label_key].to_numpy(dtype=object)
-    labelled = ~missing_labels(truth)
     predictions[label_key] = truth
-    if not labelled.all():
-        notes.append(f"{int((~labelled).sum())} query cells without a true label were not scored")
-    y_true = np.array([str(v).strip() for v in truth[labelled]], dtype=object).astype(str)  # trimmed, as in 01
-    unknown = pd.Series(y_true[~np.isin(y_true, distinct)]).value_counts()
-    if len(unknown):
-        from ..data.labels import case_matches
-
-        listed = ", ".join(f"{lab!r} ({n} cells)" for lab, n in unknown.items())
-        pairs = case_matches(unknown.index, distinct)
-        hint = ("; these are reference labels in another case: "
-                + ", ".join(f"{q!r} ~ {c!r}" for q, c in list(pairs.items())[:5])
-                + " (write them as the reference does to score them)") if pairs else ""
-        notes.append(f"query labels absent from the reference, counted as errors: {listed}{hint}")
-        logger.warning("query labels absent from the reference (counted as errors): %s%s", listed, hint)
-    if not labelled.any():
-        notes.append(f"no query cell has a {label_key!r} label: no metrics")
+    shared = _shared_types(truth, distinct, notes)
+    if not shared.any():
         return None
-    from .refinement import UNKNOWN
-
+    y_true = np.array([str(v).strip() for v in truth[shared]], dtype=object).astype(str)  # trimmed, as in 01
     return {
-        "knn_vote": classification_metrics(y_true, refined.labels[labelled],
+        "knn_vote": classification_metrics(y_true, refined.labels[shared],
                                            unassigned=UNKNOWN if s.min_confidence else None),
-        "knn_weighted": classification_metrics(y_true, transfer.weighted[labelled]),
-        "refinement": refinement_metrics(y_true, refined.subset(labelled)),
+        "knn_weighted": classification_metrics(y_true, transfer.weighted[shared]),
+        "refinement": refinement_metrics(y_true, refined.subset(shared)),
         "notes": notes,
     }
 
 
+def _shared_types(truth: np.ndarray, distinct: np.ndarray, notes: list[str]) -> np.ndarray:
+    """The query cells to score: labelled, of a type the reference has. Notes (and logs) the others: cells without
+    a label, and novel types (query labels absent from the reference, with a hint for labels in another case)."""
+    labelled = ~missing_labels(truth)
+    if not labelled.all():
+        notes.append(f"{int((~labelled).sum())} query cells without a true label were not scored")
+    if not labelled.any():
+        notes.append("no query cell has a true label: no metrics")
+        return labelled
+    text = np.array([str(v).strip() if ok else "" for v, ok in zip(truth, labelled)], dtype=object)
+    shared = labelled & np.isin(text, distinct)
+    novel = pd.Series(text[labelled & ~shared]).value_counts()
+    if len(novel):
+        from ..data.labels import case_matches
+
+        listed = ", ".join(f"{lab!r} ({n} cells)" for lab, n in novel.items())
+        pairs = case_matches(novel.index, distinct)
+        hint = ("; these are reference labels in another case: "
+                + ", ".join(f"{q!r} ~ {c!r}" for q, c in list(pairs.items())[:5])
+                + " (write them as the reference does, or map them with label_map, to score them)") if pairs else ""
+        notes.append(f"query labels absent from the reference (novel types), left out of the kNN metrics and scored "
+                     f"apart: {listed}{hint}")
+        logger.warning("query labels absent from the reference (novel types, scored apart): %s%s", listed, hint)
+    if not shared.any():
+        notes.append("no query cell has a label of the reference: no shared-type metrics (a label_map can give "
+                     "the query's labels the reference's names)")
+    return shared
+
+
 def _score_overlap(reference: AnnData, query: AnnData, used: np.ndarray, s: _ZeroShotSettings, refined: Any,
-                   metrics: dict[str, Any] | None, notes: list[str]) -> None:
+                   metrics: dict[str, Any] | None, notes: list[str], transfer_classes: np.ndarray) -> None:
     """Query cells that are also voting reference cells (by name): a warning, and their majority-vote metrics
     apart from the others' in ``metrics["overlap"]`` (a cell's nearest neighbour is then itself)."""
     from ..data.overlap import find_overlap, scored_apart
@@ -441,12 +461,13 @@ def _score_overlap(reference: AnnData, query: AnnData, used: np.ndarray, s: _Zer
     if metrics is None:
         return
     truth = query.obs[s.label_key].to_numpy(dtype=object)
-    labelled = ~missing_labels(truth)
+    text = np.array([str(v).strip() for v in truth], dtype=object)
+    scored = ~missing_labels(truth) & np.isin(text, transfer_classes)  # the shared types, as in the metrics
     calls = np.asarray(refined.labels, dtype=object)
 
     def score(mask: np.ndarray) -> dict[str, Any] | None:
-        cells = mask & labelled
-        return {"knn_vote": classification_metrics(truth[cells].astype(str), calls[cells],
+        cells = mask & scored
+        return {"knn_vote": classification_metrics(text[cells].astype(str), calls[cells],
                                                    unassigned=UNKNOWN if s.min_confidence else None)} \
             if cells.any() else None
 
@@ -458,7 +479,10 @@ def write_zeroshot(layout: RunLayout, result: ZeroShotResult) -> dict[str, Path]
 
     The CSV is ``result.predictions`` with the index column ``cell``. The JSON holds ``params``,
     ``notes`` and ``knn_vote`` / ``knn_weighted`` (``null`` without true labels): the vote of the ``k``
-    neighbours, plain and distance-weighted (not "majority voting", which is the over-cluster vote).
+    neighbours, plain and distance-weighted (not "majority voting", which is the over-cluster vote), on the
+    query cells of the reference's types; and, when the metrics have them, ``overlap`` (query cells that are
+    reference cells, apart), ``novel`` (the novel types, :func:`~scgpt_protocol.protocol.steps.zeroshot_novel`)
+    and ``label_map`` (what the label map did to the reference and the query).
 
     Returns
     -------
@@ -474,8 +498,9 @@ def write_zeroshot(layout: RunLayout, result: ZeroShotResult) -> dict[str, Path]
         "knn_weighted": metrics.get("knn_weighted"),
         "refinement": metrics.get("refinement"),
     }
-    if metrics.get("overlap"):  # query cells that are also reference cells, scored apart
-        record["overlap"] = metrics["overlap"]
+    for key in ("overlap", "novel", "label_map"):  # seen cells and novel types scored apart; what a label map did
+        if metrics.get(key):
+            record[key] = metrics[key]
     metrics_path = layout.write_json(layout.zeroshot_metrics, record)
     logger.info("wrote %s and %s", pred_path, metrics_path, extra=DETAIL)  # the notebook shows report.files_table
     return {"predictions": pred_path, "metrics": metrics_path}

@@ -21,6 +21,7 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "novel_types": "label_map",
     "map_obs_labels": "label_map",
     "describe_label_map": "label_map",
+    "label_map_record": "label_map",
     "SPLITS": "labels",
     "UNKNOWN": "labels",
     "UNKNOWN_COLOR": "labels",

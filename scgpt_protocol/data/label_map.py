@@ -29,7 +29,7 @@ from ..core.errors import ScGPTProtocolError, format_keys
 from .labels import missing_labels
 
 __all__ = ["LabelMapError", "LabelMapNotFoundError", "LabelMapResult", "read_label_map", "apply_label_map",
-           "novel_types", "map_obs_labels", "describe_label_map"]
+           "novel_types", "map_obs_labels", "describe_label_map", "label_map_record"]
 
 #: header cells recognised (lower case) in the first and second column of a label-map CSV
 SOURCE_HEADERS = frozenset({"label", "labels", "source", "from", "dataset", "dataset_label", "query",
@@ -149,6 +149,7 @@ class LabelMapResult:
     mapping: dict[str, str | None] = field(default_factory=dict)  # the map applied
     n_missing: int = 0  # cells without a label in the input (left NaN)
     novel: list[str] = field(default_factory=list)  # labels after mapping that are none of model_classes
+    renamed: dict[str, int] = field(default_factory=dict)  # label of the data given another name -> its cells
 
     @property
     def n_dropped(self) -> int:
@@ -201,6 +202,7 @@ def apply_label_map(labels: pd.Series, mapping: str | Path | Mapping[str, Any] |
     mapped = mapped.where(mapped.notna(), np.nan).astype(object)
     dropped = {str(label): int(counts[label]) for label in present if label in table and table[label] is None}
     unmapped = sorted(str(label) for label in present if label not in table)
+    renamed = {str(label): int(counts[label]) for label in present if table.get(label) not in (None, label)}
     novel: list[str] = []
     if classes is not None:
         novel = novel_types(mapped, classes)
@@ -212,7 +214,7 @@ def apply_label_map(labels: pd.Series, mapping: str | Path | Mapping[str, Any] |
                    "'dataset label,model label' or an inline mapping).")
             raise LabelMapError(msg)
     return LabelMapResult(labels=mapped, dropped=dropped, unmapped=unmapped, mapping=table,
-                          n_missing=int(missing.sum()), novel=novel)
+                          n_missing=int(missing.sum()), novel=novel, renamed=renamed)
 
 
 def novel_types(true_labels: Any, model_classes: Sequence[str]) -> list[str]:
@@ -256,8 +258,7 @@ def describe_label_map(result: LabelMapResult | None, what: str = "the data") ->
     """One paragraph for a report: what the map did to ``what``'s labels (mapped, dropped, unmapped, novel)."""
     if result is None:
         return f"No label map: {what}'s labels are used as they are."
-    used = {k: v for k, v in result.mapping.items() if v is not None}
-    parts = [f"Label map on {what}: {len(used)} label(s) renamed"]
+    parts = [f"Label map on {what}: {len(result.renamed)} of its label(s) renamed"]
     if result.dropped:
         shown = ", ".join(f"{k!r} ({n:,})" for k, n in sorted(result.dropped.items()))
         parts.append(f"{result.n_dropped:,} cells dropped from scoring (mapped to nothing: {shown})")
@@ -267,3 +268,16 @@ def describe_label_map(result: LabelMapResult | None, what: str = "the data") ->
     if result.novel:
         parts.append(f"novel types (none of the model's classes; scored apart): {format_keys(result.novel, limit=8)}")
     return "; ".join(parts) + "."
+
+
+def label_map_record(result: LabelMapResult | None) -> dict[str, Any] | None:
+    """What a map did, for a run's JSON records (``labels.json``, ``zeroshot/metrics.json``); None without a map.
+
+    ``{"map": {label: model label or None}, "dropped": {label: cells}, "n_dropped", "unmapped": [labels of
+    the data not in the map, kept as they are], "novel": [labels none of the model's classes], "n_missing":
+    cells without a label in the input}``.
+    """
+    if result is None:
+        return None
+    return {"map": dict(result.mapping), "dropped": dict(result.dropped), "n_dropped": result.n_dropped,
+            "unmapped": list(result.unmapped), "novel": list(result.novel), "n_missing": int(result.n_missing)}

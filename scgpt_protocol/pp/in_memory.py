@@ -49,6 +49,7 @@ import scipy.sparse as sp
 from ..core.errors import InputDataError
 from ..core.io import json_safe
 from ..data.colors import label_palette
+from ..data.label_map import label_map_record
 from ..data.labels import SPLITS, missing_labels, require_obs_key
 from ..data.matrix import check_expression, get_matrix, log1p_cp10k, value_kind
 from ..model.vocab import gene_symbols
@@ -56,8 +57,10 @@ from .stages import (
     check_cells_left,
     checked_labels,
     choose_normalisation,
+    map_training_labels,
     mito_mask,
     percent_mito,
+    report_unlabelled,
     split_cells,
     unique_cell_names,
     vocabulary_genes,
@@ -96,6 +99,9 @@ class PreparedData:
     colors : dict of str to str
         The run's colour of each class (:func:`~scgpt_protocol.data.colors.label_palette`), also in
         ``adata.uns[f"{label_key}_colors"]`` and ``labels.json``: every figure of every step uses it.
+    label_map : dict, optional
+        What ``params.label_map`` did to the labels
+        (:func:`~scgpt_protocol.data.label_map.label_map_record`; also in ``labels.json``); None without a map.
     """
 
     adata: AnnData
@@ -105,6 +111,7 @@ class PreparedData:
     log: list[str]
     colors: dict[str, str] = field(default_factory=dict)
     files: dict[str, Path] = field(default_factory=dict)
+    label_map: dict[str, Any] | None = None
 
     def __repr__(self) -> str:
         return (
@@ -178,7 +185,7 @@ def prepare(adata: AnnData, params: PreprocessParams, vocab: dict[str, int]) -> 
     get_matrix(adata, params.layer)
     check_expression(adata, layer=params.layer)
     n_cells_in, n_genes_in = int(adata.n_obs), int(adata.n_vars)
-    out, where = _labelled_expression(adata, params, log, record)
+    out, where, mapped = _labelled_expression(adata, params, log, record)
     kind, vmax = value_kind(out.X)
     record(f"values look like {kind} (max {vmax:.4g} in a sample of cells)")
 
@@ -210,25 +217,25 @@ def prepare(adata: AnnData, params: PreprocessParams, vocab: dict[str, int]) -> 
 
     return finish_prepared(out, adata, params, log, record, input_record={"n_cells": n_cells_in, "n_genes": n_genes_in,
                    "matrix": where, "value_kind": kind, "value_max": vmax}, normalise=normalise,
-                   is_counts=is_counts, match_fraction=match.fraction)
+                   is_counts=is_counts, match_fraction=match.fraction, label_map=mapped)
 
 
 def _labelled_expression(adata: AnnData, params: PreprocessParams, log: list[str],
-                         record: Any) -> tuple[AnnData, str]:
-    """The labelled cells with the chosen matrix as float32 CSR in ``X`` (other layers and .raw dropped), and
-    where the matrix came from. The metadata is copied without the matrices; the chosen one is copied once."""
+                         record: Any) -> tuple[AnnData, str, Any]:
+    """The labelled cells (after the label map) with the chosen matrix as float32 CSR in ``X`` (other layers and
+    .raw dropped), where the matrix came from, and the label map's result (None without one). The metadata is
+    copied without the matrices; the chosen one is copied once."""
     import anndata
 
     label_key = params.label_key
     n_cells_in = int(adata.n_obs)
-    meta = anndata.AnnData(obs=adata.obs, var=adata.var, uns=adata.uns, obsm=dict(adata.obsm),
+    obs, mapped = map_training_labels(adata.obs, params)  # the caller's obs is not changed
+    meta = anndata.AnnData(obs=obs, var=adata.var, uns=adata.uns, obsm=dict(adata.obsm),
                            varm=dict(adata.varm), obsp=dict(adata.obsp), varp=dict(adata.varp))
-    missing = missing_labels(adata.obs[label_key])
+    missing = missing_labels(obs[label_key])
+    report_unlabelled(label_key, n_cells_in, int((~missing).sum()), mapped, log, stacklevel=4)  # prepare's caller
     if missing.any():
         out = meta[~missing].copy()
-        warn_user(f"dropped {int(missing.sum()):,} cells without a label in obs[{label_key!r}]: "
-              f"{n_cells_in:,} -> {out.n_obs:,} cells", stacklevel=4)  # points at prepare's caller
-        log.append(f"dropped cells without a label: {n_cells_in:,} -> {out.n_obs:,} cells")
         matrix = get_matrix(adata, params.layer)[np.flatnonzero(~missing)]  # a new matrix of these rows
     else:
         out = meta.copy()
@@ -248,7 +255,7 @@ def _labelled_expression(adata: AnnData, params: PreprocessParams, log: list[str
     out.X = x
     record(f"expression read from {where} (kept sparse, 32-bit)"
            + (f" (dropped {', '.join(dropped)})" if dropped else ""))
-    return out, where
+    return out, where, mapped
 
 
 def _filter_cells_genes(out: AnnData, params: PreprocessParams, record: Any) -> AnnData:
@@ -306,10 +313,12 @@ def _drop_empty_cells(out: AnnData, log: list[str]) -> AnnData:
 
 
 def finish_prepared(out: AnnData, source: Any, params: PreprocessParams, log: list[str], record: Any, *,
-            input_record: dict[str, Any], normalise: bool, is_counts: bool, match_fraction: float) -> PreparedData:
+            input_record: dict[str, Any], normalise: bool, is_counts: bool, match_fraction: float,
+            label_map: Any = None) -> PreparedData:
     """The classes, the split and the record of :func:`prepare` (shared with :func:`prepare_file`).
 
-    ``out`` holds the filtered cells and genes (``X`` may be absent); ``source`` is the input, for its colours.
+    ``out`` holds the filtered cells and genes (``X`` may be absent); ``source`` is the input, for its colours;
+    ``label_map`` the :class:`~scgpt_protocol.data.label_map.LabelMapResult` applied to the labels (None: none).
     """
     label_key = params.label_key
     unique_cell_names(out, log)
@@ -375,10 +384,13 @@ def finish_prepared(out: AnnData, source: Any, params: PreprocessParams, log: li
         "split_totals": totals,
         "log": list(log),
     }
+    map_record = label_map_record(label_map)
+    if map_record is not None:
+        record_uns["label_map"] = map_record
     previous = out.uns.get("scgpt_protocol")
     out.uns["scgpt_protocol"] = {**(dict(previous) if isinstance(previous, dict) else {}),
                                  "preprocess": json_safe(record_uns, h5ad=True)}
     colors = label_palette(categories, adata=source, label_key=label_key)  # the input's own colours when valid
     out.uns[f"{label_key}_colors"] = [colors[c] for c in categories]
     return PreparedData(adata=out, categories=categories, split_counts=split_counts,
-                        rare_classes=rare_classes, log=log, colors=colors)
+                        rare_classes=rare_classes, log=log, colors=colors, label_map=map_record)

@@ -15,6 +15,7 @@ import pandas as pd
 
 from ..core.errors import InputDataError
 from ..core.log import DETAIL
+from ..data.label_map import LabelMapResult, describe_label_map, label_map_record
 from ..data.labels import missing_labels, require_obs_key
 from ..data.matrix import check_expression, get_matrix, value_kind
 from ..model.vocab import case_hint, gene_symbols, match_genes
@@ -56,6 +57,8 @@ class Inspection:
     min_class_count: int
     n_missing_labels: int = 0
     batch_key: str | None = None
+    label_map: dict[str, Any] | None = None  # label_map_record of the map applied to the labels (None: no map)
+    label_map_text: str | None = None  # describe_label_map of it
     batches: pd.Series | None = None
     warnings: list[str] = field(default_factory=list)
 
@@ -80,6 +83,8 @@ class Inspection:
             (f"classes ({self.label_key})", f"{self.n_classes}: {classes}"),
             ("smallest class", f"{self.min_class_count:,} cells"),
         ]
+        if self.label_map_text:
+            rows.append(("label map", self.label_map_text))
         if self.n_missing_labels:
             rows.append(("cells without label", f"{self.n_missing_labels:,} (dropped in prepare)"))
         if self.batches is not None:
@@ -122,7 +127,35 @@ class Inspection:
             "batch_key": self.batch_key,
             "batches": None if self.batches is None else {str(k): int(v) for k, v in self.batches.items()},
             "warnings": list(self.warnings),
+            "label_map": self.label_map,
         }
+
+
+def _class_counts(adata: AnnData, label_key: str, label_map: LabelMapResult | None,
+                  found: list[str]) -> tuple[pd.Series, int]:
+    """Cells per class (largest first) and the number of cells without a label (not counting those a label map
+    mapped to nothing); warns (into ``found``) about repeated cell names and unlabelled cells."""
+    labels = adata.obs[label_key]
+    missing = missing_labels(labels)
+    n_unlabelled = int(missing.sum()) - (label_map.n_dropped if label_map is not None else 0)
+    repeated = repeated_names_message(adata.obs_names)
+    if repeated:
+        warn_user(f"{repeated}; prepare makes them unique by appending '-1', '-2', ... If the names matter (to "
+                  "match cells to another table), make them unique in the input file first.", found, stacklevel=4)
+    class_counts = pd.Series(checked_labels(adata.obs[~missing], label_key, found)).value_counts()
+    class_counts = class_counts.sort_values(ascending=False)
+    class_counts.name = "cells"
+    if len(class_counts) < 2:
+        msg = (
+            f"obs[{label_key!r}] has {len(class_counts)} class(es) "
+            f"({list(class_counts.index)}) among the labelled cells; a classifier needs at least two. "
+            "Is label_key the column with the cell types?"
+        )
+        raise InputDataError(msg)
+    if n_unlabelled:
+        warn_user(f"{n_unlabelled:,} of {adata.n_obs:,} cells have no label in obs[{label_key!r}] (NaN, or "
+              "text such as 'nan', '' or 'None'); prepare drops them.", found, stacklevel=4)
+    return class_counts, n_unlabelled
 
 
 def inspect_adata(
@@ -134,6 +167,7 @@ def inspect_adata(
     layer: str | None = None,
     gene_symbol_key: str | None = None,
     min_cells_per_class: int = 5,
+    label_map: LabelMapResult | None = None,
 ) -> Inspection:
     """Look at the input data before anything is changed, and fail early on what cannot work.
 
@@ -153,6 +187,10 @@ def inspect_adata(
         ``var`` column with gene symbols (None: ``var_names``).
     min_cells_per_class : int
         Classes with fewer cells are reported (:func:`prepare` keeps them in train only).
+    label_map : LabelMapResult, optional
+        What :func:`~scgpt_protocol.data.label_map.map_obs_labels` did to ``obs[label_key]`` (already in the
+        model's names): the cells it left without a label (mapped to nothing) are counted apart from the cells
+        that had none, and the table says what the map did.
 
     Returns
     -------
@@ -176,25 +214,7 @@ def inspect_adata(
     where = f"adata.layers[{layer!r}]" if layer else "adata.X"
     check_expression(adata, layer=layer)
 
-    labels = adata.obs[label_key]
-    missing = missing_labels(labels)
-    repeated = repeated_names_message(adata.obs_names)
-    if repeated:
-        warn_user(f"{repeated}; prepare makes them unique by appending '-1', '-2', ... If the names matter (to "
-                  "match cells to another table), make them unique in the input file first.", found)
-    class_counts = pd.Series(checked_labels(adata.obs[~missing], label_key, found)).value_counts()
-    class_counts = class_counts.sort_values(ascending=False)
-    class_counts.name = "cells"
-    if len(class_counts) < 2:
-        msg = (
-            f"obs[{label_key!r}] has {len(class_counts)} class(es) "
-            f"({list(class_counts.index)}) among the labelled cells; a classifier needs at least two. "
-            "Is label_key the column with the cell types?"
-        )
-        raise InputDataError(msg)
-    if missing.any():
-        warn_user(f"{int(missing.sum()):,} of {adata.n_obs:,} cells have no label in obs[{label_key!r}] (NaN, or "
-              "text such as 'nan', '' or 'None'); prepare drops them.", found)
+    class_counts, n_unlabelled = _class_counts(adata, label_key, label_map, found)
 
     kind, vmax = value_kind(matrix)
     if kind == "other":
@@ -235,8 +255,10 @@ def inspect_adata(
         gene_source=match.source,
         class_counts=class_counts,
         min_class_count=int(class_counts.min()),
-        n_missing_labels=int(missing.sum()),
+        n_missing_labels=n_unlabelled,
         batch_key=batch_key,
+        label_map=label_map_record(label_map),
+        label_map_text=None if label_map is None else describe_label_map(label_map, "the input"),
         batches=batches,
         warnings=found,
     )

@@ -121,8 +121,9 @@ def write_prepared(prepared: PreparedData, layout: RunLayout, label_key: str) ->
     -----
     The h5ad is written under a temporary name next to its target and renamed once complete, so
     an interrupted write never leaves a half-written ``prepared.h5ad``. ``labels.json`` holds
-    ``label_key``, ``categories``, ``class_counts``, ``split_counts`` (``{split: {label: n}}``) and
-    ``rare_classes``.
+    ``label_key``, ``categories``, ``class_counts``, ``split_counts`` (``{split: {label: n}}``),
+    ``rare_classes``, ``colors`` and, when 01 had a ``label_map``, ``label_map``
+    (:func:`~scgpt_protocol.data.label_map.label_map_record`).
     """
     path = layout.write_h5ad(prepared.adata, layout.prepared_adata)
     write_labels(prepared, layout, label_key)
@@ -142,6 +143,8 @@ def write_labels(prepared: PreparedData, layout: RunLayout, label_key: str) -> P
         "rare_classes": list(prepared.rare_classes),
         "colors": dict(prepared.colors) or label_palette(prepared.categories),  # one palette for every figure
     }
+    if prepared.label_map is not None:  # what 01's label_map did: the map, cells left out, labels kept as given
+        labels["label_map"] = prepared.label_map
     return layout.write_json(layout.labels, labels)
 
 

@@ -185,6 +185,40 @@ def unique_cell_names(out: AnnData, log: list[str] | None = None) -> bool:
     return True
 
 
+def map_training_labels(obs: pd.DataFrame, params: PreprocessParams) -> tuple[pd.DataFrame, Any]:
+    """``obs`` with ``params.label_map`` applied to ``obs[label_key]`` (a copy; the labels as given are kept in
+    ``obs[label_key + "_original"]``; a label mapped to nothing becomes NaN, so its cells are left out of
+    training), and the :class:`~scgpt_protocol.data.label_map.LabelMapResult` (None without a map: ``obs`` as
+    it is). The model has no classes yet: every label the map leaves alone is a class of its own."""
+    if params.label_map is None:
+        return obs, None
+    from ..data.label_map import apply_label_map
+
+    label_key = params.label_key
+    result = apply_label_map(obs[label_key], params.label_map)
+    obs = obs.copy()
+    obs[f"{label_key}_original"] = obs[label_key].to_numpy()
+    obs[label_key] = pd.Categorical(result.labels.to_numpy(dtype=object))
+    return obs, result
+
+
+def report_unlabelled(label_key: str, n_in: int, n_out: int, mapped: Any, log: list[str], stacklevel: int) -> None:
+    """Say how many of ``n_in`` cells were left out because the label map maps their label to nothing (logged:
+    the user asked for it) and how many had no label at all (warned), ``n_out`` cells left."""
+    n_map = mapped.n_dropped if mapped is not None else 0
+    if n_map:
+        shown = ", ".join(f"{k!r} ({n:,})" for k, n in sorted(mapped.dropped.items()))
+        message = (f"left out {n_map:,} cells whose label the label map maps to nothing ({shown}): "
+                   f"{n_in:,} -> {n_in - n_map:,} cells")
+        log.append(message)
+        logger.info("%s", message)
+    n_unlabelled = n_in - n_map - n_out
+    if n_unlabelled:
+        warn_user(f"dropped {n_unlabelled:,} cells without a label in obs[{label_key!r}]: "
+                  f"{n_in - n_map:,} -> {n_out:,} cells", stacklevel=stacklevel + 1)
+        log.append(f"dropped cells without a label: {n_in - n_map:,} -> {n_out:,} cells")
+
+
 def checked_labels(obs: pd.DataFrame, label_key: str, log: list[str] | None = None) -> np.ndarray:
     """``obs[label_key]`` as text without surrounding spaces; refuses a continuous column, warns (into ``log``)
     about labels trimmed and labels that differ only by case (they stay apart)."""

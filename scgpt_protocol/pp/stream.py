@@ -172,11 +172,13 @@ def prepare_file(
     ------
     As :func:`~scgpt_protocol.pp.in_memory.prepare` and :func:`~scgpt_protocol.data.read.read_adata`.
     """
+    from ..data.label_map import read_label_map
     from ..data.read import check_h5ad_path
     from .io import write_labels
 
     if str(params.adata_path) != "demo":
         check_h5ad_path(params.adata_path)  # a clear error before anything else reads the file
+    read_label_map(params.label_map)  # a bad map (missing file or column) fails before the data are read
     use_chunked = choose_chunked(params.adata_path, params.layer,
                                  params.chunked if chunked is None else chunked)
     source = open_lazy(params.adata_path, layer=params.layer, in_memory=not use_chunked)
@@ -202,6 +204,7 @@ class _Stream:
     sel: np.ndarray | None = None  # columns of the filtered matrix kept (vocabulary, then HVG)
     is_counts: bool = False
     normalise: bool = False
+    label_map: Any = None  # the LabelMapResult applied to the labels (None: no map)
 
     def drop_cells(self, passed: np.ndarray) -> None:
         """Keep the cells of ``out`` where ``passed`` (a mask over ``cells``)."""
@@ -226,20 +229,18 @@ def _labelled_stream(source: AnnData, matrix: Any, size: int, params: Preprocess
 
     from ..data.labels import missing_labels
     from ..data.matrix import value_kind
-    from .stages import warn_user
+    from .stages import map_training_labels, report_unlabelled
 
     label_key, n_cells_in = params.label_key, int(source.n_obs)
     has_raw = source.raw is not None or bool(source.uns.get(RAW_FLAG, False))
     uns = {k: v for k, v in source.uns.items() if k != RAW_FLAG}
     # the metadata goes through the same AnnData operations as in prepare(), without X
-    meta = anndata.AnnData(obs=source.obs, var=source.var, uns=uns, obsm=dict(source.obsm),
+    obs, mapped = map_training_labels(source.obs, params)
+    meta = anndata.AnnData(obs=obs, var=source.var, uns=uns, obsm=dict(source.obsm),
                            varm=dict(source.varm), obsp=dict(source.obsp), varp=dict(source.varp))
     missing = missing_labels(meta.obs[label_key])
     cells = np.flatnonzero(~missing)  # input rows still in, in order
-    if missing.any():
-        warn_user(f"dropped {int(missing.sum()):,} cells without a label in obs[{label_key!r}]: "
-              f"{n_cells_in:,} -> {len(cells):,} cells", stacklevel=4)  # points at prepare_file's call
-        log.append(f"dropped cells without a label: {n_cells_in:,} -> {len(cells):,} cells")
+    report_unlabelled(label_key, n_cells_in, len(cells), mapped, log, stacklevel=4)  # points at prepare_file's call
     out = meta[cells].copy()
     dropped = [f"layers[{k!r}]" for k in source.layers.keys()] + (["raw"] if has_raw else [])
     record(f"expression read from {where} (kept sparse, 32-bit)"
@@ -252,7 +253,8 @@ def _labelled_stream(source: AnnData, matrix: Any, size: int, params: Preprocess
     kind, vmax = value_kind(block, n_rows=block.shape[0])
     del block
     record(f"values look like {kind} (max {vmax:.4g} in a sample of cells)")
-    return _Stream(matrix=matrix, size=size, out=out, keep=~missing, cells=cells, kind=kind, vmax=vmax)
+    return _Stream(matrix=matrix, size=size, out=out, keep=~missing, cells=cells, kind=kind, vmax=vmax,
+                   label_map=mapped)
 
 
 def _count_pass(s: _Stream, params: PreprocessParams, mito_all: np.ndarray | None,
@@ -469,7 +471,8 @@ def _prepare_source(source: AnnData, params: PreprocessParams, vocab: dict[str, 
         return finish_prepared(out, source, params, log, record,
                        input_record={"n_cells": n_cells_in, "n_genes": n_genes_in, "matrix": where,
                                      "value_kind": s.kind, "value_max": s.vmax},
-                       normalise=s.normalise, is_counts=s.is_counts, match_fraction=match.fraction)
+                       normalise=s.normalise, is_counts=s.is_counts, match_fraction=match.fraction,
+                       label_map=s.label_map)
 
     # pass 4: write the rows, dropping cells with no expressed gene left
     writer = _PreparedWriter(s, finish)

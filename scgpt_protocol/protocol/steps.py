@@ -1,5 +1,6 @@
 """Glue of the notebooks to the run's files that belongs to no lower layer: which reference and query
-step 04 maps (:func:`zeroshot_inputs`), which cells of a 03 query trained the model (:func:`training_overlap`),
+step 04 maps, in which label names (:func:`zeroshot_inputs`), its novel types scored apart (:func:`zeroshot_novel`,
+:func:`zeroshot_crosstab`), which cells of a 03 query trained the model (:func:`training_overlap`),
 the gene symbols of an external file (:func:`read_with_symbols`).
 """
 
@@ -7,22 +8,27 @@ from __future__ import annotations
 
 import logging
 import warnings
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from ..core.errors import format_keys
+from ..data.labels import missing_labels
 
 if TYPE_CHECKING:
     from anndata import AnnData
 
+    from ..annotate.zeroshot import ZeroShotResult
     from ..core.layout import RunLayout
+    from ..data.label_map import LabelMapResult
     from ..data.overlap import Overlap
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["zeroshot_inputs", "training_overlap", "read_with_symbols"]
+__all__ = ["zeroshot_inputs", "ZeroshotLabelMaps", "zeroshot_novel", "zeroshot_crosstab", "training_overlap",
+           "read_with_symbols"]
 
 
 def _input_path(layout: RunLayout) -> str | None:
@@ -71,14 +77,105 @@ def read_with_symbols(path: str, gene_symbol_key: str | None, *, what: str, name
     return adata
 
 
-def zeroshot_inputs(layout: RunLayout, params: Any) -> tuple[AnnData, AnnData, str]:
-    """Reference, query and label key of step 04 (:class:`~scgpt_protocol.core.params.ZeroshotParams`).
+@dataclass
+class ZeroshotLabelMaps:
+    """What 04's ``label_map`` did to the reference's and the query's labels (:func:`zeroshot_inputs`).
+
+    ``reference`` and ``query`` are :class:`~scgpt_protocol.data.label_map.LabelMapResult` (None: no map, or no
+    labelled query); reference cells mapped to nothing are left out of the reference (not even embedded);
+    the query's ``novel`` lists its labels that none of the reference's classes (after the map) matches.
+    """
+
+    reference: LabelMapResult | None = None
+    query: LabelMapResult | None = None
+
+    def describe(self) -> str:
+        """One paragraph per dataset for the report (:func:`~scgpt_protocol.data.label_map.describe_label_map`)."""
+        from ..data.label_map import describe_label_map
+
+        if self.reference is None and self.query is None:
+            return "No label map: the reference's and the query's labels are used as they are."
+        return "\n".join(describe_label_map(r, what) for r, what in ((self.reference, "the reference"),
+                                                                     (self.query, "the query")) if r is not None)
+
+    def record(self) -> dict[str, Any] | None:
+        """``metrics.json``'s ``label_map``: ``{"reference": ..., "query": ...}``
+        (:func:`~scgpt_protocol.data.label_map.label_map_record`); None without a map."""
+        from ..data.label_map import label_map_record
+
+        if self.reference is None and self.query is None:
+            return None
+        return {"reference": label_map_record(self.reference), "query": label_map_record(self.query)}
+
+
+def _relabel(adata: AnnData, label_key: str, result: LabelMapResult, rows: np.ndarray | None) -> None:
+    """Write the mapped labels into ``adata.obs[label_key]`` (of ``rows`` only, when given), keeping the labels
+    as given in ``obs[label_key + "_original"]`` (a backed AnnData's ``obs`` is in memory: this works on it)."""
+    labels = adata.obs[label_key]
+    if f"{label_key}_original" not in adata.obs:
+        adata.obs[f"{label_key}_original"] = labels.astype(object).to_numpy()
+    values = labels.astype(object).to_numpy().copy()
+    values[slice(None) if rows is None else rows] = result.labels.to_numpy(dtype=object)
+    adata.obs[label_key] = pd.Categorical(values)
+
+
+def _map_labels(label_map: Any, label_key: str, ref: tuple[AnnData, np.ndarray | None],
+                query: tuple[AnnData, np.ndarray | None]) -> tuple[ZeroshotLabelMaps, np.ndarray | None]:
+    """Apply one label map to the reference's and the query's labels (each an AnnData and the rows that are that
+    dataset, None: all), in place; the query is checked against the reference's classes after the map.
+
+    Returns the maps and the reference rows left (those mapped to nothing are left out; None: all)."""
+    from ..data.label_map import LabelMapError, apply_label_map, read_label_map
+
+    table = read_label_map(label_map)
+    (ref_data, ref_rows), (query_data, query_rows) = ref, query
+    if label_key not in ref_data.obs:
+        raise KeyError(f"label column {label_key!r} is not in the obs of the reference (columns: "
+                       f"{format_keys(list(ref_data.obs.columns))}); the label map translates that column.")
+    ref_labels = ref_data.obs[label_key] if ref_rows is None else ref_data.obs[label_key][ref_rows]
+    maps = ZeroshotLabelMaps(reference=apply_label_map(ref_labels, table))
+    classes = sorted({str(v) for v in maps.reference.labels.dropna()})
+    if label_key in query_data.obs:  # an unlabelled query has nothing to map
+        query_labels = query_data.obs[label_key] if query_rows is None else query_data.obs[label_key][query_rows]
+        try:
+            maps.query = apply_label_map(query_labels, table, model_classes=classes)
+        except LabelMapError as err:  # in 04 "the model's classes" are the reference's labels
+            raise LabelMapError(f"the query's labels against the reference's (04 transfers the reference's labels, "
+                                f"after the map): {err}") from err
+    _relabel(ref_data, label_key, maps.reference, ref_rows)
+    if maps.query is not None:
+        _relabel(query_data, label_key, maps.query, query_rows)
+    left_out = maps.reference.labels.isna().to_numpy() & ~missing_labels(ref_labels)
+    if not left_out.any():
+        return maps, ref_rows
+    logger.info("label map: %d reference cells mapped to nothing are left out of the reference", int(left_out.sum()))
+    rows = np.arange(ref_data.n_obs) if ref_rows is None else np.flatnonzero(ref_rows)
+    mask = np.zeros(ref_data.n_obs, dtype=bool)
+    mask[rows[~left_out]] = True
+    return maps, mask
+
+
+def zeroshot_inputs(layout: RunLayout, params: Any) -> tuple[AnnData, AnnData, str, ZeroshotLabelMaps]:
+    """Reference, query, label key and label maps of step 04 (:class:`~scgpt_protocol.core.params.ZeroshotParams`).
 
     Without paths, the reference is the train + validation cells of the run's prepared data and the
     query its test cells, so zero-shot and fine-tuned results are measured on the same cells. The
     prepared data are read backed (``X`` stays on disk): both are views of it, to embed with
     ``zeroshot_annotate(..., store_dir=...)``. Files given by path are read into memory.
+
+    ``params.label_map`` (a CSV path or a mapping holding both datasets' names) renames the reference's and
+    the query's labels in ``obs[label_key]`` (the labels as given stay in ``obs[label_key + "_original"]``):
+    reference cells mapped to nothing are left out of the reference; the query is checked against the
+    reference's classes after the map, and its labels that match none of them are novel types, scored apart
+    (:func:`zeroshot_novel`). A bad map fails here, before any embedding.
+
+    Raises
+    ------
+    LabelMapError
+        A map file with a missing column, a query label mapped to a class the reference lacks, no query label
+        left that the reference has.
     """
+    from ..data.overlap import same_file
     from ..pp.io import read_labels, read_prepared
 
     label_key = params.label_key
@@ -95,17 +192,73 @@ def zeroshot_inputs(layout: RunLayout, params: Any) -> tuple[AnnData, AnnData, s
         msg = ("label_key is not set and the run has no labels record (data/labels.json, written by 01) to "
                "take it from; set label_key to the label column of the reference and query.")
         raise ValueError(msg)
-    symbols = getattr(params, "gene_symbol_key", None)
-    reference = (read_with_symbols(params.reference_path, symbols, what="the reference", name="gene_symbol_key")
-                 if params.reference_path else prepared[np.isin(split, ["train", "val"])])
-    query = (read_with_symbols(params.query_path, symbols, what="the query", name="gene_symbol_key")
-             if params.query_path else prepared[split == "test"])
-    from ..data.overlap import same_file
+    if params.label_map is not None:
+        from ..data.label_map import read_label_map
 
+        read_label_map(params.label_map)  # a missing file or column fails before the data are read
+    symbols = getattr(params, "gene_symbol_key", None)
+    ref_data, ref_rows = ((read_with_symbols(params.reference_path, symbols, what="the reference",
+                                             name="gene_symbol_key"), None) if params.reference_path
+                          else (prepared, np.isin(split, ["train", "val"])))
+    query_data, query_rows = ((read_with_symbols(params.query_path, symbols, what="the query", name="gene_symbol_key"),
+                               None) if params.query_path else (prepared, split == "test"))
     if params.reference_path and same_file(params.reference_path, params.query_path):
         msg = (f"reference_path and query_path are the same file ({params.query_path}, by sha256): every query "
                "cell finds itself among its neighbours. Its cells are scored apart as 'seen cells'; give a "
                "query the reference does not hold for an honest number.")
         logger.warning("%s", msg)
         warnings.warn(msg, UserWarning, stacklevel=2)
-    return reference, query, label_key
+    maps = ZeroshotLabelMaps()
+    if params.label_map is not None:
+        maps, ref_rows = _map_labels(params.label_map, label_key, (ref_data, ref_rows), (query_data, query_rows))
+    reference = ref_data if ref_rows is None else ref_data[ref_rows]
+    if reference.is_view and not reference.isbacked:
+        reference = reference.copy()  # a file's cells less those mapped to nothing
+    query = query_data if query_rows is None else query_data[query_rows]
+    return reference, query, label_key, maps
+
+
+def zeroshot_novel(result: ZeroShotResult, maps: ZeroshotLabelMaps | None = None) -> dict[str, Any] | None:
+    """Score 04's novel types apart: the query labels none of the reference's classes matches.
+
+    Adds to ``result.metrics`` (when the query has metrics) ``novel``
+    (:func:`~scgpt_protocol.evaluate.novel.novel_record` of the kNN vote call: for each novel type its cells, the
+    share called ``Unknown`` and what the others were called; the "all cells" accuracy, where a novel cell is
+    right only when ``Unknown``) and ``label_map`` (``maps.record()``); the maps' description goes to the notes.
+    ``result.metrics``' ``knn_vote`` / ``knn_weighted`` already leave the novel-type cells out.
+
+    Returns
+    -------
+    dict or None
+        The ``novel`` record; None when every labelled query cell is of a reference class (or the query has no
+        labels).
+    """
+    from ..annotate.columns import PREDICTION_COLUMNS
+    from ..annotate.refinement import UNKNOWN
+    from ..evaluate.novel import novel_record
+
+    label_key = result.params.get("label_key")
+    if maps is not None and maps.record() is not None:
+        result.notes.append(maps.describe().replace("\n", " "))
+    classes = list(result.transfer.categories)
+    if label_key not in result.predictions or UNKNOWN in classes:  # no truth; or 'Unknown' is a reference class
+        return None
+    record = novel_record(result.predictions[label_key], {"knn_vote": result.predictions[PREDICTION_COLUMNS[0]]},
+                          classes, unknown=UNKNOWN)
+    if result.metrics is not None:
+        if record is not None:
+            result.metrics["novel"] = record
+        if maps is not None and maps.record() is not None:
+            result.metrics["label_map"] = maps.record()
+    return record
+
+
+def zeroshot_crosstab(result: ZeroShotResult) -> pd.DataFrame | None:
+    """Query cells per true label (rows) and kNN vote call (columns), novel types included; None without labels."""
+    from ..annotate.columns import PREDICTION_COLUMNS
+    from ..evaluate.novel import crosstab
+
+    label_key = result.params.get("label_key")
+    if label_key not in result.predictions:
+        return None
+    return crosstab(result.predictions[label_key], result.predictions[PREDICTION_COLUMNS[0]])
