@@ -80,7 +80,7 @@ def test_01_inspection_counts_cells_mapped_to_nothing_apart(tmp_path):
     assert set(inspection.class_counts.index) == {"lymphoid", "myeloid"}
     assert inspection.n_missing_labels == 0  # cells mapped to nothing are not "without a label"
     assert inspection.to_dict()["label_map"]["n_dropped"] == result.n_dropped > 0
-    assert "dropped from scoring" in inspection.label_map_text and "label map" in str(inspection)
+    assert "left out of training" in inspection.label_map_text and "label map" in str(inspection)
 
 
 def test_01_a_bad_map_fails_before_any_work(tmp_path):
@@ -184,7 +184,7 @@ def test_04_a_reference_label_mapped_to_nothing_leaves_its_cells_out(labelled_pb
     result, novel = _annotate(inputs, tiny_model)
     assert result.params["n_reference"] == reference.n_obs - n_ref and novel is None
     assert result.metrics["label_map"]["reference"]["n_dropped"] == n_ref
-    assert any("dropped from scoring" in n for n in result.notes)
+    assert any("left out of scoring" in n for n in result.notes)
 
 
 def test_04_bad_label_maps_fail_early_with_clear_errors(labelled_pbmc, tmp_path):

@@ -142,9 +142,6 @@ def resolve_run_dir(run_dir: str | Path, cwd: str | Path | None = None) -> Path:
     return (base / path).resolve()
 
 
-#: help of every ``label_map`` parameter (scgpt_protocol.data.label_map reads it)
-_LABEL_MAP_HELP = "{what} in the model's names: a CSV (label, model label) or a mapping (None: as they are)"
-
 
 @dataclass
 class StepParams:
@@ -335,7 +332,7 @@ class PreprocessParams(StepParams):
     batch_key: Optional[str] = _f(None, "adata.obs column with batches (batch-aware HVG selection)")
     layer: Optional[str] = _f(None, "adata.layers key with counts or log-normalised values (None: X)")
     gene_symbol_key: Optional[str] = _f(None, "adata.var column with gene symbols (None: var_names)")
-    label_map: Optional[Union[str, dict]] = _f(None, _LABEL_MAP_HELP.format(what="label_key's labels"))
+    label_map: Optional[Union[str, dict]] = _f(None, "labels -> names to learn: CSV (label,name) or a mapping")
     checkpoint: str = _f("demo", "'demo' (tiny random checkpoint), 'whole-human' (download) or a folder")
     min_genes: int = _f(0, "drop cells with fewer expressed genes", min=0, advanced=True)
     min_cells: int = _f(0, "drop genes expressed in fewer cells", min=0, advanced=True)
@@ -420,7 +417,7 @@ class EvaluateParams(StepParams):
     query_path: Optional[str] = _f(None, "an extra labelled .h5ad to evaluate on (None: test split only)")
     query_label_key: Optional[str] = _f(None, "label column of the query (None: the run's label_key)")
     query_gene_symbol_key: Optional[str] = _f(None, "var column of the query with gene symbols (None: var_names)")
-    query_label_map: Optional[Union[str, dict]] = _f(None, _LABEL_MAP_HELP.format(what="the query's labels"))
+    query_label_map: Optional[Union[str, dict]] = _f(None, "query labels -> model's: CSV (label,model label) or mapping")
     calibrate: bool = _f(True, "temperature-scale the probabilities on the validation cells (False: raw softmax)")
     batch_size: int = _f(64, "cells per forward pass", min=1, advanced=True)
     max_seq_len: Optional[int] = _f(None, "tokens per cell including <cls> (None: the length the model was trained with)",
@@ -456,8 +453,7 @@ class ZeroshotParams(StepParams):
     query_path: Optional[str] = _f(None, "query .h5ad (None: test cells of the prepared data)")
     label_key: Optional[str] = _f(None, "label column in reference/query (None: the run's label_key)")
     gene_symbol_key: Optional[str] = _f(None, "var column with gene symbols in those files (None: var_names)")
-    label_map: Optional[Union[str, dict]] = _f(None, "reference and query labels in common names: a CSV (label, common "
-                                               "name) or a mapping (None: as they are)")
+    label_map: Optional[Union[str, dict]] = _f(None, "reference, query labels -> common names: CSV or mapping")
     k: int = _f(10, "neighbours for the vote", min=1, advanced=True)
     batch_size: int = _f(64, "cells per forward pass", min=1, advanced=True)
     max_seq_len: Optional[int] = _recipe("zeroshot", "max_seq_len", "tokens per cell including <cls>", min=2)

@@ -254,14 +254,16 @@ def map_obs_labels(adata: Any, label_key: str, mapping: str | Path | Mapping[str
     return result
 
 
-def describe_label_map(result: LabelMapResult | None, what: str = "the data") -> str:
-    """One paragraph for a report: what the map did to ``what``'s labels (mapped, dropped, unmapped, novel)."""
+def describe_label_map(result: LabelMapResult | None, what: str = "the data", *, left_out_of: str = "scoring") -> str:
+    """One paragraph for a report: what the map did to ``what``'s labels (mapped, dropped, unmapped, novel).
+
+    ``left_out_of``: what the cells mapped to nothing are left out of (``"training"`` in 01)."""
     if result is None:
         return f"No label map: {what}'s labels are used as they are."
     parts = [f"Label map on {what}: {len(result.renamed)} of its label(s) renamed"]
     if result.dropped:
         shown = ", ".join(f"{k!r} ({n:,})" for k, n in sorted(result.dropped.items()))
-        parts.append(f"{result.n_dropped:,} cells dropped from scoring (mapped to nothing: {shown})")
+        parts.append(f"{result.n_dropped:,} cells left out of {left_out_of} (mapped to nothing: {shown})")
     if result.unmapped:
         parts.append(f"{len(result.unmapped)} label(s) not in the map kept as they are "
                      f"({format_keys(result.unmapped, limit=8)})")

@@ -352,8 +352,9 @@ def _novel_entries(query: AnnData, key: str, result: EvalResult, baseline: Basel
     if novel is not None:
         entries["novel"] = novel
     if label_map is not None:
-        entries["label_map"] = {"dropped": label_map.dropped, "n_dropped": label_map.n_dropped,
-                                "unmapped": label_map.unmapped, "novel": label_map.novel}
+        from ..data.label_map import label_map_record
+
+        entries["label_map"] = label_map_record(label_map)
     return entries
 
 
