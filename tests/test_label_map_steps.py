@@ -11,6 +11,7 @@ import pytest
 from scgpt_protocol.core.layout import RunLayout
 from scgpt_protocol.core.params import PreprocessParams
 from scgpt_protocol.data.label_map import LabelMapError
+from scgpt_protocol.metrics import ZEROSHOT_METHOD
 
 #: 01: a fine label column mapped to coarse names (many-to-one); type_3 mapped to nothing
 COARSE = {"type_0": "lymphoid", "type_1": "lymphoid", "type_2": "myeloid", "type_3": None}
@@ -158,15 +159,15 @@ def test_04_a_novel_type_is_reported_apart_and_left_out_of_the_knn_metrics(label
     layout, inputs = _zeroshot(tmp_path, reference, query)  # no map: a query label absent from the reference
     result, novel = _annotate(inputs, tiny_model, min_confidence=0.6)
     assert novel["types"] == [NOVEL] and novel["n_cells"] == n_novel
-    entry = novel["methods"]["knn_vote"]["novel"][NOVEL]
+    entry = novel["methods"][ZEROSHOT_METHOD]["novel"][NOVEL]
     assert entry["n_cells"] == n_novel and sum(entry["called"].values()) == n_novel
     assert entry["unknown_rate"] == pytest.approx(entry["called"].get("Unknown", 0) / n_novel)
     assert result.metrics["knn_vote"]["n_cells"] == query.n_obs - n_novel  # shared types only
-    assert novel["methods"]["knn_vote"]["all_cells"]["n_cells"] == query.n_obs
+    assert novel["methods"][ZEROSHOT_METHOD]["all_cells"]["n_cells"] == query.n_obs
     assert any("absent from the reference (novel types)" in n for n in result.notes)
     table = zeroshot_crosstab(result)
     assert int(table.loc[NOVEL].sum()) == n_novel and NOVEL not in table.columns
-    assert novel_frame(novel).loc[(NOVEL, "knn_vote"), "cells"] == n_novel
+    assert novel_frame(novel).loc[(NOVEL, ZEROSHOT_METHOD), "cells"] == n_novel
     write_zeroshot(layout, result)
     saved = json.loads(layout.zeroshot_metrics.read_text())
     assert saved["novel"]["types"] == [NOVEL] and saved["knn_vote"]["n_cells"] == query.n_obs - n_novel

@@ -243,7 +243,9 @@ def zeroshot_novel(result: ZeroShotResult, maps: ZeroshotLabelMaps | None = None
     classes = list(result.transfer.categories)
     if label_key not in result.predictions or UNKNOWN in classes:  # no truth; or 'Unknown' is a reference class
         return None
-    record = novel_record(result.predictions[label_key], {"knn_vote": result.predictions[PREDICTION_COLUMNS[0]]},
+    from ..metrics import ZEROSHOT_METHOD
+
+    record = novel_record(result.predictions[label_key], {ZEROSHOT_METHOD: result.predictions[PREDICTION_COLUMNS[0]]},
                           classes, unknown=UNKNOWN)
     if result.metrics is not None:
         if record is not None:
