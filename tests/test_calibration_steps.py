@@ -103,7 +103,12 @@ def test_the_temperature_lowers_validation_nll_of_an_over_confident_model(run, s
 
 
 def test_02_records_the_temperature_and_03_takes_it_or_fits_one(run, split_pbmc, capsys):
-    from scgpt_protocol.protocol.calibrate import FITTED_HERE, FROM_MANIFEST, model_temperature, record_temperature
+    from scgpt_protocol.protocol.calibrate import (
+        FITTED_HERE,
+        FROM_MANIFEST,
+        model_temperature,
+        record_temperature,
+    )
 
     layout, params = run
     model, manifest = _model(layout)

@@ -180,7 +180,12 @@ def logistic_regression_baseline(
 def _calibrate(result: BaselineResult, model: _BaselineModel, reader: _Reader, is_val: np.ndarray,
                labels: pd.Series) -> None:
     """Fit the baseline's temperature on the validation cells; calibrate the test (and query) probabilities in place."""
-    from ..annotate.calibration import calibrated, calibration_record, expected_calibration_error, fit_temperature
+    from ..annotate.calibration import (
+        calibrated,
+        calibration_record,
+        expected_calibration_error,
+        fit_temperature,
+    )
     from ..data.labels import clean_labels, missing_labels
 
     is_val = is_val & ~missing_labels(labels)

@@ -40,7 +40,7 @@ def _entry(confidence_raw: np.ndarray, confidence: np.ndarray, right: np.ndarray
            fitted: Mapping[str, Any] | None, n_bins: int) -> tuple[dict[str, Any], dict[str, pd.DataFrame]]:
     before = reliability_table(confidence_raw, right, n_bins)
     entry: dict[str, Any] = {"temperature": temperature, "ece_before": table_ece(before), "ece_after": None,
-                             "n_cells": int(len(right)), "accuracy": float(np.mean(right))}
+                             "n_cells": len(right), "accuracy": float(np.mean(right))}
     tables = {"raw": before}
     if temperature is not None:
         after = reliability_table(confidence, right, n_bins)
