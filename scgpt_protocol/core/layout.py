@@ -42,7 +42,7 @@ class RunLayout:
           model/                      02: fine-tuned checkpoint (best epoch) + labels.json
           train/                      02: last-epoch state for resume, history.csv, summary.json
           predictions.csv, metrics.json, data/evaluated.h5ad      03
-          query_predictions.csv       03, with an external query
+          query_predictions.csv       03, with an external query (and query_crosstab.csv: label x call)
           export/vars.h5              03: normalised expression of the evaluated cells (CSR) + var
           export/obs.duckdb           03: tables obs (one row per evaluated cell), metrics, per_class, coverage
           zeroshot/predictions.csv, zeroshot/metrics.json         04
@@ -134,6 +134,10 @@ class RunLayout:
         return self.run_dir / "query_predictions.csv"
 
     @property
+    def query_crosstab(self) -> Path:
+        return self.run_dir / "query_crosstab.csv"
+
+    @property
     def evaluated_adata(self) -> Path:
         return self.data_dir / "evaluated.h5ad"
 
@@ -189,7 +193,7 @@ class RunLayout:
         "01_preprocess": ("qc", "class_counts", "overview_umap"),
         "02_finetune": ("training_curves",),
         "03_evaluate": ("per_class_f1", "confusion", "umap", "call_umaps", "confidence_by_type", "marker_dotplot",
-                        "coverage_curve"),
+                        "reliability", "coverage_curve"),
         "04_zeroshot": ("zeroshot_umap", "zeroshot_coverage_curve"),
     }
 
@@ -202,7 +206,7 @@ class RunLayout:
                               self.demo_checkpoint_dir],
             "02_finetune": [self.model_dir, self.train_dir],
             "03_evaluate": [self.predictions, self.metrics, self.evaluated_adata, self.prediction_store,
-                            self.query_predictions,
+                            self.query_predictions, self.query_crosstab,
                             self.export_dir],
             "04_zeroshot": [self.zeroshot_dir],
         }

@@ -434,7 +434,7 @@ def write_results(
     Returns
     -------
     dict
-        ``{"predictions": path, "metrics": path}`` (and ``"query_predictions"``).
+        ``{"predictions": path, "metrics": path}`` (and ``"query_predictions"``, ``"query_crosstab"``).
     """
     written = {"predictions": layout.write_csv(predictions, layout.predictions)}
     record = dict(metrics)
@@ -442,8 +442,7 @@ def write_results(
         record["query"] = {k: v for k, v in query.items() if k not in ("predictions", "crosstab")}
         written["query_predictions"] = layout.write_csv(query["predictions"], layout.query_predictions)
         if query.get("crosstab") is not None:  # query label x call
-            written["query_crosstab"] = layout.write_csv(query["crosstab"],
-                                                         layout.query_predictions.with_name("query_crosstab.csv"))
+            written["query_crosstab"] = layout.write_csv(query["crosstab"], layout.query_crosstab)
     plain = json_safe(record)
     plain["descriptions"] = {k: v for k, v in METRIC_DESCRIPTIONS.items() if k in _metric_names(record)}
     written["metrics"] = layout.write_json(layout.metrics, plain)

@@ -39,6 +39,7 @@ MAIN_FIGURES = (
     ("per_class_f1", "03: F1 per cell type"),
     ("marker_dotplot", "03: marker genes of each type on the test cells, grouped by prediction"),
     ("confidence_by_type", "03: confidence per predicted type"),
+    ("reliability", "03: accuracy against confidence, raw and calibrated (reliability diagram)"),
     ("coverage_curve", "03: coverage against accuracy over min_confidence"),
     ("zeroshot_umap", "04: reference and query in one embedding"),
 )
