@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import pandas as pd
 
+from ..core.log import DETAIL
 from .tables import styled
 
 if TYPE_CHECKING:
@@ -46,7 +47,8 @@ def record_temperature(layout: RunLayout, params: Any) -> dict[str, Any]:
     record = _fit(model, manifest, adata, params, trained_max_seq_len(manifest, None))
     record_calibration(layout.model_dir, record)
     logger.info("calibration: temperature %.3f fitted on %d validation cells (ECE %.3f -> %.3f)",
-                record["temperature"], record["n_cells"], record["ece_before"], record["ece_after"])
+                record["temperature"], record["n_cells"], record["ece_before"], record["ece_after"],
+                extra=DETAIL)  # the log only: the notebook prints it
     return record
 
 
