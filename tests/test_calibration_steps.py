@@ -220,6 +220,10 @@ def test_a_novel_type_is_scored_apart_and_written(run, split_pbmc, tmp_path):
         assert all_cells["n_cells"] == len(labels) - n_dropped and all_cells["n_novel"] == n_novel
         # the shared-type metrics leave the novel and the dropped cells out
         assert record["methods"][method]["n_cells"] == len(labels) - n_novel - n_dropped
+    plain = evaluate_query(model, query, manifest=manifest, label_key="label", max_seq_len=32, baseline=base,
+                           label_map=mapped)  # no abstention: the baseline's own metrics, on the shared types too
+    assert {m: r["n_cells"] for m, r in plain["methods"].items()} == {
+        SCGPT_METHOD: len(labels) - n_novel - n_dropped, BASELINE_METHOD: len(labels) - n_novel - n_dropped}
     calls = record["predictions"]["scgpt_label"].astype(str).to_numpy()
     is_novel = query.obs["label"].astype(str).to_numpy() == "Megakaryocyte"
     assert novel["methods"][SCGPT_METHOD]["novel"]["Megakaryocyte"]["unknown_rate"] == pytest.approx(

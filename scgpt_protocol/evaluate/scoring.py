@@ -297,7 +297,8 @@ def evaluate_query(
     base = baseline.query if baseline is not None else None
     methods = {SCGPT_METHOD: scored.metrics}
     if base is not None:
-        methods[BASELINE_METHOD] = like_for_like(base if shared is None else _baseline_cells(base, shared), scored)
+        methods[BASELINE_METHOD] = like_for_like(base if shared is None else _baseline_cells(base, shared, scored),
+                                                 scored)
     record = {"label_key": key, "n_cells": int(query.n_obs), "methods": methods, "predictions": result.predictions,
               "warnings": _label_case_warnings(result.predictions[TRUE_LABEL], manifest["categories"])}
     record.update(_novel_entries(query, key, result, base, manifest["categories"], min_confidence, label_map))
@@ -325,13 +326,18 @@ def _shared_types(truth: pd.Series, categories: Any) -> np.ndarray | None:
     return shared
 
 
-def _baseline_cells(result: BaselineResult, mask: np.ndarray) -> BaselineResult:
-    """The baseline's result on the cells ``mask`` (in order) only."""
+def _baseline_cells(result: BaselineResult, mask: np.ndarray, scgpt: EvalResult) -> BaselineResult:
+    """The baseline's result on the cells ``mask`` (in order) only, its metrics scored on them (``scgpt``: the
+    evaluation of the same cells, for their labels)."""
     import dataclasses
 
     raw = result.raw_confidence[mask] if result.raw_confidence is not None else None
-    return dataclasses.replace(result, predictions=result.predictions[mask],
-                               probabilities=np.asarray(result.probabilities)[mask], raw_confidence=raw)
+    predictions, proba = result.predictions[mask], np.asarray(result.probabilities)[mask]
+    truth = scgpt.predictions[TRUE_LABEL].astype(str).to_numpy()
+    metrics = classification_metrics(truth, predictions.astype(str).to_numpy(), categories=result.categories,
+                                     proba=proba)
+    return dataclasses.replace(result, predictions=predictions, probabilities=proba, raw_confidence=raw,
+                               metrics=metrics)
 
 
 def _novel_entries(query: AnnData, key: str, result: EvalResult, baseline: BaselineResult | None, categories: Any,
