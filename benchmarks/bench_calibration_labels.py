@@ -16,7 +16,7 @@ abstention), and at ``min_confidence`` 0.5 the share of novel-type and of shared
 (raw and calibrated probabilities) and the "all cells" accuracy (a novel cell right only when ``Unknown``).
 
     python benchmarks/bench_calibration_labels.py [--data ../shared/data] [--train-tech 3pv2] [--held-out B]
-        [--epochs 40] [--max-seq-len 256] [--skip-scgpt] [--out runs/bench_calibration_labels]
+        [--epochs 40] [--max-seq-len 256] [--precision fp32] [--skip-scgpt] [--out runs/bench_calibration_labels]
 """
 
 from __future__ import annotations
@@ -121,6 +121,9 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--max-seq-len", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", default="fp32", choices=["fp32", "auto", "bf16"],
+                   help="scGPT's training and prediction (fp32: the same figures on every CPU; 'auto' runs bf16 on "
+                        "CPUs with bf16 units)")
     p.add_argument("--skip-scgpt", action="store_true", help="the baseline only")
     p.add_argument("--out", default="runs/bench_calibration_labels")
     a = p.parse_args()
@@ -158,7 +161,8 @@ def main() -> None:
         from scgpt_protocol.protocol.compare import AnnotationRunner, _checkpoint_record
 
         params = FinetuneParams(run_dir=str(out), epochs=a.epochs, lr=1e-3, batch_size=32, max_seq_len=a.max_seq_len,
-                                class_weighted=True, patience=0, device="cpu", seed=a.seed)
+                                class_weighted=True, patience=0, device="cpu", seed=a.seed,
+                                precision=a.precision)
         runner = AnnotationRunner(prepared, label_key="coarse", categories=categories,
                                   base_checkpoint=_checkpoint_record(ckpt), params=params)
         runner.fit(["full"])  # ends with the temperature fitted on the validation cells (runner.manifest)
