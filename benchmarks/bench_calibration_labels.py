@@ -32,6 +32,7 @@ import pandas as pd
 
 from scgpt_protocol.annotate.calibration import expected_calibration_error
 from scgpt_protocol.annotate.refinement import refine_labels
+from scgpt_protocol.core.params import PRECISION_NAMES
 from scgpt_protocol.data.label_map import apply_label_map, describe_label_map, map_obs_labels
 from scgpt_protocol.data.matrix import log1p_cp10k
 from scgpt_protocol.evaluate.novel import crosstab, novel_record, split_novel
@@ -121,7 +122,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--max-seq-len", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--precision", default="fp32", choices=["fp32", "auto", "bf16"],
+    p.add_argument("--precision", default="fp32", choices=PRECISION_NAMES,
                    help="scGPT's training and prediction (fp32: the same figures on every CPU; 'auto' runs bf16 on "
                         "CPUs with bf16 units)")
     p.add_argument("--skip-scgpt", action="store_true", help="the baseline only")
