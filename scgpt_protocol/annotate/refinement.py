@@ -144,6 +144,8 @@ def over_cluster(
     import anndata as ad
     import scanpy as sc
 
+    from ..data.graph import neighbors
+
     emb = np.asarray(embedding, dtype=np.float32)
     if emb.ndim != 2:
         msg = f"embedding has shape {emb.shape}; expected [cells, dimensions], e.g. adata.obsm['X_scgpt']."
@@ -154,7 +156,7 @@ def over_cluster(
     if n < 3:  # no graph to speak of: one cluster
         return np.full(n, "0", dtype=object)
     light = ad.AnnData(obs=pd.DataFrame(index=pd.RangeIndex(n).astype(str)), obsm={"X_emb": emb})
-    sc.pp.neighbors(light, use_rep="X_emb", n_neighbors=min(n_neighbors, n - 1), random_state=seed)
+    neighbors(light, use_rep="X_emb", n_neighbors=n_neighbors, seed=seed)
     res = overclustering_resolution(n) if resolution is None else float(resolution)
     sc.tl.leiden(light, resolution=res, flavor="igraph", n_iterations=2, directed=False, random_state=seed,
                  key_added="over_clustering")

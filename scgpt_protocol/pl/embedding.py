@@ -216,6 +216,8 @@ def compute_umap(
     import anndata as ad
     import scanpy as sc
 
+    from ..data.graph import neighbors
+
     if use_rep not in adata.obsm:
         msg = (
             f"use_rep={use_rep!r} is not in adata.obsm (keys: {format_keys(adata.obsm.keys())}); compute it first, "
@@ -226,8 +228,7 @@ def compute_umap(
         raise ValueError(f"a UMAP needs at least 3 cells; adata has {adata.n_obs}.")
     light = ad.AnnData(obs=pd.DataFrame(index=adata.obs_names.copy()),
                        obsm={use_rep: np.asarray(adata.obsm[use_rep], dtype=np.float32)})
-    sc.pp.neighbors(light, use_rep=use_rep, n_neighbors=min(n_neighbors, adata.n_obs - 1), random_state=seed,
-                    method=method)
+    neighbors(light, use_rep=use_rep, n_neighbors=n_neighbors, seed=seed, method=method)
     sc.tl.umap(light, random_state=seed)
     adata.obsm[key_added] = light.obsm["X_umap"].astype(np.float32)
 

@@ -166,6 +166,7 @@ def plot_overview_umap(adata: AnnData, *, label_key: str, max_cells: int = 20000
 
     from ..data.store import subsample
     from ..evaluate.markers import expression_rows
+    from ..data.graph import neighbors
     from .embedding import plot_embedding
 
     if label_key not in adata.obs.columns:
@@ -181,7 +182,7 @@ def plot_overview_umap(adata: AnnData, *, label_key: str, max_cells: int = 20000
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         sc.pp.pca(sample, n_comps=n_comps, random_state=seed)
-        sc.pp.neighbors(sample, n_neighbors=min(15, sample.n_obs - 1), random_state=seed)
+        neighbors(sample, n_neighbors=15, seed=seed)
         sc.tl.umap(sample, random_state=seed)
     what = f"{sample.n_obs:,} of {adata.n_obs:,} cells (a seeded sample)" if sample.n_obs < adata.n_obs else (
         f"all {adata.n_obs:,} cells")

@@ -1,0 +1,107 @@
+"""The protocol's kNN graph at any size (issue 27): scanpy's graph, on every pynndescent the project allows."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from scgpt_protocol.data.graph import EXACT_BELOW, EXACT_UP_TO, neighbors, search_of
+
+
+class _CsrArrayKnn:
+    """Stands in for pynndescent 0.7's ``PyNNDescentTransformer``: exact neighbours, returned as ``csr_array``."""
+
+    calls = 0
+
+    def __init__(self, n_neighbors=30, **kwds):
+        from sklearn.neighbors import KNeighborsTransformer
+
+        self.n_neighbors, self.kwds = n_neighbors, kwds
+        self._knn = KNeighborsTransformer(n_neighbors=n_neighbors - 1, mode="distance", algorithm="brute")
+
+    def get_params(self, deep=True):
+        return {"n_neighbors": self.n_neighbors, **self.kwds}
+
+    def fit_transform(self, x, y=None):
+        type(self).calls += 1
+        return sp.csr_array(self._knn.fit_transform(x))
+
+
+def _cells(n: int, seed: int = 0) -> ad.AnnData:
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(8, 10)) * 4
+    x = (centers[rng.integers(0, 8, n)] + rng.normal(size=(n, 10))).astype(np.float32)
+    return ad.AnnData(obs={"i": np.arange(n).astype(str)}, obsm={"X_emb": x})
+
+
+def _neighbour_sets(adata: ad.AnnData) -> list[set[int]]:
+    """Each cell's neighbours but itself (a search may keep the cell as its own neighbour at distance 0)."""
+    d = sp.csr_matrix(adata.obsp["distances"])
+    return [set(d.indices[d.indptr[i] : d.indptr[i + 1]].tolist()) - {i} for i in range(d.shape[0])]
+
+
+def test_large_graphs_survive_a_search_that_returns_csr_array(monkeypatch):
+    """Above EXACT_UP_TO cells, scanpy 1.11 + pynndescent 0.7 fail (``'csr_array' has no attribute 'getnnz'``);
+    the protocol's graph is the one the search gives, whatever sparse type it returns."""
+    import pynndescent
+    import scanpy as sc
+
+    from scgpt_protocol.data import graph
+
+    monkeypatch.setattr(pynndescent, "PyNNDescentTransformer", _CsrArrayKnn)
+    monkeypatch.setattr(graph, "EXACT_UP_TO", EXACT_BELOW)  # the approximate path at a size a test affords
+    _CsrArrayKnn.calls = 0
+    adata = _cells(EXACT_BELOW + 1)
+    neighbors(adata, use_rep="X_emb", n_neighbors=10, seed=0)
+    assert _CsrArrayKnn.calls == 1  # the approximate path ran (here: its stand-in, an exact search)
+    assert adata.uns["neighbors"]["params"]["n_neighbors"] == 10
+    exact = _cells(EXACT_BELOW + 1)
+    sc.pp.neighbors(exact, use_rep="X_emb", n_neighbors=10, transformer="sklearn")
+    assert _neighbour_sets(adata) == _neighbour_sets(exact)
+    np.testing.assert_allclose(adata.obsp["connectivities"].sum(), exact.obsp["connectivities"].sum(), rtol=1e-5)
+
+
+def test_mid_sized_graphs_are_exact_without_pynndescent(monkeypatch):
+    import pynndescent
+
+    monkeypatch.setattr(pynndescent, "PyNNDescentTransformer", _CsrArrayKnn)
+    _CsrArrayKnn.calls = 0
+    adata = _cells(EXACT_BELOW)
+    neighbors(adata, use_rep="X_emb", n_neighbors=10, seed=0)
+    assert _CsrArrayKnn.calls == 0
+    from sklearn.neighbors import NearestNeighbors
+
+    x = adata.obsm["X_emb"]
+    truth = NearestNeighbors(n_neighbors=10).fit(x).kneighbors(x, return_distance=False)
+    assert _neighbour_sets(adata) == [set(row.tolist()) - {i} for i, row in enumerate(truth)]
+    assert [search_of(n) for n in (EXACT_BELOW - 1, EXACT_BELOW, EXACT_UP_TO, EXACT_UP_TO + 1)] == [
+        "scanpy", "exact", "exact", "pynndescent"]
+
+
+def test_small_graphs_are_scanpys_own(monkeypatch):
+    import pynndescent
+    import scanpy as sc
+
+    monkeypatch.setattr(pynndescent, "PyNNDescentTransformer", _CsrArrayKnn)
+    _CsrArrayKnn.calls = 0
+    ours, theirs = _cells(500), _cells(500)
+    neighbors(ours, use_rep="X_emb", n_neighbors=15, seed=3)
+    sc.pp.neighbors(theirs, use_rep="X_emb", n_neighbors=15, random_state=3)
+    assert _CsrArrayKnn.calls == 0
+    assert (ours.obsp["connectivities"] != theirs.obsp["connectivities"]).nnz == 0
+    tiny = _cells(4)
+    neighbors(tiny, use_rep="X_emb", n_neighbors=15)  # capped at n - 1
+    assert tiny.uns["neighbors"]["params"]["n_neighbors"] == 3
+    with pytest.raises(ValueError, match="at least 3 cells"):
+        neighbors(_cells(2), use_rep="X_emb")
+
+
+def test_the_approximate_search_has_umaps_settings():
+    from scgpt_protocol.data.graph import knn_transformer
+
+    search = knn_transformer(40_000, n_neighbors=15, seed=7)
+    params = search.get_params()
+    assert params["n_neighbors"] == 15 and params["random_state"] == 7 and params["metric"] == "euclidean"
+    assert params["n_trees"] == 5 + round(40_000**0.5 / 20) and params["n_iters"] == round(np.log2(40_000))
