@@ -197,3 +197,27 @@ def test_the_runner_writes_the_summary_after_the_first_step_already(tmp_path):
     for step in ("02_finetune", "03_evaluate", "04_zeroshot"):
         assert re.search(rf"{step}</td><td[^>]*>not run", page), step
     assert "run 02_finetune with the same run_dir" in page and "../figures/overview_umap.png" in page
+
+
+def test_the_summary_is_written_when_the_first_step_fails(tmp_path):
+    """Issue 27: a failed 01 left no summary (``could not write the run summary ...: 0``)."""
+    import shutil
+    from pathlib import Path
+
+    import pytest
+    import yaml
+
+    from scgpt_protocol.protocol.runner import RunFailed, run_protocol
+
+    params = tmp_path / "params"
+    shutil.copytree(Path(__file__).resolve().parent.parent / "params" / "ci", params)
+    first = params / "01_preprocess.yaml"
+    first.write_text(yaml.safe_dump({**yaml.safe_load(first.read_text()), "label_key": "no_such_column"}))
+    with pytest.raises(RunFailed, match="no_such_column"):
+        run_protocol(params, tmp_path / "run", steps=["01"])
+    page = (tmp_path / "run" / "reports" / "index.html").read_text()
+    assert re.search(r"href='01_preprocess.html'>01_preprocess</a></td><td[^>]*>failed", page)
+    assert page.count("no_such_column") >= 2  # in the steps table and in Next
+    assert "01_preprocess failed" in page and "logs/preprocess.log" in page
+    for step in ("02_finetune", "03_evaluate", "04_zeroshot"):
+        assert re.search(rf"{step}</td><td[^>]*>not run", page), step

@@ -55,20 +55,55 @@ def _read(path: Path) -> Any:
         return None
 
 
+def _report_link(layout: RunLayout, step: str) -> str:
+    """The step's name, linked to its report: the HTML copy, else the executed notebook (e.g. of a failed step
+    whose HTML could not be made), else plain text."""
+    for name in (f"{step}.html", f"{step}.ipynb"):
+        if (layout.reports_dir / name).is_file():
+            return f"<a href='{html.escape(name)}'>{html.escape(step)}</a>"
+    return html.escape(step)
+
+
 def _steps_table(layout: RunLayout, manifest: Mapping[str, Any]) -> str:
     rows = []
     for step in STEPS:
         record = (manifest.get("steps") or {}).get(step) or {}
         status = str(record.get("status") or "not run")
-        report = layout.reports_dir / f"{step}.html"
-        link = (f"<a href='{html.escape(report.name)}'>{html.escape(step)}</a>" if report.is_file()
-                else html.escape(step))
         seconds = f"{float(record['seconds']):.0f} s" if record.get("seconds") is not None else ""
         color = _STATUS_COLOR.get(status, "#555")
-        rows.append(f"<tr><td>{link}</td><td style='color:{color};font-weight:bold'>{html.escape(status)}</td>"
+        rows.append(f"<tr><td>{_report_link(layout, step)}</td>"
+                    f"<td style='color:{color};font-weight:bold'>{html.escape(status)}</td>"
                     f"<td>{seconds}</td><td>{html.escape(str(record.get('finished') or ''))}</td></tr>")
+        if status == "failed" and record.get("error"):
+            rows.append(f"<tr><td></td><td colspan='3' style='color:{color}'><code>"
+                        f"{html.escape(_shorten(str(record['error'])))}</code></td></tr>")
     return ("<table><tr><th>Step</th><th>Status</th><th>Time</th><th>Finished (UTC)</th></tr>"
             + "".join(rows) + "</table>")
+
+
+def _shorten(text: str, limit: int = 1_000) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
+
+
+def _failed_step(manifest: Mapping[str, Any]) -> tuple[str, Mapping[str, Any]] | None:
+    """The step the run stopped at, with its record (None when no step failed)."""
+    for step in STEPS:
+        record = (manifest.get("steps") or {}).get(step) or {}
+        if record.get("status") == "failed":
+            return step, record
+    return None
+
+
+def _failure_html(layout: RunLayout, manifest: Mapping[str, Any]) -> str:
+    failed = _failed_step(manifest)
+    if failed is None:
+        return ""
+    step, record = failed
+    return (f"<p style='color:{_STATUS_COLOR['failed']}'><b>{html.escape(step)} failed</b>: "
+            f"<code>{html.escape(_shorten(str(record.get('error') or 'no message recorded')))}</code></p>"
+            f"<p>Open its report ({_report_link(layout, step)}) at the failed cell and "
+            f"<code>logs/{html.escape(step.split('_', 1)[1])}.log</code>; fix the cause and run the step again "
+            "with the same run_dir.</p>")
 
 
 def _headline(layout: RunLayout) -> str:
@@ -115,8 +150,8 @@ def run_index_html(layout: RunLayout, manifest: Mapping[str, Any] | None = None)
     record = _read(layout.checkpoint_record)
     banner = checkpoint_banner(record)._repr_html_() if record else ""
     done = [s for s in STEPS if ((manifest.get("steps") or {}).get(s) or {}).get("status") == "finished"]
-    last = done[-1] if done else STEPS[0]
-    nxt = next_steps(layout, last, summary_page=True)._repr_html_() if done else ""
+    nxt = _failure_html(layout, manifest) or (
+        next_steps(layout, done[-1], summary_page=True)._repr_html_() if done else "")
     now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     title = f"Run summary: {Path(layout.run_dir).name}"
     style = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:20px auto;padding:0 16px;color:#222}"

@@ -482,12 +482,12 @@ def _step_failed(err: Exception, layout: RunLayout, manifest: dict[str, Any], re
     manifest["steps"][step] = {**record, "seconds": seconds, "status": "failed", "error": error, "error_type": ename}
     manifest["status"] = "failed"
     manifest_note = _write_manifest_best_effort(layout, manifest)
-    write_index_safely(layout, manifest)
     if html and report.is_file() and not aside:
         try:
             export_html_safely(report, report_title(step, layout.run_dir))
         except OSError as html_err:
             logger.error("no HTML copy of %s: %s", report, html_err)
+    write_index_safely(layout, manifest)  # after the HTML copy, which it links to
     if full is not None:
         first = notebook_error(err)  # a cell had failed before papermill could not save the report
         note = "; ".join(n for n in (f"a cell had failed first: {first}" if first else None, aside, manifest_note)
