@@ -8,15 +8,17 @@ import numpy as np
 import pytest
 
 FIXTURE = Path(__file__).parent / "fixtures" / "scgpt_official_tiny"
+#: markers whose tests run only with their flag (--slow, ...); realsize: the real-size smoke (make test-realsize)
+FLAGS = ("slow", "gpu", "internet", "realsize")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    for flag in ("slow", "gpu", "internet"):
+    for flag in FLAGS:
         parser.addoption(f"--{flag}", action="store_true", default=False, help=f"run tests marked {flag}")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    for flag in ("slow", "gpu", "internet"):
+    for flag in FLAGS:
         if config.getoption(f"--{flag}"):
             continue
         skip = pytest.mark.skip(reason=f"needs --{flag}")

@@ -105,3 +105,22 @@ def test_the_approximate_search_has_umaps_settings():
     params = search.get_params()
     assert params["n_neighbors"] == 15 and params["random_state"] == 7 and params["metric"] == "euclidean"
     assert params["n_trees"] == 5 + round(40_000**0.5 / 20) and params["n_iters"] == round(np.log2(40_000))
+
+
+@pytest.mark.slow
+def test_the_approximate_graph_of_an_atlas_with_the_installed_pynndescent():
+    """Above EXACT_UP_TO cells the graph comes from pynndescent (whichever release is installed), as majority
+    voting builds it for an atlas: over_cluster on 60,000 cells. About 95 s on a fresh environment, most of it
+    numba compiling pynndescent; make test-latest runs it on the newest releases."""
+    from scgpt_protocol.annotate.refinement import over_cluster
+
+    n = 60_000
+    assert search_of(n) == "pynndescent"
+    rng = np.random.default_rng(0)
+    types = rng.integers(0, 8, n)
+    emb = (rng.normal(size=(8, 32)) * 4)[types] + rng.normal(size=(n, 32))
+    clusters = over_cluster(emb.astype(np.float32), seed=0)
+    assert len(clusters) == n and len(set(clusters)) > 8
+    # over-clusters nest in the types: nearly every cluster is one type
+    pure = sum(np.bincount(types[clusters == c]).max() for c in set(clusters)) / n
+    assert pure > 0.99, pure

@@ -40,6 +40,7 @@ def _protocol_files() -> list[str]:
     files = [p.relative_to(ROOT).as_posix() for p in (ROOT / "notebooks").glob("*.ipynb")]
     for name in BUILTIN_SCENARIOS:
         files += [p.relative_to(ROOT).as_posix() for p in (ROOT / "params" / name).glob("*.yaml")]
+    files += [p.relative_to(ROOT).as_posix() for p in (ROOT / "constraints").glob("py*.txt")]  # the tested sets
     return sorted(files)
 
 
@@ -53,7 +54,9 @@ def test_pyproject_maps_notebooks_and_every_scenario_into_the_package():
     tomllib = pytest.importorskip("tomllib")
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     assert config["package-dir"] == {"scgpt_protocol._protocol.notebooks": "notebooks",
-                                     "scgpt_protocol._protocol.params": "params"}
+                                     "scgpt_protocol._protocol.params": "params",
+                                     "scgpt_protocol._protocol.constraints": "constraints"}
+    assert config["package-data"]["scgpt_protocol._protocol.constraints"] == ["py*.txt"]
     assert config["package-data"]["scgpt_protocol._protocol.notebooks"] == ["*.ipynb"]
     assert sorted(config["package-data"]["scgpt_protocol._protocol.params"]) == sorted(
         f"{name}/*.yaml" for name in BUILTIN_SCENARIOS)
@@ -186,6 +189,9 @@ def test_colab_cell_installs_this_release_with_literals_only(step):
         f"the Colab cell installs {literals[-1]!r}; this release is {COLAB_INSTALL!r}: update the cell "
         "in every notebook when the version changes")
     assert f"@v{__version__}" in COLAB_INSTALL
+    # Colab's torch and numpy are kept: pinned to what is installed, in the constraints file the install reads
+    assert literals[literals.index("-c") + 1] == "/tmp/colab-keep.txt"
+    assert "keep.write(f\"torch=={version('torch')}\\nnumpy=={version('numpy')}\\n\")" in setup
 
 
 def test_readme_shows_both_quick_starts():

@@ -193,7 +193,7 @@ def test_the_runner_writes_the_summary_after_the_first_step_already(tmp_path):
     params = Path(__file__).resolve().parent.parent / "params" / "ci"
     run_protocol(params, tmp_path / "run", steps=["01"], html=False)
     page = (tmp_path / "run" / "reports" / "index.html").read_text()
-    assert re.search(r"01_preprocess</td><td[^>]*>finished", page)
+    assert re.search(r"href='01_preprocess.ipynb'>01_preprocess</a></td><td[^>]*>finished", page)  # no HTML copy
     for step in ("02_finetune", "03_evaluate", "04_zeroshot"):
         assert re.search(rf"{step}</td><td[^>]*>not run", page), step
     assert "run 02_finetune with the same run_dir" in page and "../figures/overview_umap.png" in page

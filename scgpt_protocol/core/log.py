@@ -83,6 +83,9 @@ def setup_logging(layout: Any, step: str, level: int = logging.INFO) -> None:
     logger.addHandler(handler)
     logger.setLevel(level)
     logger.info("logging to %s", path)
+    from .versions import note_untested_versions
+
+    note_untested_versions()  # versions outside the tested set: said once, here and in the first output
 
 
 def progress_mode() -> str:

@@ -1,4 +1,5 @@
-"""Reading AnnData files, rows of a matrix by chunks, labels and splits, colours, on-disk stores, demo data."""
+"""Reading AnnData files, rows of a matrix by chunks, labels and splits, colours, on-disk stores, demo data,
+the kNN graph of cells (any size)."""
 
 from ..core.lazy import lazy_exports
 
@@ -13,6 +14,8 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "fixed_color": "colors",
     "load_demo": "demo",
     "make_toy_adata": "demo",
+    "make_real_size_demo": "demo",
+    "neighbors": "graph",
     "LabelMapError": "label_map",
     "LabelMapNotFoundError": "label_map",
     "LabelMapResult": "label_map",

@@ -1,0 +1,81 @@
+"""The four steps at the size users bring (issue 27): 25,000 cells x 2,400 genes, made in seconds.
+
+Every neighbour graph of the protocol -- 01's overview UMAP, 03's UMAPs and majority voting's over-clustering,
+04's joint UMAP and voting -- runs on 8,192 cells or more, where scanpy leaves exact neighbours for
+pynndescent, and HVG selection runs batch-aware on counts. The model settings are the ``ci`` scenario's (a tiny
+checkpoint, 2 epochs of 64 tokens), each epoch 100 batches (3,200 of the 13,750 train cells): the run checks
+that the protocol works at this size, not what it learns.
+``make test-realsize`` runs it (CI does); ``make test-latest`` runs it on the newest releases, with the graph of an
+atlas (``tests/test_neighbors.py``, above 50,000 cells, where pynndescent searches).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.realsize
+
+ROOT = Path(__file__).resolve().parent.parent
+N_CELLS, N_GENES, TEST_SIZE = 25_000, 2_400, 0.35
+
+
+@pytest.fixture(scope="module")
+def real_size_run(tmp_path_factory):
+    from scgpt_protocol import make_tiny_checkpoint
+    from scgpt_protocol.core.layout import RunLayout
+    from scgpt_protocol.data.demo import make_real_size_demo
+    from scgpt_protocol.protocol.runner import run_protocol
+
+    work = tmp_path_factory.mktemp("realsize")
+    adata = make_real_size_demo(N_CELLS, N_GENES)
+    adata.write_h5ad(work / "cells.h5ad")
+    # the checkpoint misses every tenth synthetic gene, so 01 also drops genes it does not know
+    genes = [g for j, g in enumerate(adata.var_names) if not (g.startswith("SYN") and j % 10 == 0)]
+    checkpoint = make_tiny_checkpoint(work / "checkpoint", genes)
+    params = work / "params"
+    params.mkdir()
+    extra = {"01_preprocess": {"adata_path": str(work / "cells.h5ad"), "label_key": "bulk_labels",
+                               "batch_key": "batch", "checkpoint": str(checkpoint), "n_hvg": 2_000,
+                               "test_size": TEST_SIZE},
+             "02_finetune": {"steps_per_epoch": 100}}
+    for source in sorted((ROOT / "params" / "ci").glob("*.yaml")):
+        values = {**yaml.safe_load(source.read_text()), **extra.get(source.stem, {})}
+        (params / source.name).write_text(yaml.safe_dump(values))
+    start = time.perf_counter()
+    result = run_protocol(params, work / "run")
+    print(f"real-size smoke: {N_CELLS:,} cells x {N_GENES:,} genes, four steps in "
+          f"{time.perf_counter() - start:.0f} s ({', '.join(f'{s.step} {s.seconds:.0f} s' for s in result.steps)})")
+    return RunLayout(work / "run"), result
+
+
+def test_every_step_finishes_at_real_size(real_size_run):
+    layout, result = real_size_run
+    assert [s.status for s in result.steps] == ["finished"] * 4
+    for stem in ("overview_umap", "call_umaps", "zeroshot_umap"):
+        assert layout.figure(stem).is_file(), stem
+
+
+def test_the_graphs_ran_past_the_exact_neighbour_shortcut(real_size_run):
+    import anndata as ad
+
+    from scgpt_protocol.data.graph import EXACT_BELOW
+    from scgpt_protocol.metrics import SCGPT_METHOD
+
+    layout, _ = real_size_run
+    prepared = ad.read_h5ad(layout.prepared_adata, backed="r")
+    split = prepared.obs["split"].value_counts()
+    assert prepared.n_obs == N_CELLS and prepared.n_vars == 2_000  # the HVGs among the genes the model knows
+    # 01's overview UMAP (a sample of up to 20,000 cells), 04's reference (train + val), 03's and 04's test cells
+    assert min(20_000, N_CELLS) >= EXACT_BELOW
+    assert split["train"] + split["val"] >= EXACT_BELOW
+    assert split["test"] >= EXACT_BELOW
+    voting = json.loads(layout.metrics.read_text())["methods"][SCGPT_METHOD]["refinement"]["params"]
+    assert voting["n_cells"] == N_CELLS and voting["n_clusters"] > 10  # over-clustered per split
+    zeroshot = json.loads(layout.zeroshot_metrics.read_text())
+    assert zeroshot["refinement"]["params"]["n_clusters"] > 10
+    assert zeroshot["knn_vote"]["n_cells"] == split["test"]

@@ -1,0 +1,77 @@
+"""The tested dependency set (issue 27): constraints/py*.txt, and the note a run on other versions gets."""
+
+from __future__ import annotations
+
+import logging
+import platform
+from pathlib import Path
+
+import pytest
+
+from scgpt_protocol.core import versions
+from scgpt_protocol.core.versions import (
+    CHECKED_PACKAGES,
+    canonical_name,
+    read_constraints,
+    untested_note,
+    untested_versions,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_constraints_are_read_by_canonical_name(tmp_path):
+    path = tmp_path / "py3.99.txt"
+    path.write_text("# a comment\nScikit_Learn==1.9.1\numap.learn==0.5.12  # note\ntorch==2.13.0\n\n")
+    assert read_constraints(path) == {"scikit-learn": "1.9.1", "umap-learn": "0.5.12", "torch": "2.13.0"}
+    assert canonical_name("Py_NN.Descent") == "py-nn-descent"
+
+
+def test_untested_versions_compare_releases_not_builds():
+    tested = {"torch": "2.13.0", "pynndescent": "0.7.0", "scanpy": "1.11.5"}
+    installed = {"torch": "2.13.0+cpu", "pynndescent": "0.7.1", "scanpy": "1.11.5", "numba": "0.68.1"}
+    assert untested_versions(installed, tested=tested) == {
+        "pynndescent": ("0.7.1", "0.7.0"), "numba": ("0.68.1", "not in the tested set")}
+    assert untested_versions({"torch": "2.13.0+cu126"}, tested=tested) == {}  # a CUDA build of the same release
+
+
+def test_a_python_without_a_tested_set_is_said(monkeypatch):
+    note = untested_note("2.7")
+    assert note is not None and "No tested dependency set for Python 2.7" in note
+
+
+def test_versions_outside_the_set_are_said_once_in_the_log(tmp_path, monkeypatch, caplog):
+    from scgpt_protocol.core.layout import RunLayout
+    from scgpt_protocol.core.log import setup_logging
+
+    tag = ".".join(platform.python_version_tuple()[:2])
+    folder = tmp_path / "constraints"
+    folder.mkdir()
+    (folder / f"py{tag}.txt").write_text("numpy==0.0.1\n")
+    monkeypatch.setattr(versions, "_CLONE", folder)
+    monkeypatch.setattr(versions, "_noted", set())
+    layout = RunLayout(tmp_path / "run")
+    with caplog.at_level(logging.WARNING, logger="scgpt_protocol"):
+        setup_logging(layout, "preprocess")
+        setup_logging(layout, "preprocess")  # the set-up cell run again
+    said = [r.getMessage() for r in caplog.records if "outside the tested set" in r.getMessage()]
+    assert len(said) == 1
+    assert f"numpy {__import__('numpy').__version__} (tested 0.0.1)" in said[0]
+    assert f"pip install -c {folder / f'py{tag}.txt'}" in said[0] and "numpy" in said[0].split("pip install")[1]
+    assert "outside the tested set" in layout.step_log("preprocess").read_text()
+    for handler in list(logging.getLogger("scgpt_protocol").handlers):  # leave no file handler on tmp_path
+        if isinstance(handler, logging.FileHandler):
+            logging.getLogger("scgpt_protocol").removeHandler(handler)
+            handler.close()
+
+
+def test_the_repository_has_a_tested_set_for_the_ci_python():
+    """CI's Python (3.11) has its set, which pins every package that shapes a step and every dependency."""
+    tomllib = pytest.importorskip("tomllib")
+    tested = read_constraints(ROOT / "constraints" / "py3.11.txt")
+    assert {canonical_name(p) for p in CHECKED_PACKAGES} <= set(tested)
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    names = {canonical_name(d.split(">")[0].split("<")[0].split("=")[0].split("!")[0].split("[")[0]) for d in deps}
+    assert names <= set(tested), names - set(tested)
+    assert "+" not in "".join(tested.values())  # no local build label: the CPU and CUDA builds of torch both match
+    assert not {"scgpt-protocol", "pip", "setuptools"} & set(tested)
