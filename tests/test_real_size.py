@@ -18,8 +18,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-pytestmark = pytest.mark.realsize
-
 ROOT = Path(__file__).resolve().parent.parent
 N_CELLS, N_GENES, TEST_SIZE = 25_000, 2_400, 0.35
 
@@ -53,6 +51,7 @@ def real_size_run(tmp_path_factory):
     return RunLayout(work / "run"), result
 
 
+@pytest.mark.realsize
 def test_every_step_finishes_at_real_size(real_size_run):
     layout, result = real_size_run
     assert [s.status for s in result.steps] == ["finished"] * 4
@@ -60,6 +59,7 @@ def test_every_step_finishes_at_real_size(real_size_run):
         assert layout.figure(stem).is_file(), stem
 
 
+@pytest.mark.realsize
 def test_the_graphs_ran_past_the_exact_neighbour_shortcut(real_size_run):
     import anndata as ad
 
@@ -79,3 +79,22 @@ def test_the_graphs_ran_past_the_exact_neighbour_shortcut(real_size_run):
     zeroshot = json.loads(layout.zeroshot_metrics.read_text())
     assert zeroshot["refinement"]["params"]["n_clusters"] > 10
     assert zeroshot["knn_vote"]["n_cells"] == split["test"]
+
+
+def test_the_real_size_data_are_counts_of_the_demos_types():
+    """make_real_size_demo (what the smoke runs on), small: counts, the demo's labels and genes, seeded."""
+    import numpy as np
+
+    from scgpt_protocol.data.demo import load_demo, make_real_size_demo
+
+    demo = load_demo()
+    adata = make_real_size_demo(3_000, 900, seed=2)
+    assert adata.shape == (3_000, 900) and adata.X.dtype == np.float32
+    assert list(adata.var_names[: demo.n_vars]) == list(demo.var_names) and adata.var_names[-1] == "SYN00134"
+    assert np.array_equal(adata.X.data, np.round(adata.X.data)) and adata.X.data.min() > 0
+    assert set(adata.obs["bulk_labels"]) == set(demo.obs["bulk_labels"]) and set(adata.obs["batch"]) == {
+        "batch_0", "batch_1"}
+    assert (make_real_size_demo(3_000, 900, seed=2).X != adata.X).nnz == 0
+    assert (make_real_size_demo(3_000, 900, seed=3).X != adata.X).nnz > 0
+    with pytest.raises(ValueError, match="at least the demo's 765 genes"):
+        make_real_size_demo(100, 700)

@@ -64,8 +64,9 @@ def make_real_size_demo(n_cells: int = 28_000, n_genes: int = 2_400, *, n_batche
 
     For checking the protocol past every small-data shortcut of scanpy and scikit-learn (exact neighbours below
     8,192 cells, dense paths) in seconds, without storing a large file. Each cell is a demo cell drawn with
-    replacement (its FACS label in ``obs["bulk_labels"]``), its 765 genes turned back into counts: Poisson
-    draws of its CP10k values at a library size of about 3,000 counts, so no two cells are equal. Genes
+    replacement (its FACS label in ``obs["bulk_labels"]``) mixed with another of the same label (a random share
+    of each), its 765 genes turned back into counts: Poisson draws of the mixed CP10k values at a library size
+    of about 3,000 counts, so no two cells are equal and each type is a cloud, not 700 islands of near-copies. Genes
     ``SYN00000``... fill up to ``n_genes``: sparse counts (mean 0.05), a block of them over-expressed (mean 1) by
     each label. ``obs["batch"]`` is a random batch of ``n_batches``. ``X`` is float32 CSR counts.
     """
@@ -85,11 +86,19 @@ def make_real_size_demo(n_cells: int = 28_000, n_genes: int = 2_400, *, n_batche
     n_extra = n_genes - demo.n_vars
     block = max(n_extra // (2 * n_labels), 1) if n_extra else 0
     drawn = rng.integers(0, demo.n_obs, n_cells)
+    # a second cell of the same label for each: the new cell lies between the two, so that resampled cells fill
+    # each type instead of piling up as near-copies of the 700 originals (islands of a kNN graph)
+    partner = np.empty(n_cells, dtype=np.int64)
+    for k in range(n_labels):
+        of_k = codes[drawn] == k
+        partner[of_k] = rng.choice(np.flatnonzero(codes == k), size=int(of_k.sum()))
+    weight = rng.uniform(0.0, 1.0, size=(n_cells, 1))
     parts = []
     for lo in range(0, n_cells, chunk):
-        rows = drawn[lo : lo + chunk]
+        rows, mix = drawn[lo : lo + chunk], weight[lo : lo + chunk]
+        profile = mix * cp10k[rows] + (1.0 - mix) * cp10k[partner[lo : lo + chunk]]
         size = rng.lognormal(np.log(3_000 / 10_000), 0.3, size=(len(rows), 1))
-        real = rng.poisson(cp10k[rows] * size)
+        real = rng.poisson(profile * size)
         rate = np.full((len(rows), n_extra), 0.05)
         for k in range(n_labels):
             rate[codes[rows] == k, k * block : (k + 1) * block] = 1.0
