@@ -35,12 +35,14 @@ from scgpt_protocol.protocol.workspace import (
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _protocol_files() -> list[str]:
-    """Every file the package must carry, as paths relative to the repository."""
+def _protocol_files(*, constraints: bool = False) -> list[str]:
+    """Every notebook and scenario file, as paths relative to the repository (what init copies); with
+    ``constraints`` also the tested dependency sets (the wheel carries them too)."""
     files = [p.relative_to(ROOT).as_posix() for p in (ROOT / "notebooks").glob("*.ipynb")]
     for name in BUILTIN_SCENARIOS:
         files += [p.relative_to(ROOT).as_posix() for p in (ROOT / "params" / name).glob("*.yaml")]
-    files += [p.relative_to(ROOT).as_posix() for p in (ROOT / "constraints").glob("py*.txt")]  # the tested sets
+    if constraints:
+        files += [p.relative_to(ROOT).as_posix() for p in (ROOT / "constraints").glob("py*.txt")]
     return sorted(files)
 
 
@@ -213,7 +215,7 @@ def test_wheel_carries_the_protocol_byte_for_byte(tmp_path):
     with zipfile.ZipFile(wheel) as zf:
         packaged = {n[len(prefix):]: zf.read(n) for n in zf.namelist() if n.startswith(prefix)}
         modules = {n for n in zf.namelist() if n.startswith("scgpt_protocol/") and n.endswith(".py")}
-    assert sorted(packaged) == _protocol_files()
+    assert sorted(packaged) == _protocol_files(constraints=True)
     for rel, data in packaged.items():
         assert data == (ROOT / rel).read_bytes(), f"{rel} in the wheel differs from the repository"
     # every module of every subpackage, nothing else
