@@ -24,7 +24,7 @@ DEVICE ?= cuda
 $(STAMP): pyproject.toml $(wildcard $(CONSTRAINTS))
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	@$(if $(PIP_C),echo "installing the tested set $(CONSTRAINTS)",echo "no tested set for Python $(PYVER) ($(CONSTRAINTS)): the newest releases pyproject.toml allows")
+	@$(if $(PIP_C),echo "installing the tested set $(CONSTRAINTS)",$(if $(CONSTRAINTS),echo "no tested set for Python $(PYVER) ($(CONSTRAINTS) is missing): the newest releases pyproject.toml allows",echo "CONSTRAINTS is empty: the newest releases pyproject.toml allows"))
 	$(BIN)/python -m pip install -q $(PIP_C) "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -q $(PIP_C) -e '.[dev]'
 	touch $(STAMP)

@@ -42,9 +42,9 @@ def main(argv: list[str]) -> int:
     path = Path(argv[1]) if len(argv) > 1 else Path(__file__).resolve().parent.parent / "constraints" / f"py{tag}.txt"
     have = installed()
     if argv[0] == "write":
-        lines = [f"# The tested dependency set for Python {tag}: every package of the environment that passed",
-                 f"# the tests and the real-size smoke ({_dt.date.today().isoformat()}). Written by make constraints;",
-                 "# used by make install, .ci/run and environment.yml (pip install -c this-file ...).",
+        lines = [f"# The tested dependency set for Python {tag}: every package of an environment that passed the",
+                 f"# real-size smoke and the graph tests ({_dt.date.today().isoformat()}); CI runs every test on it.",
+                 "# Written by make constraints; used by make install, .ci/run and environment.yml (pip install -c).",
                  *(f"{name}=={version}" for name, version in sorted(have.items()))]
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import platform
 from pathlib import Path
@@ -35,43 +36,73 @@ def test_untested_versions_compare_releases_not_builds():
     assert untested_versions({"torch": "2.13.0+cu126"}, tested=tested) == {}  # a CUDA build of the same release
 
 
-def test_a_python_without_a_tested_set_is_said(monkeypatch):
-    note = untested_note("2.7")
-    assert note is not None and "No tested dependency set for Python 2.7" in note
+def test_a_python_without_a_tested_set_is_said_as_information():
+    level, note = untested_note("2.7")
+    assert level == logging.INFO and "No tested dependency set for Python 2.7: CI tests Python 3.11" in note
 
 
-def test_versions_outside_the_set_are_said_once_in_the_log(tmp_path, monkeypatch, caplog):
-    from scgpt_protocol.core.layout import RunLayout
-    from scgpt_protocol.core.log import setup_logging
+def _installed(name: str) -> bool:
+    try:
+        importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
 
+
+@pytest.fixture()
+def off_the_set(tmp_path, monkeypatch):
+    """A tested set that this environment's scipy and torch are not on."""
     tag = ".".join(platform.python_version_tuple()[:2])
     folder = tmp_path / "constraints"
     folder.mkdir()
-    (folder / f"py{tag}.txt").write_text("numpy==0.0.1\n")
+    here = {name: importlib.metadata.version(name) for name in CHECKED_PACKAGES if _installed(name)}
+    here.update(scipy="0.0.1", torch="0.0.1")
+    (folder / f"py{tag}.txt").write_text("".join(f"{name}=={version}\n" for name, version in here.items()))
+    (tmp_path / "pyproject.toml").write_text("")  # a clone's constraints/ sits beside its pyproject.toml
     monkeypatch.setattr(versions, "_CLONE", folder)
     monkeypatch.setattr(versions, "_noted", set())
+    return folder / f"py{tag}.txt"
+
+
+def test_versions_outside_the_set_are_said_once_in_the_log(tmp_path, off_the_set, caplog):
+    from scgpt_protocol.core.layout import RunLayout
+    from scgpt_protocol.core.log import setup_logging
+
     layout = RunLayout(tmp_path / "run")
-    with caplog.at_level(logging.WARNING, logger="scgpt_protocol"):
-        setup_logging(layout, "preprocess")
-        setup_logging(layout, "preprocess")  # the set-up cell run again
+    package = logging.getLogger("scgpt_protocol")
+    try:
+        with caplog.at_level(logging.WARNING, logger="scgpt_protocol"):
+            setup_logging(layout, "preprocess")
+            setup_logging(layout, "preprocess")  # the set-up cell run again
+        log_text = layout.step_log("preprocess").read_text()
+    finally:  # leave no file handler on tmp_path
+        for handler in list(package.handlers):
+            if isinstance(handler, logging.FileHandler):
+                package.removeHandler(handler)
+                handler.close()
     said = [r.getMessage() for r in caplog.records if "outside the tested set" in r.getMessage()]
     assert len(said) == 1
-    assert f"numpy {__import__('numpy').__version__} (tested 0.0.1)" in said[0]
-    assert f"pip install -c {folder / f'py{tag}.txt'}" in said[0] and "numpy" in said[0].split("pip install")[1]
-    assert "outside the tested set" in layout.step_log("preprocess").read_text()
-    for handler in list(logging.getLogger("scgpt_protocol").handlers):  # leave no file handler on tmp_path
-        if isinstance(handler, logging.FileHandler):
-            logging.getLogger("scgpt_protocol").removeHandler(handler)
-            handler.close()
+    import scipy
+    import torch
+
+    assert said[0].count("(tested ") == 2  # the two that differ, nothing else
+    assert f"scipy {scipy.__version__} (tested 0.0.1)" in said[0] and f"torch {torch.__version__}" in said[0]
+    # the fix names the packages to reinstall, but torch is installed for the hardware, never from the set
+    assert f"pip install -c {off_the_set} scipy;" in said[0] and "torch 0.0.1 for your hardware" in said[0]
+    assert "outside the tested set" in log_text
 
 
 def test_the_repository_has_a_tested_set_for_the_ci_python():
     """CI's Python (3.11) has its set, which pins every package that shapes a step and every dependency."""
+    from packaging.requirements import Requirement
+
     tomllib = pytest.importorskip("tomllib")
     tested = read_constraints(ROOT / "constraints" / "py3.11.txt")
     assert {canonical_name(p) for p in CHECKED_PACKAGES} <= set(tested)
-    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    names = {canonical_name(d.split(">")[0].split("<")[0].split("=")[0].split("!")[0].split("[")[0]) for d in deps}
-    assert names <= set(tested), names - set(tested)
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    for requirement in map(Requirement, project["dependencies"] + project["optional-dependencies"]["dev"]):
+        name = canonical_name(requirement.name)
+        assert name in tested, name
+        assert requirement.specifier.contains(tested[name]), (name, tested[name], str(requirement.specifier))
     assert "+" not in "".join(tested.values())  # no local build label: the CPU and CUDA builds of torch both match
     assert not {"scgpt-protocol", "pip", "setuptools"} & set(tested)

@@ -5,7 +5,7 @@ one ``name==version`` a line: every package of the environment CI tested, writte
 ``make install``, ``.ci/run`` and ``environment.yml`` install with it (``pip install -c``). A run on other
 versions of the packages that shape its results says so once per step, in the step's log and its report's
 first output (:func:`note_untested_versions`, called by ``setup_logging``): it may well work, and if it does
-not, the tested set is one ``pip install -c`` away.
+not, the tested set is one ``pip install -c`` away. A Python with no tested set is said too, as information.
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ def constraints_file(python: str | None = None) -> Path | None:
     """The tested set for this Python (``"3.11"``; None: the running one), or None when there is none."""
     name = f"py{_python_tag(python)}.txt"
     for folder in (_CLONE, _PACKAGED):
-        if (folder / name).is_file():
+        in_clone = folder != _CLONE or (folder.parent / "pyproject.toml").is_file()  # not site-packages/constraints
+        if in_clone and (folder / name).is_file():
             return folder / name
     return None
 
@@ -95,26 +96,45 @@ def untested_versions(installed: dict[str, str] | None = None, *, tested: dict[s
     return out
 
 
-def untested_note(python: str | None = None) -> str | None:
-    """One sentence on what differs from the tested set (None when nothing does)."""
+#: packages a user installs for their hardware, not from the tested set (a CUDA build of torch; Colab's numpy)
+_OWN_BUILDS = ("torch", "numpy")
+
+
+def untested_note(python: str | None = None) -> tuple[int, str] | None:
+    """``(logging level, sentence)`` on what differs from the tested set, or None when nothing does.
+
+    A Python with no tested set (Colab's, say) is said at INFO: nothing to act on. Other releases of the checked
+    packages are said at WARNING, with the ``pip install -c`` that brings the tested ones back (torch and numpy
+    left to the user, who installs them for the hardware).
+    """
     tag = _python_tag(python)
     path = constraints_file(tag)
     if path is None:
-        return (f"No tested dependency set for Python {tag} (CI tests Python with constraints/py*.txt of the "
-                "repository); this environment's versions have not been run through the protocol's tests.")
-    differ = untested_versions(tested=read_constraints(path))
+        tested = sorted({p.name[2:-4] for folder in (_CLONE, _PACKAGED) for p in folder.glob("py*.txt")})
+        return logging.INFO, (f"No tested dependency set for Python {tag}: CI tests Python "
+                              f"{', '.join(tested) or '3.11'}; the versions here have not been through the "
+                              "protocol's tests (they are in run_manifest.json).")
+    tested_set = read_constraints(path)
+    differ = untested_versions(tested=tested_set)
     if not differ:
         return None
     listed = ", ".join(f"{name} {have} (tested {want})" for name, (have, want) in sorted(differ.items()))
-    return (f"Versions outside the tested set ({path.name}): {listed}. The protocol may well work with them; "
-            f"if a step fails, install the tested set: pip install -c {path} {' '.join(sorted(differ))} "
-            "(make install in a clone).")
+    fix = sorted(n for n in differ if n not in _OWN_BUILDS)
+    how = [f"pip install -c {path} {' '.join(fix)}"] if fix else []
+    how += [f"{n} {differ[n][1]} for your hardware" for n in _OWN_BUILDS
+            if n in differ and differ[n][1] in tested_set.values()]
+    return logging.WARNING, (f"Versions outside the tested set ({path.name}): {listed}. The protocol may well work "
+                             f"with them; if a step fails, install the tested ones: {'; '.join(how)} "
+                             "(make install in a clone).")
 
 
 def note_untested_versions(python: str | None = None) -> str | None:
-    """Log :func:`untested_note` as a warning, once per process; returns it."""
-    note = untested_note(python)
-    if note is not None and note not in _noted:
+    """Log :func:`untested_note` once per process (at its level); returns the sentence."""
+    found = untested_note(python)
+    if found is None:
+        return None
+    level, note = found
+    if note not in _noted:
         _noted.add(note)
-        logger.warning(note)
+        logger.log(level, note)
     return note

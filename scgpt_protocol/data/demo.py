@@ -58,7 +58,7 @@ def make_toy_adata(
     return ad.AnnData(sp.csr_matrix(counts), obs=obs, var=pd.DataFrame(index=[f"GENE{j}" for j in range(n_genes)]))
 
 
-def make_real_size_demo(n_cells: int = 28_000, n_genes: int = 2_400, *, n_batches: int = 2, seed: int = 0,
+def make_real_size_demo(n_cells: int = 25_000, n_genes: int = 2_400, *, n_batches: int = 2, seed: int = 0,
                         chunk: int = 4_096) -> AnnData:
     """The demo's cells at a real size: raw counts of ``n_cells`` cells resampled from ``pbmc68k_reduced``.
 

@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..core.log import DETAIL
+
 if TYPE_CHECKING:
     from anndata import AnnData
 
@@ -120,5 +122,5 @@ def neighbors(adata: AnnData, *, use_rep: str | None = None, n_neighbors: int = 
         transformer: Any = knn_transformer(n, n_neighbors=k, seed=seed)
     else:  # None: scanpy's own choice (exact below EXACT_BELOW); "sklearn": its exact brute-force search
         transformer = None if search == "scanpy" else "sklearn"
-    logger.debug("neighbour graph of %d cells: %s search, %d neighbours", n, search, k)
+    logger.info("neighbour graph of %d cells: %s search, %d neighbours", n, search, k, extra=DETAIL)
     sc.pp.neighbors(adata, use_rep=use_rep, n_neighbors=k, random_state=seed, method=method, transformer=transformer)

@@ -157,7 +157,7 @@ def embed(
     >>> import scanpy as sc, scgpt_protocol as sp  # doctest: +SKIP
     >>> model = sp.load_model("whole-human")  # doctest: +SKIP
     >>> sp.embed(adata, model)  # doctest: +SKIP
-    >>> sc.pp.neighbors(adata, use_rep="X_scgpt")  # doctest: +SKIP
+    >>> sp.data.neighbors(adata, use_rep="X_scgpt")  # sc.pp.neighbors at any size  # doctest: +SKIP
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer; got {batch_size}.")

@@ -191,7 +191,8 @@ def compute_umap(
 ) -> None:
     """UMAP of an embedding, written **in place** to ``adata.obsm[key_added]`` and nothing else.
 
-    Runs ``sc.pp.neighbors(use_rep=use_rep)`` and ``sc.tl.umap`` on a light copy (only ``obs``
+    Runs :func:`~scgpt_protocol.data.graph.neighbors` (``sc.pp.neighbors`` at any size) and ``sc.tl.umap`` on a
+    light copy (only ``obs``
     names and the representation), so the ``neighbors``, ``obsp`` and ``X_umap`` entries of
     ``adata`` -- e.g. a UMAP of the expression -- are left untouched.
 
@@ -295,7 +296,8 @@ def joint_embedding(
     Examples
     --------
     >>> joint = joint_embedding(ref, query, label_key="cell_type", result=res)  # doctest: +SKIP
-    >>> sc.pp.neighbors(joint, use_rep="X_scgpt"); sc.tl.umap(joint)  # doctest: +SKIP
+    >>> from scgpt_protocol.data import neighbors  # sc.pp.neighbors at any size  # doctest: +SKIP
+    >>> neighbors(joint, use_rep="X_scgpt"); sc.tl.umap(joint)  # doctest: +SKIP
     >>> sc.pl.umap(joint, color=["dataset", "label", "predicted"])  # doctest: +SKIP
     """
     import anndata as ad
