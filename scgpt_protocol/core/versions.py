@@ -30,6 +30,8 @@ CHECKED_PACKAGES = (
 _CLONE = Path(__file__).resolve().parents[2] / "constraints"  # constraints/ beside scgpt_protocol/ in a clone
 _PACKAGED = Path(__file__).resolve().parents[1] / "_protocol" / "constraints"  # in a wheel
 _noted: set[str] = set()
+#: what :func:`untested_versions` gives as the tested release of a package the tested set does not list
+NOT_IN_SET = "not in the tested set"
 
 
 def canonical_name(name: str) -> str:
@@ -78,7 +80,7 @@ def untested_versions(installed: dict[str, str] | None = None, *, tested: dict[s
     """``{package: (installed, tested)}`` for each of ``packages`` installed at another release than the tested set.
 
     ``installed`` / ``tested`` default to this environment and :func:`tested_versions`; a package the tested set
-    does not list counts as untested (``tested`` is then ``"not in the tested set"``).
+    does not list counts as untested (``tested`` is then :data:`NOT_IN_SET`).
     """
     tested = tested_versions() if tested is None else {canonical_name(k): v for k, v in tested.items()}
     if installed is None:
@@ -92,7 +94,7 @@ def untested_versions(installed: dict[str, str] | None = None, *, tested: dict[s
     for name, version in installed.items():
         want = tested.get(canonical_name(name))
         if want is None or _public(version) != _public(want):
-            out[name] = (version, want or "not in the tested set")
+            out[name] = (version, want or NOT_IN_SET)
     return out
 
 
@@ -114,15 +116,13 @@ def untested_note(python: str | None = None) -> tuple[int, str] | None:
         return logging.INFO, (f"No tested dependency set for Python {tag}: CI tests Python "
                               f"{', '.join(tested) or '3.11'}; the versions here have not been through the "
                               "protocol's tests (they are in run_manifest.json).")
-    tested_set = read_constraints(path)
-    differ = untested_versions(tested=tested_set)
+    differ = untested_versions(tested=read_constraints(path))
     if not differ:
         return None
     listed = ", ".join(f"{name} {have} (tested {want})" for name, (have, want) in sorted(differ.items()))
     fix = sorted(n for n in differ if n not in _OWN_BUILDS)
     how = [f"pip install -c {path} {' '.join(fix)}"] if fix else []
-    how += [f"{n} {differ[n][1]} for your hardware" for n in _OWN_BUILDS
-            if n in differ and differ[n][1] in tested_set.values()]
+    how += [f"{n} {differ[n][1]} for your hardware" for n in _OWN_BUILDS if differ.get(n, ("", NOT_IN_SET))[1] != NOT_IN_SET]
     return logging.WARNING, (f"Versions outside the tested set ({path.name}): {listed}. The protocol may well work "
                              f"with them; if a step fails, install the tested ones: {'; '.join(how)} "
                              "(make install in a clone).")

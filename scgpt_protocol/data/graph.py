@@ -10,8 +10,9 @@ It is ``scanpy.pp.neighbors``, with the search chosen by size:
 
 Why: pynndescent 0.7 returns its distances as a ``csr_array``, which scanpy 1.11 reads with ``csr_matrix``
 methods (``getnnz``), so every ``sc.pp.neighbors`` of 8,192 cells or more fails with
-``AttributeError: 'csr_array' object has no attribute 'getnnz'``. The conversion routes around that on every
-pynndescent the project allows. The exact search of mid-sized data is the other half: pynndescent compiles its
+``AttributeError: 'csr_array' object has no attribute 'getnnz'``. The conversion routes around that whatever
+pynndescent is installed (``pyproject.toml`` also keeps it below 0.7, for a ``sc.pp.neighbors`` of the user's own
+in the same environment). The exact search of mid-sized data is the other half: pynndescent compiles its
 numba code in every new process (about 28 s on 2 cores, most of it not cached), and each notebook is a new
 process, while an exact search of 25,000 cells x 64 dimensions takes 6 s and of 50,000 x 512 (the full model's
 embedding) 33 s, the cost of pynndescent's compilation alone (2 cores, 2026-12-06). Exact neighbours are also the

@@ -164,9 +164,9 @@ def plot_overview_umap(adata: AnnData, *, label_key: str, max_cells: int = 20000
     import anndata as ad
     import scanpy as sc
 
+    from ..data.graph import neighbors
     from ..data.store import subsample
     from ..evaluate.markers import expression_rows
-    from ..data.graph import neighbors
     from .embedding import plot_embedding
 
     if label_key not in adata.obs.columns:
