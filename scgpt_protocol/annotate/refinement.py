@@ -12,12 +12,12 @@ and with the *coverage* (the share of cells assigned); :func:`coverage_curve` gi
 range of thresholds so that a user can pick one.
 
 **Majority voting** (as CellTypist offers it). The cells are over-clustered -- a kNN graph on the
-model's embedding (:func:`~scgpt_protocol.data.graph.neighbors`, 10 neighbours) and Leiden at a high resolution -- and every
-cell of a cluster gets the cluster's most frequent per-cell label (after abstention, so a cluster
-of mostly unsure cells is ``Unknown``). Like CellTypist's heuristic, the resolution grows with the
-number of cells: 5, 10, 15, 20, 25 and 30 for fewer than 5k, 20k, 40k, 100k, 200k cells and more
-(CellTypist's documented default of ``over_cluster``; there the graph is built on a PCA of the
-expression, here on the model's embedding). Leiden runs through scanpy with the ``igraph``
+model's embedding (:func:`~scgpt_protocol.data.graph.neighbors`, 10 neighbours) and Leiden at a high
+resolution -- and every cell of a cluster gets the cluster's most frequent per-cell label (after
+abstention, so a cluster of mostly unsure cells is ``Unknown``). Like CellTypist's heuristic, the
+resolution grows with the number of cells: 5, 10, 15, 20, 25 and 30 for fewer than 5k, 20k, 40k, 100k,
+200k cells and more (CellTypist's documented default of ``over_cluster``; there the graph is built on a
+PCA of the expression, here on the model's embedding). Leiden runs through scanpy with the ``igraph``
 backend (``flavor="igraph"``, 2 iterations, undirected; scanpy's announced future default).
 
 Per-cell results land under scanpy-style keys: ``obs["scgpt_label"]`` (the call, with
@@ -37,6 +37,7 @@ import numpy as np
 import pandas as pd
 
 from ..core.log import DETAIL
+from ..data.graph import EXACT_UP_TO
 from ..data.labels import UNKNOWN
 from ..metrics import coverage_curve
 from .columns import COLUMNS
@@ -373,8 +374,8 @@ def refine_labels(
                                if resolution is None else "given",
             "n_clusters": int(len(set(clusters.tolist()))), "n_neighbors": int(n_neighbors), "seed": int(seed),
             "max_cluster_cells": None if max_cluster_cells is None else int(max_cluster_cells),
-            "graph": "kNN on the model's embedding (scgpt_protocol.data.neighbors: exact up to 50,000 cells, "
-                     "pynndescent above), Leiden (igraph, 2 iterations)",
+            "graph": f"kNN on the model's embedding (scgpt_protocol.data.neighbors: exact up to {EXACT_UP_TO:,} "
+                     "cells, pynndescent above), Leiden (igraph, 2 iterations)",
         })
         logger.info("majority voting: %d cells in %d over-clusters", n, params["n_clusters"], extra=DETAIL)
     if threshold > 0:

@@ -122,7 +122,8 @@ def untested_note(python: str | None = None) -> tuple[int, str] | None:
     listed = ", ".join(f"{name} {have} (tested {want})" for name, (have, want) in sorted(differ.items()))
     fix = sorted(n for n in differ if n not in _OWN_BUILDS)
     how = [f"pip install -c {path} {' '.join(fix)}"] if fix else []
-    how += [f"{n} {differ[n][1]} for your hardware" for n in _OWN_BUILDS if differ.get(n, ("", NOT_IN_SET))[1] != NOT_IN_SET]
+    how += [f"{n} {differ[n][1]} for your hardware" for n in _OWN_BUILDS
+            if n in differ and differ[n][1] != NOT_IN_SET]
     return logging.WARNING, (f"Versions outside the tested set ({path.name}): {listed}. The protocol may well work "
                              f"with them; if a step fails, install the tested ones: {'; '.join(how)} "
                              "(make install in a clone).")

@@ -66,8 +66,8 @@ def make_real_size_demo(n_cells: int = 25_000, n_genes: int = 2_400, *, n_batche
     8,192 cells, dense paths) in seconds, without storing a large file. Each cell is a demo cell drawn with
     replacement (its FACS label in ``obs["bulk_labels"]``) mixed with another of the same label (a random share
     of each), its 765 genes turned back into counts: Poisson draws of the mixed CP10k values at a library size
-    of about 3,000 counts, so no two cells are equal and each type is a cloud, not 700 islands of near-copies. Genes
-    ``SYN00000``... fill up to ``n_genes``: sparse counts (mean 0.05), a block of them over-expressed (mean 1) by
+    of about 3,000 counts, so no two cells are equal and each type is a cloud, not 700 islands of near-copies.
+    Genes ``SYN00000``... fill up to ``n_genes``: sparse counts (mean 0.05), a block of them over-expressed (mean 1) by
     each label. ``obs["batch"]`` is a random batch of ``n_batches``. ``X`` is float32 CSR counts.
     """
     import anndata as ad
