@@ -191,10 +191,9 @@ def compute_umap(
 ) -> None:
     """UMAP of an embedding, written **in place** to ``adata.obsm[key_added]`` and nothing else.
 
-    Runs :func:`~scgpt_protocol.data.graph.neighbors` (``sc.pp.neighbors`` at any size) and ``sc.tl.umap`` on a
-    light copy (only ``obs``
-    names and the representation), so the ``neighbors``, ``obsp`` and ``X_umap`` entries of
-    ``adata`` -- e.g. a UMAP of the expression -- are left untouched.
+    Runs :func:`~scgpt_protocol.data.graph.neighbors` (``sc.pp.neighbors`` at any size) and ``sc.tl.umap``
+    on a light copy (only ``obs`` names and the representation), so the ``neighbors``, ``obsp`` and
+    ``X_umap`` entries of ``adata`` -- e.g. a UMAP of the expression -- are left untouched.
 
     Parameters
     ----------

@@ -55,6 +55,11 @@ def _read(path: Path) -> Any:
         return None
 
 
+def _record(manifest: Mapping[str, Any], step: str) -> Mapping[str, Any]:
+    """The manifest's record of ``step`` (empty when the step has none)."""
+    return (manifest.get("steps") or {}).get(step) or {}
+
+
 def _report_link(layout: RunLayout, step: str) -> str:
     """The step's name, linked to its report: the HTML copy, else the executed notebook (e.g. of a failed step
     whose HTML could not be made), else plain text."""
@@ -67,7 +72,7 @@ def _report_link(layout: RunLayout, step: str) -> str:
 def _steps_table(layout: RunLayout, manifest: Mapping[str, Any]) -> str:
     rows = []
     for step in STEPS:
-        record = (manifest.get("steps") or {}).get(step) or {}
+        record = _record(manifest, step)
         status = str(record.get("status") or "not run")
         seconds = f"{float(record['seconds']):.0f} s" if record.get("seconds") is not None else ""
         color = _STATUS_COLOR.get(status, "#555")
@@ -87,11 +92,8 @@ def _shorten(text: str, limit: int = 1_000) -> str:
 
 def _failed_step(manifest: Mapping[str, Any]) -> tuple[str, Mapping[str, Any]] | None:
     """The step the run stopped at, with its record (None when no step failed)."""
-    for step in STEPS:
-        record = (manifest.get("steps") or {}).get(step) or {}
-        if record.get("status") == "failed":
-            return step, record
-    return None
+    return next(((step, _record(manifest, step)) for step in STEPS
+                 if _record(manifest, step).get("status") == "failed"), None)
 
 
 def _failure_html(layout: RunLayout, manifest: Mapping[str, Any]) -> str:
@@ -102,7 +104,7 @@ def _failure_html(layout: RunLayout, manifest: Mapping[str, Any]) -> str:
     return (f"<p style='color:{_STATUS_COLOR['failed']}'><b>{html.escape(step)} failed</b>: "
             f"<code>{html.escape(_shorten(str(record.get('error') or 'no message recorded')))}</code></p>"
             f"<p>Open its report ({_report_link(layout, step)}) at the failed cell and "
-            f"<code>logs/{html.escape(step.split('_', 1)[1])}.log</code>; fix the cause and run the step again "
+            f"<code>logs/{html.escape(layout.step_log(STEPS[step].STEP).name)}</code>; fix the cause and run the step again "
             "with the same run_dir.</p>")
 
 
@@ -149,7 +151,7 @@ def run_index_html(layout: RunLayout, manifest: Mapping[str, Any] | None = None)
     manifest = manifest if manifest is not None else (_read(layout.manifest) or {})
     record = _read(layout.checkpoint_record)
     banner = checkpoint_banner(record)._repr_html_() if record else ""
-    done = [s for s in STEPS if ((manifest.get("steps") or {}).get(s) or {}).get("status") == "finished"]
+    done = [s for s in STEPS if _record(manifest, s).get("status") == "finished"]
     nxt = _failure_html(layout, manifest) or (
         next_steps(layout, done[-1], summary_page=True)._repr_html_() if done else "")
     now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
