@@ -129,13 +129,6 @@ def transfer_labels(
         Query cells per neighbour search; memory beyond the inputs grows with ``chunk_size * k * d``
         (and sklearn's own ``working_memory``), not with the number of query cells.
 
-    Memory at atlas scale is linear: the two embeddings (a normalised copy of each, ``(n_ref + n_query)
-    * d`` floats, float32 kept as float32) plus per-query-cell outputs (``k`` neighbours and distances);
-    the brute-force search goes through sklearn's chunked pairwise-distance reduction, so no
-    ``n_query x n_ref`` distance matrix is ever built. Measured (``d=64``, ``k=10``, 20,000 query
-    cells): peak RSS 129 MiB above the inputs with 50,000 reference cells, 217 MiB with 400,000; about
-    250 bytes per reference cell, i.e. the copy of its embedding.
-
     Returns
     -------
     LabelTransfer
@@ -153,6 +146,13 @@ def transfer_labels(
     are closer in total (smaller summed distance), then to the alphabetically first label. The
     weighted vote breaks its ties (weight sums equal to a relative 1e-9) the same way. Both rules
     are deterministic: the same inputs always give the same labels.
+
+    Memory at atlas scale is linear: the two embeddings (a normalised copy of each, ``(n_ref + n_query) * d``
+    floats, float32 kept as float32) plus per-query-cell outputs (``k`` neighbours and distances);
+    the brute-force search goes through sklearn's chunked pairwise-distance reduction, so no
+    ``n_query x n_ref`` distance matrix is ever built. Measured (``d=64``, ``k=10``, 20,000 query
+    cells): peak RSS 129 MiB above the inputs with 50,000 reference cells, 217 MiB with 400,000; about
+    250 bytes per reference cell, i.e. the copy of its embedding.
 
     Examples
     --------

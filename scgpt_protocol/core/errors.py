@@ -11,9 +11,10 @@ __all__ = ["ScGPTProtocolError", "CheckpointError", "CheckpointNotFoundError", "
 
 
 def format_keys(keys: object, limit: int = 10) -> str:
-    """Names (columns, layers, weights, options) for a message: ``['a', 'b', ... (+3 more)]``, or ``none``.
+    """Names (columns, layers, weights, options) listed for a message.
 
-    The one way every message of the package lists keys, so that long lists stay readable.
+    ``['a', 'b', ... (+3 more)]``, or ``none``: the one way every message of the package lists keys, so that
+    long lists stay readable.
     """
     names = [str(k) for k in keys]  # type: ignore[attr-defined]
     if not names:
