@@ -1,6 +1,6 @@
 """scgpt-protocol: fine-tune and use the scGPT single-cell foundation model from notebooks.
 
-The package is layered; imports run one way only (README, "Architecture")::
+The package is layered; imports run one way only (docs/user-guide/architecture.md)::
 
     core < data < metrics < model < pp | adapt | annotate < evaluate < pl < protocol
 

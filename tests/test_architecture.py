@@ -1,7 +1,8 @@
 """The package's import structure: layers that import one way only, no circles, no private names across
 modules, and size limits that keep every module and function readable.
 
-The layer order is written once, here, and drawn in the README ("Architecture").
+The layer order is written once, here, and drawn on the documentation's architecture page
+(docs/user-guide/architecture.md, generated from ``LAYERS`` when the site is built).
 """
 
 from __future__ import annotations
