@@ -159,7 +159,7 @@ def main() -> None:
     rows.append(row)
     if not a.skip_scgpt:
         from scgpt_protocol.core.params import FinetuneParams
-        from scgpt_protocol.protocol.compare import AnnotationRunner, _checkpoint_record
+        from scgpt_protocol.tl.annotation import AnnotationRunner, _checkpoint_record
 
         params = FinetuneParams(run_dir=str(out), epochs=a.epochs, lr=1e-3, batch_size=32, max_seq_len=a.max_seq_len,
                                 class_weighted=True, patience=0, device="cpu", seed=a.seed,

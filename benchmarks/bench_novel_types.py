@@ -44,7 +44,7 @@ from scgpt_protocol.core.params import FinetuneParams, PreprocessParams
 from scgpt_protocol.evaluate.baseline import logistic_regression_baseline
 from scgpt_protocol.model.checkpoint import load_model, read_vocab
 from scgpt_protocol.pp.in_memory import prepare
-from scgpt_protocol.protocol.compare import AnnotationRunner, _checkpoint_record
+from scgpt_protocol.tl.annotation import AnnotationRunner, _checkpoint_record
 
 ROOT = Path(__file__).resolve().parent.parent
 THRESHOLDS = {"softmax": (0.0, 0.2, 0.3, 0.5, 0.7, 0.9), "kNN share": (0.0, 0.3, 0.5, 0.7, 0.9)}
@@ -89,7 +89,8 @@ def main() -> None:
     out = Path(a.out)
     raw = anndata.read_h5ad(a.data)
     if a.held_out not in set(raw.obs["cell_type"].astype(str)):
-        raise SystemExit(f"--held-out {a.held_out!r} is not a cell type of {a.data}: {sorted(set(raw.obs['cell_type']))}")
+        raise SystemExit(f"--held-out {a.held_out!r} is not a cell type of {a.data}: "
+                         f"{sorted(set(raw.obs['cell_type']))}")
     if a.checkpoint is None:
         ckpt = make_tiny_checkpoint(out / "tiny_checkpoint", list(raw.var_names), seed=a.seed)
     else:
@@ -125,8 +126,8 @@ def main() -> None:
     base = logistic_regression_baseline(known, label_key="cell_type", seed=a.seed, query=evaluate).query
 
     rows = []
-    rows += rates(f"scGPT fine-tuned, {a.strategy} (softmax)", truth, np.asarray(fine.labels), fine.confidence, fine.embeddings,
-                  a.held_out, THRESHOLDS["softmax"], 0.5, a.seed)
+    rows += rates(f"scGPT fine-tuned, {a.strategy} (softmax)", truth, np.asarray(fine.labels), fine.confidence,
+                  fine.embeddings, a.held_out, THRESHOLDS["softmax"], 0.5, a.seed)
     rows += rates("scGPT zero-shot kNN (share of k=10)", truth,
                   zs.predictions["scgpt_zeroshot_label"].to_numpy(dtype=object),
                   zs.predictions["scgpt_zeroshot_confidence"].to_numpy(), zs.query_embedding,

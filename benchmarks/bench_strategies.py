@@ -78,7 +78,8 @@ def worker(a: argparse.Namespace) -> dict:
         target = torch.randint(0, 9, (len(batch.index),), device=device)
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = torch.nn.functional.cross_entropy(model.classify(batch.gene_ids, batch.values, batch.padding_mask).float(), target)
+            logits = model.classify(batch.gene_ids, batch.values, batch.padding_mask).float()
+            loss = torch.nn.functional.cross_entropy(logits, target)
         loss.backward()
         optimizer.step()
 

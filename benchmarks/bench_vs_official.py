@@ -170,7 +170,8 @@ def main() -> None:
     data = REPO.parent / "shared" / "data"
     p.add_argument("--official-src", type=Path, required=True, help="root of a clone of bowang-lab/scGPT")
     p.add_argument("--vocab", type=Path, default=data / "scgpt_human_vocab.json", help="released vocab.json")
-    p.add_argument("--data", type=Path, default=data / "pbmc3k_raw_seurat_labels.h5ad", help="cells x genes, raw counts")
+    p.add_argument("--data", type=Path, default=data / "pbmc3k_raw_seurat_labels.h5ad",
+                   help="cells x genes, raw counts")
     p.add_argument("--n-cells", type=int, default=32, help="the first N cells")
     p.add_argument("--max-seq-len", type=int, default=1200)
     p.add_argument("--batch-size", type=int, default=64, help="embed_data's batch size (ours uses its defaults)")

@@ -19,7 +19,7 @@ import anndata
 
 from scgpt_protocol import make_tiny_checkpoint
 from scgpt_protocol.core.params import STRATEGY_NAMES
-from scgpt_protocol.protocol.compare import adapt_annotation
+from scgpt_protocol.tl.annotation import adapt_annotation
 
 ROOT = Path(__file__).resolve().parent.parent
 

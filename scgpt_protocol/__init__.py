@@ -30,16 +30,16 @@ _EXPORTS = {
     "predict": "annotate.classify",
     "refine": "annotate.refinement",
     "zeroshot_annotate": "annotate.zeroshot",
-    "inspect_annotation_data": "protocol.compare",
-    "adapt_annotation": "protocol.compare",
-    "AnnotationRunner": "protocol.compare",
+    "inspect_annotation_data": "tl.annotation",
+    "adapt_annotation": "tl.annotation",
+    "AnnotationRunner": "tl.annotation",
     "LoRAConfig": "adapt.strategies",
     "IA3Config": "adapt.strategies",
     "AdapterConfig": "adapt.strategies",
     "PrefixTuningConfig": "adapt.strategies",
     "STRATEGIES": "adapt.strategies",
     "FinetuneParams": "core.params",
-    "run_protocol": "protocol.runner",
+    "run_protocol": "protocol.run.runner",
 }
 #: the scanpy-style namespaces and the other subpackages, imported on first use
 _SUBPACKAGES = ("pp", "tl", "pl", "metrics", "core", "data", "model", "adapt", "annotate", "evaluate", "protocol")

@@ -2,6 +2,6 @@
 
 import sys
 
-from .protocol.cli import main
+from .protocol.run.cli import main
 
 sys.exit(main())

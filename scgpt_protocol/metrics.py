@@ -400,7 +400,8 @@ def metrics_table(results: Mapping[str, Any], keys: Sequence[str] = HEADLINE_MET
     for method, value in results.items():
         metrics = getattr(value, "metrics", value)
         if not isinstance(metrics, Mapping):
-            msg = f"results[{method!r}] is a {type(value).__name__}; expected a metrics dict (or an object with .metrics)."
+            msg = (f"results[{method!r}] is a {type(value).__name__}; expected a metrics dict (or an object with "
+                   ".metrics).")
             raise TypeError(msg)
         row = headline_values(metrics, keys, decimals=decimals)
         if readable:
@@ -503,7 +504,8 @@ def coverage_curve(
     pred = np.asarray(predicted, dtype=object).astype(str)
     conf = np.asarray(confidence, dtype=np.float64)
     if not (len(true) == len(pred) == len(conf)) or len(true) == 0:
-        msg = f"y_true, predicted and confidence need the same, non-zero length; got {len(true)}, {len(pred)}, {len(conf)}."
+        msg = (f"y_true, predicted and confidence need the same, non-zero length; got {len(true)}, {len(pred)}, "
+               f"{len(conf)}.")
         raise ValueError(msg)
     correct = true == pred
     rows = []

@@ -87,7 +87,7 @@ def ci_run(tmp_path_factory):
     """One headless run of the four notebooks with params/ci, shared by the tests that read it (never modify it:
     copy its run_dir first)."""
     from scgpt_protocol.core.layout import RunLayout
-    from scgpt_protocol.protocol.runner import run_protocol
+    from scgpt_protocol.protocol.run.runner import run_protocol
 
     run_dir = tmp_path_factory.mktemp("ci") / "run"
     result = run_protocol(Path(__file__).resolve().parent.parent / "params" / "ci", run_dir)

@@ -14,7 +14,7 @@ from scgpt_protocol.annotate.classify import predict
 from scgpt_protocol.core.errors import CheckpointError, GeneMatchError
 from scgpt_protocol.core.params import STRATEGY_NAMES, FinetuneParams, ParamsError
 from scgpt_protocol.data.demo import load_demo
-from scgpt_protocol.protocol.compare import AnnotationRunner, adapt_annotation, inspect_annotation_data
+from scgpt_protocol.tl.annotation import AnnotationRunner, adapt_annotation, inspect_annotation_data
 
 FAST = dict(epochs=1, max_seq_len=32, batch_size=32, lr=1e-3, patience=0)
 
@@ -35,7 +35,9 @@ def bundle(demo, tiny_checkpoint, tmp_path_factory):
 def test_adapt_annotation_ranks_strategies_and_writes_the_bundle(bundle):
     runner, out = bundle
     table = runner.comparison
-    assert list(table["strategy"][:3]) == sorted(["probe", "head", "lora"], key=lambda s: -runner.outcomes[s].train.best_val_macro_f1)
+    assert list(table["strategy"][:3]) == sorted(
+        ["probe", "head", "lora"], key=lambda s: -runner.outcomes[s].train.best_val_macro_f1
+    )
     assert table["strategy"].iloc[-1].startswith("baseline: logistic regression")
     assert table["best"].sum() == 1 and table.loc[table["best"], "strategy"].item() == runner.best_strategy
     scgpt_rows = table[~table["strategy"].str.startswith("baseline")]
@@ -43,7 +45,13 @@ def test_adapt_annotation_ranks_strategies_and_writes_the_bundle(bundle):
     assert (scgpt_rows["train_seconds"] > 0).all() and (scgpt_rows["saved_mb"] > 0).all()
     lora, head = (runner.outcomes[s] for s in ("lora", "head"))
     assert lora.train.trainable_parameters > head.train.trainable_parameters  # LoRA trains the head and more
-    for name in ("comparison.csv", "comparison.md", "figures/confusion_best.png", "figures/per_class_f1.png", "split.csv"):
+    for name in (
+        "comparison.csv",
+        "comparison.md",
+        "figures/confusion_best.png",
+        "figures/per_class_f1.png",
+        "split.csv",
+    ):
         assert (out / name).is_file(), name
     assert "| strategy |" in (out / "comparison.md").read_text()
     manifest = json.loads((out / "model" / "manifest.json").read_text())
@@ -80,8 +88,9 @@ def test_runner_annotates_with_abstention_and_majority_voting(bundle, demo):
 def test_resumed_comparison_reuses_saved_strategies(bundle, demo, tiny_checkpoint, caplog):
     runner, out = bundle
     caplog.set_level("INFO", logger="scgpt_protocol")
-    again = adapt_annotation(demo, "bulk_labels", checkpoint=tiny_checkpoint, strategies=("probe", "head", "lora"),
-                             output_dir=out, **FAST)
+    again = adapt_annotation(
+        demo, "bulk_labels", checkpoint=tiny_checkpoint, strategies=("probe", "head", "lora"), output_dir=out, **FAST
+    )
     assert "reusing the model saved" in caplog.text
     assert again.comparison["test_macro_f1"].tolist() == runner.comparison["test_macro_f1"].tolist()
     for name, outcome in runner.outcomes.items():  # the saved confusion matrix comes back as it was
@@ -98,15 +107,24 @@ def split_demo(demo):
 
 
 @pytest.mark.parametrize("strategy", STRATEGY_NAMES)
-def test_every_strategy_saves_only_what_it_trained_and_reloads_identically(strategy, split_demo, tiny_checkpoint, tmp_path):
+def test_every_strategy_saves_only_what_it_trained_and_reloads_identically(
+    strategy, split_demo, tiny_checkpoint, tmp_path
+):
     from scgpt_protocol import load_model
 
     params = FinetuneParams(run_dir=str(tmp_path), **FAST)
     cats = sorted(split_demo.obs["bulk_labels"].astype(str).unique())
     model = load_model(tiny_checkpoint, n_classes=len(cats), device="cpu")
     finetune(model, split_demo, params, label_key="bulk_labels", categories=cats, strategy=strategy)
-    save_finetuned(model, tmp_path / "m", strategy=strategy, config=strategy_config(params, strategy),
-                   label_key="bulk_labels", categories=cats, genes=list(split_demo.var_names))
+    save_finetuned(
+        model,
+        tmp_path / "m",
+        strategy=strategy,
+        config=strategy_config(params, strategy),
+        label_key="bulk_labels",
+        categories=cats,
+        genes=list(split_demo.var_names),
+    )
     reloaded, manifest = load_finetuned(tmp_path / "m", device="cpu")
     assert manifest["strategy"] == strategy
     a = predict(model, split_demo[:40], categories=cats, max_seq_len=32).probabilities
@@ -129,10 +147,19 @@ def test_mismatching_base_checkpoint_is_an_error(split_demo, tiny_checkpoint, tm
     cats = sorted(split_demo.obs["bulk_labels"].astype(str).unique())
     model = load_model(base, n_classes=len(cats), device="cpu")
     finetune(model, split_demo, params, label_key="bulk_labels", categories=cats, strategy="lora")
-    save_finetuned(model, tmp_path / "m", strategy="lora", config=strategy_config(params, "lora"),
-                   label_key="bulk_labels", categories=cats, genes=list(split_demo.var_names))
+    save_finetuned(
+        model,
+        tmp_path / "m",
+        strategy="lora",
+        config=strategy_config(params, "lora"),
+        label_key="bulk_labels",
+        categories=cats,
+        genes=list(split_demo.var_names),
+    )
     make_tiny_checkpoint(base, list(split_demo.var_names), d_model=32, nheads=4, d_hid=64, seed=1)  # another model
-    with pytest.raises(CheckpointError, match=r"trained on one with .*adapter weights would be applied to another model"):
+    with pytest.raises(
+        CheckpointError, match=r"trained on one with .*adapter weights would be applied to another model"
+    ):
         AnnotationRunner.load(tmp_path / "m", device="cpu")
 
 
@@ -163,6 +190,7 @@ def test_predict_uses_only_the_training_genes(bundle, demo):
     subset = copy.copy(runner)
     subset.manifest = {**runner.manifest, "genes": list(demo.var_names[:500])}  # as if trained on 500 genes
     cells = demo[:30].copy()
-    np.testing.assert_allclose(subset.predict(cells).probabilities,
-                               subset.predict(cells[:, :500].copy()).probabilities, atol=1e-6)
+    np.testing.assert_allclose(
+        subset.predict(cells).probabilities, subset.predict(cells[:, :500].copy()).probabilities, atol=1e-6
+    )
     assert not np.allclose(runner.predict(cells).probabilities, subset.predict(cells).probabilities)

@@ -141,7 +141,8 @@ def test_baseline_class_weights_and_query_row(split_pbmc, trained):
     written = write_results(layout, predictions=record["predictions"], metrics={"methods": {}, "split": "test"},
                             query=record)
     saved = json.loads(written["metrics"].read_text())
-    assert set(saved["query"]["methods"]) == {SCGPT_METHOD, BASELINE_METHOD} and saved["query"]["n_cells"] == query.n_obs
+    assert set(saved["query"]["methods"]) == {SCGPT_METHOD, BASELINE_METHOD}
+    assert saved["query"]["n_cells"] == query.n_obs
     assert saved["methods"] == {} and written["query_predictions"].is_file()  # query never mixed into "test"
 
 
@@ -206,7 +207,7 @@ def test_a_wrong_device_is_refused_by_the_parameters(device, tmp_path):
 
 
 def test_runner_refuses_a_wrong_device_before_step_01(tmp_path):
-    from scgpt_protocol.protocol.runner import run_protocol
+    from scgpt_protocol.protocol.run.runner import run_protocol
 
     params = tmp_path / "params"
     params.mkdir()
@@ -274,14 +275,15 @@ def test_placeholder_label_strings_are_missing_labels():
 
 
 def test_zeroshot_takes_label_key_from_the_run_with_both_paths(tmp_path, pbmc):
-    from scgpt_protocol.protocol.steps import zeroshot_inputs
+    from scgpt_protocol.protocol.steps.zeroshot import zeroshot_inputs
 
     layout = RunLayout(tmp_path / "run").make_dirs()
     layout.write_json(layout.labels, {"label_key": "bulk_labels", "categories": ["a", "b"]})
     for name, cells in (("ref", slice(0, 20)), ("query", slice(20, 40))):  # two files (the same one is warned about)
         pbmc[cells].copy().write_h5ad(tmp_path / f"{name}.h5ad")
-    params = ZeroshotParams(run_dir=str(layout.run_dir), reference_path=str(tmp_path / "ref.h5ad"),
-                            query_path=str(tmp_path / "query.h5ad"))
+    params = ZeroshotParams(
+        run_dir=str(layout.run_dir), reference_path=str(tmp_path / "ref.h5ad"), query_path=str(tmp_path / "query.h5ad")
+    )
     _, _, label_key, _ = zeroshot_inputs(layout, params)
     assert label_key == "bulk_labels"
 

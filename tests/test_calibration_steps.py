@@ -103,7 +103,7 @@ def test_the_temperature_lowers_validation_nll_of_an_over_confident_model(run, s
 
 
 def test_02_records_the_temperature_and_03_takes_it_or_fits_one(run, split_pbmc, capsys):
-    from scgpt_protocol.protocol.calibrate import (
+    from scgpt_protocol.protocol.steps import (
         FITTED_HERE,
         FROM_MANIFEST,
         model_temperature,
@@ -168,7 +168,7 @@ def _query_params(layout, path, label_map, **kwargs):
 
 
 def test_a_renamed_query_with_a_label_map_scores_like_the_original_names(run, split_pbmc, tmp_path):
-    from scgpt_protocol.protocol.query import read_query
+    from scgpt_protocol.protocol.steps.evaluate import read_query
 
     layout, _ = run
     model, manifest = _model(layout)
@@ -194,7 +194,7 @@ def test_a_renamed_query_with_a_label_map_scores_like_the_original_names(run, sp
 
 
 def test_a_novel_type_is_scored_apart_and_written(run, split_pbmc, tmp_path):
-    from scgpt_protocol.protocol.query import read_query
+    from scgpt_protocol.protocol.steps.evaluate import read_query
 
     layout, _ = run
     model, manifest = _model(layout)
@@ -234,14 +234,14 @@ def test_a_novel_type_is_scored_apart_and_written(run, split_pbmc, tmp_path):
     saved = json.loads(written["metrics"].read_text())["query"]
     assert saved["novel"]["types"] == ["Megakaryocyte"] and saved["label_map"]["dropped"] == {dropped: n_dropped}
     assert pd.read_csv(written["query_crosstab"], index_col=0).loc["Megakaryocyte"].sum() == n_novel
-    from scgpt_protocol.protocol.novel import crosstab_display, novel_display
+    from scgpt_protocol.protocol.display.novel import crosstab_display, novel_display
 
     assert "Megakaryocyte" in novel_display(record["novel"]).data
     assert "Megakaryocyte" in crosstab_display(record["crosstab"]).to_html()
 
 
 def test_each_bad_query_map_gives_its_error(run, split_pbmc, tmp_path):
-    from scgpt_protocol.protocol.query import read_query
+    from scgpt_protocol.protocol.steps.evaluate import read_query
 
     layout, _ = run
     _, manifest = _model(layout)
@@ -262,7 +262,7 @@ def test_each_bad_query_map_gives_its_error(run, split_pbmc, tmp_path):
 
 
 def test_03_next_points_to_the_reliability_diagram_when_the_confidence_is_off(tmp_path):
-    from scgpt_protocol.protocol.display import next_steps
+    from scgpt_protocol.protocol.display.banners import next_steps
 
     layout = RunLayout(tmp_path).make_dirs()
     for ece_after, expected in ((0.25, True), (0.03, False)):

@@ -102,7 +102,9 @@ def test_missing_folder_or_file(official_dir, tmp_path):
         load_model(tmp_path / "nowhere")
     ckpt = _copy(official_dir / "checkpoint", tmp_path / "ckpt")
     (ckpt / "vocab.json").unlink()
-    with pytest.raises(CheckpointNotFoundError, match=r"lacks vocab\.json \(found: \[.args\.json., .best_model\.pt.\]\)"):
+    with pytest.raises(
+        CheckpointNotFoundError, match=r"lacks vocab\.json \(found: \[.args\.json., .best_model\.pt.\]\)"
+    ):
         load_model(ckpt)
 
 

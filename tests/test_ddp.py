@@ -157,7 +157,7 @@ def test_ddp_torchrun_cli_trains_resumes_and_reloads(toy, tmp_path):
     summary = json.loads(layout.train_summary.read_text())
     assert summary["world_size"] == 2 and summary["per_device_batch_size"] == 2 and summary["epochs_run"] == 1
     # a second epoch resumes from the first (the state rank 0 wrote), on 2 processes launched as the notebook does
-    from scgpt_protocol.protocol.launch import launch_finetune
+    from scgpt_protocol.protocol.steps.finetune import launch_finetune
 
     launch_finetune(FinetuneParams(run_dir=str(layout.run_dir), strategy="full", batch_size=4, max_seq_len=24,
                                    lr=0.001, epochs=2, patience=0, nproc_per_node=2))

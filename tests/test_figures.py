@@ -27,7 +27,9 @@ def test_unknown_is_grey_and_no_class_takes_its_colour():
         assert not any(is_grey(palette[c]) for c in classes)
         assert len({palette[c] for c in classes}) == n
     assert palettes.default_20[2] == "#279e68"  # the green Unknown used to get, as the third class
-    adata = ad.AnnData(obs=pd.DataFrame({"ct": pd.Categorical(["a", UNKNOWN], categories=["a", UNKNOWN])}, index=["c1", "c2"]))
+    adata = ad.AnnData(
+        obs=pd.DataFrame({"ct": pd.Categorical(["a", UNKNOWN], categories=["a", UNKNOWN])}, index=["c1", "c2"])
+    )
     adata.uns["ct_colors"] = ["#123456", "#279e68"]  # an input that gave Unknown a class colour
     assert label_palette(["a", UNKNOWN], adata=adata, label_key="ct") == {"a": "#123456", UNKNOWN: UNKNOWN_COLOR}
 
@@ -44,8 +46,9 @@ def test_method_colours_are_no_cell_type_colours():
     from scgpt_protocol.metrics import METHODS
     from scgpt_protocol.pl.metrics import METHOD_COLORS
 
-    cell_type_colours = {to_hex(c) for name in ("default_20", "default_28", "default_102")
-                         for c in getattr(palettes, name)}
+    cell_type_colours = {
+        to_hex(c) for name in ("default_20", "default_28", "default_102") for c in getattr(palettes, name)
+    }
     method_colours = {to_hex(m.color) for m in METHODS} | {to_hex(c) for c in METHOD_COLORS.values()}
     assert len({m.color for m in METHODS}) == len(METHODS)
     assert not method_colours & cell_type_colours
@@ -92,7 +95,7 @@ def test_coverage_curve_labels_do_not_overprint_and_every_axis_has_a_title():
     labels = [t for t in left.texts if t.get_text()]
     assert labels
     boxes = [t.get_window_extent(renderer) for t in labels]
-    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1 :])
     assert all(ax.get_xlabel() and ax.get_ylabel() for ax in (left, right))
     lines = right.get_lines()[:3]
     assert len({to_hex(line.get_color()) for line in lines}) == 3
@@ -119,8 +122,14 @@ def test_per_class_f1_is_horizontal_in_the_given_order_with_method_colours():
 def test_best_epoch_note_stays_inside_the_axes():
     from scgpt_protocol.pl.training import plot_training_curves
 
-    history = pd.DataFrame({"epoch": range(1, 11), "train_loss": np.linspace(2, 1, 10),
-                            "val_macro_f1": np.linspace(0.1, 0.5, 10), "best": [False] * 9 + [True]})
+    history = pd.DataFrame(
+        {
+            "epoch": range(1, 11),
+            "train_loss": np.linspace(2, 1, 10),
+            "val_macro_f1": np.linspace(0.1, 0.5, 10),
+            "best": [False] * 9 + [True],
+        }
+    )
     fig = plot_training_curves(history)
     renderer = _renderer(fig)
     note = next(t for t in fig.axes[1].texts if t.get_text().startswith("best epoch"))
@@ -143,11 +152,15 @@ def test_embedding_draws_no_call_grey_shortens_long_labels_and_shows_confidence(
     long = "a cell type whose name is much longer than forty characters"
     labels = rng.choice(["B", "T", UNKNOWN, long], 80)
     with_missing = pd.Categorical(np.where(np.arange(80) < 5, None, labels))
-    adata = ad.AnnData(obs=pd.DataFrame({"call": with_missing, "confidence": rng.uniform(0, 1, 80)},
-                                        index=[f"c{i}" for i in range(80)]))
+    adata = ad.AnnData(
+        obs=pd.DataFrame(
+            {"call": with_missing, "confidence": rng.uniform(0, 1, 80)}, index=[f"c{i}" for i in range(80)]
+        )
+    )
     adata.obsm["X_umap"] = rng.normal(size=(80, 2))
-    fig = plot_embedding(adata, color=["call", "confidence"], palette=label_palette(["B", "T", long]),
-                         order=[UNKNOWN, "T", "B", long])
+    fig = plot_embedding(
+        adata, color=["call", "confidence"], palette=label_palette(["B", "T", long]), order=[UNKNOWN, "T", "B", long]
+    )
     legend = _legend(fig.axes[0])
     names = list(legend)
     assert names[:2] == ["T", "B"] and names[-2:] == [UNKNOWN, "no label"]  # the greys last
@@ -187,8 +200,10 @@ def _planted(n_per_type: int = 40, seed: int = 0) -> ad.AnnData:
     counts = rng.poisson(2.0, size=(len(labels), len(genes))).astype(np.float32)
     for j, t in enumerate(types):
         counts[labels == t, j] += rng.poisson(30.0, size=int((labels == t).sum()))
-    obs = pd.DataFrame({"cell_type": pd.Categorical(labels), "split": np.where(np.arange(len(labels)) % 4, "train", "test")},
-                       index=[f"cell{i}" for i in range(len(labels))])
+    obs = pd.DataFrame(
+        {"cell_type": pd.Categorical(labels), "split": np.where(np.arange(len(labels)) % 4, "train", "test")},
+        index=[f"cell{i}" for i in range(len(labels))],
+    )
     return ad.AnnData(sp.csr_matrix(counts), obs=obs, var=pd.DataFrame(index=genes))
 
 
@@ -230,8 +245,14 @@ def test_marker_dotplot_rows_by_call_markers_by_type_and_saved(tmp_path):
     called = adata.obs["cell_type"].astype(str).to_numpy().copy()
     called[::7] = UNKNOWN
     markers = {"alpha": ["mark_alpha", "noise_0"], "beta": ["mark_beta"], "gamma": ["mark_gamma"]}
-    fig = plot_marker_dotplot(backed, markers, groupby=called, order=[UNKNOWN, "gamma", "beta", "alpha"],
-                              cells=(adata.obs["split"] == "test").to_numpy(), title="markers")
+    fig = plot_marker_dotplot(
+        backed,
+        markers,
+        groupby=called,
+        order=[UNKNOWN, "gamma", "beta", "alpha"],
+        cells=(adata.obs["split"] == "test").to_numpy(),
+        title="markers",
+    )
     ax = fig.axes[0]
     rows = [t.get_text().split(" (n=")[0] for t in ax.get_yticklabels()]
     assert rows == ["gamma", "beta", "alpha", UNKNOWN]
@@ -266,16 +287,23 @@ def test_call_umaps_three_panels_and_majority_voting_off(tmp_path):
     from scgpt_protocol.pl.figure import save_figure
 
     rng = np.random.default_rng(0)
-    obs = pd.DataFrame({COLUMNS["labels"]: pd.Categorical(rng.choice(["a", "b", UNKNOWN], 50)),
-                        COLUMNS["majority_voting"]: pd.Categorical(rng.choice(["a", "b"], 50)),
-                        COLUMNS["confidence"]: rng.uniform(0, 1, 50)}, index=[f"c{i}" for i in range(50)])
+    obs = pd.DataFrame(
+        {
+            COLUMNS["labels"]: pd.Categorical(rng.choice(["a", "b", UNKNOWN], 50)),
+            COLUMNS["majority_voting"]: pd.Categorical(rng.choice(["a", "b"], 50)),
+            COLUMNS["confidence"]: rng.uniform(0, 1, 50),
+        },
+        index=[f"c{i}" for i in range(50)],
+    )
     adata = ad.AnnData(obs=obs, obsm={"X_umap_scgpt": rng.normal(size=(50, 2))})
     fig = plot_call_umaps(adata, basis="X_umap_scgpt")
     titles = [ax.get_title() for ax in fig.axes[:3]]
     assert titles[0] == "predicted label" and titles[1].startswith("majority voting") and "confidence" in titles[2]
     assert _legend(fig.axes[0])[UNKNOWN] == UNKNOWN_COLOR
     assert save_figure(fig, RunLayout(tmp_path / "run"), "call_umaps", pdf=False).is_file()
-    no_vote = ad.AnnData(obs=obs.drop(columns=COLUMNS["majority_voting"]), obsm={"X_umap_scgpt": adata.obsm["X_umap_scgpt"]})
+    no_vote = ad.AnnData(
+        obs=obs.drop(columns=COLUMNS["majority_voting"]), obsm={"X_umap_scgpt": adata.obsm["X_umap_scgpt"]}
+    )
     off = plot_call_umaps(no_vote, basis="X_umap_scgpt")
     assert any(t.get_text() == "majority voting off" for t in off.axes[1].texts)
 

@@ -111,7 +111,7 @@ def labelled_pbmc(pbmc):
 def _zeroshot(tmp_path, reference, query, label_map=None, **kw):
     """04's inputs from two files (and a label map), as the notebook gets them."""
     from scgpt_protocol.core.params import ZeroshotParams
-    from scgpt_protocol.protocol.steps import zeroshot_inputs
+    from scgpt_protocol.protocol.steps.zeroshot import zeroshot_inputs
 
     tmp_path.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -126,7 +126,7 @@ def _zeroshot(tmp_path, reference, query, label_map=None, **kw):
 
 def _annotate(inputs, model, **kw):
     from scgpt_protocol.annotate.zeroshot import zeroshot_annotate
-    from scgpt_protocol.protocol.steps import zeroshot_novel
+    from scgpt_protocol.evaluate.novel import zeroshot_novel
 
     reference, query, label_key, maps = inputs
     result = zeroshot_annotate(reference, query, model, label_key=label_key, k=5, max_seq_len=32, **kw)
@@ -148,8 +148,8 @@ def test_04_a_renamed_query_with_a_label_map_scores_like_the_original_names(labe
 
 def test_04_a_novel_type_is_reported_apart_and_left_out_of_the_knn_metrics(labelled_pbmc, tiny_model, tmp_path):
     from scgpt_protocol.annotate.zeroshot import write_zeroshot
-    from scgpt_protocol.protocol.novel import novel_frame
-    from scgpt_protocol.protocol.steps import zeroshot_crosstab
+    from scgpt_protocol.protocol.display.novel import novel_frame
+    from scgpt_protocol.evaluate.novel import zeroshot_crosstab
 
     cells = labelled_pbmc[:300]
     reference = cells[:200][cells[:200].obs["label"] != NOVEL].copy()  # the reference never saw NOVEL
@@ -205,7 +205,7 @@ def test_04_bad_label_maps_fail_early_with_clear_errors(labelled_pbmc, tmp_path)
 
 def test_04_maps_the_run_s_own_cells_read_backed(split_pbmc, tmp_path):
     from scgpt_protocol.core.params import ZeroshotParams
-    from scgpt_protocol.protocol.steps import zeroshot_inputs
+    from scgpt_protocol.protocol.steps.zeroshot import zeroshot_inputs
 
     layout = RunLayout(tmp_path / "run").make_dirs()
     layout.write_h5ad(split_pbmc, layout.prepared_adata)

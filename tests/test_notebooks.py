@@ -16,7 +16,7 @@ import yaml
 
 from scgpt_protocol.core.layout import RunLayout
 from scgpt_protocol.core.params import STEPS, ParamsError
-from scgpt_protocol.protocol.runner import RunDirInUse, RunFailed, run_protocol
+from scgpt_protocol.protocol.run.runner import RunDirInUse, RunFailed, run_protocol
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -105,11 +105,27 @@ def test_03_and_04_end_with_a_rounded_summary_of_all_three_methods(ci_run):
     layout, _ = ci_run
     for step in ("03_evaluate", "04_zeroshot"):
         cells = nbformat.read(layout.reports_dir / f"{step}.ipynb", as_version=4).cells
-        heading = next(i for i, c in enumerate(cells) if c.cell_type == "markdown" and c.source.startswith("## Summary"))
-        assert [c.cell_type for c in cells[heading + 1:]] == ["code", "markdown", "code", "markdown"]  # summary, next, help
+        heading = next(
+            i for i, c in enumerate(cells) if c.cell_type == "markdown" and c.source.startswith("## Summary")
+        )
+        assert [c.cell_type for c in cells[heading + 1 :]] == [
+            "code",
+            "markdown",
+            "code",
+            "markdown",
+        ]  # summary, next, help
         html = next(o["data"]["text/html"] for o in cells[heading + 1].outputs if "text/html" in o.get("data", {}))
-        for name in ("scGPT fine-tuned", "baseline", "zero-shot kNN", "Accuracy", "Macro-F1", "Weighted-F1",
-                     "n cells", "Verdict", "demo"):
+        for name in (
+            "scGPT fine-tuned",
+            "baseline",
+            "zero-shot kNN",
+            "Accuracy",
+            "Macro-F1",
+            "Weighted-F1",
+            "n cells",
+            "Verdict",
+            "demo",
+        ):
             assert name in html, (step, name)
         numbers = re.findall(r"<td[^>]*>\s*([0-9][0-9.,]*)\s*</td>", html)
         assert numbers and all(re.fullmatch(r"\d\.\d{3}|[\d,]+", n) for n in numbers), numbers
@@ -154,7 +170,11 @@ def test_failure_names_the_report_and_the_cell(tmp_path):
     params = tmp_path / "params"
     shutil.copytree(ROOT / "params" / "ci", params)
     (params / "01_preprocess.yaml").write_text(yaml.safe_dump({"adata_path": "missing.h5ad", "checkpoint": "demo"}))
-    with pytest.raises(RunFailed, match=r"step 01_preprocess failed: FileNotFoundError: .*missing\.h5ad.*\(in cell \d+ of .*01_preprocess\.ipynb\)"):
+    with pytest.raises(
+        RunFailed,
+        match=r"step 01_preprocess failed: FileNotFoundError: .*missing\.h5ad"
+        r".*\(in cell \d+ of .*01_preprocess\.ipynb\)",
+    ):
         run_protocol(params, tmp_path / "run", steps=["01"], html=False)
     manifest = json.loads((tmp_path / "run" / "run_manifest.json").read_text())
     assert manifest["status"] == "failed" and manifest["steps"]["01_preprocess"]["status"] == "failed"
@@ -170,7 +190,9 @@ def test_notebooks_run_interactively_cell_by_cell(tmp_path):
         overrides = yaml.safe_load((ROOT / "params" / "ci" / f"{step}.yaml").read_text()) or {}
         overrides["run_dir"] = str(tmp_path / "run")
         nb.cells[1].source += "\n" + "\n".join(f"{k} = {v!r}" for k, v in overrides.items())
-        NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+        NotebookClient(
+            nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+        ).execute()
         errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
         assert not errors
     layout = RunLayout(tmp_path / "run")
@@ -178,7 +200,7 @@ def test_notebooks_run_interactively_cell_by_cell(tmp_path):
 
 
 def test_cli_reports_bad_input_with_exit_code_2(tmp_path, caplog):
-    from scgpt_protocol.protocol.cli import main
+    from scgpt_protocol.protocol.run.cli import main
 
     assert main(["run", str(tmp_path / "no-such-params"), "--run-dir", str(tmp_path / "run")]) == 2
     assert "error: parameter folder" in caplog.text and "does not exist" in caplog.text
@@ -191,8 +213,10 @@ def test_plain_papermill_with_a_misspelt_parameter_fails(tmp_path):
 
     with pytest.raises(PapermillExecutionError) as err:  # papermill itself only logs a warning
         papermill.execute_notebook(
-            str(ROOT / "notebooks" / "01_preprocess.ipynb"), str(tmp_path / "out.ipynb"),
-            parameters={"run_dir": str(tmp_path / "run"), "labelkey": "bulk_labels"}, progress_bar=False,
+            str(ROOT / "notebooks" / "01_preprocess.ipynb"),
+            str(tmp_path / "out.ipynb"),
+            parameters={"run_dir": str(tmp_path / "run"), "labelkey": "bulk_labels"},
+            progress_bar=False,
         )
     assert err.value.ename == "ParamsError"
     assert "unknown parameter(s) 'labelkey' (did you mean 'label_key'?)" in err.value.evalue
@@ -237,8 +261,9 @@ def test_03_with_store_outputs_streams_to_the_store_with_the_same_results(ci_run
     run_protocol(params, run_dir, steps=["03"], force=True, html=False)
     streamed = RunLayout(run_dir)
     assert yaml.safe_load(streamed.step_params("evaluate").read_text())["store_outputs"] is True
-    pd.testing.assert_frame_equal(pd.read_csv(streamed.predictions, index_col=0),
-                                  pd.read_csv(layout.predictions, index_col=0))
+    pd.testing.assert_frame_equal(
+        pd.read_csv(streamed.predictions, index_col=0), pd.read_csv(layout.predictions, index_col=0)
+    )
     assert json.loads(streamed.metrics.read_text())["methods"] == json.loads(layout.metrics.read_text())["methods"]
     evaluated = ad.read_h5ad(streamed.evaluated_adata, backed="r")
     assert "X_scgpt" not in evaluated.obsm and evaluated.uns["X_scgpt_store"] == str(streamed.prediction_store)

@@ -19,8 +19,8 @@ import pytest
 
 from scgpt_protocol.core.params import STEPS
 from scgpt_protocol.core.version import __version__
-from scgpt_protocol.protocol.cli import main
-from scgpt_protocol.protocol.workspace import (
+from scgpt_protocol.protocol.run.cli import main
+from scgpt_protocol.protocol.run.workspace import (
     BUILTIN_SCENARIOS,
     COLAB_INSTALL,
     WorkspaceExists,
@@ -180,7 +180,8 @@ def test_run_by_name_executes_the_users_edited_notebooks(tmp_path, monkeypatch):
 def test_colab_cell_installs_this_release_with_literals_only(step):
     nb = nbformat.read(ROOT / "notebooks" / f"{step}.ipynb", as_version=4)
     setup = [c for c in nb.cells if c.cell_type == "code"][1].source
-    calls = [n for n in ast.walk(ast.parse(setup)) if isinstance(n, ast.Call) and ast.unparse(n.func) == "subprocess.check_call"]
+    calls = [n for n in ast.walk(ast.parse(setup))
+             if isinstance(n, ast.Call) and ast.unparse(n.func) == "subprocess.check_call"]
     assert len(calls) == 1
     args = calls[0].args[0]
     assert isinstance(args, ast.List)
@@ -189,7 +190,8 @@ def test_colab_cell_installs_this_release_with_literals_only(step):
     assert len(literals) == len(args.elts) - 1, "the install command is made of literals only"
     assert literals[-1] == COLAB_INSTALL, (
         f"the Colab cell installs {literals[-1]!r}; this release is {COLAB_INSTALL!r}: update the cell "
-        "in every notebook when the version changes")
+        "in every notebook when the version changes"
+    )
     assert f"@v{__version__}" in COLAB_INSTALL
     # Colab's torch and numpy are kept: pinned to what is installed, in the constraints file the install reads
     assert literals[literals.index("-c") + 1] == "/tmp/colab-keep.txt"
@@ -198,8 +200,14 @@ def test_colab_cell_installs_this_release_with_literals_only(step):
 
 def test_readme_shows_both_quick_starts():
     readme = (ROOT / "README.md").read_text()
-    for text in ("make demo", "make test", "pip install", "scgpt-protocol init my-run", "scgpt-protocol run demo",
-                 COLAB_INSTALL):
+    for text in (
+        "make demo",
+        "make test",
+        "pip install",
+        "scgpt-protocol init my-run",
+        "scgpt-protocol run demo",
+        COLAB_INSTALL,
+    ):
         assert text in readme, text
 
 
@@ -207,13 +215,17 @@ def test_readme_shows_both_quick_starts():
 def test_wheel_carries_the_protocol_byte_for_byte(tmp_path):
     """Build sdist and wheel (wheel from the sdist) and compare the packaged files with the repository's."""
     pytest.importorskip("build")
-    done = subprocess.run([sys.executable, "-m", "build", "--outdir", str(tmp_path), str(ROOT)],
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "build", "--outdir", str(tmp_path), str(ROOT)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (wheel,) = tmp_path.glob("scgpt_protocol-*.whl")
     prefix = "scgpt_protocol/_protocol/"
     with zipfile.ZipFile(wheel) as zf:
-        packaged = {n[len(prefix):]: zf.read(n) for n in zf.namelist() if n.startswith(prefix)}
+        packaged = {n[len(prefix) :]: zf.read(n) for n in zf.namelist() if n.startswith(prefix)}
         modules = {n for n in zf.namelist() if n.startswith("scgpt_protocol/") and n.endswith(".py")}
     assert sorted(packaged) == _protocol_files(constraints=True)
     for rel, data in packaged.items():

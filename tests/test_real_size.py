@@ -27,7 +27,7 @@ def real_size_run(tmp_path_factory):
     from scgpt_protocol import make_tiny_checkpoint
     from scgpt_protocol.core.layout import RunLayout
     from scgpt_protocol.data.demo import make_real_size_demo
-    from scgpt_protocol.protocol.runner import run_protocol
+    from scgpt_protocol.protocol.run.runner import run_protocol
 
     work = tmp_path_factory.mktemp("realsize")
     adata = make_real_size_demo(N_CELLS, N_GENES)

@@ -17,7 +17,7 @@ from scgpt_protocol.annotate.refinement import (
 )
 from scgpt_protocol.evaluate.scoring import evaluate_predictions
 from scgpt_protocol.metrics import classification_metrics, coverage_curve
-from scgpt_protocol.protocol import refinement_table
+from scgpt_protocol.protocol.display import refinement_table
 
 
 @pytest.fixture(scope="module")

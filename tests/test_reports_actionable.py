@@ -17,9 +17,9 @@ from scgpt_protocol.core.params import STEPS, FinetuneParams
 from scgpt_protocol.evaluate.baseline import BaselineResult
 from scgpt_protocol.evaluate.scoring import EvalResult, like_for_like
 from scgpt_protocol.metrics import BASELINE_METHOD, SCGPT_METHOD, classification_metrics
-from scgpt_protocol.protocol import (comparison_table, per_class_frame, per_class_table, rule_metrics,
-                                     settings_table, summary_of)
-from scgpt_protocol.protocol.index import run_index_html, write_run_index
+from scgpt_protocol.protocol.display import (comparison_table, per_class_frame, per_class_table,
+    rule_metrics, settings_table, summary_of)
+from scgpt_protocol.protocol.run.index import run_index_html, write_run_index
 
 CATS = ["B & T <naive>", "NK", "Mono"]
 
@@ -122,7 +122,7 @@ def test_user_and_model_text_is_escaped_in_every_html_table(tmp_path):
     methods = {SCGPT_METHOD: scgpt.metrics, BASELINE_METHOD: like_for_like(_baseline(true, proba), scgpt)}
     pages = [per_class_table(methods).to_html(), comparison_table(methods).pipe(lambda f: f.style).to_html(),
              summary_of({"scGPT <fine> & tuned": scgpt.metrics})._repr_html_()]
-    from scgpt_protocol.protocol import comparison_display
+    from scgpt_protocol.protocol.display import comparison_display
 
     pages.append(comparison_display(methods, caption="cells of <query> & co").to_html())
     for page in pages[:1] + pages[2:]:
@@ -188,7 +188,7 @@ def test_every_step_of_a_run_leaves_the_summary_and_each_report_ends_with_next(c
 def test_the_runner_writes_the_summary_after_the_first_step_already(tmp_path):
     from pathlib import Path
 
-    from scgpt_protocol.protocol.runner import run_protocol
+    from scgpt_protocol.protocol.run.runner import run_protocol
 
     params = Path(__file__).resolve().parent.parent / "params" / "ci"
     run_protocol(params, tmp_path / "run", steps=["01"], html=False)
@@ -207,7 +207,7 @@ def test_the_summary_is_written_when_the_first_step_fails(tmp_path):
     import pytest
     import yaml
 
-    from scgpt_protocol.protocol.runner import RunFailed, run_protocol
+    from scgpt_protocol.protocol.run.runner import RunFailed, run_protocol
 
     params = tmp_path / "params"
     shutil.copytree(Path(__file__).resolve().parent.parent / "params" / "ci", params)

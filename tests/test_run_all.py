@@ -28,7 +28,7 @@ def test_run_all_with_the_defaults_learns_and_is_the_run_make_demo_makes(tmp_pat
     from nbclient import NotebookClient
     from sklearn.metrics import f1_score
 
-    from scgpt_protocol.protocol.runner import run_protocol
+    from scgpt_protocol.protocol.run.runner import run_protocol
 
     monkeypatch.delenv("SCGPT_PROTOCOL_PROGRESS", raising=False)  # widget bars, as in JupyterLab
     workspace = tmp_path / "protocol"  # a fresh folder laid out as the clone (or `scgpt-protocol init`)

@@ -25,8 +25,8 @@ from scgpt_protocol.core.errors import DiskFullError, ScGPTProtocolError
 from scgpt_protocol.core.io import atomic_write, is_disk_full
 from scgpt_protocol.core.layout import STEP_DEPENDS_ON, RunLayout
 from scgpt_protocol.core.params import STEPS
-from scgpt_protocol.protocol import manifest
-from scgpt_protocol.protocol.runner import RunFailed, RunInterrupted, run_protocol
+from scgpt_protocol.protocol.run import manifest
+from scgpt_protocol.protocol.run.runner import RunFailed, RunInterrupted, run_protocol
 
 ROOT = Path(__file__).resolve().parent.parent
 CI = ROOT / "params" / "ci"
@@ -206,7 +206,7 @@ def test_interrupted_strategy_comparison_names_the_strategies_kept(tmp_path, fak
 
 
 def test_cli_exit_codes_for_an_interrupted_run(tmp_path, fake_papermill, caplog):
-    from scgpt_protocol.protocol.cli import main
+    from scgpt_protocol.protocol.run.cli import main
 
     fake_papermill.plan = {"02_finetune": _interrupt_02}
     assert main(["run", str(CI), "--run-dir", str(tmp_path / "run"), "--steps", "01,02", "--no-html"]) == 130
@@ -271,7 +271,8 @@ def test_keyboardinterrupt_inside_the_kernel_is_interrupted_not_failed(tmp_path,
         run_protocol(CI, tmp_path / "run", steps=["01"], html=False, notebooks=folder)
     assert info.value.signal_name == "KeyboardInterrupt in the notebook"
     manifest = _manifest(tmp_path / "run")
-    assert manifest["status"] == "interrupted" and manifest["interrupted"]["cell"] == 4  # after papermill's injected-parameters cell
+    # the cell after papermill's injected-parameters cell
+    assert manifest["status"] == "interrupted" and manifest["interrupted"]["cell"] == 4
     report = nbformat.read(tmp_path / "run" / "reports" / "01_preprocess.ipynb", as_version=4)
     assert "Incomplete report" in report.cells[0].source and "In [4]" in report.cells[0].source
 
@@ -316,8 +317,10 @@ def test_torch_enforce_fail_and_h5py_errors_are_disk_full(tmp_path, monkeypatch)
 
     def enforce_fail(obj, fh):
         fh.write(b"PK" * 100)
-        raise RuntimeError("[enforce fail at inline_container.cc:626] . PytorchStreamWriter failed writing "
-                           "file data/0: file write failed")
+        raise RuntimeError(
+            "[enforce fail at inline_container.cc:626] . PytorchStreamWriter failed writing "
+            "file data/0: file write failed"
+        )
 
     monkeypatch.setattr(checkpoint.torch, "save", enforce_fail)
     with pytest.raises(DiskFullError, match=r"no space left to write .*last_state\.pt \(RuntimeError: "):
@@ -330,20 +333,25 @@ def test_torch_enforce_fail_and_h5py_errors_are_disk_full(tmp_path, monkeypatch)
 
         adata = ad.AnnData(np.zeros((20, 5), dtype=np.float32))
         with pytest.raises(DiskFullError, match="prepared.h5ad"):
-            RunLayout(tmp_path).write_h5ad(type("A", (), {"write_h5ad": lambda self, p: adata.write_h5ad("/dev/full")})(),
-                                           tmp_path / "data" / "prepared.h5ad")
+            RunLayout(tmp_path).write_h5ad(
+                type("A", (), {"write_h5ad": lambda self, p: adata.write_h5ad("/dev/full")})(),
+                tmp_path / "data" / "prepared.h5ad",
+            )
         assert _leftovers(tmp_path) == []
     assert not is_disk_full(RuntimeError("size mismatch for weight")) and not is_disk_full(OSError(errno.EACCES, "x"))
 
 
 def test_disk_full_inside_a_notebook_fails_the_step_with_a_typed_error(tmp_path, monkeypatch):
     run = tmp_path / "run"
-    folder = _fake_notebooks(tmp_path / "nb", [
-        "from pathlib import Path\nfrom scgpt_protocol.core.io import atomic_write",
-        f"atomic_write(Path({str(run)!r}) / 'model' / 'best_model.pt', lambda p: (p.write_bytes(b'x' * 3000), "
-        "(_ for _ in ()).throw(OSError(28, 'No space left on device'))))",
-        "print('never')",
-    ])
+    folder = _fake_notebooks(
+        tmp_path / "nb",
+        [
+            "from pathlib import Path\nfrom scgpt_protocol.core.io import atomic_write",
+            f"atomic_write(Path({str(run)!r}) / 'model' / 'best_model.pt', lambda p: (p.write_bytes(b'x' * 3000), "
+            "(_ for _ in ()).throw(OSError(28, 'No space left on device'))))",
+            "print('never')",
+        ],
+    )
     with pytest.raises(RunFailed) as info:
         run_protocol(CI, run, steps=["01"], html=False, notebooks=folder)
     msg = str(info.value)
@@ -414,7 +422,9 @@ def test_step_artifacts_name_every_figure_the_notebooks_save():
     layout = RunLayout("/r")
     for step in STEPS:
         source = "\n".join(c.source for c in nbformat.read(ROOT / "notebooks" / f"{step}.ipynb", as_version=4).cells)
-        saved = set(re.findall(r'layout,\s*"(\w+)"\)', source)) - set(STEPS)  # next_steps(layout, "<step>") is no figure
+        saved = set(re.findall(r'layout,\s*"(\w+)"\)', source)) - set(
+            STEPS
+        )  # next_steps(layout, "<step>") is no figure
         assert saved and saved == set(RunLayout.STEP_FIGURES[step]), step
         assert layout.step_report(step) in layout.step_artifacts(step)
         for name in saved:  # save_figure writes a PDF beside each PNG: both are set aside when stale
@@ -423,10 +433,14 @@ def test_step_artifacts_name_every_figure_the_notebooks_save():
 
 
 def test_what_changed_ignores_defaults_and_where_it_runs_but_not_the_data():
-    record = {"params": {"run_dir": "/a", "epochs": 2, "device": "cpu"},
-              "inputs": {"adata_path": {"path": "/d.h5ad", "sha256": "aaa"}}}
+    record = {
+        "params": {"run_dir": "/a", "epochs": 2, "device": "cpu"},
+        "inputs": {"adata_path": {"path": "/d.h5ad", "sha256": "aaa"}},
+    }
     same = {"run_dir": "/b", "epochs": 2, "patience": 3, "device": "cuda"}  # patience given at its default
-    assert manifest.what_changed("02_finetune", record, same, {"adata_path": {"path": "/d.h5ad", "sha256": "aaa"}}) == []
+    assert (
+        manifest.what_changed("02_finetune", record, same, {"adata_path": {"path": "/d.h5ad", "sha256": "aaa"}}) == []
+    )
     assert manifest.what_changed("02_finetune", record, {**same, "epochs": 3}, record["inputs"]) == ["epochs: 2 -> 3"]
     changed = manifest.what_changed("02_finetune", record, same, {"adata_path": {"path": "/d.h5ad", "sha256": "bbb"}})
     assert changed == ["adata_path content changed (sha256 aaa -> bbb)"]
@@ -461,7 +475,7 @@ def test_changed_parameters_make_dependents_stale_until_rerun(tmp_path, fake_pap
 def test_rerun_of_01_on_other_data_sets_the_old_results_aside(ci_run, tmp_path, pbmc, caplog):
     """The real notebooks: a full params/ci run, then --force --steps 01 (same data, then other data)."""
     from scgpt_protocol.data.demo import load_demo
-    from scgpt_protocol.protocol.cli import main
+    from scgpt_protocol.protocol.run.cli import main
 
     source, _ = ci_run
     run_dir = tmp_path / "run"
@@ -487,8 +501,10 @@ def test_rerun_of_01_on_other_data_sets_the_old_results_aside(ci_run, tmp_path, 
     caplog.clear()
     assert main(["run", str(params), "--run-dir", str(run_dir), "--steps", "01", "--force", "--no-html"]) == 0
     assert "headline metrics" not in caplog.text  # the old model's numbers are not shown as this run's
-    assert "stale (a step they depend on re-ran with other parameters or inputs; run them again): " \
-           "02_finetune, 03_evaluate, 04_zeroshot" in caplog.text
+    assert (
+        "stale (a step they depend on re-ran with other parameters or inputs; run them again): "
+        "02_finetune, 03_evaluate, 04_zeroshot" in caplog.text
+    )
 
     manifest = _manifest(run_dir)
     assert manifest["status"] == "partial" and manifest["headline"] == {}
@@ -501,12 +517,28 @@ def test_rerun_of_01_on_other_data_sets_the_old_results_aside(ci_run, tmp_path, 
         assert moved[step].parent == layout.stale_dir and moved[step].name.startswith(f"{step}-")
     # everything moved with its relative path; nothing deleted; nothing left in place
     for step, rels in {
-        "02_finetune": ["model/best_model.pt", "train/history.csv", "figures/training_curves.png",
-                        "reports/02_finetune.ipynb", "reports/02_finetune.html", "logs/finetune.log"],
-        "03_evaluate": ["predictions.csv", "metrics.json", "data/evaluated.h5ad", "figures/confusion.png",
-                        "figures/umap.png", "reports/03_evaluate.ipynb"],
-        "04_zeroshot": ["zeroshot/metrics.json", "zeroshot/predictions.csv", "figures/zeroshot_umap.png",
-                        "reports/04_zeroshot.ipynb"],
+        "02_finetune": [
+            "model/best_model.pt",
+            "train/history.csv",
+            "figures/training_curves.png",
+            "reports/02_finetune.ipynb",
+            "reports/02_finetune.html",
+            "logs/finetune.log",
+        ],
+        "03_evaluate": [
+            "predictions.csv",
+            "metrics.json",
+            "data/evaluated.h5ad",
+            "figures/confusion.png",
+            "figures/umap.png",
+            "reports/03_evaluate.ipynb",
+        ],
+        "04_zeroshot": [
+            "zeroshot/metrics.json",
+            "zeroshot/predictions.csv",
+            "figures/zeroshot_umap.png",
+            "reports/04_zeroshot.ipynb",
+        ],
     }.items():
         for rel in rels:
             assert (moved[step] / rel).exists(), (step, rel)
@@ -526,8 +558,10 @@ def test_atomic_write_follows_the_umask(tmp_path, umask, mode):
     before = os.umask(umask)
     try:
         layout = RunLayout(tmp_path)
-        paths = [atomic_write(tmp_path / "a.txt", lambda p: p.write_text("x")),
-                 layout.write_json(tmp_path / "b.json", {"a": 1})]
+        paths = [
+            atomic_write(tmp_path / "a.txt", lambda p: p.write_text("x")),
+            layout.write_json(tmp_path / "b.json", {"a": 1}),
+        ]
         atomic_write(tmp_path / "a.txt", lambda p: p.write_text("y"))  # replacing keeps following it
     finally:
         os.umask(before)

@@ -72,7 +72,10 @@ def test_negative_and_nan_values_are_reported_with_counts_and_place(sparse):
     X = np.array([[1, 0, 2], [0, -0.5, 1], [np.nan, 1, -1]], dtype=np.float32)
     adata = _adata(["LYZ", "CD3E", "NKG7"], X=sp.csr_matrix(X) if sparse else X)
     adata.obs_names = ["c0", "c1", "c2"]
-    with pytest.raises(InputDataError, match=r"2 negative, 1 NaN values in 2 cells \(first: cell 'c1', gene 'CD3E' = -0\.5\).*adata\.raw"):
+    with pytest.raises(
+        InputDataError,
+        match=r"2 negative, 1 NaN values in 2 cells \(first: cell 'c1', gene 'CD3E' = -0\.5\).*adata\.raw",
+    ):
         check_expression(adata)
     check_expression(_adata(["LYZ"], X=np.abs(np.nan_to_num(X[:, :1]))))  # clean data passes
 

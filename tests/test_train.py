@@ -169,5 +169,8 @@ def test_parameters_left_at_none_take_the_recipe_of_the_checkpoint(split_pbmc, c
     assert {k: trained[k] for k in ("lr", "adam_eps", "batch_size", "class_weighted")} == {
         k: demo[k] for k in ("lr", "adam_eps", "batch_size", "class_weighted")}
     pretrained = params.with_recipe("released")  # a released or folder checkpoint: the published values
-    assert (pretrained.lr, pretrained.adam_eps, pretrained.batch_size, pretrained.class_weighted) == (1e-4, 1e-4, 32, False)
-    assert params.with_recipe("folder").max_seq_len == 48 and FinetuneParams(amp=False).with_recipe(None).adam_eps == 1e-8
+    recipe = (pretrained.lr, pretrained.adam_eps, pretrained.batch_size, pretrained.class_weighted)
+    assert recipe == (1e-4, 1e-4, 32, False)
+    assert (
+        params.with_recipe("folder").max_seq_len == 48 and FinetuneParams(amp=False).with_recipe(None).adam_eps == 1e-8
+    )

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from scgpt_protocol.core.params import ParamsError
-from scgpt_protocol.protocol.runner import RunDirInUse, RunFailed, run_protocol
+from scgpt_protocol.protocol.run.runner import RunDirInUse, RunFailed, run_protocol
 from test_run_robustness import FakePapermill, _papermill_like_report
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,7 +47,7 @@ def _scenario(tmp_path: Path, names: dict[str, str | None]) -> Path:
      "04_zeroshot": "04_zeroshot.yaml"},
 ], ids=["empty-folder", "misnamed-01"])
 def test_a_scenario_without_a_step_file_is_refused_not_run_on_the_demo(tmp_path, fake_papermill, names, caplog):
-    from scgpt_protocol.protocol.cli import main
+    from scgpt_protocol.protocol.run.cli import main
 
     scenario = _scenario(tmp_path, names)
     with pytest.raises(FileNotFoundError, match=r"no parameter file for step\(s\) 01_preprocess.*01_preprocess\.yaml"):
@@ -65,7 +65,9 @@ def test_yml_files_and_a_finished_runs_params_folder_are_scenarios(tmp_path, fak
     params = tmp_path / "run" / "params"
     for step in ("preprocess", "finetune", "evaluate", "zeroshot"):
         (params / f"{step}.yaml").write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"), "seed": 0}))
-    (params / "preprocess.yaml").write_text(yaml.safe_dump({"run_dir": "x", "adata_path": "demo", "checkpoint": "demo"}))
+    (params / "preprocess.yaml").write_text(
+        yaml.safe_dump({"run_dir": "x", "adata_path": "demo", "checkpoint": "demo"})
+    )
     run_protocol(params, tmp_path / "again", html=False)
     manifest = json.loads((tmp_path / "again" / "run_manifest.json").read_text())
     assert manifest["status"] == "finished"
@@ -73,8 +75,15 @@ def test_yml_files_and_a_finished_runs_params_folder_are_scenarios(tmp_path, fak
 
 
 def test_two_files_for_one_step_are_refused(tmp_path, fake_papermill):
-    scenario = _scenario(tmp_path, {"01_preprocess": "01_preprocess.yaml", "02_finetune": "02_finetune.yaml",
-                                    "03_evaluate": "03_evaluate.yaml", "04_zeroshot": "04_zeroshot.yaml"})
+    scenario = _scenario(
+        tmp_path,
+        {
+            "01_preprocess": "01_preprocess.yaml",
+            "02_finetune": "02_finetune.yaml",
+            "03_evaluate": "03_evaluate.yaml",
+            "04_zeroshot": "04_zeroshot.yaml",
+        },
+    )
     shutil.copyfile(scenario / "01_preprocess.yaml", scenario / "preprocess.yml")
     with pytest.raises(ParamsError, match="2 files for step 01_preprocess: 01_preprocess.yaml, preprocess.yml"):
         run_protocol(scenario, tmp_path / "run", html=False)
@@ -93,7 +102,7 @@ def test_an_empty_step_file_says_which_defaults_it_uses_before_running(tmp_path,
 
 
 def test_a_run_dir_that_is_a_file_is_a_clear_error(tmp_path, fake_papermill, caplog):
-    from scgpt_protocol.protocol.cli import main
+    from scgpt_protocol.protocol.run.cli import main
 
     file = tmp_path / "results.txt"
     file.write_text("mine\n")
@@ -137,26 +146,31 @@ def test_a_failed_force_rerun_leaves_no_earlier_results_looking_current(tmp_path
 def test_the_closing_table_says_which_cells_each_row_was_measured_on(tmp_path, caplog):
     from scgpt_protocol.core.layout import RunLayout
     from scgpt_protocol.metrics import ZEROSHOT_METHOD
-    from scgpt_protocol.protocol.manifest import headline_metrics
+    from scgpt_protocol.protocol.run.manifest import headline_metrics
 
     layout = RunLayout(tmp_path)
     layout.zeroshot_metrics.parent.mkdir(parents=True)
     layout.metrics.write_text(json.dumps({"split": "test", "methods": {"scGPT": {"accuracy": 0.9, "n_cells": 140}}}))
-    layout.zeroshot_metrics.write_text(json.dumps({"knn_vote": {"accuracy": 1.0, "n_cells": 240},
-                                                   "overlap": {"n_cells": 240}}))
-    steps = {"03_evaluate": {"status": "finished"},
-             "04_zeroshot": {"status": "finished", "params": {"query_path": "/data/query.h5ad"}}}
+    layout.zeroshot_metrics.write_text(
+        json.dumps({"knn_vote": {"accuracy": 1.0, "n_cells": 240}, "overlap": {"n_cells": 240}})
+    )
+    steps = {
+        "03_evaluate": {"status": "finished"},
+        "04_zeroshot": {"status": "finished", "params": {"query_path": "/data/query.h5ad"}},
+    }
     summary = headline_metrics(layout, steps)
     assert summary["scGPT"]["cells"] == "03 test split, 140 cells"
     assert summary[ZEROSHOT_METHOD]["cells"] == "04 query query.h5ad, 240 cells (240 also in the reference!)"
 
 
 def test_the_cli_closing_table_prints_the_cells_of_each_row(tmp_path, fake_papermill, caplog):
-    from scgpt_protocol.protocol.cli import main
+    from scgpt_protocol.protocol.run.cli import main
 
     def evaluate(notebook, report, parameters, layout):
         _papermill_like_report(notebook, report, parameters)
-        layout.metrics.write_text(json.dumps({"split": "test", "methods": {"scGPT": {"accuracy": 0.5, "n_cells": 140}}}))
+        layout.metrics.write_text(
+            json.dumps({"split": "test", "methods": {"scGPT": {"accuracy": 0.5, "n_cells": 140}}})
+        )
 
     fake_papermill.plan = {"03_evaluate": evaluate}
     with caplog.at_level(logging.INFO):

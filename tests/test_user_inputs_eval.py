@@ -8,7 +8,6 @@ import json
 import re
 
 import numpy as np
-import pandas as pd
 import pytest
 import yaml
 
@@ -41,7 +40,7 @@ def run(split_pbmc, tiny_checkpoint, tmp_path_factory):
 
 def test_a_03_query_holding_training_cells_is_warned_about_and_scored_apart(run, split_pbmc):
     from scgpt_protocol.data.read import read_adata
-    from scgpt_protocol.protocol.steps import training_overlap
+    from scgpt_protocol.protocol.steps.zeroshot import training_overlap
 
     layout, source = run
     query = read_adata(str(source))  # the training file itself, as a user passed it
@@ -116,7 +115,7 @@ def test_a_single_class_test_split_is_warned_about_at_01():
 
 def test_04_reference_equal_to_its_query_is_warned_and_scored_apart(run, split_pbmc, pbmc, tiny_model, tmp_path):
     from scgpt_protocol.annotate.zeroshot import zeroshot_annotate
-    from scgpt_protocol.protocol.steps import zeroshot_inputs
+    from scgpt_protocol.protocol.steps.zeroshot import zeroshot_inputs
 
     layout, source = run
     params = ZeroshotParams(run_dir=str(layout.run_dir), reference_path=str(source), query_path=str(source),
@@ -138,7 +137,8 @@ def test_04_reference_equal_to_its_query_is_warned_and_scored_apart(run, split_p
 
 def test_gene_symbol_key_for_the_query_and_the_reference_in_03_and_04(run, split_pbmc, tmp_path):
     from scgpt_protocol.core.errors import InputDataError
-    from scgpt_protocol.protocol.steps import read_with_symbols, zeroshot_inputs
+    from scgpt_protocol.data.read import read_with_symbols
+    from scgpt_protocol.protocol.steps.zeroshot import zeroshot_inputs
 
     layout, _ = run
     ensembl = split_pbmc[:30].copy()

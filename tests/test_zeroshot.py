@@ -237,7 +237,8 @@ def test_zeroshot_abstention_and_majority_voting(annotated):
     assert (pred["scgpt_zeroshot_unknown"] == below).all()
     assert pred.groupby("scgpt_over_clustering")["scgpt_majority_voting"].nunique().eq(1).all()
     # scanpy-style keys in the query
-    assert {"scgpt_zeroshot_label", "scgpt_zeroshot_unknown", "scgpt_over_clustering", "scgpt_majority_voting"} <= set(q.obs)
+    keys = {"scgpt_zeroshot_label", "scgpt_zeroshot_unknown", "scgpt_over_clustering", "scgpt_majority_voting"}
+    assert keys <= set(q.obs)
     assert q.uns["scgpt_zeroshot_annotation"]["min_confidence"] == 0.6
     m, r = out.metrics["knn_vote"], out.metrics["refinement"]
     truth = pred["bulk_labels"].astype(str)
@@ -245,7 +246,9 @@ def test_zeroshot_abstention_and_majority_voting(annotated):
     assert r["coverage"] == pytest.approx(1 - below.mean())
     assert r["assigned"]["accuracy"] == pytest.approx((pred["scgpt_zeroshot_prediction"] == truth)[~below].mean())
     assert r["majority_voting"]["accuracy"] == pytest.approx((pred["scgpt_majority_voting"] == truth).mean())
-    pd.testing.assert_series_equal(pred["scgpt_zeroshot_label_weighted"], res.predictions["scgpt_zeroshot_label_weighted"])
+    pd.testing.assert_series_equal(
+        pred["scgpt_zeroshot_label_weighted"], res.predictions["scgpt_zeroshot_label_weighted"]
+    )
 
 
 def test_reused_embeddings_give_the_same_predictions(annotated):
@@ -343,7 +346,9 @@ def test_joint_embedding(annotated):
     predicted = joint.obs["predicted"][is_query].astype(str).tolist()
     assert predicted == res.predictions["scgpt_zeroshot_label"].tolist()
     assert joint.obs["label"].astype(str).tolist() == [
-        *reference.obs["bulk_labels"].astype(str), *query.obs["bulk_labels"].astype(str)]
+        *reference.obs["bulk_labels"].astype(str),
+        *query.obs["bulk_labels"].astype(str),
+    ]
     assert joint.obs["cell"].tolist()[: reference.n_obs] == reference.obs_names.tolist()
     with pytest.raises(KeyError, match="no obsm\\['X_other'\\]"):
         joint_embedding(reference, query, label_key="bulk_labels", embedding_key="X_other")
@@ -379,8 +384,17 @@ def streamed(annotated, tmp_path_factory):
     backed = ad.read_h5ad(folder / "both.h5ad", backed="r")
     part = backed.obs["part"].to_numpy()
     ref_view, query_view = backed[part == "reference"], backed[part == "query"]
-    out = zeroshot_annotate(ref_view, query_view, model, label_key="bulk_labels", max_seq_len=128,
-                            batch_size=64, store_dir=folder / "store", min_confidence=0.6, majority_voting=True)
+    out = zeroshot_annotate(
+        ref_view,
+        query_view,
+        model,
+        label_key="bulk_labels",
+        max_seq_len=128,
+        batch_size=64,
+        store_dir=folder / "store",
+        min_confidence=0.6,
+        majority_voting=True,
+    )
     return ref_view, query_view, res, out, folder
 
 
@@ -395,8 +409,9 @@ def test_streamed_zeroshot_gives_the_same_labels_as_in_memory(streamed):
     assert (folder / "store" / "reference_embeddings.h5").is_file()
     assert out.params["store"] == str(folder / "store")
     pred = out.predictions
-    pd.testing.assert_series_equal(pred["scgpt_zeroshot_prediction"], res.predictions["scgpt_zeroshot_label"],
-                                   check_names=False)
+    pd.testing.assert_series_equal(
+        pred["scgpt_zeroshot_prediction"], res.predictions["scgpt_zeroshot_label"], check_names=False
+    )
     for column in PREDICTION_COLUMNS[1:]:
         pd.testing.assert_series_equal(pred[column], res.predictions[column])
     below = res.predictions["scgpt_zeroshot_confidence"].to_numpy() < 0.6

@@ -7,7 +7,6 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "codes_and_splits": "cells",
     "data_fingerprint": "cells",
     "world": "ddp",
-    "is_main": "ddp",
     "barrier": "ddp",
     "Classify": "ddp",
     "CellGroups": "loader",

@@ -1,6 +1,6 @@
 """The process-group primitives of fine-tuning on many GPUs (or CPU processes) with DistributedDataParallel.
 
-The launcher (``torchrun`` and the notebook's) is :mod:`scgpt_protocol.protocol.launch`.
+The launcher (``torchrun`` and the notebook's) is :mod:`scgpt_protocol.protocol.steps.finetune`.
 
 ``torchrun --nproc_per_node=N -m scgpt_protocol finetune params/<scenario> --run-dir runs/<name>`` runs
 step 02 in N processes (:func:`run_finetune_step`); the notebook does the same when
@@ -16,7 +16,7 @@ import os
 import torch
 from torch import nn
 
-__all__ = ["world", "is_main", "barrier", "Classify"]
+__all__ = ["world", "barrier", "Classify"]
 
 
 def world() -> tuple[int, int]:
@@ -24,10 +24,6 @@ def world() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
-
-
-def is_main() -> bool:
-    return world()[0] == 0
 
 
 def barrier() -> None:

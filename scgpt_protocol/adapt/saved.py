@@ -14,6 +14,7 @@ import torch
 
 from ..core.device import resolve_device
 from ..core.errors import CheckpointError
+from ..core.io import read_json
 from ..model.checkpoint import (
     CHECKPOINT_RECORD_KEYS,
     load_model,
@@ -141,10 +142,7 @@ def load_finetuned(directory: str | Path, *, device: str | torch.device = "auto"
 
     directory = Path(directory)
     manifest_path = directory / "manifest.json"
-    if not manifest_path.is_file():
-        msg = f"{manifest_path} does not exist: {directory} holds no fine-tuned model; run 02_finetune first."
-        raise FileNotFoundError(msg)
-    manifest = json.loads(manifest_path.read_text())
+    manifest = read_json(manifest_path, missing_hint=f"{directory} holds no fine-tuned model; run 02_finetune first.")
     strategy = manifest.get("strategy")
     if strategy is None:
         msg = f"{manifest_path} has no 'strategy': {directory} is a plain checkpoint; use load_model."
@@ -184,9 +182,7 @@ def record_calibration(directory: str | Path, record: Mapping[str, Any]) -> Path
     from ..core.io import atomic_write
 
     path = Path(directory) / "manifest.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: {directory} holds no fine-tuned model; run 02_finetune first.")
-    manifest = json.loads(path.read_text())
+    manifest = read_json(path, missing_hint=f"{directory} holds no fine-tuned model; run 02_finetune first.")
     manifest["calibration"] = dict(record)
     atomic_write(path, lambda p: p.write_text(json.dumps(manifest, indent=2, default=str) + "\n"))
     return path

@@ -30,7 +30,6 @@ so DDP's averaged gradient is the one-process gradient. Rank 0 alone writes.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -45,6 +44,7 @@ import torch
 from torch import nn
 
 from ..core.device import PeakMemory, autocast, resolve_device, resolve_precision
+from ..core.io import read_json
 from ..core.layout import RunLayout
 from ..core.log import DETAIL, progress
 from ..core.params import FinetuneParams, published_adam_eps
@@ -214,7 +214,7 @@ def saved_training_key(layout: RunLayout) -> dict[str, Any] | None:
     resumable state's), or None when there is none."""
     record = layout.train_dir / "training.json"
     if record.is_file():
-        return json.loads(record.read_text())["key"]
+        return read_json(record)["key"]
     if layout.train_state.is_file():  # a run from before training.json: the state carries the same key
         return torch.load(layout.train_state, map_location="cpu", weights_only=False)["params"]
     return None

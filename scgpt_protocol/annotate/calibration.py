@@ -23,13 +23,14 @@ of a cell, and ``log softmax(z) = z - logsumexp(z)``, so ``softmax(log p / T) = 
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
 __all__ = ["TEMPERATURE_BOUNDS", "ECE_BINS", "fit_temperature", "calibrated", "negative_log_likelihood",
-           "expected_calibration_error", "reliability_table", "table_ece", "calibration_record", "fit_model_temperature"]
+           "expected_calibration_error", "reliability_table", "table_ece", "calibration_record",
+           "fit_model_temperature", "temperature_record", "fit_validation_temperature"]
 
 #: the range searched by :func:`fit_temperature`
 TEMPERATURE_BOUNDS = (0.05, 20.0)
@@ -274,7 +275,8 @@ def fit_model_temperature(model: Any, adata: Any, *, categories: Sequence[str], 
     ValueError
         No fit cell with a label the model knows (the run has no validation split?).
     """
-    from ..data.labels import missing_labels
+    from ..data.labels import clean_labels, missing_labels
+    from ..data.matrix import sample_rows
     from .classify import predict
 
     mask = np.asarray(cells, dtype=bool)
@@ -283,25 +285,49 @@ def fit_model_temperature(model: Any, adata: Any, *, categories: Sequence[str], 
     known = ~np.asarray(missing_labels(pd.Series(truth)), dtype=bool)
     code = np.full(len(truth), -1, dtype=np.int64)
     position = {c: i for i, c in enumerate(classes)}
-    code[known] = [position.get(str(v).strip(), -1) for v in truth[known]]
+    code[known] = [position.get(v, -1) for v in clean_labels(truth[known])]
     rows = np.flatnonzero(mask & (code >= 0))
     if len(rows) == 0:
         msg = (f"no validation cell with a label the model knows ({int(mask.sum())} cells selected); the temperature "
                "is fitted on the validation split of 01. Rerun 01 (val_size > 0), or set calibrate=False.")
         raise ValueError(msg)
-    if len(rows) > max_cells:
-        rows = np.sort(np.random.default_rng(seed).choice(rows, max_cells, replace=False))
+    rows = sample_rows(rows, max_cells, seed)
     subset = adata[rows]
     subset = subset.to_memory() if getattr(subset, "isbacked", False) else subset
     prediction = predict(model, subset, categories=classes, genes=genes, batch_size=batch_size,
                          max_seq_len=max_seq_len, seed=seed, precision=precision, desc="calibrating",
                          temperature=None)
-    probabilities = np.asarray(prediction.probabilities, dtype=np.float64)
-    log_p, y = np.log(np.clip(probabilities, _TINY, None)), code[rows]
+    return temperature_record(prediction.probabilities, code[rows])
+
+
+def temperature_record(probabilities: Any, y: Any, split: str = "val") -> dict[str, Any]:
+    """Fit a temperature on predicted probabilities and their true class codes, as a record.
+
+    The one rule of the package for scGPT and the baseline alike: minimise the NLL of
+    ``softmax(log p / T)`` (:func:`fit_temperature`), then :func:`calibration_record` (ECE of the same cells
+    before and after, :data:`ECE_BINS` bins) plus ``nll_before`` / ``nll_after``.
+    """
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    y = np.asarray(y, dtype=np.int64)
+    log_p = np.log(np.clip(probabilities, _TINY, None))
     temperature = fit_temperature(log_p, y)
     after = calibrated(probabilities, temperature)
-    right = after.argmax(axis=1) == y
+    right = probabilities.argmax(axis=1) == y
     record = calibration_record(temperature, expected_calibration_error(probabilities.max(axis=1), right),
-                                expected_calibration_error(after.max(axis=1), right), n_cells=len(rows), split="val")
-    record.update(nll_before=negative_log_likelihood(log_p, y), nll_after=negative_log_likelihood(log_p, y, temperature))
+                                expected_calibration_error(after.max(axis=1), right), n_cells=len(y), split=split)
+    record.update(nll_before=negative_log_likelihood(log_p, y),
+                  nll_after=negative_log_likelihood(log_p, y, temperature))
     return record
+
+
+def fit_validation_temperature(model: Any, adata: Any, manifest: Mapping[str, Any], params: Any,
+                               max_seq_len: int) -> dict[str, Any]:
+    """The temperature of a fine-tuned model, fitted the one way the package does it (02, 03 and
+    :class:`~scgpt_protocol.tl.AnnotationRunner`): on ``adata``'s validation cells (``obs["split"] == "val"``),
+    with the manifest's ``categories``, ``label_key`` and ``genes``, and the step's ``batch_size``, ``seed`` and
+    ``precision`` (fp32 when the step has ``amp`` off). Returns :func:`fit_model_temperature`'s record."""
+    precision = getattr(params, "precision", "auto") if getattr(params, "amp", True) else "fp32"
+    return fit_model_temperature(model, adata, categories=manifest["categories"], label_key=manifest["label_key"],
+                                 cells=(adata.obs["split"] == "val").to_numpy(), genes=manifest.get("genes"),
+                                 max_seq_len=max_seq_len, batch_size=params.batch_size, seed=params.seed,
+                                 precision=precision)

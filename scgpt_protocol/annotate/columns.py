@@ -4,8 +4,8 @@ from here."""
 
 from __future__ import annotations
 
-__all__ = ["TRUE_LABEL", "SPLIT", "CORRECT", "RAW_CONFIDENCE", "COLUMNS", "ZEROSHOT_COLUMNS", "PREDICTION_COLUMNS", "OBS_COLUMNS",
-           "columns_for"]
+__all__ = ["TRUE_LABEL", "SPLIT", "CORRECT", "RAW_CONFIDENCE", "COLUMNS", "ZEROSHOT_COLUMNS", "PREDICTION_COLUMNS",
+           "OBS_COLUMNS", "columns_for"]
 
 #: the known label of a scored cell, its split, and whether the call was right
 TRUE_LABEL, SPLIT, CORRECT = "true_label", "split", "correct"

@@ -406,7 +406,8 @@ def refine(
 
     Examples
     --------
-    >>> pred = refine(predict(model, adata, categories=cats), min_confidence=0.5, majority_voting=True)  # doctest: +SKIP
+    >>> pred = refine(predict(model, adata, categories=cats),  # doctest: +SKIP
+    ...               min_confidence=0.5, majority_voting=True)
     >>> (pred.labels == "Unknown").mean()  # doctest: +SKIP
     """
     base = prediction.predicted if prediction.predicted is not None else prediction.labels
@@ -457,9 +458,9 @@ def refinement_metrics(
     dict
         ``min_confidence``, ``coverage`` (share of the labelled cells assigned), ``n_cells``,
         ``n_assigned``, ``n_unknown``; ``argmax``: :func:`classification_metrics` of the predicted class of
-        every cell (no abstention); ``unknown_by_class``: abstained cells per true label; ``assigned``: :func:`classification_metrics` of the
-        assigned cells (None when none is); ``majority_voting``: of the majority-voted labels on all
-        cells (``Unknown`` counted as an error; with ``coverage`` and ``n_clusters``, the
+        every cell (no abstention); ``unknown_by_class``: abstained cells per true label; ``assigned``:
+        :func:`classification_metrics` of the assigned cells (None when none is); ``majority_voting``: of the
+        majority-voted labels on all cells (``Unknown`` counted as an error; with ``coverage`` and ``n_clusters``, the
         over-clusters these cells fall in; None without majority voting); ``curve``:
         :func:`coverage_curve` as a list of rows; ``params``: the refinement's parameters.
     """

@@ -31,7 +31,7 @@ import pandas as pd
 
 from ..core.errors import format_keys
 from ..core.log import DETAIL
-from ..data.labels import missing_labels
+from ..data.labels import clean_labels, missing_labels, shared_types
 from ..metrics import classification_metrics
 from .columns import PREDICTION_COLUMNS, ZEROSHOT_COLUMNS
 from .knn import LabelTransfer, transfer_blocks
@@ -406,7 +406,7 @@ def _score_zeroshot(query: AnnData, s: _ZeroShotSettings, predictions: pd.DataFr
     shared = _shared_types(truth, distinct, notes)
     if not shared.any():
         return None
-    y_true = np.array([str(v).strip() for v in truth[shared]], dtype=object).astype(str)  # trimmed, as in 01
+    y_true = clean_labels(truth[shared]).astype(str)  # trimmed, as in 01
     return {
         "knn_vote": classification_metrics(y_true, refined.labels[shared],
                                            unassigned=UNKNOWN if s.min_confidence else None),
@@ -425,8 +425,8 @@ def _shared_types(truth: np.ndarray, distinct: np.ndarray, notes: list[str]) -> 
     if not labelled.any():
         notes.append("no query cell has a true label: no metrics")
         return labelled
-    text = np.array([str(v).strip() if ok else "" for v, ok in zip(truth, labelled)], dtype=object)
-    shared = labelled & np.isin(text, distinct)
+    text = np.where(labelled, clean_labels(truth), "")
+    shared = shared_types(truth, distinct)
     novel = pd.Series(text[labelled & ~shared]).value_counts()
     if len(novel):
         from ..data.labels import case_matches
@@ -461,8 +461,8 @@ def _score_overlap(reference: AnnData, query: AnnData, used: np.ndarray, s: _Zer
     if metrics is None:
         return
     truth = query.obs[s.label_key].to_numpy(dtype=object)
-    text = np.array([str(v).strip() for v in truth], dtype=object)
-    scored = ~missing_labels(truth) & np.isin(text, transfer_classes)  # the shared types, as in the metrics
+    text = clean_labels(truth)
+    scored = shared_types(truth, transfer_classes)  # as in the metrics
     calls = np.asarray(refined.labels, dtype=object)
 
     def score(mask: np.ndarray) -> dict[str, Any] | None:

@@ -98,5 +98,9 @@ def _rebuild_disk_full(path: str, needed: int | None, free: int | None, message:
     return err
 
 
+class DamagedFileError(ScGPTProtocolError, ValueError):
+    """A record the package wrote (or reads) is not valid JSON: a damaged or foreign file."""
+
+
 class ArtifactError(ScGPTProtocolError, OSError):
     """A result artifact (``export/vars.h5``, ``export/obs.duckdb``) could not be written."""

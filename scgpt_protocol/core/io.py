@@ -1,9 +1,12 @@
 """Files: atomic writes that never leave half a file and name a full disk (:class:`DiskFullError`),
-sha256 of a file, JSON-safe values, and the versions of the packages a run used."""
+JSON records read with one failure policy, sha256 of a file, JSON-safe values, UTC timestamps, and the
+versions of the packages a run used."""
 
 from __future__ import annotations
 
+import datetime as _dt
 import errno
+import json
 import hashlib
 import importlib.metadata
 import math
@@ -17,11 +20,63 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from .errors import DiskFullError
+from .errors import DamagedFileError, DiskFullError
 
-__all__ = ["sha256_file", "atomic_write", "disk_full_error", "is_disk_full"]
+__all__ = ["sha256_file", "atomic_write", "disk_full_error", "is_disk_full", "read_json", "utc_stamp", "utc_now"]
 
 _CHUNK_SIZE = 1 << 20
+#: ``read_json(default=REQUIRED)``: a missing file is an error
+REQUIRED: Any = object()
+
+
+def read_json(path: str | Path, *, default: Any = REQUIRED, lenient: bool = False, missing_hint: str = "",
+              error: type[Exception] = DamagedFileError, damaged_hint: str = "") -> Any:
+    """A JSON record, with one failure policy for every reader of the package.
+
+    Parameters
+    ----------
+    path
+        The file.
+    default
+        Returned when the file does not exist; when not given, a missing file raises ``FileNotFoundError``
+        whose message ends with ``missing_hint`` (e.g. which step writes it).
+    lenient
+        Also return ``default`` when the file cannot be read or is not valid JSON (a summary that must never
+        fail). Otherwise such a file raises ``error`` naming it, with ``damaged_hint``.
+    error
+        The exception class of a damaged file (:class:`~scgpt_protocol.core.errors.DamagedFileError`, or e.g.
+        ``CheckpointError`` for a checkpoint's own files).
+
+    Raises
+    ------
+    FileNotFoundError
+        No file and no ``default``.
+    DamagedFileError
+        (or ``error``) The file is not valid UTF-8 JSON.
+    """
+    path = Path(path)
+    if not path.is_file():
+        if default is not REQUIRED:
+            return default
+        raise FileNotFoundError(f"{path} does not exist" + (f": {missing_hint}" if missing_hint else "."))
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        if lenient:
+            return None if default is REQUIRED else default
+        msg = (f"{path} cannot be read as JSON ({type(err).__name__}: {err}); "
+               + (damaged_hint or "the file is damaged: delete it and run the step that writes it again."))
+        raise error(msg) from None
+
+
+def utc_now() -> str:
+    """The current UTC time as ISO 8601 to the second (``2026-12-06T04:54:52+00:00``): the time of a record."""
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def utc_stamp() -> str:
+    """The current UTC time for a file or folder name (``20261206T045452Z``)."""
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
 
 
 def sha256_file(path: str | Path) -> str:

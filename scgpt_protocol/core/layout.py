@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .io import atomic_write
+from .io import atomic_write, read_json
 
 __all__ = ["RunLayout", "STEP_DEPENDS_ON"]
 
@@ -269,13 +269,7 @@ class RunLayout:
 
     def read_json(self, path: Path, *, step: str) -> Any:
         """Read a JSON record another step wrote; a clear error if that step has not run."""
-        if not path.is_file():
-            msg = (
-                f"{path} does not exist: run step {step!r} first with the same run_dir "
-                f"({self.run_dir})."
-            )
-            raise FileNotFoundError(msg)
-        return json.loads(path.read_text())
+        return read_json(path, missing_hint=f"run step {step!r} first with the same run_dir ({self.run_dir}).")
 
     def require(self, path: Path, *, step: str) -> Path:
         """``path``, or a clear error naming the step that writes it."""

@@ -4,20 +4,29 @@ package (``scgpt_protocol.core.errors``) does not import its heavy neighbours (t
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable, Sequence
+import warnings
+from typing import Any, Callable, Mapping, Sequence
 
 
 def lazy_exports(package: str, exports: dict[str, str], *, submodules: Sequence[str] = (),
+                 moved: Mapping[str, str] | None = None,
                  ) -> tuple[Callable[[str], Any], Callable[[], list[str]], list[str]]:
     """``__getattr__``, ``__dir__`` and ``__all__`` for a package whose public names live in its modules.
 
     ``exports`` maps each public name to the module (relative to ``package``) that defines it;
-    ``submodules`` are imported on first access as attributes (``scgpt_protocol.pp``).
+    ``submodules`` are imported on first access as attributes (``scgpt_protocol.pp``). ``moved`` maps an old
+    public name of this package to the absolute module (``scgpt_protocol.protocol.display``) it is now
+    imported from: it still works, with a ``DeprecationWarning`` that names the new home (not in ``__all__``).
     """
+    moved = dict(moved or {})
 
     def __getattr__(name: str) -> Any:
         if name in submodules:
             return importlib.import_module(f".{name}", package)
+        if name in moved and name not in exports:
+            warnings.warn(f"{package}.{name} has moved: import it from {moved[name]} (the old name goes in a "
+                          "later release)", DeprecationWarning, stacklevel=2)
+            return getattr(importlib.import_module(moved[name]), name)
         module = exports.get(name)
         if module is None:
             msg = f"module {package!r} has no attribute {name!r}"

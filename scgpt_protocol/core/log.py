@@ -6,8 +6,9 @@ appear in notebooks, executed reports and terminals alike.
 
 Progress: a widget bar (``tqdm.notebook``) when a person runs a notebook, replaced by its final state
 as a line of text when it ends (so a saved notebook keeps it); plain text lines at an interval when a
-terminal, papermill or CI runs the code (widget bars render as ``HBox(...)`` in executed reports). ``SCGPT_PROTOCOL_PROGRESS`` = ``widget`` / ``text`` / ``off`` forces a mode; the
-protocol runner sets ``text`` for the notebooks it executes.
+terminal, papermill or CI runs the code (widget bars render as ``HBox(...)`` in executed reports).
+``SCGPT_PROTOCOL_PROGRESS`` = ``widget`` / ``text`` / ``off`` forces a mode; the protocol runner sets ``text``
+for the notebooks it executes.
 """
 
 from __future__ import annotations

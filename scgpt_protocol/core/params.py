@@ -13,7 +13,6 @@ the demo checkpoint. The notebooks' defaults, ``params/demo`` and ``make demo`` 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import re
 import typing
@@ -336,10 +335,12 @@ class PreprocessParams(StepParams):
     checkpoint: str = _f("demo", "'demo' (tiny random checkpoint), 'whole-human' (download) or a folder")
     min_genes: int = _f(0, "drop cells with fewer expressed genes", min=0, advanced=True)
     min_cells: int = _f(0, "drop genes expressed in fewer cells", min=0, advanced=True)
-    max_pct_mito: Optional[float] = _f(None, "drop cells with more % mitochondrial counts (None: keep)", min=0, max=100, advanced=True)
+    max_pct_mito: Optional[float] = _f(None, "drop cells with more % mitochondrial counts (None: keep)", min=0,
+                                       max=100, advanced=True)
     normalize: str = _f("auto", "normalise_total + log1p: 'auto' (only raw counts), 'yes' or 'no'",
                         choices=("auto", "yes", "no"), advanced=True)
-    n_hvg: Optional[int] = _f(None, "keep this many highly variable genes (None: all known genes)", min=1, advanced=True)
+    n_hvg: Optional[int] = _f(None, "keep this many highly variable genes (None: all known genes)", min=1,
+                              advanced=True)
     test_size: float = _f(0.2, "share of cells in the test split", min=0.05, max=0.5, advanced=True)
     val_size: float = _f(0.1, "share of cells in the validation split", min=0.05, max=0.5, advanced=True)
     min_cells_per_class: int = _f(5, "classes with fewer cells stay in train only (reported)", min=3, advanced=True)
@@ -368,13 +369,15 @@ class FinetuneParams(StepParams):
     lr: Optional[float] = _recipe("finetune", "lr", "Adam learning rate", min=0.0)
     lr_gamma: float = _f(0.9, "StepLR decay per epoch", min=0.0, max=1.0, advanced=True)
     weight_decay: float = _f(0.0, "AdamW weight decay (0: plain Adam, as published)", min=0.0, advanced=True)
-    warmup_ratio: float = _f(0.0, "share of all training steps with a linear learning-rate warm-up", min=0.0, max=0.5, advanced=True)
+    warmup_ratio: float = _f(0.0, "share of all training steps with a linear learning-rate warm-up", min=0.0,
+                             max=0.5, advanced=True)
     batch_size: Optional[int] = _recipe("finetune", "batch_size", "cells per training step", min=1)
     max_seq_len: Optional[int] = _recipe("finetune", "max_seq_len", "tokens per cell including <cls>", min=2)
     grad_clip: float = _f(1.0, "gradient norm clipping", min=0.0, advanced=True)
     class_weighted: Optional[bool] = _recipe("finetune", "class_weighted", "weight the loss by inverse class frequency",
                                              advanced=False)
-    patience: int = _f(3, "stop after this many epochs without a better validation macro-F1 (0: never)", min=0, advanced=True)
+    patience: int = _f(3, "stop after this many epochs without a better validation macro-F1 (0: never)", min=0,
+                       advanced=True)
     amp: bool = _f(True, "mixed precision as precision says (False: fp32)", advanced=True)
     adam_eps: Optional[float] = _recipe("finetune", "adam_eps", "Adam eps", min=0.0)  # published: 1e-8 without amp
     resume: bool = _f(True, "same parameters: go on after the last finished epoch (False: set it aside, start over)",
@@ -417,11 +420,12 @@ class EvaluateParams(StepParams):
     query_path: Optional[str] = _f(None, "an extra labelled .h5ad to evaluate on (None: test split only)")
     query_label_key: Optional[str] = _f(None, "label column of the query (None: the run's label_key)")
     query_gene_symbol_key: Optional[str] = _f(None, "var column of the query with gene symbols (None: var_names)")
-    query_label_map: Optional[Union[str, dict]] = _f(None, "query labels -> model's: CSV (label,model label) or mapping")
+    query_label_map: Optional[Union[str, dict]] = _f(
+        None, "query labels -> model's: CSV (label,model label) or mapping")
     calibrate: bool = _f(True, "temperature-scale the probabilities on the validation cells (False: raw softmax)")
     batch_size: int = _f(64, "cells per forward pass", min=1, advanced=True)
-    max_seq_len: Optional[int] = _f(None, "tokens per cell including <cls> (None: the length the model was trained with)",
-                                    min=2, advanced=True)
+    max_seq_len: Optional[int] = _f(
+        None, "tokens per cell including <cls> (None: the length the model was trained with)", min=2, advanced=True)
     baseline: bool = _f(True, "also fit a logistic-regression baseline on the same split (and the query)")
     device: str = _device()
     precision: str = _precision("prediction")
@@ -465,17 +469,19 @@ class ZeroshotParams(StepParams):
     majority_voting: Optional[bool] = _recipe(
         "zeroshot", "majority_voting", "also label each over-cluster of the query by its majority",
         advanced=False)
-    max_plot_cells: int = _f(50000, "UMAP of at most this many reference + query cells (a seeded random sample when more)",
-                             min=1, advanced=True)
+    max_plot_cells: int = _f(
+        50000, "UMAP of at most this many reference + query cells (a seeded random sample when more)", min=1,
+        advanced=True)
 
 
 def _checkpoint_kind(run_dir: str, notebook: str) -> str | None:
     """``kind`` of the checkpoint 01 recorded in ``run_dir/checkpoint.json`` (the recipe depends on it)."""
+    from .io import read_json
     from .layout import RunLayout
 
     layout = RunLayout(run_dir)
     try:
-        return json.loads(layout.checkpoint_record.read_text()).get("kind")
+        return read_json(layout.checkpoint_record).get("kind")
     except FileNotFoundError:
         msg = (f"{layout.checkpoint_record} does not exist: run step '01_preprocess' first with the same run_dir "
                f"({run_dir}); {notebook} takes the recipe for the checkpoint 01 chose.")
@@ -510,7 +516,8 @@ def parameters_cell(cls: type[StepParams]) -> str:
         "# Parameters: the defaults run the interactive demo.",
         *(["# None (recipe): the value for the checkpoint 01 chose, pretrained or demo; the first output lists them."]
           if cls.RECIPE_FIELDS else []),
-        f"# Headless: scgpt-protocol run params/<scenario> (papermill: -f params/<scenario>/{Path(cls.NOTEBOOK).stem}.yaml)",
+        "# Headless: scgpt-protocol run params/<scenario> "
+        f"(papermill: -f params/<scenario>/{Path(cls.NOTEBOOK).stem}.yaml)",
         "# --- change these ---",
     ]
     fields = dataclasses.fields(cls)

@@ -3,7 +3,7 @@ and the cell masks that select cells by name or position."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -18,8 +18,8 @@ UNKNOWN = "Unknown"
 #: the one neutral grey of "no call" in every figure: :data:`UNKNOWN` cells and cells without a label
 UNKNOWN_COLOR = "#9e9e9e"
 
-__all__ = ["SPLITS", "UNKNOWN", "UNKNOWN_COLOR", "class_order", "clean_labels", "trimmed_labels", "case_only_groups",
-    "describe_case_groups", "check_label_column", "case_matches"]
+__all__ = ["SPLITS", "UNKNOWN", "UNKNOWN_COLOR", "by_count", "class_order", "clean_labels", "shared_types",
+           "trimmed_labels", "case_only_groups", "describe_case_groups", "check_label_column", "case_matches"]
 
 
 def cell_mask(adata: AnnData, cells: Any) -> np.ndarray:
@@ -53,16 +53,12 @@ def cell_mask(adata: AnnData, cells: Any) -> np.ndarray:
 SPLITS = ("train", "val", "test")
 
 
-def subset_split(adata: AnnData, split: str | Sequence[str], *, split_key: str = "split") -> AnnData:
-    """A copy of the cells of one or more splits (``"train"``, ``"val"``, ``"test"``)."""
-    if split_key not in adata.obs:
-        msg = f"{split_key!r} not in adata.obs (columns: {format_keys(adata.obs.columns)}); run 01_preprocess first."
-        raise KeyError(msg)
-    wanted = [split] if isinstance(split, str) else list(split)
-    bad = sorted(set(wanted) - set(SPLITS))
-    if bad:
-        raise ValueError(f"unknown split(s) {bad}; splits are {list(SPLITS)}.")
-    return adata[adata.obs[split_key].isin(wanted).to_numpy()].copy()
+def by_count(counts: Mapping[Any, Any]) -> list[Any]:
+    """The keys of ``counts`` (class -> cells: a dict or a Series such as ``value_counts()``) largest first,
+    ties by name: the one class order rule (:func:`class_order` adds categories without cells and
+    :data:`UNKNOWN` last)."""
+    items = counts.items()
+    return [k for k, _ in sorted(items, key=lambda kv: (-int(kv[1]), str(kv[0])))]
 
 
 def class_order(labels: Any, categories: Sequence[Any] | None = None) -> list[str]:
@@ -73,7 +69,7 @@ def class_order(labels: Any, categories: Sequence[Any] | None = None) -> list[st
     values = pd.Series(labels.to_numpy() if isinstance(labels, (pd.Series, pd.Index)) else
                        np.asarray(list(labels), dtype=object), dtype=object)
     counts = values[~missing_labels(values)].astype(str).value_counts()
-    order = sorted((str(c) for c in counts.index), key=lambda c: (-int(counts[c]), c))
+    order = [str(c) for c in by_count(counts)]
     order += [str(c) for c in categories or () if str(c) not in set(order)]
     return [c for c in order if c != UNKNOWN] + ([UNKNOWN] if UNKNOWN in order else [])
 
@@ -129,6 +125,13 @@ def clean_labels(labels: Any) -> np.ndarray:
     values = labels.to_numpy(dtype=object) if isinstance(labels, (pd.Series, pd.Index)) else (
         np.asarray(labels if isinstance(labels, np.ndarray) else list(labels), dtype=object))
     return np.array([str(v).strip() for v in values], dtype=object)
+
+
+def shared_types(labels: Any, classes: Sequence[Any]) -> np.ndarray:
+    """Cells of a **shared type** (a boolean mask): a label (not :func:`missing_labels`) that, trimmed, is one of
+    ``classes`` (the model's classes, or the reference's labels in 04). Labelled cells outside it are of a
+    **novel type**: the one rule 03 and 04 score novel types apart by."""
+    return ~missing_labels(labels) & np.isin(clean_labels(labels), clean_labels(classes))
 
 
 def trimmed_labels(labels: Any) -> list[str]:

@@ -13,17 +13,13 @@ from typing import TYPE_CHECKING, Any, Iterator
 import numpy as np
 import scipy.sparse as sp
 
-if TYPE_CHECKING:
-    from anndata import AnnData
-
-from typing import TYPE_CHECKING
-
 from ..core.errors import InputDataError, format_keys
 
 if TYPE_CHECKING:
     from anndata import AnnData
 
-__all__ = ["disk_matrix", "iter_row_chunks", "read_rows", "log1p_cp10k", "get_matrix", "check_expression", "value_kind"]
+__all__ = ["disk_matrix", "iter_row_chunks", "read_rows", "log1p_cp10k", "get_matrix", "check_expression", "value_kind",
+           "sample_rows"]
 
 
 def log1p_cp10k(matrix: Any, *, copy: bool = False, chunk_size: int = 8192) -> sp.csr_matrix:
@@ -245,6 +241,15 @@ def check_expression(adata: AnnData, *, layer: str | None = None, chunk_size: in
     raise InputDataError(msg)
 
 
+def sample_rows(rows: Any, n: int | None, seed: int = 0) -> np.ndarray:
+    """A seeded random sample of at most ``n`` of ``rows`` (row indices), in their order: the one way the package
+    draws a subset of cells (all of them when ``n`` is None or at least their number)."""
+    rows = np.asarray(rows)
+    if n is None or len(rows) <= n:
+        return rows
+    return rows[np.sort(np.random.default_rng(seed).choice(len(rows), int(n), replace=False))]
+
+
 def value_kind(matrix: Any, n_rows: int = 2000) -> tuple[str, float]:
     """``("counts" | "log-normalised" | "other", max of the sampled values)`` from a sample of ``n_rows`` rows.
 
@@ -254,8 +259,7 @@ def value_kind(matrix: Any, n_rows: int = 2000) -> tuple[str, float]:
     """
     n = matrix.shape[0]
     if n > n_rows:
-        rows = np.sort(np.random.default_rng(0).choice(n, n_rows, replace=False))
-        block = matrix[rows]
+        block = matrix[sample_rows(np.arange(n), n_rows)]
     else:
         block = matrix[:]
     data = block.data if sp.issparse(block) else np.asarray(block).ravel()

@@ -1,6 +1,7 @@
 """Opening ``.h5ad`` files, each reader named for what it returns.
 
 * :func:`read_adata` -- an AnnData wholly in memory (or the demo data for ``"demo"``);
+* :func:`read_with_symbols` -- the same, its ``var_names`` the gene symbols of a ``var`` column;
 * :func:`open_lazy` -- an AnnData with annotations in memory and its matrices left on disk (step 01's
   streamed path);
 * :func:`open_backed` -- anndata's backed mode, read-only, with only ``obs``, ``var`` and ``uns`` in memory
@@ -22,20 +23,14 @@ from typing import TYPE_CHECKING, Any, Iterator
 import numpy as np
 import pandas as pd
 
-from ..core.errors import InputDataError
+from ..core.errors import InputDataError, format_keys
 
 if TYPE_CHECKING:
     from anndata import AnnData
-
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from anndata import AnnData
-
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["opened_backed", "read_adata", "open_backed", "open_lazy"]
+__all__ = ["opened_backed", "read_adata", "read_with_symbols", "open_backed", "open_lazy"]
 
 
 # -- reading --------------------------------------------------------------------------------
@@ -226,4 +221,25 @@ def open_lazy(path: str | Path, *, layer: str | None = None, in_memory: bool = F
         adata.uns[RAW_FLAG] = True  # .raw is not read; prepare_file reports it as dropped
     logger.info("opened %s (%s): %s cells x %s genes", file, "in memory" if in_memory else "matrix on disk",
                 f"{adata.n_obs:,}", f"{adata.n_vars:,}")
+    return adata
+
+
+def read_with_symbols(path: str, gene_symbol_key: str | None, *, what: str, name: str) -> AnnData:
+    """An external .h5ad read into memory, its ``var_names`` set to the gene symbols of
+    ``var[gene_symbol_key]`` (the old names kept in ``var["original_var_name"]``) when a key is given."""
+    adata = read_adata(path)
+    if gene_symbol_key is None:
+        return adata
+    if gene_symbol_key not in adata.var.columns:
+        msg = (f"{name}={gene_symbol_key!r} is not a column of the var of {what} ({path}); columns: "
+               f"{format_keys(adata.var.columns)}. Set {name} to the column with gene symbols (or None when "
+               "var_names are symbols).")
+        raise InputDataError(msg)
+    symbols = adata.var[gene_symbol_key].astype(object)
+    original = np.asarray(adata.var_names, dtype=str)
+    text = symbols.where(symbols.notna(), "").astype(str).str.strip().to_numpy()
+    adata.var["original_var_name"] = original
+    adata.var_names = pd.Index(np.where(text != "", text, original), dtype=str)  # no symbol: keep the id
+    if not adata.var_names.is_unique:
+        adata.var_names_make_unique()
     return adata

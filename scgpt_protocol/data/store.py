@@ -19,6 +19,8 @@ from typing import Any, Mapping
 import numpy as np
 import scipy.sparse as sp
 
+from .matrix import sample_rows
+
 __all__ = ["CSRWriter", "begin_h5ad", "write_elem", "RowWriter", "create_store", "open_store", "take_rows",
     "embedding_rows", "subsample"]
 
@@ -249,5 +251,5 @@ def subsample(cells: Any, max_cells: int | None, seed: int = 0) -> np.ndarray:
     if max_cells is None or len(chosen) <= max_cells:
         return mask
     keep = np.zeros_like(mask)
-    keep[np.sort(np.random.default_rng(seed).choice(chosen, int(max_cells), replace=False))] = True
+    keep[sample_rows(chosen, max_cells, seed)] = True
     return keep

@@ -20,6 +20,8 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "split_novel": "novel",
     "crosstab": "novel",
     "novel_record": "novel",
+    "zeroshot_novel": "novel",
+    "zeroshot_crosstab": "novel",
     "EvalResult": "scoring",
     "evaluate_predictions": "scoring",
     "prediction_store": "scoring",

@@ -157,9 +157,9 @@ def logistic_regression_baseline(
     logger.info("baseline: %s", "values look like raw counts -> normalised to 10,000 per cell + log1p" if normalised
                 else "values are not whole numbers -> used as log-normalised expression")
     reader = _Reader(matrix, normalised, chunk_size)
-    model = _fit_baseline(reader, np.flatnonzero(is_train), train_labels, labels,
-                          np.asarray(adata.var_names.astype(str)), n_hvg=n_hvg, seed=seed, class_weight=class_weight,
-                          max_fit_cells=max_fit_cells)
+    model = _fit_baseline(reader, np.flatnonzero(is_train), train_labels, np.asarray(adata.var_names.astype(str)),
+                          n_hvg=n_hvg, seed=seed, class_weight=class_weight, max_fit_cells=max_fit_cells)
+    _set_class_order(model, labels)
     model.normalised = normalised
     predicted, proba, metrics = model.score(reader, np.flatnonzero(is_test), adata.obs_names[is_test],
                                             labels[is_test], f"test (obs[{label_key!r}])")
@@ -180,12 +180,7 @@ def logistic_regression_baseline(
 def _calibrate(result: BaselineResult, model: _BaselineModel, reader: _Reader, is_val: np.ndarray,
                labels: pd.Series) -> None:
     """Fit the baseline's temperature on the validation cells; calibrate the test (and query) probabilities in place."""
-    from ..annotate.calibration import (
-        calibrated,
-        calibration_record,
-        expected_calibration_error,
-        fit_temperature,
-    )
+    from ..annotate.calibration import calibrated, temperature_record
     from ..data.labels import clean_labels, missing_labels
 
     is_val = is_val & ~missing_labels(labels)
@@ -200,19 +195,14 @@ def _calibrate(result: BaselineResult, model: _BaselineModel, reader: _Reader, i
         return
     _, val_proba, _ = model.score(reader, val_rows[keep], pd.Index(np.arange(int(keep.sum())).astype(str)),
                                   val_labels[keep], "validation")
-    y = y[keep]
-    temperature = fit_temperature(np.log(np.clip(val_proba, 1e-12, None)), y)
-    after = calibrated(val_proba, temperature)
-    right = val_proba.argmax(axis=1) == y
-    result.calibration = calibration_record(temperature, expected_calibration_error(val_proba.max(axis=1), right),
-                                            expected_calibration_error(after.max(axis=1), right), n_cells=len(y),
-                                            split="val")
+    result.calibration = temperature_record(val_proba, y[keep])
+    temperature = result.calibration["temperature"]
     for part in (result, result.query):
         if part is not None:
             part.raw_confidence = part.probabilities.max(axis=1).astype(np.float32)
             part.probabilities = calibrated(part.probabilities, temperature)
             part.temperature = temperature
-    logger.info("baseline: temperature %.3f fitted on %d validation cells", temperature, len(y))
+    logger.info("baseline: temperature %.3f fitted on %d validation cells", temperature, int(keep.sum()))
 
 
 def _baseline_cells(adata: AnnData, *, label_key: str, split_key: str, train: str, test: str,
@@ -247,11 +237,9 @@ def _baseline_cells(adata: AnnData, *, label_key: str, split_key: str, train: st
 
 def _looks_like_counts(matrix: Any, rows: np.ndarray, n_rows: int = 2000) -> bool:
     """Whether a seeded sample of ``n_rows`` of ``rows`` holds whole numbers only (raw counts)."""
-    from ..data.matrix import value_kind
+    from ..data.matrix import sample_rows, value_kind
 
-    if len(rows) > n_rows:
-        rows = rows[np.sort(np.random.default_rng(0).choice(len(rows), n_rows, replace=False))]
-    return value_kind(read_rows(matrix, rows))[0] == "counts"
+    return value_kind(read_rows(matrix, sample_rows(rows, n_rows)))[0] == "counts"
 
 
 @dataclass
@@ -330,7 +318,8 @@ class _BaselineModel:
         )
 
 
-def fit_sample(labels: np.ndarray, max_cells: int, seed: int, min_per_class: int = MIN_FIT_CELLS_PER_CLASS) -> np.ndarray:
+def fit_sample(labels: np.ndarray, max_cells: int, seed: int,
+               min_per_class: int = MIN_FIT_CELLS_PER_CLASS) -> np.ndarray:
     """Ascending positions of the cells to fit on: all when there are at most ``max_cells``, else a stratified
     random sample of about ``max_cells`` (classes in proportion, each keeping ``min_per_class`` cells or all)."""
     n = len(labels)
@@ -364,9 +353,8 @@ def _select_genes(reader: _Reader, train_rows: np.ndarray, genes: np.ndarray,
     return np.asarray(hvg["highly_variable"], dtype=bool), stats
 
 
-def _fit_baseline(reader: _Reader, train_rows: np.ndarray, train_labels: np.ndarray, labels: pd.Series,
-                  genes: np.ndarray, *, n_hvg: int, seed: int, class_weight: str | None,
-                  max_fit_cells: int) -> _BaselineModel:
+def _fit_baseline(reader: _Reader, train_rows: np.ndarray, train_labels: np.ndarray, genes: np.ndarray, *,
+                  n_hvg: int, seed: int, class_weight: str | None, max_fit_cells: int) -> _BaselineModel:
     """Highly variable genes and scaler of the train cells, the classifier fitted on (a sample of) them."""
     import scipy.sparse as sp
 
@@ -383,14 +371,18 @@ def _fit_baseline(reader: _Reader, train_rows: np.ndarray, train_labels: np.ndar
     del S
     if not model.clf.converged_:
         logger.warning("baseline: the logistic regression did not converge in %d iterations", model.clf.max_iter)
+    return model
+
+
+def _set_class_order(model: _BaselineModel, labels: pd.Series) -> None:
+    """The order of the model's classes: the label column's own when it has one (so that confusion matrices line
+    up with scGPT's), else the classifier's."""
     classes = [str(c) for c in model.clf.classes_]
-    # the label column's own order when it has one (so that confusion matrices line up with scGPT's)
     if isinstance(labels.dtype, pd.CategoricalDtype):
         model.order = [str(c) for c in labels.cat.categories if str(c) in set(classes)]
     else:
         model.order = classes
     model.column = [classes.index(c) for c in model.order]
-    return model
 
 
 def _baseline_on_query(model: _BaselineModel, query: AnnData, query_key: str, layer: str | None,
@@ -401,7 +393,8 @@ def _baseline_on_query(model: _BaselineModel, query: AnnData, query_key: str, la
     from ..model.vocab import check_gene_overlap
 
     if query_key not in query.obs:
-        msg = f"query_label_key={query_key!r} is not a column of the query's obs; columns: {format_keys(query.obs.columns)}."
+        msg = (f"query_label_key={query_key!r} is not a column of the query's obs; columns: "
+               f"{format_keys(query.obs.columns)}.")
         raise KeyError(msg)
     check_expression(query, layer=layer)
     genes_used = model.genes

@@ -65,8 +65,9 @@ def calibration_report(scgpt: EvalResult, baseline: BaselineResult | None = None
         :func:`~scgpt_protocol.evaluate.baseline.logistic_regression_baseline` on the same cells (with
         ``calibrate=True`` for an "after").
     fitted
-        scGPT's fit record (``manifest["calibration"]`` or :func:`~scgpt_protocol.annotate.calibration.fit_model_temperature`,
-        with ``source``); its ``temperature`` is the one applied.
+        scGPT's fit record (``manifest["calibration"]`` or
+        :func:`~scgpt_protocol.annotate.calibration.fit_model_temperature`, with ``source``); its ``temperature``
+        is the one applied.
 
     Returns
     -------

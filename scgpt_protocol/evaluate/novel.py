@@ -11,20 +11,26 @@ does not have). :func:`split_novel` scores them apart:
   ``Unknown`` (the best a model can do with a type it never saw).
 
 :func:`crosstab` counts query label -> predicted label, the table a report shows for the query.
+:func:`novel_record` is 03's entry for a query (every method); :func:`zeroshot_novel` and :func:`zeroshot_crosstab`
+are 04's, from a :class:`~scgpt_protocol.annotate.zeroshot.ZeroShotResult`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
+from ..annotate.columns import PREDICTION_COLUMNS
 from ..data.label_map import novel_types
-from ..data.labels import missing_labels
-from ..metrics import classification_metrics
+from ..data.labels import UNKNOWN, clean_labels, missing_labels, shared_types
+from ..metrics import ZEROSHOT_METHOD, classification_metrics
 
-__all__ = ["split_novel", "crosstab", "novel_record"]
+if TYPE_CHECKING:
+    from ..annotate.zeroshot import ZeroShotResult
+
+__all__ = ["split_novel", "crosstab", "novel_record", "zeroshot_novel", "zeroshot_crosstab"]
 
 
 def _labels(values: Any, name: str) -> np.ndarray:
@@ -65,12 +71,12 @@ def split_novel(y_true: Any, y_pred: Any, model_classes: Sequence[str], unknown:
     labelled = ~missing_labels(true)
     if not labelled.any():
         raise ValueError(f"none of the {len(true)} cells has a label to score (all missing or dropped by the map).")
-    classes = [str(c).strip() for c in model_classes]
+    classes = list(clean_labels(model_classes))
     if unknown in classes:
         raise ValueError(f"{unknown!r} is one of the model's classes; pass another unknown= label for abstention.")
-    text = np.array([str(v).strip() if ok else "" for v, ok in zip(true, labelled)], dtype=object)
+    text = np.where(labelled, clean_labels(true), "")
     calls = np.asarray([str(v) for v in pred], dtype=object)
-    shared = labelled & np.isin(text, classes)
+    shared = shared_types(true, classes)
     novel_mask = labelled & ~shared
     right = np.where(shared, text == calls, calls == unknown) & labelled
     novel: dict[str, Any] = {}
@@ -101,7 +107,7 @@ def crosstab(y_true: Any, y_pred: Any) -> pd.DataFrame:
         msg = f"y_true has {len(true)} labels but y_pred has {len(pred)}; give one prediction per cell."
         raise ValueError(msg)
     keep = ~missing_labels(true)
-    table = pd.crosstab(pd.Series([str(v).strip() for v in true[keep]], name="query label"),
+    table = pd.crosstab(pd.Series(clean_labels(true[keep]), name="query label"),
                         pd.Series([str(v) for v in pred[keep]], name="predicted"))
     return table.sort_index().sort_index(axis=1).astype(int)
 
@@ -128,3 +134,45 @@ def novel_record(y_true: Any, calls: Mapping[str, Any], model_classes: Sequence[
         methods[method] = {"novel": scored["novel"], "all_cells": scored["all_cells"]}
     first = next(iter(methods.values()))
     return {"types": types, "n_cells": int(first["all_cells"]["n_novel"]), "methods": methods}
+
+
+def zeroshot_novel(result: ZeroShotResult, maps: Any = None) -> dict[str, Any] | None:
+    """Score 04's novel types apart: the query labels none of the reference's classes matches.
+
+    ``maps``: what 04's label map did (:class:`~scgpt_protocol.protocol.steps.zeroshot.ZeroshotLabelMaps`, or
+    anything with its ``record()`` and ``describe()``), None without a map.
+
+    Adds to ``result.metrics`` (when the query has metrics) ``novel``
+    (:func:`~scgpt_protocol.evaluate.novel.novel_record` of the kNN vote call: for each novel type its cells, the
+    share called ``Unknown`` and what the others were called; the "all cells" accuracy, where a novel cell is
+    right only when ``Unknown``) and ``label_map`` (``maps.record()``); the maps' description goes to the notes.
+    ``result.metrics``' ``knn_vote`` / ``knn_weighted`` already leave the novel-type cells out.
+
+    Returns
+    -------
+    dict or None
+        The ``novel`` record; None when every labelled query cell is of a reference class (or the query has no
+        labels).
+    """
+    label_key = result.params.get("label_key")
+    if maps is not None and maps.record() is not None:
+        result.notes.append(maps.describe().replace("\n", " "))
+    classes = list(result.transfer.categories)
+    if label_key not in result.predictions or UNKNOWN in classes:  # no truth; or 'Unknown' is a reference class
+        return None
+    record = novel_record(result.predictions[label_key], {ZEROSHOT_METHOD: result.predictions[PREDICTION_COLUMNS[0]]},
+                          classes, unknown=UNKNOWN)
+    if result.metrics is not None:
+        if record is not None:
+            result.metrics["novel"] = record
+        if maps is not None and maps.record() is not None:
+            result.metrics["label_map"] = maps.record()
+    return record
+
+
+def zeroshot_crosstab(result: ZeroShotResult) -> pd.DataFrame | None:
+    """Query cells per true label (rows) and kNN vote call (columns), novel types included; None without labels."""
+    label_key = result.params.get("label_key")
+    if label_key not in result.predictions:
+        return None
+    return crosstab(result.predictions[label_key], result.predictions[PREDICTION_COLUMNS[0]])

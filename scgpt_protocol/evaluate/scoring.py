@@ -19,7 +19,7 @@ from ..annotate.prediction import check_prediction
 from ..core.errors import format_keys
 from ..core.io import json_safe
 from ..core.log import DETAIL
-from ..data.labels import cell_mask
+from ..data.labels import case_matches, cell_mask, clean_labels, missing_labels, shared_types
 from ..metrics import BASELINE_METHOD, METRIC_DESCRIPTIONS, SCGPT_METHOD, classification_metrics, confusion
 from ..annotate.columns import COLUMNS, TRUE_LABEL
 from ..data.overlap import Overlap
@@ -90,10 +90,8 @@ def evaluate_predictions(
     if not mask.any():
         raise ValueError("cells selects no cell; there is nothing to evaluate.")
     obs = adata.obs.loc[mask]
-    from ..data.labels import missing_labels
-
     true = obs[label_key].astype(object)
-    true = true.where(true.isna(), true.astype(str).str.strip())  # 'T cell ' is 'T cell', as in 01
+    true = true.where(true.isna(), pd.Series(clean_labels(true), index=true.index))  # 'T cell ' is 'T cell', as in 01
     labelled = ~missing_labels(true)  # NaN, and text such as 'nan' or '' (a column converted to str)
     if not labelled.any():
         msg = f"none of the {int(mask.sum())} selected cells has a label in adata.obs[{label_key!r}]."
@@ -174,8 +172,6 @@ def like_for_like(baseline: BaselineResult, scgpt: EvalResult) -> dict[str, Any]
     """
     from ..annotate.columns import COLUMNS, TRUE_LABEL
     from ..annotate.refinement import UNKNOWN, majority_vote, refine_labels, refinement_metrics
-    from ..data.labels import missing_labels
-
     refined = scgpt.metrics.get("refinement")
     if not refined:
         return baseline.metrics
@@ -312,10 +308,8 @@ def evaluate_query(
 
 def _shared_types(truth: pd.Series, categories: Any) -> np.ndarray | None:
     """Mask of the query cells whose label is one of the model's classes; None when no labelled cell is novel."""
-    from ..data.labels import missing_labels
-
     labelled = ~np.asarray(missing_labels(truth), dtype=bool)
-    shared = labelled & truth.astype(str).isin([str(c) for c in categories]).to_numpy()
+    shared = shared_types(truth, categories)
     if (shared == labelled).all():
         return None
     if not shared.any():
@@ -352,7 +346,8 @@ def _novel_entries(query: AnnData, key: str, result: EvalResult, baseline: Basel
         confidence = np.asarray(baseline.probabilities).max(axis=1)
         calls[BASELINE_METHOD] = refine_labels(baseline.predictions.astype(str).to_numpy(), confidence,
                                                min_confidence=min_confidence, categories=baseline.categories).labels
-    given = query.obs[f"{key}_original"] if label_map is not None and f"{key}_original" in query.obs else frame[TRUE_LABEL]
+    as_given = label_map is not None and f"{key}_original" in query.obs
+    given = query.obs[f"{key}_original"] if as_given else frame[TRUE_LABEL]
     entries: dict[str, Any] = {"crosstab": crosstab(np.asarray(given, dtype=object), calls[SCGPT_METHOD])}
     novel = novel_record(frame[TRUE_LABEL], calls, categories)
     if novel is not None:
@@ -366,8 +361,6 @@ def _novel_entries(query: AnnData, key: str, result: EvalResult, baseline: Basel
 
 def _label_case_warnings(truth: pd.Series, categories: Any) -> list[str]:
     """A warning for query labels that are training classes written in another case (they score 0)."""
-    from ..data.labels import case_matches, missing_labels
-
     pairs = case_matches(truth[~missing_labels(truth)], categories)
     if not pairs:
         return []
@@ -383,7 +376,6 @@ def _overlap_methods(frame: pd.DataFrame, baseline: BaselineResult | None, overl
                      min_confidence: float) -> dict[str, Any]:
     """scGPT's (and the baseline's) query metrics on the seen and on the unseen cells, apart."""
     from ..annotate.refinement import UNKNOWN
-    from ..data.labels import missing_labels
     from ..data.overlap import scored_apart
 
     truth = frame[TRUE_LABEL]
@@ -452,5 +444,6 @@ def write_results(
     plain = json_safe(record)
     plain["descriptions"] = {k: v for k, v in METRIC_DESCRIPTIONS.items() if k in _metric_names(record)}
     written["metrics"] = layout.write_json(layout.metrics, plain)
-    logger.info("wrote %s", ", ".join(str(p) for p in written.values()), extra=DETAIL)  # the notebook shows report.files_table
+    # the notebook shows them in its files table
+    logger.info("wrote %s", ", ".join(str(p) for p in written.values()), extra=DETAIL)
     return written

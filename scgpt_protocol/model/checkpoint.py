@@ -8,7 +8,6 @@ and silently skip the released ``Wqkv`` attention weights.
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import logging
 import pickle
@@ -23,7 +22,7 @@ import torch
 
 from ..core.device import resolve_device
 from ..core.errors import CheckpointError, CheckpointNotFoundError, format_keys
-from ..core.io import atomic_write
+from ..core.io import atomic_write, read_json, utc_now
 from ..core.log import DETAIL
 from .scgpt import ScGPT, ScGPTConfig
 from .vocab import SPECIAL_TOKENS
@@ -122,11 +121,7 @@ def _require_file(directory: Path, name: str) -> Path:
 
 
 def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        msg = f"{path} is not valid JSON ({err}); the file is damaged or not part of a scGPT checkpoint."
-        raise CheckpointError(msg) from None
+    return read_json(path, error=CheckpointError, damaged_hint="the file is damaged or not part of a scGPT checkpoint.")
 
 
 def read_vocab(path: str | Path) -> dict[str, int]:
@@ -277,8 +272,9 @@ def locate_checkpoint(
     if not path.is_dir():
         msg = (
             f"checkpoint {text!r} does not exist: it is not 'demo', not a known checkpoint name "
-            f"{format_keys(sorted(KNOWN_CHECKPOINTS))} and not an existing folder (resolved to {path.absolute()}; the current working directory is "
-            f"{Path.cwd()}). Set checkpoint to 'demo', 'whole-human' or a folder holding {', '.join(CHECKPOINT_FILES)}."
+            f"{format_keys(sorted(KNOWN_CHECKPOINTS))} and not an existing folder (resolved to {path.absolute()}; "
+            f"the current working directory is {Path.cwd()}). Set checkpoint to 'demo', 'whole-human' or a folder "
+            f"holding {', '.join(CHECKPOINT_FILES)}."
         )
         raise CheckpointNotFoundError(msg)
     missing = [f for f in CHECKPOINT_FILES if not (path / f).is_file()]
@@ -385,12 +381,7 @@ def _trained_cls_value(directory: Path) -> float | None:
     from .vocab import FINETUNE_CLS_VALUE
 
     path = directory / "manifest.json"
-    manifest: Any = {}
-    if path.is_file():
-        try:
-            manifest = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            manifest = {}
+    manifest = read_json(path, default={}, lenient=True)
     if isinstance(manifest, dict) and "cls_value" in manifest:
         value = manifest["cls_value"]
         return None if value is None else float(value)
@@ -522,7 +513,7 @@ def write_manifest(directory: Path, files: Iterable[str], extra: Mapping[str, An
     from ..core.version import __version__
 
     manifest = {
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": utc_now(),
         "versions": {"scgpt_protocol": __version__, "torch": torch.__version__, "python": platform.python_version()},
         "files": {
             name: {"sha256": sha256_file(directory / name), "bytes": (directory / name).stat().st_size}

@@ -15,11 +15,10 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 from ..core.errors import ChecksumMismatchError, DownloadError
-from ..core.io import sha256_file
+from ..core.io import atomic_write, read_json, sha256_file, utc_now
 
 logger = logging.getLogger(__name__)
 
@@ -173,19 +172,18 @@ def _write_checksums(
     record = {
         "source_id": info.drive_folder_id,
         "origin": origin,
-        "recorded": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "recorded": utc_now(),
         "sha256": hashes,
     }
-    part = folder / (CHECKSUMS_FILE + ".part")
-    part.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    os.replace(part, folder / CHECKSUMS_FILE)
+    atomic_write(folder / CHECKSUMS_FILE,
+                 lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8"))
 
 
 def _verify(target: Path, info: CheckpointInfo) -> None:
     """Check every cached file against ``checksums.json``; raise on the first mismatch."""
     fix = "To fix: re-download with download_checkpoint(..., force=True)."
     try:
-        recorded = json.loads((target / CHECKSUMS_FILE).read_text(encoding="utf-8"))["sha256"]
+        recorded = read_json(target / CHECKSUMS_FILE, error=ChecksumMismatchError, damaged_hint=fix)["sha256"]
         if not isinstance(recorded, dict):
             raise TypeError(f"'sha256' is a {type(recorded).__name__}, not a mapping")
     except (ValueError, KeyError, TypeError) as exc:

@@ -13,7 +13,7 @@ import pandas as pd
 from ..annotate.columns import COLUMNS
 from ..core.errors import format_keys
 from ..data.colors import label_palette
-from ..data.labels import cell_mask, missing_labels, ordered
+from ..data.labels import by_count, cell_mask, missing_labels, ordered
 from ..data.store import subsample
 from ..evaluate.markers import expression_rows
 from .embedding import plot_embedding
@@ -60,7 +60,7 @@ def dotplot_table(adata: AnnData, markers: Mapping[str, Sequence[str]], *, group
         raise ValueError("no cell with a group to show; check cells and groupby.")
     x = expression_rows(adata, rows, genes=adata.var_names.get_indexer(genes), layer=layer)
     names = groups.to_numpy(dtype=object)[rows].astype(str)
-    order = ordered(pd.Series(names).value_counts().index, None)
+    order = ordered(by_count(pd.Series(names).value_counts()), None)
     share, mean = [], []
     for name in order:
         block = x[np.flatnonzero(names == name)]
@@ -224,7 +224,7 @@ def plot_confidence_by_type(
     if not len(names):
         raise ValueError("no cell with a label and a finite confidence; there is nothing to plot.")
     counts = pd.Series(names).value_counts()
-    rows = ordered(sorted(counts.index, key=lambda c: (-counts[c], c)), order)
+    rows = ordered(by_count(counts), order)
     colors = label_palette(rows) if palette is None else {**label_palette(rows), **palette}
     fig = new_figure(7.0, max(2.6, 0.34 * len(rows) + 1.5))
     ax = fig.add_subplot()

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from ..data.colors import mark_categories
-from ..data.labels import ordered
+from ..data.labels import by_count, ordered
 from ..metrics import BASELINE, SCGPT, ZEROSHOT
 from .figure import new_figure, short_label, two_axes
 
@@ -171,7 +171,7 @@ def plot_per_class_f1(
         for row in metrics["per_class"]:
             label = str(row["label"])
             support[label] = max(support.get(label, 0), int(row["support"]))
-    by_size = sorted((c for c, n in support.items() if n > 0), key=lambda c: (-support[c], c))
+    by_size = by_count({c: n for c, n in support.items() if n > 0})
     classes = ordered(by_size, order)
     if not classes:
         raise ValueError("no class has true cells in the metrics given; there is nothing to plot.")

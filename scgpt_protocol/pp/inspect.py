@@ -258,7 +258,8 @@ def inspect_adata(
         n_missing_labels=n_unlabelled,
         batch_key=batch_key,
         label_map=label_map_record(label_map),
-        label_map_text=None if label_map is None else describe_label_map(label_map, "the input", left_out_of="training"),
+        label_map_text=(None if label_map is None
+                        else describe_label_map(label_map, "the input", left_out_of="training")),
         batches=batches,
         warnings=found,
     )

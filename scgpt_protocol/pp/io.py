@@ -88,17 +88,6 @@ def read_checkpoint_record(layout: RunLayout) -> dict[str, Any]:
     return layout.read_json(layout.checkpoint_record, step=WRITER)
 
 
-def describe_checkpoint(record: dict[str, Any]) -> str:
-    """One plain sentence on which pretrained model a run uses, for reports."""
-    if record.get("kind") == "demo":
-        return (
-            "This run uses the tiny RANDOMLY INITIALISED demo checkpoint: its numbers show that the "
-            "protocol runs end to end, not what scGPT can do. Set checkpoint='whole-human' in 01_preprocess "
-            "for real results."
-        )
-    return f"This run uses the pretrained checkpoint {record.get('checkpoint')} (sha256 {str(record.get('sha256'))[:12]}...)."
-
-
 # -- writing --------------------------------------------------------------------------------
 def write_prepared(prepared: PreparedData, layout: RunLayout, label_key: str) -> dict[str, Path]:
     """Write the prepared AnnData and the label record of the run.

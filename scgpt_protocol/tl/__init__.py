@@ -2,8 +2,10 @@
 
 ``embed`` (cell embeddings in ``obsm``), ``finetune`` / ``load_finetuned`` / ``save_finetuned``, ``predict``,
 ``refine`` (abstention, majority voting), ``transfer_labels`` (kNN on embeddings), ``zeroshot_annotate``,
-``compute_umap``. Each is defined in its own layer (``model``, ``adapt``, ``annotate``, ``pl``); this namespace
-only names them.
+``compute_umap``, each defined in its own layer (``model``, ``adapt``, ``annotate``, ``pl``) and only named here;
+and the in-process way through the whole protocol, defined here (``annotation``): :class:`AnnotationRunner`
+(fit strategies on your labelled AnnData, compare them against the baseline, predict, save),
+``adapt_annotation``, ``compare_strategies``, ``inspect_annotation_data``.
 """
 
 from ..core.lazy import lazy_exports
@@ -19,4 +21,8 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "transfer_labels": ".annotate.knn",
     "zeroshot_annotate": ".annotate.zeroshot",
     "compute_umap": ".pl.embedding",
+    "AnnotationRunner": ".tl.annotation",
+    "adapt_annotation": ".tl.annotation",
+    "compare_strategies": ".tl.annotation",
+    "inspect_annotation_data": ".tl.annotation",
 })

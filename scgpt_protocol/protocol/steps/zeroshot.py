@@ -1,7 +1,6 @@
-"""Glue of the notebooks to the run's files that belongs to no lower layer: which reference and query
-step 04 maps, in which label names (:func:`zeroshot_inputs`), its novel types scored apart (:func:`zeroshot_novel`,
-:func:`zeroshot_crosstab`), which cells of a 03 query trained the model (:func:`training_overlap`),
-the gene symbols of an external file (:func:`read_with_symbols`).
+"""Step 04's glue to its run folder: which reference and query it maps, in which label names
+(:func:`zeroshot_inputs`; its novel types are then scored by :func:`~scgpt_protocol.evaluate.novel.zeroshot_novel`,
+beside 03's), and which cells of a query trained the model (:func:`training_overlap`, also for 03's query).
 """
 
 from __future__ import annotations
@@ -14,21 +13,19 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from ..core.errors import format_keys
-from ..data.labels import missing_labels
+from ...core.errors import format_keys
+from ...data.labels import missing_labels
 
 if TYPE_CHECKING:
     from anndata import AnnData
 
-    from ..annotate.zeroshot import ZeroShotResult
-    from ..core.layout import RunLayout
-    from ..data.label_map import LabelMapResult
-    from ..data.overlap import Overlap
+    from ...core.layout import RunLayout
+    from ...data.label_map import LabelMapResult
+    from ...data.overlap import Overlap
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["zeroshot_inputs", "ZeroshotLabelMaps", "zeroshot_novel", "zeroshot_crosstab", "training_overlap",
-           "read_with_symbols"]
+__all__ = ["zeroshot_inputs", "ZeroshotLabelMaps", "training_overlap"]
 
 
 def _input_path(layout: RunLayout) -> str | None:
@@ -45,36 +42,12 @@ def _input_path(layout: RunLayout) -> str | None:
 def training_overlap(layout: RunLayout, prepared: AnnData, query: AnnData, query_path: str | None) -> Overlap:
     """Which cells of a 03 query are train or validation cells of the run (by cell name), and whether the query
     is the file 01 read (by sha256): pass it to ``evaluate_query(..., overlap=...)``."""
-    from ..data.overlap import find_overlap
+    from ...data.overlap import find_overlap
 
     split = prepared.obs["split"].to_numpy() if "split" in prepared.obs else np.array([], dtype=object)
     trained = prepared.obs_names[np.isin(split, ["train", "val"])]
     return find_overlap(query.obs_names, trained, what="the query", against="the run's train and validation cells",
                         path=query_path, other_path=_input_path(layout))
-
-
-def read_with_symbols(path: str, gene_symbol_key: str | None, *, what: str, name: str) -> AnnData:
-    """An external .h5ad read into memory, its ``var_names`` set to the gene symbols of
-    ``var[gene_symbol_key]`` (the old names kept in ``var["original_var_name"]``) when a key is given."""
-    from ..core.errors import InputDataError
-    from ..data.read import read_adata
-
-    adata = read_adata(path)
-    if gene_symbol_key is None:
-        return adata
-    if gene_symbol_key not in adata.var.columns:
-        msg = (f"{name}={gene_symbol_key!r} is not a column of the var of {what} ({path}); columns: "
-               f"{format_keys(adata.var.columns)}. Set {name} to the column with gene symbols (or None when "
-               "var_names are symbols).")
-        raise InputDataError(msg)
-    symbols = adata.var[gene_symbol_key].astype(object)
-    original = np.asarray(adata.var_names, dtype=str)
-    text = symbols.where(symbols.notna(), "").astype(str).str.strip().to_numpy()
-    adata.var["original_var_name"] = original
-    adata.var_names = pd.Index(np.where(text != "", text, original), dtype=str)  # no symbol: keep the id
-    if not adata.var_names.is_unique:
-        adata.var_names_make_unique()
-    return adata
 
 
 @dataclass
@@ -91,7 +64,7 @@ class ZeroshotLabelMaps:
 
     def describe(self) -> str:
         """One paragraph per dataset for the report (:func:`~scgpt_protocol.data.label_map.describe_label_map`)."""
-        from ..data.label_map import describe_label_map
+        from ...data.label_map import describe_label_map
 
         if self.reference is None and self.query is None:
             return "No label map: the reference's and the query's labels are used as they are."
@@ -101,7 +74,7 @@ class ZeroshotLabelMaps:
     def record(self) -> dict[str, Any] | None:
         """``metrics.json``'s ``label_map``: ``{"reference": ..., "query": ...}``
         (:func:`~scgpt_protocol.data.label_map.label_map_record`); None without a map."""
-        from ..data.label_map import label_map_record
+        from ...data.label_map import label_map_record
 
         if self.reference is None and self.query is None:
             return None
@@ -125,7 +98,7 @@ def _map_labels(label_map: Any, label_key: str, ref: tuple[AnnData, np.ndarray |
     dataset, None: all), in place; the query is checked against the reference's classes after the map.
 
     Returns the maps and the reference rows left (those mapped to nothing are left out; None: all)."""
-    from ..data.label_map import LabelMapError, apply_label_map, read_label_map
+    from ...data.label_map import LabelMapError, apply_label_map, read_label_map
 
     table = read_label_map(label_map)
     (ref_data, ref_rows), (query_data, query_rows) = ref, query
@@ -175,8 +148,8 @@ def zeroshot_inputs(layout: RunLayout, params: Any) -> tuple[AnnData, AnnData, s
         A map file with a missing column, a query label mapped to a class the reference lacks, no query label
         left that the reference has.
     """
-    from ..data.overlap import same_file
-    from ..pp.io import read_labels, read_prepared
+    from ...data.overlap import same_file
+    from ...pp.io import read_labels, read_prepared
 
     label_key = params.label_key
     if params.reference_path is None or params.query_path is None:
@@ -193,10 +166,12 @@ def zeroshot_inputs(layout: RunLayout, params: Any) -> tuple[AnnData, AnnData, s
                "take it from; set label_key to the label column of the reference and query.")
         raise ValueError(msg)
     if params.label_map is not None:
-        from ..data.label_map import read_label_map
+        from ...data.label_map import read_label_map
 
         read_label_map(params.label_map)  # a missing file or column fails before the data are read
     symbols = getattr(params, "gene_symbol_key", None)
+    from ...data.read import read_with_symbols
+
     ref_data, ref_rows = ((read_with_symbols(params.reference_path, symbols, what="the reference",
                                              name="gene_symbol_key"), None) if params.reference_path
                           else (prepared, np.isin(split, ["train", "val"])))
@@ -216,51 +191,3 @@ def zeroshot_inputs(layout: RunLayout, params: Any) -> tuple[AnnData, AnnData, s
         reference = reference.copy()  # a file's cells less those mapped to nothing
     query = query_data if query_rows is None else query_data[query_rows]
     return reference, query, label_key, maps
-
-
-def zeroshot_novel(result: ZeroShotResult, maps: ZeroshotLabelMaps | None = None) -> dict[str, Any] | None:
-    """Score 04's novel types apart: the query labels none of the reference's classes matches.
-
-    Adds to ``result.metrics`` (when the query has metrics) ``novel``
-    (:func:`~scgpt_protocol.evaluate.novel.novel_record` of the kNN vote call: for each novel type its cells, the
-    share called ``Unknown`` and what the others were called; the "all cells" accuracy, where a novel cell is
-    right only when ``Unknown``) and ``label_map`` (``maps.record()``); the maps' description goes to the notes.
-    ``result.metrics``' ``knn_vote`` / ``knn_weighted`` already leave the novel-type cells out.
-
-    Returns
-    -------
-    dict or None
-        The ``novel`` record; None when every labelled query cell is of a reference class (or the query has no
-        labels).
-    """
-    from ..annotate.columns import PREDICTION_COLUMNS
-    from ..annotate.refinement import UNKNOWN
-    from ..evaluate.novel import novel_record
-
-    label_key = result.params.get("label_key")
-    if maps is not None and maps.record() is not None:
-        result.notes.append(maps.describe().replace("\n", " "))
-    classes = list(result.transfer.categories)
-    if label_key not in result.predictions or UNKNOWN in classes:  # no truth; or 'Unknown' is a reference class
-        return None
-    from ..metrics import ZEROSHOT_METHOD
-
-    record = novel_record(result.predictions[label_key], {ZEROSHOT_METHOD: result.predictions[PREDICTION_COLUMNS[0]]},
-                          classes, unknown=UNKNOWN)
-    if result.metrics is not None:
-        if record is not None:
-            result.metrics["novel"] = record
-        if maps is not None and maps.record() is not None:
-            result.metrics["label_map"] = maps.record()
-    return record
-
-
-def zeroshot_crosstab(result: ZeroShotResult) -> pd.DataFrame | None:
-    """Query cells per true label (rows) and kNN vote call (columns), novel types included; None without labels."""
-    from ..annotate.columns import PREDICTION_COLUMNS
-    from ..evaluate.novel import crosstab
-
-    label_key = result.params.get("label_key")
-    if label_key not in result.predictions:
-        return None
-    return crosstab(result.predictions[label_key], result.predictions[PREDICTION_COLUMNS[0]])

@@ -13,9 +13,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..core.errors import format_keys
-from ..core.params import STEPS
-from ..core.version import REPOSITORY, __version__
+from ...core.errors import format_keys
+from ...core.params import STEPS
+from ...core.version import REPOSITORY, __version__
 
 __all__ = ["BUILTIN_SCENARIOS", "COLAB_INSTALL", "ProtocolNotFound", "WorkspaceExists", "protocol_root",
     "notebooks_dir", "params_root", "resolve_scenario", "resolve_notebooks", "scenario_summary",
@@ -26,8 +26,8 @@ BUILTIN_SCENARIOS = ("demo", "ci", "retina-example")
 #: what the notebooks' Colab set-up cell installs: the release these notebooks belong to
 COLAB_INSTALL = f"scgpt-protocol @ git+https://github.com/{REPOSITORY}@v{__version__}"
 
-_PACKAGED = Path(__file__).resolve().parents[1] / "_protocol"  # scgpt_protocol/_protocol in a wheel
-_SOURCE_TREE = Path(__file__).resolve().parents[2]  # the clone, in an editable install
+_PACKAGED = Path(__file__).resolve().parents[2] / "_protocol"  # scgpt_protocol/_protocol in a wheel
+_SOURCE_TREE = Path(__file__).resolve().parents[3]  # the clone, in an editable install
 
 
 class ProtocolNotFound(FileNotFoundError):
@@ -101,7 +101,7 @@ def step_file(params_dir: Path, step: str) -> Path | None:
     Two files for one step (``01_preprocess.yaml`` and ``preprocess.yaml``) are refused: which one counts
     would be a guess.
     """
-    from ..core.params import ParamsError
+    from ...core.params import ParamsError
 
     found = [params_dir / n for n in _step_file_names(step) if (params_dir / n).is_file()]
     if len(found) > 1:
@@ -193,7 +193,8 @@ def init_workspace(dest: str | Path, *, force: bool = False) -> list[Path]:
         raise WorkspaceExists(msg)
     existing = [rel for _, rel in files if (dest / rel).exists()]
     if existing and not force:
-        shown = ", ".join(str(p) for p in existing[:4]) + (f" and {len(existing) - 4} more" if len(existing) > 4 else "")
+        more = f" and {len(existing) - 4} more" if len(existing) > 4 else ""
+        shown = ", ".join(str(p) for p in existing[:4]) + more
         msg = (
             f"{dest} already holds {shown}; they may be your edits. Choose another folder, "
             "or pass --force to overwrite them with the protocol of this release."

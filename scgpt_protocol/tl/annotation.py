@@ -13,7 +13,6 @@ since ``peft`` has no such method for a custom model).
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,7 @@ from ..adapt.saved import load_finetuned, save_finetuned
 from ..adapt.train import TrainResult, finetune, strategy_config
 from ..annotate.classify import predict
 from ..annotate.prediction import Prediction
-from ..core.io import atomic_write
+from ..core.io import atomic_write, read_json
 from ..core.layout import RunLayout
 from ..core.params import STRATEGY_NAMES, FinetuneParams, ParamsError, PreprocessParams
 from ..evaluate.baseline import logistic_regression_baseline
@@ -139,16 +138,13 @@ class AnnotationRunner:
     def _calibrate(self) -> None:
         """The best model's temperature, fitted on the validation cells: :meth:`predict` then gives calibrated
         probabilities, and :meth:`save` records it."""
-        from ..annotate.calibration import fit_model_temperature
+        from ..annotate.calibration import fit_validation_temperature
 
-        val = (self.adata.obs["split"] == "val").to_numpy()
-        if self.model is None or not val.any():
+        if self.model is None or not (self.adata.obs["split"] == "val").any():
             logger.warning("no validation cells: the best model's probabilities stay uncalibrated")
             return
-        record = fit_model_temperature(self._require_model(), self.adata, categories=self.categories,
-                                       label_key=self.label_key, cells=val, max_seq_len=self.params.max_seq_len,
-                                       batch_size=self.params.batch_size * 2, seed=self.params.seed,
-                                       precision=self.params.precision if self.params.amp else "fp32")
+        record = fit_validation_temperature(self._require_model(), self.adata, self.manifest, self.params,
+                                            self.params.max_seq_len)
         self.model.temperature = record["temperature"]
         self.manifest["calibration"] = record
 
@@ -157,10 +153,7 @@ class AnnotationRunner:
         fingerprint = data_fingerprint(self.adata, self.label_key, self.categories,
                                        base_sha256=self.base_checkpoint.get("sha256"))
         if directory is not None and (directory / "outcome.json").is_file():
-            try:
-                saved = json.loads((directory / "outcome.json").read_text())
-            except json.JSONDecodeError:
-                saved = {}
+            saved = read_json(directory / "outcome.json", default={}, lenient=True)
             if saved.get("training") == self.params.to_dict() and saved.get("data") == fingerprint:
                 logger.info("%s: reusing the model saved in %s", strategy, directory)
                 model, _ = load_finetuned(directory, device=self.params.device)
@@ -201,7 +194,8 @@ class AnnotationRunner:
                        precision=self.params.precision if self.params.amp else "fp32")
 
     def fit_baseline(self) -> dict[str, Any]:
-        """CellTypist-style logistic regression on log1p-CP10k HVGs of the same split (the row every comparison shows)."""
+        """CellTypist-style logistic regression on log1p-CP10k HVGs of the same split (the row every comparison
+        shows)."""
         result = logistic_regression_baseline(self.adata, label_key=self.label_key, seed=self.params.seed)
         self.baseline = {"metrics": result.metrics, "n_genes": result.n_genes, "n_classes": len(result.categories)}
         return self.baseline
@@ -224,8 +218,9 @@ class AnnotationRunner:
         rows.sort(key=lambda r: -r["val_macro_f1"])
         if self.baseline is not None:
             m = self.baseline["metrics"]
-            rows.append({"strategy": f"baseline: {BASELINE_METHOD}", "val_macro_f1": None, "test_accuracy": m["accuracy"],
-                         "test_macro_f1": m["macro_f1"], "test_weighted_f1": m["weighted_f1"],
+            rows.append({"strategy": f"baseline: {BASELINE_METHOD}", "val_macro_f1": None,
+                         "test_accuracy": m["accuracy"], "test_macro_f1": m["macro_f1"],
+                         "test_weighted_f1": m["weighted_f1"],
                          "trainable_parameters": (self.baseline["n_genes"] + 1) * self.baseline["n_classes"],
                          "train_seconds": None, "peak_memory_mb": None, "saved_mb": None, "best": False})
         return pd.DataFrame(rows)
@@ -236,7 +231,8 @@ class AnnotationRunner:
         split = self.adata.uns.get("scgpt_protocol", {}).get("preprocess", {}) if hasattr(self.adata, "uns") else {}
         return {
             "strategy": strategy,
-            "strategy_config": (cfg.to_dict() if (cfg := strategy_config(self.params, strategy)) else None) if strategy else None,
+            "strategy_config": (cfg.to_dict() if strategy and (cfg := strategy_config(self.params, strategy))
+                                else None),
             "label_key": self.label_key, "categories": self.categories, "genes": list(self.adata.var_names),
             "base_checkpoint": self.base_checkpoint, "training": self.params.to_dict(),
             "split_seed": (split.get("params") or {}).get("seed") if isinstance(split, Mapping) else None,
@@ -341,7 +337,8 @@ def _markdown(table: pd.DataFrame) -> str:
         for c in cols:
             v = row[c]
             cells.append("" if v is None or (isinstance(v, float) and np.isnan(v)) else
-                         f"{v:.3f}" if isinstance(v, float) else f"{v:,}" if isinstance(v, (int, np.integer)) and not isinstance(v, bool) else str(v))
+                         f"{v:.3f}" if isinstance(v, float) else
+                         f"{v:,}" if isinstance(v, (int, np.integer)) and not isinstance(v, bool) else str(v))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -15,9 +15,9 @@ import sys
 import time
 from pathlib import Path
 
-from ..core.version import __version__
+from ...core.version import __version__
 
-logger = logging.getLogger("scgpt_protocol.protocol.cli")
+logger = logging.getLogger("scgpt_protocol.protocol.run.cli")
 
 __all__ = ["main"]
 
@@ -83,8 +83,8 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _finetune(args: argparse.Namespace) -> int:
-    from ..core.params import FinetuneParams, load_params_file
-    from .launch import run_finetune_step
+    from ...core.params import FinetuneParams, load_params_file
+    from ..steps.finetune import run_finetune_step
     from .workspace import step_file
 
     source = Path(args.params)
@@ -105,7 +105,7 @@ def _finetune(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..core.log import ensure_logging
+    from ...core.log import ensure_logging
 
     parser = argparse.ArgumentParser(prog="scgpt-protocol", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -134,8 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     tune.add_argument("--run-dir", default=None, help="the run folder (default: run_dir of the parameters)")
     args = parser.parse_args(argv)
     ensure_logging()
-    from ..core.errors import ScGPTProtocolError
-    from ..core.params import ParamsError
+    from ...core.errors import ScGPTProtocolError
+    from ...core.params import ParamsError
     from .runner import RunDirInUse, RunFailed, RunInterrupted
 
     command = {"run": _run, "init": _init, "list": _list, "finetune": _finetune}[args.command]

@@ -9,32 +9,43 @@ parameter values such as ``<cls>`` -- is HTML-escaped, so a label ``B & T <naive
 * :func:`metrics_display` -- headline metrics of several methods, 3 decimals, readable headers;
 * :func:`per_class_table` -- per class: each method's F1 (on the assigned cells when abstaining) and the
   share of the class's cells left ``Unknown``, sorted by support;
-* :func:`refinement_table` / :func:`refinement_display` -- one method's rules side by side;
+* :func:`refinement_table` -- one method's rules side by side;
 * :func:`files_table` -- what a step wrote.
 """
 
 from __future__ import annotations
 
 import html
+import math
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
-from ..metrics import HEADERS, HEADLINE_METRICS, METHODS, metrics_table
+from ...data.labels import by_count
+from ...metrics import HEADERS, HEADLINE_METRICS, METHODS, metrics_table
 
 if TYPE_CHECKING:
     from pandas.io.formats.style import Styler
 
-    from ..core.layout import RunLayout
+    from ...core.layout import RunLayout
 
 __all__ = ["styled", "comparison_table", "comparison_display", "metrics_display", "per_class_frame",
-    "per_class_table", "rule_metrics", "refinement_table", "refinement_display", "files_table", "FEW_CELLS",
-    "DECIMALS"]
+    "per_class_table", "rule_metrics", "refinement_table", "files_table", "fmt_value", "FEW_CELLS", "DECIMALS"]
 
 #: classes with fewer test cells than this are flagged in :func:`per_class_table`
 FEW_CELLS = 5
 DECIMALS = 3
+
+
+def fmt_value(value: Any) -> str:
+    """One number as a report writes it in text: ``n/a`` when missing, counts with thousands separators,
+    others to :data:`DECIMALS` decimals."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    if isinstance(value, (int, np.integer)):
+        return f"{int(value):,}"
+    return f"{float(value):.{DECIMALS}f}"
 
 
 def _metrics(value: Any) -> Mapping[str, Any]:
@@ -81,18 +92,6 @@ def refinement_table(metrics: Mapping[str, Any], refined: Mapping[str, Any] | No
     table = metrics_table(rows)
     table["coverage"] = [coverage[m] for m in table.index]
     return table
-
-
-def refinement_display(metrics: Mapping[str, Any], refined: Mapping[str, Any] | None = None, *,
-                       method: str = "scGPT", caption: str | None = None) -> Any:
-    """:func:`refinement_table` for a report: rounded, readable headers, a coverage column (a Styler)."""
-    table = refinement_table(metrics, refined, method=method)
-    frame = table.drop(columns=["n_cells", "coverage"]).round(3)
-    frame.columns = [c.replace("_", " ").replace("macro auroc", "macro AUROC") for c in frame.columns]
-    frame["n cells"] = table["n_cells"].astype("Int64")
-    frame["coverage"] = table["coverage"].astype(float).round(3)
-    frame.index.name = "Method"
-    return styled(frame, caption=caption, integer=["n cells"])
 
 
 def styled(frame: pd.DataFrame, *, caption: str | None = None, integer: Sequence[str] = (),
@@ -183,8 +182,7 @@ def per_class_frame(results: Mapping[str, Any], *, few: int = FEW_CELLS, cells: 
     frame = pd.DataFrame(columns).round(DECIMALS)
     frame[support_name] = pd.Series(support)
     frame = frame[frame[support_name] > 0]
-    # the one class order of the report (data.labels.class_order): by support, largest first, ties by name
-    frame = frame.loc[sorted(frame.index, key=lambda label: (-int(frame.loc[label, support_name]), str(label)))]
+    frame = frame.loc[by_count(frame[support_name])]  # the one class order: largest first, ties by name
     frame["Flag"] = np.where(frame[support_name] < few, f"fewer than {few} cells", "")
     frame.index.name = "Cell type"
     return frame

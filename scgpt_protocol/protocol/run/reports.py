@@ -9,8 +9,8 @@ import os
 import shlex
 from pathlib import Path
 
-from ..core.io import atomic_write, disk_full_error, is_disk_full
-from ..core.params import STEPS
+from ...core.io import atomic_write, disk_full_error, is_disk_full
+from ...core.params import STEPS
 
 
 def resume_command(params_dir: Path, run_dir: Path, chosen: list[str], step: str,

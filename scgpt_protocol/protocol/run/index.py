@@ -8,7 +8,6 @@ only the files the steps wrote, so it is never ahead of or behind the run folder
 
 from __future__ import annotations
 
-import datetime as _dt
 import html
 import logging
 from pathlib import Path
@@ -16,14 +15,15 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import pandas as pd
 
-from ..core.io import atomic_write
-from ..core.params import STEPS
-from ..metrics import BASELINE_METHOD, HEADERS, SCGPT_METHOD, ZEROSHOT, ZEROSHOT_METHOD
-from .display import checkpoint_banner, next_steps, read_json_if_present, run_summary
-from .tables import comparison_display
+from ...core.io import atomic_write, read_json, utc_now
+from ...core.params import STEPS
+from ...metrics import BASELINE_METHOD, HEADERS, SCGPT_METHOD, ZEROSHOT, ZEROSHOT_METHOD
+from ..display.banners import checkpoint_banner, next_steps
+from ..display.summary import run_summary
+from ..display.tables import comparison_display
 
 if TYPE_CHECKING:
-    from ..core.layout import RunLayout
+    from ...core.layout import RunLayout
 
 logger = logging.getLogger(__name__)
 
@@ -48,11 +48,8 @@ _STATUS_COLOR = {"finished": "#2e7d32", "failed": "#c62828", "interrupted": "#c6
 
 
 def _read(path: Path) -> Any:
-    """:func:`read_json_if_present`, None for a file that cannot be read (the summary never fails a step)."""
-    try:
-        return read_json_if_present(path)
-    except (OSError, ValueError):
-        return None
+    """A run's JSON record; None when missing or unreadable (the summary never fails a step)."""
+    return read_json(path, default=None, lenient=True)
 
 
 def _record(manifest: Mapping[str, Any], step: str) -> Mapping[str, Any]:
@@ -104,7 +101,8 @@ def _failure_html(layout: RunLayout, manifest: Mapping[str, Any]) -> str:
     return (f"<p style='color:{_STATUS_COLOR['failed']}'><b>{html.escape(step)} failed</b>: "
             f"<code>{html.escape(_shorten(str(record.get('error') or 'no message recorded')))}</code></p>"
             f"<p>Open its report ({_report_link(layout, step)}) at the failed cell and "
-            f"<code>logs/{html.escape(layout.step_log(STEPS[step].STEP).name)}</code>; fix the cause and run the step again "
+            f"<code>logs/{html.escape(layout.step_log(STEPS[step].STEP).name)}</code>; fix the cause and run the "
+            "step again "
             "with the same run_dir.</p>")
 
 
@@ -154,7 +152,7 @@ def run_index_html(layout: RunLayout, manifest: Mapping[str, Any] | None = None)
     done = [s for s in STEPS if _record(manifest, s).get("status") == "finished"]
     nxt = _failure_html(layout, manifest) or (
         next_steps(layout, done[-1], summary_page=True)._repr_html_() if done else "")
-    now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    now = utc_now()
     title = f"Run summary: {Path(layout.run_dir).name}"
     style = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:20px auto;padding:0 16px;color:#222}"
              "table{border-collapse:collapse;margin:8px 0}th,td{padding:3px 10px;text-align:left;"

@@ -4,17 +4,16 @@ run (:func:`what_changed`), the steps set aside as stale, the checkpoint record 
 
 from __future__ import annotations
 
-import datetime as _dt
 import importlib.metadata
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
-from ..core.layout import STEP_DEPENDS_ON, RunLayout
-from ..core.params import STEPS, ParamsError
-from ..metrics import SUMMARY_METRICS, ZEROSHOT_METHOD, headline_values
-from ..model.checkpoint import CHECKPOINT_RECORD_KEYS
+from ...core.io import read_json, utc_now, utc_stamp
+from ...core.layout import STEP_DEPENDS_ON, RunLayout
+from ...core.params import STEPS, ParamsError
+from ...metrics import SUMMARY_METRICS, ZEROSHOT_METHOD, headline_values
+from ...model.checkpoint import CHECKPOINT_RECORD_KEYS
 
 logger = logging.getLogger(__name__)
 
@@ -22,7 +21,7 @@ logger = logging.getLogger(__name__)
 def inputs_of_step(values: dict[str, Any], cache: dict[str, Any]) -> dict[str, Any]:
     """sha256 of one step's input files (a file shared by steps is hashed once: inputs do not change during
     a run); a checkpoint folder by its ``best_model.pt``; 'demo' and released names as such."""
-    from ..core.io import sha256_file
+    from ...core.io import sha256_file
 
     def digest(path: Path) -> str:
         key = str(path)
@@ -86,8 +85,7 @@ def what_changed(step: str, record: dict[str, Any] | None, values: dict[str, Any
 
 def set_stale(layout: RunLayout, manifest: dict[str, Any], step: str, changes: list[str]) -> list[str]:
     """``step`` re-runs with ``changes``: set aside the files of the steps that depend on it, mark them stale."""
-    now = _dt.datetime.now(_dt.timezone.utc)
-    stamp = now.strftime("%Y%m%dT%H%M%SZ")
+    stamp, now = utc_stamp(), utc_now()
     reason = f"{step} re-ran with other parameters or inputs ({'; '.join(changes)})"
     marked = []
     for dependent, needs in STEP_DEPENDS_ON.items():
@@ -100,7 +98,7 @@ def set_stale(layout: RunLayout, manifest: dict[str, Any], step: str, changes: l
         previous = {k: v for k, v in (record or {}).items() if k != "stale"}
         manifest["steps"][dependent] = {
             **previous, "status": "stale",
-            "stale": {"reason": reason, "time": now.isoformat(timespec="seconds"),
+            "stale": {"reason": reason, "time": now,
                       "previous_status": (record or {}).get("status"),
                       "moved_to": str(folder.relative_to(layout.run_dir)) if moved else None,
                       "moved": [str(m) for m in moved]},
@@ -125,9 +123,9 @@ def read_last_finished_epoch(layout: RunLayout) -> int | None:
 
 def checkpoint_checksum(layout: RunLayout) -> dict[str, Any] | None:
     """The record of the pretrained checkpoint 01 wrote (its sha256 was taken there), None before 01."""
-    if not layout.checkpoint_record.is_file():
+    record = read_json(layout.checkpoint_record, default=None)
+    if record is None:
         return None
-    record = json.loads(layout.checkpoint_record.read_text())
     return {k: record.get(k) for k in CHECKPOINT_RECORD_KEYS}
 
 
@@ -139,12 +137,12 @@ def headline_metrics(layout: RunLayout, steps: dict[str, Any] | None = None) -> 
         return steps is None or (steps.get(step) or {}).get("status") == "finished"
 
     if done("03_evaluate") and layout.metrics.is_file():
-        metrics = json.loads(layout.metrics.read_text())
+        metrics = read_json(layout.metrics)
         for method, values in (metrics.get("methods") or {}).items():
             summary[method] = {**headline_values(values, SUMMARY_METRICS, missing=None),
                                "cells": _cells_measured("03", f"{metrics.get('split', 'test')} split", values)}
     if done("04_zeroshot") and layout.zeroshot_metrics.is_file():
-        zs = json.loads(layout.zeroshot_metrics.read_text())
+        zs = read_json(layout.zeroshot_metrics)
         if zs.get("knn_vote"):
             query = ((steps or {}).get("04_zeroshot") or {}).get("params", {}).get("query_path")
             where = f"query {Path(query).name}" if query else "test split"

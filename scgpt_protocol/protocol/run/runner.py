@@ -8,8 +8,6 @@ executed notebook to ``run_dir/reports/`` (and HTML beside it), records a run ma
 
 from __future__ import annotations
 
-import datetime as _dt
-import json
 import logging
 import os
 import shutil
@@ -20,11 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..core.errors import DiskFullError
-from ..core.io import disk_full_error, is_disk_full, package_versions
-from ..core.layout import RunLayout
-from ..core.params import STEPS, ParamsError, load_params_file, resolve_run_dir
-from ..model.download import KNOWN_CHECKPOINTS
+from ...core.errors import DiskFullError
+from ...core.io import disk_full_error, is_disk_full, package_versions, read_json, utc_now, utc_stamp
+from ...core.layout import RunLayout
+from ...core.params import STEPS, ParamsError, load_params_file, resolve_run_dir
+from ...model.download import KNOWN_CHECKPOINTS
 from .index import write_index_safely
 from .manifest import (
     checkpoint_checksum,
@@ -171,7 +169,7 @@ def _check_run_dir(layout: RunLayout, force: bool, params_dir: Path) -> dict[str
             "Choose a new --run-dir, or pass --force to write into it anyway."
         )
         raise RunDirInUse(msg)
-    manifest = json.loads(layout.manifest.read_text())
+    manifest = read_json(layout.manifest)
     if manifest.get("status") == "finished" and not force:
         msg = (
             f"run_dir {layout.run_dir} holds a finished run (params {manifest.get('params_dir')}, finished "
@@ -253,9 +251,7 @@ def run_protocol(
         for step in run.chosen:
             _run_step(run, step)
     except KeyboardInterrupt as err:
-        _interrupted(err, run.layout, run.manifest, run.result, run.step, run.chosen, run.overrides, run.params_dir,
-                     round(time.perf_counter() - run.t0, 1), html=html,
-                     notebooks=run.notebook_dir if notebooks is not None else None)
+        _interrupted(run, err)
     except DiskFullError as err:  # the runner's own writes (HTML copy, manifest) after the notebook ran
         manifest, step = run.manifest, run.step
         if manifest["steps"].get(step, {}).get("status") != "failed":
@@ -288,6 +284,7 @@ class _Run:
     cwd: Path
     kernel_name: str | None
     html: bool
+    own_notebooks: Path | None = None  # the user's notebook folder (run_protocol(notebooks=...)), None: packaged
     step: str = ""  # the step running (or about to)
     t0: float = 0.0  # when it started (perf_counter)
 
@@ -318,7 +315,7 @@ def _start_run(params_dir: str | Path, run_dir: str | Path, steps: Sequence[str]
     layout.write_json(layout.manifest, manifest)
     return _Run(layout=layout, params_dir=params_dir, notebook_dir=notebook_dir, chosen=chosen, overrides=overrides,
                 inputs=inputs, manifest=manifest, result=RunResult(run_dir=layout.run_dir), cwd=cwd,
-                kernel_name=kernel_name, html=html)
+                kernel_name=kernel_name, html=html, own_notebooks=notebook_dir if notebooks is not None else None)
 
 
 def _run_step(run: _Run, step: str) -> None:
@@ -354,8 +351,7 @@ def _run_step(run: _Run, step: str) -> None:
     except Exception as err:  # papermill wraps every notebook error; report where it failed
         if getattr(err, "ename", None) == "KeyboardInterrupt":  # the kernel itself was interrupted
             raise KeyboardInterrupt from err
-        seconds = round(time.perf_counter() - run.t0, 1)
-        _step_failed(err, layout, manifest, result, step, report, record, seconds, html=run.html)
+        _step_failed(run, err, record)
     seconds = round(time.perf_counter() - run.t0, 1)
     if previous is not None:  # the new results replace them, as a plain overwrite would have
         shutil.rmtree(previous, ignore_errors=True)
@@ -376,13 +372,13 @@ def _run_step(run: _Run, step: str) -> None:
 def _check_unknown_class(run: _Run) -> None:
     """Before training: a class named like the abstention label while 03 will abstain is refused now, not
     after 02 has trained (03 would refuse it then)."""
-    from ..annotate.refinement import UNKNOWN
+    from ...annotate.refinement import UNKNOWN
 
     layout = run.layout
     evaluate = run.overrides.get("03_evaluate")
     if evaluate is None or not evaluate.get("min_confidence") or not layout.labels.is_file():
         return
-    categories = json.loads(layout.labels.read_text()).get("categories") or []
+    categories = read_json(layout.labels).get("categories") or []
     if UNKNOWN not in categories:
         return
     msg = (f"the training labels (data/labels.json of step 01) have a class named {UNKNOWN!r}, and 03_evaluate "
@@ -407,7 +403,7 @@ def _set_previous_aside(layout: RunLayout, step: str) -> Path | None:
     """
     if step not in _REPLACED_ON_RERUN:
         return None
-    stamp = "previous-" + _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = "previous-" + utc_stamp()
     folder, moved = layout.set_aside(step, stamp)
     if not moved:
         return None
@@ -432,7 +428,7 @@ def _finish_run(run: _Run) -> RunResult:
 
 
 def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return utc_now()
 
 
 def _install_sigterm_handler() -> Any:
@@ -464,9 +460,16 @@ def _write_manifest_best_effort(layout: RunLayout, manifest: dict[str, Any]) -> 
         return f"run_manifest.json could not be updated ({type(err).__name__}); it still says what it said before"
 
 
-def _step_failed(err: Exception, layout: RunLayout, manifest: dict[str, Any], result: RunResult, step: str,
-                 report: Path, record: dict[str, Any], seconds: float, *, html: bool) -> None:
-    """Record a failed step (manifest "failed"), leave no report that looks valid, raise the typed error."""
+def _seconds(run: _Run) -> float:
+    """How long the step in progress has run."""
+    return round(time.perf_counter() - run.t0, 1)
+
+
+def _step_failed(run: _Run, err: Exception, record: dict[str, Any]) -> None:
+    """Record the failed step (manifest "failed", ``record``: its entry so far), leave no report that looks
+    valid, raise the typed error."""
+    layout, manifest, step, seconds = run.layout, run.manifest, run.step, _seconds(run)
+    report = layout.step_report(step)
     disk_full_here = is_disk_full(err)  # the runner's own write (papermill saving the report) failed
     written = report.stat().st_size if report.is_file() else None
     aside = set_report_aside(report)
@@ -477,12 +480,12 @@ def _step_failed(err: Exception, layout: RunLayout, manifest: dict[str, Any], re
     if record.get("previous_results"):
         error += f" (the results of its earlier run were set aside in {record['previous_results']})"
     outcome = StepOutcome(step, report, seconds, "failed", error)
-    result.steps.append(outcome)
+    run.result.steps.append(outcome)
     ename = "DiskFullError" if disk_full_here else getattr(err, "ename", type(err).__name__)
     manifest["steps"][step] = {**record, "seconds": seconds, "status": "failed", "error": error, "error_type": ename}
     manifest["status"] = "failed"
     manifest_note = _write_manifest_best_effort(layout, manifest)
-    if html and report.is_file() and not aside:
+    if run.html and report.is_file() and not aside:
         try:
             export_html_safely(report, report_title(step, layout.run_dir))
         except OSError as html_err:
@@ -500,18 +503,17 @@ def _step_failed(err: Exception, layout: RunLayout, manifest: dict[str, Any], re
     raise failed from None
 
 
-def _interrupted(err: BaseException, layout: RunLayout, manifest: dict[str, Any], result: RunResult, step: str,
-                 chosen: list[str], overrides: dict[str, dict[str, Any]], params_dir: Path, seconds: float, *,
-                 html: bool, notebooks: Path | None = None) -> None:
-    """Record an interrupted step (manifest "interrupted"), mark its report, say how to resume, raise."""
+def _interrupted(run: _Run, err: BaseException) -> None:
+    """Record the interrupted step (manifest "interrupted"), mark its report, say how to resume, raise."""
+    layout, manifest, step, seconds = run.layout, run.manifest, run.step, _seconds(run)
     what = "SIGTERM" if isinstance(err, _Terminated) else (
         "KeyboardInterrupt in the notebook" if isinstance(err.__cause__, Exception) else "SIGINT / Ctrl-C")
     when = _now()
-    resume = resume_command(params_dir, layout.run_dir, chosen, step, notebooks)
+    resume = resume_command(run.params_dir, layout.run_dir, run.chosen, step, run.own_notebooks)
     epoch_note, info = "", {"step": step, "time": when, "signal": what, "resume": resume}
     if step == "02_finetune":
         epoch = read_last_finished_epoch(layout)
-        params = STEPS[step].from_mapping(overrides[step])
+        params = STEPS[step].from_mapping(run.overrides[step])
         total, keeps = params.epochs, params.resume
         info["last_finished_epoch"] = None if params.strategies else epoch
         if params.strategies:  # a comparison keeps each finished strategy; the one in progress starts over
@@ -534,7 +536,7 @@ def _interrupted(err: BaseException, layout: RunLayout, manifest: dict[str, Any]
         try:
             cell = mark_interrupted_report(report, step=step, what=what, when=when, resume=resume,
                                             epoch_note=epoch_note)
-            if html:
+            if run.html:
                 export_html_safely(report, report_title(step, layout.run_dir))
         except Exception as mark_err:  # the record below matters more than the report's banner
             logger.error("could not mark %s as interrupted: %s", report, mark_err)
@@ -543,7 +545,7 @@ def _interrupted(err: BaseException, layout: RunLayout, manifest: dict[str, Any]
     manifest["steps"][step] = {**record, "status": "interrupted", "seconds": seconds, "interrupted": info}
     manifest["status"] = "interrupted"
     manifest["interrupted"] = info
-    result.steps.append(StepOutcome(step, report, seconds, "interrupted", f"interrupted ({what})"))
+    run.result.steps.append(StepOutcome(step, report, seconds, "interrupted", f"interrupted ({what})"))
     manifest_note = _write_manifest_best_effort(layout, manifest)
     msg = (f"step {step} was interrupted ({what}) at {when}"
            f"{f', in cell In [{cell}] of {report}' if cell is not None else ''}.{epoch_note} "
