@@ -220,3 +220,22 @@ def test_tutorial_copies_hide_set_up_code_and_keep_headings_in_order(tmp_path):
     (source / "04_zeroshot.ipynb").unlink()
     with pytest.raises(Exception, match="make demo"):
         scgpt_docs.copy_tutorials(source, tmp_path / "out")
+
+
+def _pages() -> list[Path]:
+    return [README, *(p for p in sorted(DOCS.rglob("*.md")) if not {"_build", "generated"} & set(p.parts))]
+
+
+def test_names_and_paths_the_pages_mention_exist():
+    """A module moved or renamed leaves no stale ``scgpt_protocol.x.y`` or ``scgpt_protocol/x/`` in the prose."""
+    for page in _pages():
+        text = page.read_text()
+        for dotted in set(re.findall(r"(?<![\w/])scgpt_protocol(?:\.[A-Za-z_]\w*)+", text)):
+            try:
+                _resolve(dotted)
+            except (AttributeError, ImportError) as err:
+                pytest.fail(f"{page.relative_to(ROOT)} names {dotted}, which does not exist ({err})")
+        for path in set(re.findall(r"(?<![\w/.~])scgpt_protocol/[\w./]*", text)):
+            if "/_protocol/" in path:  # the wheel's copy of notebooks/ and params/, made at build time
+                continue
+            assert (ROOT / path).exists(), f"{page.relative_to(ROOT)} names {path}, which does not exist"

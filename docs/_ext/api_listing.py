@@ -72,8 +72,10 @@ class Namespace:
         return "sp" if not self.short else f"sp.{self.short}"
 
     @property
-    def title(self) -> str:
-        return TITLES.get(self.short, f"``{self.alias}``")
+    def heading(self) -> str:
+        """'Tools: ``sp.tl``'; a namespace without a title in :data:`TITLES`: its name alone."""
+        title = TITLES.get(self.short)
+        return f"{title}: ``{self.alias}``" if title else f"``{self.alias}``"
 
     @property
     def page(self) -> str:
@@ -140,7 +142,7 @@ def namespace_page(ns: Namespace) -> str:
     """The reStructuredText of one namespace's page: its docstring, then one autosummary row per ``__all__`` name
     (a module: a link to its page; anything else: a row linked to the page of its home)."""
     lines = [f".. _api-{ns.short or 'top'}:", ""]
-    lines += _underline(f"{ns.title}: ``{ns.alias}``", "=")
+    lines += _underline(ns.heading, "=")
     lines += [""]
     if ns.doc:
         lines += [ns.doc, ""]

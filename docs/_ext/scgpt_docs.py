@@ -1,6 +1,6 @@
 """This project's Sphinx extension: the pages that are generated from the code and the demo run.
 
-- ``builder-inited``: writes ``api/*.rst`` from each namespace's ``__all__`` (:mod:`api_listing`; autosummary
+- ``config-inited``: writes ``api/*.rst`` from each namespace's ``__all__`` (:mod:`api_listing`; autosummary
   then writes one page per documented name) and copies the executed reports of the demo run into
   ``tutorials/generated/`` (their set-up and parameter cells collapsed as in the HTML reports).
 - ``autodoc-process-docstring``: a constant re-exported lazily (``sp.adapt.STRATEGIES``) is described by the
@@ -84,7 +84,7 @@ def _consecutive_headings(nb) -> None:
         cell.source = "\n".join(lines)
 
 
-def _generate(app: Sphinx) -> None:
+def _generate(app: Sphinx, config: object = None) -> None:  # noqa: ARG001 (Sphinx's signature)
     api_listing.write_api_pages(Path(app.srcdir) / "api")
     copy_tutorials(reports_dir(), Path(app.srcdir) / "tutorials" / "generated")
 
@@ -153,7 +153,8 @@ class ArchitectureDirective(SphinxDirective):
 
 
 def setup(app: Sphinx) -> dict[str, object]:
-    app.connect("builder-inited", _generate, priority=100)  # before autosummary reads the pages (500)
+    # before Sphinx lists the source files (autosummary writes its pages from that list at builder-inited)
+    app.connect("config-inited", _generate)
     app.connect("autodoc-process-docstring", _comment_docstring)
     app.connect("autodoc-process-docstring", _check_sections, priority=900)  # after napoleon (500)
     app.add_directive("scgpt-architecture", ArchitectureDirective)

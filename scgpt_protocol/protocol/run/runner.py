@@ -205,6 +205,12 @@ def run_protocol(
 ) -> RunResult:
     """Execute the protocol notebooks with papermill.
 
+    A step that re-runs with other parameters or input files than the manifest recorded for it makes
+    the steps that depend on it stale (02 and 04 depend on 01; 03 on 01 and 02): their files move to
+    ``run_dir/stale/<step>-<UTC time>/`` (nothing is deleted), the manifest marks them ``"stale"`` with
+    the reason, and the run is ``"partial"`` until they run again. A re-run with the same parameters
+    and inputs (resuming an interrupted run) changes nothing.
+
     Parameters
     ----------
     params_dir
@@ -219,12 +225,6 @@ def run_protocol(
     notebooks
         A folder of the step notebooks to run (a user's edited copies from ``scgpt-protocol init``);
         default: the notebooks shipped with the package.
-
-    A step that re-runs with other parameters or input files than the manifest recorded for it makes
-    the steps that depend on it stale (02 and 04 depend on 01; 03 on 01 and 02): their files move to
-    ``run_dir/stale/<step>-<UTC time>/`` (nothing is deleted), the manifest marks them ``"stale"`` with
-    the reason, and the run is ``"partial"`` until they run again. A re-run with the same parameters
-    and inputs (resuming an interrupted run) changes nothing.
 
     Raises
     ------
