@@ -159,7 +159,7 @@ def _step_02(args: argparse.Namespace, work: Path) -> dict:
 
 def _step_03(args: argparse.Namespace, work: Path) -> dict:
     from scgpt_protocol.adapt.saved import load_finetuned
-    from scgpt_protocol.annotate.classify import predict
+    from scgpt_protocol.annotate.inference import predict
     from scgpt_protocol.data.backed import open_cells
 
     cells = open_cells(work / "run" / "data" / "prepared.h5ad")  # X and obs stay on disk
@@ -257,7 +257,7 @@ def main() -> None:
 
     import torch
 
-    from scgpt_protocol.model.checkpoint import make_tiny_checkpoint
+    from scgpt_protocol.model.save import make_tiny_checkpoint
 
     sizes = [int(float(n)) for n in args.cells.split(",")]
     steps = args.steps_to_run.split(",")

@@ -124,7 +124,7 @@ def main() -> None:
     for path, flag in ((a.vocab, "--vocab"), (a.data, "--data")):
         if not Path(path).is_file():
             sys.exit(f"{path} not found; pass {flag} (the files are in the project's shared/data folder).")
-    from scgpt_protocol.model.checkpoint import make_tiny_checkpoint
+    from scgpt_protocol.model.save import make_tiny_checkpoint
     from scgpt_protocol.model.vocab import SPECIAL_TOKENS
 
     vocab = json.loads(Path(a.vocab).read_text())

@@ -44,7 +44,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 from scgpt_protocol.core.device import resolve_precision
-from scgpt_protocol.model.checkpoint import load_model, make_tiny_checkpoint
+from scgpt_protocol.model.checkpoint import load_model
+from scgpt_protocol.model.save import make_tiny_checkpoint
 from scgpt_protocol.model.embedding import embed
 from scgpt_protocol.model.vocab import SPECIAL_TOKENS
 

@@ -44,12 +44,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 from scgpt_protocol.adapt.train import finetune
-from scgpt_protocol.annotate.classify import predict
+from scgpt_protocol.annotate.inference import predict
 from scgpt_protocol.core import device as dev
 from scgpt_protocol.core.layout import RunLayout
 from scgpt_protocol.core.params import STRATEGY_NAMES, FinetuneParams
 from scgpt_protocol.data.demo import make_toy_adata
-from scgpt_protocol.model.checkpoint import load_model, make_tiny_checkpoint
+from scgpt_protocol.model.checkpoint import load_model
+from scgpt_protocol.model.save import make_tiny_checkpoint
 from scgpt_protocol.model.embedding import embed
 
 FIXTURE = REPO / "tests" / "fixtures" / "scgpt_official_tiny"

@@ -10,7 +10,7 @@ import pytest
 
 from scgpt_protocol.adapt.saved import TRAINABLE_FILE, load_finetuned, save_finetuned
 from scgpt_protocol.adapt.train import finetune, strategy_config
-from scgpt_protocol.annotate.classify import predict
+from scgpt_protocol.annotate.inference import predict
 from scgpt_protocol.core.errors import CheckpointError, GeneMatchError
 from scgpt_protocol.core.params import STRATEGY_NAMES, FinetuneParams, ParamsError
 from scgpt_protocol.data.demo import load_demo

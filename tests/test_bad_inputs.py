@@ -16,7 +16,7 @@ import yaml
 from scgpt_protocol import load_model
 from scgpt_protocol.adapt.saved import load_finetuned, trained_class_weight, trained_max_seq_len
 from scgpt_protocol.adapt.train import finetune
-from scgpt_protocol.annotate.classify import predict
+from scgpt_protocol.annotate.inference import predict
 from scgpt_protocol.core.errors import CheckpointError, GeneMatchError, InputDataError
 from scgpt_protocol.core.layout import RunLayout
 from scgpt_protocol.core.params import (

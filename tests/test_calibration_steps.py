@@ -16,7 +16,7 @@ from scgpt_protocol import load_model
 from scgpt_protocol.adapt.saved import load_finetuned
 from scgpt_protocol.adapt.train import finetune
 from scgpt_protocol.annotate.calibration import calibrated, expected_calibration_error, fit_model_temperature
-from scgpt_protocol.annotate.classify import predict
+from scgpt_protocol.annotate.inference import predict
 from scgpt_protocol.annotate.refinement import UNKNOWN, refine
 from scgpt_protocol.core.layout import RunLayout
 from scgpt_protocol.core.params import EvaluateParams, FinetuneParams
@@ -80,7 +80,7 @@ def test_calibrated_probabilities_drive_unknown(run, split_pbmc):
     np.testing.assert_array_equal(unknown, prediction.confidence < threshold)  # the calibrated confidence decides
     assert unknown.sum() > (prediction.raw_confidence < threshold).sum()  # not the raw one
     adata = split_pbmc.copy()
-    from scgpt_protocol.annotate.classify import annotate
+    from scgpt_protocol.annotate.inference import annotate
 
     annotate(adata, refined)
     np.testing.assert_allclose(adata.obs["scgpt_label_confidence_raw"], prediction.raw_confidence)
@@ -107,7 +107,7 @@ def test_02_records_the_temperature_and_03_takes_it_or_fits_one(run, split_pbmc,
         FITTED_HERE,
         FROM_MANIFEST,
         model_temperature,
-        record_temperature,
+        save_temperature,
     )
 
     layout, params = run
@@ -115,7 +115,7 @@ def test_02_records_the_temperature_and_03_takes_it_or_fits_one(run, split_pbmc,
     evaluate = EvaluateParams(run_dir=str(layout.run_dir), device="cpu", batch_size=32)
     fitted_here = model_temperature(layout, model, manifest, split_pbmc, evaluate, 32)
     assert fitted_here["source"] == FITTED_HERE
-    record = record_temperature(layout, params)
+    record = save_temperature(layout, params)
     saved = json.loads((layout.model_dir / "manifest.json").read_text())["calibration"]
     assert saved["temperature"] == pytest.approx(record["temperature"])
     assert record["temperature"] == pytest.approx(fitted_here["temperature"], rel=1e-3)  # the same cells, the same fit

@@ -166,7 +166,7 @@ def test_ddp_torchrun_cli_trains_resumes_and_reloads(toy, tmp_path):
     assert "resuming from" in (layout.logs_dir / "finetune.log").read_text()
     model, manifest = load_finetuned(layout.model_dir, device="cpu")
     assert manifest["world_size"] == 2 and manifest["categories"] == categories
-    from scgpt_protocol.annotate.classify import predict
+    from scgpt_protocol.annotate.inference import predict
 
     predicted = predict(model, adata[adata.obs["split"] == "test"].copy(), categories=categories, max_seq_len=24)
     assert len(predicted.labels) == 20

@@ -10,7 +10,7 @@ import pytest
 from matplotlib.figure import Figure
 from sklearn.metrics import cohen_kappa_score, f1_score, roc_auc_score
 
-from scgpt_protocol.annotate.classify import annotate
+from scgpt_protocol.annotate.inference import annotate
 from scgpt_protocol.core.layout import RunLayout
 from scgpt_protocol.evaluate.baseline import logistic_regression_baseline
 from scgpt_protocol.evaluate.scoring import evaluate_predictions, write_results
@@ -67,7 +67,7 @@ def test_cells(demo):
 @pytest.fixture(scope="module")
 def prediction(test_cells, tiny_checkpoint, categories):
     """A tiny random-weight model with a fresh 10-class head: random-ish but well-formed predictions."""
-    from scgpt_protocol.annotate.classify import predict
+    from scgpt_protocol.annotate.inference import predict
     from scgpt_protocol.model.checkpoint import load_model
 
     model = load_model(tiny_checkpoint, n_classes=len(categories), device="cpu")
@@ -417,7 +417,7 @@ def test_annotate_writes_obs_and_obsm_in_place(prediction, test_cells, categorie
     assert adata.obs["scgpt_label_confidence"].dtype == np.float32
     np.testing.assert_array_equal(adata.obs["scgpt_label_code"].to_numpy(), prediction.codes)
     assert adata.obsm["X_scgpt"].shape == (adata.n_obs, 32)
-    annotate(adata, prediction, obs_key="pred", embedding_key=None)
+    annotate(adata, prediction, key_added="pred", embedding_key_added=None)
     assert "pred" in adata.obs and "pred_confidence" in adata.obs
 
 

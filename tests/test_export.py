@@ -13,7 +13,7 @@ from scgpt_protocol.annotate.columns import OBS_COLUMNS
 from scgpt_protocol.annotate.refinement import refine
 from scgpt_protocol.core.errors import ArtifactError
 from scgpt_protocol.core.layout import RunLayout
-from scgpt_protocol.evaluate.export import export_evaluation, query_duckdb, write_vars_h5
+from scgpt_protocol.evaluate.export import export_evaluation, sql_duckdb, write_vars_h5
 from scgpt_protocol.evaluate.scoring import evaluate_predictions
 from scgpt_protocol.metrics import BASELINE_METHOD, SCGPT_METHOD
 
@@ -23,7 +23,7 @@ def run(pbmc, tiny_checkpoint, tmp_path_factory):
     """A run folder with data/prepared.h5ad (sparse X) and a refined evaluation of its test cells."""
     import scanpy as sc
 
-    from scgpt_protocol.annotate.classify import predict
+    from scgpt_protocol.annotate.inference import predict
     from scgpt_protocol.model.checkpoint import load_model
 
     layout = RunLayout(tmp_path_factory.mktemp("export") / "run").make_dirs()
@@ -80,7 +80,7 @@ def test_obs_duckdb_answers_sql_with_one_row_per_evaluated_cell(run):
         assert con.sql("select count(*) from coverage").fetchall()[0][0] == len(refined["curve"])
     finally:
         con.close()
-    by_label = query_duckdb(layout.obs_duckdb, "select scgpt_label, count(*) as n from obs group by 1")
+    by_label = sql_duckdb(layout.obs_duckdb, "select scgpt_label, count(*) as n from obs group by 1")
     assert by_label["n"].sum() == n_test
 
 
@@ -155,6 +155,6 @@ def test_evaluation_without_refinement_exports_too(run, tmp_path):
                        embeddings=np.zeros((n, 4), np.float32), categories=cats)
     result = evaluate_predictions(adata, plain, label_key="label", cells=base.predictions.index)
     export_evaluation(layout, result, embedding=test, source=source.prepared_adata)
-    row = query_duckdb(layout.obs_duckdb, "select count(*) as n, sum(scgpt_unknown::int) as unknown, "
+    row = sql_duckdb(layout.obs_duckdb, "select count(*) as n, sum(scgpt_unknown::int) as unknown, "
                                           "count(scgpt_majority_voting) as voted from obs").iloc[0]
     assert (row["n"], row["unknown"], row["voted"]) == (len(base.predictions), 0, 0)

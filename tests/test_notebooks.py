@@ -29,7 +29,7 @@ def test_runner_leaves_reports_html_and_manifest(ci_run):
         assert (layout.reports_dir / f"{step}.html").is_file()
         report = nbformat.read(layout.reports_dir / f"{step}.ipynb", as_version=4)
         assert any(c.metadata.get("tags") == ["injected-parameters"] for c in report.cells)
-    manifest = json.loads(layout.manifest.read_text())
+    manifest = json.loads(layout.run_manifest.read_text())
     assert manifest["status"] == "finished"
     assert set(manifest["steps"]) == set(STEPS) and all(s["seconds"] > 0 for s in manifest["steps"].values())
     assert manifest["versions"]["torch"] and manifest["checksums"]["checkpoint"]["sha256"]

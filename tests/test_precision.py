@@ -12,7 +12,7 @@ import torch
 from scgpt_protocol import load_model
 from scgpt_protocol.adapt.saved import load_finetuned
 from scgpt_protocol.adapt.train import finetune
-from scgpt_protocol.annotate.classify import predict
+from scgpt_protocol.annotate.inference import predict
 from scgpt_protocol.core import device as dev
 from scgpt_protocol.core.layout import RunLayout
 from scgpt_protocol.core.params import STRATEGY_NAMES, FinetuneParams, ParamsError

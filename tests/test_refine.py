@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from scgpt_protocol.annotate.classify import annotate
+from scgpt_protocol.annotate.inference import annotate
 from scgpt_protocol.annotate.refinement import (
     UNKNOWN,
     majority_vote,
@@ -25,7 +25,7 @@ def demo_prediction(pbmc, tiny_checkpoint):
     """200 labelled demo cells with a split, predicted by a tiny random model with a 10-class head."""
     import scanpy as sc
 
-    from scgpt_protocol.annotate.classify import predict
+    from scgpt_protocol.annotate.inference import predict
     from scgpt_protocol.model.checkpoint import load_model
 
     adata = pbmc[:200].copy()

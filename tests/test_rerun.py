@@ -35,7 +35,7 @@ def test_02_again_with_a_changed_parameter_trains_anew_and_unchanged_trains_noth
     layout = RunLayout(tmp_path / "run")
     shutil.copytree(ci_run[0].run_dir, layout.run_dir)
     old_history = layout.history.read_text()
-    assert json.loads(layout.manifest.read_text())["status"] == "finished"
+    assert json.loads(layout.run_manifest.read_text())["status"] == "finished"
 
     text = _run_02(layout.run_dir, tmp_path / "changed.ipynb", lr=0.002)
     assert "A new training." in text and "lr: 0.001 -> 0.002" in text
@@ -45,7 +45,7 @@ def test_02_again_with_a_changed_parameter_trains_anew_and_unchanged_trains_noth
     assert not (aside / "logs").exists() and not (aside / "params").exists()  # the running step's own stay
     (stale_03,) = layout.stale_dir.glob("03_evaluate-*")
     assert (stale_03 / "metrics.json").is_file() and not layout.metrics.exists()
-    manifest = json.loads(layout.manifest.read_text())
+    manifest = json.loads(layout.run_manifest.read_text())
     assert manifest["steps"]["03_evaluate"]["status"] == "stale" and manifest["status"] == "partial"
     assert "lr: 0.001 -> 0.002" in manifest["steps"]["03_evaluate"]["stale"]["reason"]
     assert manifest["steps"]["04_zeroshot"]["status"] == "finished"  # 04 reads 01's files only (STEP_DEPENDS_ON)
@@ -75,7 +75,7 @@ def test_a_relative_run_dir_is_the_same_folder_for_the_notebooks_and_the_runner(
 
 
 def test_the_manifest_records_the_parameters_each_step_ran_with(ci_run):
-    manifest = json.loads(ci_run[0].manifest.read_text())
+    manifest = json.loads(ci_run[0].run_manifest.read_text())
     finetune = manifest["steps"]["02_finetune"]["effective_params"]
     assert finetune["recipe"] == "recipe for the demo checkpoint: every value set by hand"  # params/ci sets them
     assert finetune["values"]["max_seq_len"] == 64 and finetune["values"]["class_weighted"] is False

@@ -60,7 +60,7 @@ def test_run_all_with_the_defaults_learns_and_is_the_run_make_demo_makes(tmp_pat
     monkeypatch.chdir(workspace / "notebooks")
     monkeypatch.setenv("SCGPT_PROTOCOL_PROGRESS", "text")
     run_protocol(workspace / "params" / "demo", "runs/demo", force=True, html=False)
-    manifest = json.loads(layout.manifest.read_text())
+    manifest = json.loads(layout.run_manifest.read_text())
     assert manifest["run_dir"] == str(layout.run_dir) and manifest["status"] == "finished"
     for step in STEPS:
         headless = manifest["steps"][step]["effective_params"]

@@ -298,22 +298,22 @@ def test_atomic_write_on_a_full_disk_raises_disk_full_and_leaves_the_old_file(tm
 
 
 def test_torch_save_on_a_full_disk_names_the_tensor_bytes(tmp_path, monkeypatch):
-    from scgpt_protocol.model import checkpoint
+    from scgpt_protocol.model import save
 
     if not Path("/dev/full").exists():
         pytest.skip("needs /dev/full")
     # the real torch writer on a device that is always full
-    monkeypatch.setattr(checkpoint, "open", lambda path, mode: builtins.open("/dev/full", mode), raising=False)
+    monkeypatch.setattr(save, "open", lambda path, mode: builtins.open("/dev/full", mode), raising=False)
     state = {"w": torch.zeros(256, 256), "tied": None}
     state["tied"] = state["w"]  # one storage, saved once
     with pytest.raises(DiskFullError) as info:
-        checkpoint.torch_save_atomic(state, tmp_path / "best_model.pt")
+        save.torch_save_atomic(state, tmp_path / "best_model.pt")
     assert info.value.needed == 256 * 256 * 4 and "256.0 KiB" in str(info.value)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_torch_enforce_fail_and_h5py_errors_are_disk_full(tmp_path, monkeypatch):
-    from scgpt_protocol.model import checkpoint
+    from scgpt_protocol.model import save
 
     def enforce_fail(obj, fh):
         fh.write(b"PK" * 100)
@@ -322,9 +322,9 @@ def test_torch_enforce_fail_and_h5py_errors_are_disk_full(tmp_path, monkeypatch)
             "file data/0: file write failed"
         )
 
-    monkeypatch.setattr(checkpoint.torch, "save", enforce_fail)
+    monkeypatch.setattr(save.torch, "save", enforce_fail)
     with pytest.raises(DiskFullError, match=r"no space left to write .*last_state\.pt \(RuntimeError: "):
-        checkpoint.torch_save_atomic({"w": torch.zeros(1000)}, tmp_path / "last_state.pt")
+        save.torch_save_atomic({"w": torch.zeros(1000)}, tmp_path / "last_state.pt")
     assert list(tmp_path.iterdir()) == []
 
     if Path("/dev/full").exists():  # h5py's own error text for a full disk (errno only in the message)

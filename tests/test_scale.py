@@ -8,7 +8,7 @@ import pytest
 import scipy.sparse as sp
 
 from scgpt_protocol import load_model
-from scgpt_protocol.annotate.classify import predict
+from scgpt_protocol.annotate.inference import predict
 from scgpt_protocol.data.backed import open_cells
 from scgpt_protocol.data.matrix import BackedRows, get_matrix
 from scgpt_protocol.data.store import create_store, open_store, subsample, take_rows
@@ -186,7 +186,7 @@ def test_refine_majority_voting_on_stored_embeddings(written, tiny_checkpoint, t
 
 
 def test_cells_for_plot_caps_and_reads_the_store(written, tiny_checkpoint, tmp_path):
-    from scgpt_protocol.annotate.classify import annotate
+    from scgpt_protocol.annotate.inference import annotate
     from scgpt_protocol.pl.embedding import cells_for_plot
 
     adata, path = written

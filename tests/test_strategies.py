@@ -26,7 +26,8 @@ from scgpt_protocol.adapt.strategies import (
     trainable_names,
     trainable_state_dict,
 )
-from scgpt_protocol.model.checkpoint import load_model, make_tiny_checkpoint
+from scgpt_protocol.model.checkpoint import load_model
+from scgpt_protocol.model.save import make_tiny_checkpoint
 
 TRAINED = [s for s in STRATEGIES if s != "probe"]
 ENCODER_ADAPTING = ("full", "lora", "ia3", "adapter", "prefix_tuning")

@@ -132,7 +132,7 @@ def test_a_failed_force_rerun_leaves_no_earlier_results_looking_current(tmp_path
     with pytest.raises(RunFailed, match="results of its earlier run were set aside in stale/"):
         run_protocol(CI, run_dir, steps=[step], html=False, force=True)
     assert not any(p.exists() for p in outputs)
-    record = json.loads(layout.manifest.read_text())["steps"][step]
+    record = json.loads(layout.run_manifest.read_text())["steps"][step]
     assert record["status"] == "failed"
     kept = run_dir / record["previous_results"]
     assert all((kept / p.relative_to(run_dir)).exists() for p in outputs)

@@ -84,7 +84,7 @@ def test_query_labels_in_another_case_or_with_spaces(run, split_pbmc):
 
 
 def test_a_single_class_test_split_gets_a_caveat(run, split_pbmc):
-    from scgpt_protocol.annotate.classify import predict
+    from scgpt_protocol.annotate.inference import predict
     from scgpt_protocol.evaluate.scoring import evaluate_predictions
 
     m = classification_metrics(["B", "B", "B"], ["B", "B", "B"])

@@ -351,7 +351,7 @@ def test_joint_embedding(annotated):
     ]
     assert joint.obs["cell"].tolist()[: reference.n_obs] == reference.obs_names.tolist()
     with pytest.raises(KeyError, match="no obsm\\['X_other'\\]"):
-        joint_embedding(reference, query, label_key="bulk_labels", embedding_key="X_other")
+        joint_embedding(reference, query, label_key="bulk_labels", use_rep="X_other")
 
 
 def test_write_zeroshot_round_trip(annotated, tmp_path):

@@ -21,7 +21,7 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "trained_max_seq_len": "saved",
     "trained_class_weight": "saved",
     "manifest_temperature": "saved",
-    "record_calibration": "saved",
+    "save_calibration": "saved",
     "STRATEGIES": "strategies",
     "STRATEGY_INFO": "strategies",
     "STRATEGY_CONFIGS": "strategies",

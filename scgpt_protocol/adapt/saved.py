@@ -15,20 +15,14 @@ import torch
 from ..core.device import resolve_device
 from ..core.errors import CheckpointError
 from ..core.io import read_json
-from ..model.checkpoint import (
-    CHECKPOINT_RECORD_KEYS,
-    load_model,
-    model_checkpoint_record,
-    save_checkpoint,
-    torch_save_atomic,
-    write_manifest,
-)
+from ..model.checkpoint import CHECKPOINT_RECORD_KEYS, load_model, model_checkpoint_record
+from ..model.save import save_checkpoint, torch_save_atomic, write_manifest
 from ..model.scgpt import ProbeHead, ScGPT
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["save_finetuned", "load_finetuned", "trained_max_seq_len", "trained_class_weight", "manifest_temperature",
-           "record_calibration"]
+           "save_calibration"]
 
 #: strategies whose saved model is a whole checkpoint in the released layout (the others save what they trained)
 _FULL_CHECKPOINT = ("full",)
@@ -176,7 +170,7 @@ def manifest_temperature(manifest: Mapping[str, Any]) -> float | None:
     return float(value) if value is not None else None
 
 
-def record_calibration(directory: str | Path, record: Mapping[str, Any]) -> Path:
+def save_calibration(directory: str | Path, record: Mapping[str, Any]) -> Path:
     """Add the ``calibration`` record (the temperature fitted on the validation cells) to a fine-tuned model's
     ``manifest.json``, atomically; the weights are not touched."""
     from ..core.io import atomic_write

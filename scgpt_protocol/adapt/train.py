@@ -49,7 +49,8 @@ from ..core.layout import RunLayout
 from ..core.log import DETAIL, progress
 from ..core.params import FinetuneParams, published_adam_eps
 from ..data.matrix import check_expression
-from ..model.checkpoint import model_checkpoint_record, torch_save_atomic
+from ..model.checkpoint import model_checkpoint_record
+from ..model.save import torch_save_atomic
 from ..model.scgpt import ProbeHead, ScGPT
 from ..model.vocab import FINETUNE_CLS_VALUE, match_genes
 from .cells import cell_name_keys, codes_and_splits, data_fingerprint

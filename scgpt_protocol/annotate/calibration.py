@@ -13,7 +13,7 @@ cells (minimising their negative log-likelihood): ``T > 1`` softens over-confide
   confidence bins (15 by default), before and after;
 * :func:`calibration_record` is the ``calibration`` entry of ``metrics.json``;
 * :func:`fit_model_temperature` predicts a fine-tuned model's validation cells and fits its temperature (02
-  records it in the model's manifest; :func:`~scgpt_protocol.annotate.classify.predict` then applies it).
+  records it in the model's manifest; :func:`~scgpt_protocol.annotate.inference.predict` then applies it).
 
 Probabilities and logits give the same result: softmax is unchanged by adding a constant to every logit
 of a cell, and ``log softmax(z) = z - logsumexp(z)``, so ``softmax(log p / T) = softmax(z / T)`` when
@@ -277,7 +277,7 @@ def fit_model_temperature(model: Any, adata: Any, *, categories: Sequence[str], 
     """
     from ..data.labels import clean_labels, missing_labels
     from ..data.matrix import sample_rows
-    from .classify import predict
+    from .inference import predict
 
     mask = np.asarray(cells, dtype=bool)
     classes = [str(c) for c in categories]

@@ -34,7 +34,7 @@ OBS_COLUMNS = ("cell", "row", SPLIT, TRUE_LABEL, *COLUMNS.values(), RAW_CONFIDEN
 
 
 def columns_for(obs_key: str) -> dict[str, str]:
-    """The obs columns of :func:`~scgpt_protocol.annotate.classify.annotate` for ``obs_key``: :data:`COLUMNS`'s
+    """The obs columns of :func:`~scgpt_protocol.annotate.inference.annotate` for ``obs_key``: :data:`COLUMNS`'s
     names for the default key, else ``<obs_key>``, ``<obs_key>_confidence`` and ``<obs_key>_<field>``."""
     names = {"labels": obs_key, "confidence": f"{obs_key}_confidence"}
     if obs_key != COLUMNS["labels"]:

@@ -1,4 +1,4 @@
-"""What :func:`~scgpt_protocol.annotate.classify.predict` returns: per-cell labels, codes, confidence,
+"""What :func:`~scgpt_protocol.annotate.inference.predict` returns: per-cell labels, codes, confidence,
 probabilities and embeddings (:class:`Prediction`), in the order of ``adata.obs_names``.
 """
 

@@ -37,6 +37,7 @@ import numpy as np
 import pandas as pd
 
 from ..core.log import DETAIL
+from ..core.renamed import renamed_arguments
 from ..data.graph import EXACT_UP_TO
 from ..data.labels import UNKNOWN
 from ..metrics import coverage_curve
@@ -501,14 +502,15 @@ def refinement_metrics(
     return out
 
 
+@renamed_arguments(uns_key="key_added")
 def write_annotation(adata: AnnData, refinement: Refinement, *, columns: Mapping[str, str] | None = None,
-                     categories: Sequence[str] | None = None, uns_key: str = "scgpt_annotation") -> None:
+                     categories: Sequence[str] | None = None, key_added: str = "scgpt_annotation") -> None:
     """Write a refinement into ``adata`` **in place**, scanpy style.
 
     ``obs["scgpt_label"]`` (categorical: ``categories``, then :data:`UNKNOWN`), ``obs["scgpt_prediction"]``,
     ``obs["scgpt_label_confidence"]``, ``obs["scgpt_unknown"]`` and, with majority voting,
     ``obs["scgpt_over_clustering"]`` and ``obs["scgpt_majority_voting"]`` (names: :data:`COLUMNS`, or
-    ``columns``); the parameters go to ``uns[uns_key]``.
+    ``columns``); the parameters go to ``uns[key_added]``.
     """
     from ..core.io import json_safe
 
@@ -527,4 +529,4 @@ def write_annotation(adata: AnnData, refinement: Refinement, *, columns: Mapping
         elif column == names["over_clustering"]:
             values = pd.Categorical(values.astype(str))
         adata.obs[column] = values
-    adata.uns[uns_key] = json_safe(refinement.params)
+    adata.uns[key_added] = json_safe(refinement.params)

@@ -31,6 +31,7 @@ import pandas as pd
 
 from ..core.errors import format_keys
 from ..core.log import DETAIL
+from ..core.renamed import renamed_arguments
 from ..data.labels import clean_labels, missing_labels, shared_types
 from ..metrics import classification_metrics
 from .columns import PREDICTION_COLUMNS, ZEROSHOT_COLUMNS
@@ -142,6 +143,7 @@ def _check_shared_genes(reference: AnnData, query: AnnData, model: ScGPT, gene_s
                        against="the reference (genes the checkpoint knows)")
 
 
+@renamed_arguments(embedding_key="key_added")
 def zeroshot_annotate(
     reference: AnnData,
     query: AnnData,
@@ -154,7 +156,7 @@ def zeroshot_annotate(
     seed: int = 0,
     layer: str | None = None,
     gene_symbol_key: str | None = None,
-    embedding_key: str = "X_scgpt",
+    key_added: str = "X_scgpt",
     reuse_embeddings: bool = False,
     precision: str = "auto",
     min_confidence: float = 0.0,
@@ -168,8 +170,8 @@ def zeroshot_annotate(
     receives the labels of :func:`transfer_labels` (majority and distance-weighted vote of its
     ``k`` nearest reference cells).
 
-    The inputs are modified in one way only: ``obsm[embedding_key]`` (and ``embed``'s record
-    ``uns[embedding_key + "_params"]``) is written to ``reference`` and ``query``, so the
+    The inputs are modified in one way only: ``obsm[key_added]`` (and ``embed``'s record
+    ``uns[key_added + "_params"]``) is written to ``reference`` and ``query``, so the
     embeddings can be reused, e.g. for :func:`joint_embedding`. Nothing else is added to them,
     unless ``min_confidence`` or ``majority_voting`` is set: then the query also gets
     ``obs["scgpt_zeroshot_label"]`` (the call: ``"Unknown"`` below ``min_confidence``),
@@ -193,10 +195,10 @@ def zeroshot_annotate(
         Number of nearest reference cells that vote (10 in the scGPT tutorials).
     max_seq_len, batch_size, seed, layer, gene_symbol_key, precision
         Passed to :func:`~scgpt_protocol.model.embedding.embed`, identically for both datasets.
-    embedding_key
+    key_added
         ``obsm`` key the embeddings are written to (and read from with ``reuse_embeddings``).
     reuse_embeddings
-        Use ``obsm[embedding_key]`` where it is already present instead of embedding again. Only
+        Use ``obsm[key_added]`` where it is already present instead of embedding again. Only
         use it for embeddings computed by the same model with the same settings: this is not checked
         beyond the dimension.
     min_confidence
@@ -243,7 +245,7 @@ def zeroshot_annotate(
     """
     settings = _ZeroShotSettings(
         label_key=label_key, k=k, max_seq_len=max_seq_len, batch_size=batch_size, seed=seed, layer=layer,
-        gene_symbol_key=gene_symbol_key, embedding_key=embedding_key, reuse_embeddings=reuse_embeddings,
+        gene_symbol_key=gene_symbol_key, embedding_key=key_added, reuse_embeddings=reuse_embeddings,
         precision=precision, min_confidence=min_confidence, majority_voting=majority_voting,
         resolution=resolution, store_dir=store_dir)
     return _zeroshot(reference, query, model, settings)
@@ -383,7 +385,7 @@ def _zeroshot_predictions(query: AnnData, transfer: LabelTransfer, refined: Any,
         predictions = pd.concat([predictions, frame], axis=1)
         if not (query.is_view and query.isbacked):  # a backed view's obs cannot be written
             write_annotation(query, refined, columns=ZEROSHOT_COLUMNS, categories=distinct.tolist(),
-                             uns_key="scgpt_zeroshot_annotation")
+                             key_added="scgpt_zeroshot_annotation")
     return predictions
 
 

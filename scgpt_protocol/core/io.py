@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import datetime as _dt
 import errno
-import json
 import hashlib
 import importlib.metadata
+import json
 import math
 import os
 import platform
@@ -64,7 +64,7 @@ def read_json(path: str | Path, *, default: Any = REQUIRED, lenient: bool = Fals
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         if lenient:
             return None if default is REQUIRED else default
-        msg = (f"{path} cannot be read as JSON ({type(err).__name__}: {err}); "
+        msg = (f"{path} is not valid JSON ({type(err).__name__}: {err}); "
                + (damaged_hint or "the file is damaged: delete it and run the step that writes it again."))
         raise error(msg) from None
 

@@ -173,8 +173,19 @@ class RunLayout:
 
     # -- runner --
     @property
-    def manifest(self) -> Path:
+    def run_manifest(self) -> Path:
+        """``run_manifest.json``: the headless runner's record of the run (a saved model's own record is
+        ``model/manifest.json``)."""
         return self.run_dir / "run_manifest.json"
+
+    @property
+    def manifest(self) -> Path:
+        """The old name of :attr:`run_manifest` ("manifest" alone also names a saved model's record)."""
+        import warnings
+
+        warnings.warn("RunLayout.manifest is now RunLayout.run_manifest; the old name goes in a later release",
+                      DeprecationWarning, stacklevel=2)
+        return self.run_manifest
 
     def figure(self, name: str) -> Path:
         return self.figures_dir / f"{name}.png"

@@ -4,7 +4,7 @@
 million cells its index of cell names alone is a few hundred MB of Python strings, which grows with the
 number of cells. :func:`open_cells` opens the file without reading ``obs``: ``X`` stays on disk (read by
 row blocks), ``var`` is read (small), cell names are read from the file one slice at a time and ``obs``
-columns one at a time (:meth:`BackedCells.obs_column`). :func:`~scgpt_protocol.annotate.classify.predict` and
+columns one at a time (:meth:`BackedCells.obs_column`). :func:`~scgpt_protocol.annotate.inference.predict` and
 :func:`~scgpt_protocol.model.embedding.embed` (with ``out=``) accept it in place of an AnnData, so that the memory
 of "predict / embed every cell" stays flat in the number of cells.
 """

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from ..core.errors import ScGPTProtocolError, format_keys
-from .labels import missing_labels
+from .labels import clean_labels, missing_labels, shared_types
 
 __all__ = ["LabelMapError", "LabelMapNotFoundError", "LabelMapResult", "read_label_map", "apply_label_map",
            "novel_types", "map_obs_labels", "describe_label_map", "label_map_record"]
@@ -160,7 +160,7 @@ def _trimmed(labels: Any) -> tuple[pd.Series, np.ndarray]:
     series = labels if isinstance(labels, pd.Series) else pd.Series(np.asarray(labels, dtype=object))
     missing = missing_labels(series)
     text = series.astype(object).where(~missing)
-    text[~missing] = [str(v).strip() for v in text[~missing]]
+    text[~missing] = clean_labels(text[~missing])
     return text, missing
 
 
@@ -187,7 +187,7 @@ def apply_label_map(labels: pd.Series, mapping: str | Path | Mapping[str, Any] |
     text, missing = _trimmed(labels)
     present = pd.unique(text[~missing].to_numpy(dtype=object))
     counts = text[~missing].value_counts()
-    classes = [str(c).strip() for c in model_classes] if model_classes is not None else None
+    classes = list(clean_labels(model_classes)) if model_classes is not None else None
     if classes is not None:
         wrong = {label: table[label] for label in present if table.get(label) is not None
                  and table[label] not in set(classes)}
@@ -227,9 +227,9 @@ def novel_types(true_labels: Any, model_classes: Sequence[str]) -> list[str]:
     >>> novel_types(["B", " T ", "HSC", None, "HSC"], ["B", "T"])
     ['HSC']
     """
-    text, missing = _trimmed(true_labels)
-    known = {str(c).strip() for c in model_classes}
-    return sorted({str(v) for v in text[~missing]} - known)
+    labels = true_labels if isinstance(true_labels, pd.Series) else pd.Series(np.asarray(true_labels, dtype=object))
+    novel = ~missing_labels(labels) & ~shared_types(labels, model_classes)
+    return sorted({str(v) for v in clean_labels(labels[novel])})
 
 
 def map_obs_labels(adata: Any, label_key: str, mapping: str | Path | Mapping[str, Any] | None, *,

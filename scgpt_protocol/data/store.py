@@ -1,7 +1,7 @@
 """Per-cell outputs of prediction and embedding written to an HDF5 file chunk by chunk.
 
 At atlas scale the per-cell matrices (class probabilities ``n x C``, embeddings ``n x d``) grow with the
-number of cells; :func:`~scgpt_protocol.annotate.classify.predict` and :func:`~scgpt_protocol.model.embedding.embed`
+number of cells; :func:`~scgpt_protocol.annotate.inference.predict` and :func:`~scgpt_protocol.model.embedding.embed`
 given ``out=`` write them here one chunk of cells at a time and keep in memory only the small per-cell
 vectors (codes, confidence). The file is a plain HDF5 file (``h5py``), one dataset per output, rows in the
 order of ``adata.obs_names``. It is not memory-mapped: reading rows back reads them from disk

@@ -11,7 +11,7 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "write_duckdb": "export",
     "evaluation_tables": "export",
     "export_evaluation": "export",
-    "query_duckdb": "export",
+    "sql_duckdb": "export",
     "CentredLogisticOvR": "linear",
     "GeneStats": "linear",
     "standardise": "linear",
@@ -29,4 +29,4 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "write_results": "scoring",
     "evaluate_query": "scoring",
     "like_for_like": "scoring",
-})
+}, moved={"query_duckdb": "scgpt_protocol.evaluate.export"})

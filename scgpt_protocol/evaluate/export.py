@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["write_vars_h5", "write_duckdb", "evaluation_tables", "export_evaluation", "query_duckdb"]
+__all__ = ["write_vars_h5", "write_duckdb", "evaluation_tables", "export_evaluation", "sql_duckdb"]
 
 _TABLE_NAME = "^[a-z_][a-z0-9_]*$"
 
@@ -286,11 +286,20 @@ def export_evaluation(
 
 
 def query_duckdb(path: str | Path, sql: str) -> pd.DataFrame:
-    """Run one SQL query on a DuckDB file (opened read-only) and return the result as a DataFrame.
+    """The old name of :func:`sql_duckdb` ("query" names the query dataset everywhere else)."""
+    import warnings
+
+    warnings.warn("query_duckdb is now sql_duckdb; the old name goes in a later release", DeprecationWarning,
+                  stacklevel=2)
+    return sql_duckdb(path, sql)
+
+
+def sql_duckdb(path: str | Path, sql: str) -> pd.DataFrame:
+    """Run one SQL statement on a DuckDB file (opened read-only) and return the result as a DataFrame.
 
     Examples
     --------
-    >>> query_duckdb(layout.obs_duckdb, "select scgpt_label, count(*) from obs group by 1")  # doctest: +SKIP
+    >>> sql_duckdb(layout.obs_duckdb, "select scgpt_label, count(*) from obs group by 1")  # doctest: +SKIP
     """
     import duckdb
 

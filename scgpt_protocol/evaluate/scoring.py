@@ -15,14 +15,14 @@ from typing import TYPE_CHECKING, Any, Mapping
 import numpy as np
 import pandas as pd
 
+from ..annotate.columns import COLUMNS, TRUE_LABEL
 from ..annotate.prediction import check_prediction
 from ..core.errors import format_keys
 from ..core.io import json_safe
 from ..core.log import DETAIL
 from ..data.labels import case_matches, cell_mask, clean_labels, missing_labels, shared_types
-from ..metrics import BASELINE_METHOD, METRIC_DESCRIPTIONS, SCGPT_METHOD, classification_metrics, confusion
-from ..annotate.columns import COLUMNS, TRUE_LABEL
 from ..data.overlap import Overlap
+from ..metrics import BASELINE_METHOD, METRIC_DESCRIPTIONS, SCGPT_METHOD, classification_metrics, confusion
 from .baseline import BaselineResult
 
 if TYPE_CHECKING:
@@ -63,7 +63,7 @@ def evaluate_predictions(
     adata
         The AnnData ``prediction`` was made on (same cells, same order), with ``obs[label_key]``.
     prediction
-        The result of :func:`~scgpt_protocol.annotate.classify.predict`.
+        The result of :func:`~scgpt_protocol.annotate.inference.predict`.
     label_key
         ``obs`` column with the true labels.
     cells
@@ -208,7 +208,7 @@ STORE_OUTPUTS_CELLS = 200_000
 
 
 def prediction_store(layout: Any, n_cells: int, store_outputs: bool | None = None) -> Path | None:
-    """Where 03's :func:`~scgpt_protocol.annotate.classify.predict` writes its per-cell outputs: ``out=`` or None.
+    """Where 03's :func:`~scgpt_protocol.annotate.inference.predict` writes its per-cell outputs: ``out=`` or None.
 
     ``store_outputs`` True: ``layout.prediction_store`` (``data/predictions.h5``): probabilities and
     embeddings are streamed there and read back by rows (evaluation, refinement, the UMAP's sample), so
@@ -261,7 +261,7 @@ def evaluate_query(
         run's train and validation cells): when any, a warning, and ``"overlap"`` in the record with the
         metrics of the seen and the unseen cells apart.
     temperature
-        Calibration (:func:`~scgpt_protocol.annotate.classify.predict`): ``"auto"`` the model's, a number, None.
+        Calibration (:func:`~scgpt_protocol.annotate.inference.predict`): ``"auto"`` the model's, a number, None.
     label_map
         What :func:`~scgpt_protocol.data.label_map.map_obs_labels` did to the query's labels (its result), kept
         in the record. Query labels that are none of the model's classes are **novel types**: ``methods`` then
@@ -275,7 +275,7 @@ def evaluate_query(
         (cells per query label -- as given, before a map -- and scGPT's call), with ``"novel"``, ``"label_map"``,
         ``"overlap"`` and ``"warnings"`` when there is something to say.
     """
-    from ..annotate.classify import predict
+    from ..annotate.inference import predict
 
     key = label_key or manifest["label_key"]
     if key not in query.obs:

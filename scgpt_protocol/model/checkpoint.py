@@ -1,4 +1,5 @@
-"""Reading and writing scGPT checkpoint folders (``args.json``, ``vocab.json``, ``best_model.pt``).
+"""Reading scGPT checkpoint folders (``args.json``, ``vocab.json``, ``best_model.pt``); writing them is
+:mod:`~scgpt_protocol.model.save`.
 
 The loader checks every key against the model and reports what it did (loaded, renamed,
 dropped, missing); it fails, naming the file and keys, whenever a part of the encoder would
@@ -8,10 +9,8 @@ and silently skip the released ``Wqkv`` attention weights.
 
 from __future__ import annotations
 
-import json
 import logging
 import pickle
-import platform
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -22,39 +21,16 @@ import torch
 
 from ..core.device import resolve_device
 from ..core.errors import CheckpointError, CheckpointNotFoundError, format_keys
-from ..core.io import atomic_write, read_json, utc_now
+from ..core.io import read_json
 from ..core.log import DETAIL
+from .released import ARCH_KEYS, CHECKPOINT_FILES, OPTIONAL_PREFIXES, PRETRAINING_ONLY_PREFIXES, REQUIRED_PREFIXES
 from .scgpt import ScGPT, ScGPTConfig
-from .vocab import SPECIAL_TOKENS
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["CHECKPOINT_RECORD_KEYS", "checkpoint_record", "model_checkpoint_record", "LoadReport",
-    "load_model", "save_checkpoint", "make_tiny_checkpoint", "read_vocab", "write_manifest",
-    "torch_save_atomic", "CHECKPOINT_FILES"]
+           "load_model", "locate_checkpoint", "read_vocab", "CHECKPOINT_FILES", "ARCH_KEYS"]
 
-CHECKPOINT_FILES = ("args.json", "vocab.json", "best_model.pt")
-#: keys of the released checkpoint that only pretraining used
-PRETRAINING_ONLY_PREFIXES = ("flag_encoder.",)
-#: parts of the model that must come from the checkpoint (a random one would be silently wrong)
-REQUIRED_PREFIXES = ("encoder.", "value_encoder.", "transformer_encoder.")
-#: parts that only the pretraining objectives use; missing ones are reported, not fatal
-OPTIONAL_PREFIXES = ("decoder.", "mvc_decoder.")
-#: args.json keys that define the architecture: args name -> ScGPTConfig name
-_ARCH_KEYS = {
-    "embsize": "d_model",
-    "nheads": "nheads",
-    "d_hid": "d_hid",
-    "nlayers": "nlayers",
-    "n_layers_cls": "n_layers_cls",
-    "dropout": "dropout",
-    "n_bins": "n_bins",
-    "pad_token": "pad_token",
-    "pad_value": "pad_value",
-    "mask_value": "mask_value",
-    "max_seq_len": "max_seq_len",
-    "input_emb_style": "input_emb_style",
-}
 _REQUIRED_ARGS = ("embsize", "nheads", "d_hid", "nlayers")
 
 
@@ -105,7 +81,6 @@ class LoadReport:
         p.text(str(self))
 
 
-# -- reading --------------------------------------------------------------------------------
 def _require_file(directory: Path, name: str) -> Path:
     path = directory / name
     if not path.is_file():
@@ -162,7 +137,7 @@ def _config_from_args(args: Any, vocab: dict[str, int], path: Path) -> ScGPTConf
     if args["embsize"] % args["nheads"]:
         msg = f"{path}: embsize {args['embsize']} is not divisible by nheads {args['nheads']}."
         raise CheckpointError(msg)
-    kwargs = {cfg: args[key] for key, cfg in _ARCH_KEYS.items() if key in args}
+    kwargs = {cfg: args[key] for key, cfg in ARCH_KEYS.items() if key in args}
     pad_token = kwargs.get("pad_token", "<pad>")
     if pad_token not in vocab:
         msg = f"pad token {pad_token!r} from {path} is not in vocab.json next to it."
@@ -173,7 +148,7 @@ def _config_from_args(args: Any, vocab: dict[str, int], path: Path) -> ScGPTConf
                "scGPT reads each cell's embedding at <cls>, so fine-tuning and zero-shot need it. Use the "
                "vocab.json released with this checkpoint (it has <pad>, <cls> and <eoc>).")
         raise CheckpointError(msg)
-    extra = {k: v for k, v in args.items() if k not in _ARCH_KEYS}
+    extra = {k: v for k, v in args.items() if k not in ARCH_KEYS}
     vocab_size = max(vocab.values()) + 1
     try:
         return ScGPTConfig(vocab_size=vocab_size, pad_token_id=vocab[pad_token], extra_args=extra, **kwargs)
@@ -265,6 +240,8 @@ def locate_checkpoint(
             msg = "checkpoint 'demo' is made from the data's genes; this call has no data to make it from."
             raise CheckpointNotFoundError(msg)
         unique = list(dict.fromkeys(str(g) for g in demo_genes if str(g) and str(g) != "nan"))
+        from .save import make_tiny_checkpoint
+
         return make_tiny_checkpoint(demo_dir, unique, seed=0), "demo"
     path = Path(spec).expanduser()
     if not path.is_dir() and text in KNOWN_CHECKPOINTS:
@@ -441,150 +418,3 @@ def _check_keys_and_shapes(
             UserWarning,
             stacklevel=3,
         )
-
-
-# -- writing --------------------------------------------------------------------------------
-def _args_from_config(config: ScGPTConfig) -> dict[str, Any]:
-    args = dict(config.extra_args)
-    for key, cfg in _ARCH_KEYS.items():
-        args[key] = getattr(config, cfg)
-    args.setdefault("fast_transformer", True)  # the released value; attention here is SDPA either way
-    return args
-
-
-def torch_save_atomic(obj: Any, path: Path) -> Path:
-    """``torch.save`` through a temporary file, then rename; byte-identical for identical content.
-
-    Saving to a file object (not a path) makes the zip's inner folder ``archive/`` rather than the
-    (temporary) file name, so the same weights always give the same sha256.
-    """
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as fh:
-            torch.save(obj, fh)
-
-    atomic_write(path, write, size_hint=_tensor_bytes(obj))  # a full disk: DiskFullError with the tensors' size
-    return path
-
-
-def _tensor_bytes(obj: Any, _seen: set | None = None) -> int:
-    """Bytes of the tensor storages in ``obj`` (nested dicts, lists, tuples), each storage once: what
-    ``torch.save`` writes besides the pickle, so a lower bound of the file's size."""
-    seen = set() if _seen is None else _seen
-    if isinstance(obj, torch.Tensor):
-        storage = obj.untyped_storage()
-        key = (str(storage.device), storage.data_ptr(), storage.nbytes())
-        if key in seen:
-            return 0
-        seen.add(key)
-        return storage.nbytes()
-    if id(obj) in seen:
-        return 0
-    seen.add(id(obj))
-    if isinstance(obj, Mapping):
-        return sum(_tensor_bytes(v, seen) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(_tensor_bytes(v, seen) for v in obj)
-    return 0
-
-
-def _write_checkpoint(
-    directory: Path,
-    args: Mapping[str, Any],
-    vocab: Mapping[str, int],
-    state: Mapping[str, torch.Tensor],
-    manifest_extra: Mapping[str, Any] | None,
-) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    atomic_write(directory / "args.json", lambda p: p.write_text(json.dumps(args, indent=2) + "\n"))
-    atomic_write(directory / "vocab.json", lambda p: p.write_text(json.dumps(vocab, indent=1) + "\n"))
-    cpu_state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    torch_save_atomic(cpu_state, directory / "best_model.pt")
-    if manifest_extra is not None:
-        write_manifest(directory, CHECKPOINT_FILES, {
-            "format": "scgpt checkpoint folder (args.json, vocab.json, best_model.pt)", **manifest_extra,
-        })
-    return directory
-
-
-def write_manifest(directory: Path, files: Iterable[str], extra: Mapping[str, Any]) -> Path:
-    """Write ``directory/manifest.json``: creation time, package versions, sha256 and size of ``files``."""
-    from ..core.io import sha256_file
-    from ..core.version import __version__
-
-    manifest = {
-        "created": utc_now(),
-        "versions": {"scgpt_protocol": __version__, "torch": torch.__version__, "python": platform.python_version()},
-        "files": {
-            name: {"sha256": sha256_file(directory / name), "bytes": (directory / name).stat().st_size}
-            for name in files
-        },
-        **extra,
-    }
-    path = directory / "manifest.json"
-    atomic_write(path, lambda p: p.write_text(json.dumps(manifest, indent=2, default=str) + "\n"))
-    return path
-
-
-def save_checkpoint(model: ScGPT, directory: str | Path, *, extra: Mapping[str, Any] | None = None) -> Path:
-    """Write ``model`` as a checkpoint folder in the released layout, plus ``manifest.json``.
-
-    ``best_model.pt`` uses the released key names (``Wqkv``), so the folder loads here and in the
-    official scGPT code; a classification head is saved under ``cls_decoder.*``. Each file is written
-    to a temporary name and renamed, so an interrupted save never leaves a half-written file.
-    ``manifest.json`` records package versions and the sha256 of every file, plus ``extra``.
-    """
-    if not model.vocab:
-        msg = "model.vocab is empty; a checkpoint needs its gene vocabulary (load the model with load_model)."
-        raise ValueError(msg)
-    n_params = sum(p.numel() for p in model.parameters())
-    info = {"n_classes": model.config.n_classes, "n_parameters": n_params, **(extra or {})}
-    path = _write_checkpoint(
-        Path(directory), _args_from_config(model.config), model.vocab, model.state_dict(), info
-    )
-    logger.info("saved checkpoint to %s (%s parameters)", path, f"{n_params:,}")
-    return path
-
-
-def make_tiny_checkpoint(
-    directory: str | Path,
-    genes: Iterable[str],
-    *,
-    d_model: int = 64,
-    nlayers: int = 2,
-    nheads: int = 4,
-    d_hid: int = 128,
-    seed: int = 0,
-) -> Path:
-    """Write a randomly initialised checkpoint in the exact layout of the released one.
-
-    For demos and tests: the weights mean nothing. ``genes`` become the vocabulary (ids in the
-    given order), followed by ``<pad>``, ``<cls>``, ``<eoc>``. The file also carries the
-    pretraining-only ``flag_encoder.weight`` as the released file does. With ``d_model=512,
-    nlayers=12, nheads=8, d_hid=512`` and the 60,694 genes of the released vocabulary, the file holds
-    exactly the released model's 51,330,049 parameters.
-    """
-    genes = [str(g) for g in genes if str(g) not in SPECIAL_TOKENS]
-    if len(set(genes)) != len(genes):
-        msg = "genes contains duplicates; a vocabulary needs unique gene symbols."
-        raise ValueError(msg)
-    if not genes:
-        raise ValueError("genes is empty; give the gene symbols of the vocabulary.")
-    vocab = {g: i for i, g in enumerate([*genes, *SPECIAL_TOKENS])}
-    config = ScGPTConfig(
-        vocab_size=len(vocab), pad_token_id=vocab["<pad>"], d_model=d_model, nheads=nheads,
-        d_hid=d_hid, nlayers=nlayers,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        state = ScGPT(config).state_dict()
-        state["flag_encoder.weight"] = torch.randn(2, d_model)
-    args = {
-        "data_source": "random init (make_tiny_checkpoint)",
-        "input_style": "binned",
-        "vocab_path": "vocab.json",
-        "MVC": True,
-        "seed": seed,
-        **_args_from_config(config),
-    }
-    return _write_checkpoint(Path(directory), args, vocab, state, manifest_extra=None)

@@ -12,6 +12,7 @@ import pandas as pd
 
 from ..annotate.columns import PREDICTION_COLUMNS
 from ..core.errors import format_keys
+from ..core.renamed import renamed_arguments
 from ..data.colors import NA_COLOR, REFERENCE, category_colors, fixed_color, spare_colors
 from ..data.labels import ordered
 from .figure import new_figure, short_label
@@ -199,7 +200,7 @@ def compute_umap(
     ----------
     adata
         Cells with the representation in ``obsm[use_rep]`` (e.g. from
-        :func:`~scgpt_protocol.annotate.classify.annotate` or :func:`~scgpt_protocol.model.embedding.embed`).
+        :func:`~scgpt_protocol.annotate.inference.annotate` or :func:`~scgpt_protocol.model.embedding.embed`).
     use_rep
         ``obsm`` key of the representation.
     key_added
@@ -252,12 +253,13 @@ def cells_for_plot(adata: Any, cells: Any, *, max_cells: int | None = None, seed
     return anndata.AnnData(obs=adata.obs[mask].copy(), obsm={key: emb}, uns=dict(adata.uns))
 
 
+@renamed_arguments(embedding_key="use_rep")
 def joint_embedding(
     reference: AnnData,
     query: AnnData,
     *,
     label_key: str,
-    embedding_key: str = "X_scgpt",
+    use_rep: str = "X_scgpt",
     result: ZeroShotResult | None = None,
     max_cells: int | None = None,
     seed: int = 0,
@@ -267,16 +269,16 @@ def joint_embedding(
     Parameters
     ----------
     reference, query
-        Both with ``obsm[embedding_key]`` (e.g. after :func:`zeroshot_annotate`).
+        Both with ``obsm[use_rep]`` (e.g. after :func:`zeroshot_annotate`).
     label_key
         ``obs`` column of the labels; cells without it get NaN in ``label``.
-    embedding_key
+    use_rep
         ``obsm`` key of the embeddings, kept under the same key.
     result
         The :class:`ZeroShotResult` of these two datasets; its majority labels fill ``predicted``
         for the query cells (``"reference"`` for reference cells, drawn grey). Without it the query cells'
         ``predicted`` is NaN. Its
-        embeddings are used where a dataset has no ``obsm[embedding_key]`` (``zeroshot_annotate`` with
+        embeddings are used where a dataset has no ``obsm[use_rep]`` (``zeroshot_annotate`` with
         ``store_dir``: only the chosen rows are read from disk).
     max_cells
         At most this many cells (reference and query together; a seeded random sample,
@@ -290,7 +292,7 @@ def joint_embedding(
     AnnData
         ``n_vars = 0``; ``obs_names`` are the original names plus ``-reference`` / ``-query``;
         ``obs`` has ``dataset`` (``"reference"`` / ``"query"``), ``label``, ``predicted`` and
-        ``cell`` (the original name); ``obsm[embedding_key]`` stacks the embeddings.
+        ``cell`` (the original name); ``obsm[use_rep]`` stacks the embeddings.
 
     Examples
     --------
@@ -306,7 +308,7 @@ def joint_embedding(
     n_ref, n_query = reference.n_obs, query.n_obs
     keep = subsample(np.ones(n_ref + n_query, dtype=bool), max_cells, seed=seed)  # one sample of both
     chosen = {"reference": keep[:n_ref], "query": keep[n_ref:]}
-    parts = [embedding_rows(adata, chosen[name], key=embedding_key, what=name,
+    parts = [embedding_rows(adata, chosen[name], key=use_rep, what=name,
                             stored=None if result is None else getattr(result, f"{name}_embedding"))
              for name, adata in (("reference", reference), ("query", query))]
     if parts[0].shape[1] != parts[1].shape[1]:
@@ -351,5 +353,5 @@ def joint_embedding(
     )
     joint = ad.AnnData(obs=obs, var=pd.DataFrame(index=pd.Index([], dtype=str)))
     joint.uns["dataset_colors"] = ["#b8b8b8", "#2b2b2b"]  # reference light, query dark: no cell-type colour
-    joint.obsm[embedding_key] = np.concatenate(parts).astype(np.float32, copy=False)
+    joint.obsm[use_rep] = np.concatenate(parts).astype(np.float32, copy=False)
     return joint

@@ -17,8 +17,7 @@ from ..data.labels import by_count, cell_mask, missing_labels, ordered
 from ..data.store import subsample
 from ..evaluate.markers import expression_rows
 from .embedding import plot_embedding
-from .figure import short_label
-from .figure import new_figure
+from .figure import new_figure, short_label
 
 if TYPE_CHECKING:
     from anndata import AnnData

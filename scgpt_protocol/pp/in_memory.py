@@ -174,7 +174,7 @@ def prepare(adata: AnnData, params: PreprocessParams, vocab: dict[str, int]) -> 
 
     log: list[str] = []
 
-    def record(message: str) -> None:
+    def note(message: str) -> None:
         log.append(message)
         logger.info("%s", message)
 
@@ -185,22 +185,22 @@ def prepare(adata: AnnData, params: PreprocessParams, vocab: dict[str, int]) -> 
     get_matrix(adata, params.layer)
     check_expression(adata, layer=params.layer)
     n_cells_in, n_genes_in = int(adata.n_obs), int(adata.n_vars)
-    out, where, mapped = _labelled_expression(adata, params, log, record)
+    out, where, mapped = _labelled_expression(adata, params, log, note)
     kind, vmax = value_kind(out.X)
-    record(f"values look like {kind} (max {vmax:.4g} in a sample of cells)")
+    note(f"values look like {kind} (max {vmax:.4g} in a sample of cells)")
 
     # filters
-    out = _filter_cells_genes(out, params, record)
+    out = _filter_cells_genes(out, params, note)
     if params.max_pct_mito is not None:
         mito = mito_mask(gene_symbols(out, params.gene_symbol_key))
         if not mito.any():
             warn_no_mito_genes(params, log)
         else:
-            out = _filter_mito(out, params, mito, kind, record)
+            out = _filter_mito(out, params, mito, kind, note)
     check_cells_left(out.n_obs, out.n_vars, params)
 
     # normalisation
-    is_counts, normalise = choose_normalisation(params, kind, vmax, record)
+    is_counts, normalise = choose_normalisation(params, kind, vmax, note)
     if is_counts:
         out.layers["counts"] = out.X.copy()
     if normalise:
@@ -210,18 +210,18 @@ def prepare(adata: AnnData, params: PreprocessParams, vocab: dict[str, int]) -> 
         out.uns["log1p"] = {"base": None}  # what sc.pp.log1p records
 
     # genes of the vocabulary, highly variable genes, cells with nothing left for the model
-    out, match = vocabulary_genes(out, vocab, params, record)
+    out, match = vocabulary_genes(out, vocab, params, note)
     if params.n_hvg is not None:
-        out = _highly_variable(out, params, record)
+        out = _highly_variable(out, params, note)
     out = _drop_empty_cells(out, log)
 
-    return finish_prepared(out, adata, params, log, record, input_record={"n_cells": n_cells_in, "n_genes": n_genes_in,
+    return finish_prepared(out, adata, params, log, note, input_record={"n_cells": n_cells_in, "n_genes": n_genes_in,
                    "matrix": where, "value_kind": kind, "value_max": vmax}, normalise=normalise,
                    is_counts=is_counts, match_fraction=match.fraction, label_map=mapped)
 
 
 def _labelled_expression(adata: AnnData, params: PreprocessParams, log: list[str],
-                         record: Any) -> tuple[AnnData, str, Any]:
+                         note: Any) -> tuple[AnnData, str, Any]:
     """The labelled cells (after the label map) with the chosen matrix as float32 CSR in ``X`` (other layers and
     .raw dropped), where the matrix came from, and the label map's result (None without one). The metadata is
     copied without the matrices; the chosen one is copied once."""
@@ -253,50 +253,50 @@ def _labelled_expression(adata: AnnData, params: PreprocessParams, log: list[str
     x.eliminate_zeros()
     dropped = [f"layers[{k!r}]" for k in adata.layers.keys()] + (["raw"] if adata.raw is not None else [])
     out.X = x
-    record(f"expression read from {where} (kept sparse, 32-bit)"
+    note(f"expression read from {where} (kept sparse, 32-bit)"
            + (f" (dropped {', '.join(dropped)})" if dropped else ""))
     return out, where, mapped
 
 
-def _filter_cells_genes(out: AnnData, params: PreprocessParams, record: Any) -> AnnData:
+def _filter_cells_genes(out: AnnData, params: PreprocessParams, note: Any) -> AnnData:
     """``sc.pp.filter_cells(min_genes)`` and ``sc.pp.filter_genes(min_cells)``, where set."""
     import scanpy as sc
 
     if params.min_genes > 0:
         before = out.n_obs
         sc.pp.filter_cells(out, min_genes=params.min_genes)
-        record(f"filter_cells(min_genes={params.min_genes}): {before:,} -> {out.n_obs:,} cells")
+        note(f"filter_cells(min_genes={params.min_genes}): {before:,} -> {out.n_obs:,} cells")
     if params.min_cells > 0:
         before = out.n_vars
         sc.pp.filter_genes(out, min_cells=params.min_cells)
-        record(f"filter_genes(min_cells={params.min_cells}): {before:,} -> {out.n_vars:,} genes")
+        note(f"filter_genes(min_cells={params.min_cells}): {before:,} -> {out.n_vars:,} genes")
     return out
 
 
-def _filter_mito(out: AnnData, params: PreprocessParams, mito: np.ndarray, kind: str, record: Any) -> AnnData:
+def _filter_mito(out: AnnData, params: PreprocessParams, mito: np.ndarray, kind: str, note: Any) -> AnnData:
     """The cells with at most ``max_pct_mito`` % of their expression in the genes ``mito``."""
     pct = percent_mito(out.X, mito, kind)
     before = out.n_obs
     out.obs["pct_mito"] = pct.astype(np.float32)
     out = out[pct <= params.max_pct_mito].copy()
-    record(f"max_pct_mito={params.max_pct_mito} ({int(mito.sum())} MT- genes): "
+    note(f"max_pct_mito={params.max_pct_mito} ({int(mito.sum())} MT- genes): "
            f"{before:,} -> {out.n_obs:,} cells")
     return out
 
 
-def _highly_variable(out: AnnData, params: PreprocessParams, record: Any) -> AnnData:
+def _highly_variable(out: AnnData, params: PreprocessParams, note: Any) -> AnnData:
     """The ``n_hvg`` highly variable genes (seurat flavour, per batch with ``batch_key``); all when not fewer."""
     import scanpy as sc
 
     batch_key = params.batch_key
     if params.n_hvg >= out.n_vars:
-        record(f"n_hvg={params.n_hvg} >= {out.n_vars:,} genes: no highly-variable-gene selection")
+        note(f"n_hvg={params.n_hvg} >= {out.n_vars:,} genes: no highly-variable-gene selection")
         return out
     before = out.n_vars
     sc.pp.highly_variable_genes(out, n_top_genes=params.n_hvg, batch_key=batch_key, flavor="seurat")
     out = out[:, out.var["highly_variable"].to_numpy()].copy()
     per = f", per batch of obs[{batch_key!r}]" if batch_key else ""
-    record(f"highly variable genes (seurat{per}): {before:,} -> {out.n_vars:,} genes")
+    note(f"highly variable genes (seurat{per}): {before:,} -> {out.n_vars:,} genes")
     return out
 
 
@@ -312,7 +312,7 @@ def _drop_empty_cells(out: AnnData, log: list[str]) -> AnnData:
     return out
 
 
-def finish_prepared(out: AnnData, source: Any, params: PreprocessParams, log: list[str], record: Any, *,
+def finish_prepared(out: AnnData, source: Any, params: PreprocessParams, log: list[str], note: Any, *,
             input_record: dict[str, Any], normalise: bool, is_counts: bool, match_fraction: float,
             label_map: Any = None) -> PreparedData:
     """The classes, the split and the record of :func:`prepare` (shared with :func:`prepare_file`).
@@ -348,8 +348,8 @@ def finish_prepared(out: AnnData, source: Any, params: PreprocessParams, log: li
               f"(they cannot be evaluated): {listed}")
     split, notes = split_cells(labels, np.isin(labels, rare_classes), params.test_size, params.val_size,
                                 params.seed)
-    for note in notes:
-        record(note)
+    for remark in notes:
+        note(remark)
     out.obs["split"] = pd.Categorical(split, categories=list(SPLITS))
     test_classes = sorted({str(v) for v in labels[split == "test"]})
     if len(test_classes) == 1:
@@ -367,7 +367,7 @@ def finish_prepared(out: AnnData, source: Any, params: PreprocessParams, log: li
     )
     split_counts.index.name, split_counts.columns.name = "label", "split"
     totals = {s: int(split_counts[s].sum()) for s in SPLITS}
-    record(f"split (seed {params.seed}, stratified by {label_key!r}): "
+    note(f"split (seed {params.seed}, stratified by {label_key!r}): "
            + ", ".join(f"{s} {n:,}" for s, n in totals.items())
            + (f"; {len(rare_classes)} rare class(es) in train only" if rare_classes else ""))
 

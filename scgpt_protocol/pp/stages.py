@@ -124,7 +124,7 @@ def check_cells_left(n_obs: int, n_vars: int, params: PreprocessParams) -> None:
         raise InputDataError(msg)
 
 
-def choose_normalisation(params: PreprocessParams, kind: str, vmax: float, record: Any) -> tuple[bool, bool]:
+def choose_normalisation(params: PreprocessParams, kind: str, vmax: float, note: Any) -> tuple[bool, bool]:
     """``(is_counts, normalise)`` for ``params.normalize`` and the values' kind; warns and records the choice."""
     is_counts = kind == "counts"
     normalise = {"yes": True, "no": False, "auto": is_counts}[params.normalize]
@@ -133,20 +133,20 @@ def choose_normalisation(params: PreprocessParams, kind: str, vmax: float, recor
             warn_user("normalize='yes' but the values already look log-normalised (non-integer, "
                   f"max {vmax:.3g}); they are normalised and log-transformed again. Use "
                   "normalize='auto' unless this is intended.", stacklevel=4)
-        record("normalised: normalize_total(target_sum=1e4) + log1p"
+        note("normalised: normalize_total(target_sum=1e4) + log1p"
                + ("; raw counts kept in layers['counts']" if is_counts else ""))
     else:
         if params.normalize == "auto" and kind == "other":
             warn_user(f"values are neither raw counts nor log-normalised (non-integer, max {vmax:.4g}) and were "
                   "left as they are (normalize='auto'). Set normalize='yes' for CPM/TPM values, or give "
                   "the raw counts (layer=...).", stacklevel=4)
-        record(f"not normalised (normalize={params.normalize!r}, values: {kind})"
+        note(f"not normalised (normalize={params.normalize!r}, values: {kind})"
                + ("; counts also in layers['counts']" if is_counts else ""))
     return is_counts, normalise
 
 
 def vocabulary_genes(out: AnnData, vocab: dict[str, int], params: PreprocessParams,
-                      record: Any) -> tuple[AnnData, Any]:
+                      note: Any) -> tuple[AnnData, Any]:
     """``out`` restricted to the genes of the vocabulary (token ids in ``var``), and the gene match
     (:func:`~scgpt_protocol.model.vocab.match_genes`; ``match.columns`` are the columns kept)."""
     before = out.n_vars
@@ -158,7 +158,7 @@ def vocabulary_genes(out: AnnData, vocab: dict[str, int], params: PreprocessPara
     if params.gene_symbol_key is not None:
         out.var["original_var_name"] = np.asarray(out.var_names, dtype=str)
         out.var_names = pd.Index([symbols[j] for j in cols], dtype=str)
-    record(f"kept the genes in the checkpoint vocabulary ({match.source}): "
+    note(f"kept the genes in the checkpoint vocabulary ({match.source}): "
            f"{before:,} -> {out.n_vars:,} genes ({match.fraction:.1%})")
     return out, match
 

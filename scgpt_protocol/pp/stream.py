@@ -223,7 +223,7 @@ class _Stream:
 
 
 def _labelled_stream(source: AnnData, matrix: Any, size: int, params: PreprocessParams, where: str,
-                     log: list[str], record: Any) -> _Stream:
+                     log: list[str], note: Any) -> _Stream:
     """The metadata of the labelled cells (without X) and the kind of values, from a sample of them."""
     import anndata
 
@@ -243,7 +243,7 @@ def _labelled_stream(source: AnnData, matrix: Any, size: int, params: Preprocess
     report_unlabelled(label_key, n_cells_in, len(cells), mapped, log, stacklevel=4)  # points at prepare_file's call
     out = meta[cells].copy()
     dropped = [f"layers[{k!r}]" for k in source.layers.keys()] + (["raw"] if has_raw else [])
-    record(f"expression read from {where} (kept sparse, 32-bit)"
+    note(f"expression read from {where} (kept sparse, 32-bit)"
            + (f" (dropped {', '.join(dropped)})" if dropped else ""))
     sample = cells if len(cells) <= 2000 else \
         cells[np.sort(np.random.default_rng(0).choice(len(cells), 2000, replace=False))]
@@ -252,7 +252,7 @@ def _labelled_stream(source: AnnData, matrix: Any, size: int, params: Preprocess
     block.eliminate_zeros()
     kind, vmax = value_kind(block, n_rows=block.shape[0])
     del block
-    record(f"values look like {kind} (max {vmax:.4g} in a sample of cells)")
+    note(f"values look like {kind} (max {vmax:.4g} in a sample of cells)")
     return _Stream(matrix=matrix, size=size, out=out, keep=~missing, cells=cells, kind=kind, vmax=vmax,
                    label_map=mapped)
 
@@ -294,13 +294,13 @@ def _count_pass(s: _Stream, params: PreprocessParams, mito_all: np.ndarray | Non
 
 
 def _filter_cells_genes(s: _Stream, params: PreprocessParams, number_cells: np.ndarray | None,
-                        number_genes: np.ndarray | None, n_genes_all: int, record: Any) -> None:
+                        number_genes: np.ndarray | None, n_genes_all: int, note: Any) -> None:
     """``filter_cells(min_genes)`` and ``filter_genes(min_cells)`` from the counts of pass 1."""
     if params.min_genes > 0:
         before = len(s.cells)
         s.out.obs["n_genes"] = number_cells[s.cells]
         s.drop_cells(number_cells[s.cells] >= params.min_genes)
-        record(f"filter_cells(min_genes={params.min_genes}): {before:,} -> {len(s.cells):,} cells")
+        note(f"filter_cells(min_genes={params.min_genes}): {before:,} -> {len(s.cells):,} cells")
     if params.min_cells > 0:
         before = s.out.n_vars
         if number_genes is None:
@@ -309,11 +309,11 @@ def _filter_cells_genes(s: _Stream, params: PreprocessParams, number_cells: np.n
         passed = number_genes >= params.min_cells
         s.out = s.out[:, passed].copy()
         s.genes = np.flatnonzero(passed)
-        record(f"filter_genes(min_cells={params.min_cells}): {before:,} -> {s.out.n_vars:,} genes")
+        note(f"filter_genes(min_cells={params.min_cells}): {before:,} -> {s.out.n_vars:,} genes")
 
 
 def _filter_mito(s: _Stream, params: PreprocessParams, mito: np.ndarray, pct_all: np.ndarray,
-                 record: Any) -> None:
+                 note: Any) -> None:
     """The mitochondrial filter; pass 2 (the share over the genes left by filter_genes) unless pass 1 did it."""
     from .stages import percent_mito
 
@@ -326,14 +326,14 @@ def _filter_mito(s: _Stream, params: PreprocessParams, mito: np.ndarray, pct_all
     before = len(s.cells)
     s.out.obs["pct_mito"] = pct.astype(np.float32)
     s.drop_cells(pct <= params.max_pct_mito)
-    record(f"max_pct_mito={params.max_pct_mito} ({int(mito.sum())} MT- genes): "
+    note(f"max_pct_mito={params.max_pct_mito} ({int(mito.sum())} MT- genes): "
            f"{before:,} -> {len(s.cells):,} cells")
 
 
-def _select_hvg(s: _Stream, params: PreprocessParams, record: Any) -> None:
+def _select_hvg(s: _Stream, params: PreprocessParams, note: Any) -> None:
     """Highly variable genes (seurat flavour): pass 3 accumulates the moments of expm1(X) per gene (and batch)."""
     if params.n_hvg >= s.out.n_vars:
-        record(f"n_hvg={params.n_hvg} >= {s.out.n_vars:,} genes: no highly-variable-gene selection")
+        note(f"n_hvg={params.n_hvg} >= {s.out.n_vars:,} genes: no highly-variable-gene selection")
         return
     batch_key, out = params.batch_key, s.out
     before = out.n_vars
@@ -361,7 +361,7 @@ def _select_hvg(s: _Stream, params: PreprocessParams, record: Any) -> None:
     s.out = out[:, hv].copy()
     s.sel = s.sel[hv]
     per = f", per batch of obs[{batch_key!r}]" if batch_key else ""
-    record(f"highly variable genes (seurat{per}): {before:,} -> {s.out.n_vars:,} genes")
+    note(f"highly variable genes (seurat{per}): {before:,} -> {s.out.n_vars:,} genes")
 
 
 class _PreparedWriter:
@@ -420,7 +420,7 @@ def _prepare_source(source: AnnData, params: PreprocessParams, vocab: dict[str, 
 
     log: list[str] = []
 
-    def record(message: str) -> None:
+    def note(message: str) -> None:
         log.append(message)
         logger.info("%s", message)
 
@@ -432,30 +432,30 @@ def _prepare_source(source: AnnData, params: PreprocessParams, vocab: dict[str, 
     n_cells_in, n_genes_in = int(source.n_obs), int(source.n_vars)
     size = int(chunk_size) if chunk_size else _default_chunk_size(matrix)
     where = f"adata.layers[{params.layer!r}]" if params.layer else "adata.X"
-    s = _labelled_stream(source, matrix, size, params, where, log, record)
+    s = _labelled_stream(source, matrix, size, params, where, log, note)
 
     # pass 1 (and 2): filter_cells, filter_genes, % mitochondrial
     mito_wanted = params.max_pct_mito is not None
     pct_all = np.zeros(n_cells_in, dtype=np.float32) if mito_wanted else None
     mito_all = mito_mask(gene_symbols(s.out, params.gene_symbol_key)) if mito_wanted else None
     number_cells, number_genes = _count_pass(s, params, mito_all, pct_all)
-    _filter_cells_genes(s, params, number_cells, number_genes, n_genes_in, record)
+    _filter_cells_genes(s, params, number_cells, number_genes, n_genes_in, note)
     if mito_wanted:
         mito = mito_mask(gene_symbols(s.out, params.gene_symbol_key))
         if not mito.any():
             warn_no_mito_genes(params, log)
         else:
-            _filter_mito(s, params, mito, pct_all, record)
+            _filter_mito(s, params, mito, pct_all, note)
     check_cells_left(s.out.n_obs, s.out.n_vars, params)
 
     # normalisation (done chunk by chunk), genes of the vocabulary, highly variable genes (pass 3)
-    s.is_counts, s.normalise = choose_normalisation(params, s.kind, s.vmax, record)
+    s.is_counts, s.normalise = choose_normalisation(params, s.kind, s.vmax, note)
     if s.normalise:
         s.out.uns["log1p"] = {"base": None}
-    s.out, match = vocabulary_genes(s.out, vocab, params, record)
+    s.out, match = vocabulary_genes(s.out, vocab, params, note)
     s.sel = np.asarray(match.columns)
     if params.n_hvg is not None:
-        _select_hvg(s, params, record)
+        _select_hvg(s, params, note)
     n_genes_out = s.out.n_vars
 
     def finish(full_mask: np.ndarray) -> PreparedData:
@@ -468,7 +468,7 @@ def _prepare_source(source: AnnData, params: PreprocessParams, vocab: dict[str, 
             warn_user(f"dropped {int(empty.sum()):,} cells with no expressed gene among the {out.n_vars:,} "
                   f"selected genes: {before:,} -> {out.n_obs:,} cells", stacklevel=4)
             log.append(f"dropped cells with no expressed selected gene: {before:,} -> {out.n_obs:,} cells")
-        return finish_prepared(out, source, params, log, record,
+        return finish_prepared(out, source, params, log, note,
                        input_record={"n_cells": n_cells_in, "n_genes": n_genes_in, "matrix": where,
                                      "value_kind": s.kind, "value_max": s.vmax},
                        normalise=s.normalise, is_counts=s.is_counts, match_fraction=match.fraction,

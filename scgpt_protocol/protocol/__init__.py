@@ -7,7 +7,7 @@ from ..core.lazy import lazy_exports
 
 #: names this package exported before it was grouped by concern -> where they are now (a DeprecationWarning)
 _MOVED = {
-    "record_temperature": "scgpt_protocol.protocol.steps",
+    "save_temperature": "scgpt_protocol.protocol.steps",
     "model_temperature": "scgpt_protocol.protocol.steps",
     "calibration_display": "scgpt_protocol.protocol.display",
     "calibration_frame": "scgpt_protocol.protocol.display",

@@ -16,7 +16,7 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "load_finetuned": ".adapt.saved",
     "save_finetuned": ".adapt.saved",
     "apply_strategy": ".adapt.strategies",
-    "predict": ".annotate.classify",
+    "predict": ".annotate.inference",
     "refine": ".annotate.refinement",
     "transfer_labels": ".annotate.knn",
     "zeroshot_annotate": ".annotate.zeroshot",

@@ -24,11 +24,12 @@ import pandas as pd
 from ..adapt.cells import data_fingerprint
 from ..adapt.saved import load_finetuned, save_finetuned
 from ..adapt.train import TrainResult, finetune, strategy_config
-from ..annotate.classify import predict
+from ..annotate.inference import predict
 from ..annotate.prediction import Prediction
 from ..core.io import atomic_write, read_json
 from ..core.layout import RunLayout
 from ..core.params import STRATEGY_NAMES, FinetuneParams, ParamsError, PreprocessParams
+from ..core.renamed import renamed_arguments
 from ..evaluate.baseline import logistic_regression_baseline
 from ..metrics import BASELINE_METHOD, classification_metrics, confusion
 from ..model.checkpoint import load_model, read_vocab
@@ -268,20 +269,21 @@ class AnnotationRunner:
                                 resolution=resolution, seed=self.params.seed)
         return prediction
 
-    def annotate_adata(self, adata: AnnData, obs_key: str = "scgpt_label", embedding_key: str = "X_scgpt", *,
+    @renamed_arguments(obs_key="key_added", embedding_key="embedding_key_added")
+    def annotate_adata(self, adata: AnnData, key_added: str = "scgpt_label", embedding_key_added: str = "X_scgpt", *,
                        min_confidence: float = 0.0, majority_voting: bool = False,
                        resolution: float | None = None) -> None:
-        """Write labels (``obs[obs_key]``), codes, confidences and embeddings into ``adata`` (in place).
+        """Write labels (``obs[key_added]``), codes, confidences and embeddings into ``adata`` (in place).
 
         With ``min_confidence`` / ``majority_voting`` (see :meth:`predict`) also ``obs["scgpt_prediction"]``
         (the class before abstention), ``obs["scgpt_unknown"]``, ``obs["scgpt_over_clustering"]``,
         ``obs["scgpt_majority_voting"]`` and ``uns["scgpt_annotation"]`` (the parameters).
         """
-        from ..annotate.classify import annotate
+        from ..annotate.inference import annotate
 
         prediction = self.predict(adata, min_confidence=min_confidence, majority_voting=majority_voting,
                                   resolution=resolution)
-        annotate(adata, prediction, obs_key=obs_key, embedding_key=embedding_key)
+        annotate(adata, prediction, key_added=key_added, embedding_key_added=embedding_key_added)
 
     # -- saving --
     def save(self, directory: str | Path) -> Path:
@@ -299,7 +301,8 @@ class AnnotationRunner:
         model, manifest = load_finetuned(directory, device=device)
         training = {k: v for k, v in (manifest.get("training") or {}).items() if k in FinetuneParams.field_names()}
         params = FinetuneParams(**{**training, "device": device})
-        runner = cls(adata=None, label_key=manifest["label_key"], categories=manifest["categories"],  # type: ignore[arg-type]
+        runner = cls(adata=None,  # type: ignore[arg-type]
+                     label_key=manifest["label_key"], categories=manifest["categories"],
                      base_checkpoint=manifest["base_checkpoint"], params=params, best_strategy=manifest["strategy"],
                      model=model, manifest=manifest)
         return runner

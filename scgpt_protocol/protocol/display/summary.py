@@ -11,8 +11,7 @@ import pandas as pd
 
 from ...core.io import read_json
 from ...data.labels import UNKNOWN
-from ...metrics import (BASELINE, BASELINE_METHOD, HEADERS, SCGPT, SCGPT_METHOD, SUMMARY_METRICS, ZEROSHOT,
-                        metrics_table)
+from ...metrics import BASELINE, BASELINE_METHOD, HEADERS, SCGPT, SCGPT_METHOD, SUMMARY_METRICS, ZEROSHOT, metrics_table
 from .tables import DECIMALS, fmt_value, styled
 
 if TYPE_CHECKING:

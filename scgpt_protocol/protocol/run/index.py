@@ -146,7 +146,7 @@ def _figures(layout: RunLayout) -> str:
 
 def run_index_html(layout: RunLayout, manifest: Mapping[str, Any] | None = None) -> str:
     """The HTML of the run summary (see the module's description)."""
-    manifest = manifest if manifest is not None else (_read(layout.manifest) or {})
+    manifest = manifest if manifest is not None else (_read(layout.run_manifest) or {})
     record = _read(layout.checkpoint_record)
     banner = checkpoint_banner(record)._repr_html_() if record else ""
     done = [s for s in STEPS if _record(manifest, s).get("status") == "finished"]

@@ -161,7 +161,7 @@ def _check_run_dir(layout: RunLayout, force: bool, params_dir: Path) -> dict[str
             raise RunDirInUse(msg)
     if not layout.run_dir.exists() or not any(layout.run_dir.iterdir()):
         return None
-    if not layout.manifest.is_file():
+    if not layout.run_manifest.is_file():
         if force:
             return None
         msg = (
@@ -169,7 +169,7 @@ def _check_run_dir(layout: RunLayout, force: bool, params_dir: Path) -> dict[str
             "Choose a new --run-dir, or pass --force to write into it anyway."
         )
         raise RunDirInUse(msg)
-    manifest = read_json(layout.manifest)
+    manifest = read_json(layout.run_manifest)
     if manifest.get("status") == "finished" and not force:
         msg = (
             f"run_dir {layout.run_dir} holds a finished run (params {manifest.get('params_dir')}, finished "
@@ -312,7 +312,7 @@ def _start_run(params_dir: str | Path, run_dir: str | Path, steps: Sequence[str]
         "versions": package_versions(),
         "steps": (previous or {}).get("steps", {}),
     }
-    layout.write_json(layout.manifest, manifest)
+    layout.write_json(layout.run_manifest, manifest)
     return _Run(layout=layout, params_dir=params_dir, notebook_dir=notebook_dir, chosen=chosen, overrides=overrides,
                 inputs=inputs, manifest=manifest, result=RunResult(run_dir=layout.run_dir), cwd=cwd,
                 kernel_name=kernel_name, html=html, own_notebooks=notebook_dir if notebooks is not None else None)
@@ -338,7 +338,7 @@ def _run_step(run: _Run, step: str) -> None:
     if previous is not None:
         record["previous_results"] = str(previous.relative_to(layout.run_dir))
     manifest["steps"][step] = record
-    layout.write_json(layout.manifest, manifest)
+    layout.write_json(layout.run_manifest, manifest)
     logger.info("running %s -> %s", notebook.name, report)
     run.t0 = time.perf_counter()
     try:
@@ -364,7 +364,7 @@ def _run_step(run: _Run, step: str) -> None:
     manifest["steps"][step] = {**record, "seconds": seconds, "status": "finished",
                                "finished": _now(), "effective_params": effective_params(layout, step)}
     manifest["checksums"] = {**input_checksums(run.inputs), "checkpoint": checkpoint_checksum(layout)}
-    layout.write_json(layout.manifest, manifest)
+    layout.write_json(layout.run_manifest, manifest)
     write_index_safely(layout, manifest)
     logger.info("%s finished in %.1f s", step, seconds)
 
@@ -418,7 +418,7 @@ def _finish_run(run: _Run) -> RunResult:
     manifest["status"] = "finished" if all_done else "partial"
     manifest["finished"] = _now()
     manifest["headline"] = run.result.summary = headline_metrics(layout, manifest["steps"])
-    layout.write_json(layout.manifest, manifest)
+    layout.write_json(layout.run_manifest, manifest)
     write_index_safely(layout, manifest)
     stale = [s for s in STEPS if manifest["steps"].get(s, {}).get("status") == "stale"]
     if stale:
@@ -453,10 +453,10 @@ def _restore_sigterm_handler(before: Any) -> None:
 def _write_manifest_best_effort(layout: RunLayout, manifest: dict[str, Any]) -> str | None:
     """Write the manifest; if even that fails (a full disk), log it and say so instead of raising."""
     try:
-        layout.write_json(layout.manifest, manifest)
+        layout.write_json(layout.run_manifest, manifest)
         return None
     except OSError as err:
-        logger.error("could not update %s either: %s", layout.manifest, err)
+        logger.error("could not update %s either: %s", layout.run_manifest, err)
         return f"run_manifest.json could not be updated ({type(err).__name__}); it still says what it said before"
 
 

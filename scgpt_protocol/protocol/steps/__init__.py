@@ -12,7 +12,7 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "run_finetune_step": "finetune",
     "launch_finetune": "finetune",
     "torchrun_command": "finetune",
-    "record_temperature": "finetune",
+    "save_temperature": "finetune",
     "DistributedRunError": "finetune",
     "read_query": "evaluate",
     "model_temperature": "evaluate",

@@ -14,7 +14,7 @@
   ``torchrun --nproc_per_node=N -m scgpt_protocol finetune ...`` runs it in each; the notebook launches the same
   when ``nproc_per_node`` > 1 (:func:`launch_finetune`). The process-group primitives the training loop uses
   are in :mod:`scgpt_protocol.adapt.ddp`.
-* :func:`record_temperature` -- after training, the model's temperature fitted on the validation cells and
+* :func:`save_temperature` -- after training, the model's temperature fitted on the validation cells and
   recorded in its manifest (03 takes it from there).
 """
 
@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 __all__ = ["FinetuneInputs", "finetune_inputs", "train_model", "begin_training", "run_finetune_step",
-           "launch_finetune", "torchrun_command", "record_temperature", "DistributedRunError"]
+           "launch_finetune", "torchrun_command", "save_temperature", "DistributedRunError"]
 
 _STEP = "02_finetune"
 
@@ -97,29 +97,29 @@ def _set_aside(layout: RunLayout, changes: list[str]) -> Banner:
 def _mark_dependents(layout: RunLayout, changes: list[str]) -> list[str]:
     """Set aside the steps that read 02's output and mark them stale in the run manifest (when there is one
     that no headless run is writing right now)."""
-    manifest = read_json(layout.manifest, default=None)
+    manifest = read_json(layout.run_manifest, default=None)
     work = manifest if manifest is not None else {"steps": {}}
     marked = set_stale(layout, work, _STEP, changes)
     if manifest is not None and manifest.get("status") != "running" and marked:  # the runner keeps its own
         if manifest.get("status") == "finished":
             manifest["status"] = "partial"
-        layout.write_json(layout.manifest, manifest)
+        layout.write_json(layout.run_manifest, manifest)
     return marked
 
 
-def record_temperature(layout: RunLayout, params: FinetuneParams) -> dict[str, Any]:
+def save_temperature(layout: RunLayout, params: FinetuneParams) -> dict[str, Any]:
     """02: fit the fine-tuned model's temperature on the validation cells and record it in its manifest.
 
     Returns the record (``temperature``, ECE and NLL of the validation cells before and after).
     """
-    from ...adapt.saved import load_finetuned, record_calibration, trained_max_seq_len
+    from ...adapt.saved import load_finetuned, save_calibration, trained_max_seq_len
     from ...annotate.calibration import fit_validation_temperature
     from ...pp.io import read_prepared
 
     model, manifest = load_finetuned(layout.model_dir, device=params.device)
     adata = read_prepared(layout, backed=True)
     record = fit_validation_temperature(model, adata, manifest, params, trained_max_seq_len(manifest, None))
-    record_calibration(layout.model_dir, record)
+    save_calibration(layout.model_dir, record)
     logger.info("calibration: temperature %.3f fitted on %d validation cells (ECE %.3f -> %.3f)",
                 record["temperature"], record["n_cells"], record["ece_before"], record["ece_after"],
                 extra=DETAIL)  # the log only: the notebook prints it

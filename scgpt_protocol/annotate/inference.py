@@ -13,6 +13,7 @@ import torch
 
 from ..core.device import autocast, resolve_precision
 from ..core.log import progress
+from ..core.renamed import renamed_arguments
 from ..data.matrix import check_expression
 from ..model.embedding import iter_batches
 from ..model.scgpt import ScGPT
@@ -202,36 +203,39 @@ class _PredictionSink:
         )
 
 
+@renamed_arguments(obs_key="key_added", embedding_key="embedding_key_added")
 def annotate(
     adata: AnnData,
     prediction: Prediction,
     *,
-    obs_key: str = "scgpt_label",
-    embedding_key: str | None = "X_scgpt",
+    key_added: str = "scgpt_label",
+    embedding_key_added: str | None = "X_scgpt",
 ) -> None:
     """Write a prediction into ``adata`` **in place** (like scanpy's ``tl`` functions).
 
-    Writes ``obs[obs_key]`` (categorical with the model's categories, so colours and orders stay
-    stable), ``obs[obs_key + "_confidence"]`` (float32 probability of the predicted class; calibrated when the
-    prediction is, the raw one then in ``obs[obs_key + "_confidence_raw"]``),
-    ``obs[obs_key + "_code"]`` (int64 index of the predicted class) and ``obsm[embedding_key]`` (the
-    fine-tuned ``<cls>`` embeddings; skipped when ``embedding_key`` is None; a prediction made with
-    ``predict(out=...)`` keeps them in its HDF5 store and ``uns[embedding_key + "_store"]`` names it).
+    Writes ``obs[key_added]`` (categorical with the model's categories, so colours and orders stay
+    stable), ``obs[key_added + "_confidence"]`` (float32 probability of the predicted class; calibrated when the
+    prediction is, the raw one then in ``obs[key_added + "_confidence_raw"]``),
+    ``obs[key_added + "_code"]`` (int64 index of the predicted class) and ``obsm[embedding_key_added]`` (the
+    fine-tuned ``<cls>`` embeddings; skipped when ``embedding_key_added`` is None; a prediction made with
+    ``predict(out=...)`` keeps them in its HDF5 store and ``uns[embedding_key_added + "_store"]`` names it).
     A prediction refined by
     :func:`~scgpt_protocol.annotate.refinement.refine` also writes ``obs["scgpt_prediction"]`` (the class before
-    abstention; ``obs[obs_key]`` then holds ``"Unknown"`` below ``min_confidence``),
+    abstention; ``obs[key_added]`` then holds ``"Unknown"`` below ``min_confidence``),
     ``obs["scgpt_unknown"]``, ``obs["scgpt_over_clustering"]`` / ``obs["scgpt_majority_voting"]`` (with
-    majority voting) and ``uns["scgpt_annotation"]`` (the parameters); with another ``obs_key`` these
-    are named ``<obs_key>_predicted``, ``_unknown``, ``_over_clustering``, ``_majority_voting``.
+    majority voting) and ``uns["scgpt_annotation"]`` (the parameters); with another ``key_added`` these
+    are named ``<key_added>_predicted``, ``_unknown``, ``_over_clustering``, ``_majority_voting``.
 
     Parameters
     ----------
     adata
         The AnnData ``prediction`` was made on (same cells, same order).
     prediction
-        The result of :func:`~scgpt_protocol.annotate.classify.predict`.
-    obs_key, embedding_key
-        Where to write.
+        The result of :func:`~scgpt_protocol.annotate.inference.predict`.
+    key_added
+        The ``obs`` column of the labels (and the prefix of the others), as in scanpy.
+    embedding_key_added
+        The ``obsm`` key of the embeddings (None: not written).
 
     Examples
     --------
@@ -245,16 +249,16 @@ def annotate(
     categories = [str(c) for c in prediction.categories]
     refined = as_refinement(prediction)
     if refined is not None:  # abstention / majority voting: the call, the prediction, the flag, the clusters
-        write_annotation(adata, refined, columns=columns_for(obs_key), categories=categories)
+        write_annotation(adata, refined, columns=columns_for(key_added), categories=categories)
     else:
         labels = np.asarray(prediction.labels, dtype=object).astype(str)
-        adata.obs[obs_key] = pd.Categorical(labels, categories=categories)
-        adata.obs[f"{obs_key}_confidence"] = np.asarray(prediction.confidence, dtype=np.float32)
+        adata.obs[key_added] = pd.Categorical(labels, categories=categories)
+        adata.obs[f"{key_added}_confidence"] = np.asarray(prediction.confidence, dtype=np.float32)
     if prediction.raw_confidence is not None:  # calibrated: the raw softmax's probability beside it
-        adata.obs[f"{obs_key}_confidence_raw"] = np.asarray(prediction.raw_confidence, dtype=np.float32)
-    adata.obs[f"{obs_key}_code"] = np.asarray(prediction.codes, dtype=np.int64)
-    if embedding_key is not None and getattr(prediction, "store", None) is not None:
+        adata.obs[f"{key_added}_confidence_raw"] = np.asarray(prediction.raw_confidence, dtype=np.float32)
+    adata.obs[f"{key_added}_code"] = np.asarray(prediction.codes, dtype=np.int64)
+    if embedding_key_added is not None and getattr(prediction, "store", None) is not None:
         # predict(out=...): the embeddings stay in the store (all cells would not fit flat in memory)
-        adata.uns[f"{embedding_key}_store"] = str(prediction.store)
-    elif embedding_key is not None:
-        adata.obsm[embedding_key] = np.asarray(prediction.embeddings, dtype=np.float32)
+        adata.uns[f"{embedding_key_added}_store"] = str(prediction.store)
+    elif embedding_key_added is not None:
+        adata.obsm[embedding_key_added] = np.asarray(prediction.embeddings, dtype=np.float32)
