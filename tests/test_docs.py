@@ -118,6 +118,7 @@ def test_architecture_page_names_every_module():
 def test_architecture_summaries_are_first_sentences():
     assert architecture.first_sentence("One thing. Then more.\n\nOther") == "One thing."
     assert architecture.first_sentence("Files: ``a.b`` and e.g. this.") == "Files: ``a.b`` and e.g. this."
+    assert architecture.first_sentence("See :func:`~a.b. c` here. More.") == "See :func:`~a.b. c` here."
     assert architecture.first_sentence(None) == ""
 
 

@@ -36,7 +36,8 @@ def first_sentence(doc: str | None) -> str:
     if not doc:
         return ""
     para = " ".join(doc.strip().split("\n\n")[0].split())
-    match = re.search(r"(?<![ .][a-z])\.(\s|$)", para)
+    masked = re.sub(r"`[^`]*`", lambda m: "x" * len(m.group()), para)  # never end inside ``code`` or a role
+    match = re.search(r"(?<![ .][a-z])\.(\s|$)", masked)
     return para[: match.start() + 1] if match else para
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import nbformat
 from docutils import nodes
+from docutils.parsers.rst.states import RSTState
 from docutils.statemachine import StringList
 from sphinx.application import Sphinx
 from sphinx.errors import ExtensionError
@@ -145,6 +146,9 @@ class ArchitectureDirective(SphinxDirective):
         self.env.note_dependency(str(architecture.ARCHITECTURE_TEST))
         for path in sorted(architecture.PACKAGE_DIR.rglob("*.py")):
             self.env.note_dependency(str(path))
+        if not isinstance(self.state, RSTState):  # MyST would read the table as Markdown, silently wrong
+            raise self.error("scgpt-architecture writes reStructuredText: on a MyST page, put it in an "
+                             "{eval-rst} block")
         container = nodes.container()
         text = architecture.architecture_rst()
         self.state.nested_parse(StringList(text.splitlines(), source="scgpt-architecture"),

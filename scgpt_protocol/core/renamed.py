@@ -1,6 +1,6 @@
 """Old public names that keep working for a release, with a ``DeprecationWarning`` naming the new one: renamed
-keyword arguments (:func:`renamed_arguments`; moved names of a package are in :func:`~scgpt_protocol.core.lazy.
-lazy_exports`)."""
+keyword arguments (:func:`renamed_arguments`; moved names of a package are in
+:func:`~scgpt_protocol.core.lazy.lazy_exports`)."""
 
 from __future__ import annotations
 
