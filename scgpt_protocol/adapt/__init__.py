@@ -8,7 +8,7 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "data_fingerprint": "cells",
     "world": "ddp",
     "barrier": "ddp",
-    "Classify": "ddp",
+    "DDPClassifier": "ddp",
     "CellGroups": "loader",
     "GroupPlan": "loader",
     "Shard": "loader",

@@ -16,7 +16,7 @@ import os
 import torch
 from torch import nn
 
-__all__ = ["world", "barrier", "Classify"]
+__all__ = ["world", "barrier", "DDPClassifier"]
 
 
 def world() -> tuple[int, int]:
@@ -38,7 +38,7 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-class Classify(nn.Module):
+class DDPClassifier(nn.Module):
     """``model.classify`` as a ``forward``, so that DistributedDataParallel's hooks fire."""
 
     def __init__(self, model: nn.Module) -> None:

@@ -34,7 +34,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
@@ -54,7 +54,7 @@ from ..model.save import torch_save_atomic
 from ..model.scgpt import ProbeHead, ScGPT
 from ..model.vocab import FINETUNE_CLS_VALUE, match_genes
 from .cells import cell_name_keys, codes_and_splits, data_fingerprint
-from .ddp import Classify, all_reduce_sum, barrier, world
+from .ddp import DDPClassifier, all_reduce_sum, barrier, world
 from .loader import CellGroups, ShardLoader, default_num_workers, eval_plan, make_loader, train_plan
 from .saved import cpu_copy, save_finetuned
 
@@ -341,8 +341,10 @@ def finetune(
         model.to(device)
         with PeakMemory(device) as memory:
             fingerprint = data_fingerprint(adata, label_key, categories, split_key, base_checkpoint.get("sha256"))
-            t = _start_training(model, stream, keys, params, strategy, codes, train_rows, val_rows, weights,
-                                val_loss_fn, device, fingerprint)
+            inputs = _TrainingInputs(model=model, stream=stream, keys=keys, params=params, strategy=strategy,
+                                     codes=codes, train_rows=train_rows, val_rows=val_rows, val_loss_fn=val_loss_fn,
+                                     device=device, fingerprint=fingerprint)
+            t = _start_training(inputs, weights)
             _train_epochs(t, layout=layout if rank == 0 else None, on_epoch_end=on_epoch_end,
                           state_path=layout.train_state if layout is not None else None)
         history, best_epoch, best_score, stopped_early, resumed = (t.history, t.best_epoch, t.best_score,
@@ -381,8 +383,8 @@ def finetune(
 
 
 @dataclass
-class _Training:
-    """One fine-tuning's epochs: what they read, how they optimise, and how far they got (saved and resumed)."""
+class _TrainingInputs:
+    """What a fine-tuning's epochs read: the model, the cells, their classes and splits, the parameters."""
 
     model: ScGPT
     stream: _Stream
@@ -395,6 +397,12 @@ class _Training:
     val_loss_fn: nn.Module
     device: torch.device
     fingerprint: str
+
+
+@dataclass
+class _Training(_TrainingInputs):
+    """One fine-tuning's epochs: what they read, how they optimise, and how far they got (saved and resumed)."""
+
     trainable: list[nn.Parameter]
     precision: str  # autocast dtype; fp16 also gets a GradScaler
     optimizer: torch.optim.Optimizer
@@ -408,7 +416,7 @@ class _Training:
     best_epoch: int = 0
     best_score: float = -1.0
     best_state: Any = None
-    stale: int = 0
+    epochs_without_gain: int = 0  # epochs since the best validation macro-F1 (early stopping counts them)
     first_epoch: int = 1
     resumed: int | None = None
     stopped_early: bool = False
@@ -419,7 +427,8 @@ class _Training:
             "epoch": epoch, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "history": self.history,
             "best_epoch": self.best_epoch, "best_score": self.best_score, "best_state": self.best_state,
-            "stale": self.stale, "params": _comparable(self.params, self.strategy, self.fingerprint),
+            "epochs_without_gain": self.epochs_without_gain,
+            "params": _comparable(self.params, self.strategy, self.fingerprint),
         }
 
 
@@ -461,11 +470,10 @@ def _train_epochs(t: _Training, *, layout: RunLayout | None, on_epoch_end: Calla
     st.load_trainable_state(t.model, t.best_state)  # end with the best epoch's weights
 
 
-def _start_training(model: ScGPT, stream: _Stream, keys: np.ndarray, params: FinetuneParams, strategy: str,
-                    codes: np.ndarray, train_rows: np.ndarray, val_rows: np.ndarray, weights: torch.Tensor | None,
-                    val_loss_fn: nn.Module, device: torch.device, fingerprint: str) -> _Training:
-    """The optimiser (AdamW), the schedule (linear warm-up, then StepLR per epoch), the loss and, with several
-    processes, the DDP wrapper: a training at epoch 1."""
+def _start_training(inputs: _TrainingInputs, weights: torch.Tensor | None) -> _Training:
+    """The optimiser (AdamW), the schedule (linear warm-up, then StepLR per epoch), the loss (``weights``: the
+    class weights, None: unweighted) and, with several processes, the DDP wrapper: a training at epoch 1."""
+    model, params, device, train_rows = inputs.model, inputs.params, inputs.device, inputs.train_rows
     _, size = world()
     trainable = [p for p in model.parameters() if p.requires_grad]
     precision = training_precision(params, device)  # autocast dtype; fp16 also gets a GradScaler
@@ -487,12 +495,11 @@ def _start_training(model: ScGPT, stream: _Stream, keys: np.ndarray, params: Fin
     if size > 1:
         # unused trainable weights (decoders that classify() does not call) must not stall the gradient exchange
         classify = nn.parallel.DistributedDataParallel(
-            Classify(model), device_ids=[device.index] if device.type == "cuda" else None,
+            DDPClassifier(model), device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=True,
         )
-    return _Training(model=model, stream=stream, keys=keys, params=params, strategy=strategy, codes=codes,
-                     train_rows=train_rows, val_rows=val_rows, val_loss_fn=val_loss_fn, device=device,
-                     fingerprint=fingerprint, trainable=trainable, precision=precision, optimizer=optimizer,
+    given = {f.name: getattr(inputs, f.name) for f in fields(_TrainingInputs)}
+    return _Training(**given, trainable=trainable, precision=precision, optimizer=optimizer,
                      scheduler=scheduler, scaler=scaler, loss_fn=loss_fn, weight_of=weight_of, classify=classify,
                      history=[])
 
@@ -517,7 +524,9 @@ def _resume(t: _Training, state_path: Path) -> None:
     if state["scaler"]:  # empty when saved without fp16 scaling (CPU, bf16)
         t.scaler.load_state_dict(state["scaler"])
     t.history, t.best_epoch, t.best_score = state["history"], state["best_epoch"], state["best_score"]
-    t.best_state, t.stale = state["best_state"], state["stale"]
+    # "stale": the key of states saved before it was named for what it counts
+    t.best_state = state["best_state"]
+    t.epochs_without_gain = state.get("epochs_without_gain", state.get("stale", 0))
     t.first_epoch = t.resumed = state["epoch"] + 1
     logger.info("resuming from %s: epoch %d done", state_path, state["epoch"], extra=DETAIL)
     del state
@@ -536,13 +545,13 @@ def _run_epoch(t: _Training, epoch: int) -> dict[str, Any]:
                             t.val_loss_fn))
     improved = row["val_macro_f1"] > t.best_score
     if improved:
-        t.best_epoch, t.best_score, t.stale = epoch, row["val_macro_f1"], 0
+        t.best_epoch, t.best_score, t.epochs_without_gain = epoch, row["val_macro_f1"], 0
         t.best_state = cpu_copy(st.trainable_state_dict(t.model))
     else:
-        t.stale += 1
+        t.epochs_without_gain += 1
     row["best"] = improved
     row["seconds"] = round(time.perf_counter() - t0, 2)
-    row["stopped"] = params.patience > 0 and t.stale >= params.patience and epoch < params.epochs
+    row["stopped"] = params.patience > 0 and t.epochs_without_gain >= params.patience and epoch < params.epochs
     t.history.append(row)
     logger.info(
         "%s epoch %d/%d  train_loss %.4f  val_loss %.4f  val_macro_f1 %.4f  val_accuracy %.4f  lr %.2e  (%.1f s)%s",
