@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import scipy.sparse as sp
 
-from ..data.matrix import iter_row_chunks, log1p_cp10k, select_cols, select_rows
+from ..data.matrix import iter_row_chunks, log1p_cp10k, sample_rows, select_cols, select_rows
 from ..data.read import RAW_FLAG, matrix_key, open_lazy
 from ..data.store import CSRWriter, begin_h5ad
 from .hvg import GeneMoments, seurat_hvg
@@ -244,9 +244,8 @@ def _labelled_stream(source: AnnData, matrix: Any, size: int, params: Preprocess
     out = meta[cells].copy()
     dropped = [f"layers[{k!r}]" for k in source.layers.keys()] + (["raw"] if has_raw else [])
     note(f"expression read from {where} (kept sparse, 32-bit)"
-           + (f" (dropped {', '.join(dropped)})" if dropped else ""))
-    sample = cells if len(cells) <= 2000 else \
-        cells[np.sort(np.random.default_rng(0).choice(len(cells), 2000, replace=False))]
+         + (f" (dropped {', '.join(dropped)})" if dropped else ""))
+    sample = sample_rows(cells, 2000)
     block = sp.csr_matrix(matrix[sample], dtype=np.float32)
     block.sum_duplicates()
     block.eliminate_zeros()
