@@ -55,6 +55,7 @@ from ..model.vocab import FINETUNE_CLS_VALUE, match_genes
 from .cells import cell_name_keys, codes_and_splits, data_fingerprint
 from .ddp import Classify, all_reduce_sum, barrier, world
 from .loader import CellGroups, ShardLoader, default_num_workers, eval_plan, make_loader, train_plan
+from .optim import make_optimizer
 from .saved import cpu_copy, save_finetuned
 
 if TYPE_CHECKING:
@@ -468,8 +469,8 @@ def _start_training(model: ScGPT, stream: _Stream, keys: np.ndarray, params: Fin
     _, size = world()
     trainable = [p for p in model.parameters() if p.requires_grad]
     precision = training_precision(params, device)  # autocast dtype; fp16 also gets a GradScaler
-    optimizer = torch.optim.AdamW(trainable, lr=params.lr, weight_decay=params.weight_decay,
-                                  eps=adam_eps(params.amp, params.adam_eps))
+    optimizer = make_optimizer(trainable, lr=params.lr, weight_decay=params.weight_decay,
+                               eps=adam_eps(params.amp, params.adam_eps), device=device)
     steps_per_epoch = params.steps_per_epoch or math.ceil(len(train_rows) / params.batch_size)
     warmup = round(params.warmup_ratio * steps_per_epoch * params.epochs)
 
