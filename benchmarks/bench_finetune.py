@@ -197,12 +197,13 @@ def worker(a: argparse.Namespace) -> dict:
     step(batches[0])
     warm = time.perf_counter() - start
     before = rss()
-    times = []
+    times, cpu = [], []
     for b in batches[1:]:
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         step(b)
         times.append(time.perf_counter() - start)
-    out = {"times": times, "warmup": warm, "rss_rise": rss("VmHWM") - before, "profile": None}
+        cpu.append(time.process_time() - start_cpu)
+    out = {"times": times, "cpu_times": cpu, "warmup": warm, "rss_rise": rss("VmHWM") - before, "profile": None}
     if a.worker_profile:
         from torch.profiler import ProfilerActivity, profile
 
@@ -269,7 +270,7 @@ def main() -> None:
         print(f"model     {n_params:,} parameters (+ a {N_CLASSES}-class head); batch {a.batch_size} x {length} "
               f"tokens, no padding; {flops / a.batch_size / 1e9:.1f} GFLOP per cell and step\n", flush=True)
         print(f"{'side':<9}{'precision':<10}{'s/step':>8}{'cells/s':>9}{'GFLOP/s':>9}{'% matmul':>10}"
-              f"{'x official':>11}{'RSS rise':>10}", flush=True)
+              f"{'x official':>11}{'CPU s':>8}{'RSS rise':>10}", flush=True)
         for precision in a.precisions:
             for side in sides:
                 out = Path(tmp) / "out.json"
@@ -285,13 +286,15 @@ def main() -> None:
                 subprocess.run(cmd, check=True)
                 r = results[f"{side}:{precision}"] = json.loads(out.read_text())
                 r["s_per_step"] = statistics.median(r["times"])
+                r["cpu_s_per_step"] = statistics.median(r["cpu_times"])
                 r["cells_per_s"] = a.batch_size / r["s_per_step"]
                 r["gflops"] = flops / r["s_per_step"] / 1e9
                 r["share"] = flops / r["s_per_step"] / rates[precision]
                 official = results.get(f"official:{precision}")
                 speedup = f"{official['s_per_step'] / r['s_per_step']:.2f}x" if official else "-"
                 print(f"{side:<9}{precision:<10}{r['s_per_step']:8.2f}{r['cells_per_s']:9.2f}{r['gflops']:9.1f}"
-                      f"{100 * r['share']:9.1f}%{speedup:>11}{r['rss_rise'] / MIB:8,.0f} M", flush=True)
+                      f"{100 * r['share']:9.1f}%{speedup:>11}{r['cpu_s_per_step']:8.1f}{r['rss_rise'] / MIB:8,.0f} M",
+                      flush=True)
     for key, r in results.items():
         if r["profile"]:
             print(f"\nprofile of one step, {key} (self CPU time, {r['profile_total_s']:.2f} s in all):")

@@ -7,15 +7,13 @@ product for the backward pass. :func:`attention` computes the same thing in a fo
 
 - one cell and a group of heads at a time (:data:`CHUNK_ELEMENTS` scores), over that cell's own keys only
   (the padded keys of a key-padding mask are skipped, not masked: their probabilities are exactly 0 either way);
-- the keep mask drawn as 32 random bits per probability from torch's generator (:func:`keep_mask`), so the
-  masks follow ``torch.manual_seed``, and the ``1 / (1 - p)`` scale applied to the ``[L, d_head]`` output
-  instead of the ``[L, L]`` probabilities;
+- the keep mask drawn from torch's generator as one random byte per probability plus a sparse correction
+  (:func:`keep_mask`): a drop has probability ``p`` exactly, the masks follow ``torch.manual_seed``, and
+  the ``1 / (1 - p)`` scale is applied to the ``[L, d_head]`` output instead of the ``[L, L]`` probabilities;
 - a backward pass of its own (:class:`_DropoutAttention`) that keeps the probabilities and the mask in the
   compute dtype, and no other ``[L, L]`` tensor.
 
-The probability of a drop is ``round(p * 2**32) / 2**32`` (:func:`drop_probability`): within ``2**-33``
-(1.2e-10) of ``p``, finer than torch's own ``bernoulli_`` resolves it (31-bit draws on MKL builds, 24-bit
-floats elsewhere). Everywhere else (CUDA, MPS, eval mode, ``p == 0``, masks other than a key-padding mask)
+Everywhere else (CUDA, MPS, eval mode, ``p == 0``, masks other than a key-padding mask)
 :func:`attention` is ``scaled_dot_product_attention`` itself, so the GPU keeps its fused kernels with dropout
 and evaluation is unchanged. :class:`Dropout` is ``nn.Dropout`` with the same CPU mask.
 """
@@ -28,16 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["attention", "keep_mask", "drop_probability", "Dropout", "CHUNK_ELEMENTS"]
+__all__ = ["attention", "keep_mask", "Dropout", "CHUNK_ELEMENTS"]
 
-#: scores ``[heads, L_q, L_k]`` computed at once by the CPU training attention (2**21: 4 MiB in bf16)
-CHUNK_ELEMENTS = 2**21
-_BITS = 2**32
-
-
-def drop_probability(p: float) -> float:
-    """The exact probability with which :func:`keep_mask` drops an element: ``round(p * 2**32) / 2**32``."""
-    return round(p * _BITS) / _BITS
+#: scores ``[heads, L_q, L_k]`` computed at once by the CPU training attention (2**20: 2 MiB in bf16, 2 heads at 644)
+CHUNK_ELEMENTS = 2**20
 
 
 def _check_p(p: float) -> None:
@@ -46,28 +38,53 @@ def _check_p(p: float) -> None:
         raise ValueError(msg)
 
 
+def _bernoulli_positions(n: int, q: float) -> Tensor:
+    """The positions in ``[0, n)`` where independent Bernoulli(``q``) draws succeed (int64, ascending).
+
+    Drawn as the running sum of geometric gaps between successes, which is exactly that process and costs
+    ``n * q`` draws, not ``n``.
+    """
+    expected = n * q
+    size = int(expected + 6 * math.sqrt(expected) + 16)
+    parts, last = [], -1.0
+    while last < n:
+        positions = torch.empty(size, dtype=torch.float64).geometric_(q).cumsum_(0).add_(last)
+        parts.append(positions)
+        last = positions[-1].item()
+    positions = torch.cat(parts)
+    return positions[positions < n].long()
+
+
 def _fill_keep(out: Tensor, p: float, workspace: Tensor | None = None) -> Tensor:
     """Write a keep mask (1 kept, 0 dropped, in ``out``'s dtype) into the contiguous ``out``; returns ``out``.
 
-    Each element compares 32 random bits of torch's CPU generator (full-range int64 draws, two lanes each)
-    with ``round(p * 2**32)``. ``workspace`` (int64, at least ``ceil(n / 2)`` elements) is reused if given.
+    Two independent stages, so that an element is dropped with probability ``p`` exactly: a random byte per
+    element (eight lanes of each full-range int64 draw of torch's CPU generator) drops it when below
+    ``c = floor(256 p)``, with probability ``c / 256``; then each element is dropped with probability
+    ``q = (p - c / 256) / (1 - c / 256)`` by :func:`_bernoulli_positions` (for ``p = 0.2``: about 1 in 1,000).
+    ``1 - (1 - c / 256)(1 - q) = p``. ``workspace`` (int64, at least ``ceil(n / 8)`` elements) is reused if given.
     """
     n = out.numel()
-    words = (n + 1) // 2
+    words = (n + 7) // 8
     bits = workspace[:words] if workspace is not None and workspace.numel() >= words else torch.empty(
         words, dtype=torch.int64)
-    bits.random_(-(2**63), None)  # every 64-bit value equally likely: two independent 32-bit lanes
-    lanes = bits.view(torch.int32)[:n]  # a lane, read signed, is u - 2**31 for u uniform in [0, 2**32)
-    threshold = round(p * _BITS) - 2**31  # keep when u >= round(p * 2**32)
-    if out.dtype == torch.bool:
-        return torch.ge(lanes, threshold, out=out.view(-1)).view(out.shape)
-    # through uint8: a uint8 -> float copy is vectorised, a bool -> float one is not (5x slower)
-    out.view(-1).copy_(torch.ge(lanes, threshold).view(torch.uint8))
+    flat = out.view(-1)
+    coarse = math.floor(p * 256)
+    if coarse == 0:
+        flat.fill_(1)
+    else:
+        bits.random_(-(2**63), None)  # every 64-bit value equally likely: eight independent uniform bytes
+        # byte < coarse -> 0, else 1, in place (vectorised uint8 ops; a comparison into bool is 5x slower)
+        keep = bits.view(torch.uint8)[:n].clamp_(coarse - 1, coarse).sub_(coarse - 1)
+        flat.copy_(keep.view(torch.bool) if out.dtype == torch.bool else keep)
+    rest = (p - coarse / 256) / (1 - coarse / 256)
+    if rest > 0:
+        flat.index_fill_(0, _bernoulli_positions(n, rest), 0)
     return out
 
 
 def keep_mask(shape: tuple[int, ...] | torch.Size, p: float, dtype: torch.dtype = torch.float32) -> Tensor:
-    """A CPU dropout keep mask of ``shape``: 1 with probability ``1 - drop_probability(p)``, else 0.
+    """A CPU dropout keep mask of ``shape``: 0 (dropped) with probability ``p``, else 1.
 
     Drawn from torch's default CPU generator, so ``torch.manual_seed`` reproduces it.
 
@@ -142,7 +159,7 @@ class _DropoutAttention(torch.autograd.Function):
         q_scaled = (q * (1.0 / math.sqrt(d_head))).contiguous()
         k, v = k.contiguous(), v.contiguous()
         out = torch.empty(q.shape, dtype=q.dtype)
-        workspace = torch.empty((group * n_q * n_k + 1) // 2, dtype=torch.int64)
+        workspace = torch.empty((group * n_q * n_k + 7) // 8, dtype=torch.int64)
         mask = torch.empty(group * n_q * n_k, dtype=q.dtype)
         saved = []
         for b in range(batch):
