@@ -28,8 +28,8 @@ from torch import Tensor, nn
 
 __all__ = ["attention", "keep_mask", "Dropout", "CHUNK_ELEMENTS"]
 
-#: scores ``[heads, L_q, L_k]`` computed at once by the CPU training attention (2**20: 2 MiB in bf16, 2 heads at 644)
-CHUNK_ELEMENTS = 2**20
+#: scores ``[heads, L_q, L_k]`` computed at once by the CPU training attention (2**21: 4 MiB in bf16, 4 heads at 644)
+CHUNK_ELEMENTS = 2**21
 
 
 def _check_p(p: float) -> None:
