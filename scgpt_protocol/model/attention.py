@@ -183,7 +183,9 @@ class _DropoutAttention(torch.autograd.Function):
         wide = torch.promote_types(out.dtype, torch.float32)
         row_dot = (grad_out.to(wide) * out.to(wide)).sum(-1, keepdim=True).to(out.dtype)  # D_i
         grad_scaled = (grad_out * (1.0 / (1.0 - ctx.p))).to(out.dtype).contiguous()
-        dq, dk, dv = torch.empty_like(q_scaled), torch.zeros_like(k), torch.zeros_like(v)
+        padded = min(ctx.lengths) < k.shape[2]  # keys no query attended to get a zero gradient
+        dq = torch.empty_like(q_scaled)
+        dk, dv = (torch.zeros_like(k), torch.zeros_like(v)) if padded else (torch.empty_like(k), torch.empty_like(v))
         chunks = iter(saved)
         for b in range(batch):
             n = ctx.lengths[b]
