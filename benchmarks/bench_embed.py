@@ -50,8 +50,8 @@ from scgpt_protocol.core.device import (
     resolve_precision,
 )
 from scgpt_protocol.model.checkpoint import load_model
-from scgpt_protocol.model.save import make_tiny_checkpoint
 from scgpt_protocol.model.embedding import default_max_tokens, embed, iter_batches
+from scgpt_protocol.model.save import make_tiny_checkpoint
 from scgpt_protocol.model.vocab import SPECIAL_TOKENS
 
 # embed()'s own batching defaults, so that iter_batches here makes the very batches embed runs

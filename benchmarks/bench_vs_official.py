@@ -45,8 +45,8 @@ sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 from scgpt_protocol.core.device import resolve_precision
 from scgpt_protocol.model.checkpoint import load_model
-from scgpt_protocol.model.save import make_tiny_checkpoint
 from scgpt_protocol.model.embedding import embed
+from scgpt_protocol.model.save import make_tiny_checkpoint
 from scgpt_protocol.model.vocab import SPECIAL_TOKENS
 
 ARCH = {"d_model": 512, "nlayers": 12, "nheads": 8, "d_hid": 512}

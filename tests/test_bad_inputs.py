@@ -52,7 +52,7 @@ def test_adam_eps_is_1e4_with_amp_on_the_cpu(trained):
     layout, _ = trained
     state = torch.load(layout.train_state, map_location="cpu", weights_only=False)
     assert state["optimizer"]["param_groups"][0]["eps"] == 1e-4  # amp=True (default), device cpu
-    from scgpt_protocol.adapt.train import adam_eps
+    from scgpt_protocol.adapt.optim import adam_eps
 
     assert adam_eps(False) == 1e-8 and adam_eps(True, 1e-8) == 1e-8  # an explicit adam_eps wins (the demo's)
     assert FinetuneParams(adam_eps="1e-8").adam_eps == 1e-8

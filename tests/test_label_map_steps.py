@@ -148,8 +148,8 @@ def test_04_a_renamed_query_with_a_label_map_scores_like_the_original_names(labe
 
 def test_04_a_novel_type_is_reported_apart_and_left_out_of_the_knn_metrics(labelled_pbmc, tiny_model, tmp_path):
     from scgpt_protocol.annotate.zeroshot import write_zeroshot
-    from scgpt_protocol.protocol.display.novel import novel_frame
     from scgpt_protocol.evaluate.novel import zeroshot_crosstab
+    from scgpt_protocol.protocol.display.novel import novel_frame
 
     cells = labelled_pbmc[:300]
     reference = cells[:200][cells[:200].obs["label"] != NOVEL].copy()  # the reference never saw NOVEL

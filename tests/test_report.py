@@ -14,8 +14,16 @@ from matplotlib.colors import to_hex
 
 from scgpt_protocol.core.layout import RunLayout
 from scgpt_protocol.metrics import BASELINE_METHOD, SCGPT_METHOD, classification_metrics
-from scgpt_protocol.protocol.display import (checkpoint_banner, files_table, metrics_display,
-    per_class_table, run_summary, settings_table, summary_of, training_report)
+from scgpt_protocol.protocol.display import (
+    checkpoint_banner,
+    files_table,
+    metrics_display,
+    per_class_table,
+    run_summary,
+    settings_table,
+    summary_of,
+    training_report,
+)
 
 TRUE = ["T"] * 10 + ["B"] * 6 + ["NK"] * 3
 GOOD = ["T"] * 10 + ["B"] * 5 + ["T"] + ["NK", "NK", "T"]

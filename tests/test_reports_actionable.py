@@ -17,8 +17,14 @@ from scgpt_protocol.core.params import STEPS, FinetuneParams
 from scgpt_protocol.evaluate.baseline import BaselineResult
 from scgpt_protocol.evaluate.scoring import EvalResult, like_for_like
 from scgpt_protocol.metrics import BASELINE_METHOD, SCGPT_METHOD, classification_metrics
-from scgpt_protocol.protocol.display import (comparison_table, per_class_frame, per_class_table,
-    rule_metrics, settings_table, summary_of)
+from scgpt_protocol.protocol.display import (
+    comparison_table,
+    per_class_frame,
+    per_class_table,
+    rule_metrics,
+    settings_table,
+    summary_of,
+)
 from scgpt_protocol.protocol.run.index import run_index_html, write_run_index
 
 CATS = ["B & T <naive>", "NK", "Mono"]

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_run_robustness import FakePapermill, _papermill_like_report
 
 from scgpt_protocol.core.params import ParamsError
 from scgpt_protocol.protocol.run.runner import RunDirInUse, RunFailed, run_protocol
-from test_run_robustness import FakePapermill, _papermill_like_report
 
 ROOT = Path(__file__).resolve().parent.parent
 CI = ROOT / "params" / "ci"

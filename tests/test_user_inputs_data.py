@@ -83,9 +83,9 @@ def test_a_class_named_unknown_is_warned_about_at_01():
 
 def test_a_class_named_unknown_with_min_confidence_is_refused_before_training(tmp_path, monkeypatch):
     import papermill
+    from test_run_robustness import FakePapermill
 
     from scgpt_protocol.protocol.run.runner import run_protocol
-    from test_run_robustness import FakePapermill
 
     def prepare_with_unknown(notebook, report, parameters, layout):
         layout.labels.parent.mkdir(parents=True, exist_ok=True)

@@ -47,7 +47,7 @@ from ..core.device import PeakMemory, autocast, resolve_device, resolve_precisio
 from ..core.io import read_json
 from ..core.layout import RunLayout
 from ..core.log import DETAIL, progress
-from ..core.params import FinetuneParams, published_adam_eps
+from ..core.params import FinetuneParams
 from ..data.matrix import check_expression
 from ..model.checkpoint import model_checkpoint_record
 from ..model.save import torch_save_atomic
@@ -56,6 +56,7 @@ from ..model.vocab import FINETUNE_CLS_VALUE, match_genes
 from .cells import cell_name_keys, codes_and_splits, data_fingerprint
 from .ddp import DDPClassifier, all_reduce_sum, barrier, world
 from .loader import CellGroups, ShardLoader, default_num_workers, eval_plan, make_loader, train_plan
+from .optim import adam_eps, make_optimizer
 from .saved import cpu_copy, save_finetuned
 
 if TYPE_CHECKING:
@@ -63,7 +64,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TrainResult", "finetune", "strategy_config", "adam_eps", "training_key", "saved_training_key",
+__all__ = ["TrainResult", "finetune", "strategy_config", "training_key", "saved_training_key",
     "training_changes"]
 
 #: parameters that may change between an interrupted run and its resumption
@@ -110,15 +111,6 @@ def strategy_config(params: FinetuneParams, strategy: str | None = None) -> Any:
     if strategy == "ia3":
         return st.IA3Config()
     return None
-
-
-def adam_eps(amp: bool, eps: float | None = None) -> float:
-    """Adam's eps: ``eps`` when given, else as the official fine-tuning loop sets it: 1e-4 whenever ``amp``
-    is on, on every device (so a result does not depend on the GPU generation or on running on the CPU),
-    else PyTorch's 1e-8 (:func:`~scgpt_protocol.core.params.published_adam_eps`)."""
-    if eps is not None:
-        return float(eps)
-    return published_adam_eps(amp)
 
 
 def training_precision(params: FinetuneParams, device: torch.device) -> str:
@@ -477,8 +469,8 @@ def _start_training(inputs: _TrainingInputs, weights: torch.Tensor | None) -> _T
     _, size = world()
     trainable = [p for p in model.parameters() if p.requires_grad]
     precision = training_precision(params, device)  # autocast dtype; fp16 also gets a GradScaler
-    optimizer = torch.optim.AdamW(trainable, lr=params.lr, weight_decay=params.weight_decay,
-                                  eps=adam_eps(params.amp, params.adam_eps))
+    optimizer = make_optimizer(trainable, lr=params.lr, weight_decay=params.weight_decay,
+                               eps=adam_eps(params.amp, params.adam_eps), device=device)
     steps_per_epoch = params.steps_per_epoch or math.ceil(len(train_rows) / params.batch_size)
     warmup = round(params.warmup_ratio * steps_per_epoch * params.epochs)
 

@@ -16,7 +16,8 @@ Layout (keys of ``state_dict()``)::
     cls_decoder._decoder.{0,2,3,5}, cls_decoder.out_layer   classification head (optional)
 
 Attention goes through :func:`torch.nn.functional.scaled_dot_product_attention`: PyTorch's own fused
-kernels on GPU, and a plain CPU path; no flash-attn.
+kernels on GPU and in evaluation; in training on the CPU, where that function has no fused kernel with
+dropout, through :func:`~scgpt_protocol.model.attention.attention` (the same dropout, chunked); no flash-attn.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .attention import Dropout, attention
 
 __all__ = ["ScGPTConfig", "ScGPT", "ClsDecoder", "ProbeHead"]
 
@@ -83,7 +86,7 @@ class ContinuousValueEncoder(nn.Module):
         self.activation = nn.ReLU()
         self.linear2 = nn.Linear(d_model, d_model)
         self.norm = nn.LayerNorm(d_model)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, values: Tensor) -> Tensor:
         x = torch.clamp(values.unsqueeze(-1), max=self.max_value)
@@ -128,9 +131,7 @@ class SelfAttention(nn.Module):
             k, v = kv.view(batch, length, 2, heads, d_head).permute(2, 0, 3, 1, 4).unbind(0)
         if self.prefix is not None:
             k, v, attn_mask = self.prefix(k, v, attn_mask)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
-        )
+        out = attention(q, k, v, attn_mask, self.dropout if self.training else 0.0)
         return self.out_proj(out.transpose(1, 2).reshape(batch, q.shape[2], d_model))
 
 
@@ -148,9 +149,9 @@ class EncoderLayer(nn.Module):
         self.linear2 = nn.Linear(d_hid, d_model)
         self.norm1 = nn.LayerNorm(d_model)
         self.norm2 = nn.LayerNorm(d_model)
-        self.dropout = nn.Dropout(dropout)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
+        self.dropout1 = Dropout(dropout)
+        self.dropout2 = Dropout(dropout)
         self.adapter_attn: nn.Module | None = None
         self.adapter_ff: nn.Module | None = None
 
