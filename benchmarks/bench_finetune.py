@@ -40,6 +40,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import scipy.sparse as sp
@@ -124,7 +125,7 @@ def make_batches(a: argparse.Namespace, ckpt: Path, path: Path) -> tuple[int, in
     return len(batches), int(batches[0].gene_ids.shape[1])
 
 
-def official_model(src: Path, ckpt: Path) -> tuple[torch.nn.Module, callable]:
+def official_model(src: Path, ckpt: Path) -> tuple[torch.nn.Module, Callable[..., torch.Tensor]]:
     """The official TransformerModel as the annotation tutorial builds it, and its classification call."""
     sys.path.insert(0, str(HERE))
     from bench_vs_official import official_modules
