@@ -88,9 +88,8 @@ def test_runner_annotates_with_abstention_and_majority_voting(bundle, demo):
 def test_resumed_comparison_reuses_saved_strategies(bundle, demo, tiny_checkpoint, caplog):
     runner, out = bundle
     caplog.set_level("INFO", logger="scgpt_protocol")
-    again = adapt_annotation(
-        demo, "bulk_labels", checkpoint=tiny_checkpoint, strategies=("probe", "head", "lora"), output_dir=out, **FAST
-    )
+    again = adapt_annotation(demo, "bulk_labels", checkpoint=tiny_checkpoint, strategies=("probe", "head", "lora"),
+                             output_dir=out, **FAST)
     assert "reusing the model saved" in caplog.text
     assert again.comparison["test_macro_f1"].tolist() == runner.comparison["test_macro_f1"].tolist()
     for name, outcome in runner.outcomes.items():  # the saved confusion matrix comes back as it was
@@ -190,7 +189,6 @@ def test_predict_uses_only_the_training_genes(bundle, demo):
     subset = copy.copy(runner)
     subset.manifest = {**runner.manifest, "genes": list(demo.var_names[:500])}  # as if trained on 500 genes
     cells = demo[:30].copy()
-    np.testing.assert_allclose(
-        subset.predict(cells).probabilities, subset.predict(cells[:, :500].copy()).probabilities, atol=1e-6
-    )
+    np.testing.assert_allclose(subset.predict(cells).probabilities,
+                               subset.predict(cells[:, :500].copy()).probabilities, atol=1e-6)
     assert not np.allclose(runner.predict(cells).probabilities, subset.predict(cells).probabilities)

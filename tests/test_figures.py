@@ -46,9 +46,8 @@ def test_method_colours_are_no_cell_type_colours():
     from scgpt_protocol.metrics import METHODS
     from scgpt_protocol.pl.metrics import METHOD_COLORS
 
-    cell_type_colours = {
-        to_hex(c) for name in ("default_20", "default_28", "default_102") for c in getattr(palettes, name)
-    }
+    cell_type_colours = {to_hex(c) for name in ("default_20", "default_28", "default_102")
+                         for c in getattr(palettes, name)}
     method_colours = {to_hex(m.color) for m in METHODS} | {to_hex(c) for c in METHOD_COLORS.values()}
     assert len({m.color for m in METHODS}) == len(METHODS)
     assert not method_colours & cell_type_colours
@@ -95,7 +94,7 @@ def test_coverage_curve_labels_do_not_overprint_and_every_axis_has_a_title():
     labels = [t for t in left.texts if t.get_text()]
     assert labels
     boxes = [t.get_window_extent(renderer) for t in labels]
-    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1 :])
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
     assert all(ax.get_xlabel() and ax.get_ylabel() for ax in (left, right))
     lines = right.get_lines()[:3]
     assert len({to_hex(line.get_color()) for line in lines}) == 3
@@ -122,14 +121,8 @@ def test_per_class_f1_is_horizontal_in_the_given_order_with_method_colours():
 def test_best_epoch_note_stays_inside_the_axes():
     from scgpt_protocol.pl.training import plot_training_curves
 
-    history = pd.DataFrame(
-        {
-            "epoch": range(1, 11),
-            "train_loss": np.linspace(2, 1, 10),
-            "val_macro_f1": np.linspace(0.1, 0.5, 10),
-            "best": [False] * 9 + [True],
-        }
-    )
+    history = pd.DataFrame({"epoch": range(1, 11), "train_loss": np.linspace(2, 1, 10),
+                            "val_macro_f1": np.linspace(0.1, 0.5, 10), "best": [False] * 9 + [True]})
     fig = plot_training_curves(history)
     renderer = _renderer(fig)
     note = next(t for t in fig.axes[1].texts if t.get_text().startswith("best epoch"))
@@ -152,15 +145,11 @@ def test_embedding_draws_no_call_grey_shortens_long_labels_and_shows_confidence(
     long = "a cell type whose name is much longer than forty characters"
     labels = rng.choice(["B", "T", UNKNOWN, long], 80)
     with_missing = pd.Categorical(np.where(np.arange(80) < 5, None, labels))
-    adata = ad.AnnData(
-        obs=pd.DataFrame(
-            {"call": with_missing, "confidence": rng.uniform(0, 1, 80)}, index=[f"c{i}" for i in range(80)]
-        )
-    )
+    adata = ad.AnnData(obs=pd.DataFrame({"call": with_missing, "confidence": rng.uniform(0, 1, 80)},
+                                        index=[f"c{i}" for i in range(80)]))
     adata.obsm["X_umap"] = rng.normal(size=(80, 2))
-    fig = plot_embedding(
-        adata, color=["call", "confidence"], palette=label_palette(["B", "T", long]), order=[UNKNOWN, "T", "B", long]
-    )
+    fig = plot_embedding(adata, color=["call", "confidence"], palette=label_palette(["B", "T", long]),
+                         order=[UNKNOWN, "T", "B", long])
     legend = _legend(fig.axes[0])
     names = list(legend)
     assert names[:2] == ["T", "B"] and names[-2:] == [UNKNOWN, "no label"]  # the greys last
@@ -245,14 +234,8 @@ def test_marker_dotplot_rows_by_call_markers_by_type_and_saved(tmp_path):
     called = adata.obs["cell_type"].astype(str).to_numpy().copy()
     called[::7] = UNKNOWN
     markers = {"alpha": ["mark_alpha", "noise_0"], "beta": ["mark_beta"], "gamma": ["mark_gamma"]}
-    fig = plot_marker_dotplot(
-        backed,
-        markers,
-        groupby=called,
-        order=[UNKNOWN, "gamma", "beta", "alpha"],
-        cells=(adata.obs["split"] == "test").to_numpy(),
-        title="markers",
-    )
+    fig = plot_marker_dotplot(backed, markers, groupby=called, order=[UNKNOWN, "gamma", "beta", "alpha"],
+                              cells=(adata.obs["split"] == "test").to_numpy(), title="markers")
     ax = fig.axes[0]
     rows = [t.get_text().split(" (n=")[0] for t in ax.get_yticklabels()]
     assert rows == ["gamma", "beta", "alpha", UNKNOWN]

@@ -213,10 +213,8 @@ def test_plain_papermill_with_a_misspelt_parameter_fails(tmp_path):
 
     with pytest.raises(PapermillExecutionError) as err:  # papermill itself only logs a warning
         papermill.execute_notebook(
-            str(ROOT / "notebooks" / "01_preprocess.ipynb"),
-            str(tmp_path / "out.ipynb"),
-            parameters={"run_dir": str(tmp_path / "run"), "labelkey": "bulk_labels"},
-            progress_bar=False,
+            str(ROOT / "notebooks" / "01_preprocess.ipynb"), str(tmp_path / "out.ipynb"),
+            parameters={"run_dir": str(tmp_path / "run"), "labelkey": "bulk_labels"}, progress_bar=False,
         )
     assert err.value.ename == "ParamsError"
     assert "unknown parameter(s) 'labelkey' (did you mean 'label_key'?)" in err.value.evalue
@@ -261,9 +259,8 @@ def test_03_with_store_outputs_streams_to_the_store_with_the_same_results(ci_run
     run_protocol(params, run_dir, steps=["03"], force=True, html=False)
     streamed = RunLayout(run_dir)
     assert yaml.safe_load(streamed.step_params("evaluate").read_text())["store_outputs"] is True
-    pd.testing.assert_frame_equal(
-        pd.read_csv(streamed.predictions, index_col=0), pd.read_csv(layout.predictions, index_col=0)
-    )
+    pd.testing.assert_frame_equal(pd.read_csv(streamed.predictions, index_col=0),
+                                  pd.read_csv(layout.predictions, index_col=0))
     assert json.loads(streamed.metrics.read_text())["methods"] == json.loads(layout.metrics.read_text())["methods"]
     evaluated = ad.read_h5ad(streamed.evaluated_adata, backed="r")
     assert "X_scgpt" not in evaluated.obsm and evaluated.uns["X_scgpt_store"] == str(streamed.prediction_store)

@@ -200,14 +200,8 @@ def test_colab_cell_installs_this_release_with_literals_only(step):
 
 def test_readme_shows_both_quick_starts():
     readme = (ROOT / "README.md").read_text()
-    for text in (
-        "make demo",
-        "make test",
-        "pip install",
-        "scgpt-protocol init my-run",
-        "scgpt-protocol run demo",
-        COLAB_INSTALL,
-    ):
+    for text in ("make demo", "make test", "pip install", "scgpt-protocol init my-run", "scgpt-protocol run demo",
+                 COLAB_INSTALL):
         assert text in readme, text
 
 

@@ -51,11 +51,8 @@ def test_cpu_detection_reads_the_cpu_flags_when_torch_cannot_tell(monkeypatch):
     for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
         monkeypatch.delattr(torch.cpu, name, raising=False)
     monkeypatch.setattr(dev.platform, "machine", lambda: "x86_64")
-    for flags, expected in (
-        ({"avx2", "avx512_bf16"}, True),
-        ({"amx_bf16", "amx_tile"}, True),
-        ({"avx2", "avx512f"}, False),
-    ):
+    for flags, expected in (({"avx2", "avx512_bf16"}, True), ({"amx_bf16", "amx_tile"}, True),
+                            ({"avx2", "avx512f"}, False)):
         monkeypatch.setattr(dev, "_cpuinfo_flags", lambda flags=flags: flags)
         dev.cpu_has_native_bf16.cache_clear()
         assert dev.cpu_has_native_bf16() is expected
@@ -108,22 +105,12 @@ def categories(split_pbmc):
 
 @pytest.mark.parametrize("strategy", STRATEGY_NAMES)
 def test_bf16_training_on_cpu_works_for_every_strategy(split_pbmc, categories, tiny_checkpoint, tmp_path, strategy):
-    params = FinetuneParams(
-        run_dir=str(tmp_path),
-        strategy=strategy,
-        epochs=1,
-        batch_size=16,
-        max_seq_len=32,
-        lr=1e-3,
-        patience=0,
-        precision="bf16",
-        device="cpu",
-    )
+    params = FinetuneParams(run_dir=str(tmp_path), strategy=strategy, epochs=1, batch_size=16, max_seq_len=32,
+                            lr=1e-3, patience=0, precision="bf16", device="cpu")
     model = load_model(tiny_checkpoint, n_classes=len(categories), device="cpu")
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    result = finetune(
-        model, split_pbmc[:120], params, label_key="label", categories=categories, layout=RunLayout(tmp_path)
-    )
+    result = finetune(model, split_pbmc[:120], params, label_key="label", categories=categories,
+                      layout=RunLayout(tmp_path))
     assert result.precision == "bf16"
     assert np.isfinite(result.history["train_loss"]).all() and np.isfinite(result.history["val_loss"]).all()
     after = model.state_dict()
@@ -139,17 +126,8 @@ def test_bf16_training_on_cpu_works_for_every_strategy(split_pbmc, categories, t
 
 
 def test_fp16_training_on_cpu_uses_a_grad_scaler(split_pbmc, categories, tiny_checkpoint, tmp_path):
-    params = FinetuneParams(
-        run_dir=str(tmp_path),
-        strategy="full",
-        epochs=1,
-        batch_size=16,
-        max_seq_len=48,
-        lr=1e-3,
-        patience=0,
-        precision="fp16",
-        device="cpu",
-    )
+    params = FinetuneParams(run_dir=str(tmp_path), strategy="full", epochs=1, batch_size=16, max_seq_len=48,
+                            lr=1e-3, patience=0, precision="fp16", device="cpu")
     model = load_model(tiny_checkpoint, n_classes=len(categories), device="cpu")
     result = finetune(model, split_pbmc, params, label_key="label", categories=categories, layout=RunLayout(tmp_path))
     assert result.precision == "fp16" and np.isfinite(result.history["train_loss"]).all()
@@ -158,17 +136,8 @@ def test_fp16_training_on_cpu_uses_a_grad_scaler(split_pbmc, categories, tiny_ch
 
 
 def test_bf16_predictions_equal_fp32_on_the_demo(split_pbmc, categories, tiny_checkpoint, tmp_path):
-    params = FinetuneParams(
-        run_dir=str(tmp_path),
-        strategy="full",
-        epochs=3,
-        batch_size=16,
-        max_seq_len=64,
-        lr=1e-3,
-        patience=0,
-        precision="fp32",
-        device="cpu",
-    )
+    params = FinetuneParams(run_dir=str(tmp_path), strategy="full", epochs=3, batch_size=16, max_seq_len=64,
+                            lr=1e-3, patience=0, precision="fp32", device="cpu")
     model = load_model(tiny_checkpoint, n_classes=len(categories), device="cpu")
     finetune(model, split_pbmc, params, label_key="label", categories=categories)
     fp32 = predict(model, split_pbmc, categories=categories, max_seq_len=64, precision="fp32")

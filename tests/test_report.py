@@ -96,16 +96,8 @@ def test_run_summary_reads_the_run_and_puts_zero_shot_beside_only_on_the_same_ce
 
 
 def test_training_report_says_when_the_best_epoch_is_the_last():
-    summary = {
-        "strategy": "full",
-        "best_epoch": 10,
-        "epochs_run": 10,
-        "best_val_macro_f1": 0.51234,
-        "trainable_parameters": 1000,
-        "total_parameters": 2000,
-        "seconds": 12.0,
-        "peak_memory_bytes": 2**21,
-    }
+    summary = {"strategy": "full", "best_epoch": 10, "epochs_run": 10, "best_val_macro_f1": 0.51234,
+               "trainable_parameters": 1000, "total_parameters": 2000, "seconds": 12.0, "peak_memory_bytes": 2**21}
     report = training_report(summary)
     assert "more epochs may help" in repr(report) and "0.512" in repr(report) and "0.5123" not in repr(report)
     assert "more epochs" not in repr(training_report({**summary, "best_epoch": 7}))
@@ -170,11 +162,8 @@ def test_same_category_same_colour_in_both_panels_even_with_fewer_predicted_cate
     rng = np.random.default_rng(0)
     true = rng.choice(labels, 60)
     pred = np.where(np.isin(true, ["NK", "Mono"]), "Dendritic", true)  # fewer categories, another order
-    adata = ad.AnnData(
-        obs=pd.DataFrame(
-            {"truth": pd.Categorical(true), "pred": pd.Categorical(pred)}, index=[f"c{i}" for i in range(60)]
-        )
-    )
+    adata = ad.AnnData(obs=pd.DataFrame({"truth": pd.Categorical(true), "pred": pd.Categorical(pred)},
+                                        index=[f"c{i}" for i in range(60)]))
     adata.obsm["X_umap"] = rng.normal(size=(60, 2))
     palette = label_palette(sorted(labels))
     fig = plot_embedding(adata, basis="X_umap", color=["truth", "pred"], palette=palette)
@@ -191,9 +180,8 @@ def test_zero_shot_joint_umap_uses_the_run_palette():
     from scgpt_protocol.pl.embedding import joint_embedding, plot_embedding
 
     rng = np.random.default_rng(1)
-    ref = ad.AnnData(
-        obs=pd.DataFrame({"cell_type": rng.choice(["A", "B", "C", "D"], 40)}, index=[f"r{i}" for i in range(40)])
-    )
+    ref = ad.AnnData(obs=pd.DataFrame({"cell_type": rng.choice(["A", "B", "C", "D"], 40)},
+                                      index=[f"r{i}" for i in range(40)]))
     query = ad.AnnData(obs=pd.DataFrame({"cell_type": rng.choice(["A", "C"], 20)}, index=[f"q{i}" for i in range(20)]))
     ref.obsm["X_scgpt"], query.obsm["X_scgpt"] = rng.normal(size=(40, 4)), rng.normal(size=(20, 4))
     joint = joint_embedding(ref, query, label_key="cell_type")
@@ -210,9 +198,8 @@ def test_zero_shot_joint_umap_uses_the_run_palette():
 def test_label_palette_keeps_the_input_colours_by_name():
     from scgpt_protocol.data.colors import label_palette
 
-    adata = ad.AnnData(
-        obs=pd.DataFrame({"ct": pd.Categorical(["x", "y", "z"], categories=["z", "y", "x"])}, index=["c1", "c2", "c3"])
-    )
+    adata = ad.AnnData(obs=pd.DataFrame({"ct": pd.Categorical(["x", "y", "z"], categories=["z", "y", "x"])},
+                                        index=["c1", "c2", "c3"]))
     adata.uns["ct_colors"] = ["#000001", "#000002", "#000003"]  # z, y, x
     palette = label_palette(["x", "y", "z", "new"], adata=adata, label_key="ct")
     assert palette["x"] == "#000003" and palette["z"] == "#000001"
@@ -266,11 +253,8 @@ def test_load_report_summary_has_no_tensor_names(tiny_checkpoint):
 
     report = load_model(tiny_checkpoint, n_classes=3, device="cpu").load_report
     line = report.summary()
-    assert re.fullmatch(
-        r"all \d+ pretrained weights loaded(; \d+ pretraining-only weights? dropped)?; "
-        r"a new classifier head, trained in fine-tuning",
-        line,
-    ), line
+    assert re.fullmatch(r"all \d+ pretrained weights loaded(; \d+ pretraining-only weights? dropped)?; "
+                        r"a new classifier head, trained in fine-tuning", line), line
     assert "." not in line.replace("fine-tuning", "")  # no dotted tensor names
 
 

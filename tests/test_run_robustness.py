@@ -343,15 +343,12 @@ def test_torch_enforce_fail_and_h5py_errors_are_disk_full(tmp_path, monkeypatch)
 
 def test_disk_full_inside_a_notebook_fails_the_step_with_a_typed_error(tmp_path, monkeypatch):
     run = tmp_path / "run"
-    folder = _fake_notebooks(
-        tmp_path / "nb",
-        [
-            "from pathlib import Path\nfrom scgpt_protocol.core.io import atomic_write",
-            f"atomic_write(Path({str(run)!r}) / 'model' / 'best_model.pt', lambda p: (p.write_bytes(b'x' * 3000), "
-            "(_ for _ in ()).throw(OSError(28, 'No space left on device'))))",
-            "print('never')",
-        ],
-    )
+    folder = _fake_notebooks(tmp_path / "nb", [
+        "from pathlib import Path\nfrom scgpt_protocol.core.io import atomic_write",
+        f"atomic_write(Path({str(run)!r}) / 'model' / 'best_model.pt', lambda p: (p.write_bytes(b'x' * 3000), "
+        "(_ for _ in ()).throw(OSError(28, 'No space left on device'))))",
+        "print('never')",
+    ])
     with pytest.raises(RunFailed) as info:
         run_protocol(CI, run, steps=["01"], html=False, notebooks=folder)
     msg = str(info.value)
@@ -558,10 +555,8 @@ def test_atomic_write_follows_the_umask(tmp_path, umask, mode):
     before = os.umask(umask)
     try:
         layout = RunLayout(tmp_path)
-        paths = [
-            atomic_write(tmp_path / "a.txt", lambda p: p.write_text("x")),
-            layout.write_json(tmp_path / "b.json", {"a": 1}),
-        ]
+        paths = [atomic_write(tmp_path / "a.txt", lambda p: p.write_text("x")),
+                 layout.write_json(tmp_path / "b.json", {"a": 1})]
         atomic_write(tmp_path / "a.txt", lambda p: p.write_text("y"))  # replacing keeps following it
     finally:
         os.umask(before)

@@ -75,15 +75,8 @@ def test_yml_files_and_a_finished_runs_params_folder_are_scenarios(tmp_path, fak
 
 
 def test_two_files_for_one_step_are_refused(tmp_path, fake_papermill):
-    scenario = _scenario(
-        tmp_path,
-        {
-            "01_preprocess": "01_preprocess.yaml",
-            "02_finetune": "02_finetune.yaml",
-            "03_evaluate": "03_evaluate.yaml",
-            "04_zeroshot": "04_zeroshot.yaml",
-        },
-    )
+    scenario = _scenario(tmp_path, {"01_preprocess": "01_preprocess.yaml", "02_finetune": "02_finetune.yaml",
+                                    "03_evaluate": "03_evaluate.yaml", "04_zeroshot": "04_zeroshot.yaml"})
     shutil.copyfile(scenario / "01_preprocess.yaml", scenario / "preprocess.yml")
     with pytest.raises(ParamsError, match="2 files for step 01_preprocess: 01_preprocess.yaml, preprocess.yml"):
         run_protocol(scenario, tmp_path / "run", html=False)

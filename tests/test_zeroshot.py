@@ -384,17 +384,8 @@ def streamed(annotated, tmp_path_factory):
     backed = ad.read_h5ad(folder / "both.h5ad", backed="r")
     part = backed.obs["part"].to_numpy()
     ref_view, query_view = backed[part == "reference"], backed[part == "query"]
-    out = zeroshot_annotate(
-        ref_view,
-        query_view,
-        model,
-        label_key="bulk_labels",
-        max_seq_len=128,
-        batch_size=64,
-        store_dir=folder / "store",
-        min_confidence=0.6,
-        majority_voting=True,
-    )
+    out = zeroshot_annotate(ref_view, query_view, model, label_key="bulk_labels", max_seq_len=128,
+                            batch_size=64, store_dir=folder / "store", min_confidence=0.6, majority_voting=True)
     return ref_view, query_view, res, out, folder
 
 
@@ -409,9 +400,8 @@ def test_streamed_zeroshot_gives_the_same_labels_as_in_memory(streamed):
     assert (folder / "store" / "reference_embeddings.h5").is_file()
     assert out.params["store"] == str(folder / "store")
     pred = out.predictions
-    pd.testing.assert_series_equal(
-        pred["scgpt_zeroshot_prediction"], res.predictions["scgpt_zeroshot_label"], check_names=False
-    )
+    pd.testing.assert_series_equal(pred["scgpt_zeroshot_prediction"], res.predictions["scgpt_zeroshot_label"],
+                                   check_names=False)
     for column in PREDICTION_COLUMNS[1:]:
         pd.testing.assert_series_equal(pred[column], res.predictions[column])
     below = res.predictions["scgpt_zeroshot_confidence"].to_numpy() < 0.6
