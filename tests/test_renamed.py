@@ -48,3 +48,12 @@ def test_the_old_flat_protocol_names_point_at_their_new_homes():
     with pytest.warns(DeprecationWarning, match="scgpt_protocol.tl"):
         assert protocol.AnnotationRunner is AnnotationRunner
     assert "next_steps" not in protocol.__all__ and "run_protocol" in protocol.__all__
+
+
+def test_a_renamed_package_name_gives_the_new_function():
+    import scgpt_protocol.evaluate as evaluate
+    from scgpt_protocol.evaluate.export import sql_duckdb
+
+    with pytest.warns(DeprecationWarning, match="import sql_duckdb from scgpt_protocol.evaluate.export"):
+        assert evaluate.query_duckdb is sql_duckdb
+    assert "query_duckdb" not in evaluate.__all__

@@ -15,8 +15,9 @@ def lazy_exports(package: str, exports: dict[str, str], *, submodules: Sequence[
 
     ``exports`` maps each public name to the module (relative to ``package``) that defines it;
     ``submodules`` are imported on first access as attributes (``scgpt_protocol.pp``). ``moved`` maps an old
-    public name of this package to the absolute module (``scgpt_protocol.protocol.display``) it is now
-    imported from: it still works, with a ``DeprecationWarning`` that names the new home (not in ``__all__``).
+    public name of this package to where it is now imported from: an absolute module
+    (``scgpt_protocol.protocol.display``), or ``module:new_name`` when it was renamed too. The old name still
+    works, with a ``DeprecationWarning`` that names the new home (it is not in ``__all__``).
     """
     moved = dict(moved or {})
 
@@ -24,9 +25,11 @@ def lazy_exports(package: str, exports: dict[str, str], *, submodules: Sequence[
         if name in submodules:
             return importlib.import_module(f".{name}", package)
         if name in moved and name not in exports:
-            warnings.warn(f"{package}.{name} has moved: import it from {moved[name]} (the old name goes in a "
-                          "later release)", DeprecationWarning, stacklevel=2)
-            return getattr(importlib.import_module(moved[name]), name)
+            module, _, new = moved[name].partition(":")
+            where = f"{new} from {module}" if new else f"it from {module}"
+            warnings.warn(f"{package}.{name} has moved: import {where} (the old name goes in a later release)",
+                          DeprecationWarning, stacklevel=2)
+            return getattr(importlib.import_module(module), new or name)
         module = exports.get(name)
         if module is None:
             msg = f"module {package!r} has no attribute {name!r}"

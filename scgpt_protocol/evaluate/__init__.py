@@ -29,4 +29,4 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "write_results": "scoring",
     "evaluate_query": "scoring",
     "like_for_like": "scoring",
-}, moved={"query_duckdb": "scgpt_protocol.evaluate.export"})
+}, moved={"query_duckdb": "scgpt_protocol.evaluate.export:sql_duckdb"})

@@ -285,15 +285,6 @@ def export_evaluation(
     return written
 
 
-def query_duckdb(path: str | Path, sql: str) -> pd.DataFrame:
-    """The old name of :func:`sql_duckdb` ("query" names the query dataset everywhere else)."""
-    import warnings
-
-    warnings.warn("query_duckdb is now sql_duckdb; the old name goes in a later release", DeprecationWarning,
-                  stacklevel=2)
-    return sql_duckdb(path, sql)
-
-
 def sql_duckdb(path: str | Path, sql: str) -> pd.DataFrame:
     """Run one SQL statement on a DuckDB file (opened read-only) and return the result as a DataFrame.
 
