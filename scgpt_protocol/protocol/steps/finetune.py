@@ -138,20 +138,21 @@ class FinetuneInputs:
     label_key: str
     categories: list[str]
     checkpoint: dict[str, Any]  # 01's checkpoint record (checkpoint, kind, sha256)
-    model: Any  # the pretrained model with a new head for the categories
+    model: Any  # the pretrained model with a new head for the categories (None in a comparison of strategies)
 
 
 def finetune_inputs(params: FinetuneParams, layout: RunLayout) -> FinetuneInputs:
     """Step 02's inputs from its run folder, the one way the notebook and :func:`run_finetune_step` read them: the
     prepared cells (``X`` and ``obs`` stay on disk; read into memory when ``params.strategies`` compares several),
-    01's labels and checkpoint records, and the pretrained model with a head of ``len(categories)`` classes."""
+    01's labels and checkpoint records, and the pretrained model with a head of ``len(categories)`` classes (not
+    loaded for a comparison of strategies, which loads one per strategy)."""
     from ...model.checkpoint import load_model
     from ...pp.io import open_prepared_cells, read_checkpoint_record, read_labels, read_prepared
 
     adata = read_prepared(layout) if params.strategies else open_prepared_cells(layout)
     labels, record = read_labels(layout), read_checkpoint_record(layout)
-    model = load_model(record["checkpoint"], n_classes=len(labels["categories"]), head_seed=params.seed,
-                       device=params.device)
+    model = None if params.strategies else load_model(record["checkpoint"], n_classes=len(labels["categories"]),
+                                                      head_seed=params.seed, device=params.device)
     return FinetuneInputs(adata, labels["label_key"], list(labels["categories"]), record, model)
 
 
