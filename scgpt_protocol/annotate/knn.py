@@ -51,7 +51,9 @@ class LabelTransfer:
     categories: list[str] = field(default_factory=list)
 
 
-def _check_embedding(x: Any, name: str, *, normalize: bool) -> np.ndarray:
+def check_embedding(x: Any, name: str, *, normalize: bool) -> np.ndarray:
+    """``x`` as a finite 2-D float array (float32 kept), L2-normalised rows with ``normalize``; a clear
+    ``ValueError`` naming ``name`` otherwise. The one preparation of the vectors a vote compares."""
     arr = np.asarray(x)
     if arr.ndim != 2:
         msg = f"{name} has shape {arr.shape}; expected a 2-D array [cells, embedding dimensions]."
@@ -169,24 +171,50 @@ def transfer_labels(
     n_query = query.shape[0]
     neighbors = np.zeros((n_query, k), dtype=np.int64)
     distances = np.zeros((n_query, k), dtype=np.float64)
+    nn = NearestNeighbors(n_neighbors=k, algorithm="brute", metric="euclidean").fit(ref)
+    for start in range(0, n_query, chunk_size):
+        q = query[start : start + chunk_size]
+        idx = nn.kneighbors(q, return_distance=False)
+        neighbors[start : start + q.shape[0]] = idx
+        distances[start : start + q.shape[0]] = exact_distances(ref[idx], q)
+    return vote_neighbors(neighbors, distances, codes, categories, eps=eps, chunk_size=chunk_size)
+
+
+def exact_distances(neighbor_vectors: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """Euclidean distances in float64 of ``query`` rows ``[n, d]`` to their neighbours' vectors ``[n, k, d]``:
+    ``[n, k]``. The one way the vote measures a neighbour (accurate weights for near-duplicate cells)."""
+    diff = neighbor_vectors.astype(np.float64, copy=False) - query[:, None, :].astype(np.float64, copy=False)
+    return np.sqrt(np.einsum("nkd,nkd->nk", diff, diff))
+
+
+def vote_neighbors(neighbors: np.ndarray, distances: np.ndarray, codes: np.ndarray, categories: Sequence, *,
+                   eps: float = 1e-6, chunk_size: int = 1024) -> LabelTransfer:
+    """The votes of :func:`transfer_labels` from neighbours found elsewhere (e.g. a faiss index).
+
+    ``neighbors`` ``[n_query, k]`` are rows of the reference, ``distances`` their Euclidean distances,
+    ``codes`` the label of each reference row as a position in ``categories`` (the sorted distinct labels).
+    Each row is sorted by distance (stable), then voted on with the rules of :func:`transfer_labels`.
+    """
+    neighbors = np.asarray(neighbors, dtype=np.int64)
+    distances = np.asarray(distances, dtype=np.float64)
+    n_query, k = neighbors.shape
+    out_idx, out_dist = np.zeros_like(neighbors), np.zeros_like(distances)
     win_major = np.zeros(n_query, dtype=np.int64)
     win_weight = np.zeros(n_query, dtype=np.int64)
     conf_major = np.zeros(n_query, dtype=np.float64)
     conf_weight = np.zeros(n_query, dtype=np.float64)
-    nn = NearestNeighbors(n_neighbors=k, algorithm="brute", metric="euclidean").fit(ref)
     for start in range(0, n_query, chunk_size):
-        q = query[start : start + chunk_size]
-        sl = slice(start, start + q.shape[0])
-        (neighbors[sl], distances[sl], win_major[sl], win_weight[sl], conf_major[sl],
-         conf_weight[sl]) = _vote_chunk(nn, ref, q, codes, len(categories), k=k, eps=eps)
+        sl = slice(start, min(start + chunk_size, n_query))
+        (out_idx[sl], out_dist[sl], win_major[sl], win_weight[sl], conf_major[sl],
+         conf_weight[sl]) = _vote_chunk(neighbors[sl], distances[sl], codes, len(categories), k=k, eps=eps)
     cats = np.asarray([str(c) for c in categories], dtype=object)
     return LabelTransfer(
         majority=cats[win_major] if n_query else np.empty(0, dtype=object),
         weighted=cats[win_weight] if n_query else np.empty(0, dtype=object),
         confidence_majority=conf_major,
         confidence_weighted=conf_weight,
-        neighbors=neighbors,
-        distances=distances,
+        neighbors=out_idx,
+        distances=out_dist,
         categories=cats.tolist(),
     )
 
@@ -204,8 +232,8 @@ def _transfer_inputs(ref_emb: Any, ref_labels: Sequence, query_emb: Any, *, k: A
     if chunk_size < 1:
         msg = f"chunk_size must be a positive integer; got {chunk_size!r}."
         raise ValueError(msg)
-    ref = _check_embedding(ref_emb, "ref_emb", normalize=normalize)
-    query = _check_embedding(query_emb, "query_emb", normalize=normalize)
+    ref = check_embedding(ref_emb, "ref_emb", normalize=normalize)
+    query = check_embedding(query_emb, "query_emb", normalize=normalize)
     if ref.shape[1] != query.shape[1]:
         msg = (
             f"ref_emb has {ref.shape[1]} dimensions but query_emb has {query.shape[1]}; both must come "
@@ -239,14 +267,11 @@ def _transfer_inputs(ref_emb: Any, ref_labels: Sequence, query_emb: Any, *, k: A
     return ref, query, categories, codes
 
 
-def _vote_chunk(nn: Any, ref: np.ndarray, q: np.ndarray, codes: np.ndarray, n_labels: int, *, k: int,
+def _vote_chunk(idx: np.ndarray, dist: np.ndarray, codes: np.ndarray, n_labels: int, *, k: int,
                 eps: float) -> tuple[np.ndarray, ...]:
-    """The ``k`` nearest reference cells of the query rows ``q`` (sorted by float64 distance) and their votes:
-    ``(neighbours, distances, majority code, weighted code, majority confidence, weighted confidence)``."""
-    n = q.shape[0]
-    idx = nn.kneighbors(q, return_distance=False)
-    diff = ref[idx].astype(np.float64, copy=False) - q[:, None, :].astype(np.float64, copy=False)
-    dist = np.sqrt(np.einsum("nkd,nkd->nk", diff, diff))
+    """Query rows' neighbours sorted by distance and their votes: ``(neighbours, distances, majority code,
+    weighted code, majority confidence, weighted confidence)``."""
+    n = idx.shape[0]
     order = np.argsort(dist, axis=1, kind="stable")
     idx = np.take_along_axis(idx, order, axis=1)
     dist = np.take_along_axis(dist, order, axis=1)
