@@ -30,6 +30,8 @@ _EXPORTS = {
     "predict": "annotate.inference",
     "refine": "annotate.refinement",
     "zeroshot_annotate": "annotate.zeroshot",
+    "build_index": "annotate.atlas_build",
+    "load_index": "annotate.atlas",
     "inspect_annotation_data": "tl.annotation",
     "adapt_annotation": "tl.annotation",
     "AnnotationRunner": "tl.annotation",

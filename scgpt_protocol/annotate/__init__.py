@@ -1,4 +1,4 @@
-"""Labelling cells: predictions of a fine-tuned model, refinement, kNN label transfer, zero-shot."""
+"""Labelling cells: predictions of a fine-tuned model, refinement, kNN label transfer, zero-shot, reference indexes."""
 
 from ..core.lazy import lazy_exports
 
@@ -42,4 +42,15 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "ZeroShotResult": "zeroshot",
     "zeroshot_annotate": "zeroshot",
     "write_zeroshot": "zeroshot",
+    "AtlasIndex": "atlas",
+    "AtlasIndexError": "atlas",
+    "FaissMissingError": "atlas",
+    "load_index": "atlas",
+    "default_nprobe": "atlas",
+    "search_index": "atlas",
+    "ATLAS_PIP": "atlas",
+    "build_index": "atlas_build",
+    "make_faiss_index": "atlas_build",
+    "FLAT_MAX_CELLS": "atlas_build",
+    "INDEX_KINDS": "atlas_build",
 })

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +35,7 @@ from ..core.renamed import renamed_arguments
 from ..data.labels import clean_labels, missing_labels, shared_types
 from ..metrics import classification_metrics
 from .columns import PREDICTION_COLUMNS, ZEROSHOT_COLUMNS
+from .atlas import AtlasIndex, load_index
 from .knn import LabelTransfer, transfer_blocks
 
 if TYPE_CHECKING:
@@ -66,7 +67,8 @@ class ZeroShotResult:
         or no cell of a shared type.
     reference_embedding, query_embedding
         The embeddings used: every reference cell (also unlabelled ones) and every query cell, in
-        ``obs_names`` order.
+        ``obs_names`` order. ``reference_embedding`` is None for a reference index (its sample of cells:
+        :meth:`~scgpt_protocol.annotate.atlas.AtlasIndex.sample_adata`).
     transfer
         The underlying :class:`LabelTransfer` (neighbour indices refer to the *labelled*
         reference cells, ``reference_used``).
@@ -80,7 +82,7 @@ class ZeroShotResult:
 
     predictions: pd.DataFrame
     metrics: dict[str, Any] | None
-    reference_embedding: np.ndarray
+    reference_embedding: np.ndarray | None
     query_embedding: np.ndarray
     transfer: LabelTransfer
     reference_used: np.ndarray
@@ -88,7 +90,9 @@ class ZeroShotResult:
     params: dict[str, Any] = field(default_factory=dict)
 
 
-def _obs_labels(adata: AnnData, label_key: str, what: str) -> pd.Series:
+def _obs_labels(adata: AnnData | AtlasIndex, label_key: str, what: str) -> pd.Series:
+    if isinstance(adata, AtlasIndex):
+        return adata.label_column(label_key)
     if label_key not in adata.obs.columns:
         msg = (
             f"label_key={label_key!r} is not a column of the {what}'s obs; found columns "
@@ -145,7 +149,7 @@ def _check_shared_genes(reference: AnnData, query: AnnData, model: ScGPT, gene_s
 
 @renamed_arguments(embedding_key="key_added")
 def zeroshot_annotate(
-    reference: AnnData,
+    reference: AnnData | AtlasIndex | str | Path,
     query: AnnData,
     model: ScGPT,
     *,
@@ -168,7 +172,9 @@ def zeroshot_annotate(
 
     Both datasets are embedded with :func:`~scgpt_protocol.model.embedding.embed`, then every query cell
     receives the labels of :func:`transfer_labels` (majority and distance-weighted vote of its
-    ``k`` nearest reference cells).
+    ``k`` nearest reference cells). A reference saved once as an index
+    (:func:`~scgpt_protocol.annotate.atlas_build.build_index`) is not embedded again: only the query is, and its
+    neighbours are searched in the index (exact for a flat index: the same labels as the reference itself gives).
 
     The inputs are modified in one way only: ``obsm[key_added]`` (and ``embed``'s record
     ``uns[key_added + "_params"]``) is written to ``reference`` and ``query``, so the
@@ -182,7 +188,10 @@ def zeroshot_annotate(
     Parameters
     ----------
     reference
-        Labelled cells. Cells without a label (NaN, or text such as ``'nan'``, ``''``, ``'None'``: the one rule
+        Labelled cells; or a reference index (:func:`~scgpt_protocol.annotate.atlas.load_index`, or its folder),
+        which must have been built with the same checkpoint, ``max_seq_len`` and ``<cls>`` value
+        (``precision="auto"`` takes the index's; the official scGPT layout records none of these: a warning).
+        Cells without a label (NaN, or text such as ``'nan'``, ``''``, ``'None'``: the one rule
         of :func:`~scgpt_protocol.data.labels.missing_labels`) are embedded but left out of the vote, with a
         warning; query cells without a true label are not scored.
     query
@@ -234,6 +243,8 @@ def zeroshot_annotate(
         labelled reference cells.
     GeneMatchError
         The query holds less than half of the reference's genes (that the checkpoint knows).
+    AtlasIndexError
+        A reference index built with another checkpoint or other embedding settings (the message names both).
 
     Examples
     --------
@@ -275,16 +286,25 @@ class _ZeroShotSettings:
         return None if self.store_dir is None else Path(self.store_dir)
 
 
-def _zeroshot(reference: AnnData, query: AnnData, model: ScGPT, s: _ZeroShotSettings) -> ZeroShotResult:
-    """:func:`zeroshot_annotate`: check, embed both datasets, vote, refine, score."""
+def _zeroshot(reference: AnnData | AtlasIndex, query: AnnData, model: ScGPT, s: _ZeroShotSettings) -> ZeroShotResult:
+    """:func:`zeroshot_annotate`: check, embed both datasets (or the query only, onto an index), vote, refine,
+    score."""
     from ..data.store import take_rows
     from .refinement import refine_labels
 
+    reference = _reference_source(reference)
+    indexed = isinstance(reference, AtlasIndex)
     used, ref_str, distinct, notes = _voting_reference(reference, s.label_key, s.k)
-    _check_shared_genes(reference, query, model, s.gene_symbol_key)
-    ref_emb, ref_reused, ref_precision = _zeroshot_embedding(reference, model, "reference", s)
+    if indexed:  # embedded once, when the index was built: check that the query is embedded the same way
+        s = replace(s, precision=reference.check_model(model, max_seq_len=s.max_seq_len, precision=s.precision))
+        reference.check_genes(query, model, s.gene_symbol_key)
+        ref_emb, ref_reused, ref_precision = None, True, s.precision
+    else:
+        _check_shared_genes(reference, query, model, s.gene_symbol_key)
+        ref_emb, ref_reused, ref_precision = _zeroshot_embedding(reference, model, "reference", s)
     query_emb, query_reused, query_precision = _zeroshot_embedding(query, model, "query", s)
-    transfer = transfer_blocks(take_rows(ref_emb, used), ref_str, query_emb, k=s.k)
+    transfer = (reference.transfer(query_emb, used, ref_str, k=s.k, device=next(model.parameters()).device)
+                if indexed else transfer_blocks(take_rows(ref_emb, used), ref_str, query_emb, k=s.k))
     refined = refine_labels(transfer.majority, transfer.confidence_majority, query_emb,
                             min_confidence=s.min_confidence, majority_voting=s.majority_voting,
                             resolution=s.resolution, categories=distinct.tolist(), seed=s.seed)
@@ -303,6 +323,8 @@ def _zeroshot(reference: AnnData, query: AnnData, model: ScGPT, s: _ZeroShotSett
         "checkpoint": str(getattr(getattr(model, "load_report", None), "checkpoint_dir", "")),
         "precision": {"reference": ref_precision, "query": query_precision},
         "store": None if folder is None else str(folder),
+        "reference_index": ({"path": str(reference.path), "layout": reference.layout, "kind": reference.kind,
+                             "nprobe": reference.nprobe, "n_cells": reference.n_obs} if indexed else None),
     }
     if metrics is not None:
         logger.info("zero-shot (k=%d): %d query cells, kNN vote accuracy %.3f, macro F1 %.3f (%d cells of the "
@@ -316,8 +338,19 @@ def _zeroshot(reference: AnnData, query: AnnData, model: ScGPT, s: _ZeroShotSett
     )
 
 
-def _voting_reference(reference: AnnData, label_key: str, k: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray,
-                                                                            list[str]]:
+def _reference_source(reference: Any) -> AnnData | AtlasIndex:
+    """The reference as given, or the index loaded from a folder."""
+    if isinstance(reference, (str, Path)):
+        return load_index(reference)
+    if reference is None:
+        msg = ("reference is None; pass the labelled reference: an AnnData to embed, or a reference index "
+               "(load_index(folder), or its folder) built once with build_index / scgpt-protocol index build.")
+        raise TypeError(msg)
+    return reference
+
+
+def _voting_reference(reference: AnnData | AtlasIndex, label_key: str,
+                      k: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
     """``(used, labels of the used cells, distinct labels, notes)``: the labelled reference cells, which vote.
 
     Checks ``k`` against them; warns about reference cells without a label."""
@@ -332,7 +365,7 @@ def _voting_reference(reference: AnnData, label_key: str, k: Any) -> tuple[np.nd
         msg = (
             f"{n_dropped:,} of {reference.n_obs:,} reference cells have no {label_key!r} label (NaN, or text such as "
             "'nan', '' or 'None'); "
-            "they are embedded but do not vote. Fill or drop them to silence this warning."
+            "they do not vote. Fill or drop them to silence this warning."
         )
         warnings.warn(msg, UserWarning, stacklevel=4)  # the caller of zeroshot_annotate
         notes.append(f"{n_dropped} reference cells without a label were left out of the vote")
@@ -454,6 +487,8 @@ def _score_overlap(reference: AnnData, query: AnnData, used: np.ndarray, s: _Zer
     from ..data.overlap import find_overlap, scored_apart
     from .refinement import UNKNOWN
 
+    if reference.obs_names is None:  # an index without cell names (the official layout)
+        return
     overlap = find_overlap(query.obs_names, np.asarray(reference.obs_names)[used], what="the query",
                            against="the voting reference cells")
     if not overlap:

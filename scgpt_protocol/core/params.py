@@ -454,6 +454,7 @@ class ZeroshotParams(StepParams):
     RECIPE_FIELDS: ClassVar[tuple[str, ...]] = tuple(RECIPES["demo"]["zeroshot"])
 
     reference_path: Optional[str] = _f(None, "labelled reference .h5ad (None: the run's train+val cells)")
+    reference_index: Optional[str] = _f(None, "or a reference index folder (scgpt-protocol index build); not both")
     query_path: Optional[str] = _f(None, "query .h5ad (None: test cells of the prepared data)")
     label_key: Optional[str] = _f(None, "label column in reference/query (None: the run's label_key)")
     gene_symbol_key: Optional[str] = _f(None, "var column with gene symbols in those files (None: var_names)")
@@ -472,6 +473,12 @@ class ZeroshotParams(StepParams):
     max_plot_cells: int = _f(
         50000, "UMAP of at most this many reference + query cells (a seeded random sample when more)", min=1,
         advanced=True)
+
+    def _check(self) -> None:
+        if self.reference_path is not None and self.reference_index is not None:
+            self._fail("reference_index", self.reference_index,
+                       f"None when reference_path is set (reference_path={self.reference_path!r}): give one "
+                       "reference, a .h5ad to embed or an index built once from it")
 
 
 def _checkpoint_kind(run_dir: str, notebook: str) -> str | None:

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
+    from ..annotate.atlas import AtlasIndex
     from ..annotate.zeroshot import ZeroShotResult
 
 
@@ -255,7 +256,7 @@ def cells_for_plot(adata: Any, cells: Any, *, max_cells: int | None = None, seed
 
 @renamed_arguments(embedding_key="use_rep")
 def joint_embedding(
-    reference: AnnData,
+    reference: AnnData | AtlasIndex,
     query: AnnData,
     *,
     label_key: str,
@@ -269,7 +270,9 @@ def joint_embedding(
     Parameters
     ----------
     reference, query
-        Both with ``obsm[use_rep]`` (e.g. after :func:`zeroshot_annotate`).
+        Both with ``obsm[use_rep]`` (e.g. after :func:`zeroshot_annotate`). A reference index
+        (:class:`~scgpt_protocol.annotate.atlas.AtlasIndex`) gives its seeded sample of cells
+        (:meth:`~scgpt_protocol.annotate.atlas.AtlasIndex.sample_adata`).
     label_key
         ``obs`` column of the labels; cells without it get NaN in ``label``.
     use_rep
@@ -303,8 +306,11 @@ def joint_embedding(
     """
     import anndata as ad
 
+    from ..annotate.atlas import AtlasIndex
     from ..data.store import embedding_rows, subsample
 
+    if isinstance(reference, AtlasIndex):  # not embedded here: the sample the index keeps
+        reference = reference.sample_adata(label_key, key=use_rep)
     n_ref, n_query = reference.n_obs, query.n_obs
     keep = subsample(np.ones(n_ref + n_query, dtype=bool), max_cells, seed=seed)  # one sample of both
     chosen = {"reference": keep[:n_ref], "query": keep[n_ref:]}

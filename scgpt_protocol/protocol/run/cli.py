@@ -5,6 +5,8 @@ folder such as ``params/demo``); ``scgpt-protocol init DIR`` copies the notebook
 to open and edit; ``scgpt-protocol list`` shows the scenarios and steps. ``scgpt-protocol finetune`` runs
 step 02 alone from a run folder, also in many processes:
 ``torchrun --nproc_per_node=N -m scgpt_protocol finetune params/demo --run-dir runs/demo``.
+``scgpt-protocol index build REFERENCE.h5ad --label-key KEY --out DIR`` embeds a labelled reference once and saves
+it as an index that step 04 maps queries onto (``reference_index``).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from ...core.version import __version__
 
@@ -104,6 +107,49 @@ def _finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _index(args: argparse.Namespace) -> int:
+    """``scgpt-protocol index build``: embed a labelled reference once and save it as an index to map onto."""
+    import anndata as ad
+
+    from ...annotate.atlas_build import build_index
+    from ...model.checkpoint import load_model
+
+    source = Path(args.reference)
+    if not source.is_file():
+        raise FileNotFoundError(f"{source} does not exist (resolved to {source.absolute()}): pass the labelled "
+                                "reference .h5ad to index.")
+    model = load_model(args.checkpoint, device=args.device)
+    reference = ad.read_h5ad(source, backed="r")  # X stays on disk: embedded chunk by chunk
+    out = build_index(reference, model, args.out, label_keys=args.label_key, max_seq_len=args.max_seq_len,
+                      batch_size=args.batch_size, seed=args.seed, layer=args.layer,
+                      gene_symbol_key=args.gene_symbol_key, precision=args.precision, kind=args.kind,
+                      nprobe=args.nprobe, overwrite=args.overwrite)
+    logger.info("map a query onto it: reference_index: %s in 04_zeroshot's parameters (the same checkpoint)", out)
+    return 0
+
+
+def _index_parser(sub: Any) -> None:
+    index = sub.add_parser("index", help="reference indexes: embed a labelled reference once, map queries onto it")
+    build = index.add_subparsers(dest="index_command", required=True).add_parser(
+        "build", help="embed a labelled .h5ad with the pretrained model and save it as a faiss index folder")
+    build.add_argument("reference", help="the labelled reference .h5ad (read backed: any size)")
+    build.add_argument("--label-key", action="append", required=True,
+                       help="obs column with the labels; repeat it for several columns")
+    build.add_argument("--out", required=True, help="the index folder to write")
+    build.add_argument("--checkpoint", default="whole-human", help="'whole-human' (default) or a checkpoint folder")
+    build.add_argument("--device", default="auto", help="'auto' (cuda, mps, cpu), 'cpu', 'cuda', 'cuda:N' or 'mps'")
+    build.add_argument("--max-seq-len", type=int, default=1200, help="tokens per cell including <cls> (1200)")
+    build.add_argument("--batch-size", type=int, default=64, help="cells per forward pass")
+    build.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    build.add_argument("--seed", type=int, default=0, help="seed of gene sampling, the training and UMAP samples")
+    build.add_argument("--gene-symbol-key", default=None, help="var column with gene symbols (default: var_names)")
+    build.add_argument("--layer", default=None, help="layer with the expression values (default: X)")
+    build.add_argument("--kind", default="auto", choices=("auto", "flat", "ivf", "ivfpq"),
+                       help="auto: flat (exact) for smaller references, IVF-PQ above")
+    build.add_argument("--nprobe", type=int, default=None, help="lists searched per query (default: as scGPT)")
+    build.add_argument("--overwrite", action="store_true", help="replace an existing --out once the new one is done")
+
+
 def main(argv: list[str] | None = None) -> int:
     from ...core.log import ensure_logging
 
@@ -132,13 +178,14 @@ def main(argv: list[str] | None = None) -> int:
     tune.add_argument("params", help="the 02 parameters: a YAML file (e.g. runs/demo/params/finetune.yaml) or a "
                                      "scenario folder with 02_finetune.yaml (e.g. params/demo)")
     tune.add_argument("--run-dir", default=None, help="the run folder (default: run_dir of the parameters)")
+    _index_parser(sub)
     args = parser.parse_args(argv)
     ensure_logging()
     from ...core.errors import ScGPTProtocolError
     from ...core.params import ParamsError
     from .runner import RunDirInUse, RunFailed, RunInterrupted
 
-    command = {"run": _run, "init": _init, "list": _list, "finetune": _finetune}[args.command]
+    command = {"run": _run, "init": _init, "list": _list, "finetune": _finetune, "index": _index}[args.command]
     try:
         return command(args)
     except RunInterrupted as err:  # the runner has logged where it stopped and the command that resumes

@@ -49,7 +49,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["run_protocol", "RunFailed", "RunDirInUse", "RunInterrupted"]
 
 #: parameters whose values are paths to resolve against the caller's working directory
-_PATH_PARAMS = ("adata_path", "query_path", "reference_path", "checkpoint")
+_PATH_PARAMS = ("adata_path", "query_path", "reference_path", "reference_index", "checkpoint")
 
 
 class RunFailed(RuntimeError):

@@ -19,6 +19,8 @@ from ...data.labels import missing_labels
 if TYPE_CHECKING:
     from anndata import AnnData
 
+    from ...annotate.atlas import AtlasIndex
+
     from ...core.layout import RunLayout
     from ...data.label_map import LabelMapResult
     from ...data.overlap import Overlap
@@ -128,19 +130,21 @@ def _map_labels(label_map: Any, label_key: str, ref: tuple[AnnData, np.ndarray |
     return maps, mask
 
 
-def zeroshot_inputs(layout: RunLayout, params: Any) -> tuple[AnnData, AnnData, str, ZeroshotLabelMaps]:
+def zeroshot_inputs(layout: RunLayout, params: Any) -> tuple[AnnData | AtlasIndex, AnnData, str, ZeroshotLabelMaps]:
     """Reference, query, label key and label maps of step 04 (:class:`~scgpt_protocol.core.params.ZeroshotParams`).
 
     Without paths, the reference is the train + validation cells of the run's prepared data and the
     query its test cells, so zero-shot and fine-tuned results are measured on the same cells. The
     prepared data are read backed (``X`` stays on disk): both are views of it, to embed with
-    ``zeroshot_annotate(..., store_dir=...)``. Files given by path are read into memory.
+    ``zeroshot_annotate(..., store_dir=...)``. Files given by path are read into memory. With
+    ``params.reference_index`` the reference is that saved index (:func:`~scgpt_protocol.annotate.atlas.load_index`):
+    nothing of it is embedded again, and ``zeroshot_annotate`` maps the query onto it.
 
     ``params.label_map`` (a CSV path or a mapping holding both datasets' names) renames the reference's and
     the query's labels in ``obs[label_key]`` (the labels as given stay in ``obs[label_key + "_original"]``):
-    reference cells mapped to nothing are left out of the reference; the query is checked against the
-    reference's classes after the map, and its labels that match none of them are novel types, scored apart
-    (:func:`zeroshot_novel`). A bad map fails here, before any embedding.
+    reference cells mapped to nothing are left out of the reference (an index's do not vote); the query is
+    checked against the reference's classes after the map, and its labels that match none of them are novel
+    types, scored apart (:func:`zeroshot_novel`). A bad map fails here, before any embedding.
 
     Raises
     ------
@@ -152,7 +156,8 @@ def zeroshot_inputs(layout: RunLayout, params: Any) -> tuple[AnnData, AnnData, s
     from ...pp.io import read_labels, read_prepared
 
     label_key = params.label_key
-    if params.reference_path is None or params.query_path is None:
+    index_path = getattr(params, "reference_index", None)
+    if (params.reference_path is None and index_path is None) or params.query_path is None:
         prepared = read_prepared(layout, backed=True)
         split = prepared.obs["split"].to_numpy() if "split" in prepared.obs else None
         if split is None:
@@ -172,9 +177,12 @@ def zeroshot_inputs(layout: RunLayout, params: Any) -> tuple[AnnData, AnnData, s
     symbols = getattr(params, "gene_symbol_key", None)
     from ...data.read import read_with_symbols
 
-    ref_data, ref_rows = ((read_with_symbols(params.reference_path, symbols, what="the reference",
-                                             name="gene_symbol_key"), None) if params.reference_path
-                          else (prepared, np.isin(split, ["train", "val"])))
+    if index_path is not None:
+        ref_data, ref_rows = _index_reference(index_path, label_key), None
+    else:
+        ref_data, ref_rows = ((read_with_symbols(params.reference_path, symbols, what="the reference",
+                                                 name="gene_symbol_key"), None) if params.reference_path
+                              else (prepared, np.isin(split, ["train", "val"])))
     query_data, query_rows = ((read_with_symbols(params.query_path, symbols, what="the query", name="gene_symbol_key"),
                                None) if params.query_path else (prepared, split == "test"))
     if params.reference_path and same_file(params.reference_path, params.query_path):
@@ -186,8 +194,23 @@ def zeroshot_inputs(layout: RunLayout, params: Any) -> tuple[AnnData, AnnData, s
     maps = ZeroshotLabelMaps()
     if params.label_map is not None:
         maps, ref_rows = _map_labels(params.label_map, label_key, (ref_data, ref_rows), (query_data, query_rows))
-    reference = ref_data if ref_rows is None else ref_data[ref_rows]
-    if reference.is_view and not reference.isbacked:
-        reference = reference.copy()  # a file's cells less those mapped to nothing
+    if index_path is not None:
+        if ref_rows is not None:
+            ref_data.leave_out(~ref_rows, label_key)  # mapped to nothing: in the index, but no vote
+        reference = ref_data
+    else:
+        reference = ref_data if ref_rows is None else ref_data[ref_rows]
+        if reference.is_view and not reference.isbacked:
+            reference = reference.copy()  # a file's cells less those mapped to nothing
     query = query_data if query_rows is None else query_data[query_rows]
     return reference, query, label_key, maps
+
+
+def _index_reference(path: str, label_key: str) -> AtlasIndex:
+    """The saved reference index of ``reference_index``, its labels of ``label_key`` checked (logged)."""
+    from ...annotate.atlas import load_index
+
+    index = load_index(path)
+    index.label_column(label_key)  # an unknown label column fails here, before any embedding
+    logger.info("%s", index.describe())
+    return index
