@@ -53,6 +53,8 @@ CELLS_FILE = "cells.h5"
 MANIFEST_FILE = "manifest.json"
 OFFICIAL_META_FILE = "meta.h5ad"
 OFFICIAL_CONFIG_FILE = "index_config.json"
+#: query rows whose neighbours' distances are recomputed at once (1,024 x k x d float64: 40 MiB at k=10, d=512)
+_EXACT_BLOCK = 1024
 
 
 class AtlasIndexError(ScGPTProtocolError, ValueError):
@@ -138,9 +140,13 @@ def search_index(index: Any, query: np.ndarray, k: int, *, nprobe: int | None = 
                f"{index.ntotal:,}, {'all' if allowed is None else f'{len(allowed):,}'} of them labelled); use a "
                "smaller k.")
         raise AtlasIndexError(msg)
-    if exact:
-        vectors = index.reconstruct_batch(ids.ravel()).reshape(*ids.shape, -1)
-        return ids.astype(np.int64), exact_distances(vectors, query)
+    if exact:  # by blocks of rows: the neighbours' vectors in float64 are n x k x d
+        dist = np.empty(ids.shape, dtype=np.float64)
+        for lo in range(0, len(ids), _EXACT_BLOCK):
+            rows = ids[lo : lo + _EXACT_BLOCK]
+            vectors = index.reconstruct_batch(rows.ravel()).reshape(*rows.shape, -1)
+            dist[lo : lo + len(rows)] = exact_distances(vectors, query[lo : lo + _EXACT_BLOCK])
+        return ids.astype(np.int64), dist
     if index.metric_type == faiss.METRIC_INNER_PRODUCT:  # on unit vectors |a - b|^2 = 2 - 2 a.b
         squared = 2.0 - 2.0 * squared
     return ids.astype(np.int64), np.sqrt(np.maximum(squared.astype(np.float64), 0.0))
@@ -170,6 +176,8 @@ class AtlasIndex:
         Inverted lists searched per query (None for a flat index).
     has_names
         Whether ``obs`` is indexed by cell names (query cells that are reference cells are then found).
+    left_out
+        A mask of indexed cells that do not vote whatever their labels (:meth:`leave_out`); None: none.
     """
 
     path: Path
@@ -180,6 +188,7 @@ class AtlasIndex:
     config: dict[str, Any] = field(default_factory=dict)
     nprobe: int | None = None
     has_names: bool = False
+    left_out: np.ndarray | None = None
 
     @property
     def n_obs(self) -> int:
@@ -242,12 +251,11 @@ class AtlasIndex:
                f"{label_key}).")
         raise KeyError(msg)
 
-    def leave_out(self, cells: np.ndarray, label_key: str) -> None:
-        """Take the label of ``label_key`` from ``cells`` (a mask), so that they do not vote (a label map sent
-        them to nothing). Modifies ``obs`` in place."""
-        column = self.obs[label_key].astype(object).to_numpy().copy()
-        column[np.asarray(cells, dtype=bool)] = np.nan
-        self.obs[label_key] = pd.Categorical(column)
+    def leave_out(self, cells: np.ndarray) -> None:
+        """Keep ``cells`` (a mask over the indexed cells) out of every vote, as a reference file's cells are left
+        out when a label map sends them to nothing (:attr:`left_out`)."""
+        cells = np.asarray(cells, dtype=bool)
+        self.left_out = cells if self.left_out is None else self.left_out | cells
 
     def check_model(self, model: ScGPT, *, max_seq_len: int, precision: str) -> str:
         """Check that ``model`` and the settings embed the query as the reference was embedded; returns the

@@ -3,10 +3,12 @@ model, exactly as 04 embeds a reference, stream the embeddings into a faiss inde
 write the index folder that :func:`~scgpt_protocol.annotate.atlas.load_index` reads. The command line is
 ``scgpt-protocol index build REFERENCE.h5ad --label-key KEY --out DIR``.
 
-Below :data:`FLAT_MAX_CELLS` cells the index is flat (exact search: the labels are those of the brute-force
-search); above, an inverted file with product quantisation (``IVF{nlist},PQ{m}``: ``nlist`` about 4 sqrt(n),
-trained on a seeded sample; 64 bytes per cell for 512 dimensions), searched in ``nprobe`` lists chosen as the
-official scGPT index does. The figures behind the threshold are in ``benchmarks/README.md``.
+Up to :data:`FLAT_MAX_CELLS` cells the index is flat (exact search: the labels are those of the brute-force
+search); above, an inverted file of 8-bit scalar-quantised vectors (``IVF{nlist},SQ8``: ``nlist`` about 4 sqrt(n)
+lists trained on a seeded sample, 512 bytes per cell for 512 dimensions, a quarter of flat), searched in
+``nprobe`` lists chosen as the official scGPT index does. Product quantisation (``kind="ivfpq"``, 64 bytes per
+cell, as the official CELLxGENE index compresses 33M cells) is smaller still, but its coarser distances change
+more kNN votes. The figures behind these choices are in ``benchmarks/README.md``.
 """
 
 from __future__ import annotations
@@ -38,12 +40,13 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["build_index", "make_faiss_index", "FLAT_MAX_CELLS", "INDEX_KINDS"]
 
-#: up to this many cells ``kind="auto"`` builds a flat (exact) index, above it IVF-PQ (benchmarks/README.md:
-#: exact search of 10,000 query cells then takes about as long on 2 CPU cores as embedding them, and the flat
-#: index holds 2 KiB per cell)
-FLAT_MAX_CELLS = 200_000
-#: ``flat``: exact; ``ivf``: inverted file, vectors kept whole; ``ivfpq``: inverted file, product-quantised
-INDEX_KINDS = ("auto", "flat", "ivf", "ivfpq")
+#: up to this many cells ``kind="auto"`` builds a flat (exact) index, above it IVF-SQ8 (benchmarks/README.md: a
+#: flat index holds 2 KiB per cell, 1 GiB at this size, and its search of 10,000 query cells takes a minute on
+#: 2 CPU cores, still little beside embedding them)
+FLAT_MAX_CELLS = 500_000
+#: ``flat``: exact; ``ivf``: inverted file, vectors kept whole; ``ivfsq8``: inverted file, 8-bit scalar-quantised
+#: vectors (the default above :data:`FLAT_MAX_CELLS`); ``ivfpq``: inverted file, product-quantised
+INDEX_KINDS = ("auto", "flat", "ivf", "ivfsq8", "ivfpq")
 #: cells whose embeddings the folder keeps for a joint UMAP of reference and query
 SAMPLE_SIZE = 10_000
 #: faiss's k-means wants at least this many training points per centroid
@@ -56,16 +59,16 @@ def _index_spec(kind: str, n: int, d: int, *, flat_max_cells: int, nlist: int | 
     if kind not in INDEX_KINDS:
         raise ValueError(f"kind={kind!r} is not an index kind; expected one of {list(INDEX_KINDS)}.")
     if kind == "auto":
-        kind = "flat" if n <= flat_max_cells else "ivfpq"
+        kind = "flat" if n <= flat_max_cells else "ivfsq8"
     if kind == "flat":
         return {"kind": "flat", "factory": "Flat", "nlist": None, "pq_m": None, "pq_bits": None, "train_size": 0}
     nlist = int(nlist or max(1, min(round(4 * math.sqrt(n)), n // _POINTS_PER_CENTROID)))
     if not 1 <= nlist <= n:
         raise ValueError(f"nlist={nlist} inverted lists for {n:,} cells; expected 1 <= nlist <= {n:,}.")
     train = int(min(n, train_size or max(40 * nlist, 10_000)))
-    if kind == "ivf":
-        return {"kind": "ivf", "factory": f"IVF{nlist},Flat", "nlist": nlist, "pq_m": None, "pq_bits": None,
-                "train_size": train}
+    if kind in ("ivf", "ivfsq8"):
+        return {"kind": kind, "factory": f"IVF{nlist},{'Flat' if kind == 'ivf' else 'SQ8'}", "nlist": nlist,
+                "pq_m": None, "pq_bits": None, "train_size": train}
     m = int(pq_m or max(1, d // 8))
     if d % m:
         raise ValueError(f"pq_m={m} must divide the embedding dimension {d} (e.g. {d // 8} or {d // 16}).")
@@ -86,8 +89,8 @@ def make_faiss_index(embeddings: Any, *, kind: str = "auto", flat_max_cells: int
         ``[n, d]``: an array or an on-disk (h5py) dataset, read by chunks (memory holds one chunk and the
         training sample, besides the index itself).
     kind
-        ``"auto"`` (``"flat"`` up to ``flat_max_cells`` cells, else ``"ivfpq"``), ``"flat"``, ``"ivf"``,
-        ``"ivfpq"``.
+        ``"auto"`` (``"flat"`` up to ``flat_max_cells`` cells, else ``"ivfsq8"``), ``"flat"``, ``"ivf"``,
+        ``"ivfsq8"``, ``"ivfpq"`` (:data:`INDEX_KINDS`).
     nlist, pq_m, nprobe, train_size
         Inverted lists (default about ``4 sqrt(n)``), PQ sub-vectors (default ``d / 8``: 8 dimensions each, one
         byte per sub-vector), lists searched per query (default :func:`~scgpt_protocol.annotate.atlas.default_nprobe`)
@@ -231,7 +234,7 @@ def build_index(
         As for :func:`~scgpt_protocol.model.embedding.embed` (``max_seq_len``, ``precision`` and the ``<cls>``
         value are recorded: a query must be embedded with the same).
     kind, flat_max_cells, nlist, pq_m, nprobe
-        The index (:func:`make_faiss_index`): flat up to ``flat_max_cells`` cells, else IVF-PQ.
+        The index (:func:`make_faiss_index`): flat up to ``flat_max_cells`` cells, else IVF-SQ8.
     sample_size
         Reference cells whose embeddings are kept for a joint UMAP (a seeded sample).
     overwrite

@@ -360,7 +360,10 @@ def _voting_reference(reference: AnnData | AtlasIndex, label_key: str,
     ref_labels = _obs_labels(reference, label_key, "reference")
     used = ~missing_labels(ref_labels)
     notes: list[str] = []
-    n_dropped = int((~used).sum())
+    left_out = reference.left_out if isinstance(reference, AtlasIndex) else None
+    if left_out is not None:  # an index's cells a label map sent to nothing: no vote, no warning
+        used &= ~left_out
+    n_dropped = int((~used).sum()) - (0 if left_out is None else int(left_out.sum()))
     if n_dropped:
         msg = (
             f"{n_dropped:,} of {reference.n_obs:,} reference cells have no {label_key!r} label (NaN, or text such as "

@@ -144,8 +144,8 @@ def _index_parser(sub: Any) -> None:
     build.add_argument("--seed", type=int, default=0, help="seed of gene sampling, the training and UMAP samples")
     build.add_argument("--gene-symbol-key", default=None, help="var column with gene symbols (default: var_names)")
     build.add_argument("--layer", default=None, help="layer with the expression values (default: X)")
-    build.add_argument("--kind", default="auto", choices=("auto", "flat", "ivf", "ivfpq"),
-                       help="auto: flat (exact) for smaller references, IVF-PQ above")
+    build.add_argument("--kind", default="auto", choices=("auto", "flat", "ivf", "ivfsq8", "ivfpq"),
+                       help="auto: flat (exact) up to 500,000 cells, IVF-SQ8 above")
     build.add_argument("--nprobe", type=int, default=None, help="lists searched per query (default: as scGPT)")
     build.add_argument("--overwrite", action="store_true", help="replace an existing --out once the new one is done")
 

@@ -196,7 +196,7 @@ def zeroshot_inputs(layout: RunLayout, params: Any) -> tuple[AnnData | AtlasInde
         maps, ref_rows = _map_labels(params.label_map, label_key, (ref_data, ref_rows), (query_data, query_rows))
     if index_path is not None:
         if ref_rows is not None:
-            ref_data.leave_out(~ref_rows, label_key)  # mapped to nothing: in the index, but no vote
+            ref_data.leave_out(~ref_rows)  # mapped to nothing: in the index, but no vote
         reference = ref_data
     else:
         reference = ref_data if ref_rows is None else ref_data[ref_rows]
