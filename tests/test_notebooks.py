@@ -271,3 +271,32 @@ def test_03_with_store_outputs_streams_to_the_store_with_the_same_results(ci_run
     manifest = json.loads((run_dir / "run_manifest.json").read_text())
     assert manifest["steps"]["03_evaluate"]["status"] == "finished"
     assert streamed.obs_duckdb.is_file() and streamed.figure("umap").is_file()
+
+
+@pytest.mark.slow  # 25 s: 04 once more (CI runs it with --slow)
+def test_04_onto_a_reference_index_gives_the_labels_of_the_run(ci_run, tmp_path, monkeypatch):
+    """Issue 30: the run's train + validation cells built once into an index (the run's checkpoint and 04's
+    settings), then 04 with reference_index: only the query is embedded, and the calls are those of the run."""
+    pytest.importorskip("faiss")
+    from scgpt_protocol import build_index, load_model
+    from scgpt_protocol.pp.io import read_checkpoint_record, read_labels, read_prepared
+
+    layout, _ = ci_run
+    run_dir, params = tmp_path / "run", tmp_path / "params"
+    shutil.copytree(layout.run_dir, run_dir)
+    shutil.copytree(ROOT / "params" / "ci", params)
+    overrides = yaml.safe_load((params / "04_zeroshot.yaml").read_text()) or {}
+    prepared = read_prepared(layout, backed=True)
+    reference = prepared[prepared.obs["split"].isin(["train", "val"]).to_numpy()]
+    model = load_model(read_checkpoint_record(layout)["checkpoint"], device="cpu")
+    build_index(reference, model, tmp_path / "index", label_keys=read_labels(layout)["label_key"],
+                max_seq_len=overrides["max_seq_len"])
+    (params / "04_zeroshot.yaml").write_text(yaml.safe_dump({**overrides, "reference_index": "index"}))
+    monkeypatch.chdir(tmp_path)  # a relative reference_index is taken from the working directory
+    run_protocol(params, run_dir, steps=["04"], force=True, html=False)
+    indexed = RunLayout(run_dir)
+    pd.testing.assert_frame_equal(pd.read_csv(indexed.zeroshot_predictions, index_col=0),
+                                  pd.read_csv(layout.zeroshot_predictions, index_col=0))
+    metrics = json.loads(indexed.zeroshot_metrics.read_text())
+    assert metrics["params"]["reference_index"]["kind"] == "flat"
+    assert not (indexed.zeroshot_dir / "reference_embeddings.h5").is_file() and indexed.figure("zeroshot_umap").is_file()
