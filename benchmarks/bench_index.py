@@ -20,9 +20,9 @@ It builds, with :func:`~scgpt_protocol.annotate.atlas_build.make_faiss_index`:
   and of searching (resident memory above the level before, sampled every 50 ms);
 
 and, for the threshold, the search time of --n-query cells on a flat and on the default inverted-file index
-(IVF-SQ8) of the first --threshold-sizes cells. With --embed-cells N it also times ``embed`` of N cells (``pbmc3k`` of --embed-data, or
-synthetic counts) with a random model of the released size (51.3M parameters, 1200 tokens), to give the time
-to map --n-query cells: embedding them plus searching the index.
+(IVF-SQ8) of the first --threshold-sizes cells. With --embed-cells N it also times ``embed`` of N cells (of
+--embed-data, e.g. pbmc3k, or synthetic counts) with a random model of the released size (51.3M parameters,
+1200 tokens), to give the time to map --n-query cells: embedding them plus searching the index.
 
 It prints the figures and checks nothing (``benchmarks/README.md`` holds them). The 1M run takes about 10
 minutes on 2 cores, 6 GB of memory and 2 GB of disk in --workdir (default: a temporary folder).
