@@ -315,6 +315,7 @@ def test_a_small_threshold_builds_an_inverted_file_index_that_maps(split, model,
     assert manifest["index"]["kind"] == "ivfsq8" and manifest["index"]["nlist"] == reference.n_obs // 39
     index = load_index(folder)
     assert index.nprobe == manifest["index"]["nprobe"] == manifest["index"]["nlist"] and not index.exact
+    assert load_index(folder, nprobe=3).nprobe == 3 and load_index(folder, nprobe=1000).nprobe == 12
     approximate = _annotate(index, query, model)
     exact = _annotate(load_index(flat_index), query, model)
     agree = (approximate.predictions["scgpt_zeroshot_label"] == exact.predictions["scgpt_zeroshot_label"]).mean()

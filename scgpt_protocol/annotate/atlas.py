@@ -405,7 +405,7 @@ def faiss_on_device(index: Any, device: Any) -> Any:
     return faiss.index_cpu_to_gpu(resources, getattr(device, "index", None) or 0, index)
 
 
-def load_index(path: str | Path) -> AtlasIndex:
+def load_index(path: str | Path, *, nprobe: int | None = None) -> AtlasIndex:
     """Load a reference index folder: ours (:func:`~scgpt_protocol.annotate.atlas_build.build_index`) or the
     official scGPT layout (``index.faiss`` + ``meta.h5ad`` + ``index_config.json``).
 
@@ -413,12 +413,14 @@ def load_index(path: str | Path) -> AtlasIndex:
     ----------
     path
         The folder.
+    nprobe
+        Inverted lists to search per query (more: closer to exact, slower); None: the one the folder records
+        (the manifest, or the official ``index_config.json``), else :func:`default_nprobe`.
 
     Returns
     -------
     AtlasIndex
-        The index, its labels (and cell names), its manifest; ``nprobe`` from the manifest or the official
-        ``index_config.json``.
+        The index, its labels (and cell names), its manifest and ``nprobe``.
 
     Raises
     ------
@@ -440,13 +442,22 @@ def load_index(path: str | Path) -> AtlasIndex:
                "`scgpt-protocol index build REFERENCE.h5ad --label-key KEY --out DIR`, or pass its folder.")
         raise FileNotFoundError(msg)
     if (folder / MANIFEST_FILE).is_file() and (folder / CELLS_FILE).is_file():
-        return _load_ours(folder)
+        return _set_nprobe(_load_ours(folder), nprobe)
     if all((folder / f).is_file() for f in (INDEX_FILE, OFFICIAL_META_FILE, OFFICIAL_CONFIG_FILE)):
-        return _load_official(folder)
+        return _set_nprobe(_load_official(folder), nprobe)
     msg = (f"{folder} is not a reference index: it holds {format_keys(sorted(p.name for p in folder.iterdir()))}; "
            f"expected {INDEX_FILE}, {CELLS_FILE} and {MANIFEST_FILE} (scgpt-protocol index build), or the official "
            f"layout {INDEX_FILE} + {OFFICIAL_META_FILE} + {OFFICIAL_CONFIG_FILE}.")
     raise FileNotFoundError(msg)
+
+
+def _set_nprobe(index: AtlasIndex, nprobe: int | None) -> AtlasIndex:
+    ivf = ivf_part(index.index)
+    if nprobe is not None and ivf is not None:
+        if isinstance(nprobe, bool) or not isinstance(nprobe, (int, np.integer)) or nprobe < 1:
+            raise ValueError(f"nprobe must be a positive integer; got {nprobe!r} (the index has {ivf.nlist} lists).")
+        ivf.nprobe = index.nprobe = int(min(nprobe, ivf.nlist))
+    return index
 
 
 def _read_faiss(folder: Path) -> Any:
