@@ -41,8 +41,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["build_index", "make_faiss_index", "FLAT_MAX_CELLS", "INDEX_KINDS"]
 
 #: up to this many cells ``kind="auto"`` builds a flat (exact) index, above it IVF-SQ8 (benchmarks/README.md: a
-#: flat index holds 2 KiB per cell, 1 GiB at this size, and its search of 10,000 query cells takes a minute on
-#: 2 CPU cores, still little beside embedding them)
+#: flat index holds 2 KiB per cell, 1 GiB at this size, and searches 10,000 query cells in 20 s on 2 CPU cores,
+#: little beside embedding them; below about 200,000 cells IVF-SQ8 would change more than 1% of the votes)
 FLAT_MAX_CELLS = 500_000
 #: ``flat``: exact; ``ivf``: inverted file, vectors kept whole; ``ivfsq8``: inverted file, 8-bit scalar-quantised
 #: vectors (the default above :data:`FLAT_MAX_CELLS`); ``ivfpq``: inverted file, product-quantised
