@@ -114,20 +114,20 @@ def _select_steps(steps: Sequence[str] | None) -> list[str]:
 
 
 def _load_overrides(params_dir: Path, steps: list[str], run_dir: Path, cwd: Path) -> tuple[dict[str, dict[str, Any]],
-                                                                                          list[str]]:
+                                                                                          list[str], list[str]]:
     """Read and check every step's YAML before anything runs (an unknown key fails here); also return the step
-    files whose own ``run_dir`` the runner's run folder overrides."""
+    files whose own ``run_dir`` the runner's run folder overrides, and warnings about the defaults they keep."""
     if not params_dir.is_dir():
         msg = f"parameter folder {params_dir} does not exist; built-in scenarios: demo, ci, retina-example."
         raise FileNotFoundError(msg)
-    out, overridden = {}, []
+    out, overridden, notes = {}, [], []
     files = {step: step_file(params_dir, step) for step in steps}
     for step in steps:
         path = files[step]
         if path is None:
             continue
         values = load_params_file(path, STEPS[step])
-        _warn_defaults(step, path, values)
+        notes.extend(_default_warnings(step, path, values))
         for key in _PATH_PARAMS:
             value = values.get(key)
             if isinstance(value, str) and value not in {"demo", *KNOWN_CHECKPOINTS}:
@@ -139,19 +139,20 @@ def _load_overrides(params_dir: Path, steps: list[str], run_dir: Path, cwd: Path
         STEPS[step].from_mapping(values, source=str(path))  # values checked before any notebook runs
         out[step] = values
     scenario_files(params_dir, steps)  # a missing file is an error, never "all defaults" (the demo data)
-    return out, overridden
+    return out, overridden, notes
 
 
-def _warn_defaults(step: str, path: Path, values: dict[str, Any]) -> None:
-    """Say before anything runs which defaults a step file leaves in place where they change what runs."""
-    if not values:
-        logger.warning("%s is empty: step %s runs with all its defaults.", path, step)
+def _default_warnings(step: str, path: Path, values: dict[str, Any]) -> list[str]:
+    """What to say before anything runs about the defaults a step file leaves in place where they change what
+    runs (logged after the run's first line)."""
+    out = [f"{path} is empty: step {step} runs with all its defaults."] if not values else []
     if step == "01_preprocess":
         for key, what in (("adata_path", "the built-in demo data (scanpy's pbmc68k_reduced), not yours"),
                           ("checkpoint", "a tiny random checkpoint (the demo one), not a pretrained model")):
             if key not in values:
-                logger.warning("%s does not set %s: step 01 uses %s. Set %s in that file (%s: demo to mean it).",
-                               path, key, what, key, key)
+                out.append(f"{path} does not set {key}: step 01 uses {what}. Set {key} in that file ({key}: demo to "
+                           "mean it).")
+    return out
 
 
 def _check_run_dir(layout: RunLayout, force: bool, params_dir: Path) -> dict[str, Any] | None:
@@ -295,10 +296,12 @@ def _start_run(params_dir: str | Path, run_dir: str | Path, steps: Sequence[str]
     layout = RunLayout(resolve_run_dir(run_dir, cwd))  # as a notebook resolves it
     chosen = _select_steps(steps)
     notebook_dir = resolve_notebooks(notebooks, chosen)
-    overrides, overridden = _load_overrides(params_dir, chosen, layout.run_dir, cwd)
+    overrides, overridden, notes = _load_overrides(params_dir, chosen, layout.run_dir, cwd)
     wins = f" (it wins over run_dir {', '.join(overridden)})" if overridden else ""
     (logger.warning if wins else logger.info)("scenario %s; notebooks %s; run folder %s%s", params_dir,
                                               notebooks or "(packaged)", layout.run_dir, wins)
+    for note in notes:
+        logger.warning("%s", note)
     lock = hold_run_dir(layout.run_dir, step=chosen[0], holder="scgpt-protocol run")  # one writer per run folder
     try:
         return _open_run(layout, lock, params_dir, notebook_dir, chosen, overrides, force=force, cwd=cwd,
