@@ -72,21 +72,24 @@ def test_a_second_writer_stops_at_once_naming_the_holder(tmp_path):
         _stop(proc)
 
 
-def test_a_lock_left_by_a_killed_process_is_taken_over_with_a_note(tmp_path, caplog):
+def test_a_lock_left_by_a_killed_process_is_taken_over_with_a_note(tmp_path, caplog, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     run_dir = tmp_path / "run"
     proc = _holder(run_dir)
     _stop(proc, signal.SIGKILL)  # kill -9: no clean-up ran; the OS released the lock
-    assert json.loads((run_dir / run_lock.LOCK_FILE).read_text())["pid"] == proc.pid  # its record is still there
+    assert json.loads((run_dir / run_lock.RECORD_FILE).read_text())["pid"] == proc.pid  # its record is still there
     with caplog.at_level("WARNING"):
         lock = run_lock.hold_run_dir(run_dir, step="01_preprocess", holder="notebook")
     try:
         assert lock.took_over["pid"] == proc.pid and lock.record["pid"] == os.getpid()
         assert f"took over the lock of {run_dir}: pid {proc.pid}" in caplog.text
         assert run_lock.hold_run_dir(run_dir, step="02_finetune", holder="notebook") is lock  # the same process
-        assert json.loads((run_dir / run_lock.LOCK_FILE).read_text())["step"] == "02_finetune"
+        assert json.loads((run_dir / run_lock.RECORD_FILE).read_text())["step"] == "02_finetune"
+        os.chdir(tmp_path)  # the same folder spelled another way is the same lock
+        assert run_lock.hold_run_dir("run", step="03_evaluate", holder="notebook") is lock
     finally:
         lock.release()
-    assert (run_dir / run_lock.LOCK_FILE).read_text() == ""  # released on purpose: nothing to take over
+    assert not (run_dir / run_lock.RECORD_FILE).exists()  # released on purpose: nothing to take over
     again = run_lock.hold_run_dir(run_dir, step="01_preprocess", holder="notebook")
     assert again.took_over is None
     again.release()
@@ -114,7 +117,7 @@ def test_a_run_while_the_folder_is_free_leaves_the_lock_released(tmp_path, monke
     seen = {}
 
     def execute(notebook, report, parameters=None, **kwargs):  # what the kernel would see
-        record = json.loads((Path(parameters["run_dir"]) / run_lock.LOCK_FILE).read_text())
+        record = json.loads((Path(parameters["run_dir"]) / run_lock.RECORD_FILE).read_text())
         seen.update(record=record, env=os.environ.get(run_lock.INHERITED_ENV, ""),
                     manager=kwargs.get("kernel_manager_class"))
         Path(report).write_text(json.dumps({"cells": [], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}))
@@ -122,9 +125,62 @@ def test_a_run_while_the_folder_is_free_leaves_the_lock_released(tmp_path, monke
     monkeypatch.setattr(papermill, "execute_notebook", execute)
     run_protocol(CI, tmp_path / "run", steps=["01"], html=False)
     assert seen["record"]["holder"] == "scgpt-protocol run" and seen["record"]["pid"] == os.getpid()
-    assert seen["record"]["step"] == "01_preprocess" and seen["env"].endswith(seen["record"]["token"])
+    assert seen["record"]["step"] == "01_preprocess" and seen["env"].split("\t")[1] == seen["record"]["token"]
     assert seen["manager"] is not None  # the kernel's own output goes to logs/<step>.kernel.log
-    assert (tmp_path / "run" / run_lock.LOCK_FILE).read_text() == "" and run_lock.INHERITED_ENV not in os.environ
+    assert not (tmp_path / "run" / run_lock.RECORD_FILE).exists() and run_lock.INHERITED_ENV not in os.environ
+
+
+def test_two_writers_started_together_one_wins(tmp_path):
+    code = textwrap.dedent(f"""
+        import sys, time
+        from scgpt_protocol.core.errors import RunDirInUse
+        from scgpt_protocol.core.lock import hold_run_dir
+        while time.time() < {time.time() + 3.0}:  # start at the same moment
+            pass
+        try:
+            hold_run_dir({str(tmp_path / "run")!r}, step="01_preprocess", holder="notebook")
+            print("held", flush=True)
+            time.sleep(3)
+        except RunDirInUse:
+            print("refused", flush=True)
+    """)
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(3)]
+    outcomes = sorted(p.communicate(timeout=120)[0].strip() for p in procs)
+    assert outcomes == ["held", "refused", "refused"]
+
+
+def test_without_os_locks_the_record_is_an_exclusive_claim(tmp_path, monkeypatch):
+    import filelock
+
+    def no_locks(fd, **kwargs):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(filelock, "lock_descriptor", no_locks)
+    run_dir = tmp_path / "run"
+    lock = run_lock.hold_run_dir(run_dir, step="01_preprocess", holder="notebook")
+    assert not lock.os_lock and json.loads((run_dir / run_lock.RECORD_FILE).read_text())["pid"] == os.getpid()
+    other_host = {"pid": 1, "host": "elsewhere", "holder": "notebook", "step": "02_finetune", "since": "then"}
+    lock.release()
+    (run_dir / run_lock.RECORD_FILE).write_text(json.dumps(other_host))
+    with pytest.raises(RunDirInUse, match=r"on host elsewhere.*delete .*\.scgpt-protocol\.lock\.json and run again"):
+        run_lock.hold_run_dir(run_dir, step="01_preprocess", holder="notebook")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    import socket
+
+    (run_dir / run_lock.RECORD_FILE).write_text(json.dumps({**other_host, "host": socket.gethostname(),
+                                                             "pid": int(dead.stdout)}))
+    lock = run_lock.hold_run_dir(run_dir, step="01_preprocess", holder="notebook")  # its process ended here
+    assert lock.took_over["pid"] == int(dead.stdout)
+    lock.release()
+
+
+def test_a_set_up_cell_run_again_with_another_run_dir_frees_the_first(tmp_path):
+    first, second = RunLayout(tmp_path / "a"), RunLayout(tmp_path / "b")
+    first.hold("preprocess")
+    assert run_lock.held_lock(first.run_dir) is not None
+    second.hold("preprocess")
+    assert run_lock.held_lock(first.run_dir) is None and run_lock.held_lock(second.run_dir) is not None
+    second.release()
 
 
 # == a full disk, a dying kernel, leftovers ================================================================
@@ -222,6 +278,9 @@ def test_leftovers_of_earlier_runs_are_removed_and_those_that_stay_are_listed(tm
     old_report.write_text("{")
     foreign = layout.data_dir / "notes.partial.txt"  # not ours: kept
     foreign.write_text("mine")
+    other_step = layout.model_dir / ".best_model.qq11.partial.pt"  # 02's: not removed when 01 runs
+    other_step.parent.mkdir(parents=True)
+    other_step.write_bytes(b"x")
     (run_dir / "run_manifest.json").write_text(json.dumps({"params_dir": str(CI), "status": "failed", "steps": {}}))
     real_unlink = Path.unlink
 
@@ -235,6 +294,7 @@ def test_leftovers_of_earlier_runs_are_removed_and_those_that_stay_are_listed(tm
         json.dumps({"cells": [], "metadata": {}, "nbformat": 4, "nbformat_minor": 5})))
     run_protocol(CI, run_dir, steps=["01"], html=False)
     assert not stray.exists() and not old_report.exists() and foreign.exists() and stuck.exists()
+    assert other_step.exists()
     manifest = json.loads((run_dir / "run_manifest.json").read_text())
     assert manifest["leftovers"] == {"01_preprocess": [f"{stuck}: Permission denied"]}
     page = (run_dir / "reports" / "index.html").read_text()
@@ -286,6 +346,10 @@ def test_a_parameter_value_of_megabytes_is_refused_shortened(tmp_path):
         PreprocessParams(label_key=huge)
     msg = str(info.value)
     assert len(msg) < 600 and "(10,000,002 characters in all)" in msg and f"at most {MAX_TEXT:,} characters" in msg
+    for value in (huge, {huge: "T cell"}, {"T": huge}):  # a label map: a path or an inline mapping
+        with pytest.raises(ParamsError, match="at most 4,096 characters"):
+            PreprocessParams(label_map=value)
+    PreprocessParams(label_map={"CD4 T": "T cell"}, label_key="x" * MAX_TEXT)  # at the limit: fine
     scenario = tmp_path / "params"
     scenario.mkdir()
     for step in ("01_preprocess", "02_finetune", "03_evaluate", "04_zeroshot"):

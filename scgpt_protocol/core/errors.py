@@ -86,9 +86,10 @@ def _space_story(needed: int | None, free: int | None) -> str:
     if needed > free:
         return (f"it needs at least {size_text(needed)} and {size_text(free)} is free on that file system: at least "
                 f"{size_text(needed - free)} is missing.")
-    # the disk filled up while other files were written too; what the file wrote is all that is known
-    return (f"the disk filled up after {size_text(needed)} of it had been written; {size_text(free)} is free now that "
-            f"the partial file is removed, less than the step needs in all: free at least {size_text(needed)} more.")
+    # the write failed though the space looks free now: a quota, or other writers filled the disk meanwhile
+    return (f"the write failed after {size_text(needed)} of it had been written, though {size_text(free)} is free "
+            "now that the partial file is removed: a quota, or other files written at the same time, may have "
+            f"filled it. Check the quota (or what else writes there), free at least {size_text(needed)} more.")
 
 
 class DiskFullError(ScGPTProtocolError, OSError):

@@ -309,9 +309,10 @@ class RunLayout:
         :class:`~scgpt_protocol.core.errors.RunDirInUse` when another run or notebook writes here."""
         import logging
 
-        from .lock import hold_run_dir
+        from .lock import hold_run_dir, release_others
 
         step = self.full_step(step)
+        release_others(self.run_dir, "notebook")  # a set-up cell run again with another run_dir frees the old one
         hold_run_dir(self.run_dir, step=step, holder="notebook")
         removed, kept = self.remove_leftovers(step)
         log = logging.getLogger(__name__)

@@ -150,8 +150,14 @@ MAX_TEXT = 4096
 
 
 def _check_text_length(params: StepParams, name: str, value: Any) -> None:
-    texts = [value] if isinstance(value, str) else (
-        [str(x) for item in value.items() for x in item] if isinstance(value, Mapping) else [])
+    if isinstance(value, str):
+        texts = [value]
+    elif isinstance(value, Mapping):
+        texts = [str(x) for item in value.items() for x in item]
+    elif isinstance(value, (list, tuple)):
+        texts = [str(x) for x in value]
+    else:
+        texts = []
     longest = max((len(t) for t in texts), default=0)
     if longest > MAX_TEXT:
         params._fail(name, value, f"text of at most {MAX_TEXT:,} characters (a column name, a path or a label); "
@@ -180,6 +186,7 @@ class StepParams:
             kind = hints[f.name]
             optional, bases = _field_types(kind)
             base = bases[0]
+            _check_text_length(self, f.name, value)
             if value is None:
                 if optional:
                     continue
@@ -189,7 +196,6 @@ class StepParams:
                     self._fail(f.name, value, " or ".join(f"a {b.__name__}" for b in bases)
                                + (" or None" if optional else ""))
                 continue
-            _check_text_length(self, f.name, value)
             coerced = _coerce_number(value, base)
             if coerced is not value:
                 value = coerced

@@ -46,8 +46,10 @@ def what_failed(layout: RunLayout, step: str, err: Exception, manifest: dict[str
     full = None
     if full_disk and died:
         target = max(leftovers, key=leftovers.get) if leftovers else report
-        note = (f"The kernel died on the full disk (a library crashed writing {target.name}); what it left "
-                f"half-written was removed ({size_text(sum(leftovers.values()))}).")
+        doing = f"writing {target.name}" if leftovers else "while it ran"
+        removed = (f"; what it left half-written was removed ({size_text(sum(leftovers.values()))})" if leftovers
+                   else "")
+        note = f"The kernel died on the full disk (a library crashed {doing}){removed}."
         full = disk_full_error(target, needed=leftovers.get(target) or None, cause=err, note=note)
     elif full_disk:  # the runner's own write (papermill saving the report) failed
         full = disk_full_error(report, needed=written, cause=err)

@@ -14,10 +14,11 @@ from typing import Any
 __all__ = ["kernel_manager_for", "kernel_environment", "last_words", "kernel_died"]
 
 
-def kernel_manager_for(log_path: Path) -> type:
+def kernel_manager_for(log_path: Path, pass_fds: tuple[int, ...] = ()) -> type:
     """A jupyter kernel manager class whose kernels write their process output (the kernel's own warnings, a
-    crash's stack, a zmq traceback while it is stopped) to ``log_path`` instead of the runner's console; cell
-    output still goes to the report. Given to papermill as ``kernel_manager_class``."""
+    crash's stack, a zmq traceback while it is stopped) to ``log_path`` instead of the runner's console, and
+    inherit ``pass_fds`` (the run folder's lock: it stays held while the kernel runs); cell output still goes to
+    the report. Given to papermill as ``kernel_manager_class``."""
     from jupyter_client.manager import AsyncKernelManager
 
     class StepKernelManager(AsyncKernelManager):
@@ -30,6 +31,8 @@ def kernel_manager_for(log_path: Path) -> type:
             if log is not None:
                 kw.setdefault("stdout", log)
                 kw.setdefault("stderr", log)
+            if pass_fds:
+                kw["pass_fds"] = pass_fds
             try:
                 await super()._async_launch_kernel(kernel_cmd, **kw)
             finally:

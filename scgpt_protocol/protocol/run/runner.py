@@ -20,7 +20,7 @@ from typing import Any, Sequence
 from ...core.errors import DiskFullError, RunDirInUse
 from ...core.io import package_versions, read_json, short_record, utc_now, utc_stamp
 from ...core.layout import RunLayout
-from ...core.lock import LOCK_FILE, RunLock, hold_run_dir, inherit_env
+from ...core.lock import LOCK_FILE, RunLock, hold_run_dir, inherit_env, shared_fds
 from ...core.params import STEPS, ParamsError, load_params_file, resolve_run_dir
 from ...model.download import KNOWN_CHECKPOINTS
 from .failures import remove_leftovers, what_failed
@@ -157,7 +157,7 @@ def _default_warnings(step: str, path: Path, values: dict[str, Any]) -> list[str
 
 def _check_run_dir(layout: RunLayout, force: bool, params_dir: Path) -> dict[str, Any] | None:
     """Refuse a run_dir with a finished run or foreign files; return an unfinished run's manifest."""
-    if not layout.run_dir.exists() or not any(p.name != LOCK_FILE for p in layout.run_dir.iterdir()):
+    if not layout.run_dir.exists() or all(p.name.startswith(LOCK_FILE) for p in layout.run_dir.iterdir()):
         return None
     if not layout.run_manifest.is_file():
         if force:
@@ -364,7 +364,7 @@ def _run_step(run: _Run, step: str) -> None:
         papermill.execute_notebook(
             str(notebook), str(report), parameters=run.overrides[step], kernel_name=run.kernel_name,
             cwd=str(run.cwd), progress_bar=False, log_output=False,
-            kernel_manager_class=kernel_manager_for(layout.kernel_log(step.split("_", 1)[1])),
+            kernel_manager_class=kernel_manager_for(layout.kernel_log(step.split("_", 1)[1]), shared_fds(run.lock)),
         )
     except KeyboardInterrupt:
         raise

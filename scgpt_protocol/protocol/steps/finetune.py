@@ -232,24 +232,27 @@ def launch_finetune(params: FinetuneParams) -> int:
         When torchrun exits with an error (its output, above, says why).
     """
 
-    from ...core.lock import held_lock, hold_run_dir, inherit_env
+    from ...core.lock import held_lock, hold_run_dir
 
     layout = RunLayout(params.run_dir)
     took = held_lock(layout.run_dir) is None  # a notebook holds it already; a Python caller may not
     lock = hold_run_dir(layout.run_dir, step="02_finetune", holder="launch_finetune")
     try:
-        return _run_torchrun(params, layout, inherit_env(lock))
+        return _run_torchrun(params, layout, lock)
     finally:
         if took:
             lock.release()
 
 
-def _run_torchrun(params: FinetuneParams, layout: RunLayout, lock_env: dict[str, str]) -> int:
+def _run_torchrun(params: FinetuneParams, layout: RunLayout, lock: Any) -> int:
+    from ...core.lock import inherit_env, shared_fds
+
     params_file = params.to_yaml(layout.step_params(params.STEP))
     command = torchrun_command(params, params_file)
     logger.info("launching: %s", " ".join(command))
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **lock_env}  # the processes share the caller's lock
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **inherit_env(lock)}  # the processes share the caller's lock
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                          pass_fds=shared_fds(lock)) as proc:
         for line in proc.stdout:  # pass the training's own log through (it is also in logs/finetune.log)
             sys.stdout.write(line)
             sys.stdout.flush()
