@@ -292,7 +292,8 @@ def test_atomic_write_on_a_full_disk_raises_disk_full_and_leaves_the_old_file(tm
     assert isinstance(err, OSError) and isinstance(err, ScGPTProtocolError) and err.errno == errno.ENOSPC
     assert err.path == str(target) and err.needed == 5000
     assert abs(err.free - shutil.disk_usage(tmp_path).free) < 2**30  # the free space then (others write too)
-    assert str(target) in str(err) and "needs at least 4.9 KiB" in str(err) and "GiB is free" in str(err)
+    # what it wrote before the disk filled up is all that is known of what it needs
+    assert str(target) in str(err) and "after 4.9 KiB of it had been written" in str(err) and "GiB is free" in str(err)
     assert "old metrics.json is untouched" in str(err)
     assert target.read_text() == "old" and _leftovers(tmp_path) == []
 
@@ -354,14 +355,14 @@ def test_disk_full_inside_a_notebook_fails_the_step_with_a_typed_error(tmp_path,
     msg = str(info.value)
     assert info.value.ename == "DiskFullError"
     assert "step 01_preprocess failed: DiskFullError: no space left to write" in msg and "best_model.pt" in msg
-    assert "needs at least 2.9 KiB" in msg and "(in cell 4 of" in msg
+    assert "after 2.9 KiB of it had been written" in msg and "(in cell 4 of" in msg
     manifest = _manifest(run)
     assert manifest["status"] == "failed" and manifest["steps"]["01_preprocess"]["error_type"] == "DiskFullError"
     assert not (run / "model" / "best_model.pt").exists() and _leftovers(run) == []
     nbformat.read(run / "reports" / "01_preprocess.ipynb", as_version=4)  # complete, and shows the error
 
 
-def test_report_truncated_by_a_full_disk_is_renamed_and_the_run_failed(tmp_path, monkeypatch):
+def test_report_truncated_by_a_full_disk_is_removed_and_the_run_failed(tmp_path, monkeypatch):
     """papermill itself (in the runner's process) cannot finish writing the report."""
     from papermill.iorw import LocalHandler
 
@@ -382,13 +383,13 @@ def test_report_truncated_by_a_full_disk_is_renamed_and_the_run_failed(tmp_path,
     report = tmp_path / "run" / "reports" / "01_preprocess.ipynb"
     msg = str(info.value)
     assert info.value.path == str(report) and info.value.needed > 0
-    assert f"no space left to write {report}" in msg and "is free on that file system" in msg
-    assert f"the truncated report was renamed to {report}.incomplete" in msg
-    assert not report.exists() and Path(f"{report}.incomplete").is_file()
+    assert f"no space left to write {report}" in msg and "is free now" in msg
+    assert f"the truncated report {report} was removed" in msg
+    assert not report.exists() and not Path(f"{report}.incomplete").exists()  # its space is given back
     assert not report.with_suffix(".html").exists()
     manifest = _manifest(tmp_path / "run")
     assert manifest["status"] == "failed" and manifest["steps"]["01_preprocess"]["status"] == "failed"
-    assert "renamed to" in manifest["steps"]["01_preprocess"]["error"]
+    assert "was removed" in manifest["steps"]["01_preprocess"]["error"]
 
 
 def test_full_disk_for_the_manifest_too_is_best_effort(tmp_path, fake_papermill, monkeypatch):
@@ -409,7 +410,7 @@ def test_full_disk_for_the_manifest_too_is_best_effort(tmp_path, fake_papermill,
         run_protocol(CI, tmp_path / "run", steps=["01"], html=False)
     assert "run_manifest.json could not be updated" in str(info.value)
     assert _manifest(tmp_path / "run")["steps"]["01_preprocess"]["status"] == "running"  # what it said before
-    assert (tmp_path / "run" / "reports" / "01_preprocess.ipynb.incomplete").is_file()
+    assert not (tmp_path / "run" / "reports" / "01_preprocess.ipynb").exists()  # truncated: removed
 
 
 # == 3. stale steps ========================================================================================

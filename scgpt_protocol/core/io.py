@@ -20,9 +20,10 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from .errors import DamagedFileError, DiskFullError
+from .errors import DamagedFileError, DiskFullError, size_text
 
-__all__ = ["sha256_file", "atomic_write", "disk_full_error", "is_disk_full", "read_json", "utc_stamp", "utc_now"]
+__all__ = ["sha256_file", "atomic_write", "disk_full_error", "is_disk_full", "read_json", "utc_stamp", "utc_now",
+           "short_record", "free_bytes", "SpaceGuard"]
 
 _CHUNK_SIZE = 1 << 20
 #: ``read_json(default=REQUIRED)``: a missing file is an error
@@ -161,7 +162,28 @@ def is_disk_full(err: BaseException | None) -> bool:
     return False
 
 
-def _free_bytes(path: Path) -> int | None:
+#: the most characters of one text value a record (manifest, parameters) keeps whole
+RECORD_CHARS = 1024
+
+
+def short_record(value: Any, limit: int = RECORD_CHARS) -> Any:
+    """``value`` (a mapping, list or scalar) with every text longer than ``limit`` characters shortened to its
+    start, its length and its sha256: a run's records stay readable whatever a parameter holds, and two
+    shortened values are still equal only when the texts were."""
+    if isinstance(value, str):
+        if len(value) <= limit:
+            return value
+        digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+        return f"{value[:120]}... ({len(value):,} characters, sha256 {digest})"
+    if isinstance(value, dict):
+        return {short_record(k, limit): short_record(v, limit) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [short_record(v, limit) for v in value]
+    return value
+
+
+def free_bytes(path: Path) -> int | None:
+    """Bytes free on the file system of ``path`` (or of its nearest existing parent); None if unknown."""
     for folder in (path, *path.parents):
         try:
             return shutil.disk_usage(folder).free
@@ -175,7 +197,35 @@ def disk_full_error(path: str | Path, *, needed: int | None, cause: BaseExceptio
     """A :class:`~scgpt_protocol.core.errors.DiskFullError` for ``path``: the space needed and the space free."""
 
     path = Path(path)
-    return DiskFullError(path, needed=needed, free=_free_bytes(path.parent), cause=cause, note=note)
+    return DiskFullError(path, needed=needed, free=free_bytes(path.parent), cause=cause, note=note)
+
+
+#: the space a step's long write leaves free for the files that follow it (reports, figures, records)
+SPACE_RESERVE = 4 * 2**20
+
+
+class SpaceGuard:
+    """Stops a long streaming write before the disk is full, where a library might crash on the full disk
+    rather than raise (HDF5 can take the Python process down with it).
+
+    ``check(total)``, called before each block is written with the file's projected final size, raises
+    :class:`~scgpt_protocol.core.errors.DiskFullError` naming ``path`` when that size plus ``reserve`` does not fit
+    in the space free plus what ``tmp`` (the partial file) holds already.
+    """
+
+    def __init__(self, path: str | Path, tmp: str | Path, *, reserve: int = SPACE_RESERVE, what: str = "") -> None:
+        self.path, self.tmp, self.reserve, self.what = Path(path), Path(tmp), reserve, what
+
+    def check(self, total: int) -> None:
+        free = free_bytes(self.tmp.parent)
+        if free is None:
+            return
+        held = self.tmp.stat().st_size if self.tmp.is_file() else 0
+        if total + self.reserve <= free + held:
+            return
+        note = (f"Stopped before the disk was full: {self.what or self.path.name} needs about {size_text(total)}, "
+                f"and {size_text(self.reserve)} stays free for the step's reports and figures.")
+        raise DiskFullError(self.path, needed=total + self.reserve, free=free + held, note=note)
 
 
 def _umask() -> int:

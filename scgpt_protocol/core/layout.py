@@ -193,6 +193,10 @@ class RunLayout:
     def step_log(self, step: str) -> Path:
         return self.logs_dir / f"{step}.log"
 
+    def kernel_log(self, step: str) -> Path:
+        """What the kernel of a headless step wrote outside its cells (its warnings, a crash's stack)."""
+        return self.logs_dir / f"{step}.kernel.log"
+
     def step_params(self, step: str) -> Path:
         return self.params_dir / f"{step}.yaml"
 
@@ -231,7 +235,7 @@ class RunLayout:
             return [*outputs[step], *figures]
         return [*outputs[step], *figures, report,
                 report.with_suffix(".html"), report.with_name(report.name + ".incomplete"), self.step_log(name),
-                self.step_params(name)]
+                self.kernel_log(name), self.step_params(name)]
 
     @property
     def stale_dir(self) -> Path:
@@ -258,6 +262,74 @@ class RunLayout:
             shutil.move(str(path), str(target / rel))
             moved.append(rel)
         return target, moved
+
+    # -- leftovers of failed writes --
+    def leftovers(self, step: str) -> list[Path]:
+        """The temporary files a failed or killed ``step`` left behind: ``.<name>.<random>.partial<suffix>`` of
+        :func:`~scgpt_protocol.core.io.atomic_write` beside (or inside) its artifacts, and its truncated report
+        (``reports/<step>.ipynb.incomplete``), and those of the run's own records (manifest, summary page).
+        ``step``: ``"01_preprocess"`` or ``"preprocess"``. Only the run folder's lock holder may remove them."""
+        step = self.full_step(step)
+        found: set[Path] = set()
+        for path in [*self.step_artifacts(step), self.run_manifest, self.reports_dir / "index.html"]:
+            if path.name.endswith(".incomplete") and path.is_file():
+                found.add(path)
+            elif path.is_dir():
+                found.update(p for p in path.rglob(".*.partial*") if p.is_file())
+            elif path.parent.is_dir():
+                found.update(p for p in path.parent.glob(f".{path.stem}.*.partial{path.suffix}") if p.is_file())
+        return sorted(found)
+
+    def remove_leftovers(self, step: str) -> tuple[list[Path], list[str]]:
+        """Remove :meth:`leftovers` of ``step``: (removed, ``"<path>: <why not>"`` for each that could not be)."""
+        removed, kept = [], []
+        for path in self.leftovers(step):
+            try:
+                path.unlink()
+                removed.append(path)
+            except FileNotFoundError:
+                continue
+            except OSError as err:
+                kept.append(f"{path}: {err.strerror or err}")
+        return removed, kept
+
+    @staticmethod
+    def full_step(step: str) -> str:
+        """``"01_preprocess"`` for ``"preprocess"``, ``"01"`` or ``"01_preprocess"``."""
+        for name in STEP_DEPENDS_ON:
+            if step in (name, name.split("_", 1)[1], name.split("_", 1)[0]):
+                return name
+        msg = f"unknown step {step!r}; steps: {list(STEP_DEPENDS_ON)}."
+        raise KeyError(msg)
+
+    # -- one writer at a time --
+    def hold(self, step: str) -> RunLayout:
+        """Take this run folder for ``step`` (:func:`~scgpt_protocol.core.lock.hold_run_dir`; a notebook's set-up
+        cell), and remove what an earlier failed run of the step left half-written. Raises
+        :class:`~scgpt_protocol.core.errors.RunDirInUse` when another run or notebook writes here."""
+        import logging
+
+        from .lock import hold_run_dir, release_others
+
+        step = self.full_step(step)
+        release_others(self.run_dir, "notebook")  # a set-up cell run again with another run_dir frees the old one
+        hold_run_dir(self.run_dir, step=step, holder="notebook")
+        removed, kept = self.remove_leftovers(step)
+        log = logging.getLogger(__name__)
+        if removed:
+            log.info("removed %d file(s) an earlier run of %s left half-written: %s", len(removed), step,
+                     ", ".join(str(p.relative_to(self.run_dir)) for p in removed))
+        for line in kept:
+            log.warning("could not remove a file an earlier run left half-written: %s", line)
+        return self
+
+    def release(self) -> None:
+        """Give this run folder back (the last cell of each notebook; also when the kernel ends)."""
+        from .lock import held_lock
+
+        lock = held_lock(self.run_dir)
+        if lock is not None:
+            lock.release()
 
     def make_dirs(self) -> RunLayout:
         for folder in (self.params_dir, self.logs_dir, self.figures_dir, self.data_dir):

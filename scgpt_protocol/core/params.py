@@ -22,6 +22,8 @@ from typing import Any, ClassVar, Mapping, Optional, Union
 
 import yaml
 
+from .errors import shown
+
 __all__ = ["StepParams", "PreprocessParams", "FinetuneParams", "EvaluateParams", "ZeroshotParams", "STEPS",
     "load_params_file", "parameters_cell", "RECIPES", "recipe_kind", "published_adam_eps", "resolve_run_dir"]
 
@@ -142,6 +144,26 @@ def resolve_run_dir(run_dir: str | Path, cwd: str | Path | None = None) -> Path:
 
 
 
+#: the longest text one parameter may hold (a path's limit on Linux): a longer value is a mistake (a file pasted
+#: into a field), refused before anything runs rather than copied into every record and report
+MAX_TEXT = 4096
+
+
+def _check_text_length(params: StepParams, name: str, value: Any) -> None:
+    if isinstance(value, str):
+        texts = [value]
+    elif isinstance(value, Mapping):
+        texts = [str(x) for item in value.items() for x in item]
+    elif isinstance(value, (list, tuple)):
+        texts = [str(x) for x in value]
+    else:
+        texts = []
+    longest = max((len(t) for t in texts), default=0)
+    if longest > MAX_TEXT:
+        params._fail(name, value, f"text of at most {MAX_TEXT:,} characters (a column name, a path or a label); "
+                                  f"it holds {longest:,}")
+
+
 @dataclass
 class StepParams:
     """Fields shared by every step."""
@@ -164,6 +186,7 @@ class StepParams:
             kind = hints[f.name]
             optional, bases = _field_types(kind)
             base = bases[0]
+            _check_text_length(self, f.name, value)
             if value is None:
                 if optional:
                     continue
@@ -198,7 +221,7 @@ class StepParams:
 
     def _fail(self, name: str, value: Any, expected: str) -> None:
         msg = (
-            f"parameter {name}={value!r} of step {self.STEP!r} is invalid: expected {expected}. "
+            f"parameter {name}={shown(value)} of step {self.STEP!r} is invalid: expected {expected}. "
             f"Fix it in the parameters cell of {self.NOTEBOOK} or in the YAML file."
         )
         raise ParamsError(msg)
@@ -229,7 +252,8 @@ class StepParams:
     def from_namespace(cls, namespace: Mapping[str, Any], *, write: bool = True) -> StepParams:
         """Build from a notebook's globals (the parameters cell, maybe overridden by papermill).
 
-        Writes ``run_dir/params/<step>.yaml`` so that the run records what it ran with.
+        Takes the run folder (:meth:`~scgpt_protocol.core.layout.RunLayout.hold`: one notebook or run writes it at
+        a time) and writes ``run_dir/params/<step>.yaml`` so that the run records what it ran with.
         """
         cls._check_injected(namespace)
         missing = [n for n in cls.field_names() if n not in namespace]
@@ -244,10 +268,11 @@ class StepParams:
 
         ensure_logging()
         logger.info("run_dir: %s%s", params.run_dir, f"; {params.recipe_note()}" if cls.RECIPE_FIELDS else "")
-        if write:
+        if write:  # the run folder first: another notebook or run writing it stops here, before any file changes
             from .layout import RunLayout
 
-            params.to_yaml(RunLayout(params.run_dir).step_params(params.STEP))
+            layout = RunLayout(params.run_dir).hold(params.STEP)
+            params.to_yaml(layout.step_params(params.STEP))
         return params
 
     # -- the recipe --

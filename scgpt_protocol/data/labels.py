@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from ..core.errors import format_keys
+from ..core.errors import format_keys, shown
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -113,7 +113,7 @@ def missing_labels(labels: Any) -> np.ndarray:
 def require_obs_key(adata: AnnData, key: str, name: str) -> None:
     if key not in adata.obs.columns:
         msg = (
-            f"{name} {key!r} not in adata.obs; available: {format_keys(adata.obs.columns)}. "
+            f"{name} {shown(key)} not in adata.obs; available: {format_keys(adata.obs.columns)}. "
             f"Set {name} in the parameters cell or YAML."
         )
         raise KeyError(msg)

@@ -108,6 +108,31 @@ class BackedRows:
         return block if cols is None else block[:, cols]
 
 
+#: dtype kinds of expression values: booleans, signed and unsigned integers, floats
+_NUMERIC_KINDS = "biuf"
+
+
+def dense_block(block: Any) -> np.ndarray:
+    """A dense block of rows as an array scipy can store: float16 (which scipy.sparse refuses) becomes float32,
+    which holds every float16 value exactly."""
+    block = np.asarray(block)
+    return block.astype(np.float32) if block.dtype == np.float16 else block
+
+
+def check_dtype(matrix: Any, where: str = "adata.X") -> None:
+    """Fail clearly when the expression values are not real numbers (complex, text, objects, dates).
+
+    Booleans, integers and floats are read as float32 (float16 exactly; the others as scanpy reads them)."""
+    dtype = getattr(matrix, "dtype", None)
+    if dtype is None or np.dtype(dtype).kind in _NUMERIC_KINDS:
+        return
+    msg = (f"{where} holds values of dtype {np.dtype(dtype)}; expected real numbers (raw counts or log1p-normalised "
+           "expression: float32, float64, float16 or integers). Convert it first, e.g. "
+           f"adata.X = adata.X.real.astype('float32') for complex values with no imaginary part, or point "
+           "layer= to the layer that holds expression values.")
+    raise InputDataError(msg)
+
+
 def get_matrix(adata: AnnData, layer: str | None = None) -> Any:
     """``adata.X`` or ``adata.layers[layer]`` with a clear error for an unknown layer.
 
@@ -164,7 +189,7 @@ def iter_row_chunks(
         stop = min(start + chunk_size, total)
         block = matrix[start:stop] if index is None else matrix[index[start:stop]]
         if not sp.issparse(block):
-            block = np.asarray(block)
+            block = dense_block(block)
         x = sp.csr_matrix(block, dtype=dtype)
         if canonical:
             x.sum_duplicates()
@@ -202,7 +227,8 @@ def read_rows(matrix: Any, rows: Any = None, *, chunk_size: int = 8192) -> sp.cs
 
 
 def check_expression(adata: AnnData, *, layer: str | None = None, chunk_size: int = 4096) -> None:
-    """Fail clearly when the expression values are negative, NaN or infinite (scaled data, a wrong layer).
+    """Fail clearly when the expression values are not real numbers (:func:`check_dtype`) or are negative, NaN or
+    infinite (scaled data, a wrong layer).
 
     Raises
     ------
@@ -211,6 +237,7 @@ def check_expression(adata: AnnData, *, layer: str | None = None, chunk_size: in
     """
     matrix = get_matrix(adata, layer)
     where = f"adata.layers[{layer!r}]" if layer else "adata.X"
+    check_dtype(matrix, where)
     n_nan = n_neg = n_inf = 0
     bad_cells: set[int] = set()
     first: tuple[int, int, float] | None = None

@@ -66,12 +66,24 @@ class CSRWriter:
         self.group, self.n_cols, self.n_rows, self.nnz = g, n_cols, 0, 0
         self.index_dtype = np.int32 if n_cols < 2**31 else np.int64
         self.indptr_dtype = np.dtype(indptr_dtype)
+        self._chunks = (value_chunks if not isinstance(value_chunks, bool) else 0,
+                        indptr_chunks if not isinstance(indptr_chunks, bool) else 0)
         g.create_dataset("data", shape=(0,), maxshape=(None,), dtype=np.float32,
                          chunks=_hdf5_chunks(value_chunks), **opts)
         g.create_dataset("indices", shape=(0,), maxshape=(None,), dtype=self.index_dtype,
                          chunks=_hdf5_chunks(value_chunks), **opts)
         g.create_dataset("indptr", shape=(1,), maxshape=(None,), dtype=self.indptr_dtype,
                          chunks=_hdf5_chunks(indptr_chunks), data=np.zeros(1, dtype=self.indptr_dtype), **opts)
+
+    def disk_bytes(self, nnz: int, n_rows: int) -> int:
+        """About the bytes this matrix takes on disk with ``nnz`` values in ``n_rows`` rows (whole HDF5 chunks,
+        uncompressed): what a full disk must leave room for."""
+        def whole(n: int, chunk: int, itemsize: int) -> int:
+            return (-(-n // chunk) * chunk if chunk else n) * itemsize
+
+        values, indptr = self._chunks
+        return (whole(nnz, values, 4) + whole(nnz, values, np.dtype(self.index_dtype).itemsize)
+                + whole(n_rows + 1, indptr, self.indptr_dtype.itemsize))
 
     def append(self, x: sp.csr_matrix) -> None:
         """Append the rows of ``x`` as they are (sort or canonicalise them first where the file must be)."""

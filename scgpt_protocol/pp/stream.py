@@ -228,7 +228,7 @@ def _labelled_stream(source: AnnData, matrix: Any, size: int, params: Preprocess
     import anndata
 
     from ..data.labels import missing_labels
-    from ..data.matrix import value_kind
+    from ..data.matrix import dense_block, value_kind
     from .stages import map_training_labels, report_unlabelled
 
     label_key, n_cells_in = params.label_key, int(source.n_obs)
@@ -246,7 +246,8 @@ def _labelled_stream(source: AnnData, matrix: Any, size: int, params: Preprocess
     note(f"expression read from {where} (kept sparse, 32-bit)"
          + (f" (dropped {', '.join(dropped)})" if dropped else ""))
     sample = sample_rows(cells, 2000)
-    block = sp.csr_matrix(matrix[sample], dtype=np.float32)
+    block = matrix[sample]
+    block = sp.csr_matrix(block if sp.issparse(block) else dense_block(block), dtype=np.float32)
     block.sum_duplicates()
     block.eliminate_zeros()
     kind, vmax = value_kind(block, n_rows=block.shape[0])
@@ -367,15 +368,19 @@ class _PreparedWriter:
     """Pass 4, the ``write`` given to :func:`atomic_write`: appends the rows of the cells with an expressed
     gene left to ``X`` (and ``layers["counts"]``), then writes obs, var, uns ...; the result is ``prepared``."""
 
-    def __init__(self, s: _Stream, finish: Any) -> None:
-        self.s, self.finish = s, finish  # finish(full_mask) -> PreparedData
+    def __init__(self, s: _Stream, finish: Any, target: Path) -> None:
+        self.s, self.finish, self.target = s, finish, target  # finish(full_mask) -> PreparedData
         self.prepared: PreparedData | None = None
 
     def write(self, tmp: Path) -> None:
         import h5py
         from anndata.io import write_elem
 
+        from ..core.io import SpaceGuard
+
         s = self.s
+        guard = SpaceGuard(self.target, tmp, what="the prepared data")
+        rows_seen = nnz_seen = 0
         n_genes_out = s.out.n_vars
         nonempty = np.zeros(s.keep.shape[0], dtype=bool)
         with h5py.File(tmp, "w") as f:
@@ -390,6 +395,10 @@ class _PreparedWriter:
                 y, counts, idx = s.rows_out(x, start)
                 full = np.diff(y.indptr) > 0
                 nonempty[idx[full]] = True
+                rows_seen, nnz_seen = rows_seen + len(idx), nnz_seen + y.nnz
+                if rows_seen:  # the file's projected size must fit before this block is written
+                    nnz = nnz_seen * len(s.cells) // rows_seen
+                    guard.check(sum(w.disk_bytes(nnz, len(s.cells)) for w in (xw, cw) if w is not None))
                 xw.append(select_rows(y, full))
                 if cw is not None:
                     cw.append(select_rows(counts, full))
@@ -474,7 +483,7 @@ def _prepare_source(source: AnnData, params: PreprocessParams, vocab: dict[str, 
                        label_map=s.label_map)
 
     # pass 4: write the rows, dropping cells with no expressed gene left
-    writer = _PreparedWriter(s, finish)
+    writer = _PreparedWriter(s, finish, layout.prepared_adata)
     path = atomic_write(layout.prepared_adata, writer.write)
     logger.info("wrote %s (%s cells x %s genes)", path, f"{writer.prepared.adata.n_obs:,}", f"{n_genes_out:,}")
     return writer.prepared

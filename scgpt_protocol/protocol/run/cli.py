@@ -33,7 +33,6 @@ def _run(args: argparse.Namespace) -> int:
     steps = args.steps.split(",") if args.steps else None
     params_dir = resolve_scenario(args.scenario)
     run_dir = args.run_dir or str(Path("runs") / params_dir.name)
-    logger.info("scenario %s; notebooks %s; run folder %s", params_dir, args.notebooks or "(packaged)", run_dir)
     result = run_protocol(params_dir, run_dir, steps=steps, force=args.force, html=not args.no_html,
                           kernel_name=args.kernel, notebooks=args.notebooks)
     logger.info("")

@@ -106,6 +106,16 @@ def _failure_html(layout: RunLayout, manifest: Mapping[str, Any]) -> str:
             "with the same run_dir.</p>")
 
 
+def _leftovers_html(manifest: Mapping[str, Any]) -> str:
+    """The temporary files of failed writes the runner could not remove (``leftovers`` of the manifest)."""
+    kept = [line for lines in (manifest.get("leftovers") or {}).values() for line in lines]
+    if not kept:
+        return ""
+    items = "".join(f"<li><code>{html.escape(_shorten(str(line)))}</code></li>" for line in kept)
+    return (f"<p style='color:{_STATUS_COLOR['failed']}'><b>Half-written files left behind</b> (they could not be "
+            f"removed; delete them to give their space back):</p><ul>{items}</ul>")
+
+
 def _headline(layout: RunLayout) -> str:
     """Every finished step's headline: 03's methods (and 04's kNN vote when it scored the same cells)."""
     parts = []
@@ -161,7 +171,7 @@ def run_index_html(layout: RunLayout, manifest: Mapping[str, Any] | None = None)
             f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>"
             f"<p>Run folder <code>{html.escape(str(layout.run_dir))}</code>; written {now}. "
             f"Status of the run: <b>{html.escape(str(manifest.get('status', 'interactive')))}</b>.</p>{banner}"
-            f"<h2>1. Steps</h2>{_steps_table(layout, manifest)}"
+            f"<h2>1. Steps</h2>{_steps_table(layout, manifest)}{_leftovers_html(manifest)}"
             f"<h2>2. Headline</h2>{_headline(layout)}"
             f"<h2>3. Main figures</h2>{_figures(layout)}"
             f"<h2>4. Next</h2>{nxt or '<p>Run 01_preprocess.</p>'}</body></html>")

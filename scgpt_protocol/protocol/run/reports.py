@@ -5,7 +5,6 @@ named when a step fails.
 
 from __future__ import annotations
 
-import os
 import shlex
 from pathlib import Path
 
@@ -22,8 +21,8 @@ def resume_command(params_dir: Path, run_dir: Path, chosen: list[str], step: str
 
 
 def set_report_aside(report: Path) -> str | None:
-    """A report that is not a readable notebook (papermill could not finish writing it) must not look valid:
-    rename it to ``*.ipynb.incomplete`` (removed if even that fails). Returns what was done, or None."""
+    """A report that is not a readable notebook (papermill could not finish writing it, e.g. on a full disk) must
+    not look valid, nor keep the space it took: it is removed. Returns what was done, or None."""
     import nbformat
 
     if not report.is_file():
@@ -33,13 +32,11 @@ def set_report_aside(report: Path) -> str | None:
         return None
     except Exception:  # truncated JSON, or not a notebook at all
         pass
-    target = report.with_name(report.name + ".incomplete")
     try:
-        os.replace(report, target)
-        return f"the truncated report was renamed to {target}"
-    except OSError:
-        report.unlink(missing_ok=True)
-        return f"the truncated report {report} was removed"
+        report.unlink()
+    except OSError as err:
+        return f"the truncated report {report} could not be removed ({err.strerror or err})"
+    return f"the truncated report {report} was removed"
 
 
 def mark_interrupted_report(report: Path, *, step: str, what: str, when: str, resume: str,

@@ -9,7 +9,6 @@ executed notebook to ``run_dir/reports/`` (and HTML beside it), records a run ma
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import signal
 import threading
@@ -18,12 +17,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from ...core.errors import DiskFullError
-from ...core.io import disk_full_error, is_disk_full, package_versions, read_json, utc_now, utc_stamp
+from ...core.errors import DiskFullError, RunDirInUse
+from ...core.io import package_versions, read_json, short_record, utc_now, utc_stamp
 from ...core.layout import RunLayout
+from ...core.lock import LOCK_FILE, RunLock, hold_run_dir, inherit_env, shared_fds
 from ...core.params import STEPS, ParamsError, load_params_file, resolve_run_dir
 from ...model.download import KNOWN_CHECKPOINTS
+from .failures import remove_leftovers, what_failed
 from .index import write_index_safely
+from .kernel import kernel_environment, kernel_manager_for
 from .manifest import (
     checkpoint_checksum,
     effective_params,
@@ -57,10 +59,6 @@ class RunFailed(RuntimeError):
 
     #: the name of the error the notebook raised (e.g. ``"DiskFullError"``, ``"InputDataError"``)
     ename: str | None = None
-
-
-class RunDirInUse(FileExistsError):
-    """``run_dir`` holds a finished run or files of something else."""
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -115,51 +113,51 @@ def _select_steps(steps: Sequence[str] | None) -> list[str]:
     return [n for n in names if n in chosen]
 
 
-def _load_overrides(params_dir: Path, steps: list[str], run_dir: Path, cwd: Path) -> dict[str, dict[str, Any]]:
-    """Read and check every step's YAML before anything runs (an unknown key fails here)."""
+def _load_overrides(params_dir: Path, steps: list[str], run_dir: Path, cwd: Path) -> tuple[dict[str, dict[str, Any]],
+                                                                                          list[str], list[str]]:
+    """Read and check every step's YAML before anything runs (an unknown key fails here); also return the step
+    files whose own ``run_dir`` the runner's run folder overrides, and warnings about the defaults they keep."""
     if not params_dir.is_dir():
         msg = f"parameter folder {params_dir} does not exist; built-in scenarios: demo, ci, retina-example."
         raise FileNotFoundError(msg)
-    out = {}
+    out, overridden, notes = {}, [], []
     files = {step: step_file(params_dir, step) for step in steps}
     for step in steps:
         path = files[step]
         if path is None:
             continue
         values = load_params_file(path, STEPS[step])
-        _warn_defaults(step, path, values)
+        notes.extend(_default_warnings(step, path, values))
         for key in _PATH_PARAMS:
             value = values.get(key)
             if isinstance(value, str) and value not in {"demo", *KNOWN_CHECKPOINTS}:
                 values[key] = str((cwd / Path(value).expanduser()).resolve())
+        own = values.get("run_dir")
+        if isinstance(own, str) and resolve_run_dir(own, cwd) != run_dir:
+            overridden.append(f"{own!r} in {path.name}")
         values["run_dir"] = str(run_dir)
         STEPS[step].from_mapping(values, source=str(path))  # values checked before any notebook runs
         out[step] = values
     scenario_files(params_dir, steps)  # a missing file is an error, never "all defaults" (the demo data)
-    return out
+    return out, overridden, notes
 
 
-def _warn_defaults(step: str, path: Path, values: dict[str, Any]) -> None:
-    """Say before anything runs which defaults a step file leaves in place where they change what runs."""
-    if not values:
-        logger.warning("%s is empty: step %s runs with all its defaults.", path, step)
+def _default_warnings(step: str, path: Path, values: dict[str, Any]) -> list[str]:
+    """What to say before anything runs about the defaults a step file leaves in place where they change what
+    runs (logged after the run's first line)."""
+    out = [f"{path} is empty: step {step} runs with all its defaults."] if not values else []
     if step == "01_preprocess":
         for key, what in (("adata_path", "the built-in demo data (scanpy's pbmc68k_reduced), not yours"),
                           ("checkpoint", "a tiny random checkpoint (the demo one), not a pretrained model")):
             if key not in values:
-                logger.warning("%s does not set %s: step 01 uses %s. Set %s in that file (%s: demo to mean it).",
-                               path, key, what, key, key)
+                out.append(f"{path} does not set {key}: step 01 uses {what}. Set {key} in that file ({key}: demo to "
+                           "mean it).")
+    return out
 
 
 def _check_run_dir(layout: RunLayout, force: bool, params_dir: Path) -> dict[str, Any] | None:
     """Refuse a run_dir with a finished run or foreign files; return an unfinished run's manifest."""
-    for folder in (layout.run_dir, *layout.run_dir.parents):
-        if folder.exists() and not folder.is_dir():
-            what = "is a file" if folder == layout.run_dir else f"lies inside {folder}, which is a file"
-            msg = (f"run_dir {layout.run_dir} {what}, not a folder. Choose a --run-dir that is a folder (or does "
-                   "not exist yet; it is made).")
-            raise RunDirInUse(msg)
-    if not layout.run_dir.exists() or not any(layout.run_dir.iterdir()):
+    if not layout.run_dir.exists() or all(p.name.startswith(LOCK_FILE) for p in layout.run_dir.iterdir()):
         return None
     if not layout.run_manifest.is_file():
         if force:
@@ -184,13 +182,6 @@ def _check_run_dir(layout: RunLayout, force: bool, params_dir: Path) -> dict[str
         )
         raise RunDirInUse(msg)
     return manifest
-
-
-def _failure_message(err: Exception, report: Path) -> str:
-    cell = getattr(err, "exec_count", None) or getattr(err, "cell_index", None)
-    ename, evalue = getattr(err, "ename", type(err).__name__), getattr(err, "evalue", str(err))
-    where = f"cell {cell} of " if cell is not None else ""
-    return f"{ename}: {evalue} (in {where}{report})"
 
 
 def run_protocol(
@@ -243,13 +234,24 @@ def run_protocol(
     import papermill  # noqa: F401  (missing: fail before anything is checked or written)
 
     run = _start_run(params_dir, run_dir, steps, force, kernel_name=kernel_name, html=html, notebooks=notebooks)
-    env_before = os.environ.get("SCGPT_PROTOCOL_PROGRESS")
-    os.environ["SCGPT_PROTOCOL_PROGRESS"] = "text"  # widget bars render badly in executed reports
+    try:
+        _run_steps(run)
+        return _finish_run(run)
+    finally:
+        run.lock.release()  # also when a step failed or was interrupted (the OS would at exit anyway)
+
+
+def _run_steps(run: _Run) -> None:
+    """Each chosen step in order; a failure, a full disk or an interruption is recorded, then raised."""
+    # the kernels: text progress bars (widgets render badly in executed reports), the runner's lock, a Python
+    # stack in the kernel's log if it crashes
+    env = {"SCGPT_PROTOCOL_PROGRESS": "text", "PYTHONFAULTHANDLER": "1", **inherit_env(run.lock)}
     sigterm_before = _install_sigterm_handler()
     run.step, run.t0 = run.chosen[0], time.perf_counter()
     try:
-        for step in run.chosen:
-            _run_step(run, step)
+        with kernel_environment(env):
+            for step in run.chosen:
+                _run_step(run, step)
     except KeyboardInterrupt as err:
         _interrupted(run, err)
     except DiskFullError as err:  # the runner's own writes (HTML copy, manifest) after the notebook ran
@@ -258,15 +260,11 @@ def run_protocol(
             manifest["steps"][step] = {**manifest["steps"].get(step, {}), "status": "failed", "error": str(err),
                                        "error_type": "DiskFullError"}
             manifest["status"] = "failed"
+            remove_leftovers(run.layout, step, manifest)
             _write_manifest_best_effort(run.layout, manifest)
         raise
     finally:
         _restore_sigterm_handler(sigterm_before)
-        if env_before is None:
-            os.environ.pop("SCGPT_PROTOCOL_PROGRESS", None)
-        else:
-            os.environ["SCGPT_PROTOCOL_PROGRESS"] = env_before
-    return _finish_run(run)
 
 
 @dataclass
@@ -284,6 +282,7 @@ class _Run:
     cwd: Path
     kernel_name: str | None
     html: bool
+    lock: RunLock | None = None  # the run folder's lock, held until the run ends
     own_notebooks: Path | None = None  # the user's notebook folder (run_protocol(notebooks=...)), None: packaged
     step: str = ""  # the step running (or about to)
     t0: float = 0.0  # when it started (perf_counter)
@@ -297,7 +296,24 @@ def _start_run(params_dir: str | Path, run_dir: str | Path, steps: Sequence[str]
     layout = RunLayout(resolve_run_dir(run_dir, cwd))  # as a notebook resolves it
     chosen = _select_steps(steps)
     notebook_dir = resolve_notebooks(notebooks, chosen)
-    overrides = _load_overrides(params_dir, chosen, layout.run_dir, cwd)
+    overrides, overridden, notes = _load_overrides(params_dir, chosen, layout.run_dir, cwd)
+    wins = f" (it wins over run_dir {', '.join(overridden)})" if overridden else ""
+    (logger.warning if wins else logger.info)("scenario %s; notebooks %s; run folder %s%s", params_dir,
+                                              notebooks or "(packaged)", layout.run_dir, wins)
+    for note in notes:
+        logger.warning("%s", note)
+    lock = hold_run_dir(layout.run_dir, step=chosen[0], holder="scgpt-protocol run")  # one writer per run folder
+    try:
+        return _open_run(layout, lock, params_dir, notebook_dir, chosen, overrides, force=force, cwd=cwd,
+                         kernel_name=kernel_name, html=html, own_notebooks=notebook_dir if notebooks else None)
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _open_run(layout: RunLayout, lock: RunLock, params_dir: Path, notebook_dir: Path, chosen: list[str],
+              overrides: dict[str, dict[str, Any]], *, force: bool, cwd: Path, **options: Any) -> _Run:
+    """With the run folder held: check what it holds, hash the inputs, write the manifest ("running")."""
     previous = _check_run_dir(layout, force, params_dir)
     hashes: dict[str, Any] = {}
     inputs = {step: inputs_of_step(overrides[step], hashes) for step in chosen}  # before the manifest says "running"
@@ -312,10 +328,12 @@ def _start_run(params_dir: str | Path, run_dir: str | Path, steps: Sequence[str]
         "versions": package_versions(),
         "steps": (previous or {}).get("steps", {}),
     }
+    for step in chosen:  # what failed or killed runs of these steps left half-written
+        remove_leftovers(layout, step, manifest)
     layout.write_json(layout.run_manifest, manifest)
     return _Run(layout=layout, params_dir=params_dir, notebook_dir=notebook_dir, chosen=chosen, overrides=overrides,
-                inputs=inputs, manifest=manifest, result=RunResult(run_dir=layout.run_dir), cwd=cwd,
-                kernel_name=kernel_name, html=html, own_notebooks=notebook_dir if notebooks is not None else None)
+                inputs=inputs, manifest=manifest, result=RunResult(run_dir=layout.run_dir), cwd=cwd, lock=lock,
+                **options)
 
 
 def _run_step(run: _Run, step: str) -> None:
@@ -324,16 +342,17 @@ def _run_step(run: _Run, step: str) -> None:
 
     layout, manifest, result = run.layout, run.manifest, run.result
     run.step = step
+    run.lock.update(step=step)
     notebook = run.notebook_dir / f"{step}.ipynb"
     report = layout.step_report(step)
     if step == "02_finetune":
         _check_unknown_class(run)
-    changes = what_changed(step, manifest["steps"].get(step), run.overrides[step], run.inputs[step])
+    changes = what_changed(step, manifest["steps"].get(step), short_record(run.overrides[step]), run.inputs[step])
     if changes:
         marked = set_stale(layout, manifest, step, changes)
         result.stale.extend(s for s in marked if s not in result.stale)
-    record = {"report": str(report), "status": "running", "started": _now(), "params": run.overrides[step],
-              "inputs": run.inputs[step]}
+    record = {"report": str(report), "status": "running", "started": _now(),
+              "params": short_record(run.overrides[step]), "inputs": run.inputs[step]}
     previous = _set_previous_aside(layout, step)
     if previous is not None:
         record["previous_results"] = str(previous.relative_to(layout.run_dir))
@@ -345,6 +364,7 @@ def _run_step(run: _Run, step: str) -> None:
         papermill.execute_notebook(
             str(notebook), str(report), parameters=run.overrides[step], kernel_name=run.kernel_name,
             cwd=str(run.cwd), progress_bar=False, log_output=False,
+            kernel_manager_class=kernel_manager_for(layout.kernel_log(step.split("_", 1)[1]), shared_fds(run.lock)),
         )
     except KeyboardInterrupt:
         raise
@@ -362,7 +382,7 @@ def _run_step(run: _Run, step: str) -> None:
         export_html_safely(report, report_title(step, layout.run_dir))
     result.steps.append(StepOutcome(step, report, seconds))
     manifest["steps"][step] = {**record, "seconds": seconds, "status": "finished",
-                               "finished": _now(), "effective_params": effective_params(layout, step)}
+                               "finished": _now(), "effective_params": short_record(effective_params(layout, step))}
     manifest["checksums"] = {**input_checksums(run.inputs), "checkpoint": checkpoint_checksum(layout)}
     layout.write_json(layout.run_manifest, manifest)
     write_index_safely(layout, manifest)
@@ -467,21 +487,14 @@ def _seconds(run: _Run) -> float:
 
 def _step_failed(run: _Run, err: Exception, record: dict[str, Any]) -> None:
     """Record the failed step (manifest "failed", ``record``: its entry so far), leave no report that looks
-    valid, raise the typed error."""
+    valid and no half-written file, raise the typed error."""
     layout, manifest, step, seconds = run.layout, run.manifest, run.step, _seconds(run)
     report = layout.step_report(step)
-    disk_full_here = is_disk_full(err)  # the runner's own write (papermill saving the report) failed
-    written = report.stat().st_size if report.is_file() else None
-    aside = set_report_aside(report)
-    full = disk_full_error(report, needed=written, cause=err) if disk_full_here else None
-    error = str(full) if full is not None else _failure_message(err, report)
-    if aside:
-        error += f" ({aside})"
+    error, full, ename, aside = what_failed(layout, step, err, manifest)
     if record.get("previous_results"):
         error += f" (the results of its earlier run were set aside in {record['previous_results']})"
     outcome = StepOutcome(step, report, seconds, "failed", error)
     run.result.steps.append(outcome)
-    ename = "DiskFullError" if disk_full_here else getattr(err, "ename", type(err).__name__)
     manifest["steps"][step] = {**record, "seconds": seconds, "status": "failed", "error": error, "error_type": ename}
     manifest["status"] = "failed"
     manifest_note = _write_manifest_best_effort(layout, manifest)
@@ -495,11 +508,11 @@ def _step_failed(run: _Run, err: Exception, record: dict[str, Any]) -> None:
         first = notebook_error(err)  # a cell had failed before papermill could not save the report
         note = "; ".join(n for n in (f"a cell had failed first: {first}" if first else None, aside, manifest_note)
                          if n)
-        raise DiskFullError(report, needed=full.needed, free=full.free, cause=err,
-                            note=f"Step {step} failed{': ' + note if note else ''}.") from err
+        note = " ".join(n for n in (full.note, f"Step {step} failed{': ' + note if note else ''}.") if n)
+        raise DiskFullError(full.path, needed=full.needed, free=full.free, cause=err, note=note) from err
     msg = f"step {step} failed: {error}" + (f"; {manifest_note}" if manifest_note else "")
     failed = RunFailed(msg)
-    failed.ename = getattr(err, "ename", type(err).__name__)
+    failed.ename = ename
     raise failed from None
 
 

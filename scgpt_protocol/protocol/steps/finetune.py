@@ -180,8 +180,10 @@ def run_finetune_step(params: FinetuneParams) -> TrainResult:
     rank 0 writes logs and artifacts."""
     from ...adapt.train import finetune
     from ...core.log import setup_logging
+    from ...core.lock import held_lock
     from ...pp.io import read_checkpoint_record
 
+    took = held_lock(params.run_dir) is None
     device = start_process_group()
     try:
         rank, size = world()
@@ -191,8 +193,8 @@ def run_finetune_step(params: FinetuneParams) -> TrainResult:
             params = dataclasses.replace(params, device="cpu")
         layout = RunLayout(params.run_dir)
         params = params.with_recipe(read_checkpoint_record(layout).get("kind"))  # None: the checkpoint's recipe
-        if rank == 0:
-            layout.make_dirs()
+        if rank == 0:  # the one writer: holds the run folder (or shares the lock of the notebook that launched it)
+            layout.hold(params.STEP).make_dirs()
             setup_logging(layout, params.STEP)
         else:
             logging.getLogger("scgpt_protocol").setLevel(logging.WARNING)
@@ -208,6 +210,8 @@ def run_finetune_step(params: FinetuneParams) -> TrainResult:
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+        if took:
+            RunLayout(params.run_dir).release()
 
 
 def torchrun_command(params: FinetuneParams, params_file: str | Path) -> list[str]:
@@ -228,11 +232,27 @@ def launch_finetune(params: FinetuneParams) -> int:
         When torchrun exits with an error (its output, above, says why).
     """
 
-    params_file = params.to_yaml(RunLayout(params.run_dir).step_params(params.STEP))
+    from ...core.lock import held_lock, hold_run_dir
+
+    layout = RunLayout(params.run_dir)
+    took = held_lock(layout.run_dir) is None  # a notebook holds it already; a Python caller may not
+    lock = hold_run_dir(layout.run_dir, step="02_finetune", holder="launch_finetune")
+    try:
+        return _run_torchrun(params, layout, lock)
+    finally:
+        if took:
+            lock.release()
+
+
+def _run_torchrun(params: FinetuneParams, layout: RunLayout, lock: Any) -> int:
+    from ...core.lock import inherit_env, shared_fds
+
+    params_file = params.to_yaml(layout.step_params(params.STEP))
     command = torchrun_command(params, params_file)
     logger.info("launching: %s", " ".join(command))
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **inherit_env(lock)}  # the processes share the caller's lock
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                          pass_fds=shared_fds(lock)) as proc:
         for line in proc.stdout:  # pass the training's own log through (it is also in logs/finetune.log)
             sys.stdout.write(line)
             sys.stdout.flush()
