@@ -20,7 +20,8 @@ logger = logging.getLogger(__name__)
 
 def inputs_of_step(values: dict[str, Any], cache: dict[str, Any]) -> dict[str, Any]:
     """sha256 of one step's input files (a file shared by steps is hashed once: inputs do not change during
-    a run); a checkpoint folder by its ``best_model.pt``; 'demo' and released names as such."""
+    a run); a checkpoint folder by its ``best_model.pt``, a reference index by its ``manifest.json`` (the official
+    layout: its ``meta.h5ad``); 'demo' and released names as such."""
     from ...core.io import sha256_file
 
     def digest(path: Path) -> str:
@@ -37,6 +38,10 @@ def inputs_of_step(values: dict[str, Any], cache: dict[str, Any]) -> dict[str, A
         elif value == "demo":
             version = importlib.metadata.version("scanpy")
             sums[key] = {"path": "demo", "sha256": f"scanpy.datasets.pbmc68k_reduced (scanpy {version})"}
+    index = values.get("reference_index")
+    if index and Path(index).is_dir():  # a reference index by its record (ours) or its labels (the official layout)
+        record = next((Path(index) / n for n in ("manifest.json", "meta.h5ad") if (Path(index) / n).is_file()), None)
+        sums["reference_index"] = {"path": index, "sha256": digest(record) if record else None}
     checkpoint = values.get("checkpoint")
     if checkpoint:
         weights = Path(checkpoint) / "best_model.pt"

@@ -23,8 +23,9 @@ __all__ = ["BUILTIN_SCENARIOS", "COLAB_INSTALL", "ProtocolNotFound", "WorkspaceE
 
 #: the scenarios shipped with the package (``scgpt-protocol run NAME``)
 BUILTIN_SCENARIOS = ("demo", "ci", "retina-example")
-#: what the notebooks' Colab set-up cell installs: the release these notebooks belong to
-COLAB_INSTALL = f"scgpt-protocol @ git+https://github.com/{REPOSITORY}@v{__version__}"
+#: what the notebooks' Colab set-up cell installs: the release these notebooks belong to, with faiss for
+#: 04's reference indexes (the atlas extra)
+COLAB_INSTALL = f"scgpt-protocol[atlas] @ git+https://github.com/{REPOSITORY}@v{__version__}"
 
 _PACKAGED = Path(__file__).resolve().parents[2] / "_protocol"  # scgpt_protocol/_protocol in a wheel
 _SOURCE_TREE = Path(__file__).resolve().parents[3]  # the clone, in an editable install
