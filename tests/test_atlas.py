@@ -342,3 +342,23 @@ def test_cli_builds_an_index(split, tiny_checkpoint, tmp_path, caplog):
     assert main(args) == 2 and "already exists" in caplog.text  # never written over without --overwrite
     assert main([*args[:3], "--label-key", "celltype", *args[7:]]) == 2
     assert "'celltype'" in caplog.text
+
+
+def test_04_left_at_its_recipe_embeds_the_query_as_the_index_was(tmp_path):
+    """max_seq_len left at None follows the index's manifest (the demo recipe's 256 would be refused against an
+    index built at 1200); a value set by hand stays, and is checked against the index when mapping."""
+    import json
+
+    from scgpt_protocol.core.params import ZeroshotParams
+
+    folder = tmp_path / "index"
+    folder.mkdir()
+    (folder / "manifest.json").write_text(json.dumps({"embedding": {"max_seq_len": 1200}}))
+    follows = ZeroshotParams(reference_index=str(folder)).with_recipe("demo")
+    assert follows.max_seq_len == 1200 and follows.recipe["set"]["max_seq_len"] == 1200
+    assert follows.min_confidence == 0.5  # the rest of the demo recipe as before
+    assert ZeroshotParams(reference_index=str(folder), max_seq_len=256).with_recipe("demo").max_seq_len == 256
+    assert ZeroshotParams().with_recipe("demo").max_seq_len == 256  # no index: the recipe
+    official = tmp_path / "official"  # no manifest of ours: the recipe, checked when mapping
+    official.mkdir()
+    assert ZeroshotParams(reference_index=str(official)).with_recipe("pretrained").max_seq_len == 1200

@@ -13,6 +13,7 @@ the demo checkpoint. The notebooks' defaults, ``params/demo`` and ``make demo`` 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import re
 import typing
@@ -499,11 +500,33 @@ class ZeroshotParams(StepParams):
         50000, "UMAP of at most this many reference + query cells (a seeded random sample when more)", min=1,
         advanced=True)
 
+    def with_recipe(self, checkpoint_kind: str | None) -> StepParams:
+        """As :meth:`StepParams.with_recipe`, except that with a ``reference_index`` a ``max_seq_len`` left at None
+        is the one the index was embedded with (its ``manifest.json``): a query must be embedded as the index was."""
+        if getattr(self, "recipe", None) is None and self.reference_index is not None and self.max_seq_len is None:
+            built = _index_max_seq_len(self.reference_index)
+            if built is not None:
+                out = dataclasses.replace(self, max_seq_len=built).with_recipe(checkpoint_kind)
+                out.recipe["set"] = {"max_seq_len": built, **out.recipe["set"]}
+                out.recipe["index"] = f"max_seq_len={built} from the reference index"
+                return out
+        return super().with_recipe(checkpoint_kind)
+
     def _check(self) -> None:
         if self.reference_path is not None and self.reference_index is not None:
             self._fail("reference_index", self.reference_index,
                        f"None when reference_path is set (reference_path={self.reference_path!r}): give one "
                        "reference, a .h5ad to embed or an index built once from it")
+
+
+def _index_max_seq_len(folder: str) -> int | None:
+    """The ``max_seq_len`` a reference index of ours was embedded with (None: not ours, or unreadable)."""
+    try:
+        value = json.loads((Path(folder).expanduser() / "manifest.json").read_text(encoding="utf-8"))
+        built = value["embedding"]["max_seq_len"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return int(built) if isinstance(built, int) and not isinstance(built, bool) else None
 
 
 def _checkpoint_kind(run_dir: str, notebook: str) -> str | None:
