@@ -92,3 +92,26 @@ def ci_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("ci") / "run"
     result = run_protocol(Path(__file__).resolve().parent.parent / "params" / "ci", run_dir)
     return RunLayout(run_dir), result
+
+
+def _write_fake_notebooks(folder: Path, cells: list[str]) -> Path:
+    """A stand-in 01_preprocess.ipynb (real papermill, real kernel) with the parameters of step 01 and ``cells``."""
+    import nbformat
+
+    from scgpt_protocol.core.params import STEPS
+
+    folder.mkdir(parents=True, exist_ok=True)
+    nb = nbformat.v4.new_notebook()
+    params = "\n".join(f"{name} = None" for name in STEPS["01_preprocess"].field_names())
+    nb.cells = [nbformat.v4.new_code_cell(params, metadata={"tags": ["parameters"]}),
+                *(nbformat.v4.new_code_cell(c) for c in cells)]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, folder / "01_preprocess.ipynb")
+    return folder
+
+
+@pytest.fixture()
+def fake_notebooks():
+    """``fake_notebooks(folder, cells)``: a notebook folder whose 01_preprocess.ipynb runs ``cells`` (for
+    ``run_protocol(..., notebooks=folder)``)."""
+    return _write_fake_notebooks

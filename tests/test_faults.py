@@ -184,21 +184,6 @@ def test_a_set_up_cell_run_again_with_another_run_dir_frees_the_first(tmp_path):
 
 
 # == a full disk, a dying kernel, leftovers ================================================================
-def _fake_notebooks(folder: Path, cells: list[str]) -> Path:
-    import nbformat
-
-    from scgpt_protocol.core.params import STEPS
-
-    folder.mkdir(parents=True, exist_ok=True)
-    nb = nbformat.v4.new_notebook()
-    params = "\n".join(f"{name} = None" for name in STEPS["01_preprocess"].field_names())
-    nb.cells = [nbformat.v4.new_code_cell(params, metadata={"tags": ["parameters"]}),
-                *(nbformat.v4.new_code_cell(c) for c in cells)]
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nbformat.write(nb, folder / "01_preprocess.ipynb")
-    return folder
-
-
 _PARTIAL_THEN_DIE = [
     "from pathlib import Path\nimport os, signal",
     "p = Path(run_dir) / 'data' / '.prepared.abcd1234.partial.h5ad'\np.parent.mkdir(parents=True, exist_ok=True)\n"
@@ -208,9 +193,9 @@ _PARTIAL_THEN_DIE = [
 ]
 
 
-def test_a_kernel_that_dies_fails_the_step_and_its_half_written_files_go(tmp_path):
+def test_a_kernel_that_dies_fails_the_step_and_its_half_written_files_go(tmp_path, fake_notebooks):
     run_dir = tmp_path / "run"
-    folder = _fake_notebooks(tmp_path / "nb", _PARTIAL_THEN_DIE)
+    folder = fake_notebooks(tmp_path / "nb", _PARTIAL_THEN_DIE)
     with pytest.raises(RunFailed) as info:
         run_protocol(CI, run_dir, steps=["01"], html=False, notebooks=folder)
     assert info.value.ename == "DeadKernelError" and "the kernel died while running 01_preprocess.ipynb" in str(
@@ -222,9 +207,9 @@ def test_a_kernel_that_dies_fails_the_step_and_its_half_written_files_go(tmp_pat
     assert (run_dir / "logs" / "preprocess.kernel.log").is_file()  # the kernel's own output, not the console
 
 
-def test_a_kernel_that_dies_on_a_full_disk_is_disk_full(tmp_path, monkeypatch):
+def test_a_kernel_that_dies_on_a_full_disk_is_disk_full(tmp_path, monkeypatch, fake_notebooks):
     run_dir = tmp_path / "run"
-    folder = _fake_notebooks(tmp_path / "nb", _PARTIAL_THEN_DIE)
+    folder = fake_notebooks(tmp_path / "nb", _PARTIAL_THEN_DIE)
     real = failures.free_bytes
     calls = []
 
@@ -387,9 +372,9 @@ def test_run_dir_in_a_step_file_loses_to_the_run_dir_and_the_first_line_says_so(
     assert not (tmp_path / "somewhere").exists()
 
 
-def test_sigterm_leaves_no_kernel_traceback_on_the_console(tmp_path):
+def test_sigterm_leaves_no_kernel_traceback_on_the_console(tmp_path, fake_notebooks):
     """A real ``scgpt-protocol run`` stopped by SIGTERM: the kernel's own complaints go to its log."""
-    folder = _fake_notebooks(tmp_path / "nb", ["print('started')", "import time\ntime.sleep(120)"])
+    folder = fake_notebooks(tmp_path / "nb", ["print('started')", "import time\ntime.sleep(120)"])
     proc = subprocess.Popen([sys.executable, "-m", "scgpt_protocol", "run", str(CI), "--run-dir",
                              str(tmp_path / "run"), "--steps", "01", "--notebooks", str(folder), "--no-html"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)

@@ -213,25 +213,13 @@ def test_cli_exit_codes_for_an_interrupted_run(tmp_path, fake_papermill, caplog)
     assert f"Resume with: scgpt-protocol run {CI} --run-dir {tmp_path / 'run'} --steps 02" in caplog.text
 
 
-def _fake_notebooks(folder: Path, cells: list[str]) -> Path:
-    """A stand-in 01_preprocess.ipynb (real papermill, real kernel) with the parameters of step 01."""
-    folder.mkdir(parents=True, exist_ok=True)
-    nb = nbformat.v4.new_notebook()
-    params = "\n".join(f"{name} = None" for name in STEPS["01_preprocess"].field_names())
-    nb.cells = [nbformat.v4.new_code_cell(params, metadata={"tags": ["parameters"]}),
-                *(nbformat.v4.new_code_cell(c) for c in cells)]
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nbformat.write(nb, folder / "01_preprocess.ipynb")
-    return folder
-
-
 def _ticks(path: Path) -> int:
     return len(path.read_text().split()) if path.is_file() else 0
 
 
-def test_real_sigterm_during_a_notebook_stops_the_kernel_and_marks_the_report(tmp_path, monkeypatch):
+def test_real_sigterm_during_a_notebook_stops_the_kernel_and_marks_the_report(tmp_path, monkeypatch, fake_notebooks):
     ticks = tmp_path / "run" / "ticks.txt"
-    folder = _fake_notebooks(tmp_path / "nb", [
+    folder = fake_notebooks(tmp_path / "nb", [
         "print('started')",
         f"import time\nfor i in range(400):\n    time.sleep(0.1)\n    open({str(ticks)!r}, 'a').write(f'{{i}}\\n')",
         "print('never')",
@@ -265,8 +253,8 @@ def test_real_sigterm_during_a_notebook_stops_the_kernel_and_marks_the_report(tm
     assert not code[-1].outputs  # "never" was not printed
 
 
-def test_keyboardinterrupt_inside_the_kernel_is_interrupted_not_failed(tmp_path, monkeypatch):
-    folder = _fake_notebooks(tmp_path / "nb", ["x = 1", "raise KeyboardInterrupt", "print('never')"])
+def test_keyboardinterrupt_inside_the_kernel_is_interrupted_not_failed(tmp_path, monkeypatch, fake_notebooks):
+    folder = fake_notebooks(tmp_path / "nb", ["x = 1", "raise KeyboardInterrupt", "print('never')"])
     with pytest.raises(RunInterrupted) as info:
         run_protocol(CI, tmp_path / "run", steps=["01"], html=False, notebooks=folder)
     assert info.value.signal_name == "KeyboardInterrupt in the notebook"
@@ -342,9 +330,9 @@ def test_torch_enforce_fail_and_h5py_errors_are_disk_full(tmp_path, monkeypatch)
     assert not is_disk_full(RuntimeError("size mismatch for weight")) and not is_disk_full(OSError(errno.EACCES, "x"))
 
 
-def test_disk_full_inside_a_notebook_fails_the_step_with_a_typed_error(tmp_path, monkeypatch):
+def test_disk_full_inside_a_notebook_fails_the_step_with_a_typed_error(tmp_path, monkeypatch, fake_notebooks):
     run = tmp_path / "run"
-    folder = _fake_notebooks(tmp_path / "nb", [
+    folder = fake_notebooks(tmp_path / "nb", [
         "from pathlib import Path\nfrom scgpt_protocol.core.io import atomic_write",
         f"atomic_write(Path({str(run)!r}) / 'model' / 'best_model.pt', lambda p: (p.write_bytes(b'x' * 3000), "
         "(_ for _ in ()).throw(OSError(28, 'No space left on device'))))",
@@ -362,11 +350,11 @@ def test_disk_full_inside_a_notebook_fails_the_step_with_a_typed_error(tmp_path,
     nbformat.read(run / "reports" / "01_preprocess.ipynb", as_version=4)  # complete, and shows the error
 
 
-def test_report_truncated_by_a_full_disk_is_removed_and_the_run_failed(tmp_path, monkeypatch):
+def test_report_truncated_by_a_full_disk_is_removed_and_the_run_failed(tmp_path, monkeypatch, fake_notebooks):
     """papermill itself (in the runner's process) cannot finish writing the report."""
     from papermill.iorw import LocalHandler
 
-    folder = _fake_notebooks(tmp_path / "nb", ["x = 1", "y = 2", "z = 3"])
+    folder = fake_notebooks(tmp_path / "nb", ["x = 1", "y = 2", "z = 3"])
     real_write, calls = LocalHandler.write, []
 
     def write(self, buf, path):
