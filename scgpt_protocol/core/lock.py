@@ -290,11 +290,10 @@ def _alive_or_elsewhere(record: dict[str, Any]) -> bool:
 
 
 def _read_record(path: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-        return value if isinstance(value, dict) else {}
-    except (OSError, ValueError):
-        return {}
+    from .io import read_json
+
+    value = read_json(path, default={}, lenient=True)  # absent, unreadable or half-written: no record
+    return value if isinstance(value, dict) else {}
 
 
 def _write_record(path: Path, record: dict[str, Any], *, exclusive: bool) -> bool:

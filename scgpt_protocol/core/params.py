@@ -13,7 +13,6 @@ the demo checkpoint. The notebooks' defaults, ``params/demo`` and ``make demo`` 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import re
 import typing
@@ -521,11 +520,11 @@ class ZeroshotParams(StepParams):
 
 def _index_max_seq_len(folder: str) -> int | None:
     """The ``max_seq_len`` a reference index of ours was embedded with (None: not ours, or unreadable)."""
-    try:
-        value = json.loads((Path(folder).expanduser() / "manifest.json").read_text(encoding="utf-8"))
-        built = value["embedding"]["max_seq_len"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    from .io import read_json
+
+    value = read_json(Path(folder).expanduser() / "manifest.json", default=None, lenient=True)
+    embedding = value.get("embedding") if isinstance(value, dict) else None
+    built = embedding.get("max_seq_len") if isinstance(embedding, dict) else None
     return int(built) if isinstance(built, int) and not isinstance(built, bool) else None
 
 
