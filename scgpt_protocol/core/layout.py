@@ -6,6 +6,7 @@ Steps talk to each other only through files under ``run_dir``; every path comes 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
@@ -280,17 +281,26 @@ class RunLayout:
                 found.update(p for p in path.parent.glob(f".{path.stem}.*.partial{path.suffix}") if p.is_file())
         return sorted(found)
 
-    def remove_leftovers(self, step: str) -> tuple[list[Path], list[str]]:
-        """Remove :meth:`leftovers` of ``step``: (removed, ``"<path>: <why not>"`` for each that could not be)."""
-        removed, kept = [], []
+    def remove_leftovers(self, step: str) -> tuple[dict[Path, int], list[str]]:
+        """Remove :meth:`leftovers` of ``step`` and log what it did: ({removed path: its bytes},
+        ``"<path>: <why not>"`` for each that could not be)."""
+        removed: dict[Path, int] = {}
+        kept = []
         for path in self.leftovers(step):
             try:
+                size = path.stat().st_size
                 path.unlink()
-                removed.append(path)
+                removed[path] = size
             except FileNotFoundError:
                 continue
             except OSError as err:
                 kept.append(f"{path}: {err.strerror or err}")
+        log = logging.getLogger(__name__)
+        if removed:
+            log.info("removed %d file(s) that an earlier or failed run of %s left half-written: %s", len(removed),
+                     step, ", ".join(str(p.relative_to(self.run_dir)) for p in removed))
+        if kept:
+            log.warning("could not remove what %s left half-written: %s", step, "; ".join(kept))
         return removed, kept
 
     @staticmethod
@@ -307,20 +317,12 @@ class RunLayout:
         """Take this run folder for ``step`` (:func:`~scgpt_protocol.core.lock.hold_run_dir`; a notebook's set-up
         cell), and remove what an earlier failed run of the step left half-written. Raises
         :class:`~scgpt_protocol.core.errors.RunDirInUse` when another run or notebook writes here."""
-        import logging
-
         from .lock import hold_run_dir, release_others
 
         step = self.full_step(step)
         release_others(self.run_dir, "notebook")  # a set-up cell run again with another run_dir frees the old one
         hold_run_dir(self.run_dir, step=step, holder="notebook")
-        removed, kept = self.remove_leftovers(step)
-        log = logging.getLogger(__name__)
-        if removed:
-            log.info("removed %d file(s) an earlier run of %s left half-written: %s", len(removed), step,
-                     ", ".join(str(p.relative_to(self.run_dir)) for p in removed))
-        for line in kept:
-            log.warning("could not remove a file an earlier run left half-written: %s", line)
+        self.remove_leftovers(step)
         return self
 
     def release(self) -> None:

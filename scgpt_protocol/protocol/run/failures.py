@@ -3,7 +3,6 @@ half-written file (:func:`remove_leftovers`)."""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +11,6 @@ from ...core.io import disk_full_error, free_bytes, is_disk_full
 from ...core.layout import RunLayout
 from .kernel import kernel_died, last_words
 from .reports import set_report_aside
-
-logger = logging.getLogger(__name__)
 
 __all__ = ["what_failed", "remove_leftovers", "failure_message"]
 
@@ -35,10 +32,9 @@ def what_failed(layout: RunLayout, step: str, err: Exception, manifest: dict[str
     was done to a truncated report). Removes what the step left half-written, which gives its space back."""
     report = layout.step_report(step)
     free_then = free_bytes(layout.run_dir)
-    leftovers = {p: p.stat().st_size for p in layout.leftovers(step) if p.is_file()}
     written = report.stat().st_size if report.is_file() else None
     aside = set_report_aside(report)
-    remove_leftovers(layout, step, manifest)
+    leftovers = remove_leftovers(layout, step, manifest)  # {path: bytes}: the space they took is free again
     died = kernel_died(err)
     words = last_words(layout.kernel_log(step.split("_", 1)[1])) if died else ""
     full_disk = is_disk_full(err) or (died and ((free_then is not None and free_then < _FULL_DISK_BYTES)
@@ -68,18 +64,15 @@ def what_failed(layout: RunLayout, step: str, err: Exception, manifest: dict[str
     return error, full, ename, aside
 
 
-def remove_leftovers(layout: RunLayout, step: str, manifest: dict[str, Any]) -> None:
-    """Remove the temporary files a failed or killed run of ``step`` left; the manifest's ``leftovers`` lists
-    those that could not be removed (the run summary shows them)."""
+def remove_leftovers(layout: RunLayout, step: str, manifest: dict[str, Any]) -> dict[Path, int]:
+    """Remove the temporary files a failed or killed run of ``step`` left and return them with their sizes; the
+    manifest's ``leftovers`` lists those that could not be removed (the run summary shows them)."""
     removed, kept = layout.remove_leftovers(step)
-    if removed:
-        logger.info("removed %d file(s) that an earlier or failed run of %s left half-written: %s", len(removed),
-                    step, ", ".join(str(p.relative_to(layout.run_dir)) for p in removed))
     leftovers = manifest.setdefault("leftovers", {})
     if kept:
         leftovers[step] = kept
-        logger.warning("could not remove what %s left half-written: %s", step, "; ".join(kept))
     else:
         leftovers.pop(step, None)
     if not leftovers:
         manifest.pop("leftovers")
+    return removed
