@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
@@ -195,7 +196,9 @@ def measure(a: argparse.Namespace) -> dict:
         res["precisions"][precision] = {"used": used, "n_cells": part.n_obs, "embed_s": t.wall, "flops": flops,
                                         "emulated": emulated and used != "fp32"}
     if a.profile:
+        best = max(r[0] for r in res["matmul"][res["compute_dtype"]].values())
         res["profile"] = profile(model, batches, device, t_tok.wall, res["auto_precision"])
+        res["profile"]["ceiling"] = attention_ceiling(model, batches, device, dtype, best, padded)
     return res
 
 
@@ -220,6 +223,35 @@ def profile(model: torch.nn.Module, batches: list, device: torch.device, tokenis
         sort = sort if hasattr(ops[0], sort) else "self_cuda_time_total"
     return {"tokenise_s": tokenise_s, "forward_s": t.wall, "batch": list(mid.gene_ids.shape),
             "ops": ops.table(sort_by=sort, row_limit=12)}
+
+
+def attention_ceiling(model: torch.nn.Module, batches: list, device: torch.device, dtype: torch.dtype,
+                      matmul: float, flops: float) -> dict:
+    """How fast embed could be with this torch's attention kernel: ``scaled_dot_product_attention`` alone on
+    every batch's shape and key-padding mask (the layers before the last, whose attention is one query), best
+    of 3, and the rest of the FLOPs at the ``matmul`` rate with nothing else costing time."""
+    cfg = model.config
+    heads, d_head, layers = cfg.nheads, cfg.d_model // cfg.nheads, cfg.nlayers - 1
+    seconds = attn_flops = 0.0
+    with torch.inference_mode():
+        for b in batches:
+            batch, length = b.gene_ids.shape
+            q, k, v = (torch.randn(batch, heads, length, d_head, device=device, dtype=dtype) for _ in range(3))
+            mask = ~b.padding_mask[:, None, None, :].to(device) if bool(b.padding_mask.any()) else None
+            F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # warm-up
+            best = float("inf")
+            for _ in range(3):
+                sync(device)
+                with Timer() as t:
+                    F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+                    sync(device)
+                best = min(best, t.wall)
+            seconds += layers * best
+            attn_flops += layers * 2 * 2 * batch * length * length * cfg.d_model
+    rest = flops - attn_flops
+    bound = flops / (seconds + rest / matmul)
+    return {"attention_s": seconds, "attention_flops": attn_flops, "attention_rate": attn_flops / seconds,
+            "other_flops": rest, "bound_flops_per_s": bound, "bound_ratio": bound / matmul}
 
 
 def report(a: argparse.Namespace, n_params: int, m: dict, q: dict) -> dict:
@@ -287,6 +319,13 @@ def report(a: argparse.Namespace, n_params: int, m: dict, q: dict) -> dict:
         print(f"\nprofile: embed {m['embed_s']:.1f} s; tokenisation alone (iter_batches) "
               f"{p['tokenise_s']:.2f} s; model forward alone, same batches {p['forward_s']:.1f} s\n"
               f"one batch {p['batch']}:\n{p['ops']}")
+        c = p["ceiling"]
+        print(f"attention alone  scaled_dot_product_attention on the same batches and masks, {m['compute_dtype']}: "
+              f"{c['attention_s']:.1f} s for {c['attention_flops'] / GB:,.0f} GFLOP = {c['attention_rate'] / GB:.1f} "
+              f"GFLOP/s ({c['attention_flops'] / (n * m['flops_per_cell']):.0%} of the FLOPs)\n"
+              f"ceiling          that attention plus every other FLOP at the best {m['compute_dtype']} matmul rate, "
+              f"nothing else: {c['bound_flops_per_s'] / GB:.1f} GFLOP/s = {c['bound_ratio']:.1%} of it "
+              f"(embed reached {rate / ref:.1%})")
     return fig
 
 
