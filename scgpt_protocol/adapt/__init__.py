@@ -45,7 +45,8 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "strategy_config": "train",
     "adam_eps": "optim",
     "make_optimizer": "optim",
-    "training_key": "train",
-    "saved_training_key": "train",
-    "training_changes": "train",
+    "training_key": "saved",
+    "saved_training_key": "saved",
+    "training_changes": "saved",
+    "CpuThreads": "threads",
 })

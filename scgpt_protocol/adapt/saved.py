@@ -1,6 +1,7 @@
 """Saving and loading a fine-tuned model: only what was trained (the full weights, or the adapter's),
 the base checkpoint's record and sha256 so that the base is found and checked on loading, and the
-settings a later step needs (:func:`trained_max_seq_len`, :func:`trained_class_weight`).
+settings a later step needs (:func:`trained_max_seq_len`, :func:`trained_class_weight`); and the key a saved
+training state must match to be resumed (:func:`training_key`, :func:`saved_training_key`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import torch
 from ..core.device import resolve_device
 from ..core.errors import CheckpointError
 from ..core.io import read_json
+from ..core.layout import RunLayout
+from ..core.params import FinetuneParams
 from ..model.checkpoint import CHECKPOINT_RECORD_KEYS, load_model, model_checkpoint_record
 from ..model.save import save_checkpoint, torch_save_atomic, write_manifest
 from ..model.scgpt import ProbeHead, ScGPT
@@ -22,7 +25,7 @@ from ..model.scgpt import ProbeHead, ScGPT
 logger = logging.getLogger(__name__)
 
 __all__ = ["save_finetuned", "load_finetuned", "trained_max_seq_len", "trained_class_weight", "manifest_temperature",
-           "save_calibration"]
+           "save_calibration", "training_key", "saved_training_key", "training_changes"]
 
 #: strategies whose saved model is a whole checkpoint in the released layout (the others save what they trained)
 _FULL_CHECKPOINT = ("full",)
@@ -180,3 +183,43 @@ def save_calibration(directory: str | Path, record: Mapping[str, Any]) -> Path:
     manifest["calibration"] = dict(record)
     atomic_write(path, lambda p: p.write_text(json.dumps(manifest, indent=2, default=str) + "\n"))
     return path
+
+
+#: parameters that may change between an interrupted run and its resumption
+_RESUMABLE_CHANGES = {"epochs", "resume", "device", "run_dir", "strategies", "mount_drive", "num_workers",
+                      "nproc_per_node", "threads"}
+
+
+def comparable_params(params: FinetuneParams, strategy: str, fingerprint: str) -> dict[str, Any]:
+    """The parameters a saved training state must match to be resumed, with the strategy and the data."""
+    out = {k: v for k, v in params.to_dict().items() if k not in _RESUMABLE_CHANGES}
+    out["strategy"] = strategy
+    out["data"] = fingerprint
+    return out
+
+
+def training_key(params: FinetuneParams, fingerprint: str) -> dict[str, Any]:
+    """What a saved training must match to be continued: the parameters (recipe resolved) except those that may
+    change on resume (``epochs``, ``device``...), the strategies compared, and the data's fingerprint
+    (:func:`~scgpt_protocol.adapt.cells.data_fingerprint`)."""
+    return {**comparable_params(params, params.strategy, fingerprint), "strategies": params.strategies}
+
+
+def saved_training_key(layout: RunLayout) -> dict[str, Any] | None:
+    """The :func:`training_key` of the training saved in ``layout.train_dir`` (``training.json``, else the
+    resumable state's), or None when there is none."""
+    record = layout.train_dir / "training.json"
+    if record.is_file():
+        return read_json(record)["key"]
+    if layout.train_state.is_file():  # a run from before training.json: the state carries the same key
+        return torch.load(layout.train_state, map_location="cpu", weights_only=False)["params"]
+    return None
+
+
+def training_changes(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
+    """How a training with key ``now`` differs from the saved one (``name: saved -> now``; [] when the same)."""
+    changes = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now))
+               if k != "data" and k in saved and saved.get(k) != now.get(k)]
+    if saved.get("data") != now.get("data"):
+        changes.append("the prepared data (cells, split, labels or base checkpoint) changed: 01 ran again")
+    return changes

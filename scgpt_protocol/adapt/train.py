@@ -44,7 +44,6 @@ import torch
 from torch import nn
 
 from ..core.device import PeakMemory, autocast, resolve_device, resolve_precision
-from ..core.io import read_json
 from ..core.layout import RunLayout
 from ..core.log import DETAIL, progress
 from ..core.params import FinetuneParams
@@ -57,20 +56,15 @@ from .cells import cell_name_keys, codes_and_splits, data_fingerprint
 from .ddp import DDPClassifier, all_reduce_sum, barrier, world
 from .loader import CellGroups, ShardLoader, default_num_workers, eval_plan, make_loader, train_plan
 from .optim import adam_eps, make_optimizer
-from .saved import cpu_copy, save_finetuned
+from .saved import comparable_params, cpu_copy, save_finetuned
+from .threads import CpuThreads
 
 if TYPE_CHECKING:
     from anndata import AnnData
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TrainResult", "finetune", "strategy_config", "training_key", "saved_training_key",
-    "training_changes"]
-
-#: parameters that may change between an interrupted run and its resumption
-_RESUMABLE_CHANGES = {"epochs", "resume", "device", "run_dir", "strategies", "mount_drive", "num_workers",
-                      "nproc_per_node"}
-
+__all__ = ["TrainResult", "finetune", "strategy_config"]
 
 @dataclass
 class TrainResult:
@@ -186,40 +180,6 @@ def _val_metrics(logits: np.ndarray, codes: np.ndarray, loss_fn: nn.Module) -> d
         "val_macro_f1": float(f1_score(codes, pred, average="macro", zero_division=0)),
         "val_accuracy": float(accuracy_score(codes, pred)),
     }
-
-
-def _comparable(params: FinetuneParams, strategy: str, fingerprint: str) -> dict[str, Any]:
-    out = {k: v for k, v in params.to_dict().items() if k not in _RESUMABLE_CHANGES}
-    out["strategy"] = strategy
-    out["data"] = fingerprint
-    return out
-
-
-def training_key(params: FinetuneParams, fingerprint: str) -> dict[str, Any]:
-    """What a saved training must match to be continued: the parameters (recipe resolved) except those that may
-    change on resume (``epochs``, ``device``...), the strategies compared, and the data's fingerprint
-    (:func:`~scgpt_protocol.adapt.cells.data_fingerprint`)."""
-    return {**_comparable(params, params.strategy, fingerprint), "strategies": params.strategies}
-
-
-def saved_training_key(layout: RunLayout) -> dict[str, Any] | None:
-    """The :func:`training_key` of the training saved in ``layout.train_dir`` (``training.json``, else the
-    resumable state's), or None when there is none."""
-    record = layout.train_dir / "training.json"
-    if record.is_file():
-        return read_json(record)["key"]
-    if layout.train_state.is_file():  # a run from before training.json: the state carries the same key
-        return torch.load(layout.train_state, map_location="cpu", weights_only=False)["params"]
-    return None
-
-
-def training_changes(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
-    """How a training with key ``now`` differs from the saved one (``name: saved -> now``; [] when the same)."""
-    changes = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now))
-               if k != "data" and k in saved and saved.get(k) != now.get(k)]
-    if saved.get("data") != now.get("data"):
-        changes.append("the prepared data (cells, split, labels or base checkpoint) changed: 01 ran again")
-    return changes
 
 
 def _fit_probe(model: ScGPT, stream: _Stream, keys: np.ndarray, codes: np.ndarray, train_rows: np.ndarray,
@@ -403,6 +363,7 @@ class _Training(_TrainingInputs):
     loss_fn: nn.Module
     weight_of: np.ndarray | None  # class weights, for the batch's denominator
     classify: Callable[..., torch.Tensor]
+    cpu_threads: CpuThreads  # the thread count of the steps (CPU)
     # progress
     history: list[dict[str, Any]]
     best_epoch: int = 0
@@ -420,7 +381,7 @@ class _Training(_TrainingInputs):
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "history": self.history,
             "best_epoch": self.best_epoch, "best_score": self.best_score, "best_state": self.best_state,
             "epochs_without_gain": self.epochs_without_gain,
-            "params": _comparable(self.params, self.strategy, self.fingerprint),
+            "params": comparable_params(self.params, self.strategy, self.fingerprint),
         }
 
 
@@ -446,19 +407,22 @@ def _train_epochs(t: _Training, *, layout: RunLayout | None, on_epoch_end: Calla
             logger.info("resumed from epoch %d: epochs %d-%d to go (best so far: epoch %d, validation macro-F1 %.4f)",
                         done, t.resumed, params.epochs, t.best_epoch, t.best_score)
 
-    for epoch in range(t.first_epoch, params.epochs + 1):
-        if t.stopped_early:
-            break
-        row = _run_epoch(t, epoch)
-        if layout is not None and state_path is not None:
-            state_path.parent.mkdir(parents=True, exist_ok=True)
-            torch_save_atomic(t.state(epoch), state_path)
-            layout.write_csv(pd.DataFrame(t.history), layout.history, index=False)
-        if on_epoch_end is not None and rank == 0:
-            on_epoch_end(row)
-        if row["stopped"]:
-            logger.info("early stopping: no better validation macro-F1 for %d epochs", params.patience)
-            t.stopped_early = True
+    try:
+        for epoch in range(t.first_epoch, params.epochs + 1):
+            if t.stopped_early:
+                break
+            row = _run_epoch(t, epoch)
+            if layout is not None and state_path is not None:
+                state_path.parent.mkdir(parents=True, exist_ok=True)
+                torch_save_atomic(t.state(epoch), state_path)
+                layout.write_csv(pd.DataFrame(t.history), layout.history, index=False)
+            if on_epoch_end is not None and rank == 0:
+                on_epoch_end(row)
+            if row["stopped"]:
+                logger.info("early stopping: no better validation macro-F1 for %d epochs", params.patience)
+                t.stopped_early = True
+    finally:
+        t.cpu_threads.close()
     st.load_trainable_state(t.model, t.best_state)  # end with the best epoch's weights
 
 
@@ -490,16 +454,18 @@ def _start_training(inputs: _TrainingInputs, weights: torch.Tensor | None) -> _T
             DDPClassifier(model), device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=True,
         )
+    # several processes keep their count: a rank's step time includes waiting for the others
+    cpu_threads = CpuThreads(device, params.threads if size == 1 or params.threads != "auto" else None)
     given = {f.name: getattr(inputs, f.name) for f in fields(_TrainingInputs)}
     return _Training(**given, trainable=trainable, precision=precision, optimizer=optimizer,
                      scheduler=scheduler, scaler=scaler, loss_fn=loss_fn, weight_of=weight_of, classify=classify,
-                     history=[])
+                     cpu_threads=cpu_threads, history=[])
 
 
 def _resume(t: _Training, state_path: Path) -> None:
     """Continue from the state saved after an epoch; refuses a state saved with other parameters or data."""
     state = torch.load(state_path, map_location="cpu", weights_only=False)
-    saved, now = state["params"], _comparable(t.params, t.strategy, t.fingerprint)
+    saved, now = state["params"], comparable_params(t.params, t.strategy, t.fingerprint)
     if saved != now:
         diff = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v and k != "data"}
         what = f"other parameters {diff} (saved, now)" if diff else (
@@ -563,31 +529,41 @@ def _train_steps(t: _Training, epoch: int) -> float:
     plans = train_plan(t.train_rows, t.keys, seed=params.seed, epoch=epoch, batch_size=params.batch_size,
                        steps_per_epoch=params.steps_per_epoch)
     n_cells = sum(len(p.rows) for p in plans)
+    width = 2 * t.model.config.d_model + t.model.config.d_hid  # a token's cost: width + its keys (CpuThreads)
     for shard in progress(t.stream.loader(plans), total=n_cells, desc=f"{t.strategy} epoch {epoch}/{params.epochs}",
                           unit="cells", size=lambda sh: len(sh.global_index)):
         batch = shard.batch.to(device)
-        target = torch.from_numpy(t.codes[batch.index]).to(device)
-        global_codes = t.codes[shard.global_index]
-        denom = float(t.weight_of[global_codes].sum()) if t.weight_of is not None else float(len(global_codes))
-        t.optimizer.zero_grad(set_to_none=True)
-        with autocast(device, t.precision):
-            logits = t.classify(batch.gene_ids, batch.values, batch.padding_mask).float()
-        loss = t.loss_fn(logits, target) * (size / max(denom, 1e-12))
-        if not shard.real:  # a rank without cells in this batch: it joins the exchange with a zero gradient
-            loss = loss * 0.0
-        value = loss.detach().clone()  # the global batch's loss, the same on every rank
-        if size > 1:
-            value = all_reduce_sum(value if device.type == "cuda" else value.cpu()) / size
-        if not torch.isfinite(value):
-            msg = f"the training loss became {value.item()} at epoch {epoch}; lower lr (now {params.lr})."
-            raise FloatingPointError(msg)
-        t.scaler.scale(loss).backward()
-        t.scaler.unscale_(t.optimizer)
-        if params.grad_clip > 0:
-            nn.utils.clip_grad_norm_(t.trainable, params.grad_clip)
-        t.scaler.step(t.optimizer)
-        t.scaler.update()
-        t.scheduler.step()
+        with t.cpu_threads.step(batch.gene_ids.numel() * (width + batch.gene_ids.shape[1])):
+            value = _step(t, shard, batch, epoch)
         total_loss += value.item() * len(shard.global_index)
         seen += len(shard.global_index)
     return total_loss / max(seen, 1)
+
+
+def _step(t: _Training, shard: Any, batch: Any, epoch: int) -> torch.Tensor:
+    """One optimiser step on ``batch`` (this rank's part of ``shard``); the global batch's loss."""
+    params, device = t.params, t.device
+    _, size = world()
+    target = torch.from_numpy(t.codes[batch.index]).to(device)
+    global_codes = t.codes[shard.global_index]
+    denom = float(t.weight_of[global_codes].sum()) if t.weight_of is not None else float(len(global_codes))
+    t.optimizer.zero_grad(set_to_none=True)
+    with autocast(device, t.precision):
+        logits = t.classify(batch.gene_ids, batch.values, batch.padding_mask).float()
+    loss = t.loss_fn(logits, target) * (size / max(denom, 1e-12))
+    if not shard.real:  # a rank without cells in this batch: it joins the exchange with a zero gradient
+        loss = loss * 0.0
+    value = loss.detach().clone()  # the global batch's loss, the same on every rank
+    if size > 1:
+        value = all_reduce_sum(value if device.type == "cuda" else value.cpu()) / size
+    if not torch.isfinite(value):
+        msg = f"the training loss became {value.item()} at epoch {epoch}; lower lr (now {params.lr})."
+        raise FloatingPointError(msg)
+    t.scaler.scale(loss).backward()
+    t.scaler.unscale_(t.optimizer)
+    if params.grad_clip > 0:
+        nn.utils.clip_grad_norm_(t.trainable, params.grad_clip)
+    t.scaler.step(t.optimizer)
+    t.scaler.update()
+    t.scheduler.step()
+    return value

@@ -409,6 +409,8 @@ class FinetuneParams(StepParams):
                       advanced=True)
     device: str = _device()
     precision: str = _precision("training")
+    threads: Union[int, str, None] = _f(None, "CPU training threads: None (torch's), 'auto' (1 if faster), N",
+                                        advanced=True)
     lora_r: int = _f(8, "lora: rank of the low-rank updates", min=1, advanced=True)
     lora_alpha: float = _f(16.0, "lora: scaling numerator (updates are scaled by alpha / r)", min=0.0, advanced=True)
     adapter_bottleneck: int = _f(64, "adapter: hidden size of the bottleneck adapters", min=1, advanced=True)
@@ -429,6 +431,9 @@ class FinetuneParams(StepParams):
                 self._fail("strategies", self.strategies, f"a non-empty list of {list(STRATEGY_NAMES)}")
         if self.lora_alpha <= 0:
             self._fail("lora_alpha", self.lora_alpha, "> 0")
+        if self.threads is not None and self.threads != "auto" and (
+                isinstance(self.threads, (bool, str)) or self.threads < 1):
+            self._fail("threads", self.threads, "None, 'auto' or a number of threads >= 1")
         if not self.amp and self.precision in ("bf16", "fp16"):
             self._fail("precision", self.precision, f"'auto' or 'fp32' when amp is False (or set amp: True for "
                        f"{self.precision})")

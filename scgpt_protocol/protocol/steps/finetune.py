@@ -33,7 +33,7 @@ import torch
 
 from ...adapt.cells import data_fingerprint
 from ...adapt.ddp import barrier, start_process_group, world
-from ...adapt.train import saved_training_key, training_changes, training_key
+from ...adapt.saved import saved_training_key, training_changes, training_key
 from ...core.errors import ScGPTProtocolError
 from ...core.io import read_json, utc_stamp
 from ...core.layout import RunLayout
