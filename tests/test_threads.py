@@ -108,7 +108,19 @@ def test_nothing_changes_by_default_off_the_cpu_or_with_one_thread(two_threads, 
         torch.set_num_threads(before)
 
 
-def test_finetune_gives_the_thread_count_back(split_pbmc, tiny_checkpoint, tmp_path, two_threads):
+def test_settle_leaves_a_comparison_on_the_chosen_count(two_threads, monkeypatch):
+    clock = Clock(lambda n: 4.0 if n == 2 else 1.0)
+    monkeypatch.setattr(threads_mod.time, "perf_counter", clock)
+    chooser = CpuThreads(CPU, "auto", probe=2, recheck=10)
+    used = [clock.run(chooser) for _ in range(10)]  # chose 1 thread; the next comparison starts at step 15
+    used += [clock.run(chooser) for _ in range(6)]  # an epoch ends inside it, on torch's count
+    assert used[-1] == 2 and chooser.current == 1
+    chooser.settle()  # validation runs on the chosen count
+    assert torch.get_num_threads() == 1
+    chooser.close()
+
+
+def _finetune(split_pbmc, checkpoint, run_dir, **overrides):
     from scgpt_protocol import load_model
     from scgpt_protocol.adapt.train import finetune
     from scgpt_protocol.core.layout import RunLayout
@@ -116,12 +128,21 @@ def test_finetune_gives_the_thread_count_back(split_pbmc, tiny_checkpoint, tmp_p
 
     categories = sorted(split_pbmc.obs["label"].unique())
     seen = []
-    params = FinetuneParams(run_dir=str(tmp_path), batch_size=16, max_seq_len=48, lr=1e-3, patience=0, epochs=1,
-                            threads=1)
-    model = load_model(tiny_checkpoint, n_classes=len(categories), device="cpu")
-    finetune(model, split_pbmc, params, label_key="label", categories=categories, layout=RunLayout(tmp_path),
+    params = FinetuneParams(run_dir=str(run_dir), **{"batch_size": 16, "max_seq_len": 48, "lr": 1e-3, "patience": 0,
+                                                     "epochs": 1, **overrides})
+    model = load_model(checkpoint, n_classes=len(categories), device="cpu")
+    finetune(model, split_pbmc, params, label_key="label", categories=categories, layout=RunLayout(run_dir),
              on_epoch_end=lambda row: seen.append(torch.get_num_threads()))
-    assert seen == [1] and torch.get_num_threads() == two_threads
+    return seen
+
+
+def test_finetune_gives_the_thread_count_back(split_pbmc, tiny_checkpoint, tmp_path, two_threads):
+    assert _finetune(split_pbmc, tiny_checkpoint, tmp_path, threads=1) == [1]
+    assert torch.get_num_threads() == two_threads
+    # also when it fails before its first epoch: here a resume refused (the saved state has another lr)
+    with pytest.raises(ValueError, match="resume would mix them"):
+        _finetune(split_pbmc, tiny_checkpoint, tmp_path, threads=1, epochs=2, lr=1e-2)
+    assert torch.get_num_threads() == two_threads
 
 
 @pytest.mark.parametrize("bad", [0, -2, "fast", True, 1.5])

@@ -2,8 +2,8 @@
 
 A training step on the CPU is a few thousand operations (attention runs a cell and a few heads at a time), each a
 parallel region that waits for its slowest thread. When another process holds one of the cores, every region
-waits for the thread the scheduler took away: on 2 cores with one of them busy, a full-size bf16 step took 15.2 s
-on 2 threads and 3.9 s on 1 (2.5 s on 2 threads with the cores free; ``benchmarks/README.md``). Which count wins
+waits for the thread the scheduler took away: on 2 cores with one of them busy, a full-size bf16 step took 16.3 s
+on 2 threads and 3.9 s on 1 (2.5 s on 2 threads with the cores free; ``benchmarks/bench_threads.py``). Which count wins
 depends on what else runs, and that changes during a training, so with ``threads="auto"`` :class:`CpuThreads`
 measures it: it times a few steps on torch's count and a few on one thread (seconds per unit of work, so that
 batch lengths do not bias it), keeps the faster, and measures again later, less often while the choice holds.
@@ -100,6 +100,11 @@ class CpuThreads:
         self.current = best
         torch.set_num_threads(best)
         self._next = self._steps + 1 + self._wait
+
+    def settle(self) -> None:
+        """Set the chosen count (after an epoch's steps, which may end inside a comparison), e.g. for validation."""
+        if self.on_cpu and torch.get_num_threads() != self.current:
+            torch.set_num_threads(self.current)
 
     def close(self) -> None:
         """Give torch back the count it had."""

@@ -297,8 +297,11 @@ def finetune(
                                      codes=codes, train_rows=train_rows, val_rows=val_rows, val_loss_fn=val_loss_fn,
                                      device=device, fingerprint=fingerprint)
             t = _start_training(inputs, weights)
-            _train_epochs(t, layout=layout if rank == 0 else None, on_epoch_end=on_epoch_end,
-                          state_path=layout.train_state if layout is not None else None)
+            try:
+                _train_epochs(t, layout=layout if rank == 0 else None, on_epoch_end=on_epoch_end,
+                              state_path=layout.train_state if layout is not None else None)
+            finally:  # also when resuming is refused or interrupted
+                t.cpu_threads.close()
         history, best_epoch, best_score, stopped_early, resumed = (t.history, t.best_epoch, t.best_score,
                                                                    t.stopped_early, t.resumed)
     n_trainable, n_total = st.count_parameters(model)
@@ -407,22 +410,19 @@ def _train_epochs(t: _Training, *, layout: RunLayout | None, on_epoch_end: Calla
             logger.info("resumed from epoch %d: epochs %d-%d to go (best so far: epoch %d, validation macro-F1 %.4f)",
                         done, t.resumed, params.epochs, t.best_epoch, t.best_score)
 
-    try:
-        for epoch in range(t.first_epoch, params.epochs + 1):
-            if t.stopped_early:
-                break
-            row = _run_epoch(t, epoch)
-            if layout is not None and state_path is not None:
-                state_path.parent.mkdir(parents=True, exist_ok=True)
-                torch_save_atomic(t.state(epoch), state_path)
-                layout.write_csv(pd.DataFrame(t.history), layout.history, index=False)
-            if on_epoch_end is not None and rank == 0:
-                on_epoch_end(row)
-            if row["stopped"]:
-                logger.info("early stopping: no better validation macro-F1 for %d epochs", params.patience)
-                t.stopped_early = True
-    finally:
-        t.cpu_threads.close()
+    for epoch in range(t.first_epoch, params.epochs + 1):
+        if t.stopped_early:
+            break
+        row = _run_epoch(t, epoch)
+        if layout is not None and state_path is not None:
+            state_path.parent.mkdir(parents=True, exist_ok=True)
+            torch_save_atomic(t.state(epoch), state_path)
+            layout.write_csv(pd.DataFrame(t.history), layout.history, index=False)
+        if on_epoch_end is not None and rank == 0:
+            on_epoch_end(row)
+        if row["stopped"]:
+            logger.info("early stopping: no better validation macro-F1 for %d epochs", params.patience)
+            t.stopped_early = True
     st.load_trainable_state(t.model, t.best_state)  # end with the best epoch's weights
 
 
@@ -454,8 +454,11 @@ def _start_training(inputs: _TrainingInputs, weights: torch.Tensor | None) -> _T
             DDPClassifier(model), device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=True,
         )
-    # several processes keep their count: a rank's step time includes waiting for the others
-    cpu_threads = CpuThreads(device, params.threads if size == 1 or params.threads != "auto" else None)
+    threads = params.threads
+    if threads == "auto" and size > 1:  # a rank's step time includes waiting for the others: no measure of its own
+        logger.info("threads auto: not with %d processes; each keeps torch's count", size)
+        threads = None
+    cpu_threads = CpuThreads(device, threads)
     given = {f.name: getattr(inputs, f.name) for f in fields(_TrainingInputs)}
     return _Training(**given, trainable=trainable, precision=precision, optimizer=optimizer,
                      scheduler=scheduler, scaler=scaler, loss_fn=loss_fn, weight_of=weight_of, classify=classify,
@@ -498,6 +501,7 @@ def _run_epoch(t: _Training, epoch: int) -> dict[str, Any]:
     t0 = time.perf_counter()
     lr = t.optimizer.param_groups[0]["lr"]
     train_loss = _train_steps(t, epoch)
+    t.cpu_threads.settle()  # validation on the chosen count, not on one a comparison was trying
     row = {"epoch": epoch, "train_loss": train_loss, "lr": lr}
     row.update(_val_metrics(_logits(t.model, t.stream, t.val_rows, t.keys, params, t.device), t.codes[t.val_rows],
                             t.val_loss_fn))
