@@ -146,6 +146,45 @@ def test_bf16_autocast_stays_close_to_float64():
     assert (low.double() - high).abs().max().item() < 0.05 * high.abs().max().item()
 
 
+def test_bf16_gradients_are_as_accurate_as_autograd_through_the_same_bf16_operations(monkeypatch):
+    """In bf16 the key gradients must not gain a bias: each row of dS sums to zero (softmax), so the sum of dK
+    over a cell's keys is zero in exact arithmetic. Ours is held to what autograd through the same bf16 matmuls,
+    softmax and mask gives (a D from the rounded output, dO . O, doubled that sum and the error of dQ and dK)."""
+    masks = _recorded_masks(monkeypatch)
+    q64, k64, v64 = _qkv(batch=4, heads=4, length=128, d_head=16, seed=1)
+    grad = torch.randn(q64.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+
+    def bf16_leaves():
+        return [t.detach().bfloat16().requires_grad_() for t in (q64, k64, v64)]
+
+    torch.manual_seed(0)
+    q, k, v = bf16_leaves()
+    att.attention(q, k, v, None, 0.2).backward(grad.bfloat16())
+    ours = [t.grad.double() for t in (q, k, v)]
+    keep = torch.stack([m[: 4 * 128 * 128].view(4, 128, 128) for m in masks])  # one chunk per cell
+    assert keep.shape == (4, 4, 128, 128)
+
+    def direct(q, k, v):  # the same attention and masks as plain differentiable operations
+        probs = torch.softmax(q @ k.transpose(-1, -2) / 4.0, -1)
+        return (probs * keep.to(q.dtype)) @ v / 0.8
+
+    q, k, v = bf16_leaves()
+    direct(q, k, v).backward(grad.bfloat16())
+    plain = [t.grad.double() for t in (q, k, v)]
+    exact = torch.autograd.grad(direct(q64, k64, v64), (q64, k64, v64), grad)
+
+    def error(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
+    def key_sum(dk):  # zero in exact arithmetic
+        return (dk.sum(2).norm() / dk.norm()).item()
+
+    for mine, theirs, ref in zip(ours, plain, exact):
+        assert error(mine, ref) < 1.1 * error(theirs, ref)
+    assert key_sum(exact[1]) < 1e-12
+    assert key_sum(ours[1]) < 1.3 * key_sum(plain[1])
+
+
 def test_outside_cpu_training_it_is_scaled_dot_product_attention():
     q, k, v = _qkv(dtype=torch.float32)
     mask = (~_padding())[:, None, None, :]

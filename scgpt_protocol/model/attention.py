@@ -147,8 +147,11 @@ class _DropoutAttention(torch.autograd.Function):
     """Softmax attention with dropout on the probabilities, chunked by cell and head group.
 
     Forward per chunk: ``S = (q / sqrt(d)) k^T``, ``P = softmax(S)``, ``O = (P * M) v / (1 - p)`` with the keep
-    mask ``M``; ``P`` and ``P * M`` are kept. Backward, with ``D_i = dO_i . O_i``: ``dV = (P * M)^T dO / (1 - p)``,
-    ``dS = (P * M) * (dO v^T) / (1 - p) - P * D``, ``dQ = dS k / sqrt(d)``, ``dK = dS^T q / sqrt(d)``.
+    mask ``M``; ``P`` and ``P * M`` are kept. Backward, with ``G = (P * M) * (dO v^T) / (1 - p)``:
+    ``dV = (P * M)^T dO / (1 - p)``, ``dS = G - P * D`` with ``D_i = sum_j G_ij`` (equal to ``dO_i . O_i``),
+    ``dQ = dS k / sqrt(d)``, ``dK = dS^T q / sqrt(d)``. ``D`` is summed in fp32 from the very ``G`` it is
+    subtracted from, so that each row of ``dS`` sums to zero as the softmax's gradient does (``dO . O`` from the
+    bf16 output would not: the error of the rounded ``D`` would reach ``dQ`` and ``dK`` as a bias).
     """
 
     @staticmethod
@@ -172,17 +175,16 @@ class _DropoutAttention(torch.autograd.Function):
                 saved += (probs, kept)
         out.mul_(1.0 / (1.0 - p))
         # intermediates too go through save_for_backward: freed by backward unless the graph is retained
-        ctx.save_for_backward(q_scaled, k, v, out, *saved)
+        ctx.save_for_backward(q_scaled, k, v, *saved)
         ctx.lengths, ctx.group, ctx.p = lengths, group, p
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor, Tensor, Tensor, None, None]:  # type: ignore[override]
-        q_scaled, k, v, out, *saved = ctx.saved_tensors
+        q_scaled, k, v, *saved = ctx.saved_tensors
         batch, heads, _, d_head = q_scaled.shape
-        wide = torch.promote_types(out.dtype, torch.float32)
-        row_dot = (grad_out.to(wide) * out.to(wide)).sum(-1, keepdim=True).to(out.dtype)  # D_i
-        grad_scaled = (grad_out * (1.0 / (1.0 - ctx.p))).to(out.dtype).contiguous()
+        wide = torch.promote_types(q_scaled.dtype, torch.float32)
+        grad_scaled = (grad_out * (1.0 / (1.0 - ctx.p))).to(q_scaled.dtype).contiguous()
         padded = min(ctx.lengths) < k.shape[2]  # keys no query attended to get a zero gradient
         dq = torch.empty_like(q_scaled)
         dk, dv = (torch.zeros_like(k), torch.zeros_like(v)) if padded else (torch.empty_like(k), torch.empty_like(v))
@@ -194,8 +196,9 @@ class _DropoutAttention(torch.autograd.Function):
                 probs, kept = next(chunks), next(chunks)
                 g = grad_scaled[b, h0:h1]
                 _matmul_into(dv[b, h0:h1, :n], kept.transpose(-1, -2), g)
-                d_scores = torch.matmul(g, v[b, h0:h1, :n].transpose(-1, -2)).mul_(kept)
-                d_scores.addcmul_(probs, row_dot[b, h0:h1], value=-1.0)  # P * (M * dP - D)
+                d_scores = torch.matmul(g, v[b, h0:h1, :n].transpose(-1, -2)).mul_(kept)  # G
+                row_sum = d_scores.sum(-1, keepdim=True, dtype=wide)  # D
+                d_scores.addcmul_(probs, row_sum, value=-1.0)  # G - P * D, computed in fp32
                 torch.matmul(d_scores, k[b, h0:h1, :n], out=dq[b, h0:h1])
                 _matmul_into(dk[b, h0:h1, :n], d_scores.transpose(-1, -2), q_scaled[b, h0:h1])
         return dq.mul_(1.0 / math.sqrt(d_head)), dk, dv, None, None
