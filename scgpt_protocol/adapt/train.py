@@ -66,6 +66,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["TrainResult", "finetune", "strategy_config"]
 
+
 @dataclass
 class TrainResult:
     strategy: str
@@ -526,7 +527,7 @@ def _run_epoch(t: _Training, epoch: int) -> dict[str, Any]:
 def _train_steps(t: _Training, epoch: int) -> float:
     """The optimiser steps of one epoch; the mean training loss per cell."""
     params, device = t.params, t.device
-    rank, size = world()
+    rank, _ = world()
     torch.manual_seed(params.seed * 100_003 + epoch + 7_919 * rank)  # rank 0: as with one process
     set_train_mode(t.model, t.strategy)
     total_loss, seen = 0.0, 0
