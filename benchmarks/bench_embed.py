@@ -52,13 +52,11 @@ from scgpt_protocol.core.device import (
 )
 from scgpt_protocol.model.checkpoint import load_model
 from scgpt_protocol.model.embedding import default_max_tokens, embed, iter_batches
-from scgpt_protocol.model.save import make_tiny_checkpoint
-from scgpt_protocol.model.vocab import SPECIAL_TOKENS
+from released_size import released_size_checkpoint
 
 # embed()'s own batching defaults, so that iter_batches here makes the very batches embed runs
 _EMBED_PARAMS = inspect.signature(embed).parameters
 EMBED_DEFAULTS = {k: _EMBED_PARAMS[k].default for k in ("max_tokens", "chunk_size", "seed")}
-ARCH = {"d_model": 512, "nlayers": 12, "nheads": 8, "d_hid": 512}
 GB, MIB = 1e9, 2**20
 
 
@@ -361,10 +359,8 @@ def main() -> None:
     for flag, path in (("--vocab", a.vocab), ("--data", a.data)):
         if not path.is_file():
             sys.exit(f"{path.resolve()} not found; give the file with {flag} PATH.")
-    vocab = json.loads(a.vocab.read_text())
-    genes = [g for g, _ in sorted(vocab.items(), key=lambda kv: kv[1]) if g not in SPECIAL_TOKENS]
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = make_tiny_checkpoint(Path(tmp) / "ckpt", genes, **ARCH)
+        ckpt = released_size_checkpoint(Path(tmp) / "ckpt", a.vocab)
         n_params = sum(v.numel() for v in torch.load(ckpt / "best_model.pt", weights_only=True).values())
         sizes = {"quarter": max(1, a.n_cells // 4), "main": a.n_cells}
         print(f"wrote a {n_params:,}-parameter checkpoint; embedding {sizes['quarter']}, then "

@@ -43,7 +43,6 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,7 +52,7 @@ if "--worker-repo" in sys.argv:  # a worker of another checkout imports that che
 else:
     sys.path.insert(0, str(REPO))
 
-ARCH = {"d_model": 512, "nlayers": 12, "nheads": 8, "d_hid": 512}
+from released_size import ARCH, full_length_cells, released_size_checkpoint  # noqa: E402  (this folder, sys.path[0])
 N_CLASSES = 9
 MIB = 2**20
 FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
@@ -106,14 +105,11 @@ def make_batches(a: argparse.Namespace, ckpt: Path, path: Path) -> tuple[int, in
 
     from scgpt_protocol.model.checkpoint import load_model
     from scgpt_protocol.model.embedding import iter_batches
-    from scgpt_protocol.model.vocab import match_genes
 
     adata = anndata.read_h5ad(a.data)
     model = load_model(ckpt, device="cpu")
-    matched = match_genes(adata, model.vocab).columns
-    genes_per_cell = np.diff(sp.csr_matrix(adata.X[:, matched]).indptr)
     need = a.batch_size * (a.steps + 1)
-    long_cells = np.flatnonzero(genes_per_cell >= a.max_seq_len - 1)[:need]
+    long_cells = full_length_cells(adata, model, a.max_seq_len)[:need]
     if len(long_cells) < need:
         sys.exit(f"{a.data} has {len(long_cells)} cells with {a.max_seq_len - 1}+ expressed genes; "
                  f"{need} are needed: lower --steps, --batch-size or --max-seq-len.")
@@ -254,18 +250,14 @@ def main() -> None:
     for flag, path in (("--vocab", a.vocab), ("--data", a.data)):
         if not path.is_file():
             sys.exit(f"{path} not found; give the file with {flag} PATH.")
-    from scgpt_protocol.model.save import make_tiny_checkpoint
-    from scgpt_protocol.model.vocab import SPECIAL_TOKENS
 
     torch.set_num_threads(a.threads)
     rates = {"fp32": matmul_rate(torch.float32), "bf16": matmul_rate(torch.bfloat16)}  # measured again at the end
     print(f"machine   {cpu_description()}\n          torch {torch.__version__}, {a.threads} threads; matmul 2048^2: "
           f"fp32 {rates['fp32'] / 1e9:,.0f} GFLOP/s, bf16 {rates['bf16'] / 1e9:,.0f} GFLOP/s (best of 5)", flush=True)
-    vocab = json.loads(a.vocab.read_text())
-    genes = [g for g, _ in sorted(vocab.items(), key=lambda kv: kv[1]) if g not in SPECIAL_TOKENS]
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = make_tiny_checkpoint(Path(tmp) / "ckpt", genes, **ARCH)
+        ckpt = released_size_checkpoint(Path(tmp) / "ckpt", a.vocab)
         n_params = sum(v.numel() for v in torch.load(ckpt / "best_model.pt", weights_only=True).values())
         n_batches, length = make_batches(a, ckpt, Path(tmp) / "batches.pt")
         flops = step_flops(a.batch_size, length, ARCH["d_model"], ARCH["d_hid"], ARCH["nlayers"])

@@ -124,14 +124,11 @@ def main() -> None:
     for path, flag in ((a.vocab, "--vocab"), (a.data, "--data")):
         if not Path(path).is_file():
             sys.exit(f"{path} not found; pass {flag} (the files are in the project's shared/data folder).")
-    from scgpt_protocol.model.save import make_tiny_checkpoint
-    from scgpt_protocol.model.vocab import SPECIAL_TOKENS
+    from released_size import released_size_checkpoint
 
-    vocab = json.loads(Path(a.vocab).read_text())
-    genes = [g for g, _ in sorted(vocab.items(), key=lambda kv: kv[1]) if g not in SPECIAL_TOKENS]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = make_tiny_checkpoint(Path(tmp) / "full", genes, d_model=512, nlayers=12, nheads=8, d_hid=512)
+        ckpt = released_size_checkpoint(Path(tmp) / "full", a.vocab)
         n_cells = a.batch_size * (a.steps + 1)
         for strategy in a.strategies.split(","):
             cmd = [sys.executable, __file__, "--worker", "--strategy", strategy, "--checkpoint", str(ckpt),

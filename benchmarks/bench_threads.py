@@ -25,13 +25,9 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
-import scipy.sparse as sp
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-ARCH = {"d_model": 512, "nlayers": 12, "nheads": 8, "d_hid": 512}
 SPIN = "while True:\n    pass\n"
 
 
@@ -43,7 +39,7 @@ def worker(a: argparse.Namespace) -> dict:
     from scgpt_protocol.adapt import threads as threads_mod
     from scgpt_protocol.adapt.train import finetune
     from scgpt_protocol.core.params import FinetuneParams
-    from scgpt_protocol.model.vocab import match_genes
+    from released_size import full_length_cells
 
     times: list[float] = []
     choosers: list = []
@@ -60,17 +56,15 @@ def worker(a: argparse.Namespace) -> dict:
 
     threads_mod.CpuThreads.step = timed
     adata = anndata.read_h5ad(a.data)
-    model = load_model(a.worker_ckpt, device="cpu")
-    genes = np.diff(sp.csr_matrix(adata.X[:, match_genes(adata, model.vocab).columns]).indptr)
     need = a.batch_size * a.steps
-    long_cells = np.flatnonzero(genes >= a.max_seq_len - 1)
+    model = load_model(a.worker_ckpt, device="cpu")
+    long_cells = full_length_cells(adata, model, a.max_seq_len)
     if len(long_cells) < need + 16:
         sys.exit(f"{a.data} has {len(long_cells)} cells with {a.max_seq_len - 1}+ expressed genes; {need + 16} "
                  "are needed: lower --steps or --batch-size.")
     adata = adata[long_cells[: need + 16]].copy()
     adata.obs["split"] = ["train"] * need + ["val"] * 16
-    categories = sorted(adata.obs["cell_type"].unique())
-    model = load_model(a.worker_ckpt, n_classes=len(categories), device="cpu")
+    categories = sorted(adata.obs["cell_type"].unique())  # finetune adds the head for them
     threads = None if a.worker_threads == "none" else a.worker_threads
     threads = int(threads) if threads not in (None, "auto") else threads
     with tempfile.TemporaryDirectory() as run_dir:
@@ -102,14 +96,11 @@ def main() -> None:
         Path(a.worker_out).write_text(json.dumps(worker(a)))
         return
 
-    from scgpt_protocol.model.save import make_tiny_checkpoint
-    from scgpt_protocol.model.vocab import SPECIAL_TOKENS
+    from released_size import released_size_checkpoint
 
-    vocab = json.loads(a.vocab.read_text())
-    genes = [g for g, _ in sorted(vocab.items(), key=lambda kv: kv[1]) if g not in SPECIAL_TOKENS]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = make_tiny_checkpoint(Path(tmp) / "ckpt", genes, **ARCH)
+        ckpt = released_size_checkpoint(Path(tmp) / "ckpt", a.vocab)
         for busy in [0, a.busy] if a.busy else [0]:
             for setting in a.threads:
                 spinners = [subprocess.Popen([sys.executable, "-c", SPIN]) for _ in range(busy)]

@@ -46,10 +46,8 @@ sys.path.insert(0, str(REPO))  # run from a checkout without installing
 from scgpt_protocol.core.device import resolve_precision
 from scgpt_protocol.model.checkpoint import load_model
 from scgpt_protocol.model.embedding import embed
-from scgpt_protocol.model.save import make_tiny_checkpoint
-from scgpt_protocol.model.vocab import SPECIAL_TOKENS
+from released_size import released_size_checkpoint
 
-ARCH = {"d_model": 512, "nlayers": 12, "nheads": 8, "d_hid": 512}
 MIB = 2**20
 
 
@@ -189,12 +187,10 @@ def main() -> None:
     for flag, path in (("--vocab", a.vocab), ("--data", a.data)):
         if not path.is_file():
             sys.exit(f"{path.resolve()} not found; give the file with {flag} PATH.")
-    vocab = json.loads(a.vocab.read_text())
-    genes = [g for g, _ in sorted(vocab.items(), key=lambda kv: kv[1]) if g not in SPECIAL_TOKENS]
     sides = ["official", *[f"ours:{p}" for p in a.precision]]
     res = {}
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = make_tiny_checkpoint(Path(tmp) / "ckpt", genes, **ARCH)
+        ckpt = released_size_checkpoint(Path(tmp) / "ckpt", a.vocab)
         n_params = sum(v.numel() for v in torch.load(ckpt / "best_model.pt", weights_only=True).values())
         print(f"{n_params:,}-parameter checkpoint; {a.n_cells} cells of {a.data.name}; {a.threads} threads; "
               f"{platform.machine()} {torch.__version__}; auto precision here: {resolve_precision('auto', 'cpu')}",
